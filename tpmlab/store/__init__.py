@@ -1,0 +1,29 @@
+"""tpmlab.store: a content-addressed, versioned weight store.
+
+    >>> from tpmlab.store import Store
+    >>> store = Store("/tmp/weights")
+    >>> v1 = store.commit(model.state_dict(), config=model.config.to_dict(), message="base")
+    >>> store.tag("base", v1)
+    >>> stage = store.load("base", keys=lambda n: n.startswith("model.layers.1"))
+
+See ``tpmlab.store.manifest`` for the on-disk format and ``tpmlab.store.delta`` for
+low-rank edits.
+"""
+
+from .backends import Backend, FsspecBackend, LocalBackend, open_backend
+from .chunking import CHUNK_SIZE
+from .delta import LowRankDelta, apply_low_rank
+from .diff import TensorDiff
+from .errors import RefError, StoreError, StoreIntegrityError
+from .io import IOStats
+from .manifest import VersionInfo
+from .reports import GcReport, VerifyReport
+from .source import default_store, source_for
+from .store import Store
+
+__all__ = [
+    "CHUNK_SIZE", "Backend", "FsspecBackend", "GcReport", "IOStats", "LocalBackend",
+    "LowRankDelta", "RefError", "Store", "StoreError", "StoreIntegrityError", "TensorDiff",
+    "VerifyReport", "VersionInfo", "apply_low_rank", "default_store", "open_backend",
+    "source_for",
+]

@@ -1,0 +1,28 @@
+"""Errors raised by the weight store."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error the weight store raises."""
+
+
+class RefError(StoreError, LookupError):
+    """A version reference (digest, digest prefix or tag) that names no single version."""
+
+
+class StoreIntegrityError(StoreError):
+    """Stored bytes that do not hash to the digest that names them, or that are missing.
+
+    Attributes:
+        tensor: the tensor whose data is affected (``None`` for a manifest problem).
+        chunk: the digest of the affected chunk, or of the manifest/tensor content.
+        reason: what is wrong, e.g. ``"missing"`` or ``"hash mismatch"``.
+    """
+
+    def __init__(self, message: str, *, tensor: str | None = None, chunk: str | None = None,
+                 reason: str = "") -> None:
+        super().__init__(message)
+        self.tensor = tensor
+        self.chunk = chunk
+        self.reason = reason

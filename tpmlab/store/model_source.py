@@ -1,0 +1,67 @@
+"""A ``tpmlab.models.ModelSource`` whose weights are one version of the store."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from tpmlab.models.sources import ModelSource
+from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
+
+from .store import Store
+
+
+def config_from_dict(config: dict) -> PretrainedConfig:
+    """A Hugging Face config from a stored config dict (needs its ``model_type``)."""
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"stored config has model_type {model_type!r}, which transformers does not know; "
+            "commit the model's config.to_dict()"
+        )
+    return CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(config))
+
+
+class StoreSource(ModelSource):
+    """Model ``name`` with the weights and config of store version ``ref``.
+
+    ``version`` is the full store digest (64 hex digits), fixed when the source is made.
+    Loads read only the selected tensors' chunks. The tokenizer comes from the
+    folder in the config's ``_name_or_path`` when it has one, else the default model's.
+    """
+
+    def __init__(self, name: str, ref: str, store: Store) -> None:
+        self.store = store
+        self.digest = store.resolve(ref)
+        self._config_dict = store.config(self.digest)
+        self._stored = set(store.manifest(self.digest)["tensors"])
+        super().__init__(name, config_from_dict(self._config_dict))
+
+    def __repr__(self) -> str:
+        return f"StoreSource({self.name!r}, {self.digest[:12]}, family={self.adapter.family!r})"
+
+    def _read(self, names: list[str], device: torch.device) -> Mapping[str, torch.Tensor]:
+        wanted = [n for n in names if n in self._stored]
+        target = "cpu" if device.type in ("cpu", "meta") else device
+        return self.store.load(self.digest, keys=wanted, device=target)
+
+    def _compute_version(self) -> str:
+        return self.digest
+
+    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
+        folder = self._config_dict.get("_name_or_path")
+        if folder and Path(folder).is_dir() and has_tokenizer(Path(folder)):
+            return load_tokenizer(Path(folder))
+        from tpmlab.models.default import default_tokenizer
+
+        warnings.warn(
+            f"store version {self.digest[:12]} has no tokenizer; using the default model's",
+            stacklevel=3,
+        )
+        return default_tokenizer()
