@@ -1,0 +1,70 @@
+"""Errors that tpmlab raises on purpose: each names the problem and, where known, the user's line."""
+
+from __future__ import annotations
+
+
+class TpmlabError(Exception):
+    """Base class of every error tpmlab raises deliberately."""
+
+
+class PlanError(TpmlabError):
+    """A plan that cannot run: raised before anything runs where possible.
+
+    ``node`` is the id of the plan node at fault, ``line`` the user's source line
+    that created it ("file:lineno: code"), when known.
+    """
+
+    def __init__(self, message: str, *, node: int | None = None, op: str | None = None,
+                 line: str | None = None) -> None:
+        self.message = message
+        self.node = node
+        self.op = op
+        self.line = line
+        where = ""
+        if node is not None:
+            where = f"node {node}" + (f" ({op})" if op else "")
+        if line:
+            where += (", " if where else "") + f"at {line}"
+        super().__init__(f"{message} [{where}]" if where else message)
+
+
+class UnknownOpError(PlanError):
+    """The plan uses an operation outside the whitelist."""
+
+
+class PathError(PlanError):
+    """The plan names a module path that the model does not have."""
+
+
+class BackwardFlowError(PlanError):
+    """A value would have to flow backward in the forward pass."""
+
+
+class ShapeError(PlanError):
+    """A write whose value does not fit the place it writes to, or an op on wrong shapes."""
+
+
+class LimitError(PlanError):
+    """The plan exceeds a size limit (saved bytes, constants, node count...)."""
+
+
+class SchemaError(PlanError):
+    """The serialized plan is malformed or of an unsupported schema version."""
+
+
+class ExecutionError(TpmlabError):
+    """The plan was valid but failed while running; the model is left as it was."""
+
+    def __init__(self, message: str, *, node: int | None = None, op: str | None = None,
+                 line: str | None = None) -> None:
+        self.node, self.op, self.line = node, op, line
+        where = ""
+        if node is not None:
+            where = f"node {node}" + (f" ({op})" if op else "")
+        if line:
+            where += (", " if where else "") + f"at {line}"
+        super().__init__(f"{message} [{where}]" if where else message)
+
+
+class RequestTimeoutError(TpmlabError, TimeoutError):
+    """A wait on the engine ran past its timeout."""

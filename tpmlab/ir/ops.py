@@ -1,0 +1,177 @@
+"""The op whitelist: the only tensor operations a plan may contain.
+
+Each op is a name, the function that runs it, and two facts the validator needs:
+``mutates`` (it writes into its first argument in place, as ``setitem`` and
+``iadd`` do) and ``view`` (its result shares memory with its first argument, so a
+later write through it reaches the module value it came from).
+
+Adding an op is adding one line here; nothing else in tpmlab names tensor ops.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    fn: Callable[..., Any]
+    mutates: bool = False
+    view: bool = False
+
+
+def _setitem(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    x[index] = value
+    return x
+
+
+def _method(name: str) -> Callable[..., Any]:
+    def call(x: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(x, name)(*args, **kwargs)
+
+    call.__name__ = name
+    call.is_method = True  # type: ignore[attr-defined]
+    return call
+
+
+# Attributes a plan may read with ``getattr``: fields of model outputs and a few
+# tensor properties. Anything else (dunders, methods, module internals) is refused.
+SAFE_TENSOR_ATTRS = frozenset({"T", "mT", "shape", "ndim", "dtype", "real", "imag", "values", "indices"})
+
+
+def _getattr(x: Any, name: str) -> Any:
+    if isinstance(x, dict):  # ModelOutput is a dict: read the field, never an attribute
+        if name not in x:
+            raise AttributeError(f"the value has no field {name!r}; it has {sorted(x.keys())}")
+        return x[name]
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuples (topk, max, sort)
+        if name not in x._fields:
+            raise AttributeError(f"the value has no field {name!r}; it has {list(x._fields)}")
+        return getattr(x, name)
+    if name in SAFE_TENSOR_ATTRS and isinstance(x, torch.Tensor):
+        return getattr(x, name)
+    raise AttributeError(f"reading attribute {name!r} of a {type(x).__name__} is not allowed")
+
+
+def _size(x: torch.Tensor, dim: int | None = None) -> Any:
+    return tuple(x.shape) if dim is None else x.shape[dim]
+
+
+_OPS: list[OpSpec] = [
+    # indexing and attributes
+    OpSpec("getitem", operator.getitem, view=True),
+    OpSpec("setitem", _setitem, mutates=True),
+    OpSpec("getattr", _getattr, view=True),
+    OpSpec("size", _size),
+    # arithmetic
+    *(OpSpec(n, getattr(operator, n)) for n in (
+        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos",
+        "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert")),
+    *(OpSpec(n, getattr(operator, n), mutates=True) for n in (
+        "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow")),
+    # reshaping (views share memory with their input)
+    *(OpSpec(n, _method(n), view=True) for n in (
+        "view", "reshape", "transpose", "permute", "flatten", "unflatten", "unsqueeze",
+        "squeeze", "expand", "narrow", "select", "t", "unbind", "split", "chunk",
+        "movedim", "diagonal")),
+    # tensor methods without side effects
+    *(OpSpec(n, _method(n)) for n in (
+        "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "long", "int",
+        "bool", "to", "type_as", "softmax", "log_softmax", "topk", "argmax", "argmin", "max",
+        "min", "norm", "sum", "mean", "std", "var", "prod", "exp", "log", "log1p", "sqrt",
+        "rsqrt", "square", "tanh", "sigmoid", "relu", "sin", "cos", "clamp", "abs", "sign",
+        "cumsum", "sort", "argsort", "gather", "index_select", "masked_fill", "where",
+        "logsumexp", "amax", "amin", "all", "any", "numel", "dim", "repeat", "flip", "roll",
+        "nan_to_num", "isnan", "isfinite", "zero_", "fill_", "round", "floor", "ceil",
+        "reciprocal", "outer", "dot", "bmm", "mm", "sub", "add", "mul", "div", "pow", "eq",
+        "ne", "lt", "le", "gt", "ge", "new_zeros", "new_ones", "new_full", "zeros_like",
+        "count_nonzero", "median", "kthvalue", "mode", "tril", "triu")),
+    # in-place methods
+    *(OpSpec(n, _method(n), mutates=True) for n in (
+        "add_", "sub_", "mul_", "div_", "copy_", "clamp_", "masked_fill_", "index_add_",
+        "scatter_", "scatter_add_", "index_copy_", "index_fill_")),
+    # functions of several tensors
+    OpSpec("cat", torch.cat),
+    OpSpec("stack", torch.stack),
+    OpSpec("einsum", torch.einsum),
+    OpSpec("torch_where", torch.where),
+    OpSpec("zeros", torch.zeros),
+    OpSpec("ones", torch.ones),
+    OpSpec("full", torch.full),
+    OpSpec("arange", torch.arange),
+    OpSpec("ones_like", torch.ones_like),
+    OpSpec("zeros_like_fn", torch.zeros_like),
+    OpSpec("full_like", torch.full_like),
+    OpSpec("tensor", torch.tensor),
+    OpSpec("vector_norm", torch.linalg.vector_norm),
+    OpSpec("cosine_similarity", F.cosine_similarity),
+    OpSpec("normalize", F.normalize),
+    OpSpec("kl_div", F.kl_div),
+    OpSpec("cross_entropy", F.cross_entropy),
+    OpSpec("gelu", F.gelu),
+    OpSpec("silu", F.silu),
+    OpSpec("layer_norm", F.layer_norm),
+    OpSpec("one_hot", F.one_hot),
+    # containers: build a tuple/list value from node values (e.g. for cat)
+    OpSpec("make_list", lambda *items: list(items)),
+    OpSpec("make_tuple", lambda *items: tuple(items)),
+]
+
+OPS: dict[str, OpSpec] = {}
+for _spec in _OPS:
+    OPS[_spec.name] = _spec  # later entries win (e.g. "abs" as a method)
+
+# torch functions a proxy may be passed to (via __torch_function__), mapped to ops.
+TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
+    torch.cat: "cat", torch.concat: "cat", torch.stack: "stack", torch.einsum: "einsum",
+    torch.where: "torch_where", torch.softmax: "softmax", torch.log_softmax: "log_softmax",
+    F.softmax: "softmax", F.log_softmax: "log_softmax", torch.topk: "topk",
+    torch.argmax: "argmax", torch.argmin: "argmin", torch.matmul: "matmul", torch.sum: "sum",
+    torch.mean: "mean", torch.norm: "norm", torch.linalg.vector_norm: "vector_norm",
+    torch.exp: "exp", torch.log: "log", torch.sqrt: "sqrt", torch.tanh: "tanh",
+    torch.sigmoid: "sigmoid", torch.relu: "relu", torch.transpose: "transpose",
+    torch.reshape: "reshape", torch.flatten: "flatten", torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze", torch.permute: "permute", torch.clamp: "clamp",
+    torch.gather: "gather", torch.cumsum: "cumsum", torch.sort: "sort",
+    torch.argsort: "argsort", torch.logsumexp: "logsumexp", torch.max: "max", torch.min: "min",
+    torch.abs: "abs", torch.zeros_like: "zeros_like_fn", torch.ones_like: "ones_like",
+    torch.full_like: "full_like", torch.outer: "outer", torch.bmm: "bmm", torch.mm: "mm",
+    F.cosine_similarity: "cosine_similarity", F.normalize: "normalize", F.kl_div: "kl_div",
+    F.cross_entropy: "cross_entropy", F.gelu: "gelu", F.silu: "silu",
+    F.layer_norm: "layer_norm", F.one_hot: "one_hot", torch.index_select: "index_select",
+    torch.masked_fill: "masked_fill", torch.amax: "amax", torch.amin: "amin",
+    torch.square: "square", torch.rsqrt: "rsqrt", torch.flip: "flip", torch.roll: "roll",
+    torch.tril: "tril", torch.triu: "triu", torch.dot: "dot", torch.median: "median",
+}
+
+# Python operators on proxies -> ops (reflected forms swap their operands).
+BINARY_DUNDERS = {
+    "__add__": "add", "__sub__": "sub", "__mul__": "mul", "__truediv__": "truediv",
+    "__floordiv__": "floordiv", "__mod__": "mod", "__pow__": "pow", "__matmul__": "matmul",
+    "__eq__": "eq", "__ne__": "ne", "__lt__": "lt", "__le__": "le", "__gt__": "gt",
+    "__ge__": "ge", "__and__": "and_", "__or__": "or_", "__xor__": "xor",
+}
+REFLECTED_DUNDERS = {
+    "__radd__": "add", "__rsub__": "sub", "__rmul__": "mul", "__rtruediv__": "truediv",
+    "__rfloordiv__": "floordiv", "__rmod__": "mod", "__rpow__": "pow", "__rmatmul__": "matmul",
+    "__rand__": "and_", "__ror__": "or_", "__rxor__": "xor",
+}
+INPLACE_DUNDERS = {
+    "__iadd__": "iadd", "__isub__": "isub", "__imul__": "imul", "__itruediv__": "itruediv",
+    "__ifloordiv__": "ifloordiv", "__imod__": "imod", "__ipow__": "ipow",
+}
+UNARY_DUNDERS = {"__neg__": "neg", "__pos__": "pos", "__abs__": "abs", "__invert__": "invert"}
+
+# Methods callable on a proxy as ``proxy.name(...)``: every op that runs as a method.
+METHOD_OPS = frozenset(n for n, s in OPS.items() if getattr(s.fn, "is_method", False)) | {"size"}
+
+
+def lookup(name: str) -> OpSpec | None:
+    return OPS.get(name)

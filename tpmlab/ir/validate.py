@@ -1,0 +1,332 @@
+"""Validation of a plan against a model, before anything runs.
+
+Checks, in order, each failing with one error that names the node and the
+user's line: the schema and node graph (ids, references), the op whitelist,
+module paths (with a suggestion), invokes and generation steps, the schedule
+(no backward flow, see :mod:`tpmlab.ir.schedule`), and finally shapes and sizes,
+by running the plan's ops on meta tensors (no memory, no compute) whose shapes
+come from the model's event templates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import LimitError, PathError, PlanError, SchemaError, ShapeError, UnknownOpError
+from .model_info import ModelInfo, event_key
+from .ops import OPS
+from .plan import (
+    CALL_MODULE,
+    IO_KINDS,
+    PARAM,
+    POINT,
+    SAVE,
+    SET_POINT,
+    STRUCTURAL_OPS,
+    DType,
+    EllipsisArg,
+    Plan,
+    Ref,
+    Slice,
+    TensorRef,
+    Tuple,
+)
+from .schedule import Schedule, build_schedule
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits a deployment enforces (a gateway sets its own, per tier)."""
+
+    max_nodes: int = 20_000
+    max_constant_bytes: int = 256 * 2**20
+    max_saved_bytes: int = 4 * 2**30
+    max_invokes: int = 256
+    max_new_tokens: int = 4096
+    max_tokens_per_row: int = 32_768
+
+
+class _Unknown:
+    """A value whose shape the validator cannot know; checks on it are skipped."""
+
+
+UNKNOWN = _Unknown()
+
+
+def validate(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
+             meta_module: Callable[[str], torch.nn.Module | None] | None = None) -> Schedule:
+    """Check ``plan`` against ``info``; return its :class:`Schedule` or raise a :class:`PlanError`."""
+    _check_structure(plan, info, limits)
+    schedule = build_schedule(plan, info)
+    saved = _check_shapes(plan, info, limits, meta_module)
+    if saved > limits.max_saved_bytes:
+        raise LimitError(f"the plan saves {saved:,} bytes, over the limit of "
+                         f"{limits.max_saved_bytes:,} bytes")
+    return schedule
+
+
+def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
+    if plan.model_version and info.version and plan.model_version != info.version:
+        raise SchemaError(f"the plan was made for model version {plan.model_version}, "
+                          f"but the deployment holds {info.version}")
+    if len(plan.nodes) > limits.max_nodes:
+        raise LimitError(f"the plan has {len(plan.nodes)} nodes, over the limit of {limits.max_nodes}")
+    const_bytes = sum(t.numel() * t.element_size() for t in plan.tensors.values())
+    if const_bytes > limits.max_constant_bytes:
+        raise LimitError(f"the plan carries {const_bytes:,} bytes of tensors, over the limit of "
+                         f"{limits.max_constant_bytes:,}")
+    if not plan.invokes:
+        raise SchemaError("the plan has no inputs: give a prompt to trace() or use tr.invoke(...)")
+    if len(plan.invokes) > limits.max_invokes:
+        raise LimitError(f"{len(plan.invokes)} invokes, over the limit of {limits.max_invokes}")
+    kinds = {i.kind for i in plan.invokes}
+    if len(kinds) > 1:
+        raise SchemaError("all invokes of one trace must give the same kind of input "
+                          "(token ids or inputs_embeds), not both")
+    for inv in plan.invokes:
+        for name in inv.tensors:
+            t = plan.tensors[name]
+            if inv.kind == "tokens" and (t.dim() != 1 or t.dtype not in (torch.int64, torch.int32)):
+                raise SchemaError(f"token ids must be 1-D integer tensors, got {t.dtype} {tuple(t.shape)}")
+            if inv.kind == "embeds" and t.dim() != 2:
+                raise SchemaError(f"inputs_embeds rows must be [pos, d_model], got {tuple(t.shape)}")
+            if t.shape[0] == 0:
+                raise SchemaError("an invoke has an empty input")
+            if t.shape[0] > limits.max_tokens_per_row:
+                raise LimitError(f"an input of {t.shape[0]} positions exceeds the limit of "
+                                 f"{limits.max_tokens_per_row}")
+    if plan.mode == "generate":
+        if plan.generate is None or plan.generate.max_new_tokens < 1:
+            raise SchemaError("generation needs max_new_tokens >= 1")
+        if plan.generate.max_new_tokens > limits.max_new_tokens:
+            raise LimitError(f"max_new_tokens={plan.generate.max_new_tokens} exceeds the limit "
+                             f"of {limits.max_new_tokens}")
+    n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
+
+    seen: set[int] = set()
+    for node in plan.nodes:
+        where = {"node": node.id, "op": node.op, "line": node.line}
+        if node.id in seen:
+            raise SchemaError(f"duplicate node id {node.id}", **where)
+        if node.op not in STRUCTURAL_OPS and node.op not in OPS:
+            close = difflib.get_close_matches(node.op, list(OPS), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UnknownOpError(f"op {node.op!r} is not allowed{hint}", **where)
+        for ref in node.refs():
+            if ref not in seen:
+                raise SchemaError(f"node {node.id} reads node {ref}, which does not come before it",
+                                  **where)
+        _check_args(node.args, plan, where)
+        _check_args(node.kwargs, plan, where)
+        if node.op in (POINT, SET_POINT, CALL_MODULE, PARAM):
+            if node.path is None or not info.has_module(node.path):
+                close = difflib.get_close_matches(node.path or "", info.modules, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise PathError(f"the model has no module {node.path!r}{hint}", **where)
+        if node.op == POINT:
+            if node.io not in IO_KINDS:
+                raise SchemaError(f"io must be one of {IO_KINDS}, got {node.io!r}", **where)
+            if info.event_index(node.path, node.io) is None:
+                raise PathError(f"{node.path or '<model>'}.{node.io} does not happen in the "
+                                "forward pass (the module is never called)", **where)
+            if node.invoke is not None and not 0 <= node.invoke < len(plan.invokes):
+                raise SchemaError(f"invoke {node.invoke} does not exist", **where)
+        if node.op == SET_POINT:
+            if len(node.args) != 2 or not isinstance(node.args[0], Ref) \
+                    or plan.nodes_by_id[node.args[0].id].op != POINT:
+                raise SchemaError("set_point needs [point, value]", **where)
+        if node.op == PARAM:
+            name = node.args[0] if len(node.args) == 1 else None
+            if not isinstance(name, str) or f"{node.path}.{name}".lstrip(".") not in info.params:
+                raise PathError(f"module {node.path!r} has no parameter {name!r}", **where)
+        if node.op == SAVE and len(node.args) != 1:
+            raise SchemaError("save takes one value", **where)
+        if node.op == "getattr":
+            name = node.args[1] if len(node.args) == 2 else None
+            if not isinstance(name, str) or name.startswith("_"):
+                raise UnknownOpError(f"reading attribute {name!r} is not allowed", **where)
+        if node.steps.start < 0 or node.steps.start >= n_steps or (
+                node.steps.stop is not None and node.steps.stop <= node.steps.start):
+            raise SchemaError(f"generation steps {node.steps.start}..{node.steps.stop} are outside "
+                              f"0..{n_steps - 1}", **where)
+        seen.add(node.id)
+
+
+def _check_args(value: Any, plan: Plan, where: dict) -> None:
+    if isinstance(value, TensorRef):
+        if value.name not in plan.tensors:
+            raise SchemaError(f"reference to unknown tensor {value.name!r}", **where)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_args(v, plan, where)
+    elif isinstance(value, Tuple):
+        _check_args(value.items, plan, where)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or k.startswith("_"):
+                raise SchemaError(f"keyword {k!r} is not allowed", **where)
+            _check_args(v, plan, where)
+    elif isinstance(value, Slice):
+        _check_args([value.start, value.stop, value.step], plan, where)
+    elif not (value is None or isinstance(value, (bool, int, float, str, Ref, EllipsisArg, DType))):
+        raise SchemaError(f"argument of type {type(value).__name__} is not allowed", **where)
+
+
+# -- shapes on the meta device -------------------------------------------------------------------
+
+def _meta_from_template(template: Any, rows: int, length: int, dtype: torch.dtype) -> Any:
+    if template is None:
+        return None
+    if isinstance(template, dict) and "$tuple" in template:
+        return tuple(_meta_from_template(t, rows, length, dtype) for t in template["$tuple"])
+    if isinstance(template, dict) and "$dict" in template:
+        return {k: _meta_from_template(t, rows, length, dtype)
+                for k, t in template["$dict"].items()}
+    if isinstance(template, dict) and "shape" in template:
+        dims = []
+        for d in template["shape"]:
+            if d == "B":
+                dims.append(rows)
+            elif d == "T":
+                dims.append(length)
+            elif isinstance(d, int):
+                dims.append(d)
+            else:
+                return UNKNOWN
+        return torch.empty(dims, dtype=getattr(torch, template.get("dtype", "float32")),
+                           device="meta")
+    return UNKNOWN
+
+
+def _contains_unknown(value: Any) -> bool:
+    if value is UNKNOWN:
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains_unknown(v) for v in value)
+    if isinstance(value, dict):
+        return any(_contains_unknown(v) for v in value.values())
+    return False
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 8
+
+
+def _materialize(value: Any, env: dict[int, Any], plan: Plan) -> Any:
+    if isinstance(value, Ref):
+        return env[value.id]
+    if isinstance(value, TensorRef):
+        t = plan.tensors[value.name]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    if isinstance(value, Slice):
+        return slice(*(_materialize(v, env, plan) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, Tuple):
+        return tuple(_materialize(v, env, plan) for v in value.items)
+    if isinstance(value, EllipsisArg):
+        return Ellipsis
+    if isinstance(value, DType):
+        return getattr(torch, value.name)
+    if isinstance(value, list):
+        return [_materialize(v, env, plan) for v in value]
+    if isinstance(value, dict):
+        return {k: _materialize(v, env, plan) for k, v in value.items()}
+    return value
+
+
+def _invoke_shape(plan: Plan, invoke: int | None) -> tuple[int, int]:
+    """Rows and positions one invoke sees (``None``: the whole padded batch)."""
+    def rows_len(inv):
+        lens = [plan.tensors[n].shape[0] for n in inv.tensors]
+        return len(lens), max(lens)
+    if invoke is None:
+        sizes = [rows_len(i) for i in plan.invokes]
+        return sum(r for r, _ in sizes), max(t for _, t in sizes)
+    return rows_len(plan.invokes[invoke])
+
+
+def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
+                  meta_module: Callable[[str], torch.nn.Module | None] | None) -> int:
+    """Propagate meta tensors through the plan; return the bytes it saves."""
+    env: dict[int, Any] = {}
+    dtype = getattr(torch, info.dtype, torch.float32)
+    n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
+    saved = 0
+    for node in plan.nodes:
+        where = {"node": node.id, "op": node.op, "line": node.line}
+        prefill_only = node.steps.single and node.steps.start == 0
+        if node.op == POINT:
+            if not prefill_only:
+                env[node.id] = UNKNOWN
+                continue
+            rows, length = _invoke_shape(plan, node.invoke)
+            template = info.shapes.get(event_key(node.path, node.io))
+            env[node.id] = _meta_from_template(template, rows, length, dtype) \
+                if template is not None else UNKNOWN
+            continue
+        args = _materialize(node.args, env, plan)
+        kwargs = _materialize(node.kwargs, env, plan)
+        if _contains_unknown(args) or _contains_unknown(kwargs):
+            env[node.id] = UNKNOWN
+            if node.op == SAVE:
+                saved += 0
+            continue
+        if node.op == SAVE:
+            value = args[0]
+            steps = (node.steps.stop or n_steps) - node.steps.start
+            saved += _nbytes(value) * steps
+            env[node.id] = value
+            continue
+        if node.op == SET_POINT:
+            target, value = args
+            if isinstance(target, torch.Tensor) and isinstance(value, torch.Tensor) \
+                    and tuple(target.shape) != tuple(value.shape):
+                raise ShapeError(f"{node.path}.{node.io} has shape {tuple(target.shape)} but the "
+                                 f"value written to it has shape {tuple(value.shape)}", **where)
+            env[node.id] = value
+            continue
+        if node.op == PARAM:
+            shape, pdtype = info.params[f"{node.path}.{args[0]}".lstrip(".")]
+            env[node.id] = torch.empty(shape, dtype=getattr(torch, pdtype), device="meta")
+            continue
+        if node.op == CALL_MODULE:
+            module = meta_module(node.path) if meta_module else None
+            if module is None:
+                env[node.id] = UNKNOWN
+                continue
+            fn = module
+        else:
+            fn = OPS[node.op].fn
+        try:
+            env[node.id] = fn(*args, **kwargs)
+        except (NotImplementedError, TypeError) as e:
+            if node.op == CALL_MODULE or "meta" in str(e):
+                env[node.id] = UNKNOWN
+            else:
+                raise ShapeError(f"{node.op} cannot take these arguments: {e}", **where) from None
+        except (RuntimeError, IndexError, ValueError) as e:
+            if "meta" in str(e) and "shape" not in str(e):
+                env[node.id] = UNKNOWN
+                continue
+            what = "the value written does not fit" if OPS[node.op].mutates else f"{node.op} failed"
+            raise ShapeError(f"{what}: {_first_line(e)}", **where) from None
+        except PlanError:
+            raise
+    if math.isnan(saved):
+        return 0
+    return saved
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

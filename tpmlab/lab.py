@@ -1,0 +1,55 @@
+"""``tpmlab.connect()``: the notebook's entry point to an engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .runtime.backend import Backend, LocalBackend
+from .tracing.model import LabModel
+
+
+class Lab:
+    """A connection to where models run. ``lab.model(name)`` deploys (or attaches to) a model."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.models: dict[str, LabModel] = {}
+
+    def model(self, name: str = "smollm2-135m", **options: Any) -> LabModel:
+        from .models import resolve
+
+        if name not in self.models:
+            source = resolve(name)
+            info = self.backend.deploy(name, **options)
+            self.models[name] = LabModel(self, name, info, source)
+        return self.models[name]
+
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
+        return self.backend.run(model, plan, timeout=timeout)
+
+    def undeploy(self, name: str) -> None:
+        self.models.pop(name, None)
+        self.backend.undeploy(name)
+
+    def close(self) -> None:
+        self.models.clear()
+        self.backend.close()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(address: str | None = None, **options: Any) -> Lab:
+    """Connect to an engine.
+
+    ``connect()`` / ``connect("local")``: models run in this process.
+    ``connect("tcp://host:port")``: a Dask scheduler whose workers hold pipeline stages.
+    """
+    if address in (None, "local"):
+        return Lab(LocalBackend(**options))
+    from .cluster import DaskBackend  # noqa: F401  (the sharded engine)
+
+    return Lab(DaskBackend(address, **options))

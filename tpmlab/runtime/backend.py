@@ -1,0 +1,67 @@
+"""Where plans run: the interface every backend keeps, and the in-process one.
+
+A backend takes plan *bytes* and returns result *bytes* (:mod:`tpmlab.ir.codec`),
+so the in-process path is the same data path a Dask cluster or a gateway uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ..ir.model_info import ModelInfo
+from ..ir.validate import Limits
+from .engine import ModelHost
+
+
+class Backend(Protocol):
+    """Deploys models and runs plans on them."""
+
+    def deploy(self, name: str, **options: Any) -> ModelInfo: ...
+
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes: ...
+
+    def undeploy(self, name: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LocalBackend:
+    """Runs plans on whole models loaded into this process (no cluster)."""
+
+    def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 limits: Limits = Limits()) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.limits = limits
+        self.hosts: dict[str, ModelHost] = {}
+
+    def deploy(self, name: str, **options: Any) -> ModelInfo:
+        if name not in self.hosts:
+            from ..models import resolve
+
+            source = resolve(name)
+            loaded = source.load(dtype=options.get("dtype", self.dtype), device=self.device)
+            self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
+                                         loaded.adapter.family, limits=self.limits,
+                                         meta_model=source.meta_model())
+        return self.hosts[name].info
+
+    def host(self, name: str) -> ModelHost:
+        if name not in self.hosts:
+            raise LookupError(f"model {name!r} is not deployed here; deployed: {sorted(self.hosts)}")
+        return self.hosts[name]
+
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
+        return self.host(model).run_blob(plan)
+
+    def undeploy(self, name: str) -> None:
+        self.hosts.pop(name, None)
+
+    def close(self) -> None:
+        self.hosts.clear()

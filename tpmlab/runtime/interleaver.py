@@ -1,0 +1,289 @@
+"""Running a plan's nodes alongside a forward pass, with forward hooks.
+
+A :class:`PlanRunner` holds one request's state (its values, saves and the
+current generation step). It installs hooks only on the modules the plan reads
+or writes (none at all for a plan without nodes), and at each event runs the
+nodes anchored there (see :mod:`tpmlab.ir.schedule`). The same runner drives a
+whole model in-process and one pipeline stage on a Dask worker: a stage owns a
+range of events, receives the values earlier stages made that it needs
+(``carry``) and hands on those later stages need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExecutionError, PlanError
+from ..ir.model_info import START, ModelInfo
+from ..ir.ops import OPS
+from ..ir.plan import (
+    CALL_MODULE,
+    PARAM,
+    POINT,
+    SAVE,
+    SET_POINT,
+    DType,
+    EllipsisArg,
+    Node,
+    Plan,
+    Ref,
+    Slice,
+    TensorRef,
+    Tuple,
+)
+from ..ir.schedule import Schedule
+from .batching import BatchLayout, invoke_view
+
+
+class _Cell:
+    """The value of one event while its nodes run; ``replaced`` when a node set it anew."""
+
+    __slots__ = ("value", "replaced")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.replaced = False
+
+
+def host_copy(value: Any, pinned: bool) -> Any:
+    """A copy of a saved value that later writes cannot change.
+
+    On a GPU the copy goes to pinned host memory without blocking the stream
+    (call :func:`torch.cuda.synchronize` before reading it); on the CPU it is a clone.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cuda":
+            out = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
+            out.copy_(value, non_blocking=pinned)
+            return out
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: host_copy(v, pinned) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(host_copy(v, pinned) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v, pinned) for v in value)
+    return value
+
+
+class PlanRunner:
+    """One request's execution state over one model or one pipeline stage.
+
+    ``owned``: the event indices this runner executes (``None``: all of them).
+    ``module_lookup(path)`` returns the live module for a native path.
+    """
+
+    def __init__(self, plan: Plan, info: ModelInfo, schedule: Schedule, layout: BatchLayout,
+                 *, module_lookup: Callable[[str], nn.Module], device: torch.device,
+                 owned: range | None = None, carry: dict[int, Any] | None = None,
+                 pinned: bool = True) -> None:
+        self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
+        self.module_lookup = module_lookup
+        self.device = device
+        self.owned = owned
+        self.env: dict[int, Any] = dict(carry or {})
+        self.saves: dict[int, Any] = {}
+        self.step = 0
+        self.pinned = pinned and device.type == "cuda"
+        self._fired: set[int] = set()
+        self._suspended = 0
+        self._ran: set[tuple[int, int]] = set()
+        self._constants = {name: t.to(device) for name, t in plan.tensors.items()}
+
+    # -- which events ---------------------------------------------------------------------------
+    def _owns(self, event: int) -> bool:
+        return self.owned is None or event in self.owned
+
+    def events(self) -> list[int]:
+        """Event indices with nodes that this runner executes."""
+        return [e for e in self.schedule.events_used() if self._owns(e)]
+
+    # -- driving --------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Start generation step ``step`` (0 is the prompt pass); run nodes that need no module."""
+        self.step = step
+        self._fired.clear()
+        if self._owns(START):
+            for node in self.schedule.by_event.get(START, []):
+                if node.steps.contains(step):
+                    self._run(node, None)
+
+    @contextlib.contextmanager
+    def hooks(self, root: nn.Module | None = None, *, count_steps: bool = False) -> Iterator[None]:
+        """Install hooks for this runner's events; with ``count_steps`` a hook on ``root``
+        starts a new generation step at each forward call of the whole model."""
+        handles = []
+        try:
+            if count_steps and root is not None and (self.schedule.by_event or self.plan.nodes):
+                counter = {"next": 0}
+
+                def on_step(module, args, kwargs):
+                    self.begin_step(counter["next"])
+                    counter["next"] += 1
+
+                handles.append(root.register_forward_pre_hook(on_step, with_kwargs=True))
+            for event in self.events():
+                path, io = self.info.events[event].rsplit(":", 1)
+                module = self.module_lookup(path)
+                if io == "output":
+                    handles.append(module.register_forward_hook(self._output_hook(event)))
+                else:
+                    handles.append(module.register_forward_pre_hook(self._input_hook(event),
+                                                                    with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _output_hook(self, event: int):
+        def hook(module, args, output):
+            if self._suspended or event in self._fired:
+                return None
+            self._fired.add(event)
+            cell = _Cell(output)
+            self._run_event(event, cell)
+            return cell.value if cell.replaced else None
+        return hook
+
+    def _input_hook(self, event: int):
+        def hook(module, args, kwargs):
+            if self._suspended or event in self._fired:
+                return None
+            self._fired.add(event)
+            if args:
+                cell = _Cell(args[0])
+            else:
+                key = next(iter(kwargs))
+                cell = _Cell(kwargs[key])
+            self._run_event(event, cell)
+            if not cell.replaced:
+                return None
+            if args:
+                return (cell.value, *args[1:]), kwargs
+            return args, {**kwargs, key: cell.value}
+        return hook
+
+    def run_event(self, event: int, value: Any) -> Any:
+        """Run the nodes of ``event`` on ``value`` directly (for stage code that has the value
+        in hand); returns the value, replaced if the plan set it."""
+        cell = _Cell(value)
+        self._fired.add(event)
+        self._run_event(event, cell)
+        return cell.value
+
+    def _run_event(self, event: int, cell: _Cell) -> None:
+        for node in self.schedule.by_event.get(event, []):
+            if node.steps.contains(self.step):
+                self._run(node, cell)
+
+    # -- nodes ----------------------------------------------------------------------------------
+    def _arg(self, value: Any) -> Any:
+        if isinstance(value, Ref):
+            if value.id not in self.env:
+                raise ExecutionError(f"the value of node {value.id} is not available here")
+            return self.env[value.id]
+        if isinstance(value, TensorRef):
+            return self._constants[value.name]
+        if isinstance(value, Slice):
+            return slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
+        if isinstance(value, Tuple):
+            return tuple(self._arg(v) for v in value.items)
+        if isinstance(value, EllipsisArg):
+            return Ellipsis
+        if isinstance(value, DType):
+            return getattr(torch, value.name)
+        if isinstance(value, list):
+            return [self._arg(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._arg(v) for k, v in value.items()}
+        return value
+
+    def _run(self, node: Node, cell: _Cell | None) -> None:
+        try:
+            self._execute(node, cell)
+        except (PlanError, ExecutionError):
+            raise
+        except Exception as e:  # a failing op names its node and the user's line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExecutionError(f"{node.op} failed: {type(e).__name__}: {msg}",
+                                 node=node.id, op=node.op, line=node.line) from e
+        self._ran.add((node.id, self.step))
+
+    def _execute(self, node: Node, cell: _Cell | None) -> None:
+        op = node.op
+        if op == POINT:
+            self.env[node.id] = invoke_view(cell.value, self.layout, node.invoke,
+                                            prompt_pass=self.step == 0)
+            return
+        if op == SET_POINT:
+            point = self.plan.node(node.args[0].id)
+            new = self._arg(node.args[1])
+            current = self.env[point.id]
+            if current is cell.value:  # the invoke sees the whole value: replace it
+                cell.value = new
+                cell.replaced = True
+            elif isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor):
+                current.copy_(new)  # a view of the batch: write through it
+                new = current
+            else:
+                raise ExecutionError("only tensors can be replaced for one invoke of a batch",
+                                     node=node.id, op=op, line=node.line)
+            self.env[point.id] = new
+            self.env[node.id] = new
+            return
+        if op == SAVE:
+            value = host_copy(self._arg(node.args[0]), self.pinned)
+            self.env[node.id] = value
+            if node.steps.single:
+                self.saves[node.id] = value
+            else:
+                self.saves.setdefault(node.id, []).append(value)
+            return
+        args = self._arg(node.args)
+        kwargs = self._arg(node.kwargs)
+        if op == PARAM:
+            self.env[node.id] = self.module_lookup(node.path).get_parameter(args[0])
+            return
+        if op == CALL_MODULE:
+            module = self.module_lookup(node.path)
+            self._suspended += 1  # the module's own hooks must not see this call
+            try:
+                self.env[node.id] = module(*args, **kwargs)
+            finally:
+                self._suspended -= 1
+            return
+        self.env[node.id] = OPS[op].fn(*args, **kwargs)
+
+    # -- after the pass ---------------------------------------------------------------------------
+    def check_complete(self, steps_run: int = 1) -> None:
+        """Raise if a node this runner owns should have run but its event never happened."""
+        for node in self.plan.nodes:
+            anchor = self.schedule.anchor[node.id]
+            if not self._owns(anchor):
+                continue
+            for step in range(node.steps.start, min(node.steps.stop or steps_run, steps_run)):
+                if (node.id, step) not in self._ran:
+                    event = "the start" if anchor == START else self.info.events[anchor]
+                    raise ExecutionError(
+                        f"{node.describe()} never ran at step {step}: {event} did not happen "
+                        "in this pass (is the module used with these inputs?)",
+                        node=node.id, op=node.op, line=node.line)
+
+    def carry_out(self, last_event: int) -> dict[int, Any]:
+        """Values made up to ``last_event`` that nodes after it still read (for the next stage)."""
+        out = {}
+        for node_id, readers in self.schedule.consumers.items():
+            if node_id in self.env and self.schedule.anchor[node_id] <= last_event and any(
+                    self.schedule.anchor[r] > last_event for r in readers):
+                out[node_id] = self.env[node_id]
+        return out
+
+    def results(self) -> dict[int, Any]:
+        if self.pinned:
+            torch.cuda.synchronize(self.device)
+        return self.saves

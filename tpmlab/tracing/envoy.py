@@ -1,0 +1,117 @@
+"""Envoys: the client's mirror of the model's module tree.
+
+An :class:`Envoy` stands for one module of the real architecture, built on the
+meta device (no weights). Native Hugging Face names work (``model.model.layers[3].mlp``)
+and so do the aliases ``embed``, ``layers``, ``final_norm`` and ``unembed``.
+Inside a trace, ``.output`` and ``.input`` are proxies of the module's output and
+first input, assigning to them replaces the value, and calling an envoy applies
+the module to a value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..errors import TpmlabError
+from ..ir.plan import CALL_MODULE, PARAM, SET_POINT
+from .proxy import Proxy
+
+if TYPE_CHECKING:
+    from .model import LabModel
+
+
+class Envoy:
+    """Proxy of one module. ``path`` is its native dotted path (``""`` for the whole model)."""
+
+    def __init__(self, lab_model: LabModel, path: str, module: nn.Module) -> None:
+        object.__setattr__(self, "_model", lab_model)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "module", module)
+        object.__setattr__(self, "_children", {})
+
+    def _child(self, name: str) -> Envoy:
+        children = self._children
+        if name not in children:
+            sub = self.module.get_submodule(name)
+            path = f"{self.path}.{name}" if self.path else name
+            children[name] = Envoy(self._model, path, sub)
+        return children[name]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self.path == "":
+            alias = self._model.adapter_alias(name)
+            if alias is not None:
+                return self._model.envoy(alias)
+        if name in self.module._modules:
+            return self._child(name)
+        if name in self.module._parameters:
+            raise TpmlabError(f"read parameters inside a trace with {self.path}.param({name!r}); "
+                              f"its shape is {tuple(self.module._parameters[name].shape)}")
+        raise AttributeError(f"module {self.path or '<model>'} ({type(self.module).__name__}) "
+                             f"has no submodule {name!r}; it has {list(self.module._modules)}")
+
+    def __getitem__(self, index: int) -> Envoy:
+        if not isinstance(self.module, (nn.ModuleList, nn.Sequential)):
+            raise TpmlabError(f"{self.path} is not a list of modules")
+        n = len(self.module)
+        if not -n <= index < n:
+            raise IndexError(f"{self.path} has {n} modules, index {index} is out of range")
+        return self._child(str(index % n))
+
+    def __len__(self) -> int:
+        return len(self.module)
+
+    def __iter__(self) -> Iterator[Envoy]:
+        if isinstance(self.module, (nn.ModuleList, nn.Sequential)):
+            return (self[i] for i in range(len(self.module)))
+        raise TpmlabError(f"{self.path} is not a list of modules")
+
+    # -- values in a trace --------------------------------------------------------------------
+    @property
+    def output(self) -> Proxy:
+        """The module's output at this point of the pass (for decoder layers: the residual stream
+        ``[batch, pos, d_model]``)."""
+        return self._model._tracer_for(self.path).point(self.path, "output")
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._set("output", value)
+
+    @property
+    def input(self) -> Proxy:
+        """The module's first input."""
+        return self._model._tracer_for(self.path).point(self.path, "input")
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._set("input", value)
+
+    def _set(self, io: str, value: Any) -> None:
+        tracer = self._model._tracer_for(self.path)
+        point = tracer.point(self.path, io)
+        tracer.record(SET_POINT, [point, value], path=self.path, io=io)
+        tracer._forget_point(self.path, io)
+
+    def param(self, name: str) -> Proxy:
+        """A parameter of this module as a value (e.g. ``o_proj.param("weight")``), read where it lives."""
+        tracer = self._model._tracer_for(self.path)
+        return tracer.record(PARAM, [name], path=self.path)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
+        """Apply this module to values: ``model.unembed(model.final_norm(h))``."""
+        tracer = self._model._tracer_for(self.path)
+        return tracer.record(CALL_MODULE, list(args), kwargs, path=self.path)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input"):
+            object.__setattr__(self, name, value) if False else self._set(name, value)
+            return
+        raise TpmlabError(f"cannot set {name!r} on a module proxy")
+
+    def __repr__(self) -> str:
+        return f"<Envoy {self.path or '<model>'}: {type(self.module).__name__}>"

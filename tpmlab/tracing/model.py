@@ -1,0 +1,107 @@
+"""The client's handle on a deployed model: module tree, tokenizer, trace and generate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TpmlabError
+from ..ir.model_info import ModelInfo
+from .envoy import Envoy
+from .tracer import Generate, Trace
+
+
+class LabModel:
+    """A deployed model as seen from the notebook. Holds no weights.
+
+    ``model.layers[5].output`` and every native path work inside
+    ``with model.trace(...)`` or ``with model.generate(...)``.
+    """
+
+    def __init__(self, lab: Any, name: str, info: ModelInfo, source: Any) -> None:
+        self._lab = lab
+        self.name = name
+        self.info = info
+        self.source = source
+        self.adapter = source.adapter
+        self.config = source.config
+        self._tokenizer = None
+        self._stack: list[Trace] = []
+        self._root = Envoy(self, "", source.meta_model())
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        """Content digest of the deployed weights."""
+        return self.info.version
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.source.tokenizer()
+        return self._tokenizer
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+    @property
+    def meta_model(self):
+        return self._root.module
+
+    def adapter_alias(self, name: str) -> str | None:
+        return {"embed": self.adapter.embed, "layers": self.adapter.layers,
+                "final_norm": self.adapter.final_norm, "unembed": self.adapter.unembed}.get(name)
+
+    def envoy(self, path: str) -> Envoy:
+        """The module proxy for a native or aliased dotted path."""
+        env = self._root
+        for part in self.adapter.resolve(path).split(".") if path else []:
+            env = env[int(part)] if part.isdigit() else getattr(env, part)
+        return env
+
+    # -- requests ---------------------------------------------------------------------------------
+    def trace(self, inputs: Any = None, **kwargs: Any) -> Trace:
+        """Record a forward pass: ``with model.trace("prompt") as tr: ...``."""
+        return Trace(self, inputs, **kwargs)
+
+    def generate(self, inputs: Any = None, *, max_new_tokens: int = 1, **kwargs: Any) -> Generate:
+        """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""
+        return Generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
+
+    def _backend_run(self, blob: bytes, *, timeout: float | None) -> bytes:
+        return self._lab.run(self.name, blob, timeout=timeout)
+
+    # -- the active trace -------------------------------------------------------------------------
+    def _push(self, tracer: Trace) -> None:
+        self._stack.append(tracer)
+
+    def _pop(self, tracer: Trace) -> None:
+        if self._stack and self._stack[-1] is tracer:
+            self._stack.pop()
+
+    def _tracer_for(self, path: str) -> Trace:
+        if not self._stack:
+            raise TpmlabError(f"{path or 'model'} values exist only inside `with model.trace(...)` "
+                              "or `with model.generate(...)`")
+        return self._stack[-1]
+
+    # -- the module tree ----------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._root, name)
+
+    def __getitem__(self, index: int) -> Envoy:
+        return self._root[index]
+
+    @property
+    def output(self):
+        """The whole model's output (``.logits`` ``[batch, pos, vocab]``)."""
+        return self._root.output
+
+    @property
+    def input(self):
+        return self._root.input
+
+    def __repr__(self) -> str:
+        return f"<LabModel {self.name} {self.version[:19]} on {self.info.n_stages} stage(s)>"

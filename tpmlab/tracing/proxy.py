@@ -1,0 +1,144 @@
+"""Proxies: stand-ins for values inside a ``with model.trace(...)`` block.
+
+Every operation on a proxy records a node in the tracer's plan instead of
+computing anything. Python operators, whitelisted tensor methods
+(``proxy.softmax(-1)``), ``torch`` functions (``torch.cat([a, b])``), indexing,
+item assignment and in-place arithmetic all work; what the whitelist does not
+hold is refused on the spot with a message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import TpmlabError
+from ..ir import ops as irops
+from ..ir.plan import SAVE
+
+if TYPE_CHECKING:
+    from .tracer import Trace
+
+
+class ValueNotReady(TpmlabError):
+    """A saved value was read before its trace ran, or a value that was not saved was read."""
+
+
+class Proxy:
+    """The future value of a plan node."""
+
+    __slots__ = ("_tracer", "_node", "_value", "_has_value")
+
+    def __init__(self, tracer: Trace, node: int) -> None:
+        object.__setattr__(self, "_tracer", tracer)
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_has_value", False)
+        object.__setattr__(self, "_value", None)
+
+    # -- results --------------------------------------------------------------------------------
+    def save(self) -> Proxy:
+        """Send this value back: after the ``with`` block, read it as ``.value``."""
+        return self._tracer.record(SAVE, [self])
+
+    @property
+    def value(self) -> Any:
+        """The saved value (a ``torch.Tensor``, or a list of them per generation step)."""
+        if not self._has_value:
+            node = self._tracer.nodes[self._node]
+            if node.op != SAVE:
+                raise ValueNotReady("this value was not saved: call .save() on it inside the block")
+            raise ValueNotReady("the value is available after the `with` block has run")
+        return self._value
+
+    def _set_value(self, value: Any) -> None:
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_has_value", True)
+
+    # -- recording ------------------------------------------------------------------------------
+    def _op(self, name: str, *args: Any, **kwargs: Any) -> Proxy:
+        return self._tracer.record(name, list(args), kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in irops.METHOD_OPS:
+            def method(*args: Any, **kwargs: Any) -> Proxy:
+                return self._op(name, self, *args, **kwargs)
+            method.__name__ = name
+            return method
+        return self._op("getattr", self, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TpmlabError(f"cannot set attribute {name!r} of a traced value")
+
+    def __getitem__(self, index: Any) -> Proxy:
+        return self._op("getitem", self, index)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._op("setitem", self, index, value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TpmlabError("a traced value cannot be called")
+
+    def __bool__(self) -> bool:
+        raise TpmlabError("a traced value has no truth value while tracing: the plan is data, "
+                          "so Python `if`/`while` on it cannot be recorded")
+
+    def __iter__(self):
+        raise TpmlabError("a traced value cannot be iterated while tracing; index it instead")
+
+    def __len__(self) -> int:
+        raise TpmlabError("len() of a traced value is unknown while tracing")
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        node = self._tracer.nodes.get(self._node)
+        return f"<Proxy of {node.describe() if node else self._node}>"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = irops.TORCH_FUNCTIONS.get(func)
+        if name is None:
+            raise TpmlabError(f"torch function {getattr(func, '__name__', func)!r} is not in the "
+                              "plan op whitelist")
+        tracer = _find_tracer(args) or _find_tracer(list((kwargs or {}).values()))
+        return tracer.record(name, list(args), dict(kwargs or {}))
+
+
+def _find_tracer(values: Any) -> Trace | None:
+    for v in values:
+        if isinstance(v, Proxy):
+            return v._tracer
+        if isinstance(v, (list, tuple)):
+            found = _find_tracer(v)
+            if found:
+                return found
+    return None
+
+
+def _binary(op: str, reflected: bool = False):
+    def method(self: Proxy, other: Any) -> Proxy:
+        return self._op(op, other, self) if reflected else self._op(op, self, other)
+    return method
+
+
+def _unary(op: str):
+    def method(self: Proxy) -> Proxy:
+        return self._op(op, self)
+    return method
+
+
+for _dunder, _op in irops.BINARY_DUNDERS.items():
+    setattr(Proxy, _dunder, _binary(_op))
+for _dunder, _op in irops.REFLECTED_DUNDERS.items():
+    setattr(Proxy, _dunder, _binary(_op, reflected=True))
+for _dunder, _op in irops.INPLACE_DUNDERS.items():
+    setattr(Proxy, _dunder, _binary(_op))
+for _dunder, _op in irops.UNARY_DUNDERS.items():
+    setattr(Proxy, _dunder, _unary(_op))
+
+# A proxy passed to a torch function must reach __torch_function__.
+torch.overrides.is_tensor_like  # noqa: B018 (documented hook: classes defining __torch_function__)
