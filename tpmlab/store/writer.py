@@ -36,15 +36,22 @@ def write_tensor(
 ) -> dict[str, Any]:
     """Store ``tensor``'s chunks (skipping those already stored); return its dense entry."""
     dtype_name(tensor.dtype)  # reject unsupported dtypes before any write
-    data = tensor_bytes(tensor)
+    chunks = list(split(tensor_bytes(tensor), CHUNK_SIZE))
+    digests = list(pool.map(hash_bytes, chunks))
+    first = {d: c for d, c in reversed(list(zip(digests, chunks)))}  # a repeated chunk once
 
-    def put(chunk: memoryview) -> str:
-        digest = hash_bytes(chunk)
+    def put(item: tuple[str, memoryview]) -> None:
+        digest, chunk = item
         if backend.exists("chunks", digest):
             stats.add(chunks_deduplicated=1, bytes_deduplicated=len(chunk))
         else:
             backend.put("chunks", digest, chunk)
             stats.add(chunks_written=1, bytes_written=len(chunk))
-        return digest
 
-    return dense_entry(tensor, list(pool.map(put, split(data, CHUNK_SIZE))))
+    for _ in pool.map(put, first.items()):
+        pass
+    repeats = len(chunks) - len(first)
+    if repeats:
+        stats.add(chunks_deduplicated=repeats,
+                  bytes_deduplicated=sum(len(c) for c in chunks) - sum(len(c) for c in first.values()))
+    return dense_entry(tensor, digests)
