@@ -1,7 +1,6 @@
 import uuid
 
 import pytest
-import torch
 
 from tpmlab.store import Store
 

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-from store_helpers import same_bytes, tiny_state_dict
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from store_helpers import same_bytes, tiny_state_dict
 
 from tpmlab.store import CHUNK_SIZE, Store
 from tpmlab.store.chunking import DTYPES, chunk_digests, content_digest, split, tensor_bytes

@@ -16,7 +16,7 @@ from .io import IOStats
 from .writer import hash_tensor
 
 
-def _check_dense(label: str, entry: dict[str, Any]) -> None:
+def check_dense_entry(label: str, entry: dict[str, Any]) -> None:
     """Check that a dense entry is self-consistent (sizes, chunk count, content digest)."""
     dtype = parse_dtype(entry["dtype"])
     nbytes = int(entry["nbytes"])
@@ -69,7 +69,7 @@ class Reader:
         jobs = []
         buffers = {}
         for label, entry in dense.items():
-            _check_dense(label, entry)
+            check_dense_entry(label, entry)
             flat, arr = empty_buffer(int(entry["nbytes"]))
             buffers[label] = flat
             for i, digest in enumerate(entry["chunks"]):

@@ -28,7 +28,7 @@ from .manifest import (
     parse_manifest,
     version_digest,
 )
-from .reader import Reader
+from .reader import Reader, check_dense_entry
 from .refs import check_tag_name, read_tag, resolve
 from .reports import GcReport, VerifyReport
 from .writer import hash_tensor, write_tensor
@@ -387,6 +387,11 @@ class Store:
                     reader.read_delta(name, entry)
                 except StoreIntegrityError as e:
                     report.errors.append(e)
+            return
+        try:
+            check_dense_entry(name, entry)
+        except StoreIntegrityError as e:
+            report.errors.append(e)
             return
         todo = [(i, c) for i, c in enumerate(entry["chunks"]) if c not in good]
         size = int(entry["nbytes"])
