@@ -94,7 +94,12 @@ class Store:
         try:
             self.backend.put("tags", name, data, overwrite=force)
         except FileExistsError:
-            raise StoreError(f"tag {name!r} was just created by someone else; pass force=True to move it") from None
+            now = read_tag(self.backend, name)
+            if now != digest:
+                raise StoreError(
+                    f"tag {name!r} was just pointed at {str(now)[:12]} by another writer; "
+                    "pass force=True to move it"
+                ) from None
         return digest
 
     def untag(self, name: str) -> None:
