@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+pytest.importorskip("tpmlab.models.sources")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tpmlab.store import Store, default_store, source_for  # noqa: E402
+
+
+@pytest.fixture
+def tiny_llama():
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
+    store = Store(tmp_path)
+    digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="tiny")
+    store.tag("tiny-v1", digest)
+    src = source_for("tiny", "tiny-v1", store=store)
+    assert src.version == digest and src.name == "tiny"
+    assert src.config.num_hidden_layers == 3 and src.adapter.family == "llama"
+    monkeypatch.setattr(src, "_load_tokenizer", lambda: None)  # no tokenizer in this test
+
+    store.stats.reset()
+    stage = src.load(keys=lambda n: n.startswith("model.layers.1."))
+    layer = dict(tiny_llama.model.layers[1].named_parameters())
+    assert store.stats.bytes_read == sum(p.numel() * 4 for p in layer.values())
+    got = dict(stage.model.model.layers[1].named_parameters())
+    assert all(torch.equal(got[k], layer[k]) for k in layer)
+    assert stage.model.model.layers[0].self_attn.q_proj.weight.is_meta
+
+    full = src.load().model
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(full(ids).logits, tiny_llama(ids).logits)
+
+
+def test_registry_resolves_name_at_ref(tmp_path, tiny_llama, monkeypatch):
+    registry = pytest.importorskip("tpmlab.models.registry")
+    monkeypatch.setenv("TPMLAB_HOME", str(tmp_path))
+    store = default_store()
+    assert store.backend.root == tmp_path / "store"
+    digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="")
+    store.tag("base", digest)
+    src = registry.resolve("tiny@base")
+    assert src.version == digest
+    assert registry.resolve(f"tiny@{digest[:10]}").version == digest
