@@ -62,12 +62,12 @@ def gguf_folder() -> Path:
     return folder
 
 
-def model_dir() -> Path:
-    return tpmlab_home() / "models" / DEFAULT_NAME
+def model_dir(home: Path | None = None) -> Path:
+    return (home or tpmlab_home()) / "models" / DEFAULT_NAME
 
 
-def tokenizer_dir() -> Path:
-    return tpmlab_home() / "tokenizers" / DEFAULT_NAME
+def tokenizer_dir(home: Path | None = None) -> Path:
+    return (home or tpmlab_home()) / "tokenizers" / DEFAULT_NAME
 
 
 @contextlib.contextmanager
@@ -116,7 +116,7 @@ def _plain_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
-def _write_model(out: Path) -> None:
+def _write_model(out: Path, home: Path | None = None) -> None:
     with _quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_folder()), gguf_file=GGUF_FILE, dtype=torch.float32
@@ -131,7 +131,7 @@ def _write_model(out: Path) -> None:
     }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _plain_config(model.config).save_pretrained(str(out))
-    for f in ensure_tokenizer().iterdir():
+    for f in ensure_tokenizer(home).iterdir():
         shutil.copy2(f, out / f.name)
     version = weights_digest(sorted(state.items()))
     write_json_atomic(
@@ -140,37 +140,42 @@ def _write_model(out: Path) -> None:
     )
 
 
-def ensure_tokenizer() -> Path:
+def ensure_tokenizer(home: Path | None = None) -> Path:
     """Folder with the default tokenizer (converted from the GGUF file once)."""
-    return _convert_once(tokenizer_dir(), _write_tokenizer)
+    return _convert_once(tokenizer_dir(home), _write_tokenizer)
 
 
-def ensure_model() -> Path:
+def ensure_model(home: Path | None = None) -> Path:
     """Folder with the converted default model (converted once, ~20 s)."""
-    return _convert_once(model_dir(), _write_model)
+    return _convert_once(model_dir(home), lambda out: _write_model(out, home))
 
 
-def default_tokenizer() -> PreTrainedTokenizerBase:
+def default_tokenizer(home: Path | None = None) -> PreTrainedTokenizerBase:
     """A fresh copy of the default model's tokenizer, prepared for batching."""
-    return load_tokenizer(ensure_tokenizer())
+    return load_tokenizer(ensure_tokenizer(home))
 
 
 class DefaultSource(FolderSource):
     """The default model; its folder is created on first need, so resolving it
-    (config and adapter only) never waits for the conversion."""
+    (config and adapter only) never waits for the conversion.
+
+    The tpmlab home is fixed when the source is made: later changes of
+    ``$TPMLAB_HOME`` do not move an existing source's files.
+    """
 
     def __init__(self) -> None:
-        if model_dir().is_dir():
-            super().__init__(model_dir(), name=DEFAULT_NAME)
+        self._home = tpmlab_home()
+        if model_dir(self._home).is_dir():
+            super().__init__(model_dir(self._home), name=DEFAULT_NAME)
             return
         with _quiet_progress():
             config = AutoConfig.from_pretrained(str(gguf_folder()), gguf_file=GGUF_FILE)
         ModelSource.__init__(self, DEFAULT_NAME, _plain_config(config))
-        self._folder = model_dir()
+        self._folder = model_dir(self._home)
         self._key_files = None
 
     def folder(self) -> Path:
-        return ensure_model()
+        return ensure_model(self._home)
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
-        return default_tokenizer()
+        return default_tokenizer(self._home)
