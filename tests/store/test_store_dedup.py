@@ -56,3 +56,15 @@ def test_tied_weights_stored_once(store):
     w = torch.randn(50, 8)
     store.commit({"embed.weight": w, "lm_head.weight": w}, config={}, message="")
     assert store.stored_bytes() == w.numel() * 4
+
+
+def test_equal_tensors_read_once_but_stay_independent(store):
+    w = torch.randn(50, 8)
+    d = store.commit({"embed.weight": w, "lm_head.weight": w, "n1": torch.ones(4), "n2": torch.ones(4)},
+                     config={}, message="")
+    store.stats.reset()
+    out = store.load(d)
+    assert store.stats.chunks_read == 2
+    assert torch.equal(out["lm_head.weight"], w) and torch.equal(out["n2"], torch.ones(4))
+    out["n1"].add_(1)
+    assert torch.equal(out["n2"], torch.ones(4))

@@ -27,7 +27,10 @@ def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
     store.stats.reset()
     stage = src.load(keys=lambda n: n.startswith("model.layers.1."))
     layer = dict(tiny_llama.model.layers[1].named_parameters())
-    assert store.stats.bytes_read == sum(p.numel() * 4 for p in layer.values())
+    entries = store.manifest(digest)["tensors"]
+    needed = {c for k in layer for c in entries[f"model.layers.1.{k}"]["chunks"]}
+    assert store.stats.chunks_read == len(needed)  # the two norms (all ones) share a chunk
+    assert store.stats.bytes_read == sum(store.backend.size("chunks", c) for c in needed)
     got = dict(stage.model.model.layers[1].named_parameters())
     assert all(torch.equal(got[k], layer[k]) for k in layer)
     assert stage.model.model.layers[0].self_attn.q_proj.weight.is_meta

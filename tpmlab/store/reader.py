@@ -63,13 +63,21 @@ class Reader:
         return data
 
     def read(self, entries: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Tensors for ``{label: entry}``; dense chunks are fetched in parallel across tensors."""
+        """Tensors for ``{label: entry}``; dense chunks are fetched in parallel across tensors.
+
+        Entries with the same content (e.g. tied embeddings) are read once; each label
+        still gets its own tensor (a copy), so editing one in place leaves the others.
+        """
         dense = {k: e for k, e in entries.items() if "delta" not in e}
-        out: dict[str, torch.Tensor] = {}
+        first: dict[tuple, str] = {}  # content identity -> first label reading it
         jobs = []
         buffers = {}
         for label, entry in dense.items():
             check_dense_entry(label, entry)
+            ident = (entry["content"], entry["dtype"], tuple(entry["shape"]))
+            if ident in first:
+                continue
+            first[ident] = label
             flat, arr = empty_buffer(int(entry["nbytes"]))
             buffers[label] = flat
             for i, digest in enumerate(entry["chunks"]):
@@ -82,8 +90,14 @@ class Reader:
 
         for _ in self.pool.map(fetch, jobs):
             pass
+        out: dict[str, torch.Tensor] = {}
         for label, entry in dense.items():
-            out[label] = from_bytes(buffers[label], parse_dtype(entry["dtype"]), entry["shape"])
+            ident = (entry["content"], entry["dtype"], tuple(entry["shape"]))
+            owner = first[ident]
+            if owner == label:
+                out[label] = from_bytes(buffers[label], parse_dtype(entry["dtype"]), entry["shape"])
+            else:
+                out[label] = out[owner].clone()
         for label, entry in entries.items():
             if "delta" in entry:
                 out[label] = self.read_delta(label, entry)
