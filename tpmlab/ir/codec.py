@@ -16,6 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import SchemaError
+from .ops import named_fields
 from .plan import (
     SCHEMA_VERSION,
     DType,
@@ -80,7 +81,7 @@ def encode_value(value: Any, tensors: dict[str, torch.Tensor] | None = None, dep
     if isinstance(value, Tuple):
         return {"$tuple": [encode_value(v, tensors, depth + 1) for v in value.items]}
     if isinstance(value, tuple):
-        fields = getattr(value, "_fields", None)
+        fields = named_fields(value)
         if fields:  # named tuples (topk, max) come back as dicts of their fields
             return {"$dict": {f: encode_value(getattr(value, f), tensors, depth + 1) for f in fields}}
         return {"$tuple": [encode_value(v, tensors, depth + 1) for v in value]}
@@ -278,7 +279,7 @@ def decode_result(blob: bytes) -> tuple[dict[int, Any], dict[str, Any]]:
 # -- framing ------------------------------------------------------------------------------------
 
 def _pack(doc: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    flat = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    flat = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}  # no shared memory
     return st_save(flat, metadata={"tpmlab": json.dumps(doc, separators=(",", ":"), allow_nan=False)})
 
 

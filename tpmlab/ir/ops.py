@@ -46,14 +46,22 @@ def _method(name: str) -> Callable[..., Any]:
 SAFE_TENSOR_ATTRS = frozenset({"T", "mT", "shape", "ndim", "dtype", "real", "imag", "values", "indices"})
 
 
+def named_fields(x: Any) -> tuple[str, ...] | None:
+    """Field names of a named tuple or a torch structseq (``topk`` -> values, indices)."""
+    if not isinstance(x, tuple):
+        return None
+    return getattr(x, "_fields", None) or getattr(type(x), "__match_args__", None) or None
+
+
 def _getattr(x: Any, name: str) -> Any:
     if isinstance(x, dict):  # ModelOutput is a dict: read the field, never an attribute
         if name not in x:
             raise AttributeError(f"the value has no field {name!r}; it has {sorted(x.keys())}")
         return x[name]
-    if isinstance(x, tuple) and hasattr(x, "_fields"):  # named tuples (topk, max, sort)
-        if name not in x._fields:
-            raise AttributeError(f"the value has no field {name!r}; it has {list(x._fields)}")
+    fields = named_fields(x)
+    if fields:  # named tuples and torch structseqs (topk, max, sort)
+        if name not in fields:
+            raise AttributeError(f"the value has no field {name!r}; it has {list(fields)}")
         return getattr(x, name)
     if name in SAFE_TENSOR_ATTRS and isinstance(x, torch.Tensor):
         return getattr(x, name)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..ir.ops import named_fields
 from ..ir.plan import Plan
 
 
@@ -97,7 +98,7 @@ def _cut(value: Any, layout: BatchLayout, start: int, stop: int, pad: int) -> An
             return type(value)(**cut)
         except TypeError:
             return cut
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    if isinstance(value, tuple) and not named_fields(value):
         return tuple(_cut(v, layout, start, stop, pad) for v in value)
     return value
 

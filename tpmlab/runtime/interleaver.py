@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ExecutionError, PlanError
 from ..ir.model_info import START, ModelInfo
-from ..ir.ops import OPS
+from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
     CALL_MODULE,
     PARAM,
@@ -64,8 +64,9 @@ def host_copy(value: Any, pinned: bool) -> Any:
         return value.detach().clone()
     if isinstance(value, dict):
         return {k: host_copy(v, pinned) for k, v in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(host_copy(v, pinned) for v in value))
+    if named_fields(value):
+        items = [host_copy(v, pinned) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, (list, tuple)):
         return type(value)(host_copy(v, pinned) for v in value)
     return value

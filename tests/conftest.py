@@ -1,0 +1,28 @@
+"""Shared fixtures: the in-process engine and its models, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TPMLAB_HOME", os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                                  ".tpmlab-home"))
+warnings.filterwarnings("ignore", module="nnsight")
+
+TINY_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-gpt-neox"]
+
+
+@pytest.fixture(scope="session")
+def local_lab():
+    import tpmlab
+
+    lab = tpmlab.connect("local")
+    yield lab
+    lab.close()
+
+
+@pytest.fixture(scope="session")
+def default_model(local_lab):
+    return local_lab.model("smollm2-135m")
