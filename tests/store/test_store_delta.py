@@ -72,3 +72,16 @@ def test_delta_errors(store):
     with pytest.raises(ValueError, match="2-D base"):
         store.commit(sd, config={}, message="", parent=v0,
                      deltas={"norm.weight": (torch.randn(16), torch.randn(1))})
+
+
+def test_recommitting_a_stored_version_writes_nothing(store):
+    sd = tiny_state_dict()
+    v0 = store.commit(sd, config={}, message="")
+    u, v = torch.randn(32), torch.randn(16)
+    rest = {k: t for k, t in sd.items() if k != NAME}
+    v1 = store.commit(rest, config={}, message="", parent=v0, deltas={NAME: (u, v)})
+    store.stats.reset()
+    dense = apply_low_rank(sd[NAME], u, v)
+    assert store.commit({**sd, NAME: dense}, config={}, message="dense") == v1
+    assert store.stats.bytes_written == 0
+    assert store.gc().chunks_deleted == 0

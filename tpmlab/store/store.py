@@ -31,7 +31,7 @@ from .manifest import (
 from .reader import Reader, check_dense_entry
 from .refs import check_tag_name, read_tag, resolve
 from .reports import GcReport, VerifyReport
-from .writer import hash_tensor, write_tensor
+from .writer import hash_tensor, write_chunks
 
 Keys = Iterable[str] | Callable[[str], bool] | None
 """Which tensors to load: all (``None``), a list of names, or a predicate on names."""
@@ -204,7 +204,9 @@ class Store:
                 as the factors plus a reference to the parent's entry. If ``name`` is also in
                 ``state_dict`` its value must equal that reconstruction bit for bit.
 
-        Chunks already in the store (from any version or model) are not written again.
+        Everything is hashed before anything is written; chunks already in the store
+        (from any version or model) are not written again, and the manifest is written
+        last, so an interrupted commit leaves at most unreferenced chunks (see ``gc``).
         The same weights and config always give the same digest; committing a version
         that is already stored changes nothing and returns its digest (its first
         parent, message and timestamp are kept).
@@ -219,20 +221,30 @@ class Store:
             raise ValueError(f"deltas ({', '.join(deltas)}) need a parent version to apply to")
         tensors: dict[str, dict[str, Any]] = {}
         with self._pool() as pool:
+            # Hash everything first: a version already stored costs no writes at all.
+            dense = {n: hash_tensor(t, pool) for n, t in state_dict.items() if n not in deltas}
+            factors: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
             if deltas:
                 tensors.update(self._delta_entries(parent_digest, deltas, state_dict, pool))
-            for name, tensor in state_dict.items():
-                if name not in deltas:
-                    tensors[name] = write_tensor(self.backend, tensor, pool, self.stats)
-        tensors = dict(sorted(tensors.items()))
-        digest = version_digest(config, tensors)
-        if not self.backend.exists("manifests", digest):
-            m = make_manifest(config=config, tensors=tensors, parent=parent_digest,
-                              message=message, timestamp=_utc_now())
-            try:
-                self.backend.put("manifests", digest, json.dumps(m, indent=1).encode(), overwrite=False)
-            except FileExistsError:
-                pass  # a concurrent commit of the same version won; same content
+                factors = {n: (hash_tensor(d.u, pool), hash_tensor(d.v, pool)) for n, d in deltas.items()}
+                for n, (u, v) in factors.items():
+                    tensors[n]["delta"]["u"], tensors[n]["delta"]["v"] = u, v
+            tensors.update(dense)
+            tensors = dict(sorted(tensors.items()))
+            digest = version_digest(config, tensors)
+            if self.backend.exists("manifests", digest):
+                return digest
+            for name, entry in dense.items():
+                write_chunks(self.backend, state_dict[name], entry, pool, self.stats)
+            for name, (u, v) in factors.items():
+                write_chunks(self.backend, deltas[name].u, u, pool, self.stats)
+                write_chunks(self.backend, deltas[name].v, v, pool, self.stats)
+        m = make_manifest(config=config, tensors=tensors, parent=parent_digest,
+                          message=message, timestamp=_utc_now())
+        try:
+            self.backend.put("manifests", digest, json.dumps(m, indent=1).encode(), overwrite=False)
+        except FileExistsError:
+            pass  # a concurrent commit of the same version won; same content
         return digest
 
     @staticmethod
@@ -286,8 +298,8 @@ class Store:
             entry["delta"] = {
                 "kind": "lowrank",
                 "base": base_entries[name],
-                "u": write_tensor(self.backend, delta.u, pool, self.stats),
-                "v": write_tensor(self.backend, delta.v, pool, self.stats),
+                "u": None,  # filled in by commit, which writes the factors last
+                "v": None,
             }
             out[name] = entry
         return out

@@ -31,27 +31,38 @@ def hash_tensor(tensor: torch.Tensor, pool: Executor) -> dict[str, Any]:
     return dense_entry(tensor, list(pool.map(hash_bytes, split(data, CHUNK_SIZE))))
 
 
+def write_chunks(
+    backend: Backend, tensor: torch.Tensor, entry: dict[str, Any], pool: Executor, stats: IOStats
+) -> None:
+    """Store the chunks of ``tensor`` (whose dense entry is ``entry``) not already stored."""
+    digests = entry["chunks"]
+    unique = list(dict.fromkeys(digests))
+    present = dict(zip(unique, pool.map(lambda d: backend.exists("chunks", d), unique)))
+    missing = {d for d, ok in present.items() if not ok}
+    sizes = [min(CHUNK_SIZE, entry["nbytes"] - i * CHUNK_SIZE) for i in range(len(digests))]
+    written = set()
+    if missing:
+        jobs = []
+        for digest, chunk in zip(digests, split(tensor_bytes(tensor), CHUNK_SIZE)):
+            if digest in missing and digest not in written:
+                written.add(digest)
+                jobs.append((digest, chunk))
+
+        def put(item: tuple[str, memoryview]) -> None:
+            backend.put("chunks", item[0], item[1])
+
+        for _ in pool.map(put, jobs):
+            pass
+    n_written = sum(sizes[digests.index(d)] for d in written)
+    stats.add(chunks_written=len(written), bytes_written=n_written,
+              chunks_deduplicated=len(digests) - len(written),
+              bytes_deduplicated=int(entry["nbytes"]) - n_written)
+
+
 def write_tensor(
     backend: Backend, tensor: torch.Tensor, pool: Executor, stats: IOStats
 ) -> dict[str, Any]:
     """Store ``tensor``'s chunks (skipping those already stored); return its dense entry."""
-    dtype_name(tensor.dtype)  # reject unsupported dtypes before any write
-    chunks = list(split(tensor_bytes(tensor), CHUNK_SIZE))
-    digests = list(pool.map(hash_bytes, chunks))
-    first = {d: c for d, c in reversed(list(zip(digests, chunks)))}  # a repeated chunk once
-
-    def put(item: tuple[str, memoryview]) -> None:
-        digest, chunk = item
-        if backend.exists("chunks", digest):
-            stats.add(chunks_deduplicated=1, bytes_deduplicated=len(chunk))
-        else:
-            backend.put("chunks", digest, chunk)
-            stats.add(chunks_written=1, bytes_written=len(chunk))
-
-    for _ in pool.map(put, first.items()):
-        pass
-    repeats = len(chunks) - len(first)
-    if repeats:
-        stats.add(chunks_deduplicated=repeats,
-                  bytes_deduplicated=sum(len(c) for c in chunks) - sum(len(c) for c in first.values()))
-    return dense_entry(tensor, digests)
+    entry = hash_tensor(tensor, pool)
+    write_chunks(backend, tensor, entry, pool, stats)
+    return entry
