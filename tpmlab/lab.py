@@ -43,13 +43,16 @@ class Lab:
 
 
 def connect(address: str | None = None, **options: Any) -> Lab:
-    """Connect to an engine.
+    """Connect to an engine; every engine gives the same :class:`Lab` API.
 
-    ``connect()`` / ``connect("local")``: models run in this process.
-    ``connect("tcp://host:port")``: a Dask scheduler whose workers hold pipeline stages.
+    ``connect()``: start an embedded Dask ``LocalCluster`` of worker processes sized to
+    this machine; ``lab.model(name, stages=N)`` splits a model over N of them.
+    ``connect("tcp://host:port")``: attach to a running Dask scheduler whose workers
+    hold the pipeline stages (see docs/hpc.md).
+    ``connect("local")``: models run whole in this process (no cluster).
     """
-    if address in (None, "local"):
+    if address == "local":
         return Lab(LocalBackend(**options))
-    from .cluster import DaskBackend  # noqa: F401  (the sharded engine)
+    from .cluster import DaskBackend  # the sharded engine
 
     return Lab(DaskBackend(address, **options))

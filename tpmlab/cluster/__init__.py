@@ -1,0 +1,13 @@
+"""Sharded execution on Dask: pipeline stages held by worker-side actors.
+
+``DaskBackend`` deploys a model as stages (:mod:`.partition`, :mod:`.placement`),
+runs plans through them (:mod:`.actor`, :mod:`.stage`), shares deployments between
+clients (:mod:`.registry`) and starts the embedded cluster (:mod:`.embedded`).
+"""
+
+from .backend import DaskBackend, Deployment
+from .errors import DeploymentError, StageLostError
+from .placement import Slot, place_stages
+
+__all__ = ["DaskBackend", "Deployment", "DeploymentError", "Slot", "StageLostError",
+           "place_stages"]

@@ -1,0 +1,343 @@
+"""The Dask actor that holds one pipeline stage on its worker.
+
+A request travels down the chain of stage actors, each calling the next one's
+:meth:`StageActor.step` directly from its own worker (no hop through the client
+or the scheduler); the reply travels back the same way and carries only the
+plan's saved values and, while generating, the next tokens.
+
+* Stage 0's :meth:`StageActor.run` is the entry point: it decodes and validates
+  the plan, builds the padded batch and drives the steps (one for a trace, one per
+  token for a generation, then a :meth:`finish` down the chain).
+* Every stage keeps a request's state (its :class:`PlanRunner`, the KV cache while
+  generating) keyed by request id, and drops it when the request ends, fails or is
+  aborted; a failing request never leaves state behind for the next one.
+* Methods are coroutines, so a stage's event loop is free while it waits on the
+  next stage; the compute runs in one thread per stage. Two stages may therefore
+  share a worker without blocking each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..errors import ExecutionError, PlanError, RequestTimeoutError
+from ..ir.codec import decode_plan, encode_result
+from ..ir.model_info import START, ModelInfo
+from ..ir.plan import Plan
+from ..ir.schedule import Schedule, build_schedule
+from ..ir.validate import Limits, validate
+from ..runtime.batching import BatchLayout, build_batch
+from ..runtime.engine import GENERATED, plan_digest
+from ..runtime.interleaver import PlanRunner
+from .partition import StageSpan
+from .stage import StageModel
+from .wire import from_wire, to_wire
+
+
+@dataclass
+class _Request:
+    """One request's state on one stage."""
+
+    plan: Plan
+    runner: PlanRunner
+    layout: BatchLayout
+    generate: bool
+    cache: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _await_within(awaitable: Any, deadline: float, what: str) -> Any:
+    """Await ``awaitable`` until the monotonic ``deadline``; past it, a RequestTimeoutError."""
+
+    async def wait() -> Any:
+        return await awaitable
+
+    left = deadline - time.monotonic()
+    try:
+        return await asyncio.wait_for(wait(), timeout=max(left, 0.001))
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"{what} did not answer before the request's deadline") from None
+
+
+class StageActor:
+    """Stage ``spec["index"]`` of a deployment; created with ``client.submit(StageActor, spec,
+    actor=True, workers=[address])``.
+
+    ``spec``: ``model`` (name), ``index``, ``n_stages``, ``first``/``last`` (decoder
+    layers), ``device``, ``dtype``, optional ``threads`` (torch threads; default the
+    machine's cores, since the stages of one request run one after another).
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from ..models import resolve
+
+        self.spec = spec
+        torch.set_num_threads(int(spec.get("threads") or os.cpu_count() or 1))
+        self.device = torch.device(spec["device"])
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = getattr(torch, spec["dtype"])
+        self.span = StageSpan(index=spec["index"], n_stages=spec["n_stages"], first=spec["first"],
+                              last=spec["last"], nbytes=spec.get("nbytes", 0))
+        self.source = resolve(spec["model"])
+        self.stage = StageModel(self.source, self.span, device=self.device, dtype=self.dtype)
+        self.events, self.shapes = self.stage.probe()
+        self.limits = Limits(**spec.get("limits", {}))
+        self.next: Any = None  # the next stage's Actor handle
+        self.info: ModelInfo | None = None
+        self.owned: range | None = None
+        self.requests: dict[str, _Request] = {}
+        self._meta: dict[str, torch.nn.Module] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
+        tok = self.stage.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # -- set-up ------------------------------------------------------------------------------------
+    async def describe(self) -> dict[str, Any]:
+        """What the deployment needs to know: events, shapes, bytes held, where."""
+        return {"events": self.events, "shapes": self.shapes, "nbytes": self.stage.nbytes,
+                "device": str(self.device), "pid": os.getpid(), "version": self.stage.version,
+                "family": self.source.adapter.family}
+
+    async def link(self, next_stage: Any, info: dict[str, Any]) -> None:
+        """Set the next stage's actor (``None`` on the last stage) and the model's info."""
+        self.next = next_stage
+        self.info = ModelInfo.from_dict(info)
+        k = self.span.index
+        starts = self.info.stage_starts
+        stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
+        self.owned = range(START if k == 0 else starts[k], stop)
+
+    async def ping(self) -> int:
+        return self.span.index
+
+    async def memory(self) -> dict[str, int]:
+        """This worker process's memory: resident and peak resident bytes, stage bytes."""
+        import psutil
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
+               "stage_bytes": self.stage.nbytes, "requests": len(self.requests)}
+        if self.device.type == "cuda":
+            out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
+        return out
+
+    async def abort(self, req: str) -> None:
+        """Drop a request's state here and on every later stage (after a failure elsewhere)."""
+        self.requests.pop(req, None)
+        if self.next is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_await_within(self.next.abort(req), time.monotonic() + 5,
+                                                     "the next stage"), 6)
+
+    # -- compute -----------------------------------------------------------------------------------
+    async def _compute(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _meta_modules(self) -> dict[str, torch.nn.Module]:
+        if self._meta is None:
+            self._meta = dict(self.source.meta_model().named_modules())
+        return self._meta
+
+    def _new_request(self, plan: Plan, schedule: Schedule, layout: BatchLayout,
+                     generate: bool) -> _Request:
+        runner = PlanRunner(plan, self.info, schedule, layout,
+                            module_lookup=self.stage.modules.__getitem__, device=self.device,
+                            owned=self.owned)
+        return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
+                        cache=self.stage.new_cache() if generate else None)
+
+    def _forward(self, st: _Request, msg: dict[str, Any]) -> dict[str, Any]:
+        """One step of this stage (runs in the stage's thread). Returns the message for the
+        next stage, or on the last stage the reply (next tokens while generating)."""
+        runner, step = st.runner, msg["step"]
+        runner.env.update(from_wire(msg["carry"], self.device))
+        mask = msg["attention_mask"].to(self.device)
+        pos = msg["position_ids"].to(self.device)
+        runner.begin_step(step)
+        try:
+            with torch.inference_mode(), runner.hooks():
+                if self.span.is_first:
+                    out = self.stage.forward(attention_mask=mask, position_ids=pos, cache=st.cache,
+                                             input_ids=_dev(msg.get("input_ids"), self.device),
+                                             inputs_embeds=_dev(msg.get("inputs_embeds"),
+                                                                self.device),
+                                             logits_to_keep=1 if st.generate else 0)
+                else:
+                    out = self.stage.forward(hidden=from_wire(msg["hidden"], self.device),
+                                             attention_mask=mask, position_ids=pos, cache=st.cache,
+                                             logits_to_keep=1 if st.generate else 0)
+        except torch.OutOfMemoryError as e:
+            raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
+        if self.span.is_last:
+            reply: dict[str, Any] = {}
+            if st.generate:
+                reply["tokens"] = self._next_tokens(st, out.logits[:, -1, :], msg).cpu()
+            return reply
+        last_event = self.owned.stop - 1
+        return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
+                                                          "inputs_embeds")},
+                "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event))}
+
+    def _next_tokens(self, st: _Request, logits: torch.Tensor, msg: dict[str, Any]) -> torch.Tensor:
+        """Greedy or sampled next tokens ``[batch]`` from the last position's logits ``[batch, vocab]``."""
+        opts = st.plan.generate
+        if not opts.do_sample:
+            return logits.argmax(-1)
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        if msg["step"] == 0 and opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        scores = logits.float()
+        if opts.temperature is not None and opts.temperature != 1.0:
+            scores = TemperatureLogitsWarper(opts.temperature)(None, scores)
+        if opts.top_k:
+            scores = TopKLogitsWarper(opts.top_k)(None, scores)
+        if opts.top_p is not None and opts.top_p < 1.0:
+            scores = TopPLogitsWarper(opts.top_p)(None, scores)
+        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
+
+    def _finish(self, st: _Request, steps_run: int) -> dict[int, Any]:
+        st.runner.check_complete(steps_run)
+        return to_wire(st.runner.results())
+
+    # -- the chain ---------------------------------------------------------------------------------
+    async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Run one step here, hand it to the next stage, and return the reply with this
+        stage's saves added when ``msg["final"]``."""
+        req = msg["req"]
+        deadline = time.monotonic() + msg["timeout"]
+        try:
+            st = self.requests.get(req)
+            if st is None:
+                if msg["step"] != 0:
+                    raise ExecutionError(f"stage {self.span.index} has no state for this request "
+                                         "(its worker was restarted?)")
+                plan = decode_plan(msg["plan"])
+                schedule = build_schedule(plan, self.info)
+                st = self._new_request(plan, schedule, msg["layout"], msg["generate"])
+                self.requests[req] = st
+            out = await self._compute(self._forward, st, msg)
+            if self.next is not None:
+                out["timeout"] = deadline - time.monotonic()
+                reply = await _await_within(self.next.step(out), deadline,
+                                            f"stage {self.span.index + 1}")
+            else:
+                reply = {**out, "saves": {}}
+            if msg.get("final"):
+                reply["saves"].update(await self._compute(self._finish, st, 1))
+                self.requests.pop(req, None)
+            return reply
+        except BaseException:
+            self.requests.pop(req, None)
+            raise
+
+    async def finish(self, req: str, steps_run: int, timeout: float) -> dict[int, Any]:
+        """End a generation: check every node ran, collect saves from here and later stages,
+        free the KV caches."""
+        deadline = time.monotonic() + timeout
+        st = self.requests.pop(req, None)
+        if st is None:
+            raise ExecutionError(f"stage {self.span.index} has no state for this request")
+        saves = await self._compute(self._finish, st, steps_run)
+        if self.next is not None:
+            saves.update(await _await_within(self.next.finish(req, steps_run, timeout), deadline,
+                                             f"stage {self.span.index + 1}"))
+        return saves
+
+    async def run(self, blob: bytes, req: str, timeout: float) -> bytes:
+        """Stage 0 only: run a plan blob through the pipeline; returns the result blob."""
+        try:
+            result = await self._run(blob, req, timeout)
+        except BaseException:
+            await self.abort(req)
+            raise
+        return result
+
+    async def _run(self, blob: bytes, req: str, timeout: float) -> bytes:
+        start = time.perf_counter()
+        deadline = time.monotonic() + timeout
+        plan = decode_plan(blob, max_bytes=self.limits.max_constant_bytes + 64 * 2**20)
+        if plan.model != self.spec["model"]:
+            raise PlanError(f"the plan is for model {plan.model!r}, this deployment holds "
+                            f"{self.spec['model']!r}")
+        validate(plan, self.info, limits=self.limits, meta_module=self._meta_modules().get)
+        kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
+                                     embed_dtype=self.dtype)
+        generate = plan.mode != "trace"
+        base = {"req": req, "plan": blob, "layout": layout, "generate": generate, "carry": {},
+                "attention_mask": kwargs["attention_mask"],
+                "position_ids": kwargs["position_ids"]}
+        values: dict[int, Any] = {}
+
+        def left() -> float:
+            return deadline - time.monotonic()
+
+        if not generate:
+            msg = {**base, "step": 0, "final": True, "timeout": left(),
+                   "input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
+            reply = await self.step(msg)
+            saves = reply["saves"]
+        else:
+            values[GENERATED], saves = await self._generate(plan, base, kwargs, layout, left)
+        values.update(from_wire(saves))
+        meta = {"model": self.spec["model"], "model_version": self.info.version,
+                "plan_digest": plan_digest(plan), "tpmlab_version": __version__,
+                "compute_seconds": time.perf_counter() - start, "device": str(self.device),
+                "stages": self.span.n_stages}
+        return encode_result(values, meta)
+
+    async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
+                        layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], dict]:
+        """Greedy (or sampled) decoding with each stage's KV cache kept on its worker,
+        as Hugging Face ``generate`` does it: finished rows continue with the pad token,
+        and decoding stops when every row has produced an end-of-sequence token."""
+        opts = plan.generate
+        eos = self.stage.model.generation_config.eos_token_id
+        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+        mask = kwargs["attention_mask"]
+        pos = kwargs["position_ids"]
+        rows = mask.shape[0]
+        unfinished = torch.ones(rows, dtype=torch.long)
+        new_tokens: list[torch.Tensor] = []
+        msg = {**base, "step": 0, "final": False, "input_ids": kwargs.get("input_ids"),
+               "inputs_embeds": kwargs.get("inputs_embeds")}
+        steps = 0
+        for step in range(opts.max_new_tokens):
+            msg["timeout"] = left()
+            reply = await self.step(msg)
+            steps += 1
+            tokens = reply["tokens"]
+            if len(eos_ids):
+                tokens = tokens * unfinished + self.pad_id * (1 - unfinished)
+                unfinished = unfinished & ~torch.isin(tokens, eos_ids)
+            new_tokens.append(tokens)
+            if len(eos_ids) and int(unfinished.max()) == 0:
+                break
+            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+            msg = {"req": base["req"], "step": step + 1, "final": False, "generate": True,
+                   "layout": layout, "carry": {}, "attention_mask": mask, "position_ids": pos,
+                   "input_ids": tokens[:, None]}
+        saves = await self.finish(base["req"], steps, left())
+        out = torch.stack(new_tokens, dim=1)
+        if "input_ids" in kwargs:
+            ids = kwargs["input_ids"]
+            lengths = [n for ls in layout.lengths for n in ls]
+            return [torch.cat([ids[i, ids.shape[1] - n:], out[i]]) for i, n in enumerate(lengths)], saves
+        return [out[i] for i in range(rows)], saves
+
+
+def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)

@@ -1,0 +1,355 @@
+"""``DaskBackend``: the :class:`~tpmlab.runtime.backend.Backend` that runs plans on
+pipeline stages held by Dask workers.
+
+* ``deploy`` splits the model's layers into stages balanced by parameter bytes
+  (:mod:`.partition`), places one actor per stage (:mod:`.placement`: one stage per
+  GPU on workers with a ``GPU`` resource, else CPU workers), each loading only its
+  own weights, links each stage to the next, and publishes the deployment on the
+  scheduler (:mod:`.registry`) so other clients attach to it.
+* ``run`` hands the plan bytes to stage 0's actor; hidden states go from stage to
+  stage directly (:mod:`.actor`) and only the result bytes come back.
+* Faults: if a stage's worker dies during a request, the request fails with
+  :class:`StageLostError` (it is not retried: a plan may have side effects the user
+  wants to see once, and a retry would hide a flapping worker); before raising, the
+  lost stages are loaded again on live workers and relinked, so the next request
+  works. Every wait has a deadline and raises
+  :class:`~tpmlab.errors.RequestTimeoutError` naming what did not answer.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from distributed import Client, Future
+
+from ..errors import ExecutionError, PlanError, RequestTimeoutError
+from ..ir.codec import dtype_name
+from ..ir.model_info import START, ModelInfo
+from ..ir.validate import Limits
+from . import registry
+from .actor import StageActor
+from .embedded import start_local_cluster
+from .errors import DeploymentError, StageLostError
+from .partition import StageSpan, part_bytes, split_layers
+from .placement import Slot, gpu_count, place_stages
+
+SETUP_TIMEOUT = 300.0  # seconds to load one stage's weights and answer
+POLL = 1.0  # seconds between liveness checks while a request runs
+
+
+def _worker_addresses(dask_scheduler: Any) -> list[str]:
+    return list(dask_scheduler.workers)
+
+
+@dataclass
+class Deployment:
+    """One model's stages as this client sees them."""
+
+    key: str
+    info: ModelInfo
+    futures: list[Future]
+    actors: list[Any]
+    slots: list[Slot]
+    spans: list[StageSpan]
+    specs: list[dict[str, Any]]
+    owner: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class DaskBackend:
+    """Runs plans on a model split into pipeline stages over Dask workers.
+
+    ``address``: a scheduler (``"tcp://host:port"``), or ``None`` to start an embedded
+    :class:`distributed.LocalCluster` of worker processes sized to this machine
+    (``n_workers`` and other ``LocalCluster`` options may be given). ``client``: use an
+    existing :class:`distributed.Client` instead. ``timeout``: default seconds a request
+    may take. ``threads``: torch threads per stage (default: the worker's cores).
+    """
+
+    def __init__(self, address: str | None = None, *, client: Client | None = None,
+                 n_workers: int | None = None, timeout: float = 600.0,
+                 connect_timeout: float = 60.0, threads: int | None = None,
+                 limits: Limits = Limits(), **cluster_options: Any) -> None:
+        self.cluster = None
+        if client is not None:
+            self.client = client
+            self._own_client = False
+        else:
+            if address is None:
+                self.cluster = start_local_cluster(n_workers, **cluster_options)
+                address = self.cluster
+            self.client = Client(address, timeout=connect_timeout)
+            self._own_client = True
+        self.timeout = timeout
+        self.threads = threads
+        self.limits = limits
+        self.deployments: dict[str, Deployment] = {}
+
+    # -- cluster facts -----------------------------------------------------------------------------
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """The scheduler's live workers: ``{address: {"resources": ..., ...}}``."""
+        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+
+    def live_addresses(self) -> set[str]:
+        return set(self.client.run_on_scheduler(_worker_addresses))
+
+    # -- deploy ------------------------------------------------------------------------------------
+    def deploy(self, name: str, *, stages: int | None = None, dtype: str | torch.dtype | None = None,
+               **options: Any) -> ModelInfo:
+        """Deploy ``name`` as ``stages`` pipeline stages (default 1), or attach to the cluster's
+        existing deployment of the same model and version. Returns its :class:`ModelInfo`."""
+        if name in self.deployments:
+            return self.deployments[name].info
+        from ..models import resolve
+
+        source = resolve(name)
+        key = registry.deployment_key(name, source.version)
+        lock = registry.deploy_lock(self.client, key)
+        if not lock.acquire(timeout=SETUP_TIMEOUT):
+            raise RequestTimeoutError(f"another client has been deploying {name} for over "
+                                      f"{SETUP_TIMEOUT:.0f}s")
+        try:
+            record = registry.lookup(self.client, key)
+            if record is not None:
+                dep = self._attach(key, record, owner=False)
+            else:
+                dep = self._deploy_new(name, source, key, stages or 1, dtype)
+        finally:
+            lock.release()
+        self.deployments[name] = dep
+        return dep.info
+
+    def _attach(self, key: str, record: dict[str, Any], *, owner: bool) -> Deployment:
+        futures = record["futures"]
+        actors = [_result(f, SETUP_TIMEOUT, "a stage of the published deployment") for f in futures]
+        return Deployment(key=key, info=ModelInfo.from_dict(record["info"]), futures=futures,
+                          actors=actors, slots=[Slot(*s) for s in record["slots"]],
+                          spans=[StageSpan(**s) for s in record["spans"]], specs=record["specs"],
+                          owner=owner)
+
+    def _deploy_new(self, name: str, source: Any, key: str, n_stages: int,
+                    dtype: str | torch.dtype | None) -> Deployment:
+        workers = self.workers()
+        on_gpu = any(gpu_count(w) for w in workers.values())
+        if dtype is None:
+            dtype = torch.bfloat16 if on_gpu else torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        layer_bytes, first, last = part_bytes(source.meta_model(), source.adapter, dtype)
+        try:
+            spans = split_layers(layer_bytes, first, last, n_stages)
+        except ValueError as e:
+            raise DeploymentError(f"{name}: {e}") from None
+        taken = [Slot(*s) for rec in registry.all_records(self.client).values()
+                 for s in rec["slots"]]
+        slots = place_stages(workers, n_stages, taken=taken)
+        specs = [self._spec(name, span, slot, dtype) for span, slot in zip(spans, slots)]
+        futures = [self._submit(spec, slot) for spec, slot in zip(specs, slots)]
+        try:
+            actors = [_result(f, SETUP_TIMEOUT, f"loading stage {i} of {name}")
+                      for i, f in enumerate(futures)]
+            described = [_result(a.describe(), SETUP_TIMEOUT, f"stage {i} of {name}")
+                         for i, a in enumerate(actors)]
+        except Exception as e:
+            for f in futures:
+                f.release()
+            if isinstance(e, RequestTimeoutError):
+                raise
+            raise DeploymentError(f"could not load {name} as {n_stages} stages: "
+                                  f"{type(e).__name__}: {e}") from e
+        info = self._model_info(name, source, dtype, described, slots, spans)
+        dep = Deployment(key=key, info=info, futures=futures, actors=actors, slots=slots,
+                         spans=spans, specs=specs, owner=True)
+        self._link(dep, range(n_stages))
+        self._publish(dep)
+        return dep
+
+    def _spec(self, name: str, span: StageSpan, slot: Slot, dtype: torch.dtype) -> dict[str, Any]:
+        return {"model": name, "index": span.index, "n_stages": span.n_stages, "first": span.first,
+                "last": span.last, "nbytes": span.nbytes, "device": slot.device,
+                "dtype": dtype_name(dtype), "threads": self.threads,
+                "limits": {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}}
+
+    def _submit(self, spec: dict[str, Any], slot: Slot) -> Future:
+        return self.client.submit(StageActor, spec, actor=True, workers=[slot.worker],
+                                  allow_other_workers=False, pure=False,
+                                  key=f"tpmlab-stage{spec['index']}-{spec['model']}-"
+                                      f"{uuid.uuid4().hex[:8]}")
+
+    @staticmethod
+    def _model_info(name: str, source: Any, dtype: torch.dtype, described: list[dict[str, Any]],
+                    slots: list[Slot], spans: list[StageSpan]) -> ModelInfo:
+        events: list[str] = []
+        shapes: dict[str, Any] = {}
+        starts = []
+        for i, d in enumerate(described):
+            starts.append(START if i == 0 else len(events))
+            events += d["events"]
+            shapes.update(d["shapes"])
+        meta = source.meta_model(dtype)
+        params = {n: [list(p.shape), dtype_name(p.dtype)] for n, p in meta.named_parameters()}
+        return ModelInfo(name=name, version=described[0]["version"], family=described[0]["family"],
+                         dtype=dtype_name(dtype), events=events, shapes=shapes,
+                         modules=[n for n, _ in meta.named_modules()], params=params,
+                         stage_starts=starts, stage_workers=[s.worker for s in slots],
+                         extra={"stage_layers": [[s.first, s.last] for s in spans],
+                                "stage_devices": [s.device for s in slots],
+                                "stage_bytes": [d["nbytes"] for d in described]})
+
+    def _link(self, dep: Deployment, stages: range | list[int]) -> None:
+        info = dep.info.to_dict()
+        calls = []
+        for k in sorted(set(stages)):
+            nxt = dep.actors[k + 1] if k + 1 < len(dep.actors) else None
+            calls.append((k, dep.actors[k].link(nxt, info)))
+        for k, call in calls:
+            _result(call, SETUP_TIMEOUT, f"linking stage {k}")
+
+    def _publish(self, dep: Deployment) -> None:
+        registry.publish(self.client, dep.key, {
+            "futures": dep.futures, "info": dep.info.to_dict(),
+            "slots": [[s.worker, s.device] for s in dep.slots],
+            "spans": [asdict(s) for s in dep.spans], "specs": dep.specs})
+
+    # -- run ---------------------------------------------------------------------------------------
+    def deployment(self, name: str) -> Deployment:
+        if name not in self.deployments:
+            raise LookupError(f"model {name!r} is not deployed here; deployed: "
+                              f"{sorted(self.deployments)}")
+        return self.deployments[name]
+
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
+        """Run plan bytes on ``model``'s stages; returns result bytes.
+
+        Raises the plan's own errors (:class:`PlanError`, :class:`ExecutionError`),
+        :class:`StageLostError` when a stage's worker died (the deployment is healed
+        before it is raised) or :class:`RequestTimeoutError` after ``timeout`` seconds.
+        """
+        dep = self.deployment(model)
+        timeout = timeout or self.timeout
+        req = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        try:
+            future = dep.actors[0].run(plan, req, timeout)
+        except RuntimeError as e:  # "Worker holding Actor was lost"
+            self._fail_lost(dep, e)
+        while True:
+            try:
+                return future.result(timeout=max(0.001, min(POLL, deadline - time.monotonic())))
+            except (FuturesTimeout, TimeoutError):
+                if time.monotonic() >= deadline:
+                    self._abort(dep, req)
+                    raise RequestTimeoutError(
+                        f"the request on {model} ran past its timeout of {timeout:.0f}s "
+                        "(pass a larger timeout= to trace/generate)") from None
+                if self._lost_stages(dep):
+                    self._fail_lost(dep, None)
+            except (PlanError, ExecutionError, RequestTimeoutError):
+                raise
+            except Exception as e:  # a lost worker shows up as a comm or actor error
+                if self._lost_stages(dep):
+                    self._fail_lost(dep, e)
+                raise
+
+    def _abort(self, dep: Deployment, req: str) -> None:
+        try:
+            dep.actors[0].abort(req).result(timeout=10)
+        except Exception:
+            pass
+
+    # -- faults ------------------------------------------------------------------------------------
+    def _lost_stages(self, dep: Deployment) -> list[int]:
+        live = self.live_addresses()
+        return [k for k, s in enumerate(dep.slots) if s.worker not in live]
+
+    def _fail_lost(self, dep: Deployment, cause: BaseException | None) -> None:
+        lost = self._lost_stages(dep)
+        names = ", ".join(f"stage {k} (layers {dep.spans[k].first}-{dep.spans[k].last}) on "
+                          f"{dep.slots[k].worker}" for k in lost) or "a stage"
+        try:
+            self.heal(dep.info.name)
+            healed = "the stages were loaded again on live workers; run the request again"
+        except Exception as e:  # keep the original failure visible
+            healed = f"re-placing the stages failed too ({type(e).__name__}: {e})"
+        raise StageLostError(f"{names} lost its worker during the request; {healed}") from cause
+
+    def heal(self, name: str) -> list[int]:
+        """Load the stages whose workers are gone again on live workers and relink the chain.
+
+        If another client already healed the deployment, adopt its stages. Returns the
+        indices of the stages that were re-placed here.
+        """
+        dep = self.deployment(name)
+        lock = registry.deploy_lock(self.client, dep.key)
+        if not lock.acquire(timeout=SETUP_TIMEOUT):
+            raise RequestTimeoutError(f"could not lock deployment {dep.key} to heal it")
+        try:
+            record = registry.lookup(self.client, dep.key)
+            if record is not None and [f.key for f in record["futures"]] != [f.key for f in dep.futures]:
+                dep = self.deployments[name] = self._attach(dep.key, record, owner=dep.owner)
+            lost = self._lost_stages(dep)
+            if not lost:
+                return []
+            live = self.live_addresses()
+            workers = {a: w for a, w in self.workers().items() if a in live}
+            keep = [s for k, s in enumerate(dep.slots) if k not in lost]
+            for k in lost:
+                slot = place_stages(workers, 1, taken=keep)[0]
+                spec = {**dep.specs[k], "device": slot.device}
+                old = dep.futures[k]
+                dep.futures[k] = self._submit(spec, slot)
+                dep.actors[k] = _result(dep.futures[k], SETUP_TIMEOUT, f"re-loading stage {k}")
+                dep.slots[k], dep.specs[k] = slot, spec
+                keep.append(slot)
+                old.release()
+            dep.info.stage_workers = [s.worker for s in dep.slots]
+            dep.info.extra["stage_devices"] = [s.device for s in dep.slots]
+            self._link(dep, sorted({j for k in lost for j in (k - 1, k) if j >= 0}))
+            self._publish(dep)
+            return lost
+        finally:
+            lock.release()
+
+    # -- tear down ---------------------------------------------------------------------------------
+    def memory(self, name: str) -> list[dict[str, int]]:
+        """Per stage: its worker's resident and peak resident bytes and the stage's bytes."""
+        dep = self.deployment(name)
+        return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.slots[k].worker}
+                for k, a in enumerate(dep.actors)]
+
+    def undeploy(self, name: str) -> None:
+        """Drop this client's hold on ``name``; the owner also removes it from the cluster
+        (its actors, and their memory, go once no client holds them)."""
+        dep = self.deployments.pop(name, None)
+        if dep is None:
+            return
+        if dep.owner:
+            record = registry.lookup(self.client, dep.key)
+            if record is not None and [f.key for f in record["futures"]] == [f.key for f in dep.futures]:
+                registry.unpublish(self.client, dep.key)
+        for f in dep.futures:
+            f.release()
+        dep.actors.clear()
+
+    def close(self) -> None:
+        for name in list(self.deployments):
+            try:
+                self.undeploy(name)
+            except Exception:
+                pass
+        if self._own_client:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def _result(future: Any, timeout: float, what: str) -> Any:
+    try:
+        return future.result(timeout=timeout)
+    except (FuturesTimeout, TimeoutError):
+        raise RequestTimeoutError(f"{what} did not answer within {timeout:.0f}s") from None

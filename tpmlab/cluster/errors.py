@@ -1,0 +1,17 @@
+"""Errors of the sharded engine: each names the stage, its layers and its worker."""
+
+from __future__ import annotations
+
+from ..errors import ExecutionError, TpmlabError
+
+
+class DeploymentError(TpmlabError):
+    """A model could not be placed on the cluster (too few workers or GPUs, a stage failed to load)."""
+
+
+class StageLostError(ExecutionError):
+    """A stage's worker died while a request ran on it.
+
+    The request failed; the deployment has already been healed (the lost stages were
+    loaded again on live workers), so running the request again works.
+    """
