@@ -1,0 +1,122 @@
+"""Pieces several lenses share: tokenizing on the client, reading the residual
+stream inside a trace, and the per-cell statistics of a vocabulary projection
+computed on the engine.
+
+Everything here uses only the public tracing API, so it runs the same way on
+the in-process engine and on pipeline stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def token_ids(model: Any, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A prompt as a 1-D ``long`` tensor of token ids (text is tokenized on the client)."""
+    if isinstance(prompt, str):
+        return torch.tensor(model.tokenizer(prompt)["input_ids"], dtype=torch.long)
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"one prompt at a time: expected token ids [pos], got {tuple(ids.shape)}")
+    return ids
+
+
+def token_strings(model: Any, ids: torch.Tensor | Sequence[int]) -> list[str]:
+    """Each token id decoded on its own (for axis labels and tables)."""
+    return [model.tokenizer.decode([int(i)]) for i in torch.as_tensor(ids).reshape(-1)]
+
+
+def layer_list(model: Any, layers: Sequence[int] | None) -> list[int]:
+    """Layer indices ``0..n_layers-1`` (negative ones count from the end), checked."""
+    n = model.adapter.n_layers
+    chosen = range(n) if layers is None else layers
+    out = []
+    for i in chosen:
+        if not -n <= int(i) < n:
+            raise IndexError(f"layer {i} out of range: the model has {n} layers")
+        out.append(int(i) % n)
+    return out
+
+
+def first(value: Any) -> Any:
+    """The main tensor of a module output: ``output[0]`` of an attention module's
+    ``(attn_output, attn_weights)`` tuple (Hugging Face, transformers 5)."""
+    return value[0]
+
+
+def attn_output_is_tuple(model: Any, layer: int) -> bool:
+    """Whether layer ``layer``'s attention module returns a tuple (from the model's shapes)."""
+    path = f"{model.adapter.layer_path(layer)}.{model.adapter.attn}"
+    shape = model.info.shapes.get(f"{path}:output")
+    return isinstance(shape, dict) and "$tuple" in shape
+
+
+def residual_rows(model: Any, layers: Sequence[int], include_input: bool) -> tuple[list[Any], list[str]]:
+    """Inside a trace: the residual-stream values ``[1, pos, d_model]`` the lens reads, and
+    their labels. ``"input"`` is the residual entering layer 0 (embeddings, plus learned
+    position embeddings where the model has them); ``"i"`` is the output of layer ``i``."""
+    rows, labels = [], []
+    if include_input:
+        rows.append(model.layers[0].input)
+        labels.append("input")
+    for i in layers:
+        rows.append(model.layers[i].output)
+        labels.append(str(i))
+    return rows, labels
+
+
+def vocab_statistics(model: Any, hidden: Any, final_logits: Any, *, top_k: int,
+                     positions: torch.Tensor, keep_logits: bool = False,
+                     translate: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Record, inside a trace, the statistics of decoding ``hidden`` with the model's head.
+
+    ``hidden``: proxy ``[R, P, d_model]`` (R lens rows); ``final_logits``: proxy ``[P, vocab]``,
+    the model's own output; ``positions``: ``arange(P)``. With ``translate`` (tuned lens),
+    ``hidden`` is first mapped by it. For each row ``r`` and position ``p``::
+
+        z_r     = unembed(final_norm(translate(h_r)))             lens logits [vocab]
+        q_r     = softmax(z_r),  p_F = softmax(final logits)
+        kl      = KL(p_F || q_r) = sum_v p_F(v) (log p_F(v) - log q_r(v))     nats
+        entropy = H(q_r) = -sum_v q_r(v) log q_r(v)                           nats
+        target  = argmax_v p_F(v)                                  the model's top-1 token
+        target_prob = q_r(target);  target_rank = 1 + #{v : z_r(v) > z_r(target)}
+
+    Returns saved proxies: ``top_probs``/``top_ids`` ``[R, P, top_k]``, ``kl``, ``entropy``,
+    ``target_prob``, ``target_rank`` ``[R, P]``, ``target_ids`` ``[P]`` and, with
+    ``keep_logits``, ``logits`` ``[R, P, vocab]`` (the only full-vocabulary value saved).
+    """
+    h = hidden.float()
+    if translate is not None:
+        h = translate(h)
+    logits = model.unembed(model.final_norm(h)).float()
+    logq = logits.log_softmax(-1)
+    final = final_logits.float()
+    logp_final = final.log_softmax(-1)
+    kl = (logp_final.exp() * (logp_final - logq)).sum(-1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    top = logq.topk(top_k, dim=-1)  # (values, indices); read by index, see tests/lenses
+    target = final.argmax(-1)
+    target_logit = logits[:, positions, target]
+    rank = (logits > target_logit.unsqueeze(-1)).sum(-1) + 1
+    out = {
+        "top_probs": top[0].exp().save(),
+        "top_ids": top[1].save(),
+        "kl": kl.save(),
+        "entropy": entropy.save(),
+        "target_prob": logq[:, positions, target].exp().save(),
+        "target_rank": rank.save(),
+        "target_ids": target.save(),
+    }
+    if keep_logits:
+        out["logits"] = logits.save()
+    return out
+
+
+def values(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The ``.value`` of each saved proxy, after the trace ran."""
+    return {k: v.value for k, v in saved.items()}
