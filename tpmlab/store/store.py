@@ -194,8 +194,8 @@ class Store:
         """Store a version; return its digest.
 
         Args:
-            state_dict: every tensor of the version, by name (any device; copied to CPU
-                chunk by chunk). Names in ``deltas`` may be left out.
+            state_dict: every tensor of the version, by name (any device; non-CPU tensors are
+                copied to CPU one at a time). Names in ``deltas`` may be left out.
             config: JSON-serializable model config (e.g. ``PretrainedConfig.to_dict()``).
             message: a description of the version.
             parent: the version this one derives from (a ref); recorded for ``log``.
