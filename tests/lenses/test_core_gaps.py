@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -22,11 +21,6 @@ def test_one_constant_used_twice(lab):
     assert b.value.shape == ()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tpmlab.ir.ops._getattr accepts named tuples through `_fields`, but torch's own "
-    "return types (torch.return_types.topk/max/sort) have no `_fields` in torch 2.13, so "
-    "`x.topk(k).values` is refused by the validator; lenses index the pair instead "
-    "(`top[0]`, `top[1]`)"))
 def test_topk_values_attribute(lab):
     model = lab.model("tiny-llama")
     with model.trace(torch.tensor([1, 5, 9])):

@@ -99,13 +99,13 @@ def vocab_statistics(model: Any, hidden: Any, final_logits: Any, *, top_k: int,
     logp_final = final.log_softmax(-1)
     kl = (logp_final.exp() * (logp_final - logq)).sum(-1)
     entropy = -(logq.exp() * logq).sum(-1)
-    top = logq.topk(top_k, dim=-1)  # (values, indices); read by index, see tests/lenses
+    top = logq.topk(top_k, dim=-1)
     target = final.argmax(-1)
     target_logit = logits[:, positions, target]
     rank = (logits > target_logit.unsqueeze(-1)).sum(-1) + 1
     out = {
-        "top_probs": top[0].exp().save(),
-        "top_ids": top[1].save(),
+        "top_probs": top.values.exp().save(),
+        "top_ids": top.indices.save(),
         "kl": kl.save(),
         "entropy": entropy.save(),
         "target_prob": logq[:, positions, target].exp().save(),
