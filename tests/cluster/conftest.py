@@ -1,0 +1,55 @@
+"""One real LocalCluster of worker processes shared by every cluster test (starting one
+costs ~15 s on two cores), and an in-process reference lab on the same weights."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    from distributed import LocalCluster
+
+    c = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
+                     dashboard_address=":0", silence_logs=logging.ERROR)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def backend(cluster):
+    from distributed import Client
+
+    from tpmlab.cluster import DaskBackend
+
+    client = Client(cluster)
+    b = DaskBackend(client=client, timeout=120)
+    yield b
+    b.close()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def lab(backend):
+    from tpmlab.lab import Lab
+
+    return Lab(backend)
+
+
+@pytest.fixture(scope="session")
+def ref_lab():
+    import tpmlab
+
+    lab = tpmlab.connect("local", device="cpu")
+    yield lab
+    lab.close()
+
+
+def deploy(lab, name: str, stages: int):
+    """(Re)deploy ``name`` with ``stages`` stages on the shared cluster."""
+    lab.undeploy(name)
+    return lab.model(name, stages=stages)
