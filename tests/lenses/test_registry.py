@@ -15,7 +15,7 @@ import tpmlab.lenses
 from tpmlab.lenses import registry
 
 REPO = Path(__file__).resolve().parents[2]
-BUILTIN = ["logit"]
+BUILTIN = ["attention", "logit", "memory_injection", "patching", "tuned"]
 
 
 @pytest.fixture(autouse=True)
