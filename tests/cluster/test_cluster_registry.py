@@ -30,8 +30,11 @@ def settle(client, n: int, seconds: float = 30) -> int:
 
 
 def test_stages_hold_only_their_weights_and_second_client_attaches(lab, cluster, ref_lab):
-    m = deploy(lab, MODEL, 3)
     backend = lab.backend
+    lab.undeploy(MODEL)
+    time.sleep(2.0)
+    base = actors_on_workers(backend.client)  # actors of other (healed, released) deployments
+    m = deploy(lab, MODEL, 3)
     mem = backend.memory(MODEL)
     total = sum(p.numel() * 4 for p in m.source.meta_model().parameters())
     for stage in mem:
@@ -40,13 +43,13 @@ def test_stages_hold_only_their_weights_and_second_client_attaches(lab, cluster,
     # whole model's weights on top of a stage-less worker's footprint
     print("per-stage memory (MB):", [(s["stage_bytes"] >> 20, s["rss"] >> 20, s["peak_rss"] >> 20)
                                      for s in mem])
-    assert settle(backend.client, 3) == 3
+    assert settle(backend.client, base + 3) == base + 3
 
     other = Lab(DaskBackend(cluster.scheduler_address, timeout=60))
     try:
         m2 = other.model(MODEL, stages=2)  # attaches: the existing 3 stages, no new load
         assert m2.info.n_stages == 3
-        assert actors_on_workers(backend.client) == 3
+        assert actors_on_workers(backend.client) == base + 3
         assert [f.key for f in other.backend.deployment(MODEL).futures] == \
             [f.key for f in backend.deployment(MODEL).futures]
         with m2.trace("Hello there") as _:
@@ -56,8 +59,8 @@ def test_stages_hold_only_their_weights_and_second_client_attaches(lab, cluster,
         torch.testing.assert_close(a.value, b.value)
     finally:
         other.close()
-    assert actors_on_workers(backend.client) == 3  # the attached client's close leaves them
+    assert actors_on_workers(backend.client) == base + 3  # the attached client's close leaves them
 
     lab.undeploy(MODEL)
-    assert settle(backend.client, 0) == 0
+    assert settle(backend.client, base) == base
     assert not [k for k in backend.client.list_datasets() if str(k).startswith("tpmlab:")]
