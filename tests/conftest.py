@@ -18,7 +18,13 @@ TINY_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-gpt-neox"]
 def local_lab():
     import tpmlab
 
-    lab = tpmlab.connect("local")
+    # TPMLAB_TEST_DEVICE=cuda runs the same parity tests on a GPU (float32, to compare exactly).
+    import torch
+
+    from tpmlab.runtime.backend import LocalBackend
+
+    lab = tpmlab.Lab(LocalBackend(device=os.environ.get("TPMLAB_TEST_DEVICE", "cpu"),
+                                  dtype=torch.float32))
     yield lab
     lab.close()
 

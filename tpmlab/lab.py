@@ -27,6 +27,16 @@ class Lab:
     def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
         return self.backend.run(model, plan, timeout=timeout)
 
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None
+                   ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Run a plan; saved values and provenance (in-process backends skip the result codec)."""
+        fast = getattr(self.backend, "run_values", None)
+        if fast is not None:
+            return fast(model, plan, timeout=timeout)
+        from .ir.codec import decode_result
+
+        return decode_result(self.backend.run(model, plan, timeout=timeout))
+
     def undeploy(self, name: str) -> None:
         self.models.pop(name, None)
         self.backend.undeploy(name)

@@ -19,21 +19,21 @@ def ids_of(lab_model, prompt: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def hf_forward(hf, adapter, ids, *, patch=None, attention_mask=None, position_ids=None):
+def hf_forward(hf, adapter, ids, *, patch=None):
     """Run ``hf`` with hooks that save every layer output; ``patch=(layer, fn)`` edits one output."""
     saved = []
     handles = []
     for i, layer in enumerate(layer_modules(hf, adapter)):
         def hook(module, args, output, i=i):
             if patch is not None and patch[0] == i:
-                output = patch[1](output.clone())
+                output = patch[1](output.clone().cpu()).to(output.device)
             saved.append(output.clone())
             return output
         handles.append(layer.register_forward_hook(hook))
+    device = next(hf.parameters()).device
     try:
-        out = hf(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False)
+        out = hf(input_ids=ids.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return saved, out.logits
+    return [s.cpu() for s in saved], out.logits.cpu()

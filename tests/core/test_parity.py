@@ -56,7 +56,9 @@ def test_module_applied_to_saved_value_matches_hf(model):
         top = model.unembed(model.final_norm(h)).argmax(-1).save()
     hf = hf_model(model)
     with torch.inference_mode():
-        ref = hf.get_submodule(model.adapter.unembed)(hf.get_submodule(model.adapter.final_norm)(h.value))
+        dev = next(hf.parameters()).device
+        ref = hf.get_submodule(model.adapter.unembed)(
+            hf.get_submodule(model.adapter.final_norm)(h.value.to(dev))).cpu()
     torch.testing.assert_close(lens.value, ref, atol=ATOL, rtol=1e-5)
     assert torch.equal(top.value, ref.argmax(-1))
 
@@ -124,25 +126,25 @@ def test_generation_with_per_step_patch_matches_hf(model):
     def hook(module, args, output):
         if step["i"] == patch_step:
             output = output.clone()
-            output[:, -1] += v
+            output[:, -1] += v.to(output.device)
         return output
 
     def record(module, args, output):
-        ref_outs.append(output.clone())
+        ref_outs.append(output.clone().cpu())
 
     layer_mod = layer_modules(hf, model.adapter)[layer]
     handles = [hf.register_forward_pre_hook(count, with_kwargs=True),
                layer_mod.register_forward_hook(hook), layer_mod.register_forward_hook(record)]
     try:
         with torch.inference_mode():
-            ids = ids_of(model, PROMPT)
+            ids = ids_of(model, PROMPT).to(next(hf.parameters()).device)
             ref_ids = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
                                   do_sample=False, pad_token_id=model.tokenizer.pad_token_id,
                                   temperature=None, top_k=None, top_p=None)
     finally:
         for h in handles:
             h.remove()
-    assert torch.equal(gen.output_ids[0], ref_ids[0])
+    assert torch.equal(gen.output_ids[0], ref_ids[0].cpu())
     assert len(outs.value) == n_new
     for ours, theirs in zip(outs.value, ref_outs):
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=1e-5)

@@ -127,7 +127,7 @@ def test_reading_value_before_run_is_clear(model):
     with model.trace(PROMPT):
         h = model.layers[0].output.save()
         with pytest.raises(tpmlab.TpmlabError, match="after the `with` block"):
-            h.value
+            _ = h.value
     assert h.value is not None
     with model.trace(PROMPT):
         with pytest.raises(tpmlab.TpmlabError, match="truth value"):

@@ -256,10 +256,31 @@ def _invoke_shape(plan: Plan, invoke: int | None) -> tuple[int, int]:
     return rows_len(plan.invokes[invoke])
 
 
+def _signature(value: Any) -> Any:
+    """A hashable description of meta arguments (shapes and dtypes), or None if there is none."""
+    if isinstance(value, torch.Tensor):
+        return ("t", tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        parts = tuple(_signature(v) for v in value)
+        return None if any(p is None for p in parts) else (type(value).__name__, parts)
+    if isinstance(value, dict):
+        parts = tuple((k, _signature(v)) for k, v in value.items())
+        return None if any(p[1] is None for p in parts) else ("d", parts)
+    if isinstance(value, slice):
+        return ("s", _signature(value.start), _signature(value.stop), _signature(value.step))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)) or value is Ellipsis:
+        return ("v", value)
+    return None
+
+
 def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
                   meta_module: Callable[[str], torch.nn.Module | None] | None) -> int:
-    """Propagate meta tensors through the plan; return the bytes it saves."""
+    """Propagate meta tensors through the plan; return the bytes it saves.
+
+    Results of pure ops are memoized by the shapes they see: a lens over every layer
+    repeats the same few shape computations dozens of times."""
     env: dict[int, Any] = {}
+    memo: dict[Any, Any] = {}
     dtype = getattr(torch, info.dtype, torch.float32)
     n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
     saved = 0
@@ -308,8 +329,15 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             fn = module
         else:
             fn = OPS[node.op].fn
+        pure = node.op == CALL_MODULE or not OPS[node.op].mutates
+        key = (node.op, node.path, _signature(args), _signature(kwargs)) if pure else None
+        if key is not None and None not in key[2:] and key in memo:
+            env[node.id] = memo[key]
+            continue
         try:
             env[node.id] = fn(*args, **kwargs)
+            if key is not None and None not in key[2:]:
+                memo[key] = env[node.id]
         except (NotImplementedError, TypeError) as e:
             if node.op == CALL_MODULE or "meta" in str(e):
                 env[node.id] = UNKNOWN

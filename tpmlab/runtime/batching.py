@@ -63,9 +63,10 @@ def build_batch(plan: Plan, *, pad_id: int, device: torch.device,
         for i, t in enumerate(flat):
             embeds[i, seq_len - t.shape[0]:] = t.to(dtype)
         kwargs["inputs_embeds"] = embeds.to(device)
-    kwargs["attention_mask"] = mask.to(device)
-    kwargs["position_ids"] = position_ids.to(device)
     layout = BatchLayout(rows=layout_rows, pads=pads, lengths=lengths, seq_len=seq_len, n_rows=n_rows)
+    if layout.padded:  # without padding the model's own defaults are the same and cost less
+        kwargs["attention_mask"] = mask.to(device)
+        kwargs["position_ids"] = position_ids.to(device)
     return kwargs, layout
 
 

@@ -68,8 +68,12 @@ class ModelHost:
         self._meta = dict(meta_model.named_modules()) if meta_model is not None else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    @property
+    def plan_byte_limit(self) -> int:
+        return self.limits.max_constant_bytes + 64 * 2**20
+
     def run_blob(self, blob: bytes) -> bytes:
-        plan = decode_plan(blob, max_bytes=self.limits.max_constant_bytes + 64 * 2**20)
+        plan = decode_plan(blob, max_bytes=self.plan_byte_limit)
         values, meta = self.run(plan)
         return encode_result(values, meta)
 
@@ -111,8 +115,10 @@ class ModelHost:
         opts = plan.generate
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample,
-            "pad_token_id": self.pad_id, "attention_mask": kwargs["attention_mask"],
+            "pad_token_id": self.pad_id,
         }
+        if "attention_mask" in kwargs:
+            gen_kwargs["attention_mask"] = kwargs["attention_mask"]
         for key in ("temperature", "top_k", "top_p"):
             if getattr(opts, key) is not None:
                 gen_kwargs[key] = getattr(opts, key)

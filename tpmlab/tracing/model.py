@@ -68,8 +68,8 @@ class LabModel:
         """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""
         return Generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
 
-    def _backend_run(self, blob: bytes, *, timeout: float | None) -> bytes:
-        return self._lab.run(self.name, blob, timeout=timeout)
+    def _backend_run(self, blob: bytes, *, timeout: float | None):
+        return self._lab.run_values(self.name, blob, timeout=timeout)
 
     # -- the active trace -------------------------------------------------------------------------
     def _push(self, tracer: Trace) -> None:

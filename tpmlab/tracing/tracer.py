@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TpmlabError
-from ..ir.codec import decode_result, encode_plan
+from ..ir.codec import encode_plan
 from ..ir.plan import (
     DType,
     EllipsisArg,
@@ -216,7 +216,7 @@ class Trace:
 
     def run(self) -> TraceResult:
         blob = encode_plan(self.plan())
-        values, meta = decode_result(self.model._backend_run(blob, timeout=self.timeout))
+        values, meta = self.model._backend_run(blob, timeout=self.timeout)
         for node_id, value in values.items():
             if node_id in self.proxies:
                 self.proxies[node_id]._set_value(value)
