@@ -60,20 +60,20 @@ def run(model_name: str, device: str, shapes: list[tuple[int, int]], reps: int,
         ids = torch.randint(100, 1000, (batch, length))
         ids_dev = ids.to(device)
 
-        def raw():
+        def raw(ids_dev=ids_dev):
             with torch.inference_mode():
                 hf(input_ids=ids_dev, use_cache=False)
 
-        def tp_none():
+        def tp_none(ids=ids):
             with model.trace(input_ids=ids):
                 pass
 
-        def tp_save():
+        def tp_save(ids=ids):
             with model.trace(input_ids=ids):
                 for layer in model.layers:
                     layer.output.save()
 
-        def tp_lens():
+        def tp_lens(ids=ids):
             with model.trace(input_ids=ids):
                 for layer in model.layers:
                     model.unembed(model.final_norm(layer.output)).argmax(-1).save()
@@ -84,18 +84,18 @@ def run(model_name: str, device: str, shapes: list[tuple[int, int]], reps: int,
         if nn_model is not None:
             layers = nn_model.model.layers if hasattr(nn_model, "model") else None
 
-            def nn_none():
+            def nn_none(ids_dev=ids_dev, layers=layers):
                 with nn_model.trace(ids_dev):
                     pass
 
-            def nn_save():
+            def nn_save(ids_dev=ids_dev, layers=layers):
                 with nn_model.trace(ids_dev):
                     out = list().save()
                     for i in range(n_layers):
                         out.append(layers[i].output.cpu())
                 return out
 
-            def nn_lens():
+            def nn_lens(ids_dev=ids_dev, layers=layers):
                 with nn_model.trace(ids_dev):
                     out = list().save()
                     for i in range(n_layers):

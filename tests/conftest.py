@@ -16,11 +16,10 @@ TINY_MODELS = ["tiny-llama", "tiny-gpt2", "tiny-gpt-neox"]
 
 @pytest.fixture(scope="session")
 def local_lab():
-    import tpmlab
-
     # TPMLAB_TEST_DEVICE=cuda runs the same parity tests on a GPU (float32, to compare exactly).
     import torch
 
+    import tpmlab
     from tpmlab.runtime.backend import LocalBackend
 
     lab = tpmlab.Lab(LocalBackend(device=os.environ.get("TPMLAB_TEST_DEVICE", "cpu"),
