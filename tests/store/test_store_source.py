@@ -20,7 +20,7 @@ def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
     digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="tiny")
     store.tag("tiny-v1", digest)
     src = source_for("tiny", "tiny-v1", store=store)
-    assert src.version == digest and src.name == "tiny"
+    assert src.version == f"sha256:{digest}" and src.name == "tiny"
     assert src.config.num_hidden_layers == 3 and src.adapter.family == "llama"
     monkeypatch.setattr(src, "_load_tokenizer", lambda: None)  # no tokenizer in this test
 
@@ -48,5 +48,5 @@ def test_registry_resolves_name_at_ref(tmp_path, tiny_llama, monkeypatch):
     digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="")
     store.tag("base", digest)
     src = registry.resolve("tiny@base")
-    assert src.version == digest
-    assert registry.resolve(f"tiny@{digest[:10]}").version == digest
+    assert src.version == f"sha256:{digest}"
+    assert registry.resolve(f"tiny@{digest[:10]}").version == f"sha256:{digest}"

@@ -31,7 +31,7 @@ def config_from_dict(config: dict) -> PretrainedConfig:
 class StoreSource(ModelSource):
     """Model ``name`` with the weights and config of store version ``ref``.
 
-    ``version`` is the full store digest (64 hex digits), fixed when the source is made.
+    ``version`` is ``sha256:`` + the full store digest, fixed when the source is made.
     Loads read only the selected tensors' chunks. The tokenizer comes from the
     folder in the config's ``_name_or_path`` when it has one, else the default model's.
     """
@@ -52,7 +52,8 @@ class StoreSource(ModelSource):
         return self.store.load(self.digest, keys=wanted, device=target)
 
     def _compute_version(self) -> str:
-        return self.digest
+        # The same "sha256:<hex>" form as every other model version, so results compare.
+        return f"sha256:{self.digest}"
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         folder = self._config_dict.get("_name_or_path")
