@@ -52,7 +52,8 @@ class Lab:
         self.close()
 
 
-def connect(address: str | None = None, **options: Any) -> Lab:
+def connect(address: str | None = None, *, gateway: str | None = None, token: str | None = None,
+            **options: Any) -> Lab:
     """Connect to an engine; every engine gives the same :class:`Lab` API.
 
     ``connect()``: start an embedded Dask ``LocalCluster`` of worker processes sized to
@@ -60,7 +61,13 @@ def connect(address: str | None = None, **options: Any) -> Lab:
     ``connect("tcp://host:port")``: attach to a running Dask scheduler whose workers
     hold the pipeline stages (see docs/hpc.md).
     ``connect("local")``: models run whole in this process (no cluster).
+    ``connect(gateway="https://...", token=...)``: a shared deployment behind the
+    multi-user gateway (token: a tpmlab API key or a JupyterHub API token).
     """
+    if gateway is not None:
+        from .gateway.client import GatewayBackend
+
+        return Lab(GatewayBackend(gateway, token=token, **options))
     if address == "local":
         return Lab(LocalBackend(**options))
     from .cluster import DaskBackend  # the sharded engine

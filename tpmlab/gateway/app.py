@@ -1,0 +1,331 @@
+"""The gateway's HTTP API (FastAPI). Every endpoint but ``/health`` and ``/metrics``
+needs ``Authorization: Bearer <tpmlab API key or JupyterHub token>``.
+
+=======  ====================================  =================================================
+GET      /health                               liveness, served models, queue depth
+GET      /metrics                              Prometheus metrics
+GET      /v1/models                            served models
+GET      /v1/models/{model}                    the model's ModelInfo (what ``lab.model`` needs)
+POST     /v1/models/{model}/run                plan bytes in, result bytes out (waits)
+POST     /v1/models/{model}/requests           plan bytes in, 202 + request id (does not wait)
+GET      /v1/requests/{id}                     status of one of your requests
+GET      /v1/requests/{id}/result              its result bytes (waits up to ``timeout``)
+DELETE   /v1/requests/{id}                     cancel one of your queued requests
+GET      /v1/me                                your tier and balance
+GET      /v1/me/usage                          your balance and recent charges
+admin    /v1/admin/users[...]                  users, keys, tiers, allocations (admin tier)
+=======  ====================================  =================================================
+
+Plans and results are ``application/octet-stream`` (:mod:`tpmlab.ir.codec`: JSON +
+safetensors, never pickles). Errors are JSON ``{"error": <class>, "message": ...}``
+with the status of their class (:mod:`tpmlab.gateway.errors`; plan errors are 400,
+size limits 413, failures while running 422).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from .._version import __version__
+from ..errors import ExecutionError, LimitError, PlanError, RequestTimeoutError
+from .auth import Authenticator, HubSettings
+from .core import Gateway
+from .errors import (
+    BadRequestError,
+    GatewayError,
+    PayloadTooLargeError,
+    TierError,
+)
+from .ledger import LedgerError, UserView
+from .tiers import TIERS
+
+OCTET = "application/octet-stream"
+
+
+# -- schemas ----------------------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    models: list[str]
+    queue_depth: dict[str, int]
+
+
+class ModelEntry(BaseModel):
+    name: str
+    version: str
+    family: str
+    dtype: str
+    n_stages: int
+    cost_model: dict[str, float]
+
+
+class ModelDetail(ModelEntry):
+    info: dict[str, Any]
+
+
+class Me(BaseModel):
+    name: str
+    tier: str
+    source: str
+    allocated: float
+    used: float
+    balance: float
+    requests: int
+
+
+class Usage(Me):
+    charges: list[dict[str, Any]]
+
+
+class RequestStatus(BaseModel):
+    id: str
+    model: str
+    state: str
+    mode: str
+    tokens: int
+    estimated_units: float
+    units: float
+    batch_size: int
+    error: str | None = None
+    message: str | None = None
+
+
+class NewUser(BaseModel):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@+-]+$")
+    tier: str = Field(default="query", pattern="^(" + "|".join(TIERS) + ")$")
+    units: float = Field(default=0.0, ge=0)
+
+
+class UserOut(BaseModel):
+    name: str
+    tier: str
+    source: str
+    active: bool
+    balance: float
+
+
+class NewKey(BaseModel):
+    label: str = Field(default="", max_length=200)
+
+
+class KeyOut(BaseModel):
+    user: str
+    key: str = Field(description="the whole key; shown only once")
+
+
+class Grant(BaseModel):
+    units: float
+    note: str = Field(default="", max_length=500)
+
+
+class TierChange(BaseModel):
+    tier: str = Field(pattern="^(" + "|".join(TIERS) + ")$")
+
+
+# -- authentication (dependencies) --------------------------------------------------------------
+async def current_user(request: Request,
+                       authorization: Annotated[str | None, Header()] = None) -> UserView:
+    """The caller, from an API key or a JupyterHub token; 401 without a valid one."""
+    return await request.app.state.auth.user(authorization)
+
+
+async def admin_user(user: Annotated[UserView, Depends(current_user)]) -> UserView:
+    if user.tier != "admin":
+        raise TierError("managing users needs the 'admin' tier, and your tier is "
+                        f"{user.tier!r}", needed="admin", tier=user.tier)
+    return user
+
+
+User = Annotated[UserView, Depends(current_user)]
+Admin = Annotated[UserView, Depends(admin_user)]
+
+
+# -- the app ----------------------------------------------------------------------------------------
+def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
+    auth = Authenticator(gateway.ledger, hub)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await auth.close()
+        await gateway.close()
+
+    app = FastAPI(title="tpmlab gateway", version=__version__, lifespan=lifespan,
+                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+    app.state.gateway = gateway
+    app.state.auth = auth
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, e: GatewayError) -> JSONResponse:
+        return JSONResponse({"error": type(e).__name__, "message": e.message, **e.extra},
+                            status_code=e.status,
+                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(PlanError)
+    async def _plan_error(request: Request, e: PlanError) -> JSONResponse:
+        status = 413 if isinstance(e, LimitError) else 400
+        return JSONResponse({"error": type(e).__name__, "message": e.message, "node": e.node,
+                             "line": e.line}, status_code=status)
+
+    @app.exception_handler(ExecutionError)
+    async def _exec_error(request: Request, e: ExecutionError) -> JSONResponse:
+        return JSONResponse({"error": "ExecutionError", "message": str(e)}, status_code=422)
+
+    @app.exception_handler(RequestTimeoutError)
+    async def _timeout(request: Request, e: RequestTimeoutError) -> JSONResponse:
+        return JSONResponse({"error": "GatewayTimeoutError", "message": str(e)}, status_code=504)
+
+    @app.exception_handler(LedgerError)
+    async def _ledger_error(request: Request, e: LedgerError) -> JSONResponse:
+        return JSONResponse({"error": "BadRequestError", "message": str(e)}, status_code=400)
+
+    async def plan_body(request: Request) -> bytes:
+        limit = gateway.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"a plan of {int(declared):,} bytes exceeds the limit of "
+                                       f"{limit:,} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"the plan exceeds the limit of {limit:,} bytes")
+            chunks.append(chunk)
+        if not size:
+            raise BadRequestError("empty body: send the plan bytes (application/octet-stream)")
+        return b"".join(chunks)
+
+    def model_entry(name: str) -> dict[str, Any]:
+        dep = gateway.deployed(name)
+        info = dep.info
+        return {"name": name, "version": info.version, "family": info.family,
+                "dtype": info.dtype, "n_stages": info.n_stages,
+                "cost_model": dep.cost.to_dict()}
+
+    # -- open endpoints ------------------------------------------------------------------------
+    @app.get("/health", response_model=Health)
+    async def health() -> dict:
+        return {"status": "ok", "version": __version__, "models": sorted(gateway.models),
+                "queue_depth": gateway.queue_depth()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- models and plans ----------------------------------------------------------------------
+    @app.get("/v1/models", response_model=list[ModelEntry])
+    async def models(user: User) -> list[dict]:
+        return [model_entry(m) for m in sorted(gateway.models)]
+
+    @app.get("/v1/models/{model}", response_model=ModelDetail)
+    async def model_detail(model: str, user: User) -> dict:
+        return {**model_entry(model), "info": gateway.deployed(model).info.to_dict()}
+
+    async def admit(user: UserView, model: str, request: Request):
+        body = await plan_body(request)
+        req = await run_in_threadpool(gateway.prepare, user, model, body)
+        return await gateway.submit(req)
+
+    @app.post("/v1/models/{model}/run", response_class=Response,
+              responses={200: {"content": {OCTET: {}}}, 402: {"model": ErrorBody},
+                         403: {"model": ErrorBody}, 429: {"model": ErrorBody}})
+    async def run(model: str, request: Request, user: User,
+                  timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
+        req = await admit(user, model, request)
+        blob = await gateway.wait(req, timeout)
+        return Response(blob, media_type=OCTET, headers=_charge_headers(req))
+
+    @app.post("/v1/models/{model}/requests", status_code=202, response_model=RequestStatus)
+    async def submit(model: str, request: Request, user: User) -> dict:
+        req = await admit(user, model, request)
+        return req.status()
+
+    @app.get("/v1/requests/{request_id}", response_model=RequestStatus)
+    async def request_status(request_id: str, user: User) -> dict:
+        return gateway.owned(user, request_id).status()
+
+    @app.get("/v1/requests/{request_id}/result", response_class=Response)
+    async def request_result(request_id: str, user: User,
+                             timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
+        req = gateway.owned(user, request_id)
+        blob = await gateway.wait(req, timeout)
+        return Response(blob, media_type=OCTET, headers=_charge_headers(req))
+
+    @app.delete("/v1/requests/{request_id}", response_model=RequestStatus)
+    async def cancel(request_id: str, user: User) -> dict:
+        return gateway.cancel(user, request_id).status()
+
+    # -- the user's account --------------------------------------------------------------------
+    @app.get("/v1/me", response_model=Me)
+    def me(user: User) -> dict:
+        return {"name": user.name, "tier": user.tier, "source": user.source,
+                **gateway.ledger.totals(user.name)}
+
+    @app.get("/v1/me/usage", response_model=Usage)
+    def usage(user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+        return {"name": user.name, "tier": user.tier, "source": user.source,
+                **gateway.ledger.totals(user.name),
+                "charges": gateway.ledger.charges(user.name, limit)}
+
+    # -- administration ------------------------------------------------------------------------
+    def user_out(name: str) -> dict:
+        u = gateway.ledger.user(name)
+        if u is None:
+            raise BadRequestError(f"no user {name!r}")
+        return {"name": u.name, "tier": u.tier, "source": u.source, "active": u.active,
+                "balance": gateway.ledger.balance(name)}
+
+    @app.get("/v1/admin/users", response_model=list[UserOut])
+    def list_users(admin: Admin) -> list[dict]:
+        return [user_out(u.name) for u in gateway.ledger.users()]
+
+    @app.post("/v1/admin/users", response_model=UserOut, status_code=201)
+    def create_user(body: NewUser, admin: Admin) -> dict:
+        gateway.ledger.create_user(body.name, body.tier, units=body.units)
+        return user_out(body.name)
+
+    @app.post("/v1/admin/users/{name}/keys", response_model=KeyOut, status_code=201)
+    def create_key(name: str, body: NewKey, admin: Admin) -> dict:
+        return {"user": name, "key": gateway.ledger.create_key(name, body.label)}
+
+    @app.delete("/v1/admin/keys/{key_id}", status_code=204)
+    def revoke_key(key_id: str, admin: Admin) -> Response:
+        gateway.ledger.revoke_key(key_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/admin/users/{name}/allocations", response_model=UserOut)
+    def allocate(name: str, body: Grant, admin: Admin) -> dict:
+        gateway.ledger.allocate(name, body.units, body.note or f"granted by {admin.name}")
+        return user_out(name)
+
+    @app.put("/v1/admin/users/{name}/tier", response_model=UserOut)
+    def set_tier(name: str, body: TierChange, admin: Admin) -> dict:
+        gateway.ledger.set_tier(name, body.tier)
+        return user_out(name)
+
+    @app.get("/v1/admin/users/{name}/usage", response_model=Usage)
+    def user_usage(name: str, admin: Admin) -> dict:
+        u = gateway.ledger.user(name)
+        if u is None:
+            raise BadRequestError(f"no user {name!r}")
+        return {"name": u.name, "tier": u.tier, "source": u.source,
+                **gateway.ledger.totals(name), "charges": gateway.ledger.charges(name)}
+
+    return app
+
+
+def _charge_headers(req: Any) -> dict[str, str]:
+    return {"X-Tpmlab-Request-Id": req.id, "X-Tpmlab-Units": f"{req.units:.6f}",
+            "X-Tpmlab-Batch-Size": str(req.batch_size)}

@@ -1,0 +1,154 @@
+"""``tpmlab gateway`` (serve) and ``tpmlab gateway-admin`` (users, keys, allocations).
+
+Examples::
+
+    tpmlab gateway --model tiny-llama --db sqlite:///gateway.db --port 8600 --admin alice
+    tpmlab gateway --backend tls://scheduler:8786 --tls-ca-file ca.pem \\
+        --tls-cert gateway.pem --tls-key gateway.key --hub-api http://127.0.0.1:8081/hub/api \\
+        --db postgresql+psycopg://tpmlab@db/tpmlab
+    tpmlab gateway-admin --db sqlite:///gateway.db add-user bob --tier inspect --units 5000
+    tpmlab gateway-admin --db sqlite:///gateway.db add-key bob
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .tiers import TIERS
+
+DEFAULT_DB = "sqlite:///tpmlab-gateway.db"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("gateway", help="serve models to many users over HTTP "
+                              "(authentication, tiers, quotas, cross-user batching)")
+    p.add_argument("--backend", default="local",
+                   help="'local' (models in this process) or a Dask scheduler address")
+    p.add_argument("--model", action="append", dest="models", default=None,
+                   help="a model to deploy (repeatable; default smollm2-135m)")
+    p.add_argument("--stages", type=int, default=None, help="pipeline stages per model (Dask)")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"SQLAlchemy URL of the ledger ({DEFAULT_DB})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8600)
+    p.add_argument("--hub-api", default=None,
+                   help="JupyterHub API URL (e.g. http://127.0.0.1:8081/hub/api) to accept "
+                   "JupyterHub tokens")
+    p.add_argument("--hub-tier", default="query", choices=TIERS,
+                   help="tier of JupyterHub users on first sight")
+    p.add_argument("--hub-units", type=float, default=1000.0,
+                   help="service units JupyterHub users get on first sight")
+    p.add_argument("--batch-window-ms", type=float, default=10.0)
+    p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--max-concurrent", type=int, default=8, help="requests in flight per user")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--tls-ca-file", default=None, help="CA of the Dask cluster's certificates")
+    p.add_argument("--tls-cert", default=None, help="the gateway's certificate for Dask")
+    p.add_argument("--tls-key", default=None, help="the gateway's private key for Dask")
+    p.add_argument("--admin", default=None,
+                   help="create this admin user if missing and print a new API key for it")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=serve_command)
+
+    a = subparsers.add_parser("gateway-admin", help="manage the gateway's users, keys and units")
+    a.add_argument("--db", default=DEFAULT_DB)
+    asub = a.add_subparsers(dest="action", required=True)
+    x = asub.add_parser("add-user")
+    x.add_argument("name")
+    x.add_argument("--tier", default="query", choices=TIERS)
+    x.add_argument("--units", type=float, default=0.0)
+    x = asub.add_parser("add-key")
+    x.add_argument("name")
+    x.add_argument("--label", default="")
+    x = asub.add_parser("revoke-key")
+    x.add_argument("key_id")
+    x = asub.add_parser("grant")
+    x.add_argument("name")
+    x.add_argument("units", type=float)
+    x.add_argument("--note", default="")
+    x = asub.add_parser("set-tier")
+    x.add_argument("name")
+    x.add_argument("tier", choices=TIERS)
+    x = asub.add_parser("users")
+    x = asub.add_parser("usage")
+    x.add_argument("name")
+    a.set_defaults(func=admin_command)
+
+
+def make_backend(args: argparse.Namespace) -> Any:
+    if args.backend == "local":
+        from ..runtime.backend import LocalBackend
+
+        return LocalBackend()
+    from distributed import Client
+
+    from ..cluster import DaskBackend
+
+    security = None
+    if args.tls_ca_file:
+        from distributed.security import Security
+
+        security = Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
+                            tls_client_key=args.tls_key, require_encryption=True)
+    return DaskBackend(client=Client(args.backend, security=security))
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .auth import HubSettings
+    from .core import Gateway, GatewayConfig
+    from .ledger import Ledger
+
+    ledger = Ledger(args.db)
+    if args.admin:
+        ledger.ensure_user(args.admin, tier="admin", units=0.0, source="key")
+        print(f"tpmlab gateway: API key for admin {args.admin!r}: {ledger.create_key(args.admin)}",
+              flush=True)
+    config = GatewayConfig(models=args.models or ["smollm2-135m"],
+                           batching=not args.no_batching,
+                           batch_window=args.batch_window_ms / 1000.0,
+                           max_concurrent_per_user=args.max_concurrent,
+                           request_timeout=args.timeout)
+    print(f"tpmlab gateway: deploying {config.models} on {args.backend} ...", flush=True)
+    gateway = Gateway(make_backend(args), ledger, config)
+    hub = HubSettings(args.hub_api, args.hub_tier, args.hub_units) if args.hub_api else None
+    import uvicorn
+
+    print(f"tpmlab gateway: serving on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(gateway, hub=hub), host=args.host, port=args.port,
+                log_level=args.log_level)
+    return 0
+
+
+def admin_command(args: argparse.Namespace) -> int:
+    from .ledger import Ledger, LedgerError
+
+    ledger = Ledger(args.db)
+    try:
+        if args.action == "add-user":
+            u = ledger.create_user(args.name, args.tier, units=args.units)
+            out: Any = {"name": u.name, "tier": u.tier, "balance": ledger.balance(u.name)}
+        elif args.action == "add-key":
+            out = {"user": args.name, "key": ledger.create_key(args.name, args.label)}
+        elif args.action == "revoke-key":
+            ledger.revoke_key(args.key_id)
+            out = {"revoked": args.key_id}
+        elif args.action == "grant":
+            out = {"name": args.name, "balance": ledger.allocate(args.name, args.units, args.note)}
+        elif args.action == "set-tier":
+            u = ledger.set_tier(args.name, args.tier)
+            out = {"name": u.name, "tier": u.tier}
+        elif args.action == "users":
+            out = [{"name": u.name, "tier": u.tier, "source": u.source, "active": u.active,
+                    "balance": ledger.balance(u.name)} for u in ledger.users()]
+        else:
+            out = {**ledger.totals(args.name), "charges": ledger.charges(args.name)}
+    except LedgerError as e:
+        print(f"tpmlab gateway-admin: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ledger.close()
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,117 @@
+"""``GatewayBackend``: the :class:`~tpmlab.runtime.backend.Backend` protocol over HTTP.
+
+``tpmlab.connect(gateway=URL, token=...)`` uses it, so a notebook has the same API
+against a gateway as against a Dask cluster or in-process. The token is a tpmlab API
+key or a JupyterHub API token (default: ``$TPMLAB_GATEWAY_TOKEN``, else the
+``$JUPYTERHUB_API_TOKEN`` every JupyterHub single-user server has).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from .. import errors as core_errors
+from ..errors import RequestTimeoutError
+from ..ir.model_info import ModelInfo
+from . import errors as gw_errors
+
+_PLAN_ERRORS = {name: getattr(core_errors, name) for name in (
+    "SchemaError", "UnknownOpError", "PathError", "BackwardFlowError", "ShapeError",
+    "LimitError", "PlanError")}
+_GATEWAY_ERRORS = {name: getattr(gw_errors, name) for name in dir(gw_errors)
+                   if name.endswith("Error") and isinstance(getattr(gw_errors, name), type)}
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """Raise the tpmlab error a gateway error response stands for."""
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        name, message = str(body.get("error", "")), str(body.get("message", response.text))
+    except (ValueError, AttributeError):
+        name, message = "", response.text[:500] or response.reason_phrase
+        body = {}
+    if name in _PLAN_ERRORS:
+        raise _PLAN_ERRORS[name](message, node=body.get("node"), line=body.get("line"))
+    if name == "ExecutionError":
+        raise core_errors.ExecutionError(message)
+    cls = _GATEWAY_ERRORS.get(name)
+    if cls is None:
+        cls = {401: gw_errors.AuthenticationError, 402: gw_errors.QuotaError,
+               403: gw_errors.TierError, 404: gw_errors.NotFoundError,
+               413: gw_errors.PayloadTooLargeError, 429: gw_errors.RateLimitError,
+               504: gw_errors.GatewayTimeoutError}.get(response.status_code,
+                                                        gw_errors.GatewayError)
+    extra = {k: v for k, v in body.items() if k not in ("error", "message")} \
+        if isinstance(body, dict) else {}
+    raise cls(f"{message} (HTTP {response.status_code})", **extra)
+
+
+class GatewayBackend:
+    """Deploy = ask the gateway for the model's info; run = POST the plan bytes."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        token = token or os.environ.get("TPMLAB_GATEWAY_TOKEN") or os.environ.get(
+            "JUPYTERHUB_API_TOKEN")
+        if not token:
+            raise gw_errors.AuthenticationError(
+                "connect(gateway=...) needs token= (a tpmlab API key or a JupyterHub token), "
+                "or $TPMLAB_GATEWAY_TOKEN / $JUPYTERHUB_API_TOKEN")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0),
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "User-Agent": "tpmlab-gateway-client"},
+                                 transport=transport)
+        self.last_charge: dict[str, Any] = {}
+
+    def _get(self, path: str, **params: Any) -> Any:
+        try:
+            r = self.http.get(path, params=params or None)
+        except httpx.TimeoutException as e:
+            raise RequestTimeoutError(f"the gateway {self.url} did not answer: {e}") from None
+        raise_for_error(r)
+        return r.json()
+
+    def deploy(self, name: str, **options: Any) -> ModelInfo:
+        """The gateway's administrators deploy models; this attaches to one (``options``
+        such as ``stages=`` are theirs to choose and are ignored here)."""
+        return ModelInfo.from_dict(self._get(f"/v1/models/{name}")["info"])
+
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
+        wait = timeout or self.timeout
+        try:
+            r = self.http.post(f"/v1/models/{model}/run", content=plan,
+                               params={"timeout": wait},
+                               headers={"Content-Type": "application/octet-stream"},
+                               timeout=httpx.Timeout(wait + 30.0, connect=10.0))
+        except httpx.TimeoutException as e:
+            raise RequestTimeoutError(f"the gateway {self.url} did not answer within "
+                                      f"{wait:g} s: {e}") from None
+        raise_for_error(r)
+        self.last_charge = {"request_id": r.headers.get("x-tpmlab-request-id"),
+                            "units": float(r.headers.get("x-tpmlab-units", "nan")),
+                            "batch_size": int(r.headers.get("x-tpmlab-batch-size", "0"))}
+        return r.content
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._get("/v1/models")
+
+    def me(self) -> dict[str, Any]:
+        """Your tier and balance."""
+        return self._get("/v1/me")
+
+    def usage(self, limit: int = 20) -> dict[str, Any]:
+        """Your balance and your most recent charges."""
+        return self._get("/v1/me/usage", limit=limit)
+
+    def undeploy(self, name: str) -> None:
+        pass  # the deployment is shared; only its administrators remove it
+
+    def close(self) -> None:
+        self.http.close()

@@ -1,0 +1,95 @@
+"""Access tiers, decided on the server from the validated plan (never from the client).
+
+=========  ====================================================================
+query      token ids in; generated tokens and the model's final logits out
+           (points only at the model's output or the unembedding's output)
+embed      also custom ``inputs_embeds`` in and final hidden states out
+           (the final norm's output)
+inspect    read any module's input or output, parameters, apply model modules
+intervene  also write: ``set_point``, ``setitem``, in-place ops on module values
+admin      also manage users, keys and allocations
+=========  ====================================================================
+
+Each tier includes the ones above it. :func:`required_tier` names the first thing
+a plan does that needs more than the lowest tier, so a refusal can say what the
+plan did and which tier would allow it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.plan import CALL_MODULE, PARAM, POINT, SET_POINT, Plan
+from ..ir.schedule import Schedule
+from ..ir.validate import Limits
+
+TIERS = ("query", "embed", "inspect", "intervene", "admin")
+RANK = {name: i for i, name in enumerate(TIERS)}
+
+# Per-tier size limits (the engine's own limits still apply on top).
+TIER_LIMITS: dict[str, Limits] = {
+    "query": Limits(max_nodes=200, max_constant_bytes=4 * 2**20, max_saved_bytes=256 * 2**20,
+                    max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096),
+    "embed": Limits(max_nodes=500, max_constant_bytes=64 * 2**20, max_saved_bytes=256 * 2**20,
+                    max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096),
+    "inspect": Limits(max_nodes=10_000, max_constant_bytes=64 * 2**20,
+                      max_saved_bytes=1 * 2**30, max_invokes=64, max_new_tokens=1024,
+                      max_tokens_per_row=8192),
+    "intervene": Limits(max_nodes=20_000, max_constant_bytes=256 * 2**20,
+                        max_saved_bytes=2 * 2**30, max_invokes=128, max_new_tokens=2048,
+                        max_tokens_per_row=8192),
+}
+TIER_LIMITS["admin"] = TIER_LIMITS["intervene"]
+
+
+@dataclass(frozen=True)
+class Need:
+    """The lowest tier that allows a plan, and the first reason it needs that tier."""
+
+    tier: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Module paths whose outputs the low tiers may read (from the model's adapter)."""
+
+    logits: frozenset[str]  # the model itself ("") and its unembedding
+    final_hidden: frozenset[str]  # the final norm
+
+
+def required_tier(plan: Plan, schedule: Schedule, paths: OutputPaths) -> Need:
+    """The lowest tier that allows ``plan`` (validated, with its ``schedule``)."""
+    need = Need("query", "reads only prompts, generated tokens and final logits")
+
+    def raise_to(tier: str, reason: str) -> None:
+        nonlocal need
+        if RANK[tier] > RANK[need.tier]:
+            need = Need(tier, reason)
+
+    if any(inv.kind == "embeds" for inv in plan.invokes):
+        raise_to("embed", "gives custom inputs_embeds")
+    for node in plan.nodes:
+        where = f"node {node.id}" + (f" at {node.line}" if node.line else "")
+        if node.id in schedule.write_target or node.op == SET_POINT:
+            target = plan.nodes_by_id.get(schedule.write_target.get(node.id, -1))
+            what = f"{target.path or '<model>'}.{target.io}" if target is not None else \
+                f"{node.path or '<model>'}.{node.io}"
+            raise_to("intervene", f"writes {what} ({node.op}, {where})")
+        elif node.op == POINT:
+            name = f"{node.path or '<model>'}.{node.io}"
+            if node.io == "output" and node.path in paths.logits:
+                continue
+            if node.io == "output" and node.path in paths.final_hidden:
+                raise_to("embed", f"reads the final hidden states {name} ({where})")
+            else:
+                raise_to("inspect", f"reads the intermediate value {name} ({where})")
+        elif node.op == PARAM:
+            raise_to("inspect", f"reads the parameter {node.path}.{node.args[0]} ({where})")
+        elif node.op == CALL_MODULE:
+            raise_to("inspect", f"applies the module {node.path} to a value ({where})")
+    return need
+
+
+def allows(tier: str, needed: str) -> bool:
+    return RANK.get(tier, -1) >= RANK[needed]

@@ -1,0 +1,136 @@
+"""Merging several plans into one batch, and splitting its result back.
+
+Several users' traces of the same model version can run in one forward pass:
+each plan's invokes become consecutive invokes of the merged plan (so each plan
+reads and writes only its own rows), its nodes are renumbered after the previous
+plans' nodes, and its constant tensors are renamed ``p{k}.{name}``. After the run,
+:func:`split_values` gives every plan exactly the saved values it would have got
+alone, keyed by its own node ids.
+
+Only ``"trace"`` plans merge (a generation decides its length per batch), all of the
+same input kind (token ids or ``inputs_embeds``), and only plans whose every module
+point names its invoke: a point with ``invoke=None`` reads the whole batch, which
+would include other plans' rows. :func:`can_merge` says whether a plan qualifies.
+
+Everything here is a pure function of its arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SchemaError
+from .plan import (
+    POINT,
+    Invoke,
+    Node,
+    Plan,
+    Ref,
+    Slice,
+    TensorRef,
+    Tuple,
+)
+
+
+@dataclass(frozen=True)
+class MergeMap:
+    """How the merged plan's node ids map back to each part: ``ids[k][old] = new``."""
+
+    ids: list[dict[int, int]]
+
+    def owner(self) -> dict[int, tuple[int, int]]:
+        """``new id -> (part, old id)``."""
+        return {new: (k, old) for k, part in enumerate(self.ids) for old, new in part.items()}
+
+
+def can_merge(plan: Plan) -> bool:
+    """Whether ``plan`` may share a forward pass with other plans."""
+    if plan.mode != "trace" or plan.generate is not None or not plan.invokes:
+        return False
+    for node in plan.nodes:
+        if node.op == POINT and node.invoke is None:
+            return False
+        if node.steps.start != 0 or node.steps.stop != 1:
+            return False
+    return True
+
+
+def merge_key(plan: Plan) -> tuple[str, str, str]:
+    """Plans merge only with plans of the same key: model, model version, input kind."""
+    return (plan.model, plan.model_version, plan.invokes[0].kind if plan.invokes else "")
+
+
+def merge_plans(plans: list[Plan]) -> tuple[Plan, MergeMap]:
+    """One plan that runs every plan of ``plans`` on its own rows of one batch.
+
+    Raises :class:`SchemaError` if the plans cannot share a pass (see :func:`can_merge`,
+    :func:`merge_key`)."""
+    if not plans:
+        raise SchemaError("nothing to merge")
+    key = merge_key(plans[0])
+    for k, plan in enumerate(plans):
+        if not can_merge(plan):
+            raise SchemaError(f"plan {k} cannot share a forward pass (generation, multi-step "
+                              "nodes, or a point that reads all rows)")
+        if merge_key(plan) != key:
+            raise SchemaError(f"plan {k} is for {merge_key(plan)}, not {key}")
+    invokes: list[Invoke] = []
+    nodes: list[Node] = []
+    tensors: dict[str, Any] = {}
+    id_maps: list[dict[int, int]] = []
+    for k, plan in enumerate(plans):
+        prefix = f"p{k}."
+        names = {name: prefix + name for name in plan.tensors}
+        for name, tensor in plan.tensors.items():
+            tensors[names[name]] = tensor
+        shift = len(invokes)
+        for inv in plan.invokes:
+            invokes.append(Invoke(inv.kind, [names[t] for t in inv.tensors]))
+        ids: dict[int, int] = {}
+        for node in plan.nodes:
+            ids[node.id] = len(nodes)
+            nodes.append(Node(
+                id=ids[node.id], op=node.op,
+                args=_rewrite(node.args, ids, names), kwargs=_rewrite(node.kwargs, ids, names),
+                path=node.path, io=node.io,
+                invoke=None if node.invoke is None else node.invoke + shift,
+                steps=node.steps, line=node.line))
+        id_maps.append(ids)
+    first = plans[0]
+    merged = Plan(model=first.model, model_version=first.model_version, invokes=invokes,
+                  nodes=nodes, tensors=tensors, mode="trace", generate=None, schema=first.schema)
+    return merged, MergeMap(id_maps)
+
+
+def split_values(values: dict[int, Any], mapping: MergeMap) -> list[dict[int, Any]]:
+    """The merged run's saved values, split per part and keyed by each part's own node ids."""
+    owner = mapping.owner()
+    out: list[dict[int, Any]] = [{} for _ in mapping.ids]
+    for new, value in values.items():
+        if new in owner:
+            part, old = owner[new]
+            out[part][old] = value
+    return out
+
+
+def _rewrite(value: Any, ids: dict[int, int], names: dict[str, str]) -> Any:
+    if isinstance(value, Ref):
+        if value.id not in ids:  # validation refuses forward references; keep them refused
+            raise SchemaError(f"reference to node {value.id}, which does not come before it")
+        return Ref(ids[value.id])
+    if isinstance(value, TensorRef):
+        if value.name not in names:
+            raise SchemaError(f"reference to unknown tensor {value.name!r}")
+        return TensorRef(names[value.name])
+    if isinstance(value, Slice):
+        return Slice(*(_rewrite(v, ids, names) for v in (value.start, value.stop, value.step)))
+    if isinstance(value, Tuple):
+        return Tuple(tuple(_rewrite(v, ids, names) for v in value.items))
+    if isinstance(value, list):
+        return [_rewrite(v, ids, names) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_rewrite(v, ids, names) for v in value)
+    if isinstance(value, dict):
+        return {k: _rewrite(v, ids, names) for k, v in value.items()}
+    return value
