@@ -238,12 +238,13 @@ class PlanRunner:
             self.env[node.id] = new
             return
         if op == SAVE:
-            value = host_copy(self._arg(node.args[0]), self.pinned)
-            self.env[node.id] = value
+            live = self._arg(node.args[0])
+            self.env[node.id] = live  # later nodes compute with the live value, on its device
+            copy = host_copy(live, self.pinned)
             if node.steps.single:
-                self.saves[node.id] = value
+                self.saves[node.id] = copy
             else:
-                self.saves.setdefault(node.id, []).append(value)
+                self.saves.setdefault(node.id, []).append(copy)
             return
         args = self._arg(node.args)
         kwargs = self._arg(node.kwargs)

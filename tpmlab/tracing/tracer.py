@@ -222,6 +222,10 @@ class Trace:
                 self.proxies[node_id]._set_value(value)
         self.result = TraceResult(values, meta)
         self._after_run(values)
+        # Proxies point at the trace; dropping the trace's references back breaks the cycle,
+        # so saved tensors (pinned host memory on a GPU) are freed as soon as the user lets go.
+        self.proxies.clear()
+        self._points.clear()
         return self.result
 
     def _after_run(self, values: dict[int, Any]) -> None:
