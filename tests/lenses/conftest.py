@@ -33,6 +33,19 @@ def _make_lab(kind: str):
     if type(lab.backend).__name__ == "LocalBackend":
         lab.close()
         raise RuntimeError("tpmlab.connect() still runs models in-process")
+    try:  # smoke check: one unpadded prompt and a padded batch give the local numbers
+        model = lab.model("tiny-llama")
+        with model.trace() as tr:
+            with tr.invoke(input_ids=torch.tensor([1, 5, 9])):
+                a = model.output.logits.save()
+            with tr.invoke(input_ids=torch.tensor([1, 5])):
+                model.output.logits.save()
+        with model.trace(input_ids=torch.tensor([1, 5, 9])):
+            b = model.output.logits.save()
+        torch.testing.assert_close(a.value, b.value, rtol=1e-4, atol=1e-5)
+    except Exception as e:
+        lab.close()
+        raise RuntimeError(f"the Dask engine fails a smoke trace: {type(e).__name__}: {e}") from e
     return lab
 
 
