@@ -239,7 +239,7 @@ class Gateway:
         if req.state != "queued":
             raise ConflictError(f"request {request_id} is {req.state}; only queued requests "
                                 "can be cancelled")
-        self._release(req, "cancelled", GatewayError("cancelled by its owner"))
+        self._release(req, "cancelled", ConflictError(f"request {request_id} was cancelled by its owner"))
         return req
 
     def queue_depth(self) -> dict[str, int]:
