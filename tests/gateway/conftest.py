@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -148,14 +149,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory):
+def postgres_url():
     """A PostgreSQL server of our own: initdb into a tmp dir, pg_ctl start on a free
     127.0.0.1 port (as the ``postgres`` user when the tests run as root)."""
     if not (PG_BIN / "initdb").exists():
         pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} "
                     "(scripts/system-packages.sh installs them)")
     pytest.importorskip("psycopg", reason="psycopg (v3) is the PostgreSQL driver")
-    root = tmp_path_factory.mktemp("pg")
+    # pytest's own tmp dirs are private to root; the server's user needs its own dir
+    root = Path(tempfile.mkdtemp(prefix="tpmlab-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     prefix: list[str] = []
@@ -186,6 +188,7 @@ def postgres_url(tmp_path_factory):
     finally:
         subprocess.run(prefix + [str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
                                  "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_until(predicate, timeout=10.0):
