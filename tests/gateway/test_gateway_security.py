@@ -1,0 +1,190 @@
+"""Hostile input: refused with 4xx, and the service goes on; the decoder under fuzzing."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save as st_save
+
+from tpmlab.errors import SchemaError
+from tpmlab.ir.codec import decode_plan, encode_plan
+from tpmlab.ir.plan import Plan
+
+from .conftest import MODEL
+
+
+def _blob(doc, tensors=None):
+    return st_save(tensors or {}, metadata={"tpmlab": json.dumps(doc)})
+
+
+def _doc(nodes, **kw):
+    return {"schema": 1, "model": MODEL, "model_version": "", "mode": "trace",
+            "invokes": [{"kind": "tokens", "tensors": ["in0"]}], "nodes": nodes, **kw}
+
+
+IDS = {"in0": torch.tensor([1, 2, 3])}
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _deep(n):
+    v = {"$ref": 0}
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+HOSTILE = {
+    "pickle": pickle.dumps(Evil()),
+    "torch.save pickle": b"PK\x03\x04" + pickle.dumps({"a": 1}),
+    "random bytes": bytes(range(256)) * 4,
+    "empty-ish": b"\x00" * 8,
+    "huge header length": (2**60).to_bytes(8, "little") + b"{}",
+    "unknown op": _blob(_doc([{"id": 0, "op": "point", "path": "", "io": "output", "invoke": 0},
+                              {"id": 1, "op": "system", "args": [{"$ref": 0}]}]), IDS),
+    "eval op": _blob(_doc([{"id": 0, "op": "__import__", "args": ["os"]}]), IDS),
+    "dunder getattr": _blob(_doc([
+        {"id": 0, "op": "point", "path": "", "io": "output", "invoke": 0},
+        {"id": 1, "op": "getattr", "args": [{"$ref": 0}, "__class__"]},
+        {"id": 2, "op": "save", "args": [{"$ref": 1}]}]), IDS),
+    "path traversal": _blob(_doc([
+        {"id": 0, "op": "point", "path": "../../etc/passwd", "io": "output", "invoke": 0},
+        {"id": 1, "op": "save", "args": [{"$ref": 0}]}]), IDS),
+    "dunder path": _blob(_doc([
+        {"id": 0, "op": "point", "path": "model.__class__.__init__", "io": "output", "invoke": 0},
+        {"id": 1, "op": "save", "args": [{"$ref": 0}]}]), IDS),
+    "dunder kwarg": _blob(_doc([
+        {"id": 0, "op": "point", "path": "", "io": "output", "invoke": 0},
+        {"id": 1, "op": "sum", "args": [{"$ref": 0}], "kwargs": {"__globals__": 1}}]), IDS),
+    "deep nesting": _blob(_doc([{"id": 0, "op": "point", "path": "", "io": "output",
+                                 "invoke": 0},
+                                {"id": 1, "op": "make_list", "args": _deep(200)}]), IDS),
+    "huge shape": _blob(_doc([{"id": 0, "op": "zeros", "args": [10**6, 10**6]},
+                              {"id": 1, "op": "save", "args": [{"$ref": 0}]}]), IDS),
+    "huge expand": _blob(_doc([
+        {"id": 0, "op": "point", "path": "model.layers.0", "io": "output", "invoke": 0},
+        {"id": 1, "op": "expand", "args": [{"$ref": 0}, 10**5, 10**5, 64]},
+        {"id": 2, "op": "contiguous", "args": [{"$ref": 1}]},
+        {"id": 3, "op": "save", "args": [{"$ref": 2}]}]), IDS),
+    "many nodes": _blob(_doc([{"id": i, "op": "arange", "args": [3]} for i in range(30_000)]),
+                        IDS),
+    "forward reference": _blob(_doc([{"id": 0, "op": "save", "args": [{"$ref": 5}]}]), IDS),
+    "bad dtype tensor": st_save({"in0": torch.tensor([1.0 + 2j])},
+                                metadata={"tpmlab": json.dumps(_doc([]))}),
+    "wrong model": _blob({**_doc([]), "model": "other"}, IDS),
+    "future schema": _blob({**_doc([]), "schema": 99}, IDS),
+    "generation bomb": _blob({**_doc([]), "mode": "generate",
+                              "generate": {"max_new_tokens": 10**9}}, IDS),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_payload_refused_and_service_unharmed(served, lab_model, name, capsys):
+    with served.client("intervene") as c:
+        r = c.post(f"/v1/models/{MODEL}/run", content=HOSTILE[name])
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        body = r.json()
+        assert body["error"] and body["message"]
+        assert "pwned" not in capsys.readouterr().out
+        # a following good request works
+        ok = c.post(f"/v1/models/{MODEL}/run", content=_good_blob(lab_model))
+        assert ok.status_code == 200
+
+
+def _good_blob(model):
+    tr = model.trace("hello")
+    model._push(tr)
+    try:
+        model.output.logits[:, -1].save()
+    finally:
+        model._pop(tr)
+    return encode_plan(tr.plan())
+
+
+def test_oversized_body_refused_before_reading_it_all(served):
+    with served.client("admin") as c:
+        limit = served.gateway.config.max_body_bytes
+        r = c.post(f"/v1/models/{MODEL}/run", content=b"\x00" * (limit + 1))
+        assert r.status_code == 413 and r.json()["error"] == "PayloadTooLargeError"
+        assert c.post(f"/v1/models/{MODEL}/run", content=b"").status_code == 400
+        assert c.post("/v1/models/../../etc/run", content=b"x").status_code == 404
+        assert c.post("/v1/models/no-such-model/run", content=b"x").status_code == 404
+
+
+def test_tier_limits_apply(served, lab_model):
+    """The query tier may send fewer invokes than the engine allows (its Limits)."""
+    tr = lab_model.trace()
+    for _ in range(served.gateway.config.tier_limits["query"].max_invokes + 1):
+        with tr.invoke("hello"):
+            pass
+    blob = encode_plan(tr.plan())
+    with served.client("query") as c:
+        r = c.post(f"/v1/models/{MODEL}/run", content=blob)
+    assert r.status_code == 413 and r.json()["error"] == "LimitError", r.text
+    with served.client("inspect") as c:
+        assert c.post(f"/v1/models/{MODEL}/run", content=blob).status_code == 200
+
+
+# -- fuzzing the decoder ---------------------------------------------------------------------------
+def _check_decode(blob: bytes) -> None:
+    try:
+        plan = decode_plan(blob)
+    except SchemaError:
+        return
+    assert isinstance(plan, Plan)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["$ref", "$tensor", "in0", "point", "save", "output", ""]),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["$ref", "$tensor", "$slice", "$tuple", "$dict",
+                                       "$dtype", "$float", "$ellipsis", "id", "op", "args",
+                                       "kwargs", "path", "io", "invoke", "steps", "x"]),
+                      children, max_size=3),
+    max_leaves=20)
+
+node_docs = st.fixed_dictionaries(
+    {"id": st.integers(-3, 5) | st.text(max_size=2),
+     "op": st.sampled_from(["point", "save", "getitem", "add", "set_point", "nope", 3])},
+    optional={"args": json_values, "kwargs": json_values, "path": json_values,
+              "io": json_values, "invoke": json_values, "steps": json_values,
+              "line": json_values})
+
+plan_docs = st.fixed_dictionaries(
+    {"schema": st.sampled_from([1, 1, 1, 2, "1", None])},
+    optional={"model": json_values, "model_version": json_values,
+              "mode": st.sampled_from(["trace", "generate", "x"]) | json_values,
+              "invokes": st.lists(st.fixed_dictionaries(
+                  {"kind": st.sampled_from(["tokens", "embeds", "x"]),
+                   "tensors": st.lists(st.sampled_from(["in0", "zz"]) | json_values,
+                                       max_size=2)}), max_size=2) | json_values,
+              "nodes": st.lists(node_docs, max_size=5) | json_values,
+              "generate": json_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes(blob):
+    _check_decode(blob)
+    _check_decode(len(blob).to_bytes(8, "little") + blob)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(plan_docs)
+def test_fuzz_random_plan_documents(doc):
+    try:
+        meta = json.dumps(doc)
+    except (ValueError, OverflowError):
+        return
+    _check_decode(st_save({"in0": torch.tensor([1, 2])}, metadata={"tpmlab": meta}))
+    _check_decode(st_save({}, metadata={"tpmlab": meta}))
