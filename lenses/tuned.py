@@ -156,9 +156,10 @@ class Head:
         with model.trace(input_ids=torch.tensor([0])):
             norm_p = {n: model.final_norm.param(n).save() for n in norm_names}
             head_p = {n: _param(model, a.unembed, n).save() for n in head_names}
-        self.norm_params = {n: p.value.float() for n, p in norm_p.items()}
-        self.weight = head_p["weight"].value.float()
-        self.bias = head_p["bias"].value.float() if "bias" in head_p else None
+        # clones: values from an in-process engine may be inference tensors, unusable by autograd
+        self.norm_params = {n: p.value.float().clone() for n, p in norm_p.items()}
+        self.weight = head_p["weight"].value.float().clone()
+        self.bias = head_p["bias"].value.float().clone() if "bias" in head_p else None
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(self.norm_module, self.norm_params, (h,))
@@ -232,7 +233,7 @@ def train(model: Any, *, data: dict | None = None, rank: int = 32, steps: int = 
     if data is None:
         data = collect(model, seed=seed, progress=progress, **collect_kw)
     head = Head(model)
-    hidden, final, rows = data["hidden"], data["final"], data["rows"]
+    hidden, final, rows = data["hidden"].clone(), data["final"].clone(), data["rows"]
     n, n_rows, d = hidden.shape
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
