@@ -1,0 +1,54 @@
+"""The adapter from Dask and tpmlab.cluster facts to the sidebar's JSON (no server)."""
+
+from __future__ import annotations
+
+from tpmlab.server.state import dashboard_link, model_view, worker_view
+
+
+def test_dashboard_link_direct_without_a_proxy_prefix():
+    assert dashboard_link("tcp://10.1.2.3:8786", 8787) == {
+        "url": "http://10.1.2.3:8787/status", "direct": "http://10.1.2.3:8787/status"}
+    assert dashboard_link("tcp://127.0.0.1:8786", None) is None
+
+
+def test_dashboard_link_behind_jupyterhub_uses_the_server_proxy():
+    link = dashboard_link("tcp://127.0.0.1:8786", 8787, hub_prefix="/user/ana/")
+    assert link == {"url": "/user/ana/proxy/8787/status", "direct": "http://127.0.0.1:8787/status"}
+    link = dashboard_link("inproc://192.0.2.2/1/1", 9000, base_url="/lab-base")
+    assert link["url"] == "/lab-base/proxy/9000/status"
+    # a remote scheduler's dashboard is not on this server: link it directly
+    assert dashboard_link("tcp://10.9.9.9:8786", 8787, hub_prefix="/user/ana/")["url"] == \
+        "http://10.9.9.9:8787/status"
+
+
+def test_worker_view_reads_memory_and_gpu_metrics():
+    w = worker_view("tcp://h:1", {
+        "name": "gpu-0", "host": "h", "nthreads": 1, "memory_limit": 100,
+        "metrics": {"memory": 40, "cpu": 2.0, "gpu": {"utilization": 7, "memory-used": 5}},
+        "gpu": {"name": "H100", "memory-total": 80}, "resources": {"GPU": 1}})
+    assert (w["memory"], w["memory_limit"]) == (40, 100)
+    assert w["gpu"] == {"name": "H100", "memory_used": 5, "memory_total": 80, "utilization": 7}
+    assert worker_view("tcp://h:2", {"metrics": {"memory": 1}})["gpu"] is None
+
+
+RECORD = {
+    "info": {"name": "m", "version": "v" * 16, "family": "llama", "dtype": "float32",
+             "stage_workers": ["tcp://a", "tcp://b"],
+             "extra": {"stage_layers": [[0, 3], [4, 7]], "stage_bytes": [10, 12]}},
+    "slots": [["tcp://a", "cpu"], ["tcp://b", "cpu"]],
+}
+
+
+def test_model_view_maps_stages_to_workers_and_layers():
+    m = model_view(RECORD, {"tcp://a", "tcp://b"})
+    assert m["health"] == "ok" and m["n_layers"] == 8
+    assert [(s["worker"], s["layers"], s["bytes"]) for s in m["stages"]] == [
+        ("tcp://a", [0, 3], 10), ("tcp://b", [4, 7], 12)]
+
+
+def test_model_view_marks_lost_and_silent_stages():
+    m = model_view(RECORD, {"tcp://a"})
+    assert [s["health"] for s in m["stages"]] == ["ok", "lost"] and m["health"] == "lost"
+    m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[{"requests": 2}, None])
+    assert [s["health"] for s in m["stages"]] == ["ok", "unresponsive"]
+    assert m["health"] == "degraded" and m["stages"][0]["requests"] == 2

@@ -1,0 +1,380 @@
+"""What the sidebar shows, collected from a Dask cluster and tpmlab's deployment registry.
+
+This is the only module of the server extension that knows how :mod:`tpmlab.cluster`
+stores its deployments; the handlers and the frontend see plain JSON (documented in
+``docs/rest-api.md``). Everything here is blocking (a synchronous
+:class:`distributed.Client`) and is meant to run on :class:`ClusterState`'s own worker
+thread, never on the Jupyter server's event loop.
+
+Which cluster: ``address`` (a scheduler, e.g. ``"tcp://10.0.0.5:8786"``), else none
+until the first deploy action, which starts the embedded cluster with
+``tpmlab.connect()`` (a ``LocalCluster`` of worker processes, dashboard on a free port).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tpmlab:"  # mirrors tpmlab.cluster.registry.PREFIX (imported when available)
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1", ""}
+STAGE_PROBE_TIMEOUT = 2.0  # seconds to ask one stage actor for its memory and requests
+
+
+@dataclass
+class PendingDeploy:
+    """A deploy action in progress (or failed) on the server."""
+
+    name: str
+    stages: int
+    started: float = field(default_factory=time.time)
+    error: str | None = None
+
+
+def dashboard_link(scheduler_address: str | None, port: int | None, *, base_url: str = "/",
+                   hub_prefix: str | None = None) -> dict[str, str] | None:
+    """Where the browser finds the Dask dashboard.
+
+    ``{"url": ..., "direct": ...}``: ``direct`` is ``http://host:port/status``; ``url`` is the
+    link to open. Behind JupyterHub (``hub_prefix`` = ``JUPYTERHUB_SERVICE_PREFIX``) or a
+    server with a ``base_url`` other than ``/``, a dashboard on this machine is reached through
+    jupyter-server-proxy at ``<prefix>proxy/<port>/status``, as dask-labextension does.
+    """
+    if not port:
+        return None
+    parsed = urlparse(scheduler_address or "")
+    # An in-process scheduler (inproc://) serves its dashboard on this machine.
+    host = "127.0.0.1" if parsed.scheme in ("", "inproc") else (parsed.hostname or "127.0.0.1")
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    direct = f"http://{shown}:{port}/status"
+    prefix = hub_prefix or (base_url if base_url and base_url != "/" else None)
+    local = host in LOCAL_HOSTS or host in _own_names()
+    if prefix and local:
+        prefix = prefix if prefix.endswith("/") else prefix + "/"
+        return {"url": f"{prefix}proxy/{port}/status", "direct": direct}
+    return {"url": direct, "direct": direct}
+
+
+def _own_names() -> set[str]:
+    names = {socket.gethostname()}
+    try:
+        names.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return names
+
+
+def worker_view(address: str, w: dict[str, Any]) -> dict[str, Any]:
+    """One worker, from the scheduler's ``scheduler_info()["workers"][address]``."""
+    metrics = w.get("metrics") or {}
+    gpu_metrics = metrics.get("gpu") or {}
+    gpu_info = w.get("gpu") or {}
+    gpu = None
+    if gpu_metrics or gpu_info:
+        gpu = {"name": gpu_info.get("name"),
+               "memory_used": gpu_metrics.get("memory-used"),
+               "memory_total": gpu_info.get("memory-total"),
+               "utilization": gpu_metrics.get("utilization")}
+    return {
+        "address": address,
+        "name": str(w.get("name", address)),
+        "host": w.get("host"),
+        "nthreads": w.get("nthreads"),
+        "memory": metrics.get("memory"),
+        "memory_limit": w.get("memory_limit"),
+        "cpu": metrics.get("cpu"),
+        "executing": metrics.get("task_counts", {}).get("executing", metrics.get("executing")),
+        "resources": w.get("resources") or {},
+        "gpu": gpu,
+        "status": w.get("status"),
+    }
+
+
+def model_view(record: dict[str, Any], live: set[str],
+               probes: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """One deployment, from the record tpmlab.cluster publishes on the scheduler.
+
+    ``live``: the workers the scheduler knows now (a stage on any other worker is lost).
+    ``probes``: per stage, what its actor answered to ``memory()`` (``None`` where it did not
+    answer); ``probes=None``: the stages were not asked, health is judged by their workers.
+    """
+    info = record.get("info") or {}
+    extra = info.get("extra") or {}
+    slots = record.get("slots") or [[w, None] for w in info.get("stage_workers", [])]
+    spans = record.get("spans") or []
+    layers = extra.get("stage_layers") or [[s.get("first"), s.get("last")] for s in spans]
+    stage_bytes = extra.get("stage_bytes") or [s.get("nbytes") for s in spans]
+    stages = []
+    for k, slot in enumerate(slots):
+        worker, device = (slot + [None, None])[:2]
+        first, last = (layers[k] if k < len(layers) else [None, None])
+        probe = probes[k] if probes is not None and k < len(probes) else None
+        alive = worker in live
+        if not alive:
+            stage_health = "lost"
+        elif probes is not None and probe is None:
+            stage_health = "unresponsive"  # its worker is up but the stage did not answer
+        else:
+            stage_health = "ok"
+        stages.append({
+            "index": k,
+            "worker": worker,
+            "device": device,
+            "layers": [first, last],
+            "bytes": stage_bytes[k] if k < len(stage_bytes) else None,
+            "health": stage_health,
+            "requests": None if probe is None else probe.get("requests"),
+            "rss": None if probe is None else probe.get("rss"),
+            "gpu_allocated": None if probe is None else probe.get("cuda_allocated"),
+        })
+    healths = {s["health"] for s in stages}
+    health = "ok" if healths <= {"ok"} else ("lost" if "lost" in healths else "degraded")
+    return {
+        "name": info.get("name"),
+        "version": info.get("version"),
+        "family": info.get("family"),
+        "dtype": info.get("dtype"),
+        "n_layers": _n_layers(layers),
+        "stages": stages,
+        "health": health,
+        "state": "deployed",
+        "error": None,
+    }
+
+
+def _n_layers(layers: list[list[int | None]]) -> int | None:
+    lasts = [last for _, last in layers if last is not None]
+    return max(lasts) + 1 if lasts else None
+
+
+class ClusterState:
+    """Collects the sidebar's status; owns the server's Dask client (and, after an embedded
+    deploy, the embedded cluster). All public methods block: call them from a thread."""
+
+    def __init__(self, address: str | None = None, *, base_url: str = "/",
+                 hub_prefix: str | None = None, connect_timeout: float = 10.0,
+                 embedded_options: dict[str, Any] | None = None) -> None:
+        self.address = address or None
+        self.base_url = base_url
+        self.hub_prefix = hub_prefix
+        self.connect_timeout = connect_timeout
+        self.embedded_options = dict(embedded_options or {})
+        self.client: Any = None
+        self.lab: Any = None  # a tpmlab Lab, created on the first deploy action
+        self.pending: dict[str, PendingDeploy] = {}
+        self._lock = threading.RLock()
+
+    # -- connection --------------------------------------------------------------------------------
+    def _client(self) -> Any:
+        if self.client is not None and self.client.status == "running":
+            return self.client
+        if self.lab is not None and hasattr(self.lab.backend, "client"):
+            self.client = self.lab.backend.client
+            return self.client
+        if not self.address:
+            return None
+        from distributed import Client
+
+        self.client = Client(self.address, timeout=self.connect_timeout, set_as_default=False)
+        return self.client
+
+    def _backend(self) -> Any:
+        """The tpmlab backend that deploys from the server (attaching or embedded)."""
+        if self.lab is None:
+            import tpmlab
+
+            if self.address:  # share the status client: one connection per server
+                self.lab = tpmlab.connect(self.address, client=self._client())
+            else:
+                opts = {"dashboard_address": "127.0.0.1:0", **self.embedded_options}
+                self.lab = tpmlab.connect(**opts)
+            self.client = getattr(self.lab.backend, "client", None)
+        return self.lab.backend
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self, user: str | None = None) -> dict[str, Any]:
+        """Everything the sidebar shows (see docs/rest-api.md, ``GET /tpmlab/api/status``)."""
+        with self._lock:
+            out: dict[str, Any] = {"time": time.time(), "cluster": None, "models": [],
+                                   "requests": None, "usage": None, "errors": []}
+            try:
+                client = self._client()
+            except Exception as e:
+                out["errors"].append(f"cannot reach the scheduler {self.address}: "
+                                     f"{type(e).__name__}: {e}")
+                client = None
+            if client is None:
+                out["cluster"] = {"connected": False, "address": self.address,
+                                  "embedded": self.address is None, "workers": [],
+                                  "dashboard": None}
+            else:
+                try:
+                    out["cluster"] = self._cluster(client)
+                    out["models"] = self._models(client, set(out["cluster"]["addresses"]))
+                    out["requests"] = _requests(out["models"])
+                except Exception as e:
+                    log.debug("status failed", exc_info=True)
+                    out["errors"].append(f"{type(e).__name__}: {e}")
+                    out["cluster"] = {"connected": False, "address": self.address,
+                                      "embedded": self.address is None, "workers": [],
+                                      "dashboard": None}
+            out["models"] += [self._pending_view(p) for p in self.pending.values()
+                              if p.name not in {m["name"] for m in out["models"]}]
+            out["usage"] = gateway_usage(user)
+            return out
+
+    def _cluster(self, client: Any) -> dict[str, Any]:
+        info = client.scheduler_info(n_workers=-1)
+        workers = info.get("workers", {})
+        port = (info.get("services") or {}).get("dashboard")
+        address = info.get("address") or getattr(client.scheduler, "address", None)
+        return {
+            "connected": True,
+            "address": address,
+            "embedded": self.address is None,
+            "workers": [worker_view(a, w) for a, w in sorted(workers.items())],
+            "addresses": sorted(workers),
+            "total_memory": sum(w.get("memory_limit") or 0 for w in workers.values()),
+            "dashboard": dashboard_link(address, port, base_url=self.base_url,
+                                        hub_prefix=self.hub_prefix),
+        }
+
+    def _models(self, client: Any, live: set[str]) -> list[dict[str, Any]]:
+        models = []
+        for _key, record in sorted(_records(client).items()):
+            probes = _probe_stages(record)
+            models.append(model_view(record, live, probes))
+        return models
+
+    @staticmethod
+    def _pending_view(p: PendingDeploy) -> dict[str, Any]:
+        return {"name": p.name, "version": None, "family": None, "dtype": None,
+                "n_layers": None, "stages": [], "health": "failed" if p.error else "deploying",
+                "state": "failed" if p.error else "deploying", "error": p.error,
+                "requested_stages": p.stages}
+
+    # -- actions -----------------------------------------------------------------------------------
+    def available(self) -> list[str]:
+        try:
+            from tpmlab.models import available_models
+
+            return list(available_models())
+        except Exception:
+            return []
+
+    def begin_deploy(self, name: str, stages: int) -> PendingDeploy:
+        with self._lock:
+            p = self.pending[name] = PendingDeploy(name, stages)
+            return p
+
+    def deploy(self, name: str, stages: int) -> None:
+        """Deploy ``name`` as ``stages`` pipeline stages (blocks until loaded); on failure the
+        error stays visible in the status until the next deploy or undeploy of ``name``."""
+        p = self.pending.get(name) or self.begin_deploy(name, stages)
+        try:
+            backend = self._backend()
+            backend.deploy(name, stages=stages)
+            with self._lock:
+                self.pending.pop(name, None)
+        except Exception as e:
+            log.warning("deploying %s failed:\n%s", name, traceback.format_exc())
+            p.error = f"{type(e).__name__}: {e}"
+
+    def undeploy(self, name: str) -> list[str]:
+        """Remove ``name`` from the cluster (every version published under it). Clients that
+        still hold its stages keep them until they let go. Returns the removed keys."""
+        with self._lock:
+            removed = []
+            if self.pending.pop(name, None) is not None:
+                removed.append(name)
+            client = self._client()
+            keys = [] if client is None else [
+                key for key, record in _records(client).items()
+                if (record.get("info") or {}).get("name") == name]
+            if self.lab is not None:  # drop the server's own hold first (it may own them)
+                self.lab.models.pop(name, None)
+                try:
+                    self.lab.backend.undeploy(name)
+                except Exception:
+                    log.debug("backend undeploy", exc_info=True)
+            for key in keys:
+                if key in client.list_datasets():
+                    client.unpublish_dataset(key)
+                removed.append(key)
+            return removed
+
+    def close(self) -> None:
+        with self._lock:
+            if self.lab is not None:
+                try:
+                    self.lab.close()
+                except Exception:
+                    log.debug("closing the lab", exc_info=True)
+                self.lab = None
+            if self.client is not None:
+                try:
+                    self.client.close()
+                except Exception:
+                    pass
+                self.client = None
+
+
+def _records(client: Any) -> dict[str, dict[str, Any]]:
+    try:
+        from tpmlab.cluster import registry
+    except ImportError:  # no cluster support installed: nothing is deployed
+        return {}
+    return registry.all_records(client)
+
+
+def _probe_stages(record: dict[str, Any]) -> list[dict[str, Any] | None] | None:
+    """Ask each stage actor for its memory and running requests; ``None`` where it doesn't answer."""
+    if not record.get("futures"):
+        return None
+    out: list[dict[str, Any] | None] = []
+    for f in record.get("futures") or []:
+        try:
+            actor = f.result(timeout=STAGE_PROBE_TIMEOUT)
+            out.append(actor.memory().result(timeout=STAGE_PROBE_TIMEOUT))
+        except Exception:
+            out.append(None)
+    return out
+
+
+def _requests(models: list[dict[str, Any]]) -> dict[str, Any]:
+    """Requests in flight per model, as the stages report them (queued ones are known only to
+    a gateway)."""
+    running = []
+    for m in models:
+        counts = [s["requests"] for s in m["stages"] if s["requests"] is not None]
+        if counts:
+            running.append({"model": m["name"], "running": max(counts),
+                            "per_stage": [s["requests"] for s in m["stages"]]})
+    return {"running": running, "queued": None}
+
+
+def gateway_usage(user: str | None) -> dict[str, Any] | None:
+    """The user's usage and quota when a gateway is installed and exposes ``usage(user)``
+    (expected keys: ``used``, ``quota``, ``unit``, optional ``queued``); else ``None``."""
+    if os.environ.get("TPMLAB_GATEWAY_DISABLED"):
+        return None
+    try:
+        from tpmlab import gateway
+    except ImportError:
+        return None
+    fn = getattr(gateway, "usage", None)
+    if fn is None:
+        return None
+    try:
+        return fn(user)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
