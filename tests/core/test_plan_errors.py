@@ -188,3 +188,12 @@ def test_default_model_says_paris(default_model):
     with default_model.trace(PROMPT):
         top = default_model.output.logits[:, -1].argmax(-1).save()
     assert default_model.tokenizer.decode(top.value) == " Paris"
+
+
+@pytest.mark.slow
+def test_tied_unembedding_weight_is_readable_by_both_names(default_model):
+    with default_model.trace(PROMPT):
+        w_u = default_model.unembed.param("weight")
+        w_e = default_model.embed.param("weight")
+        same = (w_u == w_e).all().save()
+    assert bool(same.value)

@@ -191,7 +191,8 @@ class DaskBackend:
             events += d["events"]
             shapes.update(d["shapes"])
         meta = source.meta_model(dtype)
-        params = {n: [list(p.shape), dtype_name(p.dtype)] for n, p in meta.named_parameters()}
+        params = {n: [list(p.shape), dtype_name(p.dtype)]
+                  for n, p in meta.named_parameters(remove_duplicate=False)}
         return ModelInfo(name=name, version=described[0]["version"], family=described[0]["family"],
                          dtype=dtype_name(dtype), events=events, shapes=shapes,
                          modules=[n for n, _ in meta.named_modules()], params=params,

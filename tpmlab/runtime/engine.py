@@ -45,7 +45,9 @@ def plan_digest(plan: Plan) -> str:
 def model_info_for(name: str, model: nn.Module, version: str, family: str) -> ModelInfo:
     """Measure a loaded model's events and shapes (two tiny forward passes)."""
     events, shapes = probe_causal_lm(model)
-    params = {n: [list(p.shape), dtype_name(p.dtype)] for n, p in model.named_parameters()}
+    # Tied weights (lm_head tied to the embedding) are listed under every name they have.
+    params = {n: [list(p.shape), dtype_name(p.dtype)]
+              for n, p in model.named_parameters(remove_duplicate=False)}
     dtype = next(iter(model.parameters())).dtype
     return ModelInfo(name=name, version=version, family=family, dtype=dtype_name(dtype),
                      events=events, shapes=shapes, modules=[n for n, _ in model.named_modules()],
