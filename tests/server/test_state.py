@@ -52,3 +52,9 @@ def test_model_view_marks_lost_and_silent_stages():
     m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[{"requests": 2}, None])
     assert [s["health"] for s in m["stages"]] == ["ok", "unresponsive"]
     assert m["health"] == "degraded" and m["stages"][0]["requests"] == 2
+
+
+def test_a_slow_stage_probe_is_not_a_health_problem():
+    m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[{"timeout": True}, {"requests": 0}])
+    assert [s["health"] for s in m["stages"]] == ["ok", "ok"]
+    assert [s["answered"] for s in m["stages"]] == [False, True]

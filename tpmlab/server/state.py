@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import traceback
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -104,8 +105,10 @@ def model_view(record: dict[str, Any], live: set[str],
     """One deployment, from the record tpmlab.cluster publishes on the scheduler.
 
     ``live``: the workers the scheduler knows now (a stage on any other worker is lost).
-    ``probes``: per stage, what its actor answered to ``memory()`` (``None`` where it did not
-    answer); ``probes=None``: the stages were not asked, health is judged by their workers.
+    ``probes``: per stage, what its actor answered to ``memory()``: ``None`` where the call
+    failed (the stage is "unresponsive"), ``{"timeout": True}`` where it was slow (a busy or
+    first-contacted stage is not unhealthy: health is judged by its worker);
+    ``probes=None``: the stages were not asked, health is judged by their workers.
     """
     info = record.get("info") or {}
     extra = info.get("extra") or {}
@@ -122,7 +125,7 @@ def model_view(record: dict[str, Any], live: set[str],
         if not alive:
             stage_health = "lost"
         elif probes is not None and probe is None:
-            stage_health = "unresponsive"  # its worker is up but the stage did not answer
+            stage_health = "unresponsive"  # its worker is up but the stage's actor failed
         else:
             stage_health = "ok"
         stages.append({
@@ -133,6 +136,7 @@ def model_view(record: dict[str, Any], live: set[str],
             "bytes": stage_bytes[k] if k < len(stage_bytes) else None,
             "health": stage_health,
             "requests": None if probe is None else probe.get("requests"),
+            "answered": probe is not None and not probe.get("timeout"),
             "rss": None if probe is None else probe.get("rss"),
             "gpu_allocated": None if probe is None else probe.get("cuda_allocated"),
         })
@@ -250,9 +254,11 @@ class ClusterState:
 
     def _models(self, client: Any, live: set[str]) -> list[dict[str, Any]]:
         models = []
-        for _key, record in sorted(_records(client).items()):
-            probes = _probe_stages(record)
-            models.append(model_view(record, live, probes))
+        # Stage actors unpickled from the registry look for "the current client" to call.
+        with client.as_current():
+            for _key, record in sorted(_records(client).items()):
+                probes = _probe_stages(record)
+                models.append(model_view(record, live, probes))
         return models
 
     @staticmethod
@@ -345,7 +351,10 @@ def _probe_stages(record: dict[str, Any]) -> list[dict[str, Any] | None] | None:
         try:
             actor = f.result(timeout=STAGE_PROBE_TIMEOUT)
             out.append(actor.memory().result(timeout=STAGE_PROBE_TIMEOUT))
+        except (TimeoutError, FuturesTimeout):
+            out.append({"timeout": True})
         except Exception:
+            log.debug("stage probe failed", exc_info=True)
             out.append(None)
     return out
 
