@@ -30,7 +30,6 @@ from ..ir.codec import decode_plan, decode_result, encode_plan, encode_result
 from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
-from ..ir.schedule import build_schedule
 from ..ir.validate import Limits
 from ..runtime.engine import plan_digest
 from .errors import (
@@ -409,11 +408,9 @@ class Gateway:
 
 def _validate(plan: Plan, dep: Deployed, limits: Limits) -> tuple[Any, int]:
     """:func:`tpmlab.ir.validate.validate`, also returning the bytes the plan saves."""
-    from ..ir import validate as v
+    from ..ir.validate import inspect_plan
 
-    v._check_structure(plan, dep.info, limits)
-    schedule = build_schedule(plan, dep.info)
-    saved = v._check_shapes(plan, dep.info, limits, dep.meta_modules.get)
+    schedule, saved = inspect_plan(plan, dep.info, limits=limits, meta_module=dep.meta_modules.get)
     if saved > limits.max_saved_bytes:
         raise LimitError(f"the plan saves {saved:,} bytes, over your tier's limit of "
                          f"{limits.max_saved_bytes:,} bytes")

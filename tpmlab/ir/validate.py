@@ -59,12 +59,21 @@ class _Unknown:
 UNKNOWN = _Unknown()
 
 
+def inspect_plan(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
+                 meta_module: Callable[[str], torch.nn.Module | None] | None = None
+                 ) -> tuple[Schedule, int]:
+    """Every check of :func:`validate` but the saved-bytes limit; returns the schedule and the
+    bytes the plan will save (an upper bound where shapes are unknown: those count 8 bytes),
+    for callers that price or limit saves themselves."""
+    _check_structure(plan, info, limits)
+    schedule = build_schedule(plan, info)
+    return schedule, _check_shapes(plan, info, limits, meta_module)
+
+
 def validate(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
              meta_module: Callable[[str], torch.nn.Module | None] | None = None) -> Schedule:
     """Check ``plan`` against ``info``; return its :class:`Schedule` or raise a :class:`PlanError`."""
-    _check_structure(plan, info, limits)
-    schedule = build_schedule(plan, info)
-    saved = _check_shapes(plan, info, limits, meta_module)
+    schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module)
     if saved > limits.max_saved_bytes:
         raise LimitError(f"the plan saves {saved:,} bytes, over the limit of "
                          f"{limits.max_saved_bytes:,} bytes")
