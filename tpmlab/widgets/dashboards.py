@@ -287,19 +287,14 @@ class LensDashboard:
 
 
 def _sync(fw: Any, fig: Any) -> None:
-    """Make FigureWidget ``fw`` show ``fig`` (traces updated in place when they match)."""
+    """Make FigureWidget ``fw`` show ``fig``. Traces are replaced, not updated, so that
+    properties one view sets and the next leaves out (``zmin``, ``zmid``) do not linger."""
     new = fig.to_dict()
-    same = len(fw.data) == len(new["data"]) and all(
-        a.type == b.get("type", "scatter") for a, b in zip(fw.data, new["data"]))
-    if not same:
-        fw.data = []
-        if new["data"]:
-            fw.add_traces(new["data"])
     with fw.batch_update():
-        if same:
-            for trace, spec in zip(fw.data, new["data"]):
-                trace.update(spec, overwrite=True)
         fw.layout = new["layout"]
+    fw.data = []
+    if new["data"]:
+        fw.add_traces(new["data"])
 
 
 def _options(labels: list[str]) -> list[tuple[str, int]]:

@@ -62,6 +62,7 @@ def heatmap_layout(view: HeatmapView, *, height: int | None = None) -> dict[str,
         "yaxis": {"title": {"text": view.y_title}, "type": "category", "tickfont": {"size": 10}},
         "shapes": _selection_shapes(view),
         "height": height or max(320, min(900, 110 + 18 * rows)),
+        "width": max(560, min(1000, 190 + 58 * cols)),
         "margin": {"l": 60, "r": 20, "t": 40, "b": 80},
         "plot_bgcolor": "white", "template": "plotly_white", "clickmode": "event",
     }
