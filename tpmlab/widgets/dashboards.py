@@ -270,7 +270,9 @@ class LensDashboard:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        live = dict(self.widget._repr_mimebundle_())
+        live["text/plain"] = f"<{self.title} dashboard: live controls, shown with a running kernel>"
+        display(live, raw=True)
         fig = self.current_figure()
         detail = self.detail_data() if self.result is not None else None
         self._handles.append((
