@@ -275,6 +275,9 @@ class StageActor:
         validate(plan, self.info, limits=self.limits, meta_module=self._meta_modules().get)
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
+        if "attention_mask" not in kwargs:  # unpadded batch: every stage needs them explicitly
+            kwargs["attention_mask"] = torch.ones(layout.n_rows, layout.seq_len, dtype=torch.long)
+            kwargs["position_ids"] = torch.arange(layout.seq_len).expand(layout.n_rows, -1)
         generate = plan.mode != "trace"
         base = {"req": req, "plan": blob, "layout": layout, "generate": generate, "carry": {},
                 "attention_mask": kwargs["attention_mask"],

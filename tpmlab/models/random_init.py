@@ -83,6 +83,23 @@ LLAMA3_8B: dict[str, Any] = dict(
     tie_word_embeddings=False,
 )
 
+#: the published Llama-2-34B / CodeLlama-34B shape (48 layers, grouped-query attention with
+#: 8 KV heads), ~34B parameters: a model that needs several GPUs in bf16 (~68 GB).
+#: Vocabulary: the default tokenizer's 49152 ids, not the published 32000, so that any
+#: prompt it tokenizes is a valid input.
+LLAMA2_34B: dict[str, Any] = dict(
+    hidden_size=8192,
+    num_hidden_layers=48,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    intermediate_size=22016,
+    vocab_size=49152,
+    rope_theta=1000000.0,
+    max_position_embeddings=16384,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
 
 def _tensor_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -184,4 +201,5 @@ def known_random_models() -> Mapping[str, dict[str, Any]]:
         "tiny-gpt2": dict(family="gpt2"),
         "tiny-gpt-neox": dict(family="gpt_neox"),
         "llama-3-8b-shape": dict(family="llama", **LLAMA3_8B),
+        "llama-2-34b-shape": dict(family="llama", **LLAMA2_34B),
     }
