@@ -123,7 +123,7 @@ export class TpmlabSidebar extends Widget {
     this._modelName = h('input', {
       class: 'jp-tpmlab-input jp-tpmlab-deploy-name',
       list: 'jp-tpmlab-available',
-      placeholder: 'model (e.g. smollm2-135m)',
+      placeholder: 'model to deploy',
       'aria-label': 'model to deploy'
     }) as HTMLInputElement;
     this._available = h('datalist', { id: 'jp-tpmlab-available' }) as HTMLDataListElement;
@@ -205,12 +205,14 @@ export class TpmlabSidebar extends Widget {
 
     const workers = vm.workers.length
       ? table(
-          ['worker', 'memory', 'GPU', 'stages'],
+          ['worker', 'memory', ...(vm.showGpu ? ['GPU memory'] : []), 'stages'],
           vm.workers.map(w => [
             h('span', { title: w.address, class: 'jp-tpmlab-mono' }, w.name),
-            h('div', {}, w.memory, meter(w.memoryFraction)),
-            w.gpu,
-            w.stages.length ? w.stages.join(', ') : h('span', { class: 'jp-tpmlab-dim' }, 'idle')
+            h('div', { class: 'jp-tpmlab-memory' }, w.memory, meter(w.memoryFraction)),
+            ...(vm.showGpu ? [w.gpu] : []),
+            w.stages.length
+              ? h('span', {}, w.stages.map(s => h('span', { class: 'jp-tpmlab-chip' }, s)))
+              : h('span', { class: 'jp-tpmlab-dim' }, 'idle')
           ]),
           'jp-tpmlab-workers'
         )
@@ -249,14 +251,14 @@ export class TpmlabSidebar extends Widget {
               m.error ? h('div', { class: 'jp-tpmlab-note jp-tpmlab-tone-error' }, m.error) : null,
               m.stages.length
                 ? table(
-                    ['stage', 'layers', 'worker', 'device', 'size', 'req', ''],
+                    ['#', 'layers', 'worker', ...(m.showDevice ? ['device'] : []), 'size', 'req', ''],
                     m.stages.map(s => [
                       s.label,
                       s.layers,
-                      h('span', { class: 'jp-tpmlab-mono' }, s.worker),
-                      s.device,
+                      h('span', { class: 'jp-tpmlab-mono', title: `device ${s.device}` }, s.worker),
+                      ...(m.showDevice ? [s.device] : []),
                       s.size,
-                      s.requests,
+                      h('span', { title: 'requests in flight on this stage' }, s.requests),
                       h('span', {
                         class: `jp-tpmlab-dot jp-tpmlab-tone-${s.tone}`,
                         title: s.health
@@ -270,7 +272,7 @@ export class TpmlabSidebar extends Widget {
                 { class: 'jp-tpmlab-model-actions' },
                 m.deployed
                   ? button(
-                      'Lens in notebook',
+                      'Insert lens',
                       'Insert a cell opening the lens dashboard into the active notebook',
                       () => void this.actions.openLens(m.name, this._lens.value, false),
                       'jp-tpmlab-lens-cell'
@@ -278,7 +280,7 @@ export class TpmlabSidebar extends Widget {
                   : null,
                 m.deployed
                   ? button(
-                      'New lens notebook',
+                      'Lens notebook',
                       'Create a notebook that opens the lens dashboard',
                       () => void this.actions.openLens(m.name, this._lens.value, true),
                       'jp-tpmlab-lens-notebook'
@@ -300,14 +302,22 @@ export class TpmlabSidebar extends Widget {
       section(
         'Requests',
         h(
-          'div',
-          { class: 'jp-tpmlab-kv' },
-          h('span', { class: 'jp-tpmlab-dim' }, 'running'),
-          vm.running.length
-            ? vm.running.map(r => h('span', { class: 'jp-tpmlab-chip' }, `${r.model}: ${r.count}`))
-            : h('span', {}, '0'),
-          h('span', { class: 'jp-tpmlab-dim' }, 'queued'),
-          h('span', {}, vm.queued)
+          'dl',
+          { class: 'jp-tpmlab-dl' },
+          h('dt', {}, 'running'),
+          h(
+            'dd',
+            {},
+            vm.running.length
+              ? vm.running.map(r => h('span', { class: 'jp-tpmlab-chip' }, `${r.model}: ${r.count}`))
+              : '0'
+          ),
+          h('dt', {}, 'queued'),
+          h(
+            'dd',
+            { title: vm.queued === '–' ? 'queues are kept by a gateway; none is in use' : '' },
+            vm.queued
+          )
         )
       )
     );

@@ -100,6 +100,8 @@ export interface IStageRow {
 
 export interface IModelView {
   name: string;
+  /** Whether any stage sits on a device other than the CPU (else no device column). */
+  showDevice: boolean;
   version: string;
   versionFull: string;
   detail: string;
@@ -112,6 +114,8 @@ export interface IModelView {
 
 export interface IViewModel {
   connected: boolean;
+  /** Whether any worker reports a GPU (else the GPU column is left out). */
+  showGpu: boolean;
   title: string;
   address: string;
   tone: Tone;
@@ -219,6 +223,7 @@ export function toViewModel(status: IStatusJSON): IViewModel {
         : 'deploy failed';
     return {
       name: m.name,
+      showDevice: m.stages.some(s => !!s.device && s.device !== 'cpu'),
       version: m.version ? m.version.slice(0, 12) : '',
       versionFull: m.version ?? '',
       detail,
@@ -258,6 +263,7 @@ export function toViewModel(status: IStatusJSON): IViewModel {
   const errors = status.errors ?? [];
   return {
     connected,
+    showGpu: workers.some(w => w.gpu !== '–'),
     title: connected
       ? cluster?.embedded
         ? 'Embedded cluster'
@@ -273,7 +279,7 @@ export function toViewModel(status: IStatusJSON): IViewModel {
     workers,
     models,
     running: (status.requests?.running ?? []).map(r => ({ model: r.model, count: r.running })),
-    queued: queued === null ? 'not tracked without a gateway' : `${queued}`,
+    queued: queued === null ? '–' : `${queued}`,
     usage,
     errors
   };

@@ -114,6 +114,10 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
             context = browser.new_context(viewport={"width": 1280, "height": 800})
             page = context.new_page()
             page.goto(f"{url}/lab?token={token}", timeout=60_000)
+            try:  # JupyterLab asks once whether to fetch news; answer no
+                page.get_by_role("button", name="No", exact=True).click(timeout=10_000)
+            except sync_api.TimeoutError:
+                pass
             tab = page.locator('.jp-SideBar .lm-TabBar-tab[data-id="tpmlab-sidebar"]')
             tab.wait_for(timeout=60_000)
             tab.click()

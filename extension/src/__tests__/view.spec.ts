@@ -102,6 +102,8 @@ describe('toViewModel', () => {
     expect(vm.workers[0].gpu).toBe('–');
     expect(vm.workers[1].gpu).toBe('10.0 GiB / 80.0 GiB');
     expect(vm.workers[0].stages).toEqual(['smollm2-135m[0]']);
+    expect(vm.showGpu).toBe(true);
+    expect(vm.models[0].showDevice).toBe(true);
     expect(vm.workers[1].stages).toEqual(['smollm2-135m[1]']);
   });
 
@@ -122,7 +124,7 @@ describe('toViewModel', () => {
 
   it('reports running requests and says queues need a gateway', () => {
     expect(vm.running).toEqual([{ model: 'smollm2-135m', count: 1 }]);
-    expect(vm.queued).toBe('not tracked without a gateway');
+    expect(vm.queued).toBe('–');
     expect(vm.usage).toBeNull();
   });
 
@@ -145,6 +147,7 @@ describe('toViewModel', () => {
     expect(v.dashboardUrl).toBeNull();
     expect(v.workers).toEqual([]);
     expect(v.tone).toBe('idle');
+    expect(v.showGpu).toBe(false);
   });
 
   it('turns server errors into an error tone', () => {
