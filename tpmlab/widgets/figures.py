@@ -61,7 +61,7 @@ def heatmap_layout(view: HeatmapView, *, height: int | None = None) -> dict[str,
                   "tickfont": {"size": 10}},
         "yaxis": {"title": {"text": view.y_title}, "type": "category", "tickfont": {"size": 10}},
         "shapes": _selection_shapes(view),
-        "height": height or max(320, min(900, 110 + 18 * rows)),
+        "height": height or max(380, min(900, 130 + 20 * rows)),
         "width": max(560, min(1000, 190 + 58 * cols)),
         "margin": {"l": 60, "r": 20, "t": 40, "b": 80},
         "plot_bgcolor": "white", "template": "plotly_white", "clickmode": "event",
@@ -83,16 +83,17 @@ def memory_figure(view: HeatmapView, bars: dict[str, Any]):
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.16,
                         subplot_titles=("", f"P(answer): {bars['title']}"))
     trace = heatmap_trace(view)
-    trace["colorbar"].update(x=0.5, len=0.9)
+    trace["colorbar"].update(x=0.55, len=0.9)
     fig.add_trace(go.Heatmap(**{k: v for k, v in trace.items() if k != "type"}), row=1, col=1)
     fig.add_trace(go.Bar(name="before", x=bars["prompts"], y=bars["before"], marker_color="#9aa5b1"),
                   row=1, col=2)
     fig.add_trace(go.Bar(name="after", x=bars["prompts"], y=bars["after"], marker_color="#2563eb"),
                   row=1, col=2)
     layout = heatmap_layout(view)
-    fig.update_layout(title=layout["title"], shapes=layout["shapes"], height=layout["height"],
+    fig.update_layout(title=layout["title"], shapes=layout["shapes"], height=layout["height"], width=900,
                       margin=layout["margin"], template="plotly_white", barmode="group",
-                      legend={"orientation": "h", "x": 0.62, "y": 1.08}, clickmode="event")
+                      legend={"x": 1.0, "xanchor": "right", "y": 1.0, "bgcolor": "rgba(255,255,255,0.7)"},
+                      clickmode="event")
     fig.update_xaxes(title_text=view.x_title, type="category", row=1, col=1)
     fig.update_yaxes(title_text=view.y_title, type="category", row=1, col=1)
     fig.update_yaxes(title_text="probability", row=1, col=2, rangemode="tozero")
