@@ -28,9 +28,11 @@ def _commit_all(root: str, seed: int) -> list[str]:
 def test_concurrent_processes_do_not_corrupt(tmp_path):
     root = str(tmp_path / "store")
     Store(root)
-    ctx = mp.get_context("fork")
+    # spawn, not fork: the test process may already run threads (torch, a Dask client), and a
+    # forked child can inherit a held lock and hang.
+    ctx = mp.get_context("spawn")
     with ctx.Pool(3) as pool:
-        results = pool.starmap(_commit_all, [(root, s) for s in (1, 2, 3, 1)])
+        results = pool.starmap_async(_commit_all, [(root, s) for s in (1, 2, 3, 1)]).get(timeout=180)
     store = Store(root)
     assert results[0] == results[3]  # the same commits give the same digests
     assert store.verify().ok
