@@ -7,25 +7,27 @@ class TpmlabError(Exception):
     """Base class of every error tpmlab raises deliberately."""
 
 
-class PlanError(TpmlabError):
-    """A plan that cannot run: raised before anything runs where possible.
-
-    ``node`` is the id of the plan node at fault, ``line`` the user's source line
-    that created it ("file:lineno: code"), when known.
-    """
+class _Located(TpmlabError):
+    """An error about one plan node: the message ends with the node and the user's line."""
 
     def __init__(self, message: str, *, node: int | None = None, op: str | None = None,
                  line: str | None = None) -> None:
         self.message = message
-        self.node = node
-        self.op = op
-        self.line = line
+        self.node, self.op, self.line = node, op, line
         where = ""
         if node is not None:
             where = f"node {node}" + (f" ({op})" if op else "")
         if line:
             where += (", " if where else "") + f"at {line}"
         super().__init__(f"{message} [{where}]" if where else message)
+
+
+class PlanError(_Located):
+    """A plan that cannot run: raised before anything runs where possible.
+
+    ``node`` is the id of the plan node at fault, ``line`` the user's source line
+    that created it ("file:lineno: code"), when known.
+    """
 
 
 class UnknownOpError(PlanError):
@@ -52,18 +54,8 @@ class SchemaError(PlanError):
     """The serialized plan is malformed or of an unsupported schema version."""
 
 
-class ExecutionError(TpmlabError):
+class ExecutionError(_Located):
     """The plan was valid but failed while running; the model is left as it was."""
-
-    def __init__(self, message: str, *, node: int | None = None, op: str | None = None,
-                 line: str | None = None) -> None:
-        self.node, self.op, self.line = node, op, line
-        where = ""
-        if node is not None:
-            where = f"node {node}" + (f" ({op})" if op else "")
-        if line:
-            where += (", " if where else "") + f"at {line}"
-        super().__init__(f"{message} [{where}]" if where else message)
 
 
 class RequestTimeoutError(TpmlabError, TimeoutError):
