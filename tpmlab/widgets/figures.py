@@ -80,20 +80,20 @@ def memory_figure(view: HeatmapView, bars: dict[str, Any]):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.16,
-                        subplot_titles=("", f"P(answer): {bars['title']}"))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.22,
+                        subplot_titles=("", f"P(answer) at {bars['title']}: before (grey), after (blue)"))
     trace = heatmap_trace(view)
-    trace["colorbar"].update(x=0.55, len=0.9)
+    trace["colorbar"].update(x=0.49, len=0.9)
     fig.add_trace(go.Heatmap(**{k: v for k, v in trace.items() if k != "type"}), row=1, col=1)
     fig.add_trace(go.Bar(name="before", x=bars["prompts"], y=bars["before"], marker_color="#9aa5b1"),
                   row=1, col=2)
     fig.add_trace(go.Bar(name="after", x=bars["prompts"], y=bars["after"], marker_color="#2563eb"),
                   row=1, col=2)
     layout = heatmap_layout(view)
+    fig.layout.annotations[0].font.size = 12
     fig.update_layout(title=layout["title"], shapes=layout["shapes"], height=layout["height"], width=900,
                       margin=layout["margin"], template="plotly_white", barmode="group",
-                      legend={"x": 1.0, "xanchor": "right", "y": 1.0, "bgcolor": "rgba(255,255,255,0.7)"},
-                      clickmode="event")
+                      showlegend=False, clickmode="event")
     fig.update_xaxes(title_text=view.x_title, type="category", row=1, col=1)
     fig.update_yaxes(title_text=view.y_title, type="category", row=1, col=1)
     fig.update_yaxes(title_text="probability", row=1, col=2, rangemode="tozero")
