@@ -27,7 +27,7 @@ def demo(prompt: str, model_name: str, top_k: int, address: str | None) -> str:
     lines = [f"prompt: {prompt!r}   model: {model.name} ({model.version[:19]})",
              f"{'layer':>5}  " + "  ".join(f"{'top ' + str(i + 1):<{width + 7}}" for i in range(top_k))]
     for i, top in enumerate(tops):
-        values, indices = top.value["values"], top.value["indices"]  # named tuples come back as dicts
+        values, indices = top.value
         cells = [f"{tok.decode([int(t)])!r:<{width}} {float(p):6.1%}"
                  for p, t in zip(values[0], indices[0])]
         lines.append(f"{i:>5}  " + "  ".join(cells))
@@ -36,18 +36,30 @@ def demo(prompt: str, model_name: str, top_k: int, address: str | None) -> str:
 
 
 def lab_command(args: argparse.Namespace) -> int:
-    """Prepare the default model, then start JupyterLab on this machine's loopback."""
-    from .models import resolve
+    """The main job: a local Dask cluster with the default model deployed as pipeline stages,
+    and JupyterLab on this machine's loopback whose kernels and sidebar attach to it."""
+    from .cluster.embedded import start_local_cluster
+    from .lab import connect
 
-    source = resolve(args.model)
-    print(f"tpmlab: preparing {source.name} ...", flush=True)
-    source.load()  # converts and caches the weights on first use
-    notebooks = Path(args.notebook_dir or Path.cwd() / "notebooks")
-    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ip={args.ip}", f"--port={args.port}",
-           f"--notebook-dir={notebooks if notebooks.exists() else Path.cwd()}"]
-    if args.no_browser:
-        cmd.append("--no-browser")
-    return subprocess.call(cmd, env=os.environ.copy())
+    print(f"tpmlab: starting a local Dask cluster and deploying {args.model} "
+          f"as {args.stages} stage(s) ...", flush=True)
+    cluster = start_local_cluster(dashboard_address="127.0.0.1:0")
+    lab = connect(cluster.scheduler_address)
+    try:
+        model = lab.model(args.model, stages=args.stages)
+        print(f"tpmlab: {model!r} on {cluster.scheduler_address}; dashboard "
+              f"{cluster.dashboard_link}", flush=True)
+        notebooks = Path(args.notebook_dir or Path.cwd() / "notebooks")
+        cmd = [sys.executable, "-m", "jupyter", "lab", f"--ip={args.ip}", f"--port={args.port}",
+               f"--notebook-dir={notebooks if notebooks.exists() else Path.cwd()}"]
+        if args.no_browser:
+            cmd.append("--no-browser")
+        # Kernels started by this JupyterLab inherit the address: tpmlab.connect() attaches.
+        env = {**os.environ, "TPMLAB_SCHEDULER": cluster.scheduler_address}
+        return subprocess.call(cmd, env=env)
+    finally:
+        lab.close()
+        cluster.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="a Dask scheduler (tcp://host:port); default: run in this process")
 
-    p = sub.add_parser("lab", help="start JupyterLab with tpmlab and the default model ready")
+    p = sub.add_parser("lab", help="a local Dask cluster with the default model, and JupyterLab")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--stages", type=int, default=2)
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8888)
     p.add_argument("--notebook-dir", default=None)

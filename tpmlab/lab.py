@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .runtime.backend import Backend, LocalBackend
@@ -56,8 +57,9 @@ def connect(address: str | None = None, *, gateway: str | None = None, token: st
             **options: Any) -> Lab:
     """Connect to an engine; every engine gives the same :class:`Lab` API.
 
-    ``connect()``: start an embedded Dask ``LocalCluster`` of worker processes sized to
-    this machine; ``lab.model(name, stages=N)`` splits a model over N of them.
+    ``connect()``: attach to ``$TPMLAB_SCHEDULER`` if set, else start an embedded Dask
+    ``LocalCluster`` of worker processes sized to this machine;
+    ``lab.model(name, stages=N)`` splits a model over N of them.
     ``connect("tcp://host:port")``: attach to a running Dask scheduler whose workers
     hold the pipeline stages (see docs/hpc.md).
     ``connect("local")``: models run whole in this process (no cluster).
@@ -68,6 +70,8 @@ def connect(address: str | None = None, *, gateway: str | None = None, token: st
         from .gateway.client import GatewayBackend
 
         return Lab(GatewayBackend(gateway, token=token, **options))
+    if address is None:  # set by `tpmlab lab` (and by admins) for kernels to share a cluster
+        address = os.environ.get("TPMLAB_SCHEDULER") or None
     if address == "local":
         return Lab(LocalBackend(**options))
     from .cluster import DaskBackend  # the sharded engine

@@ -197,3 +197,14 @@ def test_tied_unembedding_weight_is_readable_by_both_names(default_model):
         w_e = default_model.embed.param("weight")
         same = (w_u == w_e).all().save()
     assert bool(same.value)
+
+
+def test_saved_named_tuples_read_the_same_on_every_path(model):
+    from tpmlab.ir.codec import decode_result, encode_result
+
+    with model.trace(PROMPT):
+        top = model.output.logits[0, -1].topk(3).save()
+    values, indices = top.value
+    assert torch.equal(top.value.values, values) and top.value.indices.shape == (3,)
+    back, _ = decode_result(encode_result({0: top.value}, {}))
+    assert torch.equal(back[0].values, values) and torch.equal(back[0][1], indices)

@@ -7,6 +7,8 @@ know (unknown markers, dtypes, schema versions, over-deep nesting).
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import math
 from typing import Any
@@ -82,8 +84,10 @@ def encode_value(value: Any, tensors: dict[str, torch.Tensor] | None = None, dep
         return {"$tuple": [encode_value(v, tensors, depth + 1) for v in value.items]}
     if isinstance(value, tuple):
         fields = named_fields(value)
-        if fields:  # named tuples (topk, max) come back as dicts of their fields
-            return {"$dict": {f: encode_value(getattr(value, f), tensors, depth + 1) for f in fields}}
+        if fields:  # named tuples (topk, max) keep their field names
+            name = type(value).__name__
+            return {"$record": [name, {f: encode_value(getattr(value, f), tensors, depth + 1)
+                                       for f in fields}]}
         return {"$tuple": [encode_value(v, tensors, depth + 1) for v in value]}
     if isinstance(value, list):
         return [encode_value(v, tensors, depth + 1) for v in value]
@@ -145,7 +149,20 @@ def decode_value(doc: Any, tensors: dict[str, torch.Tensor] | None, *, as_args: 
         if not isinstance(body, dict):
             raise SchemaError("malformed dict")
         return {str(k): sub(v) for k, v in body.items()}
+    if key == "$record" and not as_args:
+        if (not isinstance(body, list) or len(body) != 2 or not isinstance(body[1], dict)
+                or not all(isinstance(k, str) and k.isidentifier() and not k.startswith("_")
+                           for k in body[1])):
+            raise SchemaError("malformed record")
+        return _record_type(str(body[0]), tuple(body[1]))(*(sub(v) for v in body[1].values()))
     raise SchemaError(f"unknown value marker {key!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _record_type(name: str, fields: tuple[str, ...]) -> type:
+    """A named tuple like the one saved (``topk`` -> ``.values``, ``.indices``, or unpacking)."""
+    safe = name if name.isidentifier() and not name.startswith("_") else "record"
+    return collections.namedtuple(safe, fields)
 
 
 # -- plans --------------------------------------------------------------------------------------

@@ -1,0 +1,31 @@
+"""The ``tpmlab`` command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpmlab.cli import build_parser, demo, main
+
+
+def test_demo_prints_one_row_per_layer_with_top_tokens():
+    table = demo("Hello there, general", "tiny-llama", top_k=2, address="local")
+    lines = table.splitlines()
+    assert lines[0].startswith("prompt: 'Hello there, general'")
+    assert "top 1" in lines[1] and "top 2" in lines[1]
+    rows = lines[2:]
+    assert [int(r.split()[0]) for r in rows] == [0, 1, 2, 3]  # tiny-llama has 4 layers
+    assert all(r.count("%") == 2 for r in rows)
+
+
+@pytest.mark.slow
+def test_demo_on_the_default_model_ends_in_paris(capsys):
+    assert main(["demo", "--top-k", "1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.split()[0] == "29" and "' Paris'" in last
+
+
+def test_subcommands_registered():
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices
+    assert {"demo", "lab", "store", "gateway"} <= set(choices)
+    assert parser.parse_args(["lab", "--no-browser"]).stages == 2
