@@ -4,7 +4,10 @@ Runs, in one process and on the same weights: the local executor (whole model in
 process) and the default model split into 2 and 3 stages on a LocalCluster of worker
 processes; times a trace (all 30 layer outputs saved: nothing but what is saved comes
 back) at 16 and 128 tokens and a short greedy generation, and prints each as a ratio
-to local. Also prints each stage worker's memory.
+to local. Also prints where a 16-token trace's time goes (median per phase: stage 0's
+decode/validate/batch, each stage's forward, the saves' host copies, the hop to the
+stage's thread, the wait on the next stage, the client's send/wait/collect/encode)
+and each stage worker's memory.
 
     python benchmarks/cluster_cpu.py [--model smollm2-135m] [--repeats 10]
 """
@@ -54,6 +57,19 @@ def workloads(model, repeats: int) -> dict[str, float]:
             "generate 16+8 tok": timed(generate, max(2, repeats // 3))}
 
 
+def workloads_trace16(model):
+    import torch
+
+    ids = torch.tensor(model.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"])
+    ids = torch.cat([ids, ids])[:16]
+
+    def go():
+        with model.trace(input_ids=ids):
+            for i in range(model.adapter.n_layers):
+                model.layers[i].output.save()
+    return go
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -74,11 +90,16 @@ def main() -> None:
                       dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         lab = Lab(DaskBackend(client=client))
-        memory = {}
+        memory, phases = {}, {}
         for stages in (2, 3):
             lab.undeploy(args.model)
             model = lab.model(args.model, stages=stages)
             rows[f"{stages} stages"] = workloads(model, args.repeats)
+            lab.backend.phases = []
+            timed(workloads_trace16(model), args.repeats)
+            recorded, lab.backend.phases = lab.backend.phases, None
+            phases[stages] = {k: statistics.median(p.get(k, 0.0) for p in recorded)
+                              for k in recorded[0]}
             memory[stages] = lab.backend.memory(args.model)
         lab.close()
 
@@ -88,6 +109,9 @@ def main() -> None:
     for key, row in rows.items():
         cells = "".join(f"{row[n] * 1e3:>17.1f} ({row[n] / rows['local'][n]:4.2f}x)" for n in names)
         print(f"{key:10}{cells}")
+    for stages, ph in phases.items():
+        print(f"\n{stages} stages, trace 16 tok, median phases (ms):")
+        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
     print("\nper-stage worker memory (MB): stage weights / resident / peak resident")
     for stages, mem in memory.items():
         print(f"{stages} stages: " + ", ".join(

@@ -39,11 +39,46 @@ def requests_held(lab, name=MODEL):
     return [s["requests"] for s in lab.backend.memory(name)]
 
 
+def left_behind(lab, name=MODEL):
+    """Per stage: requests' state and saves not yet handed to the client."""
+    return [s["requests"] + s["held"] for s in lab.backend.memory(name)]
+
+
+def test_saves_come_from_every_stage_and_nothing_stays(model, lab, ref_lab):
+    ref = ref_lab.model(MODEL)
+    outs = []
+    for m in (model, ref):
+        with m.trace(PROMPT):
+            first = m.layers[0].output.save()
+            last = m.layers[29].output.save()
+        with m.generate(PROMPT, max_new_tokens=3) as gen:
+            with gen.all():
+                h = m.layers[29].output.save()
+        outs.append([first.value, last.value, h.value])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert left_behind(lab) == [0, 0]
+
+
+def test_late_or_orphan_collect_leaves_nothing(model, lab):
+    dep = lab.backend.deployment(MODEL)
+    # a request aborted before its collect arrives: the collect returns at once
+    dep.actors[0].abort("aborted-early").result(timeout=30)
+    t = time.monotonic()
+    with pytest.raises(ExecutionError, match="aborted"):
+        dep.actors[1].collect(b"junk", "aborted-early", 60).result(timeout=30)
+    assert time.monotonic() - t < 10
+    # a collect whose request never runs (its client went away) ends at its deadline
+    with pytest.raises(RequestTimeoutError):
+        dep.actors[1].collect(b"junk", "never-runs", 0.5).result(timeout=30)
+    assert left_behind(lab) == [0, 0]
+
+
 def test_runtime_error_does_not_poison_stages(model, ref_lab):
     with pytest.raises(ExecutionError, match="out of bounds"):
         with model.trace(PROMPT):
             model.layers[25].output[:, torch.tensor([400])].save()  # fails on stage 1, at run time
-    assert requests_held(model._lab) == [0, 0]
+    assert left_behind(model._lab) == [0, 0]
     torch.testing.assert_close(logits(model), logits(ref_lab.model(MODEL)), atol=1e-4, rtol=1e-4)
 
 
@@ -53,6 +88,7 @@ def test_timeout_is_a_clear_error(model):
             pass
     time.sleep(1.0)
     assert logits(model).shape[-1] == model.adapter.vocab_size
+    assert left_behind(model._lab) == [0, 0]
 
 
 def test_killed_worker_fails_clearly_then_heals(model, lab, ref_lab):

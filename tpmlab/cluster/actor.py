@@ -2,12 +2,21 @@
 
 A request travels down the chain of stage actors, each calling the next one's
 :meth:`StageActor.step` directly from its own worker (no hop through the client
-or the scheduler); the reply travels back the same way and carries only the
-plan's saved values and, while generating, the next tokens.
+or the scheduler); the reply travels back the same way and carries only what the
+driver needs (while generating, the next tokens), never saved values.
 
-* Stage 0's :meth:`StageActor.run` is the entry point: it decodes and validates
-  the plan, builds the padded batch and drives the steps (one for a trace, one per
-  token for a generation, then a :meth:`finish` down the chain).
+* The client calls stage 0's :meth:`StageActor.run` and, at the same moment, every
+  later stage's :meth:`StageActor.collect`, each with the plan bytes: so the plan
+  travels once to every stage, each later stage decodes it while stage 0 works,
+  and only stage 0 validates it.
+* Stage 0's ``run`` validates the plan, builds the padded batch and drives the steps
+  (one for a trace, one per token for a generation, then a :meth:`finish` down the
+  chain); it returns stage 0's own saves with the request's metadata.
+* Every later stage keeps its request's saves (host copies) keyed by request id until
+  its ``collect`` hands them to the client, straight from that stage and once; a
+  trace's saves are ready as soon as the stage's own layers ran, so they travel while
+  later stages compute. Saves and state are dropped when handed over, when the
+  request fails or is aborted, and past the request's deadline.
 * Every stage keeps a request's state (its :class:`PlanRunner`, the KV cache while
   generating) keyed by request id, and drops it when the request ends, fails or is
   aborted; a failing request never leaves state behind for the next one.
@@ -20,18 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .._version import __version__
 from ..errors import ExecutionError, PlanError, RequestTimeoutError
-from ..ir.codec import decode_plan, encode_result
+from ..ir.codec import decode_plan
 from ..ir.model_info import START, ModelInfo
 from ..ir.plan import Plan
 from ..ir.schedule import Schedule, build_schedule
@@ -54,6 +64,35 @@ class _Request:
     generate: bool
     cache: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+GRACE = 5.0  # seconds a request's leftovers may outlive its deadline before a sweep drops them
+ENDED_TTL = 120.0  # seconds an aborted request's id is remembered (a late collect returns at once)
+
+
+class _Slot:
+    """What one request's client hand-off needs on one later stage: the decoded plan (from
+    :meth:`StageActor.collect`) and the saves (from the stage's last step or ``finish``).
+    Each is a future whose value may be an exception (raised by the reader)."""
+
+    __slots__ = ("deadline", "plan", "saves")
+
+    def __init__(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.deadline = deadline
+        self.plan: asyncio.Future = loop.create_future()
+        self.saves: asyncio.Future = loop.create_future()
+
+    def fail(self, error: BaseException) -> None:
+        for f in (self.plan, self.saves):
+            if not f.done():
+                f.set_result(error)
+
+
+def _raise_if_error(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        raise value
+    return value
 
 
 async def _await_within(awaitable: Any, deadline: float, what: str) -> Any:
@@ -97,6 +136,8 @@ class StageActor:
         self.info: ModelInfo | None = None
         self.owned: range | None = None
         self.requests: dict[str, _Request] = {}
+        self.slots: dict[str, _Slot] = {}
+        self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         tok = self.stage.tokenizer
@@ -127,19 +168,50 @@ class StageActor:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
-               "stage_bytes": self.stage.nbytes, "requests": len(self.requests)}
+               "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
+               "held": len(self.slots)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
         return out
 
     async def abort(self, req: str) -> None:
-        """Drop a request's state here and on every later stage (after a failure elsewhere)."""
-        self.requests.pop(req, None)
+        """Drop a request's state and saves here and on every later stage (after a failure
+        elsewhere); a ``collect`` of it arriving later returns at once."""
+        self._drop(req, ExecutionError("the request was aborted"))
         if self.next is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_await_within(self.next.abort(req), time.monotonic() + 5,
                                                      "the next stage"), 6)
+
+    # -- request bookkeeping -----------------------------------------------------------------------
+    def _drop(self, req: str, error: BaseException) -> None:
+        self.requests.pop(req, None)
+        slot = self.slots.pop(req, None)
+        if slot is not None:
+            slot.fail(error)
+        self.ended[req] = time.monotonic() + ENDED_TTL
+
+    def _sweep(self) -> None:
+        """Drop what requests left behind past their deadline (a client that never came back)."""
+        now = time.monotonic()
+        for req in [r for r, s in self.slots.items() if s.deadline + GRACE < now]:
+            self._drop(req, RequestTimeoutError("the request ran past its deadline"))
+        for req in [r for r, t in self.ended.items() if t < now]:
+            del self.ended[req]
+
+    def _slot(self, req: str, deadline: float) -> _Slot:
+        slot = self.slots.get(req)
+        if slot is None:
+            if req in self.ended:
+                raise ExecutionError(f"stage {self.span.index}: the request was aborted")
+            slot = self.slots[req] = _Slot(deadline)
+        return slot
+
+    def _hand_over(self, req: str, saves: dict[int, Any]) -> None:
+        slot = self.slots.get(req)
+        if slot is not None and not slot.saves.done():
+            slot.saves.set_result(saves)
 
     # -- compute -----------------------------------------------------------------------------------
     async def _compute(self, fn: Any, *args: Any) -> Any:
@@ -213,73 +285,142 @@ class StageActor:
         return to_wire(st.runner.results())
 
     # -- the chain ---------------------------------------------------------------------------------
-    async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Run one step here, hand it to the next stage, and return the reply with this
-        stage's saves added when ``msg["final"]``."""
+    async def _state(self, msg: dict[str, Any], deadline: float) -> _Request:
         req = msg["req"]
+        st = self.requests.get(req)
+        if st is not None:
+            return st
+        if msg["step"] != 0:
+            raise ExecutionError(f"stage {self.span.index} has no state for this request "
+                                 "(its worker was restarted?)")
+        # the plan comes with the client's collect call, usually already decoded by now
+        slot = self._slot(req, deadline)
+        plan, schedule = _raise_if_error(await _await_within(
+            asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
+        st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"])
+        return st
+
+    async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Run one step here and hand it to the next stage; return the next stage's reply
+        (empty, or the next tokens while generating) with this stage's timings appended.
+        On a trace's last step (``msg["final"]``) this stage's saves are set aside for the
+        client's ``collect`` (stage 0: returned in ``reply["saves"]``) as soon as its own
+        layers ran."""
+        req = msg["req"]
+        t0 = time.perf_counter()
         deadline = time.monotonic() + msg["timeout"]
         try:
-            st = self.requests.get(req)
-            if st is None:
-                if msg["step"] != 0:
-                    raise ExecutionError(f"stage {self.span.index} has no state for this request "
-                                         "(its worker was restarted?)")
-                plan = decode_plan(msg["plan"])
-                schedule = build_schedule(plan, self.info)
-                st = self._new_request(plan, schedule, msg["layout"], msg["generate"])
-                self.requests[req] = st
-            out = await self._compute(self._forward, st, msg)
-            if self.next is not None:
-                out["timeout"] = deadline - time.monotonic()
-                reply = await _await_within(self.next.step(out), deadline,
-                                            f"stage {self.span.index + 1}")
-            else:
-                reply = {**out, "saves": {}}
-            if msg.get("final"):
-                reply["saves"].update(await self._compute(self._finish, st, 1))
+            st = await self._state(msg, deadline)
+            t1 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            sent = loop.create_future() if self.next is not None else None
+            context = contextvars.copy_context()  # Dask finds its worker through a context variable
+
+            def send(out: dict[str, Any]) -> None:  # on the event loop
+                try:
+                    sent.set_result(self.next.step(out))
+                except BaseException as e:  # noqa: BLE001 - raised by the awaiting coroutine
+                    sent.set_exception(e)
+
+            def work() -> tuple[dict[str, Any], Any, float, float]:
+                # one hop to the stage's thread: the layers, then (once the hidden state is on
+                # its way to the next stage) this stage's saves
+                t = time.perf_counter()
+                out = self._forward(st, msg)
+                t_fwd = time.perf_counter() - t
+                if sent is not None:
+                    out["timeout"] = deadline - time.monotonic()
+                    loop.call_soon_threadsafe(send, out, context=context)
+                saves = self._finish(st, 1) if msg.get("final") else None
+                return out, saves, t_fwd, time.perf_counter() - t - t_fwd
+
+            out, saves, t_fwd, t_saves = await self._compute(work)
+            t2 = time.perf_counter()
+            if saves is not None:
                 self.requests.pop(req, None)
+                if not self.span.is_first:
+                    self._hand_over(req, saves)
+            if sent is not None:
+                pending = await sent
+                reply = await _await_within(pending, deadline, f"stage {self.span.index + 1}")
+            else:
+                reply = {**out, "timings": []}
+            reply["timings"].insert(0, {"state": t1 - t0, "forward": t_fwd, "saves": t_saves,
+                                        "thread": (t2 - t1) - t_fwd - t_saves,
+                                        "wait": time.perf_counter() - t2})
+            if saves is not None and self.span.is_first:
+                reply["saves"] = saves
             return reply
-        except BaseException:
-            self.requests.pop(req, None)
+        except BaseException as e:
+            self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
             raise
 
-    async def finish(self, req: str, steps_run: int, timeout: float) -> dict[int, Any]:
-        """End a generation: check every node ran, collect saves from here and later stages,
-        free the KV caches."""
+    async def finish(self, req: str, steps_run: int, timeout: float) -> dict[int, Any] | None:
+        """End a generation: check every node ran, set this stage's saves aside for the
+        client (stage 0: return them), free the KV caches; then the same on later stages."""
         deadline = time.monotonic() + timeout
         st = self.requests.pop(req, None)
         if st is None:
             raise ExecutionError(f"stage {self.span.index} has no state for this request")
         saves = await self._compute(self._finish, st, steps_run)
+        if not self.span.is_first:
+            self._hand_over(req, saves)
         if self.next is not None:
-            saves.update(await _await_within(self.next.finish(req, steps_run, timeout), deadline,
-                                             f"stage {self.span.index + 1}"))
-        return saves
+            await _await_within(self.next.finish(req, steps_run, timeout), deadline,
+                                f"stage {self.span.index + 1}")
+        return saves if self.span.is_first else None
 
-    async def run(self, blob: bytes, req: str, timeout: float) -> bytes:
-        """Stage 0 only: run a plan blob through the pipeline; returns the result blob."""
+    async def collect(self, blob: bytes, req: str, timeout: float) -> dict[int, Any]:
+        """Stages after the first: take the request's plan (decoded here, validated by stage 0),
+        wait for this stage's saves and hand them over; nothing of the request stays here."""
+        deadline = time.monotonic() + timeout
+        self._sweep()
+        slot = self._slot(req, deadline)
         try:
-            result = await self._run(blob, req, timeout)
+            if not slot.plan.done():
+                try:
+                    plan = decode_plan(blob, max_bytes=self.limits.max_constant_bytes + 64 * 2**20)
+                    slot.plan.set_result((plan, build_schedule(plan, self.info)))
+                except Exception as e:  # stage 0 rejects the plan with the same error
+                    slot.plan.set_result(e)
+            return _raise_if_error(await _await_within(
+                asyncio.shield(slot.saves), deadline, f"stage {self.span.index}'s saves"))
+        finally:
+            if self.slots.get(req) is slot:
+                del self.slots[req]
+            self.requests.pop(req, None)
+
+    async def run(self, blob: bytes, req: str, timeout: float) -> dict[str, Any]:
+        """Stage 0 only: run a plan blob through the pipeline. Returns ``{"values": ...,
+        "saves": ..., "meta": ...}``: stage 0's saves and the values only the driver makes
+        (generated tokens); later stages' saves are collected from them by the client."""
+        self._sweep()
+        try:
+            return await self._run(blob, req, timeout)
         except BaseException:
             await self.abort(req)
             raise
-        return result
 
-    async def _run(self, blob: bytes, req: str, timeout: float) -> bytes:
+    async def _run(self, blob: bytes, req: str, timeout: float) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
         plan = decode_plan(blob, max_bytes=self.limits.max_constant_bytes + 64 * 2**20)
+        t_decode = time.perf_counter()
         if plan.model != self.spec["model"]:
             raise PlanError(f"the plan is for model {plan.model!r}, this deployment holds "
                             f"{self.spec['model']!r}")
         validate(plan, self.info, limits=self.limits, meta_module=self._meta_modules().get)
+        t_validate = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
         if "attention_mask" not in kwargs:  # unpadded batch: every stage needs them explicitly
             kwargs["attention_mask"] = torch.ones(layout.n_rows, layout.seq_len, dtype=torch.long)
             kwargs["position_ids"] = torch.arange(layout.seq_len).expand(layout.n_rows, -1)
         generate = plan.mode != "trace"
-        base = {"req": req, "plan": blob, "layout": layout, "generate": generate, "carry": {},
+        self.requests[req] = self._new_request(plan, build_schedule(plan, self.info), layout,
+                                               generate)
+        t_batch = time.perf_counter()
+        base = {"req": req, "layout": layout, "generate": generate, "carry": {},
                 "attention_mask": kwargs["attention_mask"],
                 "position_ids": kwargs["position_ids"]}
         values: dict[int, Any] = {}
@@ -291,15 +432,20 @@ class StageActor:
             msg = {**base, "step": 0, "final": True, "timeout": left(),
                    "input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
             reply = await self.step(msg)
-            saves = reply["saves"]
+            saves, timings = reply["saves"], reply["timings"]
         else:
             values[GENERATED], saves = await self._generate(plan, base, kwargs, layout, left)
-        values.update(from_wire(saves))
+            timings = []
         meta = {"model": self.spec["model"], "model_version": self.info.version,
                 "plan_digest": plan_digest(plan), "tpmlab_version": __version__,
                 "compute_seconds": time.perf_counter() - start, "device": str(self.device),
                 "stages": self.span.n_stages}
-        return encode_result(values, meta)
+        phases = {"decode": t_decode - start, "validate": t_validate - t_decode,
+                  "batch+state": t_batch - t_validate}
+        for k, t in enumerate(timings):
+            phases.update({f"stage{k} {name}": v for name, v in t.items()})
+        return {"values": to_wire(values), "saves": saves, "meta": meta,
+                "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
                         layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], dict]:

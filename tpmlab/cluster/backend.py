@@ -6,8 +6,11 @@ pipeline stages held by Dask workers.
   GPU on workers with a ``GPU`` resource, else CPU workers), each loading only its
   own weights, links each stage to the next, and publishes the deployment on the
   scheduler (:mod:`.registry`) so other clients attach to it.
-* ``run`` hands the plan bytes to stage 0's actor; hidden states go from stage to
-  stage directly (:mod:`.actor`) and only the result bytes come back.
+* ``run`` hands the plan bytes to stage 0's actor (which validates it and drives the
+  pipeline) and, at the same time, to every later stage's ``collect``; hidden states
+  go from stage to stage directly (:mod:`.actor`), and each stage's saved values come
+  straight from that stage to the client, once, all stages in parallel. The client
+  assembles the result bytes.
 * Faults: if a stage's worker dies during a request, the request fails with
   :class:`StageLostError` (it is not retried: a plan may have side effects the user
   wants to see once, and a retry would hide a flapping worker); before raising, the
@@ -28,7 +31,7 @@ import torch
 from distributed import Client, Future
 
 from ..errors import ExecutionError, PlanError, RequestTimeoutError
-from ..ir.codec import dtype_name
+from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
 from . import registry
@@ -37,6 +40,7 @@ from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
 from .partition import StageSpan, part_bytes, split_layers
 from .placement import Slot, gpu_count, place_stages
+from .wire import from_wire
 
 SETUP_TIMEOUT = 300.0  # seconds to load one stage's weights and answer
 POLL = 1.0  # seconds between liveness checks while a request runs
@@ -89,6 +93,7 @@ class DaskBackend:
         self.threads = threads
         self.limits = limits
         self.deployments: dict[str, Deployment] = {}
+        self.phases: list[dict[str, float]] | None = None  # a list: each request's phases (ms)
 
     # -- cluster facts -----------------------------------------------------------------------------
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -233,11 +238,35 @@ class DaskBackend:
         dep = self.deployment(model)
         timeout = timeout or self.timeout
         req = uuid.uuid4().hex
+        t0 = time.perf_counter()
         deadline = time.monotonic() + timeout
         try:
-            future = dep.actors[0].run(plan, req, timeout)
+            # the plan goes to every stage at once: stage 0 runs it, later stages decode it
+            # meanwhile and hand over their saves as soon as they have them
+            futures = [dep.actors[0].run(plan, req, timeout)]
+            futures += [a.collect(plan, req, timeout) for a in dep.actors[1:]]
         except RuntimeError as e:  # "Worker holding Actor was lost"
             self._fail_lost(dep, e)
+        t1 = time.perf_counter()
+        head = self._wait(dep, req, futures[0], deadline, model, timeout)
+        t2 = time.perf_counter()
+        values = from_wire(head["values"])
+        values.update(from_wire(head["saves"]))
+        for f in futures[1:]:
+            values.update(from_wire(self._wait(dep, req, f, deadline, model, timeout)))
+        t3 = time.perf_counter()
+        meta = head["meta"]
+        blob = encode_result(values, meta)
+        if self.phases is not None:
+            self.phases.append({**head["phases"], "client send": (t1 - t0) * 1e3,
+                            "client wait run": (t2 - t1) * 1e3,
+                            "client collect": (t3 - t2) * 1e3,
+                            "client encode": (time.perf_counter() - t3) * 1e3})
+        return blob
+
+    def _wait(self, dep: Deployment, req: str, future: Any, deadline: float, model: str,
+              timeout: float) -> Any:
+        """One actor call's answer, checking the stages' workers while waiting."""
         while True:
             try:
                 return future.result(timeout=max(0.001, min(POLL, deadline - time.monotonic())))
@@ -250,10 +279,12 @@ class DaskBackend:
                 if self._lost_stages(dep):
                     self._fail_lost(dep, None)
             except (PlanError, ExecutionError, RequestTimeoutError):
+                self._abort(dep, req)
                 raise
             except Exception as e:  # a lost worker shows up as a comm or actor error
                 if self._lost_stages(dep):
                     self._fail_lost(dep, e)
+                self._abort(dep, req)
                 raise
 
     def _abort(self, dep: Deployment, req: str) -> None:
