@@ -44,9 +44,8 @@ import torch
 def start_gpu_cluster(n: int, gpu: bool = True) -> Any:
     """A Dask cluster of ``n`` worker processes, worker ``i`` seeing only GPU ``i`` and
     advertising ``GPU=1`` (one stage each). ``gpu=False``: plain CPU workers (dry runs)."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
     import psutil
+    from distributed import Nanny, Scheduler, SpecCluster
 
     workers = {}
     for i in range(n):
