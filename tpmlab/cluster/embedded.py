@@ -25,6 +25,9 @@ def start_local_cluster(n_workers: int | None = None, **options: Any) -> LocalCl
     """
     options.setdefault("dashboard_address", None)
     options.setdefault("silence_logs", logging.ERROR)
+    # Stages of one request run one after another on shared cores: idle workers' OpenMP
+    # threads must sleep, not spin, or they steal the cores the busy stage computes on.
+    options["env"] = {"OMP_WAIT_POLICY": "PASSIVE", **options.get("env", {})}
     try:
         import torch
 
