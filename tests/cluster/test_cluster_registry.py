@@ -29,11 +29,24 @@ def settle(client, n: int, seconds: float = 30) -> int:
     return count
 
 
+def steady_count(client, seconds: float = 30) -> int:
+    """The actor count once it has stopped changing for a second (releases are asynchronous)."""
+    deadline = time.monotonic() + seconds
+    last, since = actors_on_workers(client), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        count = actors_on_workers(client)
+        if count != last:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            break
+    return last
+
+
 def test_stages_hold_only_their_weights_and_second_client_attaches(lab, cluster, ref_lab):
     backend = lab.backend
     lab.undeploy(MODEL)
-    time.sleep(2.0)
-    base = actors_on_workers(backend.client)  # actors of other (healed, released) deployments
+    base = steady_count(backend.client)  # actors of other (healed, released) deployments
     m = deploy(lab, MODEL, 3)
     mem = backend.memory(MODEL)
     total = sum(p.numel() * 4 for p in m.source.meta_model().parameters())
