@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_api_reference_is_up_to_date(tmp_path):
-    spec = importlib.util.spec_from_file_location("build_api", ROOT / "docs" / "build_api.py")
-    build_api = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_api)
-    fresh = build_api.build()
-    committed = {p.name: p.read_text() for p in (ROOT / "docs" / "api").glob("*.md")}
-    assert sorted(committed) == sorted(fresh), "pages added or removed: run python docs/build_api.py"
-    stale = [name for name, text in fresh.items() if committed[name] != text]
-    assert not stale, f"stale pages {stale}: run python docs/build_api.py"
+def test_api_reference_is_up_to_date():
+    # A fresh interpreter: in this one, earlier tests may have loaded lens plugins from
+    # other places (a wheel layout, an entry point), which changes what inspect reports.
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "build_api.py"), "--check"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
