@@ -208,3 +208,19 @@ def test_saved_named_tuples_read_the_same_on_every_path(model):
     assert torch.equal(top.value.values, values) and top.value.indices.shape == (3,)
     back, _ = decode_result(encode_result({0: top.value}, {}))
     assert torch.equal(back[0].values, values) and torch.equal(back[0][1], indices)
+
+
+def test_saves_of_unknown_size_are_held_to_the_limit_at_run_time():
+    from tpmlab.runtime.backend import LocalBackend
+
+    lab = tpmlab.Lab(LocalBackend(limits=Limits(max_saved_bytes=200_000)))
+    small = lab.model("tiny-llama")
+    # shapes after the prompt pass are not known before running: the limit applies as it runs
+    with pytest.raises(LimitError, match="over the limit of 200,000 bytes") as err:
+        with small.generate(PROMPT, max_new_tokens=3) as gen:
+            with gen.steps(1, None):
+                small.output.logits.save()  # [1, 1, 49152] float32 = 196,608 bytes a step
+    assert err.value.node is not None
+    with small.trace(PROMPT):  # the deployment carries on
+        ok = small.layers[0].output.save()
+    assert ok.value.shape == (1, 10, 64)

@@ -226,7 +226,7 @@ class StageActor:
                      generate: bool) -> _Request:
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
-                            owned=self.owned)
+                            owned=self.owned, max_saved_bytes=self.limits.max_saved_bytes)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None)
 

@@ -11,7 +11,6 @@ come from the model's event templates.
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -308,9 +307,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
         args = _materialize(node.args, env, plan)
         kwargs = _materialize(node.kwargs, env, plan)
         if _contains_unknown(args) or _contains_unknown(kwargs):
-            env[node.id] = UNKNOWN
-            if node.op == SAVE:
-                saved += 0
+            env[node.id] = UNKNOWN  # a save of unknown size is left to the run-time limit
             continue
         if node.op == SAVE:
             value = args[0]
@@ -360,8 +357,6 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             raise ShapeError(f"{what}: {_first_line(e)}", **where) from None
         except PlanError:
             raise
-    if math.isnan(saved):
-        return 0
     return saved
 
 

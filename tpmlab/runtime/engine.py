@@ -87,7 +87,7 @@ class ModelHost:
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
-                            device=self.device)
+                            device=self.device, max_saved_bytes=self.limits.max_saved_bytes)
         values: dict[int, Any] = {}
         try:
             with torch.inference_mode():

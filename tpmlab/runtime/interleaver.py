@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ExecutionError, PlanError
+from ..errors import ExecutionError, LimitError, PlanError
 from ..ir.model_info import START, ModelInfo
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
@@ -72,6 +72,16 @@ def host_copy(value: Any, pinned: bool) -> Any:
     return value
 
 
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
 class PlanRunner:
     """One request's execution state over one model or one pipeline stage.
 
@@ -82,7 +92,7 @@ class PlanRunner:
     def __init__(self, plan: Plan, info: ModelInfo, schedule: Schedule, layout: BatchLayout,
                  *, module_lookup: Callable[[str], nn.Module], device: torch.device,
                  owned: range | None = None, carry: dict[int, Any] | None = None,
-                 pinned: bool = True) -> None:
+                 pinned: bool = True, max_saved_bytes: int | None = None) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -95,6 +105,10 @@ class PlanRunner:
         self._suspended = 0
         self._ran: set[tuple[int, int]] = set()
         self._constants = {name: t.to(device) for name, t in plan.tensors.items()}
+        # Saves whose size validation could not know (later generation steps, values from
+        # modules it cannot run on meta tensors) are held to the same limit here.
+        self.max_saved_bytes = max_saved_bytes
+        self.saved_bytes = 0
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -240,6 +254,11 @@ class PlanRunner:
         if op == SAVE:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
+            self.saved_bytes += _nbytes(live)
+            if self.max_saved_bytes is not None and self.saved_bytes > self.max_saved_bytes:
+                raise LimitError(f"the plan has saved {self.saved_bytes:,} bytes, over the limit "
+                                 f"of {self.max_saved_bytes:,} bytes",
+                                 node=node.id, op=node.op, line=node.line)
             copy = host_copy(live, self.pinned)
             if node.steps.single:
                 self.saves[node.id] = copy

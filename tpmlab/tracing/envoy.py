@@ -109,7 +109,7 @@ class Envoy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input"):
-            object.__setattr__(self, name, value) if False else self._set(name, value)
+            self._set(name, value)
             return
         raise TpmlabError(f"cannot set {name!r} on a module proxy")
 

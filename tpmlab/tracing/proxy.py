@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import TpmlabError
 from ..ir import ops as irops
 from ..ir.plan import SAVE
@@ -139,6 +137,3 @@ for _dunder, _op in irops.INPLACE_DUNDERS.items():
     setattr(Proxy, _dunder, _binary(_op))
 for _dunder, _op in irops.UNARY_DUNDERS.items():
     setattr(Proxy, _dunder, _unary(_op))
-
-# A proxy passed to a torch function must reach __torch_function__.
-torch.overrides.is_tensor_like  # noqa: B018 (documented hook: classes defining __torch_function__)

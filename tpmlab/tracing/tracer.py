@@ -194,8 +194,6 @@ class Trace:
         if isinstance(value, tuple):
             return Tuple(tuple(self._arg(v) for v in value))
         if isinstance(value, list):
-            if any(isinstance(v, Proxy) for v in value):
-                return [self._arg(v) for v in value]
             return [self._arg(v) for v in value]
         if isinstance(value, dict):
             return {str(k): self._arg(v) for k, v in value.items()}
