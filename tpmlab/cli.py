@@ -35,6 +35,18 @@ def demo(prompt: str, model_name: str, top_k: int, address: str | None) -> str:
     return "\n".join(lines)
 
 
+def jupyter_command(args: argparse.Namespace) -> list[str]:
+    """The JupyterLab command line ``tpmlab lab`` runs."""
+    notebooks = Path(args.notebook_dir or Path.cwd() / "notebooks")
+    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ip={args.ip}", f"--port={args.port}",
+           f"--notebook-dir={notebooks if notebooks.exists() else Path.cwd()}"]
+    if args.no_browser:
+        cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and HPC nodes often run as root
+        cmd.append("--allow-root")
+    return cmd
+
+
 def lab_command(args: argparse.Namespace) -> int:
     """The main job: a local Dask cluster with the default model deployed as pipeline stages,
     and JupyterLab on this machine's loopback whose kernels and sidebar attach to it."""
@@ -49,14 +61,9 @@ def lab_command(args: argparse.Namespace) -> int:
         model = lab.model(args.model, stages=args.stages)
         print(f"tpmlab: {model!r} on {cluster.scheduler_address}; dashboard "
               f"{cluster.dashboard_link}", flush=True)
-        notebooks = Path(args.notebook_dir or Path.cwd() / "notebooks")
-        cmd = [sys.executable, "-m", "jupyter", "lab", f"--ip={args.ip}", f"--port={args.port}",
-               f"--notebook-dir={notebooks if notebooks.exists() else Path.cwd()}"]
-        if args.no_browser:
-            cmd.append("--no-browser")
         # Kernels started by this JupyterLab inherit the address: tpmlab.connect() attaches.
         env = {**os.environ, "TPMLAB_SCHEDULER": cluster.scheduler_address}
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(jupyter_command(args), env=env)
     finally:
         lab.close()
         cluster.close()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from tpmlab.cli import build_parser, demo, main
+from tpmlab.cli import build_parser, demo, jupyter_command, main
 
 
 def test_demo_prints_one_row_per_layer_with_top_tokens():
@@ -29,3 +31,10 @@ def test_subcommands_registered():
     choices = parser._subparsers._group_actions[0].choices
     assert {"demo", "lab", "store", "gateway"} <= set(choices)
     assert parser.parse_args(["lab", "--no-browser"]).stages == 2
+
+
+def test_lab_serves_jupyterlab_on_loopback_and_runs_as_root_where_needed():
+    cmd = jupyter_command(build_parser().parse_args(["lab", "--no-browser", "--port", "9999"]))
+    assert cmd[1:4] == ["-m", "jupyter", "lab"]
+    assert "--ip=127.0.0.1" in cmd and "--port=9999" in cmd and "--no-browser" in cmd
+    assert ("--allow-root" in cmd) == (os.geteuid() == 0)
