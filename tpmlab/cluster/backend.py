@@ -34,7 +34,7 @@ from ..errors import ExecutionError, PlanError, RequestTimeoutError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
-from . import registry
+from . import cleanup, registry
 from .actor import StageActor
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
@@ -139,6 +139,7 @@ class DaskBackend:
 
     def _deploy_new(self, name: str, source: Any, key: str, n_stages: int,
                     dtype: str | torch.dtype | None) -> Deployment:
+        cleanup.install(self.client)  # released stages free their memory promptly
         workers = self.workers()
         on_gpu = any(gpu_count(w) for w in workers.values())
         if dtype is None:
