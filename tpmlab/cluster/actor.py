@@ -379,7 +379,7 @@ class StageActor:
         try:
             if not slot.plan.done():
                 try:
-                    plan = decode_plan(blob, max_bytes=self.limits.max_constant_bytes + 64 * 2**20)
+                    plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
                     slot.plan.set_result((plan, build_schedule(plan, self.info)))
                 except Exception as e:  # stage 0 rejects the plan with the same error
                     slot.plan.set_result(e)
@@ -404,7 +404,7 @@ class StageActor:
     async def _run(self, blob: bytes, req: str, timeout: float) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
-        plan = decode_plan(blob, max_bytes=self.limits.max_constant_bytes + 64 * 2**20)
+        plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
         t_decode = time.perf_counter()
         if plan.model != self.spec["model"]:
             raise PlanError(f"the plan is for model {plan.model!r}, this deployment holds "

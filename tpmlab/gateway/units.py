@@ -39,6 +39,7 @@ import torch
 from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Invoke, Plan
+from ..ir.validate import value_nbytes
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,7 @@ def plan_rows(plan: Plan) -> int:
 
 def saved_nbytes(value: Any) -> int:
     """Bytes of the tensors in a saved value (nested lists, tuples, dicts)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(saved_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(saved_nbytes(v) for v in value.values())
-    return 0
+    return value_nbytes(value, scalar_bytes=0)
 
 
 def calibrate(run_seconds, info: ModelInfo, *, lengths: tuple[int, int] = (8, 64),

@@ -50,6 +50,11 @@ class Limits:
     max_new_tokens: int = 4096
     max_tokens_per_row: int = 32_768
 
+    @property
+    def max_plan_bytes(self) -> int:
+        """The largest plan payload accepted: its constants plus room for the graph."""
+        return self.max_constant_bytes + 64 * 2**20
+
 
 class _Unknown:
     """A value whose shape the validator cannot know; checks on it are skipped."""
@@ -222,14 +227,15 @@ def _contains_unknown(value: Any) -> bool:
     return False
 
 
-def _nbytes(value: Any) -> int:
+def value_nbytes(value: Any, scalar_bytes: int = 8) -> int:
+    """Bytes of the tensors in a (nested) value; each non-tensor counts ``scalar_bytes``."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
+        return sum(value_nbytes(v, scalar_bytes) for v in value)
     if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 8
+        return sum(value_nbytes(v, scalar_bytes) for v in value.values())
+    return scalar_bytes
 
 
 def _materialize(value: Any, env: dict[int, Any], plan: Plan) -> Any:
@@ -312,7 +318,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
         if node.op == SAVE:
             value = args[0]
             steps = (node.steps.stop or n_steps) - node.steps.start
-            saved += _nbytes(value) * steps
+            saved += value_nbytes(value) * steps
             env[node.id] = value
             continue
         if node.op == SET_POINT:

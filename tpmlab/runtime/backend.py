@@ -66,7 +66,7 @@ class LocalBackend:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
-        return host.run(decode_plan(plan, max_bytes=host.plan_byte_limit))
+        return host.run(decode_plan(plan, max_bytes=host.limits.max_plan_bytes))
 
     def undeploy(self, name: str) -> None:
         self.hosts.pop(name, None)

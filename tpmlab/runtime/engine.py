@@ -70,12 +70,8 @@ class ModelHost:
         self._meta = dict(meta_model.named_modules()) if meta_model is not None else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    @property
-    def plan_byte_limit(self) -> int:
-        return self.limits.max_constant_bytes + 64 * 2**20
-
     def run_blob(self, blob: bytes) -> bytes:
-        plan = decode_plan(blob, max_bytes=self.plan_byte_limit)
+        plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
         values, meta = self.run(plan)
         return encode_result(values, meta)
 

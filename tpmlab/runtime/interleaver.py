@@ -37,6 +37,7 @@ from ..ir.plan import (
     Tuple,
 )
 from ..ir.schedule import Schedule
+from ..ir.validate import value_nbytes
 from .batching import BatchLayout, invoke_view
 
 
@@ -70,16 +71,6 @@ def host_copy(value: Any, pinned: bool) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(host_copy(v, pinned) for v in value)
     return value
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
 
 
 class PlanRunner:
@@ -254,7 +245,7 @@ class PlanRunner:
         if op == SAVE:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
-            self.saved_bytes += _nbytes(live)
+            self.saved_bytes += value_nbytes(live, scalar_bytes=0)
             if self.max_saved_bytes is not None and self.saved_bytes > self.max_saved_bytes:
                 raise LimitError(f"the plan has saved {self.saved_bytes:,} bytes, over the limit "
                                  f"of {self.max_saved_bytes:,} bytes",
