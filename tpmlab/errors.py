@@ -58,5 +58,10 @@ class ExecutionError(_Located):
     """The plan was valid but failed while running; the model is left as it was."""
 
 
+class WeightsChangedError(ExecutionError):
+    """A request changed a deployed weight at run time: the request failed and the weights
+    were restored from their source before the next request ran."""
+
+
 class RequestTimeoutError(TpmlabError, TimeoutError):
     """A wait on the engine ran past its timeout."""

@@ -49,6 +49,7 @@ class Limits:
     max_invokes: int = 256
     max_new_tokens: int = 4096
     max_tokens_per_row: int = 32_768
+    max_intermediate_bytes: int = 16 * 2**30  # any one value a plan computes, saved or not
 
     @property
     def max_plan_bytes(self) -> int:
