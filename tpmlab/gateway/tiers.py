@@ -6,7 +6,8 @@ query      token ids in; generated tokens and the model's final logits out
 embed      also custom ``inputs_embeds`` in and final hidden states out
            (the final norm's output)
 inspect    read any module's input or output, parameters, apply model modules
-intervene  also write: ``set_point``, ``setitem``, in-place ops on module values
+intervene  also write: ``set_point``, ``setitem``, in-place ops on any value that may
+           share memory with a module value (:mod:`tpmlab.ir.schedule` decides which)
 admin      also manage users, keys and allocations
 =========  ====================================================================
 
@@ -71,10 +72,12 @@ def required_tier(plan: Plan, schedule: Schedule, paths: OutputPaths) -> Need:
         raise_to("embed", "gives custom inputs_embeds")
     for node in plan.nodes:
         where = f"node {node.id}" + (f" at {node.line}" if node.line else "")
-        if node.id in schedule.write_target or node.op == SET_POINT:
-            target = plan.nodes_by_id.get(schedule.write_target.get(node.id, -1))
-            what = f"{target.path or '<model>'}.{target.io}" if target is not None else \
-                f"{node.path or '<model>'}.{node.io}"
+        if node.id in schedule.writes or node.op == SET_POINT:
+            # by data flow: any op that mutates a value that may share memory with a
+            # module value (through views, conversions, containers...) writes it
+            targets = sorted(schedule.writes.get(node.id, ()))
+            target = plan.nodes_by_id[targets[0]] if targets else node
+            what = f"{target.path or '<model>'}.{target.io}"
             raise_to("intervene", f"writes {what} ({node.op}, {where})")
         elif node.op == POINT:
             name = f"{node.path or '<model>'}.{node.io}"
