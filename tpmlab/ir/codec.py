@@ -37,7 +37,7 @@ from .plan import (
 )
 
 MAX_DEPTH = 32
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # plans carry 64-bit integers, as tensors index with
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # plans carry 64-bit integers (what tensor sizes hold)
 ALLOWED_DTYPES = {
     "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
 }
@@ -279,7 +279,7 @@ def _generate_options(gen: Any) -> GenerateOptions:
                 isinstance(value, types) and (bool in types or not isinstance(value, bool))
                 and not (isinstance(value, int) and not INT_MIN <= value <= INT_MAX)):
             continue
-        raise SchemaError(f"generation option {key}={str(value)[:40]} must be "
+        raise SchemaError(f"generation option {key}={repr(value)[:40]} must be "
                           f"{' or '.join(t.__name__ for t in types)}")
     return GenerateOptions(**gen)
 
