@@ -9,8 +9,6 @@ thread, never on the Jupyter server's event loop.
 Which cluster: ``address`` (a scheduler, e.g. ``"tcp://10.0.0.5:8786"``), else none
 until the first deploy action, which starts the embedded cluster with
 ``tpmlab.connect()`` (a ``LocalCluster`` of worker processes, dashboard on a free port).
-The user's usage comes from the deployment's gateway (:class:`GatewayUsage`), when there
-is one.
 """
 
 from __future__ import annotations
@@ -171,7 +169,6 @@ class ClusterState:
                  embedded_options: dict[str, Any] | None = None,
                  gateway: GatewayUsage | None = None) -> None:
         self.address = address or None
-        self.gateway = gateway  # where the user's usage comes from (None: no gateway, no usage)
         self.base_url = base_url
         self.hub_prefix = hub_prefix
         self.connect_timeout = connect_timeout
@@ -180,6 +177,7 @@ class ClusterState:
         self.lab: Any = None  # a tpmlab Lab, created on the first deploy action
         self.pending: dict[str, PendingDeploy] = {}
         self._lock = threading.RLock()
+        self.gateway = gateway  # where the user's usage comes from (None: no gateway, no usage)
 
     # -- connection --------------------------------------------------------------------------------
     def _client(self) -> Any:
