@@ -171,3 +171,14 @@ def test_operator_ops_run_on_python_numbers():
     assert irops.OPS["abs"].fn(-3) == 3
     torch.testing.assert_close(irops.OPS["add"].fn(torch.ones(2), torch.ones(2), alpha=3),
                                torch.full((2,), 4.0))
+
+
+def test_a_zero_dimensional_constant_is_a_plan_constant(local_lab):
+    """A 0-d tensor (``torch.tensor(2.0)``) is an ordinary constant: the plan's digest and
+    the run take it like any other tensor."""
+    model = local_lab.model("tiny-llama")
+    with model.trace(torch.tensor([1, 2, 3])):
+        h = model.layers[0].output
+        scaled = (h * torch.tensor(2.0)).save()
+        plain_h = h.save()
+    torch.testing.assert_close(scaled.value, plain_h.value * 2.0)
