@@ -26,17 +26,25 @@ Ops never write through keywords: :data:`WRITE_KEYWORDS` (``out=``, ``inplace=``
 are refused by validation, and functions that take them positionally are wrapped.
 
 Adding an op is adding one line here; nothing else in tpmlab names tensor ops.
+Every name is registered once (a second registration is an error at import): a
+Python operator, its reflected form (``1 - h``), and the tensor method of the same
+name (``h.sub(x, alpha=2)``) all record the one op, whose function accepts the
+operands in either order and the method's keywords.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+
+class DuplicateOpError(ValueError):
+    """Two ops were registered under one name (the later one would silently replace the first)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,21 @@ WRITE_KEYWORDS = frozenset({"out", "inplace"})
 def _setitem(x: torch.Tensor, index: Any, value: Any, /) -> torch.Tensor:
     x[index] = value
     return x
+
+
+def _add(a: Any, b: Any, *, alpha: Any = None) -> Any:
+    """``a + b``, or ``a + alpha * b`` in one kernel as ``Tensor.add(b, alpha=)`` computes it."""
+    return operator.add(a, b) if alpha is None else torch.add(a, b, alpha=alpha)
+
+
+def _sub(a: Any, b: Any, *, alpha: Any = None) -> Any:
+    """``a - b``, or ``a - alpha * b`` as ``Tensor.sub(b, alpha=)`` computes it."""
+    return operator.sub(a, b) if alpha is None else torch.sub(a, b, alpha=alpha)
+
+
+def _div(a: Any, b: Any, *, rounding_mode: str | None = None) -> Any:
+    """``torch.div``: true division, or rounded ("trunc", "floor") as ``Tensor.div`` offers."""
+    return torch.div(a, b, rounding_mode=rounding_mode)
 
 
 def _method(name: str) -> Callable[..., Any]:
@@ -123,9 +146,12 @@ _OPS: list[OpSpec] = [
     OpSpec("setitem", _setitem, mutates=True),
     OpSpec("getattr", _getattr, view=True),
     OpSpec("size", _size),
-    # arithmetic
-    *(OpSpec(n, getattr(operator, n), joins=n in ("add", "mul", "or_")) for n in (
-        "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg",
+    # arithmetic: the operator functions, so that either operand may be a Python number
+    OpSpec("add", _add, joins=True),  # on lists and tuples: a container of their items
+    OpSpec("sub", _sub),
+    OpSpec("div", _div),
+    *(OpSpec(n, getattr(operator, n), joins=n in ("mul", "or_")) for n in (
+        "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg",
         "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert")),
     OpSpec("pos", operator.pos, may_alias=True),  # +x is x
     *(OpSpec(n, getattr(operator, n), mutates=True, joins=n in ("iadd", "imul")) for n in (
@@ -144,12 +170,12 @@ _OPS: list[OpSpec] = [
     *(OpSpec(n, _method(n)) for n in (
         "clone", "softmax", "log_softmax", "topk", "argmax", "argmin", "max",
         "min", "norm", "sum", "mean", "std", "var", "prod", "exp", "log", "log1p", "sqrt",
-        "rsqrt", "square", "tanh", "sigmoid", "relu", "sin", "cos", "clamp", "abs", "sign",
+        "rsqrt", "square", "tanh", "sigmoid", "relu", "sin", "cos", "clamp", "sign",
         "cumsum", "sort", "argsort", "gather", "index_select", "masked_fill", "where",
         "logsumexp", "amax", "amin", "all", "any", "numel", "dim", "repeat", "flip", "roll",
         "nan_to_num", "isnan", "isfinite", "round", "floor", "ceil",
-        "reciprocal", "outer", "dot", "bmm", "mm", "sub", "add", "mul", "div", "pow", "eq",
-        "ne", "lt", "le", "gt", "ge", "new_zeros", "new_ones", "new_full", "zeros_like",
+        "reciprocal", "outer", "dot", "bmm", "mm",
+        "new_zeros", "new_ones", "new_full", "zeros_like",
         "count_nonzero", "median", "kthvalue", "mode", "tril", "triu")),
     # in-place methods
     *(OpSpec(n, _method(n), mutates=True) for n in (
@@ -182,9 +208,24 @@ _OPS: list[OpSpec] = [
     OpSpec("make_tuple", lambda *items: tuple(items), holds=True),
 ]
 
-OPS: dict[str, OpSpec] = {}
-for _spec in _OPS:
-    OPS[_spec.name] = _spec  # later entries win (e.g. "abs" as a method)
+
+def build_table(specs: Iterable[OpSpec]) -> dict[str, OpSpec]:
+    """The op table by name; a name registered twice raises :class:`DuplicateOpError`."""
+    table: dict[str, OpSpec] = {}
+    for spec in specs:
+        if spec.name in table:
+            raise DuplicateOpError(f"op {spec.name!r} is registered twice: {table[spec.name].fn!r} "
+                                   f"and {spec.fn!r}; give one of them another name")
+        table[spec.name] = spec
+    return table
+
+
+OPS: dict[str, OpSpec] = build_table(_OPS)
+
+# Ops that are not method calls but that a proxy also offers as the tensor methods of the same
+# name (``h.sub(x, alpha=2)``, ``h.abs()``): for a tensor first operand both compute the same.
+OPERATOR_METHODS = frozenset({
+    "add", "sub", "mul", "div", "pow", "matmul", "neg", "abs", "eq", "ne", "lt", "le", "gt", "ge"})
 
 # torch functions a proxy may be passed to (via __torch_function__), mapped to ops.
 TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
@@ -207,6 +248,19 @@ TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.masked_fill: "masked_fill", torch.amax: "amax", torch.amin: "amin",
     torch.square: "square", torch.rsqrt: "rsqrt", torch.flip: "flip", torch.roll: "roll",
     torch.tril: "tril", torch.triu: "triu", torch.dot: "dot", torch.median: "median",
+    torch.add: "add", torch.sub: "sub", torch.subtract: "sub", torch.mul: "mul",
+    torch.multiply: "mul", torch.div: "div", torch.divide: "div", torch.true_divide: "truediv",
+    torch.floor_divide: "floordiv", torch.remainder: "mod", torch.pow: "pow", torch.neg: "neg",
+    torch.eq: "eq", torch.ne: "ne", torch.lt: "lt", torch.le: "le", torch.gt: "gt", torch.ge: "ge",
+    # A real tensor left of an operator (``w @ h``, ``t - h``) runs the tensor's own dunder,
+    # which hands torch's __torch_function__ protocol these functions instead of calling the
+    # proxy's reflected dunder.
+    torch.Tensor.add: "add", torch.Tensor.sub: "sub", torch.Tensor.mul: "mul",
+    torch.Tensor.div: "div", torch.Tensor.__floordiv__: "floordiv",
+    torch.Tensor.remainder: "mod", torch.Tensor.__pow__: "pow", torch.Tensor.matmul: "matmul",
+    torch.Tensor.__and__: "and_", torch.Tensor.__or__: "or_", torch.Tensor.__xor__: "xor",
+    torch.Tensor.eq: "eq", torch.Tensor.ne: "ne", torch.Tensor.lt: "lt", torch.Tensor.le: "le",
+    torch.Tensor.gt: "gt", torch.Tensor.ge: "ge",
 }
 
 # Python operators on proxies -> ops (reflected forms swap their operands).
@@ -228,7 +282,8 @@ INPLACE_DUNDERS = {
 UNARY_DUNDERS = {"__neg__": "neg", "__pos__": "pos", "__abs__": "abs", "__invert__": "invert"}
 
 # Methods callable on a proxy as ``proxy.name(...)``: every op that runs as a method.
-METHOD_OPS = frozenset(n for n, s in OPS.items() if getattr(s.fn, "is_method", False)) | {"size"}
+METHOD_OPS = (frozenset(n for n, s in OPS.items() if getattr(s.fn, "is_method", False))
+              | OPERATOR_METHODS | {"size"})
 
 
 def lookup(name: str) -> OpSpec | None:
