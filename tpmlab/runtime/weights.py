@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ..errors import WeightsChangedError
-from ..models.materialize import tie_groups
 
 
 class WeightGuard:
@@ -34,6 +33,8 @@ class WeightGuard:
     """
 
     def __init__(self, model: nn.Module, source: Any, *, dtype: torch.dtype) -> None:
+        from ..models.materialize import tie_groups  # import tpmlab stays light
+
         self.source, self.dtype = source, dtype
         canonical = tie_groups(model)
         seen: set[int] = set()
