@@ -1,9 +1,29 @@
 """The op whitelist: the only tensor operations a plan may contain.
 
-Each op is a name, the function that runs it, and two facts the validator needs:
-``mutates`` (it writes into its first argument in place, as ``setitem`` and
-``iadd`` do) and ``view`` (its result shares memory with its first argument, so a
-later write through it reaches the module value it came from).
+Each op is a name, the function that runs it, and the facts about memory that the
+one data-flow analysis (:func:`tpmlab.ir.schedule.build_schedule`) needs to know
+which values may share memory with a module value or a parameter, and so which
+ops write them:
+
+``mutates``
+    writes into its first argument in place and returns it (``setitem``, ``iadd``,
+    ``zero_``).
+``view``
+    returns a view of its first argument: shares its memory, allocates nothing.
+``may_alias``
+    may return one of its arguments itself or a view of it, else a copy
+    (``float()`` of a float tensor, ``contiguous()``, ``reshape``, ``+x``, ``einsum``).
+``holds``
+    returns a container of its arguments (``make_list``): the items keep their memory.
+``joins``
+    on lists, tuples or dicts builds a container of their items (``+``, ``*``, ``|``).
+``many``
+    returns a tuple of views of its first argument (``unbind``, ``split``).
+``factory``
+    makes a new tensor from plain numbers and takes ``device=`` (``zeros``).
+
+Ops never write through keywords: :data:`WRITE_KEYWORDS` (``out=``, ``inplace=``)
+are refused by validation, and functions that take them positionally are wrapped.
 
 Adding an op is adding one line here; nothing else in tpmlab names tensor ops.
 Every name is registered once (a second registration is an error at import): a
@@ -33,9 +53,24 @@ class OpSpec:
     fn: Callable[..., Any]
     mutates: bool = False
     view: bool = False
+    may_alias: bool = False
+    holds: bool = False
+    joins: bool = False
+    many: bool = False
+    factory: bool = False
+
+    @property
+    def aliases_first(self) -> bool:
+        """Whether the result may share memory with the first argument."""
+        return self.mutates or self.view or self.may_alias
 
 
-def _setitem(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+# Keywords through which a torch function writes into a tensor it is given: never allowed
+# in a plan, since writes must be ops that the data-flow analysis can see.
+WRITE_KEYWORDS = frozenset({"out", "inplace"})
+
+
+def _setitem(x: torch.Tensor, index: Any, value: Any, /) -> torch.Tensor:
     x[index] = value
     return x
 
@@ -56,7 +91,7 @@ def _div(a: Any, b: Any, *, rounding_mode: str | None = None) -> Any:
 
 
 def _method(name: str) -> Callable[..., Any]:
-    def call(x: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(x: Any, /, *args: Any, **kwargs: Any) -> Any:
         return getattr(x, name)(*args, **kwargs)
 
     call.__name__ = name
@@ -76,7 +111,7 @@ def named_fields(x: Any) -> tuple[str, ...] | None:
     return getattr(x, "_fields", None) or getattr(type(x), "__match_args__", None) or None
 
 
-def _getattr(x: Any, name: str) -> Any:
+def _getattr(x: Any, name: str, /) -> Any:
     if isinstance(x, dict):  # ModelOutput is a dict: read the field, never an attribute
         if name not in x:
             raise AttributeError(f"the value has no field {name!r}; it has {sorted(x.keys())}")
@@ -91,7 +126,17 @@ def _getattr(x: Any, name: str) -> Any:
     raise AttributeError(f"reading attribute {name!r} of a {type(x).__name__} is not allowed")
 
 
-def _size(x: torch.Tensor, dim: int | None = None) -> Any:
+def _silu(x: torch.Tensor, /) -> torch.Tensor:
+    """``F.silu`` without its ``inplace`` argument (a write validation could not see)."""
+    return F.silu(x)
+
+
+def _normalize(x: torch.Tensor, /, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize`` without its ``out`` argument."""
+    return F.normalize(x, p, dim, eps)
+
+
+def _size(x: torch.Tensor, dim: int | None = None, /) -> Any:
     return tuple(x.shape) if dim is None else x.shape[dim]
 
 
@@ -102,60 +147,65 @@ _OPS: list[OpSpec] = [
     OpSpec("getattr", _getattr, view=True),
     OpSpec("size", _size),
     # arithmetic: the operator functions, so that either operand may be a Python number
-    OpSpec("add", _add),
+    OpSpec("add", _add, joins=True),  # on lists and tuples: a container of their items
     OpSpec("sub", _sub),
     OpSpec("div", _div),
-    *(OpSpec(n, getattr(operator, n)) for n in (
-        "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg", "pos",
+    *(OpSpec(n, getattr(operator, n), joins=n in ("mul", "or_")) for n in (
+        "mul", "truediv", "floordiv", "mod", "pow", "matmul", "neg",
         "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert")),
-    *(OpSpec(n, getattr(operator, n), mutates=True) for n in (
+    OpSpec("pos", operator.pos, may_alias=True),  # +x is x
+    *(OpSpec(n, getattr(operator, n), mutates=True, joins=n in ("iadd", "imul")) for n in (
         "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow")),
     # reshaping (views share memory with their input)
     *(OpSpec(n, _method(n), view=True) for n in (
-        "view", "reshape", "transpose", "permute", "flatten", "unflatten", "unsqueeze",
-        "squeeze", "expand", "narrow", "select", "t", "unbind", "split", "chunk",
-        "movedim", "diagonal")),
+        "view", "transpose", "permute", "unsqueeze", "squeeze", "expand", "narrow", "select",
+        "t", "movedim", "diagonal")),
+    *(OpSpec(n, _method(n), view=True, many=True) for n in ("unbind", "split", "chunk")),
+    # a view when they can, else a copy; conversions that return the tensor itself when it
+    # already has the dtype / device / layout asked for
+    *(OpSpec(n, _method(n), may_alias=True) for n in (
+        "reshape", "flatten", "unflatten", "contiguous", "detach", "float", "half", "bfloat16",
+        "double", "long", "int", "bool", "to", "type_as")),
     # tensor methods without side effects
     *(OpSpec(n, _method(n)) for n in (
-        "contiguous", "clone", "detach", "float", "half", "bfloat16", "double", "long", "int",
-        "bool", "to", "type_as", "softmax", "log_softmax", "topk", "argmax", "argmin", "max",
+        "clone", "softmax", "log_softmax", "topk", "argmax", "argmin", "max",
         "min", "norm", "sum", "mean", "std", "var", "prod", "exp", "log", "log1p", "sqrt",
         "rsqrt", "square", "tanh", "sigmoid", "relu", "sin", "cos", "clamp", "sign",
         "cumsum", "sort", "argsort", "gather", "index_select", "masked_fill", "where",
         "logsumexp", "amax", "amin", "all", "any", "numel", "dim", "repeat", "flip", "roll",
-        "nan_to_num", "isnan", "isfinite", "zero_", "fill_", "round", "floor", "ceil",
+        "nan_to_num", "isnan", "isfinite", "round", "floor", "ceil",
         "reciprocal", "outer", "dot", "bmm", "mm",
         "new_zeros", "new_ones", "new_full", "zeros_like",
         "count_nonzero", "median", "kthvalue", "mode", "tril", "triu")),
     # in-place methods
     *(OpSpec(n, _method(n), mutates=True) for n in (
         "add_", "sub_", "mul_", "div_", "copy_", "clamp_", "masked_fill_", "index_add_",
-        "scatter_", "scatter_add_", "index_copy_", "index_fill_")),
+        "scatter_", "scatter_add_", "index_copy_", "index_fill_", "zero_", "fill_")),
     # functions of several tensors
     OpSpec("cat", torch.cat),
     OpSpec("stack", torch.stack),
-    OpSpec("einsum", torch.einsum),
+    OpSpec("einsum", torch.einsum, may_alias=True),  # "ij->ji" is a view of its operand
     OpSpec("torch_where", torch.where),
-    OpSpec("zeros", torch.zeros),
-    OpSpec("ones", torch.ones),
-    OpSpec("full", torch.full),
-    OpSpec("arange", torch.arange),
+    OpSpec("zeros", torch.zeros, factory=True),
+    OpSpec("ones", torch.ones, factory=True),
+    OpSpec("full", torch.full, factory=True),
+    OpSpec("arange", torch.arange, factory=True),
     OpSpec("ones_like", torch.ones_like),
     OpSpec("zeros_like_fn", torch.zeros_like),
     OpSpec("full_like", torch.full_like),
-    OpSpec("tensor", torch.tensor),
+    OpSpec("tensor", torch.tensor, factory=True),
     OpSpec("vector_norm", torch.linalg.vector_norm),
     OpSpec("cosine_similarity", F.cosine_similarity),
-    OpSpec("normalize", F.normalize),
+    OpSpec("normalize", _normalize),
     OpSpec("kl_div", F.kl_div),
     OpSpec("cross_entropy", F.cross_entropy),
     OpSpec("gelu", F.gelu),
-    OpSpec("silu", F.silu),
+    OpSpec("silu", _silu),
     OpSpec("layer_norm", F.layer_norm),
     OpSpec("one_hot", F.one_hot),
     # containers: build a tuple/list value from node values (e.g. for cat)
-    OpSpec("make_list", lambda *items: list(items)),
-    OpSpec("make_tuple", lambda *items: tuple(items)),
+    OpSpec("make_list", lambda *items: list(items), holds=True),
+    OpSpec("make_tuple", lambda *items: tuple(items), holds=True),
 ]
 
 
