@@ -7,6 +7,10 @@ nodes anchored there (see :mod:`tpmlab.ir.schedule`). The same runner drives a
 whole model in-process and one pipeline stage on a Dask worker: a stage owns a
 range of events, receives the values earlier stages made that it needs
 (``carry``) and hands on those later stages need.
+
+Each invoke's module points see only its rows (:func:`~tpmlab.runtime.batching.invoke_view`),
+so its writes reach nothing else; a write to a value that all rows share is refused
+(:mod:`tpmlab.ir.rows`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ExecutionError, LimitError, PlanError
-from ..ir.model_info import START, ModelInfo
+from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
     CALL_MODULE,
@@ -36,9 +40,10 @@ from ..ir.plan import (
     TensorRef,
     Tuple,
 )
+from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
 from ..ir.validate import value_nbytes
-from .batching import BatchLayout, invoke_view
+from .batching import BatchLayout, invoke_view, shared_tensors
 
 
 class _Cell:
@@ -73,6 +78,63 @@ def host_copy(value: Any, pinned: bool) -> Any:
     return value
 
 
+def _write_into(current: Any, new: Any) -> bool:
+    """Copy ``new`` into ``current`` in place (tensors broadcast and cast as in ``x[...] = v``;
+    containers item by item, their other items equal). False, with nothing written, where
+    ``new`` does not fit ``current``."""
+    if not _fits(current, new):
+        return False
+    _copy_into(current, new)
+    return True
+
+
+def _fits(current: Any, new: Any) -> bool:
+    if isinstance(current, torch.Tensor):
+        if not isinstance(new, (torch.Tensor, int, float, bool)):
+            return False
+        if any(st == 0 and n > 1 for st, n in zip(current.stride(), current.shape)):
+            return False  # one memory for several elements (an expanded value)
+        shape = new.shape if isinstance(new, torch.Tensor) else ()
+        try:
+            return torch.broadcast_shapes(shape, current.shape) == current.shape
+        except RuntimeError:
+            return False
+    if isinstance(current, dict):
+        return isinstance(new, dict) and set(new) == set(current) and all(
+            _fits(current[k], new[k]) for k in current)
+    if isinstance(current, (tuple, list)):
+        return isinstance(new, (tuple, list)) and len(new) == len(current) and all(
+            _fits(c, n) for c, n in zip(current, new))
+    return current is new or (current is None and new is None) or (
+        isinstance(current, (int, float, bool, str)) and type(current) is type(new)
+        and current == new)
+
+
+def _copy_into(current: Any, new: Any) -> None:
+    if isinstance(current, torch.Tensor):
+        if isinstance(new, torch.Tensor) and new.device == current.device and _overlaps(current, new):
+            new = new.clone()  # e.g. a view of the value itself
+        current.copy_(new) if isinstance(new, torch.Tensor) else current.fill_(new)
+    elif isinstance(current, dict):
+        for k in current:
+            _copy_into(current[k], new[k])
+    elif isinstance(current, (tuple, list)):
+        for c, n in zip(current, new):
+            _copy_into(c, n)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list, dict)):
+        return f"{type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
 class PlanRunner:
     """One request's execution state over one model or one pipeline stage.
 
@@ -100,6 +162,10 @@ class PlanRunner:
         # modules it cannot run on meta tensors) are held to the same limit here.
         self.max_saved_bytes = max_saved_bytes
         self.saved_bytes = 0
+        # the event template of each point, and the points the plan writes (with the writers)
+        self._templates = {n.id: info.shapes.get(event_key(n.path or "", n.io or "output"))
+                           for n in plan.nodes if n.op == POINT}
+        self._writes = written_parts(plan, info, schedule) if schedule.write_target else {}
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -220,27 +286,36 @@ class PlanRunner:
                                  node=node.id, op=node.op, line=node.line) from e
         self._ran.add((node.id, self.step))
 
+    def _point_view(self, node: Node, cell: _Cell) -> Any:
+        """The invoke's part of the event's value; refuses, before any node writes it, a
+        write to a part that all rows of the batch share (the plan-time check,
+        :func:`tpmlab.ir.rows.check_row_ownership`, on the live value: it also sees what the
+        event's template does not describe)."""
+        template = self._templates.get(node.id)
+        prompt_pass = self.step == 0
+        writes = self._writes.get(node.id)
+        if writes and node.invoke is not None and not self.layout.owns_all(
+                node.invoke, prompt_pass=prompt_pass):
+            for writer, path in writes:
+                shared = shared_tensors(cell.value, template, self.layout, path)
+                if shared:
+                    where, tensor = shared[0]
+                    item = "".join(f"[{k!r}]" for k in where)
+                    raise ExecutionError(
+                        f"{writer.describe()} writes {node.path or '<model>'}.{node.io}{item}, "
+                        f"a value of shape {tuple(tensor.shape)} that all rows of the batch "
+                        "share: inside an invoke it is read-only (write a copy)",
+                        node=writer.id, op=writer.op, line=writer.line)
+        return invoke_view(cell.value, self.layout, node.invoke, prompt_pass=prompt_pass,
+                           template=template)
+
     def _execute(self, node: Node, cell: _Cell | None) -> None:
         op = node.op
         if op == POINT:
-            self.env[node.id] = invoke_view(cell.value, self.layout, node.invoke,
-                                            prompt_pass=self.step == 0)
+            self.env[node.id] = self._point_view(node, cell)
             return
         if op == SET_POINT:
-            point = self.plan.node(node.args[0].id)
-            new = self._arg(node.args[1])
-            current = self.env[point.id]
-            if current is cell.value:  # the invoke sees the whole value: replace it
-                cell.value = new
-                cell.replaced = True
-            elif isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor):
-                current.copy_(new)  # a view of the batch: write through it
-                new = current
-            else:
-                raise ExecutionError("only tensors can be replaced for one invoke of a batch",
-                                     node=node.id, op=op, line=node.line)
-            self.env[point.id] = new
-            self.env[node.id] = new
+            self._set_point(node, cell)
             return
         if op == SAVE:
             live = self._arg(node.args[0])
@@ -270,6 +345,26 @@ class PlanRunner:
                 self._suspended -= 1
             return
         self.env[node.id] = OPS[op].fn(*args, **kwargs)
+
+    def _set_point(self, node: Node, cell: _Cell | None) -> None:
+        """Write a new value into a module value, in place, as ``value[...] = new`` would:
+        into the invoke's own rows of the batch, and the same whether or not other invokes
+        share the batch. Only a point that owns the whole value may instead replace it with
+        a value that cannot be written in place (another structure or shape)."""
+        point = self.plan.node(node.args[0].id)
+        new = self._arg(node.args[1])
+        current = self.env[point.id]
+        if not _write_into(current, new):
+            whole = point.invoke is None or self.layout.owns_all(point.invoke,
+                                                                 prompt_pass=self.step == 0)
+            if not (whole and cell is not None and current is cell.value):
+                raise ExecutionError(
+                    f"{node.describe()} cannot write a {_describe(new)} into "
+                    f"{point.path or '<model>'}.{point.io}, a {_describe(current)}",
+                    node=node.id, op=node.op, line=node.line)
+            cell.value, cell.replaced, current = new, True, new
+        self.env[point.id] = current
+        self.env[node.id] = current
 
     # -- after the pass ---------------------------------------------------------------------------
     def check_complete(self, steps_run: int = 1) -> None:
