@@ -10,12 +10,15 @@ range of events, receives the values earlier stages made that it needs
 
 Each invoke's module points see only its rows (:func:`~tpmlab.runtime.batching.invoke_view`),
 so its writes reach nothing else; a write to a value that all rows share is refused
-(:mod:`tpmlab.ir.rows`).
+(:mod:`tpmlab.ir.rows`). While it runs, the runner holds the request to its
+:class:`~tpmlab.ir.validate.Limits` (bytes saved over all steps, and stages; bytes of any
+one value a node makes) and measures each node's own time (:attr:`PlanRunner.node_seconds`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +45,7 @@ from ..ir.plan import (
 )
 from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
-from ..ir.validate import value_nbytes
+from ..ir.validate import Limits, value_nbytes
 from .batching import BatchLayout, invoke_view, shared_tensors
 
 
@@ -140,12 +143,23 @@ class PlanRunner:
 
     ``owned``: the event indices this runner executes (``None``: all of them).
     ``module_lookup(path)`` returns the live module for a native path.
+    ``limits``: the request's limits, enforced while it runs (``None``: none).
+
+    ``node_seconds`` (after the pass): ``{node id: seconds}`` spent running each plan node
+    that is not a module point, summed over generation steps, measured with
+    :func:`time.perf_counter` around the node's op; the model's own forward is not in it.
+    On a GPU the op's kernels run asynchronously, so this is the time to launch them
+    (plus any wait the op forces, such as reading a value back), not their run time.
+    A plan without nodes times nothing; each node costs two clock reads
+    (``benchmarks/node_timing.py`` measures it).
     """
+
+    time_nodes = True  # False leaves node_seconds empty (to measure what timing costs)
 
     def __init__(self, plan: Plan, info: ModelInfo, schedule: Schedule, layout: BatchLayout,
                  *, module_lookup: Callable[[str], nn.Module], device: torch.device,
                  owned: range | None = None, carry: dict[int, Any] | None = None,
-                 pinned: bool = True, max_saved_bytes: int | None = None) -> None:
+                 pinned: bool = True, limits: Limits | None = None) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -158,10 +172,13 @@ class PlanRunner:
         self._suspended = 0
         self._ran: set[tuple[int, int]] = set()
         self._constants = {name: t.to(device) for name, t in plan.tensors.items()}
-        # Saves whose size validation could not know (later generation steps, values from
-        # modules it cannot run on meta tensors) are held to the same limit here.
-        self.max_saved_bytes = max_saved_bytes
-        self.saved_bytes = 0
+        # Sizes validation could not know (later generation steps, data-dependent shapes,
+        # modules it cannot run on meta tensors) are held to the same limits here.
+        self.max_saved_bytes = limits.max_saved_bytes if limits else None
+        self.max_value_bytes = limits.max_intermediate_bytes if limits else None
+        self.saved_bytes = 0  # saved by this runner, over all steps
+        self.saved_elsewhere = 0  # saved by the request on other pipeline stages (set by them)
+        self.node_seconds: dict[int, float] = {}
         # the event template of each point, and the points the plan writes (with the writers)
         self._templates = {n.id: info.shapes.get(event_key(n.path or "", n.io or "output"))
                            for n in plan.nodes if n.op == POINT}
@@ -276,6 +293,8 @@ class PlanRunner:
         return value
 
     def _run(self, node: Node, cell: _Cell | None) -> None:
+        timed = node.op != POINT and self.time_nodes  # a point hands over the module's value
+        start = time.perf_counter() if timed else 0.0
         try:
             self._execute(node, cell)
         except (PlanError, ExecutionError):
@@ -284,7 +303,19 @@ class PlanRunner:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExecutionError(f"{node.op} failed: {type(e).__name__}: {msg}",
                                  node=node.id, op=node.op, line=node.line) from e
+        if timed:
+            self.node_seconds[node.id] = (self.node_seconds.get(node.id, 0.0)
+                                          + time.perf_counter() - start)
+        if self.max_value_bytes is not None and node.op not in (POINT, SAVE, SET_POINT, PARAM):
+            self._check_value_size(node)
         self._ran.add((node.id, self.step))
+
+    def _check_value_size(self, node: Node) -> None:
+        nbytes = value_nbytes(self.env.get(node.id), scalar_bytes=0)
+        if nbytes > self.max_value_bytes:
+            raise LimitError(f"{node.describe()} made a value of {nbytes:,} bytes, over the "
+                             f"limit of {self.max_value_bytes:,} bytes for one value",
+                             node=node.id, op=node.op, line=node.line)
 
     def _point_view(self, node: Node, cell: _Cell) -> Any:
         """The invoke's part of the event's value; refuses, before any node writes it, a
@@ -321,8 +352,9 @@ class PlanRunner:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
             self.saved_bytes += value_nbytes(live, scalar_bytes=0)
-            if self.max_saved_bytes is not None and self.saved_bytes > self.max_saved_bytes:
-                raise LimitError(f"the plan has saved {self.saved_bytes:,} bytes, over the limit "
+            total = self.saved_bytes + self.saved_elsewhere
+            if self.max_saved_bytes is not None and total > self.max_saved_bytes:
+                raise LimitError(f"the plan has saved {total:,} bytes, over the limit "
                                  f"of {self.max_saved_bytes:,} bytes",
                                  node=node.id, op=node.op, line=node.line)
             copy = host_copy(live, self.pinned)
