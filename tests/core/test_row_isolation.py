@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from tests.conftest import TINY_MODELS
 from tests.plan_strategies import check_merged_runs, property_settings, users
 from tpmlab.errors import ExecutionError
+from tpmlab.ir.codec import encode_plan
 from tpmlab.ir.model_info import ModelInfo
-from tpmlab.ir.plan import Invoke, Node, Plan, Ref
+from tpmlab.ir.plan import EllipsisArg, Invoke, Node, Plan, Ref
 from tpmlab.ir.rows import BatchSharedWriteError
 from tpmlab.ir.validate import validate
 
@@ -87,6 +88,32 @@ def test_positional_values_have_the_shape_of_the_invokes_rows(model):
             padded = (value[item] if item is not None else value).save()
     assert alone.value.shape[:2] == (1, len(model.tokenizer(PROMPT)["input_ids"]))
     torch.testing.assert_close(padded.value, alone.value, rtol=1e-6, atol=1e-6)
+
+
+def test_an_invokes_write_reaches_neither_its_padding_nor_other_rows(local_lab):
+    """Invoke 0 (3 tokens, so 4 columns of left padding) writes its whole view of a layer
+    output; a point over the whole batch, read after the write, shows that only invoke 0's
+    real positions changed: not its padding, not invoke 1's row."""
+    info = local_lab.model("tiny-llama").info
+    path = "model.layers.1"
+
+    def whole_batch(write: bool) -> torch.Tensor:
+        nodes = [Node(0, "point", path=path, io="output", invoke=0)]
+        if write:
+            nodes.append(Node(1, "setitem", [Ref(0), EllipsisArg(), 9.0]))
+        nodes += [Node(2, "point", path=path, io="output", invoke=None), Node(3, "save", [Ref(2)])]
+        plan = Plan(model=info.name, model_version=info.version,
+                    invokes=[Invoke("tokens", ["a"]), Invoke("tokens", ["b"])],
+                    tensors={"a": torch.tensor([5, 6, 7]),
+                             "b": torch.tensor([1, 2, 3, 4, 5, 6, 7])},
+                    nodes=nodes)
+        return local_lab.backend.run_values(info.name, encode_plan(plan))[0][3]
+
+    written, clean = whole_batch(True), whole_batch(False)
+    assert written.shape == (2, 7, 64)
+    assert (written[0, 4:] == 9.0).all()
+    torch.testing.assert_close(written[0, :4], clean[0, :4], rtol=0, atol=0)  # its padding
+    torch.testing.assert_close(written[1], clean[1], rtol=0, atol=0)  # the other invoke
 
 
 def _shared_info(base: ModelInfo) -> ModelInfo:
