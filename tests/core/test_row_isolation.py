@@ -202,7 +202,7 @@ def _info_and_runner(local_lab, name):
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
-@property_settings(20)
+@property_settings(12)
 @given(data=st.data())
 def test_merged_users_get_their_own_results_tiny(local_lab, name, data):
     info, run = _info_and_runner(local_lab, name)
