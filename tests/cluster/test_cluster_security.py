@@ -210,14 +210,19 @@ def test_credentials_readable_by_others_are_refused(tmp_path):
         read_credentials(folder)
 
 
-def test_folders_of_dead_clusters_are_removed(tmp_path):
+def test_folders_of_dead_clusters_are_removed_on_their_host_only(tmp_path):
+    """A home directory shared by login nodes holds other hosts' folders: their process
+    ids mean nothing here."""
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
     stale = write_credentials(new_security(), "tls://127.0.0.1:1", root=tmp_path)
-    info = json.loads((stale / "cluster.json").read_text())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    (stale / "cluster.json").write_text(json.dumps({**info, "pid": int(dead)}))
-    live = write_credentials(new_security(), "tls://127.0.0.1:2", root=tmp_path)
-    assert not stale.exists() and live.exists()
+    elsewhere = write_credentials(new_security(), "tls://127.0.0.1:2", root=tmp_path)
+    for folder, host in ((stale, None), (elsewhere, "login2.example")):
+        info = json.loads((folder / "cluster.json").read_text())
+        (folder / "cluster.json").write_text(json.dumps(
+            {**info, "pid": dead, "host": host or info["host"]}))
+    live = write_credentials(new_security(), "tls://127.0.0.1:3", root=tmp_path)
+    assert not stale.exists() and elsewhere.exists() and live.exists()
 
 
 def test_credentials_are_found_by_address(tmp_path, monkeypatch):
@@ -228,6 +233,10 @@ def test_credentials_are_found_by_address(tmp_path, monkeypatch):
     assert folder.parent == tmp_path
     assert credentials_for("tls://127.0.0.1:4321").tls_ca_file == security.tls_ca_file
     assert credentials_for("tls://127.0.0.1:9999") is None
+    info = json.loads((folder / "cluster.json").read_text())  # as if another login node's
+    (folder / "cluster.json").write_text(json.dumps({**info, "host": "login2.example"}))
+    assert credentials_for("tls://127.0.0.1:4321") is None
+    (folder / "cluster.json").write_text(json.dumps(info))
     env = kernel_environment(folder, "tls://127.0.0.1:4321")
     assert env["TPMLAB_SCHEDULER"] == "tls://127.0.0.1:4321"
     assert env[CREDENTIALS_ENV] == str(folder)

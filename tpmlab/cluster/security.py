@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import ssl
 import stat
 import tempfile
@@ -107,7 +108,8 @@ def write_credentials(security: Security, scheduler_address: str, *,
     root = Path(root) if root is not None else runtime_root()
     _remove_stale(root)
     folder = Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX, dir=root))
-    info = json.dumps({"scheduler": scheduler_address, "pid": os.getpid()})
+    info = json.dumps({"scheduler": scheduler_address, "pid": os.getpid(),
+                       "host": socket.gethostname()})
     for name, text in {**_pem(security), "info": info}.items():
         fd = os.open(folder / FILES[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -116,7 +118,8 @@ def write_credentials(security: Security, scheduler_address: str, *,
 
 
 def read_credentials(folder: str | os.PathLike[str]) -> tuple[str, Security]:
-    """The scheduler address and the in-memory :class:`Security` kept in ``folder``.
+    """The scheduler address and the in-memory :class:`Security` kept in ``folder``
+    (read once: the folder may go while the connection lives).
 
     Refuses (:class:`ClusterSecurityError`) a folder or file that another user owns or
     may read or write: such credentials are no longer secret, or not ours.
@@ -156,10 +159,14 @@ def _check_private(path: Path) -> None:
 
 
 def _remove_stale(root: Path) -> None:
+    """Remove the folders of this host's clusters whose process is gone. Jupyter's runtime
+    directory is often in a home directory shared by several login nodes: another host's
+    process ids mean nothing here, so its folders are left alone."""
     for folder in root.glob(FOLDER_PREFIX + "*"):
         try:
-            pid = json.loads((folder / FILES["info"]).read_text())["pid"]
-            if folder.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            info = json.loads((folder / FILES["info"]).read_text())
+            if (info.get("host") == socket.gethostname() and folder.stat().st_uid == os.getuid()
+                    and not _alive(int(info["pid"]))):
                 remove_credentials(folder)
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -186,11 +193,12 @@ def kernel_environment(folder: Path, scheduler_address: str) -> dict[str, str]:
 def credentials_for(address: str) -> Security | None:
     """The credentials of the tpmlab cluster at ``address``, if this user holds them:
     the folder named by ``$TPMLAB_CLUSTER_CREDENTIALS`` first, then any credentials
-    folder in :func:`runtime_root` written for that address."""
+    folder in :func:`runtime_root` written on this host for that address."""
     named = os.environ.get(CREDENTIALS_ENV)
     folders = [Path(named)] if named else []
     try:
-        folders += sorted(runtime_root().glob(FOLDER_PREFIX + "*"))
+        folders += [f for f in sorted(runtime_root().glob(FOLDER_PREFIX + "*"))
+                    if _written_here(f)]
     except ImportError:  # no Jupyter here: only the named folder can exist
         pass
     want = _normalize(address)
@@ -206,6 +214,15 @@ def credentials_for(address: str) -> Security | None:
         if _normalize(found) == want:
             return security
     return None
+
+
+def _written_here(folder: Path) -> bool:
+    """Whether ``folder`` was written on this host (127.0.0.1 on another login node sharing
+    this home directory is another machine)."""
+    try:
+        return json.loads((folder / FILES["info"]).read_text()).get("host") == socket.gethostname()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def security_loader(info: dict[str, Any]) -> Security | None:
