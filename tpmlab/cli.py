@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import TpmlabError
+from .models.errors import ModelNotFoundError, UnsupportedArchitectureError
+
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 LOOPBACK = "127.0.0.1"
 JUPYTER_STOP_TIMEOUT = 30.0  # seconds JupyterLab gets to shut its kernels down
@@ -72,6 +75,10 @@ def lab_command(args: argparse.Namespace) -> int:
             print("\ntpmlab: stopping JupyterLab and the cluster ...", file=sys.stderr,
                   flush=True)
             return 0
+        except (TpmlabError, ModelNotFoundError, UnsupportedArchitectureError) as e:
+            # a model that cannot be deployed, say: its message says what to do
+            print(f"tpmlab lab: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return 1
         finally:
             session.stop()
 
@@ -90,8 +97,10 @@ class LabSession:
         from .cluster.embedded import start_local_cluster
         from .cluster.security import kernel_environment, write_credentials
         from .lab import connect
+        from .models import resolve
 
         args = self.args
+        resolve(args.model)  # a wrong name fails now, before the cluster starts
         print(f"tpmlab: starting a local Dask cluster (TLS) and deploying {args.model} "
               f"as {args.stages} stage(s) ...", flush=True)
         self.cluster = start_local_cluster(dashboard_address=f"{LOOPBACK}:0")

@@ -212,3 +212,16 @@ def test_ctrl_c_stops_jupyterlab_and_the_cluster_quietly(running_lab):
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
     assert "tpmlab: stopping JupyterLab and the cluster" in output
     assert not folders[0].exists()  # the credentials go with the cluster
+
+
+def test_a_model_that_cannot_be_found_is_one_line_and_starts_nothing(tmp_path):
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
+    script = Path(sys.executable).with_name("tpmlab")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "tpmlab.cli"]
+    proc = subprocess.run(command + ["lab", "--model", "no-such-model", "--no-browser"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert "no-such-model" in proc.stderr and "Traceback" not in proc.stderr
+    assert "starting a local Dask cluster" not in proc.stdout
+    assert not list(tmp_path.glob("tpmlab-cluster-*"))
