@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup lab test lint bench
 
+# Returns in about a second when the environment is already complete (see scripts/setup.sh);
+# `make setup FORCE=1` reinstalls anyway.
 setup:
-	bash scripts/setup.sh
+	TPMLAB_SETUP_FORCE=$(FORCE) bash scripts/setup.sh
 
 lab: setup
 	$(VENV)/bin/tpmlab lab

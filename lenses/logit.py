@@ -35,7 +35,7 @@ from tpmlab.lenses.common import (
     values,
     vocab_statistics,
 )
-from tpmlab.lenses.result import plain
+from tpmlab.lenses.result import plain, shown
 
 NAME = "logit"
 METRICS = ("target_prob", "kl", "entropy", "target_rank", "top_prob")
@@ -87,9 +87,10 @@ class LogitLensResult(LensResult):
         z = self.metric(metric)
         text = [[cell[0] for cell in row] for row in self.top_tokens]
         hover = [[f"layer {self.rows[r]}, pos {p} {self.tokens[p]!r}<br>top: "
-                  + ", ".join(f"{t!r} {pr:.3f}" for t, pr in zip(
+                  + ", ".join(f"{t!r} {shown(pr, '.3f')}" for t, pr in zip(
                       self.top_tokens[r][p], self.data["top_probs"][r, p].tolist()))
-                  + f"<br>KL {self.data['kl'][r, p]:.3f} nats, H {self.data['entropy'][r, p]:.3f}"
+                  + f"<br>KL {shown(self.data['kl'][r, p], '.3f')} nats, "
+                  f"H {shown(self.data['entropy'][r, p], '.3f')}"
                   for p in range(len(self.tokens))] for r in range(len(self.rows))]
         x = [f"{p}:{t}" for p, t in enumerate(self.tokens)]
         fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=self.rows, text=text,

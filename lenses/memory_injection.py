@@ -32,6 +32,7 @@ import torch
 
 from tpmlab.lenses import LensResult, Provenance
 from tpmlab.lenses.common import first, layer_list, token_ids
+from tpmlab.lenses.result import plain
 
 NAME = "memory_injection"
 MAX_INVOKES_PER_PASS = 64
@@ -78,8 +79,8 @@ class MemoryInjectionResult(LensResult):
 
     def table(self) -> list[dict[str, Any]]:
         b, a = self.data["before"], self.data["after"]
-        return [{"prompt": p, "layer": layer, "tau": tau, "before": b[i].item(),
-                 "after": a[i, j, k].item(), "delta": (a[i, j, k] - b[i]).item()}
+        return [{"prompt": p, "layer": layer, "tau": tau, "before": plain(b[i]),
+                 "after": plain(a[i, j, k]), "delta": plain(a[i, j, k] - b[i])}
                 for i, p in enumerate(self.prompts) for j, layer in enumerate(self.layers)
                 for k, tau in enumerate(self.taus)]
 
@@ -92,10 +93,10 @@ class MemoryInjectionResult(LensResult):
             for k, tau in enumerate(self.taus):
                 after, delta = a[:, j, k], a[:, j, k] - b
                 out.append({"layer": layer, "tau": tau,
-                            "mean_before": b.mean().item(), "mean_after": after.mean().item(),
+                            "mean_before": plain(b.mean()), "mean_after": plain(after.mean()),
                             "median_before": statistics.median(b.tolist()),
                             "median_after": statistics.median(after.tolist()),
-                            "mean_delta": delta.mean().item(),
+                            "mean_delta": plain(delta.mean()),
                             "median_delta": statistics.median(delta.tolist()),
                             "fraction_improved": (delta > 0).float().mean().item()})
         return out

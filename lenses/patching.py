@@ -36,6 +36,7 @@ import torch
 
 from tpmlab.lenses import LensResult, Provenance
 from tpmlab.lenses.common import first, layer_list, token_ids, token_strings
+from tpmlab.lenses.result import plain
 
 NAME = "patching"
 KINDS = ("resid", "attn", "mlp")
@@ -85,7 +86,7 @@ class PatchingResult(LensResult):
 
     def table(self) -> list[dict[str, Any]]:
         e = self.data["effect"]
-        return [{"layer": layer, "position": p, "token": t, "effect": e[i, p].item()}
+        return [{"layer": layer, "position": p, "token": t, "effect": plain(e[i, p])}
                 for i, layer in enumerate(self.layers) for p, t in enumerate(self.tokens)]
 
     def peak(self) -> dict[str, Any]:
@@ -93,7 +94,7 @@ class PatchingResult(LensResult):
         e = self.data["effect"]
         i, p = divmod(int(e.argmax()), e.shape[1])
         return {"layer": self.layers[i], "position": p, "token": self.tokens[p],
-                "effect": e[i, p].item()}
+                "effect": plain(e[i, p])}
 
     def plot(self, title: str | None = None):
         import plotly.graph_objects as go

@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: N812
 
 import tpmlab.lenses
 from tpmlab.lenses.artifact import check_model, load_artifact, save_artifact
-from tpmlab.lenses.common import token_ids
+from tpmlab.lenses.common import nonnegative, token_ids
 
 NAME = "tuned"
 KIND = "tuned"
@@ -256,7 +256,8 @@ def train(model: Any, *, data: dict | None = None, rank: int = 32, steps: int = 
 
     def held_kl() -> torch.Tensor:
         with torch.no_grad():
-            return torch.stack([loss_on(chunk) for chunk in held.split(batch_tokens)]).mean(0)
+            kl = torch.stack([loss_on(chunk) for chunk in held.split(batch_tokens)]).mean(0)
+        return nonnegative(kl)  # reported, rounded: never "-0.0" (the loss itself is not clamped)
 
     before = held_kl()
     bar = tqdm(range(steps), desc="tuned lens: training", disable=not progress)

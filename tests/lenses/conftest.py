@@ -1,8 +1,9 @@
 """Engines and models for the lens tests.
 
-``engine`` is parametrized over where plans run: ``"local"`` (in-process) always,
-``"dask"`` (pipeline stages on a local Dask cluster) when :mod:`tpmlab.cluster`
-provides a working ``DaskBackend``; otherwise that case is skipped with the reason.
+``engine`` is parametrized over where plans run: ``"local"`` (in-process) and
+``"dask"`` (pipeline stages on a local Dask cluster). A Dask engine that cannot start or
+fails its smoke trace fails every test that asks for it: it is never skipped, so a broken
+sharded engine cannot hide behind green lens tests.
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ def _make_lab(kind: str):
 
     if kind == "local":
         return tpmlab.connect("local")
-    try:
-        from tpmlab.cluster import DaskBackend  # noqa: F401
-    except Exception as e:  # the sharded engine is optional at this point
-        raise RuntimeError(f"tpmlab.cluster.DaskBackend is not importable: {e}") from e
     lab = tpmlab.connect()
     if type(lab.backend).__name__ == "LocalBackend":
         lab.close()
@@ -51,7 +48,7 @@ def _make_lab(kind: str):
 
 def lab_for(kind: str):
     if kind in _broken:
-        pytest.skip(f"{kind} engine unavailable: {_broken[kind]}")
+        pytest.fail(f"the {kind} engine is broken: {_broken[kind]}")
     if kind not in _labs:
         try:
             _labs[kind] = _make_lab(kind)
@@ -59,7 +56,7 @@ def lab_for(kind: str):
             if kind == "local":
                 raise
             _broken[kind] = str(e)
-            pytest.skip(f"{kind} engine unavailable: {e}")
+            pytest.fail(f"the {kind} engine is broken: {e}")
     return _labs[kind]
 
 

@@ -25,7 +25,8 @@ def scheduler_address(dask_cluster):
 
 
 @pytest.fixture
-def jp_server_config(scheduler_address):
+def jp_server_config(scheduler_address, monkeypatch):
+    monkeypatch.delenv("TPMLAB_GATEWAY", raising=False)  # no gateway unless a test names one
     return {"ServerApp": {"jpserver_extensions": {"tpmlab.server": True}},
             "TpmlabServer": {"scheduler_address": scheduler_address}}
 

@@ -46,7 +46,7 @@ async def test_status_reports_the_live_cluster(jp_fetch, dask_cluster, tpmlab_st
     assert cluster["dashboard"]["url"] == cluster["dashboard"]["direct"]
     assert status["models"] == []
     assert status["requests"] == {"running": [], "queued": None}
-    assert status["usage"] is None  # no gateway installed
+    assert status["usage"] is None  # no gateway configured ($TPMLAB_GATEWAY unset)
 
 
 async def wait_for(fetch, predicate, timeout=90.0):

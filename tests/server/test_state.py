@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tpmlab.server.state import dashboard_link, model_view, worker_view
+import socket
+
+from tpmlab.server.state import GatewayUsage, dashboard_link, model_view, worker_view
 
 
 def test_a_local_dashboard_is_linked_through_the_server_proxy():
@@ -66,3 +68,21 @@ def test_a_slow_stage_probe_is_not_a_health_problem():
     m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[{"timeout": True}, {"requests": 0}])
     assert [s["health"] for s in m["stages"]] == ["ok", "ok"]
     assert [s["answered"] for s in m["stages"]] == [False, True]
+
+
+def test_gateway_usage_is_configured_by_the_environment():
+    assert GatewayUsage.from_env({}) is None
+    g = GatewayUsage.from_env({"TPMLAB_GATEWAY": "http://gw:8000/", "JUPYTERHUB_API_TOKEN": "h"})
+    assert (g.url, g.token) == ("http://gw:8000", "h")
+    g = GatewayUsage.from_env({"TPMLAB_GATEWAY": "http://gw", "TPMLAB_TOKEN": "k",
+                               "JUPYTERHUB_API_TOKEN": "h"})
+    assert g.token == "k"
+
+
+def test_gateway_usage_names_an_unreachable_gateway():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    usage = GatewayUsage(f"http://127.0.0.1:{port}", "k", timeout=2)()
+    assert usage.keys() == {"error"}
+    assert f"cannot reach the gateway http://127.0.0.1:{port}" in usage["error"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from store_helpers import tiny_state_dict
 
-from tpmlab.store import RefError, StoreError
+from tpmlab.store import FsspecBackend, RefError, Store, StoreError, UnsafeRefError
 
 
 def _history(store, n=3):
@@ -90,3 +90,31 @@ def test_diff_reports_changes(store):
     assert store.stats.chunks_read == 2
     assert store.diff(a, a) == []
     assert "changed=" in str(ch)
+
+
+@pytest.mark.parametrize("via", ["folder", "fsspec"])
+def test_a_tag_that_is_a_symbolic_link_is_refused(tmp_path, via):
+    root = tmp_path / "store"
+    store = Store(root) if via == "folder" else Store(FsspecBackend(f"file://{root}"))
+    d = _history(store)
+    store.tag("stable", d[0])
+    # A link to a file elsewhere that happens to hold a digest (another store's tag, or any
+    # file the link's author wants read): it must not be followed.
+    outside = tmp_path / "elsewhere"
+    outside.write_text(f"{d[1]}\n")
+    (root / "tags" / "evil").symlink_to(outside)
+    (root / "tags" / "alias").symlink_to(root / "tags" / "stable")
+    for name in ("evil", "alias"):
+        with pytest.raises(UnsafeRefError, match=f"tag '{name}' is a symbolic link"):
+            store.resolve(name)
+        with pytest.raises(UnsafeRefError):
+            store.load(name)
+    with pytest.raises(UnsafeRefError, match="symbolic link"):
+        store.tags()
+    with pytest.raises(StoreError):
+        store.tag("evil", d[2])  # an existing link is not written through either
+    assert outside.read_text() == f"{d[1]}\n"
+    store.untag("evil")
+    store.untag("alias")
+    assert store.tags() == {"stable": d[0]}
+    assert not outside.is_symlink() and outside.exists()

@@ -1,8 +1,9 @@
 """A dashboard in a real JupyterLab, driven from Chromium.
 
 JupyterLab listens on 127.0.0.1 (a free port, a token); the notebook builds a logit-lens
-dashboard on a tiny model. Through the page: Run All, change the metric menu (the heatmap's
-colour bar title and values change), click a cell (the detail panel fills). Then the
+dashboard on a tiny model. Through the page: Run All (the heatmap replaces the "press Run"
+placeholder, which leaves nothing behind), change the metric menu (the heatmap's colour bar
+title and values change), click a cell (the detail panel fills). Then the
 notebook is saved, the kernel shut down and the page reloaded: the static copy of the
 figure is what shows, and the file on disk is small and holds no widget state. A
 screenshot is kept in ``test-artifacts/``.
@@ -117,6 +118,11 @@ def test_dashboard_in_jupyterlab(jupyterlab):
             assert len(visible) == 1
             before = _plot_texts(live)
             assert "P(final top-1)" in before and any("layer" in t for t in before)
+            # the "press Run" placeholder is gone (its annotation and its hidden axes), not
+            # left behind the heatmap by the browser's merging relayout
+            assert not [t for t in before if "press Run" in t], before
+            assert live.locator("g.annotation").count() == 0
+            assert live.locator(".xtick text").count() == 10  # one label per token position
 
             page.locator(".tpmlab-dash .widget-dropdown select").first.select_option(label="KL")
             page.wait_for_function(
@@ -124,6 +130,7 @@ def test_dashboard_in_jupyterlab(jupyterlab):
                 ".some(t => t.textContent.includes('KL (nats)'))", timeout=30_000)
             after = _plot_texts(live)
             assert "KL (nats)" in after and "P(final top-1)" not in after
+            assert not [t for t in after if "press Run" in t]
 
             box = live.locator(".nsewdrag").first.bounding_box()
             rows, cols, row, col = 5, 10, 1, 2  # input + 4 layers; 10 tokens

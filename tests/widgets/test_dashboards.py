@@ -248,3 +248,43 @@ def _with(job, work):
 def test_unknown_lens():
     with pytest.raises(ValueError, match="no dashboard for lens 'nope'"):
         dashboard(None, "nope")
+
+
+def test_a_zero_up_to_rounding_is_shown_without_a_sign(logit_dash):
+    """The detail panel and hover text print "0.0000", never "-0.0000", for a KL or entropy of
+    -0.0 or a hair below zero (what the sign of rounding noise gives on some thread counts)."""
+    import dataclasses
+
+    r = logit_dash.result
+    data = {k: v.clone() for k, v in r.data.items()}
+    data["kl"][-1, -1], data["entropy"][-1, -1] = -0.0, -0.0
+    data["kl"][-1, -2], data["entropy"][-1, -2] = -3e-9, -3e-9
+    noisy = dataclasses.replace(r, data=data)
+    for pos in (-1, -2):
+        detail = views.logit_cell(noisy, -1, pos)
+        assert detail["facts"]["KL(final || layer)"] == "0.0000 nats"
+        assert detail["facts"]["entropy"] == "0.0000 nats"
+        assert "-0.0" not in figures.detail_html(detail)
+    view = views.logit_view(noisy, "KL")
+    assert "KL 0.000, entropy 0.000 nats" in view.hover[-1][-1]
+    assert "-0.000" not in view.hover[-1][-1] + view.hover[-1][-2]
+
+
+def test_replacing_the_placeholder_tells_the_browser_to_drop_it(monkeypatch):
+    """The browser merges a new layout into the old one (Plotly.relayout): what the placeholder
+    had and the heatmap leaves out must be reset explicitly, or "press Run" stays on screen.
+    (tests/widgets/test_browser.py checks the page itself.)"""
+    import plotly.graph_objects as go
+
+    from tpmlab.widgets.dashboards import _sync
+
+    fw = go.FigureWidget(figures.placeholder_figure("press Run"))
+    sent = []
+    monkeypatch.setattr(fw, "_send_relayout_msg", lambda data, source_view_id=None: sent.append(data))
+    view = views.HeatmapView(z=[[0.1, 0.2]], x=["0:a", "1:b"], y=["0"], text=None,
+                             hover=[["", ""]], title="t", x_title="position", y_title="layer",
+                             colorbar="c")
+    _sync(fw, figures.heatmap_figure(view))
+    reset = {k: v for msg in sent for k, v in msg.items() if v is None}
+    assert {"annotations", "xaxis.visible"} <= set(reset), sent
+    assert fw.layout.annotations == () and fw.layout.xaxis.visible is None

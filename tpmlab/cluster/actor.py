@@ -49,6 +49,7 @@ from ..ir.validate import Limits, validate
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.engine import GENERATED, plan_digest
 from ..runtime.interleaver import PlanRunner
+from ..runtime.weights import WeightGuard
 from .partition import StageSpan
 from .stage import StageModel
 from .wire import from_wire, to_wire
@@ -131,6 +132,7 @@ class StageActor:
         self.source = resolve(spec["model"])
         self.stage = StageModel(self.source, self.span, device=self.device, dtype=self.dtype)
         self.events, self.shapes = self.stage.probe()
+        self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
         self.info: ModelInfo | None = None
@@ -174,6 +176,10 @@ class StageActor:
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
         return out
+
+    async def weight_restores(self) -> int:
+        """Requests that wrote into this stage's weights (each failed, the weights restored)."""
+        return self.weights.restores
 
     async def abort(self, req: str) -> None:
         """Drop a request's state and saves here and on every later stage (after a failure
@@ -237,8 +243,9 @@ class StageActor:
         runner.env.update(from_wire(msg["carry"], self.device))
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
-        runner.begin_step(step)
+        self.weights.ready()
         try:
+            runner.begin_step(step)
             with torch.inference_mode(), runner.hooks():
                 if self.span.is_first:
                     out = self.stage.forward(attention_mask=mask, position_ids=pos, cache=st.cache,
@@ -252,6 +259,8 @@ class StageActor:
                                              logits_to_keep=1 if st.generate else 0)
         except torch.OutOfMemoryError as e:
             raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
+        finally:
+            self.weights.check()  # a write validation missed: restore, fail this request
         if self.span.is_last:
             reply: dict[str, Any] = {}
             if st.generate:

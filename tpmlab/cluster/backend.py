@@ -207,6 +207,7 @@ class DaskBackend:
         return ModelInfo(name=name, version=described[0]["version"], family=described[0]["family"],
                          dtype=dtype_name(dtype), events=events, shapes=shapes,
                          modules=[n for n, _ in meta.named_modules()], params=params,
+                         vocab_size=meta.get_input_embeddings().num_embeddings,
                          stage_starts=starts, stage_workers=[s.worker for s in slots],
                          extra={"stage_layers": [[s.first, s.last] for s in spans],
                                 "stage_devices": [s.device for s in slots],
@@ -366,6 +367,13 @@ class DaskBackend:
         dep = self.deployment(name)
         return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.slots[k].worker}
                 for k, a in enumerate(dep.actors)]
+
+    def weight_restores(self) -> dict[str, int]:
+        """By model: requests that wrote into a stage's deployed weights (each failed with
+        WeightsChangedError, the stage's weights restored from the source), over all stages."""
+        return {name: sum(_result(a.weight_restores(), 60, f"stage {k} of {name}")
+                          for k, a in enumerate(dep.actors))
+                for name, dep in self.deployments.items()}
 
     def undeploy(self, name: str) -> None:
         """Drop this client's hold on ``name``; the owner also removes it from the cluster

@@ -6,7 +6,8 @@ query      token ids in; generated tokens and the model's final logits out
 embed      also custom ``inputs_embeds`` in and final hidden states out
            (the final norm's output)
 inspect    read any module's input or output, parameters, apply model modules
-intervene  also write: ``set_point``, ``setitem``, in-place ops on module values
+intervene  also write: ``set_point``, ``setitem``, in-place ops on any value that may
+           share memory with a module value (:mod:`tpmlab.ir.schedule` decides which)
 admin      also manage users, keys and allocations
 =========  ====================================================================
 
@@ -26,18 +27,25 @@ from ..ir.validate import Limits
 TIERS = ("query", "embed", "inspect", "intervene", "admin")
 RANK = {name: i for i, name in enumerate(TIERS)}
 
-# Per-tier size limits (the engine's own limits still apply on top).
+# Per-tier size limits (the engine's own limits still apply on top). Any one value a
+# plan computes (``max_intermediate_bytes``) may be twice what the tier may save: what
+# a user may take home they may compute, with room for one temporary copy; the lowest
+# tiers, who only reduce the final logits, get the least (query: 32 rows' last-position
+# logits of a 150k vocabulary take 19 MB; 512 MiB is ample), so that no request of theirs
+# can take a stage's memory from everyone else.
 TIER_LIMITS: dict[str, Limits] = {
     "query": Limits(max_nodes=200, max_constant_bytes=4 * 2**20, max_saved_bytes=256 * 2**20,
-                    max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096),
+                    max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096,
+                    max_intermediate_bytes=512 * 2**20),
     "embed": Limits(max_nodes=500, max_constant_bytes=64 * 2**20, max_saved_bytes=256 * 2**20,
-                    max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096),
+                    max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096,
+                    max_intermediate_bytes=512 * 2**20),
     "inspect": Limits(max_nodes=10_000, max_constant_bytes=64 * 2**20,
                       max_saved_bytes=1 * 2**30, max_invokes=64, max_new_tokens=1024,
-                      max_tokens_per_row=8192),
+                      max_tokens_per_row=8192, max_intermediate_bytes=2 * 2**30),
     "intervene": Limits(max_nodes=20_000, max_constant_bytes=256 * 2**20,
                         max_saved_bytes=2 * 2**30, max_invokes=128, max_new_tokens=2048,
-                        max_tokens_per_row=8192),
+                        max_tokens_per_row=8192, max_intermediate_bytes=4 * 2**30),
 }
 TIER_LIMITS["admin"] = TIER_LIMITS["intervene"]
 
@@ -71,10 +79,12 @@ def required_tier(plan: Plan, schedule: Schedule, paths: OutputPaths) -> Need:
         raise_to("embed", "gives custom inputs_embeds")
     for node in plan.nodes:
         where = f"node {node.id}" + (f" at {node.line}" if node.line else "")
-        if node.id in schedule.write_target or node.op == SET_POINT:
-            target = plan.nodes_by_id.get(schedule.write_target.get(node.id, -1))
-            what = f"{target.path or '<model>'}.{target.io}" if target is not None else \
-                f"{node.path or '<model>'}.{node.io}"
+        if node.id in schedule.writes or node.op == SET_POINT:
+            # by data flow: any op that mutates a value that may share memory with a
+            # module value (through views, conversions, containers...) writes it
+            targets = sorted(schedule.writes.get(node.id, ()))
+            target = plan.nodes_by_id[targets[0]] if targets else node
+            what = f"{target.path or '<model>'}.{target.io}"
             raise_to("intervene", f"writes {what} ({node.op}, {where})")
         elif node.op == POINT:
             name = f"{node.path or '<model>'}.{node.io}"

@@ -2,7 +2,9 @@
 
 One blob is one safetensors file whose metadata holds the JSON document under
 ``"tpmlab"``. Nothing is ever pickled; decoding refuses anything it does not
-know (unknown markers, dtypes, schema versions, over-deep nesting).
+know (unknown markers, dtypes, schema versions, over-deep nesting, integers
+outside 64 bits, fields of the wrong type), and every refusal is a
+:class:`~tpmlab.errors.SchemaError`, whatever the bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .plan import (
 )
 
 MAX_DEPTH = 32
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # plans carry 64-bit integers (what tensor sizes hold)
 ALLOWED_DTYPES = {
     "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
 }
@@ -110,6 +113,8 @@ def decode_value(doc: Any, tensors: dict[str, torch.Tensor] | None, *, as_args: 
     """
     if depth > MAX_DEPTH:
         raise SchemaError(f"value nested deeper than {MAX_DEPTH} levels")
+    if isinstance(doc, int) and not isinstance(doc, bool) and not INT_MIN <= doc <= INT_MAX:
+        raise SchemaError(f"integer {doc} is outside the 64-bit range")
     if doc is None or isinstance(doc, (bool, int, float, str)):
         return doc
     if isinstance(doc, list):
@@ -139,10 +144,12 @@ def decode_value(doc: Any, tensors: dict[str, torch.Tensor] | None, *, as_args: 
     if key == "$ellipsis":
         return EllipsisArg() if as_args else Ellipsis
     if key == "$dtype":
+        if not isinstance(body, str):
+            raise SchemaError(f"malformed dtype {body!r}")
         dtype_from_name(body)
         return DType(body) if as_args else dtype_from_name(body)
     if key == "$float":
-        if body not in ("inf", "-inf", "nan"):
+        if not isinstance(body, str) or body not in ("inf", "-inf", "nan"):
             raise SchemaError(f"malformed float {body!r}")
         return float(body)
     if key == "$dict":
@@ -209,10 +216,22 @@ def decode_plan(blob: bytes, *, max_bytes: int | None = None) -> Plan:
 
 
 def plan_from_doc(doc: Any, tensors: dict[str, torch.Tensor]) -> Plan:
+    try:
+        return _plan_from_doc(doc, tensors)
+    except SchemaError:
+        raise
+    except Exception as e:  # the boundary: whatever the document holds, a SchemaError
+        raise SchemaError(f"{UNEXPECTED}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+UNEXPECTED = "the plan document could not be decoded (an unexpected failure of the decoder)"
+
+
+def _plan_from_doc(doc: Any, tensors: dict[str, torch.Tensor]) -> Plan:
     if not isinstance(doc, dict):
         raise SchemaError("a plan must be a JSON object")
     schema = doc.get("schema")
-    if schema != SCHEMA_VERSION:
+    if not _is_int(schema) or schema != SCHEMA_VERSION:
         raise SchemaError(f"plan schema version {schema!r} is not supported (this engine speaks {SCHEMA_VERSION})")
     try:
         nodes = [_node_from_doc(d, tensors) for d in _list(doc, "nodes")]
@@ -228,17 +247,41 @@ def plan_from_doc(doc: Any, tensors: dict[str, torch.Tensor]) -> Plan:
         gen = doc.get("generate")
         options = None
         if gen is not None:
-            if not isinstance(gen, dict) or not set(gen) <= set(vars(GenerateOptions())):
-                raise SchemaError(f"unknown generation options {sorted(set(gen) - set(vars(GenerateOptions())))}")
-            options = GenerateOptions(**gen)
+            options = _generate_options(gen)
         mode = doc.get("mode", "trace")
         if mode not in ("trace", "generate"):
-            raise SchemaError(f"plan mode {mode!r} is not 'trace' or 'generate'")
-        return Plan(model=str(doc.get("model", "")), model_version=str(doc.get("model_version", "")),
+            raise SchemaError(f"plan mode {str(mode)[:40]!r} is not 'trace' or 'generate'")
+        for key in ("model", "model_version"):
+            if not isinstance(doc.get(key, ""), str):
+                raise SchemaError(f"plan field {key!r} must be a string")
+        return Plan(model=doc.get("model", ""), model_version=doc.get("model_version", ""),
                     invokes=invokes, nodes=nodes, tensors=tensors, mode=mode, generate=options,
                     schema=schema)
     except (TypeError, ValueError, AttributeError) as e:
         raise SchemaError(f"malformed plan: {e}") from None
+
+
+_GENERATE_TYPES: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,), "do_sample": (bool,), "temperature": (int, float),
+    "top_k": (int,), "top_p": (int, float), "seed": (int,)}
+
+
+def _generate_options(gen: Any) -> GenerateOptions:
+    if not isinstance(gen, dict):
+        raise SchemaError("generation options must be a JSON object")
+    unknown = set(gen) - set(_GENERATE_TYPES)
+    if unknown:
+        raise SchemaError(f"unknown generation options {sorted(unknown)}")
+    for key, value in gen.items():
+        types = _GENERATE_TYPES[key]
+        nullable = key not in ("max_new_tokens", "do_sample")
+        if (value is None and nullable) or (
+                isinstance(value, types) and (bool in types or not isinstance(value, bool))
+                and not (isinstance(value, int) and not INT_MIN <= value <= INT_MAX)):
+            continue
+        raise SchemaError(f"generation option {key}={repr(value)[:40]} must be "
+                          f"{' or '.join(t.__name__ for t in types)}")
+    return GenerateOptions(**gen)
 
 
 def _list(doc: dict, key: str) -> list:
@@ -255,7 +298,7 @@ def _node_from_doc(d: Any, tensors: dict[str, torch.Tensor]) -> Node:
     if unknown:
         raise SchemaError(f"node has unknown fields {sorted(unknown)}")
     node_id, op = d.get("id"), d.get("op")
-    if not isinstance(node_id, int) or isinstance(node_id, bool) or not isinstance(op, str):
+    if not _is_int(node_id) or not isinstance(op, str):
         raise SchemaError(f"node needs an integer id and an op name, got {str(d)[:80]!r}")
     args = decode_value(d.get("args", []), tensors, as_args=True)
     kwargs = decode_value({"$dict": d.get("kwargs", {})}, tensors, as_args=True)
@@ -265,18 +308,23 @@ def _node_from_doc(d: Any, tensors: dict[str, torch.Tensor]) -> Node:
     if steps is None:
         step_spec = Steps()
     else:
-        if (not isinstance(steps, list) or len(steps) != 2 or not isinstance(steps[0], int)
-                or not (steps[1] is None or isinstance(steps[1], int))):
+        if (not isinstance(steps, list) or len(steps) != 2 or not _is_int(steps[0])
+                or not (steps[1] is None or _is_int(steps[1]))):
             raise SchemaError("node steps must be [start, stop|null]", node=node_id, op=op)
         step_spec = Steps(steps[0], steps[1])
     for key in ("path", "io", "line"):
         if d.get(key) is not None and not isinstance(d[key], str):
             raise SchemaError(f"node field {key!r} must be a string", node=node_id, op=op)
     invoke = d.get("invoke")
-    if invoke is not None and (not isinstance(invoke, int) or isinstance(invoke, bool)):
+    if invoke is not None and not _is_int(invoke):
         raise SchemaError("node invoke must be an integer", node=node_id, op=op)
     return Node(id=node_id, op=op, args=args, kwargs=kwargs, path=d.get("path"), io=d.get("io"),
                 invoke=invoke, steps=step_spec, line=d.get("line"))
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (not a bool) in the 64-bit range."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT_MIN <= value <= INT_MAX
 
 
 # -- results ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 ``events`` is the order in which module inputs and outputs happen in one forward
 pass (measured once where the weights are, see :mod:`tpmlab.runtime.probe`);
 ``shapes`` gives each event's value as a template in which ``"B"`` stands for the
-batch rows and ``"T"`` for the positions of the pass.
+batch rows and ``"T"`` for the positions of the pass. ``vocab_size`` is the number of
+rows of the input embedding: token ids must lie in ``0 <= id < vocab_size`` (on a GPU an
+id outside it is a device-side assert that poisons the worker's CUDA context).
 """
 
 from __future__ import annotations
@@ -32,10 +34,22 @@ class ModelInfo:
     stage_starts: list[int] = field(default_factory=lambda: [START])
     stage_workers: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    vocab_size: int | None = None  # rows of the input embedding (None: not known, not checked)
 
     def __post_init__(self) -> None:
         self._index = {e: i for i, e in enumerate(self.events)}
         self._modules = set(self.modules)
+        self._with_params: set[str] | None = None
+
+    def holds_parameters(self, path: str) -> bool:
+        """Whether the module at ``path`` (or a submodule of it) has parameters."""
+        if self._with_params is None:
+            owners: set[str] = set()
+            for name in self.params:
+                parts = name.split(".")[:-1]
+                owners.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+            self._with_params = owners
+        return path in self._with_params
 
     def event_index(self, path: str, io: str) -> int | None:
         return self._index.get(event_key(path, io))

@@ -2,15 +2,23 @@
 
 Checks, in order, each failing with one error that names the node and the
 user's line: the schema and node graph (ids, references), the op whitelist,
-module paths (with a suggestion), invokes and generation steps, the schedule
-(no backward flow, see :mod:`tpmlab.ir.schedule`), and finally shapes and sizes,
-by running the plan's ops on meta tensors (no memory, no compute) whose shapes
-come from the model's event templates.
+module paths (with a suggestion), invokes (token ids inside the vocabulary) and
+generation steps, the schedule (no backward flow, no write to a parameter, see
+:mod:`tpmlab.ir.schedule`), and finally shapes and sizes, by running the plan's ops on
+meta tensors whose shapes come from the model's event templates.
+
+Validation itself allocates nothing and computes nothing of size: every tensor it
+makes is on the meta device (factory ops get ``device="meta"``, constants become meta
+tensors), Python-level arithmetic on plain numbers and lists is bounded before it runs,
+and every value the plan computes is held to ``Limits.max_intermediate_bytes``.
+Whatever a plan holds, validation ends in a :class:`~tpmlab.errors.PlanError`
+subclass or a schedule, never in another exception.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +26,9 @@ from typing import Any
 import torch
 
 from ..errors import LimitError, PathError, PlanError, SchemaError, ShapeError, UnknownOpError
+from .codec import ALLOWED_DTYPES, INT_MAX, INT_MIN
 from .model_info import ModelInfo, event_key
-from .ops import OPS
+from .ops import OPS, WRITE_KEYWORDS
 from .plan import (
     CALL_MODULE,
     IO_KINDS,
@@ -70,9 +79,17 @@ def inspect_plan(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
     """Every check of :func:`validate` but the saved-bytes limit; returns the schedule and the
     bytes the plan will save (an upper bound where shapes are unknown: those count 8 bytes),
     for callers that price or limit saves themselves."""
-    _check_structure(plan, info, limits)
-    schedule = build_schedule(plan, info)
-    return schedule, _check_shapes(plan, info, limits, meta_module)
+    try:
+        _check_structure(plan, info, limits)
+        schedule = build_schedule(plan, info)
+        return schedule, _check_shapes(plan, info, limits, meta_module)
+    except PlanError:
+        raise
+    except Exception as e:  # the boundary: whatever a plan holds, the answer is a PlanError
+        raise SchemaError(f"{UNEXPECTED}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+UNEXPECTED = "the plan could not be validated (an unexpected failure of the validator)"
 
 
 def validate(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
@@ -95,6 +112,8 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
     if const_bytes > limits.max_constant_bytes:
         raise LimitError(f"the plan carries {const_bytes:,} bytes of tensors, over the limit of "
                          f"{limits.max_constant_bytes:,}")
+    if plan.mode not in ("trace", "generate"):
+        raise SchemaError(f"plan mode {plan.mode!r} is not 'trace' or 'generate'")
     if not plan.invokes:
         raise SchemaError("the plan has no inputs: give a prompt to trace() or use tr.invoke(...)")
     if len(plan.invokes) > limits.max_invokes:
@@ -103,13 +122,20 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
     if len(kinds) > 1:
         raise SchemaError("all invokes of one trace must give the same kind of input "
                           "(token ids or inputs_embeds), not both")
-    for inv in plan.invokes:
+    for k, inv in enumerate(plan.invokes):
+        if inv.kind not in ("tokens", "embeds"):
+            raise SchemaError(f"invoke {k}: kind {inv.kind!r} is not 'tokens' or 'embeds'")
+        if not inv.tensors:
+            raise SchemaError(f"invoke {k} has no rows")
         for name in inv.tensors:
-            t = plan.tensors[name]
-            if inv.kind == "tokens" and (t.dim() != 1 or t.dtype not in (torch.int64, torch.int32)):
-                raise SchemaError(f"token ids must be 1-D integer tensors, got {t.dtype} {tuple(t.shape)}")
-            if inv.kind == "embeds" and t.dim() != 2:
-                raise SchemaError(f"inputs_embeds rows must be [pos, d_model], got {tuple(t.shape)}")
+            t = plan.tensors.get(name)
+            if t is None:
+                raise SchemaError(f"invoke {k} names tensor {name!r}, which the plan does not carry")
+            if inv.kind == "tokens":
+                _check_token_ids(t, k, info)
+            if inv.kind == "embeds" and (t.dim() != 2 or not t.is_floating_point()):
+                raise SchemaError(f"inputs_embeds rows must be floating [pos, d_model], got "
+                                  f"{t.dtype} {tuple(t.shape)}")
             if t.shape[0] == 0:
                 raise SchemaError("an invoke has an empty input")
             if t.shape[0] > limits.max_tokens_per_row:
@@ -121,11 +147,14 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
         if plan.generate.max_new_tokens > limits.max_new_tokens:
             raise LimitError(f"max_new_tokens={plan.generate.max_new_tokens} exceeds the limit "
                              f"of {limits.max_new_tokens}")
+        _check_sampling(plan)
     n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
 
     seen: set[int] = set()
     for node in plan.nodes:
         where = {"node": node.id, "op": node.op, "line": node.line}
+        if not isinstance(node.id, int) or not 0 <= node.id <= INT_MAX:
+            raise SchemaError(f"node id {node.id!r} must be a non-negative integer", **where)
         if node.id in seen:
             raise SchemaError(f"duplicate node id {node.id}", **where)
         if node.op not in STRUCTURAL_OPS and node.op not in OPS:
@@ -138,6 +167,11 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
                                   **where)
         _check_args(node.args, plan, where)
         _check_args(node.kwargs, plan, where)
+        written = WRITE_KEYWORDS & set(node.kwargs)
+        if written:
+            raise UnknownOpError(f"keyword {sorted(written)[0]}= is not allowed: a plan writes "
+                                 "only with assignment and in-place ops (x[...] = v, x.add_(v))",
+                                 **where)
         if node.op in (POINT, SET_POINT, CALL_MODULE, PARAM):
             if node.path is None or not info.has_module(node.path):
                 close = difflib.get_close_matches(node.path or "", info.modules, n=3)
@@ -155,6 +189,10 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             if len(node.args) != 2 or not isinstance(node.args[0], Ref) \
                     or plan.nodes_by_id[node.args[0].id].op != POINT:
                 raise SchemaError("set_point needs [point, value]", **where)
+            point = plan.nodes_by_id[node.args[0].id]
+            if (node.path, node.io) != (point.path, point.io):
+                raise SchemaError(f"set_point names {node.path}.{node.io} but its point is "
+                                  f"{point.path}.{point.io}", **where)
         if node.op == PARAM:
             name = node.args[0] if len(node.args) == 1 else None
             if not isinstance(name, str) or f"{node.path}.{name}".lstrip(".") not in info.params:
@@ -165,6 +203,9 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             name = node.args[1] if len(node.args) == 2 else None
             if not isinstance(name, str) or name.startswith("_"):
                 raise UnknownOpError(f"reading attribute {name!r} is not allowed", **where)
+        if not isinstance(node.steps.start, int) or not (
+                node.steps.stop is None or isinstance(node.steps.stop, int)):
+            raise SchemaError("generation steps must be integers", **where)
         if node.steps.start < 0 or node.steps.start >= n_steps or (
                 node.steps.stop is not None and node.steps.stop <= node.steps.start):
             raise SchemaError(f"generation steps {node.steps.start}..{node.steps.stop} are outside "
@@ -172,7 +213,39 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
         seen.add(node.id)
 
 
+def _check_token_ids(t: torch.Tensor, invoke: int, info: ModelInfo) -> None:
+    """Token ids: a 1-D integer tensor, each id a row of the input embedding (an index
+    outside it is a device-side assert on a GPU, which poisons the worker's CUDA context)."""
+    if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32):
+        raise SchemaError(f"token ids must be 1-D integer tensors, got {t.dtype} {tuple(t.shape)}")
+    if info.vocab_size is None or t.numel() == 0:
+        return
+    bad = ((t < 0) | (t >= info.vocab_size)).nonzero()
+    if len(bad):
+        pos = int(bad[0, 0])
+        raise SchemaError(f"invoke {invoke}: token id {int(t[pos])} at position {pos} is outside "
+                          f"the vocabulary (0 <= id < {info.vocab_size})")
+
+
+def _check_sampling(plan: Plan) -> None:
+    """Generation options a sampler can take (their types are the codec's business)."""
+    g = plan.generate
+    for name, ok, want in (
+            ("temperature", g.temperature is None or (math.isfinite(g.temperature)
+                                                      and g.temperature > 0), "a number > 0"),
+            ("top_k", g.top_k is None or 0 <= g.top_k <= INT_MAX, "an integer >= 0"),
+            ("top_p", g.top_p is None or 0 < g.top_p <= 1, "a number in (0, 1]"),
+            ("seed", g.seed is None or 0 <= g.seed <= INT_MAX, "an integer in [0, 2**63)")):
+        if not ok:
+            raise SchemaError(f"generation option {name}={getattr(g, name)!r} must be {want}")
+
+
 def _check_args(value: Any, plan: Plan, where: dict) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
+        raise SchemaError(f"integer {value} is outside the 64-bit range", **where)
+    if isinstance(value, DType) and value.name not in ALLOWED_DTYPES:
+        raise SchemaError(f"dtype {value.name!r} is not allowed; use one of "
+                          f"{sorted(ALLOWED_DTYPES)}", **where)
     if isinstance(value, TensorRef):
         if value.name not in plan.tensors:
             raise SchemaError(f"reference to unknown tensor {value.name!r}", **where)
@@ -221,6 +294,8 @@ def _meta_from_template(template: Any, rows: int, length: int, dtype: torch.dtyp
 def _contains_unknown(value: Any) -> bool:
     if value is UNKNOWN:
         return True
+    if isinstance(value, slice):
+        return any(v is UNKNOWN for v in (value.start, value.stop, value.step))
     if isinstance(value, (list, tuple)):
         return any(_contains_unknown(v) for v in value)
     if isinstance(value, dict):
@@ -292,8 +367,10 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
                   meta_module: Callable[[str], torch.nn.Module | None] | None) -> int:
     """Propagate meta tensors through the plan; return the bytes it saves.
 
-    Results of pure ops are memoized by the shapes they see: a lens over every layer
-    repeats the same few shape computations dozens of times."""
+    Every value an op makes is held to ``limits.max_intermediate_bytes`` (views and
+    values written in place share memory and count nothing). Results of ops that
+    always make a new value are memoized by the shapes they see: a lens over every
+    layer repeats the same few shape computations dozens of times."""
     env: dict[int, Any] = {}
     memo: dict[Any, Any] = {}
     dtype = getattr(torch, info.dtype, torch.float32)
@@ -334,37 +411,142 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             shape, pdtype = info.params[f"{node.path}.{args[0]}".lstrip(".")]
             env[node.id] = torch.empty(shape, dtype=getattr(torch, pdtype), device="meta")
             continue
+        spec = OPS.get(node.op)
         if node.op == CALL_MODULE:
             module = meta_module(node.path) if meta_module else None
             if module is None:
                 env[node.id] = UNKNOWN
                 continue
-            fn = module
+            _check_embedding_ids(module, node, plan, where)
+            fn, pure = module, True
         else:
-            fn = OPS[node.op].fn
-        pure = node.op == CALL_MODULE or not OPS[node.op].mutates
+            fn = spec.fn
+            pure = not (spec.mutates or spec.view or spec.may_alias or spec.holds)
+            if spec.factory or "device" in kwargs:
+                kwargs["device"] = "meta"  # validation never allocates: shapes only
+            kwargs.pop("pin_memory", None)
+            if not _has_tensor(args) and not _has_tensor(kwargs):
+                _check_plain_operands(node.op, args, limits.max_intermediate_bytes, where)
         key = (node.op, node.path, _signature(args), _signature(kwargs)) if pure else None
         if key is not None and None not in key[2:] and key in memo:
             env[node.id] = memo[key]
-            continue
-        try:
-            env[node.id] = fn(*args, **kwargs)
+        else:
+            try:
+                env[node.id] = fn(*args, **kwargs)
+            except PlanError:
+                raise
+            except Exception as e:
+                if node.op == CALL_MODULE or _meta_unsupported(e):
+                    env[node.id] = UNKNOWN  # left to the run-time checks
+                    continue
+                what = "the value written does not fit" if spec.mutates else f"{node.op} failed"
+                raise ShapeError(f"{what}: {type(e).__name__}: {_first_line(e)}",
+                                 **where) from None
             if key is not None and None not in key[2:]:
                 memo[key] = env[node.id]
-        except (NotImplementedError, TypeError) as e:
-            if node.op == CALL_MODULE or "meta" in str(e):
-                env[node.id] = UNKNOWN
-            else:
-                raise ShapeError(f"{node.op} cannot take these arguments: {e}", **where) from None
-        except (RuntimeError, IndexError, ValueError) as e:
-            if "meta" in str(e) and "shape" not in str(e):
-                env[node.id] = UNKNOWN
-                continue
-            what = "the value written does not fit" if OPS[node.op].mutates else f"{node.op} failed"
-            raise ShapeError(f"{what}: {_first_line(e)}", **where) from None
-        except PlanError:
-            raise
+        _check_value(env[node.id], (args, kwargs), limits, where)
     return saved
+
+
+def _meta_unsupported(e: Exception) -> bool:
+    """Whether an op failed only because meta tensors carry no data (``nonzero``, ``.item()``...)."""
+    msg = str(e)
+    if isinstance(e, (NotImplementedError, TypeError)):
+        return "meta" in msg
+    return isinstance(e, (RuntimeError, IndexError, ValueError)) and "meta" in msg \
+        and "shape" not in msg
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_tensor(v) for v in value.values())
+    return False
+
+
+_SEQUENCES = (list, tuple, str)
+
+
+def _check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
+    """Bound Python-level arithmetic on plain values *before* it runs: ``[0] * 2**40``,
+    ``"x" * 2**40``, ``a + a`` doubled, ``10 ** 10**9`` or ``"%099999999d" % 1`` would
+    take the validator's memory or time."""
+    if len(args) != 2:
+        return
+    a, b = args
+    size = 0
+    if op in ("mul", "imul"):
+        seq, n = (a, b) if isinstance(a, _SEQUENCES) else (b, a)
+        if isinstance(seq, _SEQUENCES) and isinstance(n, int):
+            size = len(seq) * max(n, 0) * (1 if isinstance(seq, str) else 8)
+    elif op in ("add", "iadd") and isinstance(a, _SEQUENCES) and isinstance(b, _SEQUENCES):
+        size = (len(a) + len(b)) * (1 if isinstance(a, str) else 8)
+    elif op in ("pow", "ipow") and isinstance(a, int) and isinstance(b, int) and abs(a) > 1 \
+            and (abs(a).bit_length() - 1) * b > 64:
+        raise ShapeError(f"{a} ** {b} is outside the 64-bit range", **where)
+    elif op in ("mod", "imod") and isinstance(a, str):
+        raise ShapeError("string formatting is not allowed in a plan", **where)
+    if size > limit:
+        raise LimitError(f"{op} would make a value of {size:,} bytes, over the limit of "
+                         f"{limit:,} bytes for any one value", **where)
+
+
+def _storage_ids(value: Any, out: set[int]) -> set[int]:
+    if isinstance(value, torch.Tensor):
+        try:
+            out.add(value.untyped_storage()._cdata)
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            pass
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _storage_ids(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _storage_ids(v, out)
+    return out
+
+
+def new_nbytes(value: Any, shared: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+    """Bytes a value takes beyond the storages in ``shared`` (its inputs'): views and
+    values written in place count nothing; Python containers 8 bytes an item."""
+    if isinstance(value, torch.Tensor):
+        if _storage_ids(value, set()) & shared:
+            return 0
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return 8 * len(value) + sum(new_nbytes(v, shared) for v in value)
+    if isinstance(value, dict):
+        return 8 * len(value) + sum(new_nbytes(v, shared) for v in value.values())
+    if isinstance(value, str):
+        return len(value)
+    return 0
+
+
+def _check_value(value: Any, inputs: Any, limits: Limits, where: dict) -> None:
+    """What an op made: plain numbers in range, and no more new bytes than the limit."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
+        raise ShapeError("the result is outside the 64-bit integer range", **where)
+    if isinstance(value, complex):
+        raise ShapeError("the result is a complex number, which plans do not support", **where)
+    nbytes = new_nbytes(value, _storage_ids(inputs, set()))
+    if nbytes > limits.max_intermediate_bytes:
+        raise LimitError(f"{where['op']} makes a value of {nbytes:,} bytes, over the limit of "
+                         f"{limits.max_intermediate_bytes:,} bytes for any one value", **where)
+
+
+def _check_embedding_ids(module: torch.nn.Module, node: Any, plan: Plan, where: dict) -> None:
+    """Constant indices given to an embedding must be rows of it (see :func:`_check_token_ids`)."""
+    if not isinstance(module, torch.nn.Embedding):
+        return
+    for arg in [*node.args, *node.kwargs.values()]:
+        t = plan.tensors.get(arg.name) if isinstance(arg, TensorRef) else None
+        if t is not None and not t.is_floating_point() and t.numel() and (
+                int(t.min()) < 0 or int(t.max()) >= module.num_embeddings):
+            raise SchemaError(f"{node.path} has {module.num_embeddings} rows; the ids given to it "
+                              f"range over {int(t.min())}..{int(t.max())}", **where)
 
 
 def _first_line(e: BaseException) -> str:

@@ -70,6 +70,17 @@ def residual_rows(model: Any, layers: Sequence[int], include_input: bool) -> tup
     return rows, labels
 
 
+def nonnegative(x: Any) -> Any:
+    """``x`` clamped at zero, with no negative zero (a tensor, or a traced value in a plan).
+
+    For quantities that are >= 0 in exact arithmetic (KL divergence, entropy) but that float
+    rounding can put a hair below zero, by an amount that changes with the order of the
+    reduction (so with the thread count). ``clamp`` keeps ``-0.0`` (it equals 0), hence the
+    ``+ 0.0``: in IEEE arithmetic ``-0.0 + 0.0 == +0.0`` and every other value is unchanged.
+    """
+    return x.clamp(min=0.0) + 0.0
+
+
 def vocab_statistics(model: Any, hidden: Any, final_logits: Any, *, top_k: int,
                      positions: torch.Tensor, keep_logits: bool = False,
                      translate: Callable[[Any], Any] | None = None) -> dict[str, Any]:
@@ -81,8 +92,8 @@ def vocab_statistics(model: Any, hidden: Any, final_logits: Any, *, top_k: int,
 
         z_r     = unembed(final_norm(translate(h_r)))             lens logits [vocab]
         q_r     = softmax(z_r),  p_F = softmax(final logits)
-        kl      = KL(p_F || q_r) = sum_v p_F(v) (log p_F(v) - log q_r(v))     nats
-        entropy = H(q_r) = -sum_v q_r(v) log q_r(v)                           nats
+        kl      = KL(p_F || q_r) = sum_v p_F(v) (log p_F(v) - log q_r(v))     nats, >= 0
+        entropy = H(q_r) = -sum_v q_r(v) log q_r(v)                           nats, >= 0
         target  = argmax_v p_F(v)                                  the model's top-1 token
         target_prob = q_r(target);  target_rank = 1 + #{v : z_r(v) > z_r(target)}
 
@@ -97,8 +108,9 @@ def vocab_statistics(model: Any, hidden: Any, final_logits: Any, *, top_k: int,
     logq = logits.log_softmax(-1)
     final = final_logits.float()
     logp_final = final.log_softmax(-1)
-    kl = (logp_final.exp() * (logp_final - logq)).sum(-1)
-    entropy = -(logq.exp() * logq).sum(-1)
+    # Both are >= 0; rounding can leave the final layer's KL at -1e-8 (see nonnegative).
+    kl = nonnegative((logp_final.exp() * (logp_final - logq)).sum(-1))
+    entropy = nonnegative(-(logq.exp() * logq).sum(-1))
     top = logq.topk(top_k, dim=-1)
     target = final.argmax(-1)
     target_logit = logits[:, positions, target]

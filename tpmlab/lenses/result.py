@@ -10,6 +10,8 @@ plotly figure from the data alone, without running anything.
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -108,7 +110,22 @@ class LensResult:
 
 
 def plain(value: Any) -> Any:
-    """A tensor element (or anything) as a plain Python value for tables."""
+    """A tensor element (or anything) as a plain Python value for tables (``-0.0`` as ``0.0``)."""
     if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return value
+        value = value.item() if value.numel() == 1 else value.tolist()
+    return value + 0.0 if isinstance(value, float) else value  # IEEE: -0.0 + 0.0 == +0.0
+
+
+def shown(value: Any, spec: str = ".4f") -> str:
+    """``format(value, spec)`` for people, with no sign on a number that rounds to zero.
+
+    ``-0.00001`` and ``-0.0`` show as ``"0.0000"``, not ``"-0.0000"``: a quantity that is
+    zero up to rounding noise (which changes with the order of a reduction, so with the
+    thread count) must print the same every time.
+    """
+    value = float(value)
+    text = format(value, spec)
+    mantissa = re.split("[eE]", text)[0]
+    if math.isfinite(value) and "-" in mantissa and not any(c in "123456789" for c in mantissa):
+        return format(0.0, spec)
+    return text

@@ -49,8 +49,8 @@ class LocalBackend:
             source = resolve(name)
             loaded = source.load(dtype=options.get("dtype", self.dtype), device=self.device)
             self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
-                                         loaded.adapter.family, limits=self.limits,
-                                         meta_model=source.meta_model())
+                                         loaded.adapter.family, source=source,
+                                         limits=self.limits, meta_model=source.meta_model())
         return self.hosts[name].info
 
     def host(self, name: str) -> ModelHost:
@@ -67,6 +67,11 @@ class LocalBackend:
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
         return host.run(decode_plan(plan, max_bytes=host.limits.max_plan_bytes))
+
+    def weight_restores(self) -> dict[str, int]:
+        """By model: requests that wrote into the deployed weights since it was deployed here
+        (each failed with WeightsChangedError, the weights restored from the source)."""
+        return {name: host.weights.restores for name, host in self.hosts.items()}
 
     def undeploy(self, name: str) -> None:
         self.hosts.pop(name, None)

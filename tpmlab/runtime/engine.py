@@ -25,6 +25,7 @@ from ..ir.validate import Limits, validate
 from .batching import build_batch
 from .interleaver import PlanRunner
 from .probe import probe_causal_lm
+from .weights import WeightGuard
 
 GENERATED = -1  # result key of the generated token ids (one 1-D tensor per row)
 
@@ -38,7 +39,7 @@ def plan_digest(plan: Plan) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 
@@ -51,14 +52,18 @@ def model_info_for(name: str, model: nn.Module, version: str, family: str) -> Mo
     dtype = next(iter(model.parameters())).dtype
     return ModelInfo(name=name, version=version, family=family, dtype=dtype_name(dtype),
                      events=events, shapes=shapes, modules=[n for n, _ in model.named_modules()],
-                     params=params)
+                     params=params, vocab_size=model.get_input_embeddings().num_embeddings)
 
 
 class ModelHost:
-    """One whole model in this process, ready to run plans."""
+    """One whole model in this process, ready to run plans.
+
+    ``source``: where the weights came from; a request that writes into them fails and
+    they are restored from it (see :class:`~tpmlab.runtime.weights.WeightGuard`)."""
 
     def __init__(self, name: str, model: nn.Module, tokenizer: Any, version: str, family: str,
-                 *, limits: Limits = Limits(), meta_model: nn.Module | None = None) -> None:
+                 *, source: Any, limits: Limits = Limits(),
+                 meta_model: nn.Module | None = None) -> None:
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -69,6 +74,7 @@ class ModelHost:
         self._modules = dict(model.named_modules())
         self._meta = dict(meta_model.named_modules()) if meta_model is not None else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.weights = WeightGuard(model, source, dtype=self.dtype)
 
     def run_blob(self, blob: bytes) -> bytes:
         plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
@@ -85,6 +91,7 @@ class ModelHost:
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
                             device=self.device, max_saved_bytes=self.limits.max_saved_bytes)
         values: dict[int, Any] = {}
+        self.weights.ready()
         try:
             with torch.inference_mode():
                 if plan.mode == "trace":
@@ -98,6 +105,8 @@ class ModelHost:
             raise
         except torch.OutOfMemoryError as e:
             raise ExecutionError(f"out of memory running the plan: {e}") from None
+        finally:
+            self.weights.check()  # a write validation missed: restore, fail this request
         values.update(runner.results())
         meta = {
             "model": self.name,

@@ -28,7 +28,7 @@ from tornado import web
 from traitlets import Dict, Float, Unicode, default
 from traitlets.config import Configurable
 
-from .state import ClusterState
+from .state import GATEWAY_ENV, ClusterState, GatewayUsage
 
 AUTH_RESOURCE = "tpmlab"
 MAX_STAGES = 64
@@ -45,9 +45,19 @@ class TpmlabServer(Configurable):
     embedded_options = Dict(config=True,
                             help="Options for tpmlab.connect() when it starts the embedded cluster.")
 
+    gateway_url = Unicode(
+        "", config=True,
+        help="The deployment's gateway, asked for the user's usage (GET /v1/me) with the "
+             "user's token ($TPMLAB_TOKEN, else $JUPYTERHUB_API_TOKEN). Default: "
+             "$TPMLAB_GATEWAY; empty: no usage panel.")
+
     @default("scheduler_address")
     def _default_address(self) -> str:
         return os.environ.get("TPMLAB_SCHEDULER", "")
+
+    @default("gateway_url")
+    def _default_gateway(self) -> str:
+        return os.environ.get(GATEWAY_ENV, "")
 
 
 class _Base(APIHandler):
@@ -131,7 +141,9 @@ def setup_handlers(server_app: Any) -> None:
                          hub_prefix=os.environ.get("JUPYTERHUB_SERVICE_PREFIX"),
                          connect_timeout=config.connect_timeout,
                          embedded_options=dict(config.embedded_options),
-                         proxy=_server_proxy_enabled(server_app))
+                         proxy=_server_proxy_enabled(server_app),
+                         gateway=GatewayUsage.from_env({**os.environ,
+                                                        GATEWAY_ENV: config.gateway_url}))
     pool = ThreadPoolExecutor(1, thread_name_prefix="tpmlab-server")
     web_app.settings["tpmlab_state"] = state
     web_app.settings["tpmlab_pool"] = pool

@@ -169,7 +169,8 @@ class ClusterState:
 
     def __init__(self, address: str | None = None, *, base_url: str = "/",
                  hub_prefix: str | None = None, connect_timeout: float = 10.0,
-                 embedded_options: dict[str, Any] | None = None, proxy: bool = True) -> None:
+                 embedded_options: dict[str, Any] | None = None, proxy: bool = True,
+                 gateway: GatewayUsage | None = None) -> None:
         self.address = address or None
         self.base_url = base_url
         self.hub_prefix = hub_prefix
@@ -180,6 +181,7 @@ class ClusterState:
         self.lab: Any = None  # a tpmlab Lab, created on the first deploy action
         self.pending: dict[str, PendingDeploy] = {}
         self._lock = threading.RLock()
+        self.gateway = gateway  # where the user's usage comes from (None: no gateway, no usage)
 
     # -- connection --------------------------------------------------------------------------------
     def _client(self) -> Any:
@@ -241,7 +243,7 @@ class ClusterState:
                                       "dashboard": None}
             out["models"] += [self._pending_view(p) for p in self.pending.values()
                               if p.name not in {m["name"] for m in out["models"]}]
-            out["usage"] = gateway_usage(user)
+            out["usage"] = self.gateway() if self.gateway is not None else None
             return out
 
     def _cluster(self, client: Any) -> dict[str, Any]:
@@ -379,19 +381,77 @@ def _requests(models: list[dict[str, Any]]) -> dict[str, Any]:
     return {"running": running, "queued": None}
 
 
-def gateway_usage(user: str | None) -> dict[str, Any] | None:
-    """The user's usage and quota when a gateway is installed and exposes ``usage(user)``
-    (expected keys: ``used``, ``quota``, ``unit``, optional ``queued``); else ``None``."""
-    if os.environ.get("TPMLAB_GATEWAY_DISABLED"):
-        return None
+GATEWAY_ENV = "TPMLAB_GATEWAY"
+"""The URL of the deployment's gateway, in the Jupyter server's environment."""
+TOKEN_ENVS = ("TPMLAB_TOKEN", "TPMLAB_GATEWAY_TOKEN", "JUPYTERHUB_API_TOKEN")
+"""Where the user's gateway credential is found, first set wins: a tpmlab API key, else the
+JupyterHub API token every single-user server has (the gateway accepts both)."""
+USAGE_UNIT = "SU"  # the gateway's service units (tpmlab.gateway.units)
+
+
+class GatewayUsage:
+    """The user's service units as the deployment's gateway reports them (``GET /v1/me``).
+
+    Blocking (``urllib``: the server extension needs no HTTP client of the gateway's), so it
+    runs on :class:`ClusterState`'s thread like everything else here. The answer is the
+    sidebar's ``usage`` (docs/rest-api.md): ``{"used", "quota", "unit", "balance", "tier",
+    "user"}``, ``used``/``quota``/``balance`` in service units (``quota`` is every unit
+    granted so far), or ``{"error": ...}`` naming what went wrong.
+    """
+
+    def __init__(self, url: str, token: str | None, *, timeout: float = 3.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    def from_env(cls, environ: Any = None) -> GatewayUsage | None:
+        """The gateway named by ``$TPMLAB_GATEWAY``, or ``None`` when it is not set."""
+        env = os.environ if environ is None else environ
+        url = (env.get(GATEWAY_ENV) or "").strip()
+        if not url:
+            return None
+        token = next((env[k] for k in TOKEN_ENVS if env.get(k)), None)
+        return cls(url, token)
+
+    def __repr__(self) -> str:
+        return f"GatewayUsage({self.url!r})"
+
+    def __call__(self) -> dict[str, Any]:
+        import json
+        import urllib.error
+        import urllib.request
+
+        if not self.token:
+            return {"error": f"no token for the gateway {self.url}: set one of "
+                             f"{', '.join('$' + k for k in TOKEN_ENVS)}"}
+        request = urllib.request.Request(
+            f"{self.url}/v1/me", headers={"Authorization": f"Bearer {self.token}",
+                                          "Accept": "application/json",
+                                          "User-Agent": "tpmlab-server"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as r:
+                me = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return {"error": f"the gateway {self.url} answered {e.code}: {_gateway_message(e)}"}
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            return {"error": f"cannot reach the gateway {self.url}: {reason}"}
+        except ValueError as e:
+            return {"error": f"the gateway {self.url} sent something that is not JSON: {e}"}
+        try:
+            return {"used": float(me["used"]), "quota": float(me["allocated"]),
+                    "balance": float(me["balance"]), "unit": USAGE_UNIT, "tier": me.get("tier"),
+                    "user": me.get("name")}
+        except (KeyError, TypeError, ValueError):
+            return {"error": f"the gateway {self.url} answered without used/allocated/balance"}
+
+
+def _gateway_message(e: Any) -> str:
+    """The ``message`` of a gateway error body (``{"error", "message"}``), else its reason."""
+    import json
+
     try:
-        from tpmlab import gateway
-    except ImportError:
-        return None
-    fn = getattr(gateway, "usage", None)
-    if fn is None:
-        return None
-    try:
-        return fn(user)
-    except Exception as e:
-        return {"error": f"{type(e).__name__}: {e}"}
+        return str(json.loads(e.read())["message"])
+    except Exception:
+        return str(e.reason)

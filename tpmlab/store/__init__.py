@@ -14,7 +14,7 @@ from .backends import Backend, FsspecBackend, LocalBackend, open_backend
 from .chunking import CHUNK_SIZE
 from .delta import LowRankDelta, apply_low_rank
 from .diff import TensorDiff
-from .errors import RefError, StoreError, StoreIntegrityError
+from .errors import RefError, StoreError, StoreIntegrityError, StoreLockedError, UnsafeRefError
 from .io import IOStats
 from .manifest import VersionInfo
 from .reports import GcReport, VerifyReport
@@ -23,7 +23,7 @@ from .store import Store
 
 __all__ = [
     "CHUNK_SIZE", "Backend", "FsspecBackend", "GcReport", "IOStats", "LocalBackend",
-    "LowRankDelta", "RefError", "Store", "StoreError", "StoreIntegrityError", "TensorDiff",
-    "VerifyReport", "VersionInfo", "apply_low_rank", "default_store", "open_backend",
-    "source_for",
+    "LowRankDelta", "RefError", "Store", "StoreError", "StoreIntegrityError", "StoreLockedError",
+    "TensorDiff", "UnsafeRefError", "VerifyReport", "VersionInfo", "apply_low_rank",
+    "default_store", "open_backend", "source_for",
 ]

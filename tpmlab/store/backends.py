@@ -1,14 +1,17 @@
 """Where the store's objects live: a small interface and two implementations.
 
-A backend holds opaque byte objects in three namespaces (``kind``):
+A backend holds opaque byte objects in four namespaces (``kind``):
 ``"chunks"`` (tensor bytes by SHA-256), ``"manifests"`` (version JSON by version
-digest) and ``"tags"`` (a digest by tag name). Every write is atomic: readers see
-the old object or the new one, never a partial one. Chunks and manifests are
-content-addressed, so two committers writing the same key write the same bytes.
+digest), ``"tags"`` (a digest by tag name) and ``"locks"`` (see
+``tpmlab.store.locks``). Every write is atomic: readers see the old object or the
+new one, never a partial one. Chunks and manifests are content-addressed, so two
+committers writing the same key write the same bytes. A tag is read only if it is
+a plain object: a symbolic link in ``tags/`` (which could point anywhere) is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -17,7 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-KINDS = ("chunks", "manifests", "tags")
+from .errors import UnsafeRefError
+from .locks import FileLock
+
+KINDS = ("chunks", "manifests", "tags", "locks")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -62,7 +68,8 @@ class LocalBackend:
     """A folder on a local (or shared POSIX) filesystem.
 
     Layout: ``chunks/ab/abcdef...`` (fan-out by the first two hex digits),
-    ``manifests/<digest>.json``, ``tags/<name>``; ``tmp/`` holds writes in flight.
+    ``manifests/<digest>.json``, ``tags/<name>``; ``tmp/`` holds writes in flight and
+    ``locks/store.lock`` is the file the store's lock is taken on (``lock()``).
     A write goes to a temporary file in ``tmp/``, is flushed and fsynced, then
     renamed over the target (``os.replace``), which is atomic on POSIX; a
     create-only write uses ``os.link``, which fails if the target exists.
@@ -103,11 +110,28 @@ class LocalBackend:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def lock(self) -> FileLock:
+        """The lock that orders commits and gc across processes (``tpmlab.store.locks``)."""
+        return FileLock(self.root / "locks" / "store.lock")
+
     def get(self, kind: str, key: str) -> bytes:
+        path = self._path(kind, key)
+        if kind != "tags":
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise KeyError(f"{kind}/{key}") from None
+        # O_NOFOLLOW: a tag that is a symbolic link is refused in the same call that opens it.
         try:
-            return self._path(kind, key).read_bytes()
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             raise KeyError(f"{kind}/{key}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP or path.is_symlink():
+                raise _symlinked_tag(key, path) from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
 
     def exists(self, kind: str, key: str) -> bool:
         return self._path(kind, key).is_file()
@@ -121,8 +145,8 @@ class LocalBackend:
                     yield from (p.name for p in sub.iterdir() if p.is_file())
         elif kind == "manifests":
             yield from (p.name.removesuffix(".json") for p in base.glob("*.json"))
-        else:
-            yield from (p.name for p in base.iterdir() if p.is_file())
+        else:  # symbolic links are listed so that reading them refuses them loudly
+            yield from (p.name for p in base.iterdir() if p.is_file() or p.is_symlink())
 
     def delete(self, kind: str, key: str) -> None:
         self._path(kind, key).unlink(missing_ok=True)
@@ -148,7 +172,7 @@ class FsspecBackend:
         self.fs, path = fsspec.core.url_to_fs(url, **storage_options)
         self.url = url
         self.root = path.rstrip("/")
-        for sub in KINDS:
+        for sub in (*KINDS, "tmp"):  # filesystems with real folders need tmp/ before a write
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
     def __repr__(self) -> str:
@@ -173,8 +197,11 @@ class FsspecBackend:
         self.fs.mv(tmp, path)
 
     def get(self, kind: str, key: str) -> bytes:
+        path = self._path(kind, key)
+        if kind == "tags" and getattr(self.fs, "islink", None) and self.fs.islink(path):
+            raise _symlinked_tag(key, path)
         try:
-            return self.fs.cat_file(self._path(kind, key))
+            return self.fs.cat_file(path)
         except FileNotFoundError:
             raise KeyError(f"{kind}/{key}") from None
 
@@ -200,6 +227,16 @@ class FsspecBackend:
             return int(self.fs.size(self._path(kind, key)))
         except FileNotFoundError:
             raise KeyError(f"{kind}/{key}") from None
+
+
+def _symlinked_tag(name: str, path: object) -> UnsafeRefError:
+    try:
+        target = f" (to {os.readlink(path)})"  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        target = ""
+    return UnsafeRefError(f"tag {name!r} is a symbolic link{target}; tags must be plain files, "
+                          f"so it is not followed. Remove it (tpmlab store tag -d {name}) and tag "
+                          "the version again")
 
 
 def open_backend(root: str | os.PathLike[str] | Backend) -> Backend:

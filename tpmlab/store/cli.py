@@ -1,4 +1,4 @@
-"""``tpmlab store ...``: commit, log, diff, tag, verify and gc from the shell.
+"""``tpmlab store ...``: commit, log, diff, tag, verify, gc and seal from the shell.
 
 ``register(subparsers)`` adds the ``store`` command to the ``tpmlab`` parser; every
 subcommand sets ``args.func``, which takes the parsed ``args`` and returns an exit
@@ -114,7 +114,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    print(_store(args).gc())
+    print(_store(args).gc(timeout=args.timeout))
+    return 0
+
+
+def _cmd_seal(args: argparse.Namespace) -> int:
+    sealed = _store(args).seal_history()
+    for digest in sealed:
+        print(digest)
+    print(f"wrote the history record of {len(sealed)} version(s)", file=sys.stderr)
     return 0
 
 
@@ -167,7 +175,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     c.set_defaults(func=_run(_cmd_verify))
 
     c = sub.add_parser("gc", parents=[common], help="delete chunks no version references")
+    c.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for commits in flight (default: as long as they take)")
     c.set_defaults(func=_run(_cmd_gc))
+
+    c = sub.add_parser("seal", parents=[common],
+                       help="write the history records of versions an older tpmlab committed")
+    c.set_defaults(func=_run(_cmd_seal))
     return p
 
 

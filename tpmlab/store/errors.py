@@ -26,3 +26,11 @@ class StoreIntegrityError(StoreError):
         self.tensor = tensor
         self.chunk = chunk
         self.reason = reason
+
+
+class StoreLockedError(StoreError):
+    """The store's lock could not be taken in time (a gc or commits hold it elsewhere)."""
+
+
+class UnsafeRefError(RefError):
+    """A stored reference (tag) that is not a plain file, e.g. a symbolic link, is refused."""

@@ -15,13 +15,17 @@ class VerifyReport:
         versions: digests of the versions checked.
         chunks_checked: distinct chunks read and hashed.
         bytes_checked: their total size in bytes.
-        errors: one ``StoreIntegrityError`` per bad chunk, entry or manifest.
+        errors: one ``StoreIntegrityError`` per bad chunk, entry, manifest or history record.
+        unsealed: versions written before history records existed, whose parent, message
+            and timestamp nothing covers yet (not an error: ``Store.seal_history`` or
+            ``tpmlab store seal`` gives them their records).
     """
 
     versions: list[str] = field(default_factory=list)
     chunks_checked: int = 0
     bytes_checked: int = 0
     errors: list[StoreIntegrityError] = field(default_factory=list)
+    unsealed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -31,9 +35,15 @@ class VerifyReport:
     def __str__(self) -> str:
         head = (f"checked {len(self.versions)} version(s), {self.chunks_checked} chunks, "
                 f"{self.bytes_checked / 2**20:.1f} MiB: ")
+        note = ""
+        if self.unsealed:
+            note = (f"\nnote: {len(self.unsealed)} version(s) have no history record yet (written "
+                    "by an older tpmlab): run `tpmlab store seal` to cover their parent, message "
+                    "and timestamp")
         if self.ok:
-            return head + "ok"
-        return head + f"{len(self.errors)} problem(s)\n" + "\n".join(f"  {e}" for e in self.errors)
+            return head + "ok" + note
+        return (head + f"{len(self.errors)} problem(s)\n"
+                + "\n".join(f"  {e}" for e in self.errors) + note)
 
 
 @dataclass(frozen=True)

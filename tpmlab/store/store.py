@@ -17,15 +17,19 @@ from .backends import Backend, open_backend
 from .chunking import CHUNK_SIZE, dtype_name, tensor_bytes
 from .delta import LowRankDelta, apply_low_rank, as_delta
 from .diff import TensorDiff, compare
-from .errors import RefError, StoreError, StoreIntegrityError
+from .errors import RefError, StoreError, StoreIntegrityError, UnsafeRefError
 from .io import IOStats
+from .locks import EXCLUSIVE, SHARED, StoreLock, store_lock
 from .manifest import (
     VersionInfo,
     canonical_json,
+    history_problem,
+    is_sealed,
     iter_chunks,
     make_manifest,
     manifest_chunks,
     parse_manifest,
+    seal,
     version_digest,
 )
 from .reader import Reader, check_dense_entry
@@ -35,6 +39,25 @@ from .writer import hash_tensor, write_chunks
 
 Keys = Iterable[str] | Callable[[str], bool] | None
 """Which tensors to load: all (``None``), a list of names, or a predicate on names."""
+
+
+def _parents_first(manifests: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Every digest of ``manifests``, each after its parent (when the parent is among them)."""
+    children: dict[str, list[str]] = {}
+    roots = []
+    for d in sorted(manifests):
+        parent = manifests[d]["parent"]
+        if parent in manifests and parent != d:
+            children.setdefault(parent, []).append(d)
+        else:
+            roots.append(d)
+    order, todo = [], list(reversed(roots))
+    while todo:
+        d = todo.pop()
+        order.append(d)
+        todo.extend(reversed(children.get(d, [])))
+    seen = set(order)  # versions in a parent cycle (only an edited store has one) come last
+    return order + [d for d in sorted(manifests) if d not in seen]
 
 
 def _utc_now() -> str:
@@ -53,13 +76,15 @@ class Store:
     ``root`` is a folder path, a URL such as ``"memory://store"`` (any fsspec
     filesystem), or a ``Backend``. ``stats`` counts chunk traffic (see ``IOStats``).
 
-    Concurrency: any number of processes may commit, load and tag at once. ``gc`` must
-    not run while a commit is in flight (it could delete a chunk the commit has just
-    found already present).
+    Concurrency: any number of processes (and threads) may commit, load and tag at
+    once, and ``gc`` may run beside them: commits hold the store's lock shared while
+    they write, ``gc`` holds it exclusive (see ``tpmlab.store.locks``), so a commit
+    waits for a running gc and a gc for the commits in flight.
     """
 
     def __init__(self, root: str | os.PathLike[str] | Backend, *, threads: int | None = None) -> None:
         self.backend: Backend = open_backend(root)
+        self.lock: StoreLock = store_lock(self.backend)
         self.stats = IOStats()
         self.threads = threads or min(8, (os.cpu_count() or 1) + 2)
         self._manifests: dict[str, dict[str, Any]] = {}
@@ -103,8 +128,12 @@ class Store:
         return digest
 
     def untag(self, name: str) -> None:
-        """Delete tag ``name`` (the version stays)."""
-        if read_tag(self.backend, name) is None:
+        """Delete tag ``name`` (the version stays). A tag that is a symbolic link is removed too."""
+        try:
+            found = read_tag(self.backend, name)
+        except UnsafeRefError:
+            found = name
+        if found is None:
             raise RefError(f"no tag named {name!r}")
         self.backend.delete("tags", name)
 
@@ -152,9 +181,16 @@ class Store:
         return copy.deepcopy(self._manifest(self.resolve(ref))["config"])
 
     def info(self, ref: str) -> VersionInfo:
-        """Summary of one version."""
+        """Summary of one version; ``StoreIntegrityError`` if its history record was edited."""
         digest = self.resolve(ref)
-        return VersionInfo.from_manifest(digest, self._manifest(digest))
+        return self._info(digest, self._manifest(digest))
+
+    @staticmethod
+    def _info(digest: str, m: dict[str, Any]) -> VersionInfo:
+        problem = history_problem(m, digest) if is_sealed(m) else None
+        if problem:
+            raise StoreIntegrityError(problem, chunk=digest, reason="history edited")
+        return VersionInfo.from_manifest(digest, m)
 
     def versions(self) -> list[str]:
         """Digests of every stored version, sorted."""
@@ -164,6 +200,8 @@ class Store:
         """History of ``ref``: the version itself, its parent, and so on back to a root.
 
         Stops early (after the last version found) if a parent's manifest is missing.
+        Raises ``StoreIntegrityError`` for a history record that was edited (``verify``
+        also checks the links between records).
         """
         digest: str | None = self.resolve(ref)
         out: list[VersionInfo] = []
@@ -176,7 +214,7 @@ class Store:
                 if not out:
                     raise
                 break
-            out.append(VersionInfo.from_manifest(digest, m))
+            out.append(self._info(digest, m))
             digest = m["parent"]
         return out
 
@@ -209,7 +247,13 @@ class Store:
         last, so an interrupted commit leaves at most unreferenced chunks (see ``gc``).
         The same weights and config always give the same digest; committing a version
         that is already stored changes nothing and returns its digest (its first
-        parent, message and timestamp are kept).
+        parent, message and timestamp are kept). The parent, message and timestamp
+        form the version's history record, sealed by a digest that also covers the
+        parent's record (see ``tpmlab.store.manifest``).
+
+        From the check of which chunks are stored until the manifest is written, the
+        commit holds the store's lock shared, so a ``gc`` in another process cannot
+        delete the chunks it relies on (it waits for a running gc).
         """
         if not isinstance(message, str):
             raise TypeError(f"message must be a str, got {type(message).__name__}")
@@ -232,19 +276,23 @@ class Store:
             tensors.update(dense)
             tensors = dict(sorted(tensors.items()))
             digest = version_digest(config, tensors)
-            if self.backend.exists("manifests", digest):
-                return digest
-            for name, entry in dense.items():
-                write_chunks(self.backend, state_dict[name], entry, pool, self.stats)
-            for name, (u, v) in factors.items():
-                write_chunks(self.backend, deltas[name].u, u, pool, self.stats)
-                write_chunks(self.backend, deltas[name].v, v, pool, self.stats)
-        m = make_manifest(config=config, tensors=tensors, parent=parent_digest,
-                          message=message, timestamp=_utc_now())
-        try:
-            self.backend.put("manifests", digest, json.dumps(m, indent=1).encode(), overwrite=False)
-        except FileExistsError:
-            pass  # a concurrent commit of the same version won; same content
+            with self.lock.hold(SHARED):
+                if self.backend.exists("manifests", digest):
+                    return digest
+                for name, entry in dense.items():
+                    write_chunks(self.backend, state_dict[name], entry, pool, self.stats)
+                for name, (u, v) in factors.items():
+                    write_chunks(self.backend, deltas[name].u, u, pool, self.stats)
+                    write_chunks(self.backend, deltas[name].v, v, pool, self.stats)
+                parent_history = self._manifest(parent_digest).get("history") if parent_digest else None
+                m = make_manifest(version=digest, config=config, tensors=tensors,
+                                  parent=parent_digest, parent_history=parent_history,
+                                  message=message, timestamp=_utc_now())
+                try:
+                    self.backend.put("manifests", digest, json.dumps(m, indent=1).encode(),
+                                     overwrite=False)
+                except FileExistsError:
+                    pass  # a concurrent commit of the same version won; same content
         return digest
 
     @staticmethod
@@ -373,8 +421,11 @@ class Store:
     def verify(self, ref: str | None = None) -> VerifyReport:
         """Read and hash every chunk of ``ref`` (or of every version); report problems.
 
-        Also checks each manifest against its digest and each delta's reconstruction
-        against its content digest. Problems are collected, not raised.
+        Also checks each manifest against its digest, each history record against its
+        digest and against the ``parent_history`` its children recorded, and each
+        delta's reconstruction against its content digest. Problems are collected, not
+        raised. Versions written before history records existed are listed in
+        ``report.unsealed`` (see ``seal_history``).
         """
         report = VerifyReport()
         digests = [self.resolve(ref)] if ref is not None else self.versions()
@@ -388,6 +439,7 @@ class Store:
                 except StoreIntegrityError as e:
                     report.errors.append(e)
                     continue
+                self._verify_history(digest, m, report)
                 for name, entry in m["tensors"].items():
                     self._verify_entry(reader, name, entry, good, report)
         return report
@@ -428,6 +480,64 @@ class Store:
                 report.chunks_checked += 1
                 report.bytes_checked += result
 
+    def _verify_history(self, digest: str, m: dict[str, Any], report: VerifyReport) -> None:
+        if not is_sealed(m):
+            report.unsealed.append(digest)
+            return
+        problem = history_problem(m, digest)
+        if problem:
+            report.errors.append(StoreIntegrityError(problem, chunk=digest, reason="history edited"))
+            return
+        if m["parent"] is None:
+            if m["parent_history"] is not None:
+                report.errors.append(StoreIntegrityError(
+                    f"version {digest[:12]} records a parent history but no parent",
+                    chunk=digest, reason="history edited"))
+            return
+        try:
+            pm = self._manifest(m["parent"])
+        except RefError:
+            return  # the parent is not in this store (log stops there too)
+        except StoreIntegrityError:
+            return  # reported where the parent itself is checked
+        recorded = pm.get("history")
+        if m["parent_history"] != recorded:
+            report.errors.append(StoreIntegrityError(
+                f"the history of version {m['parent'][:12]} was rewritten: its child "
+                f"{digest[:12]} was committed on the record {str(m['parent_history'])[:12]}, "
+                f"the parent now has {str(recorded)[:12]}", chunk=m["parent"],
+                reason="history edited"))
+
+    def seal_history(self) -> list[str]:
+        """Give every version written before history records existed its record; return them.
+
+        Migration for stores written by older tpmlab: version digests do not change (they
+        name the weights), so every digest, tag and recorded result stays valid. Records
+        are written parents first, so each child's record covers its parent's; a sealed
+        child of a version sealed now is resealed to link to it. Holds the store's lock
+        exclusive. What the old manifests say is taken as it is: check it before sealing.
+        """
+        with self.lock.hold(EXCLUSIVE):
+            self._manifests.clear()
+            manifests = {d: self._manifest(d) for d in self.versions()}
+            resealed: list[str] = []
+            history: dict[str, str] = {}
+            changed: set[str] = set()
+            for d in _parents_first(manifests):
+                m, parent = manifests[d], manifests[d]["parent"]
+                if parent in manifests:
+                    parent_history = history.get(parent)
+                else:  # a root, or a parent that is not in this store
+                    parent_history = m.get("parent_history") if is_sealed(m) else None
+                if not is_sealed(m) or parent in changed:
+                    m = seal(m, d, parent_history)
+                    self.backend.put("manifests", d, json.dumps(m, indent=1).encode())
+                    resealed.append(d)
+                    changed.add(d)
+                history[d] = m["history"]
+            self._manifests.clear()
+        return resealed
+
     def referenced_chunks(self) -> set[str]:
         """Digests of every chunk some stored manifest references."""
         refs: set[str] = set()
@@ -436,26 +546,29 @@ class Store:
             refs.update(c for _, c in manifest_chunks(m))
         return refs
 
-    def gc(self) -> GcReport:
+    def gc(self, *, timeout: float | None = None) -> GcReport:
         """Delete chunks that no manifest references; report what was freed (bytes).
 
         Refuses to run if any manifest is unreadable (its chunks would look unreferenced).
-        Do not run it while a commit is in flight.
+        Holds the store's lock exclusive, so it waits for commits in flight (in any
+        process) and commits wait for it; ``timeout`` (seconds) bounds the wait, then
+        ``StoreLockedError``.
         """
-        keep = self.referenced_chunks()
-        deleted = freed = kept = kept_bytes = 0
-        for digest in list(self.backend.list("chunks")):
-            try:
-                size = self.backend.size("chunks", digest)
-            except KeyError:
-                continue
-            if digest in keep:
-                kept += 1
-                kept_bytes += size
-            else:
-                self.backend.delete("chunks", digest)
-                deleted += 1
-                freed += size
+        with self.lock.hold(EXCLUSIVE, timeout):
+            keep = self.referenced_chunks()
+            deleted = freed = kept = kept_bytes = 0
+            for digest in list(self.backend.list("chunks")):
+                try:
+                    size = self.backend.size("chunks", digest)
+                except KeyError:
+                    continue
+                if digest in keep:
+                    kept += 1
+                    kept_bytes += size
+                else:
+                    self.backend.delete("chunks", digest)
+                    deleted += 1
+                    freed += size
         return GcReport(chunks_deleted=deleted, bytes_freed=freed, chunks_kept=kept, bytes_kept=kept_bytes)
 
     def stored_bytes(self) -> int:

@@ -290,13 +290,36 @@ class LensDashboard:
 
 def _sync(fw: Any, fig: Any) -> None:
     """Make FigureWidget ``fw`` show ``fig``. Traces are replaced, not updated, so that
-    properties one view sets and the next leaves out (``zmin``, ``zmid``) do not linger."""
+    properties one view sets and the next leaves out (``zmin``, ``zmid``) do not linger.
+
+    The layout needs more care: the browser applies a new layout with ``Plotly.relayout``,
+    which *merges*, so what the old layout had and the new one leaves out (the placeholder's
+    "press Run" annotation, its hidden axes) would stay on screen although the Python side
+    has forgotten it. Those properties are reset explicitly first (``null`` in a relayout
+    restores plotly's default; for ``annotations`` and ``shapes`` it removes them all).
+    """
     new = fig.to_dict()
+    stale = _left_out(fw.layout.to_plotly_json(), new["layout"])
+    if stale:
+        fw.plotly_relayout(stale)
     with fw.batch_update():
         fw.layout = new["layout"]
     fw.data = []
     if new["data"]:
         fw.add_traces(new["data"])
+
+
+def _left_out(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, None]:
+    """``{"path.to.property": None}`` for each property of ``old`` that ``new`` does not set."""
+    out: dict[str, None] = {}
+    for key, value in old.items():
+        if key == "template" and not prefix:
+            continue  # every figure here sets the same template in full
+        if key not in new:
+            out[prefix + key] = None
+        elif isinstance(value, dict) and isinstance(new[key], dict):
+            out.update(_left_out(value, new[key], f"{prefix}{key}."))
+    return out
 
 
 def _options(labels: list[str]) -> list[tuple[str, int]]:

@@ -13,6 +13,7 @@ import json
 from html import escape
 from typing import Any
 
+from ..lenses.result import shown as number
 from .views import HeatmapView
 
 SELECT_COLOR = "#ff2d95"
@@ -141,7 +142,7 @@ def detail_html(detail: dict[str, Any] | None, *, marker: str = "") -> str:
         parts.append('<table class="tpmlab-topk"><thead><tr>'
                      f"<th>{escape(head[0])}</th><th>{escape(head[1])}</th></tr></thead><tbody>")
         for tok, val in rows:
-            shown = f"{val:.4f}" if isinstance(val, float) else str(val)
+            shown = number(val) if isinstance(val, float) else str(val)
             parts.append(f"<tr><td><code>{escape(repr(tok) if key != 'top' or head[0] != 'prompt' else tok)}"
                          f"</code></td><td>{escape(shown)}</td></tr>")
         parts.append("</tbody></table>")

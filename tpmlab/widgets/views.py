@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..lenses.result import shown as number
+
 TOP_N = 5  # tokens listed per cell in hover text and detail panels
 
 
@@ -107,13 +109,13 @@ def logit_view(result: Any, metric: str = "probability",
     for r, row in enumerate(rows):
         line = []
         for p, tok in enumerate(tokens):
-            tops = "<br>".join(f"&nbsp;&nbsp;{token_label(t, 16)!s}&nbsp;&nbsp;{pr:.3f}" for t, pr in zip(
+            tops = "<br>".join(f"&nbsp;&nbsp;{token_label(t, 16)!s}&nbsp;&nbsp;{number(pr, '.3f')}" for t, pr in zip(
                 result.top_tokens[r][p][:TOP_N], d["top_probs"][r, p, :TOP_N].tolist()))
             line.append(f"<b>layer {row}</b>, position {p} ({token_label(tok, 16)})<br>"
                         f"top {min(TOP_N, d['top_probs'].shape[-1])}:<br>{tops}<br>"
                         f"P(final top-1 {token_label(result.target_tokens[p], 16)}) "
-                        f"{float(d['target_prob'][r, p]):.3f}, rank {int(d['target_rank'][r, p])}<br>"
-                        f"KL {float(d['kl'][r, p]):.3f}, entropy {float(d['entropy'][r, p]):.3f} nats")
+                        f"{number(d['target_prob'][r, p], '.3f')}, rank {int(d['target_rank'][r, p])}<br>"
+                        f"KL {number(d['kl'][r, p], '.3f')}, entropy {number(d['entropy'][r, p], '.3f')} nats")
         hover.append(line)
     _, bar, scale = LOGIT_METRICS[metric]
     bounded = metric in ("probability", "top-1 probability")
@@ -137,10 +139,10 @@ def logit_cell(result: Any, row: int, pos: int) -> dict[str, Any]:
         "top_header": ("token", "probability"),
         "facts": {
             "final top-1": repr(result.target_tokens[pos]),
-            "its probability": f"{float(d['target_prob'][row, pos]):.4f}",
+            "its probability": number(d["target_prob"][row, pos]),
             "its rank": str(int(d["target_rank"][row, pos])),
-            "KL(final || layer)": f"{float(d['kl'][row, pos]):.4f} nats",
-            "entropy": f"{float(d['entropy'][row, pos]):.4f} nats",
+            "KL(final || layer)": f"{number(d['kl'][row, pos])} nats",
+            "entropy": f"{number(d['entropy'][row, pos])} nats",
         },
     }
 
@@ -188,10 +190,10 @@ def attention_view(result: Any, metric: str = "direct logit attribution", pos: i
         for h in range(H):
             dla_top = ", ".join(token_label(_decode(result, t), 12)
                                 for t in d["dla_top_ids"][i, pos, h, :3].tolist())
-            alone = ", ".join(f"{token_label(_decode(result, t), 12)} {p:.2f}" for t, p in zip(
+            alone = ", ".join(f"{token_label(_decode(result, t), 12)} {number(p, '.2f')}" for t, p in zip(
                 d["alone_top_ids"][i, pos, h, :3].tolist(), d["alone_top_probs"][i, pos, h, :3].tolist()))
             line.append(f"<b>L{layer} H{h}</b><br>DLA to {token_label(tgt, 12)}: "
-                        f"{float(d['dla'][i, pos, h, target]):.3f}<br>top DLA: {dla_top}<br>"
+                        f"{number(d['dla'][i, pos, h, target], '.3f')}<br>top DLA: {dla_top}<br>"
                         f"head alone: {alone}")
         hover.append(line)
     bar, scale, centred = ATTENTION_METRICS[metric]
@@ -220,9 +222,9 @@ def head_detail(result: Any, layer: int, head: int, pos: int = -1, target: int =
         "facts": {
             "position": str(position),
             "target": repr(result.target_tokens[pos][target]),
-            "DLA to target": f"{float(d['dla'][layer, pos, head, target]):.4f}",
-            "layer's attention DLA": f"{float(d['layer_dla'][layer, pos, target]):.4f}",
-            "head-alone P(target)": f"{float(d['alone_target_prob'][layer, pos, head, target]):.4f}",
+            "DLA to target": number(d["dla"][layer, pos, head, target]),
+            "layer's attention DLA": number(d["layer_dla"][layer, pos, target]),
+            "head-alone P(target)": number(d["alone_target_prob"][layer, pos, head, target]),
         },
     }
 
@@ -239,8 +241,8 @@ def memory_view(result: Any, stat: str = "mean_delta",
         raise ValueError(f"unknown statistic {stat!r}; choose from {MEMORY_STATS}")
     cells = {(r["layer"], r["tau"]): r for r in result.summary()}
     z = [[cells[(layer, tau)][stat] for tau in result.taus] for layer in result.layers]
-    hover = [[f"<b>layer {layer}, \u03c4 {tau:g}</b><br>mean P before {c['mean_before']:.4f}"
-              f"<br>mean P after {c['mean_after']:.4f}<br>improved {c['fraction_improved']:.0%}"
+    hover = [[f"<b>layer {layer}, \u03c4 {tau:g}</b><br>mean P before {number(c['mean_before'])}"
+              f"<br>mean P after {number(c['mean_after'])}<br>improved {number(c['fraction_improved'], '.0%')}"
               for tau in result.taus for c in [cells[(layer, tau)]]] for layer in result.layers]
     return HeatmapView(
         z=z, x=[f"{t:g}" for t in result.taus], y=[str(x) for x in result.layers], text=None,
@@ -262,11 +264,11 @@ def memory_bars(result: Any, layer: int, tau: int) -> dict[str, Any]:
 
 def memory_cell(result: Any, layer: int, tau: int) -> dict[str, Any]:
     bars = memory_bars(result, layer, tau)
-    rows = [(p, f"{b:.3f} \u2192 {a:.3f}") for p, b, a in zip(result.prompts, bars["before"], bars["after"])]
+    rows = [(p, f"{number(b, '.3f')} \u2192 {number(a, '.3f')}") for p, b, a in zip(result.prompts, bars["before"], bars["after"])]
     return {"title": bars["title"], "token": None, "top": rows,
             "top_header": ("prompt", "P(answer) before \u2192 after"), "facts": {
                 "memory variant": str(result.options.get("variant")),
-                "mean change": f"{sum(a - b for a, b in zip(bars['after'], bars['before'])) / len(rows):+.4f}",
+                "mean change": f"{number(sum(a - b for a, b in zip(bars['after'], bars['before'])) / len(rows), '+.4f')}",
             }}
 
 
@@ -280,7 +282,7 @@ def patching_view(result: Any, selected: tuple[int, int] | None = (0, 0)) -> Hea
     x = [("\u25b8" if p in subject else "") + lab for p, lab in enumerate(position_labels(result.tokens))]
     metric = result.options.get("metric", "effect")
     hover = [[f"<b>layer {layer}</b>, position {p} ({token_label(t, 16)})"
-              f"{' (subject)' if p in subject else ''}<br>{metric}: {float(e[i, p]):.4f}"
+              f"{' (subject)' if p in subject else ''}<br>{metric}: {number(e[i, p])}"
               for p, t in enumerate(result.tokens)] for i, layer in enumerate(result.layers)]
     centred = bool((e < 0).any())
     return HeatmapView(
@@ -296,19 +298,19 @@ def patching_cell(result: Any, layer: int, pos: int) -> dict[str, Any]:
     d = result.data
     layer, pos = _clip((layer, pos), tuple(d["effect"].shape))
     effect = float(d["effect"][layer, pos])
-    facts = {"effect": f"{effect:.4f}", "metric": str(result.options.get("metric"))}
+    facts = {"effect": number(effect), "metric": str(result.options.get("metric"))}
     if "p_clean" in d:
-        facts.update({"P(answer) clean": f"{float(d['p_clean']):.4f}",
-                      "P(answer) corrupted": f"{float(d['p_corrupt']):.4f}",
-                      "P(answer) restored here": f"{float(d['p_corrupt']) + effect:.4f}"})
+        facts.update({"P(answer) clean": number(d["p_clean"]),
+                      "P(answer) corrupted": number(d["p_corrupt"]),
+                      "P(answer) restored here": number(d["p_corrupt"] + effect)})
         subject = d["subject_positions"].tolist()
         facts["subject token"] = "yes" if pos in subject else "no"
     if "logit_diff" in d:
-        facts.update({"logit diff clean": f"{float(d['ld_clean']):.3f}",
-                      "logit diff corrupted": f"{float(d['ld_corrupt']):.3f}",
-                      "logit diff patched": f"{float(d['logit_diff'][layer, pos]):.3f}"})
+        facts.update({"logit diff clean": number(d["ld_clean"], ".3f"),
+                      "logit diff corrupted": number(d["ld_corrupt"], ".3f"),
+                      "logit diff patched": number(d["logit_diff"][layer, pos], ".3f")})
     column = d["effect"][:, pos]
     best = int(column.argmax())
-    facts["strongest layer at this position"] = f"{result.layers[best]} ({float(column[best]):.4f})"
+    facts["strongest layer at this position"] = f"{result.layers[best]} ({number(column[best])})"
     return {"title": f"layer {result.layers[layer]}, position {pos}", "token": result.tokens[pos],
             "top": [], "facts": facts}
