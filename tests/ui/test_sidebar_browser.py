@@ -1,7 +1,9 @@
 """The sidebar in a real browser: JupyterLab on 127.0.0.1 (token auth, free port) pointed
 at a real Dask cluster with a tiny model deployed as two stages; Chromium (the system's,
-never a downloaded one) opens the sidebar, sees the workers and the stages, opens the Dask
-dashboard and undeploys the model. Screenshots go to test-artifacts/."""
+never a downloaded one) opens the sidebar, sees the workers and the stages, finds every
+registered lens in the lens menu (served by the server extension, not written in the
+frontend), opens a lens notebook, opens the Dask dashboard and undeploys the model.
+Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -104,6 +106,9 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
     if not _labextension_installed():
         pytest.fail("the tpmlab labextension is not installed: run scripts/setup.sh")
     sync_api = pytest.importorskip("playwright.sync_api")
+    import tpmlab.lenses
+
+    lenses, _ = tpmlab.lenses.catalog()
     cluster, lab = cluster_with_model
     url, token = jupyterlab
     ARTIFACTS.mkdir(exist_ok=True)
@@ -139,6 +144,28 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
             model.locator(".jp-tpmlab-badge", has_text="ok").wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
             sidebar.screenshot(path=str(ARTIFACTS / "sidebar-panel.png"))
+
+            # The lens menu: every lens of the registry, by title, the logit lens chosen first.
+            menu = sidebar.locator(".jp-tpmlab-lens-select")
+            page.wait_for_function(
+                "n => document.querySelectorAll('.jp-tpmlab-lens-select option').length === n",
+                arg=len(lenses), timeout=30_000)
+            offered = menu.locator("option")
+            assert [offered.nth(k).get_attribute("value") for k in range(offered.count())] == \
+                [info.name for info in lenses]
+            assert offered.all_inner_texts() == [info.title for info in lenses]
+            assert menu.input_value() == "logit"
+            # Choosing one and asking for a lens notebook writes a cell opening that lens.
+            menu.select_option("residual")
+            model.locator(".jp-tpmlab-lens-notebook").click()
+            cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+            cell.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-Notebook .cm-content')]"
+                ".some(e => e.textContent.includes('dashboard(model, \"residual\")'))",
+                timeout=30_000)
+            assert 'lab.model("tiny-llama")' in cell.inner_text()
+            page.locator("#tpmlab-sidebar").wait_for()
 
             # Action 1: the Dask dashboard opens in a new tab.
             with context.expect_page(timeout=30_000) as popup:
