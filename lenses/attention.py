@@ -43,17 +43,7 @@ from typing import Any
 
 import torch
 
-from tpmlab.lenses import (
-    Axis,
-    Cell,
-    LensResult,
-    LensView,
-    Metric,
-    Option,
-    Progress,
-    Provenance,
-    Table,
-)
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.artifact import load_artifact, save_artifact
 from tpmlab.lenses.common import (
     answer_token,
@@ -64,6 +54,7 @@ from tpmlab.lenses.common import (
     translate,
     vocabulary,
 )
+from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
 from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "attention"

@@ -29,17 +29,7 @@ from typing import Any
 
 import torch
 
-from tpmlab.lenses import (
-    Axis,
-    Cell,
-    LensResult,
-    LensView,
-    Metric,
-    Option,
-    Progress,
-    Provenance,
-    Table,
-)
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import (
     layer_list,
     residual_rows,
@@ -48,6 +38,7 @@ from tpmlab.lenses.common import (
     values,
     vocab_statistics,
 )
+from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
 from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "logit"

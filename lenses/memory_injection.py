@@ -31,19 +31,9 @@ from typing import Any
 
 import torch
 
-from tpmlab.lenses import (
-    Axis,
-    Bars,
-    Cell,
-    LensResult,
-    LensView,
-    Metric,
-    Option,
-    Progress,
-    Provenance,
-    Table,
-)
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import answer_token, first, layer_list, token_ids
+from tpmlab.lenses.contract import Axis, Bars, Cell, LensView, Metric, Option, Table
 from tpmlab.lenses.result import plain, shown, token_label
 
 NAME = "memory_injection"

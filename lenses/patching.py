@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from tpmlab.lenses import Axis, Cell, LensResult, LensView, Metric, Option, Progress, Provenance
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import answer_token, first, layer_list, token_ids, token_strings
+from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option
 from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "patching"

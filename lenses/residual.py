@@ -31,18 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from tpmlab.lenses import (
-    Axis,
-    Cell,
-    LensResult,
-    LensView,
-    Metric,
-    Option,
-    Progress,
-    Provenance,
-    Table,
-)
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import layer_list, token_ids, token_strings
+from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
 from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "residual"
@@ -96,10 +87,6 @@ class ResidualResult(LensResult):
 
     def col_labels(self) -> list[str]:
         return position_labels(self.tokens)
-
-    def metric(self, name: str) -> torch.Tensor:
-        self.view.metric(name)
-        return self.data[name].float()
 
     def _text(self, value: torch.Tensor, spec: str = ".3f") -> str:
         return "\u2013" if value.isnan() else shown(value, spec)

@@ -72,7 +72,8 @@ class LensResult:
 
     Subclasses set :attr:`lens`, :attr:`title` and :attr:`view` (the lens module's
     ``NAME``, ``TITLE`` and ``VIEW``), add :meth:`table` rows and implement the grid:
-    :meth:`row_labels`, :meth:`col_labels` and :meth:`metric` at least; :meth:`cell_text`,
+    :meth:`row_labels` and :meth:`col_labels` at least (and :meth:`metric` unless each
+    metric is a ``data`` entry of that name); :meth:`cell_text`,
     :meth:`hover`, :meth:`cell`, :meth:`heading`, :meth:`focus`, :meth:`marked_cols` and
     :meth:`bars` have plain defaults. :meth:`plot` draws the grid from the data alone.
     """
@@ -119,8 +120,10 @@ class LensResult:
         raise NotImplementedError
 
     def metric(self, name: str) -> torch.Tensor:
-        """``[rows, cols]`` values of the view's metric ``name``."""
-        raise NotImplementedError
+        """``[rows, cols]`` values of the view's metric ``name`` (``ValueError`` for another
+        name); by default ``data[name]``."""
+        self.view.metric(name)
+        return self.data[name].float()
 
     @property
     def shape(self) -> tuple[int, int]:
