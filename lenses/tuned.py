@@ -116,7 +116,7 @@ class TunedLens:
         return self.bias.shape[-1]
 
     def translate(self, h: torch.Tensor, row: int) -> torch.Tensor:
-        """``T_row(h)`` for ``h`` ``[..., pos, d_model]`` (client side, differentiable)."""
+        """``T_row(h)`` for ``h`` ``[..., d_model]`` (client side, differentiable)."""
         return translate(h, self.down[row], self.up[row], self.bias[row])
 
     def constants(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -59,11 +59,14 @@ def translate(h: Any, down: Any, up: Any, bias: Any) -> Any:
         T(h) = h + U (D^T h) + b           U, D: [d_model, rank], b: [d_model]
 
     for every vector of ``h`` ``[*rows, n, d_model]`` with its row's ``down`` (D) and ``up``
-    (U) ``[*rows, d_model, rank]`` and ``bias`` (b) ``[*rows, d_model]``; ``U = 0, b = 0`` is
-    the identity. Works on tensors (client side, differentiable) and on traced values (the
+    (U) ``[*rows, d_model, rank]`` and ``bias`` (b) ``[*rows, d_model]``; with one translator
+    (no row dimensions) ``h`` may be any ``[..., d_model]``. ``U = 0, b = 0`` is the
+    identity. Works on tensors (client side, differentiable) and on traced values (the
     translators then travel as plan constants and run where the residuals are).
     """
-    return h + (h @ down) @ up.transpose(-1, -2) + bias.unsqueeze(-2)
+    if bias.ndim > 1:
+        bias = bias.unsqueeze(-2)  # [*rows, 1, d_model]: the same bias for the row's n vectors
+    return h + (h @ down) @ up.transpose(-1, -2) + bias
 
 
 def layer_list(model: Any, layers: Sequence[int] | None) -> list[int]:
