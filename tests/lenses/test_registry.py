@@ -198,6 +198,8 @@ def test_view_refuses_what_no_dashboard_could_show():
     with pytest.raises(ValueError, match="metric names repeat"):
         LensView(inputs="prompt", rows=Axis("a"), cols=Axis("b"),
                  metrics=(Metric("x", "x"), Metric("x", "y")))
+    with pytest.raises(ValueError, match="the axes need two names"):
+        LensView(inputs="prompt", rows=Axis("layer"), cols=Axis("layer"), metrics=(Metric("x", "x"),))
     with pytest.raises(ValueError, match="kind 'complex' is not one of"):
         Option("z", "complex")
     with pytest.raises(ValueError, match="choices go with kind 'choice'"):

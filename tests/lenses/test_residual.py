@@ -120,7 +120,7 @@ def test_a_lens_is_one_file(tmp_path, monkeypatch, lab):
 
         model = lab.model("tiny-llama")
         dash = dashboard(model, "geometry", prompt="one two three")
-        torch.testing.assert_close(torch.tensor(dash.figure_widget.data[0].z[1:]),
+        torch.testing.assert_close(torch.tensor(dash.figure_widget.data[0].z[1:], dtype=torch.float64),
                                    dash.result.data["update"][1:].double())
         assert dash.result.lens == "geometry" and dash.title == "residual stream geometry"
     finally:

@@ -36,6 +36,17 @@ def _labextension_installed() -> bool:
                for p in jupyter_path("labextensions"))
 
 
+def _installed_bundle() -> str:
+    """The installed labextension's code (the first tpmlab labextension JupyterLab finds)."""
+    from jupyter_core.paths import jupyter_path
+
+    for p in jupyter_path("labextensions"):
+        static = Path(p) / "tpmlab" / "static"
+        if static.is_dir():
+            return "".join(f.read_text() for f in static.glob("lib_index_js*.js"))
+    return ""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,6 +116,10 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
         pytest.skip(f"{CHROMIUM} is not installed")
     if not _labextension_installed():
         pytest.fail("the tpmlab labextension is not installed: run scripts/setup.sh")
+    if "requestAPI('lenses')" not in _installed_bundle():
+        pytest.fail("the installed tpmlab labextension predates extension/src (it has no lens "
+                    "menu): rebuild it with `cd extension && jlpm build`, then reinstall it "
+                    "with `pip install -e .`")
     sync_api = pytest.importorskip("playwright.sync_api")
     import tpmlab.lenses
 

@@ -178,6 +178,9 @@ class LensView:
             raise ValueError(f"inputs {self.inputs!r} is not one of {sorted(INPUTS)}")
         if not self.metrics:
             raise ValueError("a lens view needs at least one metric")
+        if self.rows.name == self.cols.name or "metric" in (self.rows.name, self.cols.name):
+            raise ValueError(f"the axes need two names other than 'metric' (they name the "
+                             f"dashboard's controls), got {self.rows.name!r} and {self.cols.name!r}")
         for kind, names in (("metric", [m.name for m in self.metrics]),
                             ("option", [o.name for o in self.options])):
             repeated = sorted({n for n in names if names.count(n) > 1})

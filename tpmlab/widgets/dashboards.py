@@ -44,8 +44,6 @@ _CSS = """
 </style>
 """
 
-
-
 #: Results kept per dashboard for live options (a position the attention lens already read).
 CACHED_RESULTS = 16
 
