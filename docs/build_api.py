@@ -6,6 +6,10 @@
 Only the standard library's :mod:`inspect` is used. Each page lists the public
 classes and functions of one module in source order, with their signatures and
 docstrings; ``tests/notebooks/test_api_docs.py`` fails when a page is stale.
+
+The lens pages come from the lens registry, one per lens of the zoo (``lenses/``), each
+with its view (inputs, options and their defaults, axes, metrics, detail panel) read from
+the lens contract: adding a lens adds its page with no edit here.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "api"
 
-# (page, title, module or "lens:NAME", names to document or None for every public one)
+# (page, title, module, names to document or None for every public one); the lens pages follow
 PAGES: list[tuple[str, str, str, list[str] | None]] = [
     ("connect", "Connecting: `tpmlab.connect` and `Lab`", "tpmlab.lab", ["connect", "Lab"]),
     ("model", "The model proxy: `LabModel` and `Envoy`", "tpmlab.tracing.model", ["LabModel"]),
@@ -32,13 +36,25 @@ PAGES: list[tuple[str, str, str, list[str] | None]] = [
     ("cluster", "The Dask engine: `DaskBackend`", "tpmlab.cluster.backend", ["DaskBackend"]),
     ("local", "The in-process engine: `LocalBackend`", "tpmlab.runtime.backend",
      ["Backend", "LocalBackend"]),
-    ("lenses", "The lens zoo: registry and results", "tpmlab.lenses", None),
-    ("lens-logit", "Lens `logit`", "lens:logit", None),
-    ("lens-tuned", "Lens `tuned`", "lens:tuned", None),
-    ("lens-attention", "Lens `attention`", "lens:attention", None),
-    ("lens-memory-injection", "Lens `memory_injection`", "lens:memory_injection", None),
-    ("lens-patching", "Lens `patching`", "lens:patching", None),
+    ("lenses", "The lens zoo: the lens contract, registry and results", "tpmlab.lenses", None),
+    ("lens-helpers", "Helpers for writing a lens: `tpmlab.lenses.common`", "tpmlab.lenses.common",
+     None),
+    ("widgets", "Lens dashboards: `tpmlab.widgets`", "tpmlab.widgets", None),
 ]
+ZOO = ROOT / "lenses"
+
+
+def lens_pages(zoo: Path = ZOO) -> list[tuple[str, str, str, list[str] | None]]:
+    """One page per registered lens whose module is a file of ``zoo``, in name order."""
+    import tpmlab.lenses
+
+    pages = []
+    for name, source in tpmlab.lenses.sources().items():
+        if Path(source).parent.resolve() == zoo.resolve():
+            info = tpmlab.lenses.info(name)
+            pages.append((f"lens-{name.replace('_', '-')}", f"Lens `{name}`: {info.title}",
+                          f"lens:{name}", None))
+    return pages
 
 
 def load(target: str):
@@ -65,6 +81,40 @@ def signature(obj) -> str:
 def doc(obj) -> str:
     text = inspect.getdoc(obj) or ""
     return text.strip() + "\n" if text.strip() else "*(no docstring)*\n"
+
+
+def render_view(name: str) -> list[str]:
+    """The lens's view (its contract with the dashboard) as tables."""
+    import tpmlab.lenses
+    from tpmlab.lenses.contract import INPUTS
+
+    info = tpmlab.lenses.info(name)
+    v = info.view
+    lines = ["## The lens's view\n",
+             f"*{info.description}* Inputs: `{v.inputs}` "
+             f"(`run(model, {', '.join(INPUTS[v.inputs])}, ..., progress=None)`). "
+             f"Grid: rows `{v.rows.title}` x columns `{v.cols.title}`."
+             + (" Beside the heatmap: bars of the selected cell." if v.bars else "") + "\n",
+             f"Detail panel: {v.detail}\n" if v.detail else ""]
+    if v.options:
+        params = inspect.signature(info.run).parameters
+        lines += ["| option | kind | default | control | what |", "|---|---|---|---|---|"]
+        for o in v.options:
+            control = ("live " if o.live else "") + ("shown" if o.shown else "code only")
+            required = o.name in params and params[o.name].default is inspect.Parameter.empty
+            default = "required" if required else f"`{clean(repr(info.defaults[o.name]))}`"
+            lines.append(f"| `{o.name}` | {o.kind}{' ' + str(list(o.choices)) if o.choices else ''} "
+                         f"| {default} | {control} | {o.help} |")
+        lines.append("")
+    lines += ["| metric | menu label | colour |", "|---|---|---|"]
+    for m in v.metrics:
+        colour = f"{m.diverging} centred at 0" if m.centered else m.colorscale
+        if m.centered is None:
+            colour = f"{m.colorscale}; {m.diverging} centred at 0 when a value is negative"
+        if m.zmin is not None or m.zmax is not None:
+            colour += f", range {m.zmin}..{m.zmax}"
+        lines.append(f"| `{m.name}` | {m.label} | {colour}{', log10' if m.log10 else ''} |")
+    return lines + [""]
 
 
 def public_names(module, names: list[str] | None) -> list[str]:
@@ -110,35 +160,45 @@ def render_class(name: str, cls) -> list[str]:
 
 def render(page: str, title: str, target: str, names: list[str] | None) -> str:
     module = load(target)
-    where = (f"lens plugin, loaded by `tpmlab.lenses.get({target.split(':')[1]!r})` "
-             f"(file `lenses/{target.split(':')[1]}.py`)" if target.startswith("lens:")
-             else f"module `{target}`")
+    lens = target.split(":", 1)[1] if target.startswith("lens:") else None
+    where = (f"lens plugin, loaded by `tpmlab.lenses.get({lens!r})` (file `lenses/"
+             f"{Path(module.__file__).name}`)" if lens else f"module `{target}`")
     lines = [f"# {title}\n", f"*{where}; generated from the docstrings by `docs/build_api.py`.*\n"]
     if module.__doc__:
         lines.append(inspect.cleandoc(module.__doc__) + "\n")
+    if lens:
+        lines += render_view(lens)
+    seen: dict[int, str] = {}
     for name in public_names(module, names):
         obj = getattr(module, name)
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and id(obj) in seen:
+            lines += [f"## `{name}`\n", f"The same as `{seen[id(obj)]}`.\n"]
+            continue
+        seen[id(obj)] = name
         if inspect.isclass(obj):
             lines += render_class(name, obj)
-        elif callable(obj):
+        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
             lines += [f"## `{name}{signature(obj)}`\n", doc(obj)]
         else:
             lines += [f"## `{name}`\n", f"`{clean(repr(obj))}`\n"]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def index() -> str:
+def index(pages: list[tuple[str, str, str, list[str] | None]]) -> str:
     lines = ["# API reference\n",
              "*Generated from the docstrings by `docs/build_api.py`; "
              "`python docs/build_api.py` rewrites these pages.*\n"]
-    lines += [f"- [{title}]({page}.md)" for page, title, _, _ in PAGES]
+    lines += [f"- [{title}]({page}.md)" for page, title, _, _ in pages]
     return "\n".join(lines) + "\n"
 
 
-def build() -> dict[str, str]:
+def build(zoo: Path = ZOO) -> dict[str, str]:
+    """Every page's text by file name: the modules of :data:`PAGES`, then one page per lens
+    of ``zoo`` (the repository's ``lenses/`` folder)."""
+    listed = PAGES + lens_pages(zoo)
     pages = {f"{page}.md": render(page, title, target, names)
-             for page, title, target, names in PAGES}
-    pages["index.md"] = index()
+             for page, title, target, names in listed}
+    pages["index.md"] = index(listed)
     return pages
 
 

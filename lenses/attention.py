@@ -21,7 +21,7 @@ Two projections to the vocabulary, named apart:
 * **head-alone lens** (``alone``): the head's vector decoded on its own as if it were the
   residual: ``softmax(W_U · final_norm(o(l,h)))``; with trained per-head translators
   (Sakarvadia et al., 2023b) ``o`` is first mapped by ``T_{l,h}(o) = o + U (D^T o) + b``
-  (see :func:`load_translators`).
+  (:func:`tpmlab.lenses.common.translate`; see :func:`load_translators`).
 
 Only reductions leave the engine: per head and selected position, the DLA of the target
 tokens, the top-k tokens of both projections, and the head-alone probability of the
@@ -29,7 +29,8 @@ targets.
 
     >>> attention = tpmlab.lenses.get("attention")
     >>> res = attention.run(model, "The Eiffel Tower is located in the city of")
-    >>> res.data["dla"][..., -1, :, 0]        # [layer, head] logit of ' Paris' at the last position
+    >>> res.data["dla"][:, -1, :, 0]        # [layer, head] logit of ' Paris' at the last position
+    >>> res.token(int(res.data["dla_top_ids"][3, -1, 2, 0]))   # a token the result names
     >>> res.plot()
 """
 
@@ -42,13 +43,44 @@ from typing import Any
 
 import torch
 
-from tpmlab.lenses import LensResult, Provenance
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.artifact import load_artifact, save_artifact
-from tpmlab.lenses.common import first, layer_list, token_ids, token_strings
-from tpmlab.lenses.result import plain
+from tpmlab.lenses.common import (
+    answer_token,
+    first,
+    layer_list,
+    token_ids,
+    token_strings,
+    translate,
+    vocabulary,
+)
+from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
+from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "attention"
+TITLE = "attention lens"
+DESCRIPTION = ("Per head at one position: its direct logit attribution to the target token "
+               "and its output decoded alone.")
 KIND = "attention"
+
+VIEW = LensView(
+    inputs="prompt", rows=Axis("layer"), cols=Axis("head"),
+    metrics=(
+        Metric("dla", "direct logit attribution", "logit", centered=True),
+        Metric("alone_target_prob", "head-alone P(target)", "probability"),
+        Metric("alone_top_prob", "head-alone top-1 probability", "probability"),
+    ),
+    options=(
+        Option("positions", "position", "position", "the token position read", live=True),
+        Option("targets", "object", "targets", "tokens (ids or strings) to attribute to "
+               "(default: the model's own top-1)"),
+        Option("top_k", "int", "top k", "tokens kept per head", shown=False),
+        Option("layers", "object", "layers", "which layers (default: all)"),
+        Option("translators", "object", "translators", "trained per-head translators"),
+    ),
+    detail="the head's top tokens by direct logit attribution and decoded alone; its DLA "
+           "to the target beside its layer's",
+    example={"prompt": "The Eiffel Tower is located in the city of"})
 
 
 @dataclass
@@ -104,13 +136,24 @@ class AttentionLensResult(LensResult):
     ``dla`` ``[L, P, H, T]``, ``bias_dla`` and ``layer_dla`` ``[L, P, T]``, ``dla_top_ids``
     /``dla_top_values`` ``[L, P, H, k]``, ``alone_top_ids``/``alone_top_probs``
     ``[L, P, H, k]``, ``alone_target_prob`` ``[L, P, H, T]``, ``targets`` ``[P, T]``,
-    ``positions`` ``[P]``, ``input_ids``."""
+    ``positions`` ``[P]``, ``input_ids``. ``vocab`` names every token id the data holds
+    (:meth:`token`).
+
+    The grid: layers x heads (with several positions, each position's heads side by side),
+    for the first target."""
 
     layers: list[int] | None = None
     tokens: list[str] | None = None
     target_tokens: list[list[str]] | None = None
+    vocab: dict[int, str] | None = None
 
-    lens = "attention"
+    lens = NAME
+    title = TITLE
+    view = VIEW
+
+    def token(self, token_id: int | torch.Tensor) -> str:
+        """The text of a token id held in the result."""
+        return self.vocab[int(token_id)]
 
     def table(self) -> list[dict[str, Any]]:
         d, out = self.data, []
@@ -120,35 +163,91 @@ class AttentionLensResult(LensResult):
                     out.append({
                         "layer": layer, "head": h, "position": pos, "token": self.tokens[pos],
                         "target": self.target_tokens[j][0], "dla": plain(d["dla"][i, j, h, 0]),
-                        "dla_top1": token_strings_cache(self, d["dla_top_ids"][i, j, h, 0]),
-                        "alone_top1": token_strings_cache(self, d["alone_top_ids"][i, j, h, 0]),
+                        "dla_top1": self.token(d["dla_top_ids"][i, j, h, 0]),
+                        "alone_top1": self.token(d["alone_top_ids"][i, j, h, 0]),
                         "alone_top1_prob": plain(d["alone_top_probs"][i, j, h, 0]),
                         "alone_target_prob": plain(d["alone_target_prob"][i, j, h, 0]),
                     })
         return out
 
-    def plot(self, position: int = -1, target: int = 0, title: str | None = None):
-        """Heatmap of the direct logit attribution of one target token, layers x heads."""
-        import plotly.graph_objects as go
+    # -- the grid: layers x (position, head) -----------------------------------------------------
+    def _where(self, col: int) -> tuple[int, int]:
+        """Column ``col`` as (position index, head)."""
+        return divmod(col, self.data["dla"].shape[2])
 
-        z = self.data["dla"][:, position, :, target]
-        fig = go.Figure(go.Heatmap(z=z.tolist(), x=[f"H{h}" for h in range(z.shape[1])],
-                                   y=[str(x) for x in self.layers], colorscale="RdBu", zmid=0,
-                                   colorbar={"title": "logit"}))
-        tok = self.target_tokens[position][target]
-        fig.update_layout(title=title or f"direct logit attribution to {tok!r} "
-                          f"(position {self.data['positions'][position].item()})",
-                          xaxis_title="head", yaxis_title="layer")
-        return fig
+    def row_labels(self) -> list[str]:
+        return [str(x) for x in self.layers]
 
+    def col_labels(self) -> list[str]:
+        P, H = self.data["dla"].shape[1:3]
+        if P == 1:
+            return [f"H{h}" for h in range(H)]
+        names = position_labels(self.tokens)
+        return [f"{names[int(self.data['positions'][j])]} H{h}" for j in range(P) for h in range(H)]
 
-def token_strings_cache(result: AttentionLensResult, token_id: torch.Tensor) -> str:
-    return result.options["_decode"](int(token_id))
+    def metric(self, name: str) -> torch.Tensor:
+        """``[layers, positions * heads]`` values of a metric (first target)."""
+        self.view.metric(name)
+        d = self.data
+        value = {"dla": d["dla"][..., 0], "alone_target_prob": d["alone_target_prob"][..., 0],
+                 "alone_top_prob": d["alone_top_probs"][..., 0]}[name]
+        return value.reshape(value.shape[0], -1).float()
 
+    def cell_text(self, metric: str) -> list[list[str]]:
+        """Each head's top token: by DLA for the DLA metric, else decoded alone."""
+        ids = self.data["dla_top_ids" if metric == "dla" else "alone_top_ids"][..., 0]
+        return [[token_label(self.token(t), 7) for t in row.reshape(-1).tolist()] for row in ids]
 
-def _o_proj_layout(model: Any, layer: int) -> str:
-    module = model.envoy(f"{model.adapter.layer_path(layer)}.{model.adapter.o_proj}").module
-    return "conv1d" if type(module).__name__ == "Conv1D" else "linear"
+    def hover(self, metric: str) -> list[list[str]]:
+        d, out = self.data, []
+        for i, layer in enumerate(self.layers):
+            line = []
+            for c in range(len(self.col_labels())):
+                j, h = self._where(c)
+                dla_top = ", ".join(token_label(self.token(t), 12)
+                                    for t in d["dla_top_ids"][i, j, h, :3].tolist())
+                alone = ", ".join(f"{token_label(self.token(t), 12)} {shown(p, '.2f')}" for t, p in zip(
+                    d["alone_top_ids"][i, j, h, :3].tolist(), d["alone_top_probs"][i, j, h, :3].tolist()))
+                line.append(f"<b>L{layer} H{h}</b><br>DLA to {token_label(self.target_tokens[j][0], 12)}: "
+                            f"{shown(d['dla'][i, j, h, 0], '.3f')}<br>top DLA: {dla_top}<br>"
+                            f"head alone: {alone}")
+            out.append(line)
+        return out
+
+    def heading(self, metric: Metric) -> str:
+        positions = self.data["positions"].tolist()
+        if len(positions) > 1:
+            return f"{self.title} \u00b7 {metric.label} \u00b7 positions {positions}"
+        p = positions[0]
+        return (f"{self.title} \u00b7 {metric.label} \u00b7 position {p} "
+                f"({token_label(self.tokens[p])}) \u2192 {token_label(self.target_tokens[0][0])}")
+
+    def focus(self) -> tuple[int, int]:
+        """The head with the largest direct logit attribution (by magnitude)."""
+        z = self.metric("dla").abs()
+        return divmod(int(z.argmax()), z.shape[1])
+
+    def cell(self, row: int, col: int) -> Cell:
+        """One head's top tokens: by direct logit attribution and by its head-alone distribution."""
+        d = self.data
+        layer, col = self.clip(row, col)
+        j, head = self._where(col)
+        position = int(d["positions"][j])
+        dla = tuple((self.token(t), v) for t, v in zip(d["dla_top_ids"][layer, j, head].tolist(),
+                                                         d["dla_top_values"][layer, j, head].tolist()))
+        alone = tuple((self.token(t), p) for t, p in zip(d["alone_top_ids"][layer, j, head].tolist(),
+                                                           d["alone_top_probs"][layer, j, head].tolist()))
+        return Cell(
+            title=f"layer {self.layers[layer]}, head {head}", token=self.tokens[position],
+            tables=(Table(("top DLA token", "logit"), dla),
+                    Table(("head-alone token", "probability"), alone)),
+            facts={
+                "position": str(position),
+                "target": repr(self.target_tokens[j][0]),
+                "DLA to target": shown(d["dla"][layer, j, head, 0]),
+                "layer's attention DLA": shown(d["layer_dla"][layer, j, 0]),
+                "head-alone P(target)": shown(d["alone_target_prob"][layer, j, head, 0]),
+            })
 
 
 def _has_param(model: Any, path: str, name: str) -> bool:
@@ -163,7 +262,7 @@ def record_heads(model: Any, layer: int, positions: torch.Tensor) -> tuple[Any, 
     o_proj = model.envoy(o_path)
     z = o_proj.input[0][positions].view(len(positions), H, hd)
     w = o_proj.param("weight")
-    if _o_proj_layout(model, layer) == "conv1d":  # y = z W + b, W [H*hd, d]
+    if a.weight_layout == "conv1d":  # GPT-2's Conv1D: y = z W + b, W [H*hd, d]
         heads = torch.einsum("phk,hkd->phd", z, w.view(H, hd, a.d_model))
     else:  # nn.Linear: y = z W^T + b, W [d, H*hd]
         heads = torch.einsum("phk,dhk->phd", z, w.view(a.d_model, H, hd))
@@ -207,25 +306,34 @@ def dla_vectors(model: Any, comp: Any, scale: Any, centred: bool) -> Any:
 
 
 def run(model: Any, prompt: str | Sequence[int] | torch.Tensor, *,
-        layers: Sequence[int] | None = None, positions: Sequence[int] = (-1,),
+        layers: Sequence[int] | None = None, positions: int | Sequence[int] = -1,
         targets: Sequence[int | str] | None = None, top_k: int = 5,
-        translators: HeadTranslators | None = None) -> AttentionLensResult:
-    """Attention lens of one prompt at ``positions`` (default: the last).
+        translators: HeadTranslators | None = None,
+        progress: Progress | None = None) -> AttentionLensResult:
+    """Attention lens of one prompt at ``positions`` (a position or several; default: the
+    last).
 
     ``targets``: token ids or strings (single tokens) whose DLA and head-alone probability
     are reported at every position; default: the model's own top-1 token at each position.
     ``translators``: trained per-head translators for the head-alone lens.
+    ``progress(done, total, text)``: called before and after the one forward pass.
     """
     a = model.adapter
     ids = token_ids(model, prompt)
     n = len(ids)
+    positions = [positions] if isinstance(positions, int) else list(positions)
+    for p in positions:
+        if not -n <= p < n:
+            raise IndexError(f"position {p} out of range: the prompt has {n} tokens")
     pos = torch.tensor([p % n for p in positions], dtype=torch.long)
     chosen = layer_list(model, layers)
     L, P, H = len(chosen), len(pos), a.n_heads
     target_const = None
     if targets is not None:
-        tids = [t if isinstance(t, int) else _single_token(model, t) for t in targets]
+        tids = [answer_token(model, t, single=True) for t in targets]
         target_const = torch.tensor(tids, dtype=torch.long)[None].expand(P, -1).contiguous()
+    if progress is not None:
+        progress(0, 1, TITLE)
     with model.trace(input_ids=ids) as tr:
         parts = [record_heads(model, layer, pos) for layer in chosen]
         heads = torch.stack([p[0] for p in parts])  # [L, P, H, d]
@@ -252,10 +360,9 @@ def run(model: Any, prompt: str | Sequence[int] | torch.Tensor, *,
             bias_logits = _project(model, dla_vectors(model, b, scale[None], centred))
             saved["bias_dla"] = bias_logits.gather(-1, tgt[None].expand(L, P, T)).save()
         alone_in = heads.float()
-        if translators is not None:
+        if translators is not None:  # per head: [L, H, P, d] with [L, H, d, rank] translators
             down, up, tb = translators.constants(chosen, H)
-            low = torch.einsum("lphd,lhdk->lphk", alone_in, down)
-            alone_in = alone_in + torch.einsum("lphk,lhek->lphe", low, up) + tb[:, None]
+            alone_in = translate(alone_in.transpose(1, 2), down, up, tb).transpose(1, 2)
         alone = model.unembed(model.final_norm(alone_in)).float().log_softmax(-1)
         alone_top = alone.topk(top_k, dim=-1)
         saved["alone_top_ids"] = alone_top.indices.save()
@@ -267,23 +374,11 @@ def run(model: Any, prompt: str | Sequence[int] | torch.Tensor, *,
     if "bias_dla" not in data:
         data["bias_dla"] = torch.zeros(L, P, data["dla"].shape[-1])
     data["positions"], data["input_ids"] = pos, ids
-    decode = {}
-
-    def dec(i: int) -> str:
-        if i not in decode:
-            decode[i] = model.tokenizer.decode([i])
-        return decode[i]
-
+    vocab = vocabulary(model, data["targets"], data["dla_top_ids"], data["alone_top_ids"])
+    if progress is not None:
+        progress(1, 1, TITLE)
     return AttentionLensResult(
         data=data, provenance=Provenance.from_traces(model, tr),
-        options={"positions": list(positions), "top_k": top_k, "_decode": dec,
-                 "translators": translators is not None},
+        options={"positions": positions, "top_k": top_k, "translators": translators is not None},
         layers=chosen, tokens=token_strings(model, ids),
-        target_tokens=[[dec(int(t)) for t in row] for row in data["targets"]])
-
-
-def _single_token(model: Any, text: str) -> int:
-    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"target {text!r} is {len(ids)} tokens ({ids}); give one token or its id")
-    return ids[0]
+        target_tokens=[[vocab[int(t)] for t in row] for row in data["targets"]], vocab=vocab)

@@ -16,17 +16,20 @@ on the engine; the ``[rows, pos, vocab]`` logits stay there unless ``keep_logits
     >>> res.top_tokens[-1][-1]          # last row, last position
     [' Paris', ...]
     >>> res.plot(metric="kl")
+
+As a dashboard: ``tpmlab.widgets.dashboard(model, "logit", prompt=...)``. Its
+:func:`decode` is the seam other lenses that decode residuals reuse (the tuned lens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tpmlab.lenses import LensResult, Provenance
+from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import (
     layer_list,
     residual_rows,
@@ -35,10 +38,39 @@ from tpmlab.lenses.common import (
     values,
     vocab_statistics,
 )
-from tpmlab.lenses.result import plain, shown
+from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
+from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "logit"
-METRICS = ("target_prob", "kl", "entropy", "target_rank", "top_prob")
+TITLE = "logit lens"
+DESCRIPTION = "Every layer's residual stream decoded by the model's own final norm and unembedding."
+
+TOP_N = 5  # tokens listed per cell in hover text
+
+#: What can colour the grid: ``[rows, positions]`` values of :meth:`LogitLensResult.metric`.
+METRICS = (
+    Metric("target_prob", "probability", "P(final top-1)", zmin=0.0, zmax=1.0),
+    Metric("target_rank", "rank", "log10 rank", "Viridis_r", log10=True),
+    Metric("kl", "KL", "KL (nats)", "Viridis_r"),
+    Metric("entropy", "entropy", "entropy (nats)", "Viridis_r"),
+    Metric("top_prob", "top-1 probability", "P(top-1)", zmin=0.0, zmax=1.0),
+)
+
+#: The options of :func:`run` that the logit lens and the lenses built on it share.
+OPTIONS = (
+    Option("top_k", "int", "top k", "tokens kept per cell", shown=False),
+    Option("include_input", "bool", "input row", "also decode the residual entering layer 0",
+           shown=False),
+    Option("layers", "object", "layers", "which layer outputs to decode (default: all)"),
+    Option("keep_logits", "bool", "keep logits", "also bring back the [rows, pos, vocab] logits",
+           shown=False),
+)
+
+VIEW = LensView(
+    inputs="prompt", rows=Axis("layer"), cols=Axis("position"), metrics=METRICS, options=OPTIONS,
+    detail="the cell's top-k tokens with probabilities; the model's final top-1 token with its "
+           "probability and rank there; KL to the final distribution and entropy",
+    example={"prompt": "The Eiffel Tower is located in the city of"})
 
 
 @dataclass(repr=False)
@@ -56,7 +88,9 @@ class LogitLensResult(LensResult):
     top_tokens: list[list[list[str]]] | None = None
     target_tokens: list[str] | None = None
 
-    lens = "logit"
+    lens = NAME
+    title = TITLE
+    view = VIEW
 
     def table(self) -> list[dict[str, Any]]:
         d = self.data
@@ -72,41 +106,66 @@ class LogitLensResult(LensResult):
                 })
         return out
 
+    # -- the grid: rows x positions ---------------------------------------------------------------
+    def row_labels(self) -> list[str]:
+        return list(self.rows)
+
+    def col_labels(self) -> list[str]:
+        return position_labels(self.tokens)
+
     def metric(self, name: str) -> torch.Tensor:
         """``[R, P]`` values of one of :data:`METRICS` (``top_prob``: the top-1 probability)."""
+        self.view.metric(name)  # ValueError naming the metrics
         if name == "top_prob":
             return self.data["top_probs"][..., 0]
-        if name not in METRICS:
-            raise ValueError(f"unknown metric {name!r}; choose from {METRICS}")
         return self.data[name].float()
 
-    def plot(self, metric: str = "target_prob", title: str | None = None):
-        """Heatmap of ``metric`` over rows x positions, each cell labelled with its top-1 token."""
-        import plotly.graph_objects as go
+    def cell_text(self, metric: str) -> list[list[str]]:
+        """The top-1 token of every cell."""
+        return [[token_label(cell[0], 7) for cell in row] for row in self.top_tokens]
 
-        z = self.metric(metric)
-        text = [[cell[0] for cell in row] for row in self.top_tokens]
-        hover = [[f"layer {self.rows[r]}, pos {p} {self.tokens[p]!r}<br>top: "
-                  + ", ".join(f"{t!r} {shown(pr, '.3f')}" for t, pr in zip(
-                      self.top_tokens[r][p], self.data["top_probs"][r, p].tolist()))
-                  + f"<br>KL {shown(self.data['kl'][r, p], '.3f')} nats, "
-                  f"H {shown(self.data['entropy'][r, p], '.3f')}"
-                  for p in range(len(self.tokens))] for r in range(len(self.rows))]
-        x = [f"{p}:{t}" for p, t in enumerate(self.tokens)]
-        fig = go.Figure(go.Heatmap(z=z.tolist(), x=x, y=self.rows, text=text,
-                                   texttemplate="%{text}", hovertext=hover,
-                                   hoverinfo="text", colorbar={"title": metric}))
-        fig.update_layout(title=title or f"{self.lens} lens: {metric} ({self.provenance.model})",
-                          xaxis_title="position", yaxis_title="layer")
-        return fig
+    def hover(self, metric: str) -> list[list[str]]:
+        """Each cell's top tokens with probabilities and its statistics."""
+        d, out = self.data, []
+        n = min(TOP_N, d["top_probs"].shape[-1])
+        for r, row in enumerate(self.rows):
+            line = []
+            for p, tok in enumerate(self.tokens):
+                tops = "<br>".join(
+                    f"&nbsp;&nbsp;{token_label(t, 16)!s}&nbsp;&nbsp;{shown(pr, '.3f')}"
+                    for t, pr in zip(self.top_tokens[r][p][:n], d["top_probs"][r, p, :n].tolist()))
+                line.append(
+                    f"<b>layer {row}</b>, position {p} ({token_label(tok, 16)})<br>top {n}:<br>{tops}<br>"
+                    f"P(final top-1 {token_label(self.target_tokens[p], 16)}) "
+                    f"{shown(d['target_prob'][r, p], '.3f')}, rank {int(d['target_rank'][r, p])}<br>"
+                    f"KL {shown(d['kl'][r, p], '.3f')}, entropy {shown(d['entropy'][r, p], '.3f')} nats")
+            out.append(line)
+        return out
+
+    def cell(self, row: int, col: int) -> Cell:
+        """One cell's top-k tokens with probabilities and its statistics."""
+        d = self.data
+        row, pos = self.clip(row, col)
+        return Cell(
+            title=f"layer {self.rows[row]}, position {pos}", token=self.tokens[pos],
+            tables=(Table(("token", "probability"), tuple(zip(
+                self.top_tokens[row][pos], d["top_probs"][row, pos].tolist()))),),
+            facts={
+                "final top-1": repr(self.target_tokens[pos]),
+                "its probability": shown(d["target_prob"][row, pos]),
+                "its rank": str(int(d["target_rank"][row, pos])),
+                "KL(final || layer)": f"{shown(d['kl'][row, pos])} nats",
+                "entropy": f"{shown(d['entropy'][row, pos])} nats",
+            })
 
 
 def record(model: Any, ids: torch.Tensor, *, layers: Sequence[int] | None = None,
            include_input: bool = True, top_k: int = 5, keep_logits: bool = False,
-           translate: Any = None) -> tuple[dict[str, Any], list[str]]:
+           translate: Callable[[list[str]], Callable[[Any], Any]] | None = None,
+           ) -> tuple[dict[str, Any], list[str]]:
     """Inside an open trace/invoke over ``ids``: record the lens and return
-    ``(saved proxies, row labels)``. ``translate`` maps the stacked residuals
-    ``[R, P, d]`` before decoding (the tuned lens passes its translators)."""
+    ``(saved proxies, row labels)``. ``translate(labels)`` gives the map applied to the
+    stacked residuals ``[R, P, d_model]`` of those rows before decoding."""
     rows, labels = residual_rows(model, layer_list(model, layers), include_input)
     hidden = torch.cat(rows, 0)  # [R, P, d_model]
     final_logits = model.output.logits[0]  # [P, vocab]
@@ -118,22 +177,36 @@ def record(model: Any, ids: torch.Tensor, *, layers: Sequence[int] | None = None
 
 def run(model: Any, prompt: str | Sequence[int] | torch.Tensor | list, *,
         layers: Sequence[int] | None = None, include_input: bool = True, top_k: int = 5,
-        keep_logits: bool = False) -> LogitLensResult | list[LogitLensResult]:
+        keep_logits: bool = False, translate: Callable[[list[str]], Callable[[Any], Any]] | None = None,
+        progress: Progress | None = None) -> LogitLensResult | list[LogitLensResult]:
     """Logit lens of ``prompt`` (text or token ids); a list of prompts runs as one batch
     (one invoke each) and returns one result per prompt.
 
     ``layers``: which layer outputs to decode (default all); ``include_input``: also the
     residual entering layer 0; ``keep_logits``: also bring back the full
-    ``[rows, pos, vocab]`` logits (large).
+    ``[rows, pos, vocab]`` logits (large); ``translate``: ``translate(labels)`` gives a map
+    applied to the rows' stacked residuals ``[R, P, d_model]`` (traced) before decoding,
+    e.g. trained translators; ``progress(done, total, text)``: called before and after the
+    one forward pass.
     """
-    return _run(model, prompt, layers=layers, include_input=include_input, top_k=top_k,
-                keep_logits=keep_logits, translate=None, result_type=LogitLensResult)
+    return decode(model, prompt, LogitLensResult, layers=layers, include_input=include_input,
+                  top_k=top_k, keep_logits=keep_logits, translate=translate, progress=progress)
 
 
-def _run(model: Any, prompt: Any, *, result_type: type, translate: Any, **opts: Any) -> Any:
+def decode(model: Any, prompt: Any, result_type: type[LogitLensResult], *,
+           layers: Sequence[int] | None = None, include_input: bool = True, top_k: int = 5,
+           keep_logits: bool = False, translate: Callable[[list[str]], Callable[[Any], Any]] | None = None,
+           progress: Progress | None = None) -> Any:
+    """:func:`run`, returning ``result_type`` (a :class:`LogitLensResult` subclass): the
+    seam for lenses that decode the residual stream the same way after their own
+    ``translate`` (the tuned lens)."""
     batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
     prompts = prompt if batch else [prompt]
     all_ids = [token_ids(model, p) for p in prompts]
+    opts = {"layers": layers, "include_input": include_input, "top_k": top_k,
+            "keep_logits": keep_logits}
+    if progress is not None:
+        progress(0, 1, result_type.title)
     recorded = []
     with model.trace() as tr:
         for ids in all_ids:
@@ -149,4 +222,6 @@ def _run(model: Any, prompt: Any, *, result_type: type, translate: Any, **opts: 
             tokens=token_strings(model, ids),
             top_tokens=[[token_strings(model, cell) for cell in row] for row in data["top_ids"]],
             target_tokens=token_strings(model, data["target_ids"])))
+    if progress is not None:
+        progress(1, 1, result_type.title)
     return results if batch else results[0]

@@ -21,19 +21,24 @@ models whose unembedding fits; the trained lens then decodes on the engine like 
 lens, its translators sent as plan constants.
 
 The default model ships a trained low-rank lens (``lenses/artifacts/``, bfloat16);
-other models are trained on first use (``load(model, train_if_missing=True)``) with a
-tqdm progress bar and cached in ``$TPMLAB_HOME/lenses/tuned/``. A lens is tied to the
+other models are trained on first use (``run`` does it, and
+``load(model, train_if_missing=True)``), reporting to a ``progress`` callback (or a tqdm
+bar in a console), and cached in ``$TPMLAB_HOME/lenses/tuned/``. A lens is tied to the
 weights it was trained on: loading it for another model version raises
 :class:`tpmlab.lenses.artifact.ArtifactMismatchError`.
 
     >>> tuned = tpmlab.lenses.get("tuned")
     >>> lens = tuned.load(model)                       # shipped, cached or trained
-    >>> res = tuned.run(model, "The Eiffel Tower is located in the city of", lens=lens)
+    >>> res = tuned.run(model, "The Eiffel Tower is located in the city of", tuned_lens=lens)
     >>> res.plot(metric="kl")
+
+Decoding is the logit lens's (:func:`logit.decode <logit.decode>` with the translators as
+its ``translate``), so results, options and the dashboard view are the logit lens's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -45,11 +50,29 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 import tpmlab.lenses
+from tpmlab.lenses import Option, Progress
 from tpmlab.lenses.artifact import check_model, load_artifact, save_artifact
-from tpmlab.lenses.common import nonnegative, token_ids
+from tpmlab.lenses.common import nonnegative, translate
+from tpmlab.lenses.contract import Steps
+
+#: The lens this one extends: its rows, decoding, options, result and view.
+logit = tpmlab.lenses.get("logit")
 
 NAME = "tuned"
+TITLE = "tuned lens"
+DESCRIPTION = ("The logit lens after a learned affine translator per layer (trained on "
+               "first use for a model without one).")
 KIND = "tuned"
+
+VIEW = dataclasses.replace(
+    logit.VIEW,
+    options=logit.VIEW.options + (
+        Option("tuned_lens", "object", "tuned lens", "a TunedLens (default: load(model))"),
+        Option("train_if_missing", "bool", "train if missing",
+               "train and cache a lens when the model has none", shown=False),
+        Option("training", "object", "training", "keyword arguments for train()"),
+    ),
+    detail="as the logit lens, after each row's translator")
 SHIPPED_DIR = Path(__file__).resolve().parent / "artifacts"
 
 #: seed prompts for self-generated training text: varied registers, nothing downloaded
@@ -94,7 +117,7 @@ class TunedLens:
 
     def translate(self, h: torch.Tensor, row: int) -> torch.Tensor:
         """``T_row(h)`` for ``h`` ``[..., d_model]`` (client side, differentiable)."""
-        return h + (h @ self.down[row]) @ self.up[row].T + self.bias[row]
+        return translate(h, self.down[row], self.up[row], self.bias[row])
 
     def constants(self, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(down, up, bias)`` float32 stacked for ``labels`` (zeros: identity where untrained)."""
@@ -110,13 +133,10 @@ class TunedLens:
         return down, up, bias
 
     def engine_translator(self, labels: Sequence[str]):
-        """A function applying the translators of ``labels`` to a traced ``[R, P, d]`` value."""
+        """A function applying the translators of ``labels`` to a traced ``[R, P, d]`` value
+        (their parameters travel as plan constants)."""
         down, up, bias = self.constants(labels)
-
-        def translate(h):
-            low = torch.einsum("rpd,rdk->rpk", h, down)
-            return h + torch.einsum("rpk,rek->rpe", low, up) + bias[:, None, :]
-        return translate
+        return lambda h: translate(h, down, up, bias)
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -180,33 +200,37 @@ def _param(model: Any, path: str, name: str):
 # -- training ---------------------------------------------------------------------------------------
 
 def collect(model: Any, *, prompts: Sequence[str] = SEED_PROMPTS, new_tokens: int = 48,
-            seed: int = 0, batch: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+            seed: int = 0, batch: int = 8, progress: Progress | bool | None = True,
+            ) -> dict[str, torch.Tensor]:
     """Generate text from ``prompts`` (sampling, seeded) and save, per generated token, the
     lens rows' residuals ``hidden`` ``[N, R, d]`` and the normalised last hidden state
-    ``final`` ``[N, d]``. ``R`` rows: the input and layers ``0..n_layers-2``."""
-    from tqdm.auto import tqdm
+    ``final`` ``[N, d]``. ``R`` rows: the input and layers ``0..n_layers-2``.
 
+    ``progress``: a callback ``(done, total, text)`` called after each request (it may raise
+    to stop), ``True`` for a console bar, ``False``/``None`` for silence."""
     n_layers = model.adapter.n_layers
     labels = ["input"] + [str(i) for i in range(n_layers - 1)]
     hidden, final = [], []
     chunks = [list(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
-    bar = tqdm(total=2 * len(chunks), desc="tuned lens: collecting", disable=not progress)
-    for k, chunk in enumerate(chunks):
-        sequences = _generated(model, chunk, new_tokens, seed + k)
-        bar.update()
-        saved = []
-        with model.trace() as tr:
-            for ids in sequences:
-                with tr.invoke(input_ids=ids):
-                    rows = [model.layers[0].input] + [model.layers[i].output
-                                                      for i in range(n_layers - 1)]
-                    saved.append((torch.cat(rows, 0).save(), model.final_norm.output[0].save()))
-        for h, f in saved:
-            keep = slice(1, None)  # position 0 (BOS / attention sink) is left out
-            hidden.append(h.value[:, keep].transpose(0, 1).float())
-            final.append(f.value[keep].float())
-        bar.update()
-    bar.close()
+    report = Steps(progress, 2 * len(chunks), "tuned lens: collecting")
+    try:
+        for k, chunk in enumerate(chunks):
+            sequences = _generated(model, chunk, new_tokens, seed + k)
+            report(2 * k + 1)
+            saved = []
+            with model.trace() as tr:
+                for ids in sequences:
+                    with tr.invoke(input_ids=ids):
+                        rows = [model.layers[0].input] + [model.layers[i].output
+                                                          for i in range(n_layers - 1)]
+                        saved.append((torch.cat(rows, 0).save(), model.final_norm.output[0].save()))
+            for h, f in saved:
+                keep = slice(1, None)  # position 0 (BOS / attention sink) is left out
+                hidden.append(h.value[:, keep].transpose(0, 1).float())
+                final.append(f.value[keep].float())
+            report(2 * k + 2)
+    finally:
+        report.close()
     return {"hidden": torch.cat(hidden), "final": torch.cat(final), "rows": labels}
 
 
@@ -218,17 +242,17 @@ def _generated(model: Any, prompts: list[str], new_tokens: int, seed: int) -> li
 
 
 def train(model: Any, *, data: dict | None = None, rank: int = 32, steps: int = 150,
-          batch_tokens: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True,
-          time_limit: float | None = None, **collect_kw: Any) -> TunedLens:
+          batch_tokens: int = 32, lr: float = 2e-3, seed: int = 0,
+          progress: Progress | bool | None = True, time_limit: float | None = None,
+          **collect_kw: Any) -> TunedLens:
     """Train translators for every row but the last layer on self-generated text.
 
     Each step draws ``batch_tokens`` tokens and takes one Adam step on
     ``sum_r KL(p_final || q_r)`` (mean over tokens, nats). ``time_limit`` (seconds)
-    stops early. Returns a :class:`TunedLens` whose ``meta["training"]`` records the
-    settings and the mean KL per row before and after, on held-out tokens.
+    stops early. ``progress`` as in :func:`collect` (called after each step). Returns a
+    :class:`TunedLens` whose ``meta["training"]`` records the settings and the mean KL per
+    row before and after, on held-out tokens.
     """
-    from tqdm.auto import tqdm
-
     started = time.perf_counter()
     if data is None:
         data = collect(model, seed=seed, progress=progress, **collect_kw)
@@ -250,8 +274,7 @@ def train(model: Any, *, data: dict | None = None, rank: int = 32, steps: int = 
         with torch.no_grad():
             logp = head.logits(final[idx]).log_softmax(-1)  # [B, V]
         h = hidden[idx].transpose(0, 1)  # [R, B, d]
-        t = h + torch.einsum("rbk,rdk->rbd", torch.einsum("rbd,rdk->rbk", h, lens.down), lens.up)
-        logq = head.logits(head.norm(t + lens.bias[:, None])).log_softmax(-1)
+        logq = head.logits(head.norm(translate(h, lens.down, lens.up, lens.bias))).log_softmax(-1)
         return (logp.exp() * (logp - logq)).sum(-1).mean(-1)  # [R]
 
     def held_kl() -> torch.Tensor:
@@ -260,19 +283,21 @@ def train(model: Any, *, data: dict | None = None, rank: int = 32, steps: int = 
         return nonnegative(kl)  # reported, rounded: never "-0.0" (the loss itself is not clamped)
 
     before = held_kl()
-    bar = tqdm(range(steps), desc="tuned lens: training", disable=not progress)
+    report = Steps(progress, steps, "tuned lens: training")
     done = 0
-    for step in bar:
-        idx = train_idx[torch.randint(len(train_idx), (batch_tokens,), generator=gen)]
-        loss = loss_on(idx)
-        opt.zero_grad()
-        loss.sum().backward()
-        opt.step()
-        done = step + 1
-        bar.set_postfix(kl=f"{loss.mean().item():.3f}")
-        if time_limit is not None and time.perf_counter() - started > time_limit:
-            break
-    bar.close()
+    try:
+        for step in range(steps):
+            idx = train_idx[torch.randint(len(train_idx), (batch_tokens,), generator=gen)]
+            loss = loss_on(idx)
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            done = step + 1
+            report(done, f"kl={loss.mean().item():.3f}")
+            if time_limit is not None and time.perf_counter() - started > time_limit:
+                break
+    finally:
+        report.close()
     for p in params:
         p.requires_grad_(False)
     after = held_kl()
@@ -300,11 +325,12 @@ def shipped_path(model: Any) -> Path:
 
 
 def load(model: Any, path: str | Path | None = None, *, train_if_missing: bool = False,
-         progress: bool = True, **train_kw: Any) -> TunedLens:
+         progress: Progress | bool | None = True, **train_kw: Any) -> TunedLens:
     """The tuned lens for ``model``: from ``path`` if given; else the cache in
     ``$TPMLAB_HOME``; else the one shipped with tpmlab; else, with ``train_if_missing``,
-    train one (progress bar) and cache it. Every source is checked against the model's
-    version."""
+    train one (``train(model, progress=progress, **train_kw)``) and cache it. Every source
+    is checked against the model's version. A training stopped by ``progress`` caches
+    nothing."""
     if path is not None:
         return TunedLens.load(path, model)
     for candidate in (cache_path(model), shipped_path(model)):
@@ -321,42 +347,39 @@ def load(model: Any, path: str | Path | None = None, *, train_if_missing: bool =
 
 # -- decoding -------------------------------------------------------------------------------------
 
-def _result_type():
-    logit = tpmlab.lenses.get("logit")
+@dataclass(repr=False)
+class TunedLensResult(logit.LogitLensResult):
+    """A :class:`LogitLensResult` whose rows were translated before decoding."""
 
-    @dataclass(repr=False)
-    class TunedLensResult(logit.LogitLensResult):
-        """A :class:`LogitLensResult` whose rows were translated before decoding."""
-
-        lens = "tuned"
-
-    return logit, TunedLensResult
+    lens = NAME
+    title = TITLE
+    view = VIEW
 
 
-def run(model: Any, prompt: Any, *, lens: TunedLens | None = None,
-        layers: Sequence[int] | None = None, include_input: bool = True, top_k: int = 5,
-        keep_logits: bool = False):
+def run(model: Any, prompt: Any, *, tuned_lens: TunedLens | None = None, train_if_missing: bool = True,
+        training: dict[str, Any] | None = None, layers: Sequence[int] | None = None,
+        include_input: bool = True, top_k: int = 5, keep_logits: bool = False,
+        progress: Progress | None = None) -> TunedLensResult | list[TunedLensResult]:
     """Tuned-lens decoding of ``prompt`` (same result fields and options as the logit
-    lens). ``lens`` defaults to :func:`load` ``(model)``."""
-    lens = lens or load(model)
+    lens). ``tuned_lens`` defaults to :func:`load` ``(model)``; a model without one gets one
+    trained and cached first (``train_if_missing``; ``training``: keyword arguments for
+    :func:`train`), reporting to ``progress`` (a console bar when there is no callback)."""
+    lens = tuned_lens
+    if lens is None:
+        lens = load(model, train_if_missing=train_if_missing,
+                    progress=True if progress is None else progress, **(training or {}))
     check_model({"model": lens.model, "model_version": lens.model_version,
                  "d_model": lens.d_model}, model, where="this tuned lens")
-    logit, result_type = _result_type()
-    return logit._run(model, prompt, layers=layers, include_input=include_input, top_k=top_k,
-                      keep_logits=keep_logits, translate=lens.engine_translator,
-                      result_type=result_type)
+    return logit.decode(model, prompt, TunedLensResult, layers=layers, include_input=include_input,
+                        top_k=top_k, keep_logits=keep_logits, translate=lens.engine_translator,
+                        progress=progress)
 
 
 def compare(model: Any, prompts: Sequence[str], lens: TunedLens | None = None) -> dict[str, Any]:
     """Mean KL(final || lens) per row over all positions (but the first) of ``prompts``, for
     the logit lens and the tuned lens: ``{"rows", "logit_kl", "tuned_kl"}`` (nats)."""
-    logit = tpmlab.lenses.get("logit")
     lens = lens or load(model)
     plain = logit.run(model, list(prompts), top_k=1)
-    tuned = run(model, list(prompts), lens=lens, top_k=1)
+    tuned = run(model, list(prompts), tuned_lens=lens, top_k=1)
     mean = lambda results: torch.cat([r.data["kl"][:, 1:] for r in results], 1).mean(1)  # noqa: E731
     return {"rows": plain[0].rows, "logit_kl": mean(plain), "tuned_kl": mean(tuned)}
-
-
-def token_count(model: Any, prompt: str) -> int:
-    return len(token_ids(model, prompt))

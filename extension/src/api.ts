@@ -2,6 +2,7 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { ILensesJSON } from './templates';
 import { IStatusJSON } from './view';
 
 export async function requestAPI<T>(
@@ -33,6 +34,11 @@ export function getStatus(): Promise<IStatusJSON> {
 
 export function listModels(): Promise<{ available: string[] }> {
   return requestAPI<{ available: string[] }>('models');
+}
+
+/** The registered lenses, for the lens menu (GET /tpmlab/api/lenses). */
+export function listLenses(): Promise<ILensesJSON> {
+  return requestAPI<ILensesJSON>('lenses');
 }
 
 export function deployModel(name: string, stages: number): Promise<unknown> {

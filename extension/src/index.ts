@@ -12,7 +12,7 @@ import { ICommandPalette, showErrorMessage } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookActions, NotebookPanel } from '@jupyterlab/notebook';
 import { LabIcon } from '@jupyterlab/ui-components';
 
-import { deployModel, getStatus, listModels, undeployModel } from './api';
+import { deployModel, getStatus, listLenses, listModels, undeployModel } from './api';
 import { TpmlabSidebar } from './panel';
 import { Poller } from './poll';
 import { lensCell } from './templates';
@@ -175,6 +175,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
     listModels()
       .then(r => sidebar.setAvailable(r.available))
       .catch(() => undefined);
+    listLenses()
+      .then(r => {
+        sidebar.setLenses(r.lenses);
+        for (const [name, error] of Object.entries(r.errors ?? {})) {
+          console.warn(`tpmlab: lens ${name} is not offered: ${error}`);
+        }
+      })
+      .catch(reason => console.warn(`tpmlab: cannot list the lenses: ${reason}`));
     poller.start();
   }
 };

@@ -2,7 +2,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { IViewModel, Tone } from './view';
-import { LENSES } from './templates';
+import { ILensJSON, lensMenu } from './templates';
 
 export interface ISidebarActions {
   refresh(): void;
@@ -114,11 +114,11 @@ export class TpmlabSidebar extends Widget {
       )
     );
 
-    this._lens = h(
-      'select',
-      { class: 'jp-tpmlab-select jp-tpmlab-lens-select', title: 'Lens dashboard to open' },
-      LENSES.map(l => h('option', { value: l }, l))
-    ) as HTMLSelectElement;
+    // Filled from the server's lens registry (setLenses): no lens is named here.
+    this._lens = h('select', {
+      class: 'jp-tpmlab-select jp-tpmlab-lens-select',
+      title: 'Lens dashboard to open'
+    }) as HTMLSelectElement;
 
     this._modelName = h('input', {
       class: 'jp-tpmlab-input jp-tpmlab-deploy-name',
@@ -183,6 +183,15 @@ export class TpmlabSidebar extends Widget {
       this._usage
     );
     this._cluster.append(h('div', { class: 'jp-tpmlab-empty' }, 'Loading…'));
+  }
+
+  /** Offer these lenses in the lens menu (GET /tpmlab/api/lenses), keeping the choice. */
+  setLenses(lenses: ILensJSON[]): void {
+    const { choices, selected } = lensMenu(lenses, this._lens.value || null);
+    this._lens.replaceChildren(
+      ...choices.map(c => h('option', { value: c.value, title: c.title }, c.label))
+    );
+    this._lens.value = selected ?? '';
   }
 
   setAvailable(names: string[]): void {

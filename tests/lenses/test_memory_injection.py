@@ -75,3 +75,35 @@ def test_embed_variant_all_positions(lab, mi):
     ids = torch.tensor(model.tokenizer(PROMPTS[0])["input_ids"])
     ref = _hf_prob(hf, model.adapter, ids, res.data["answer_ids"][0].item(), 1, 2.0 * m)
     torch.testing.assert_close(res.data["after"][0, 0, 0], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_progress_between_passes_stops_the_sweep_and_provenance_is_built_once(lab, mi):
+    """The lens calls progress(done, total, text) before each pass and after the last; a
+    callback that raises stops it there. A finished sweep's provenance holds every pass's plan
+    digest and cannot be changed afterwards."""
+    import dataclasses
+
+    from tpmlab.lenses import Cancelled
+
+    model = lab.model("tiny-llama")
+    calls = []
+    res = mi.sweep(model, PROMPTS, ANSWERS, memory="Paris", layers=[0, 1], taus=[1.0],
+                   max_invokes_per_pass=3, progress=lambda *a: calls.append(a))
+    assert res.options["passes"] == 3  # 3 baselines + 6 injections, 3 per pass
+    assert calls == [(0, 3, "memory injection"), (1, 3, "memory injection"),
+                     (2, 3, "memory injection"), (3, 3, "memory injection")]
+    assert len(res.provenance.plan_digests) == 3 and len(set(res.provenance.plan_digests)) == 3
+    assert res.provenance.plan_digest not in res.provenance.plan_digests  # a digest of all three
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.provenance.plan_digests = ()
+
+    def stop_at_second(done, total, text):
+        calls.append(done)
+        if done == 1:
+            raise Cancelled("enough")
+
+    calls.clear()
+    with pytest.raises(Cancelled, match="enough"):
+        mi.sweep(model, PROMPTS, ANSWERS, memory="Paris", layers=[0, 1], taus=[1.0],
+                 max_invokes_per_pass=3, progress=stop_at_second)
+    assert calls == [0, 1]  # one pass ran; the second never started

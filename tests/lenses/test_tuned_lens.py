@@ -39,7 +39,7 @@ def test_training_lowers_kl(tiny_lens, tuned):
 
 def test_engine_matches_client_translation(tiny_lens, tuned):
     model, lens = tiny_lens
-    res = tuned.run(model, HELD_OUT[0], lens=lens, keep_logits=True, top_k=3)
+    res = tuned.run(model, HELD_OUT[0], tuned_lens=lens, keep_logits=True, top_k=3)
     head = tuned.Head(model)
     with model.trace(HELD_OUT[0]):
         h = model.layers[1].output[0].save()
@@ -58,7 +58,7 @@ def test_artifact_round_trip_and_version_check(tiny_lens, tuned, lab, tmp_path):
     with pytest.raises(ArtifactMismatchError, match="only fits the weights it was trained on"):
         tuned.load(other, path)
     with pytest.raises(ArtifactMismatchError):
-        tuned.run(other, "hello", lens=lens)
+        tuned.run(other, "hello", tuned_lens=lens)
 
 
 def test_cache_in_tpmlab_home(tiny_lens, tuned, monkeypatch, tmp_path):

@@ -28,27 +28,24 @@ def test_model_level_paths_point_at_the_right_modules(source):
         assert isinstance(m.get_submodule(a.position_embed), nn.Embedding)
 
 
-def test_attention_projections_have_the_documented_shapes(source):
+def test_attention_output_projection_has_the_documented_layout(source):
+    """``o_proj`` takes the heads side by side and holds its weight as ``weight_layout`` says
+    (the attention lens splits it per head on that fact)."""
     a, m = source.adapter, source.meta_model()
     layer = m.get_submodule(a.layer_path(0))
     assert "Attention" in type(layer.get_submodule(a.attn)).__name__
     assert "MLP" in type(layer.get_submodule(a.mlp)).__name__
-    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    if a.qkv_layout is None:
-        q, k, v = (layer.get_submodule(p) for p in (a.q_proj, a.k_proj, a.v_proj))
-        assert (q.out_features, k.out_features, v.out_features) == (q_out, kv_out, kv_out)
-        o = layer.get_submodule(a.o_proj)
-        assert isinstance(o, nn.Linear) and o.weight.shape == (a.d_model, q_out)
-    elif a.qkv_layout == "gpt2_concat":
-        qkv = layer.get_submodule(a.qkv_proj)
-        assert isinstance(qkv, Conv1D) and qkv.weight.shape == (a.d_model, 3 * a.d_model)
-        o = layer.get_submodule(a.o_proj)
-        assert isinstance(o, Conv1D) and o.weight.shape == (a.d_model, a.d_model)
+    o = layer.get_submodule(a.o_proj)
+    heads = a.n_heads * a.head_dim
+    if a.weight_layout == "conv1d":
+        assert isinstance(o, Conv1D) and o.weight.shape == (heads, a.d_model)
     else:
-        assert a.qkv_layout == "neox_interleaved"
-        qkv = layer.get_submodule(a.qkv_proj)
-        assert isinstance(qkv, nn.Linear) and qkv.out_features == 3 * a.d_model
-        assert isinstance(layer.get_submodule(a.o_proj), nn.Linear)
+        assert a.weight_layout == "linear"
+        assert isinstance(o, nn.Linear) and o.weight.shape == (a.d_model, heads)
+    if a.family == "llama":  # grouped-query attention: fewer key/value heads
+        attn = layer.get_submodule(a.attn)
+        assert attn.q_proj.out_features == heads
+        assert attn.k_proj.out_features == attn.v_proj.out_features == a.n_kv_heads * a.head_dim
 
 
 def test_tiny_shape_facts():

@@ -11,7 +11,7 @@ from tornado.httpclient import HTTPClientError
 
 ENDPOINTS = [("GET", "tpmlab/api/status", None), ("GET", "tpmlab/api/models", None),
              ("POST", "tpmlab/api/models", {"name": "tiny-llama", "stages": 1}),
-             ("DELETE", "tpmlab/api/models/tiny-llama", None)]
+             ("DELETE", "tpmlab/api/models/tiny-llama", None), ("GET", "tpmlab/api/lenses", None)]
 
 
 @pytest.mark.parametrize("method,path,body", ENDPOINTS, ids=[f"{m} {p}" for m, p, _ in ENDPOINTS])

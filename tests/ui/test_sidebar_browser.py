@@ -1,8 +1,9 @@
 """The sidebar in a real browser: JupyterLab on 127.0.0.1 (token auth, free port) pointed
 at a real Dask cluster with a tiny model deployed as two stages; Chromium (the system's,
-never a downloaded one) opens the sidebar, sees the workers and the stages, opens the Dask
-dashboard (through jupyter-server-proxy) and undeploys the model. Screenshots go to
-test-artifacts/."""
+never a downloaded one) opens the sidebar, sees the workers and the stages, finds every
+registered lens in the lens menu (served by the server extension, not written in the
+frontend), opens a lens notebook, opens the Dask dashboard (through jupyter-server-proxy)
+and undeploys the model. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -33,6 +34,17 @@ def _labextension_installed() -> bool:
 
     return any((Path(p) / "tpmlab" / "package.json").is_file()
                for p in jupyter_path("labextensions"))
+
+
+def _installed_bundle() -> str:
+    """The installed labextension's code (the first tpmlab labextension JupyterLab finds)."""
+    from jupyter_core.paths import jupyter_path
+
+    for p in jupyter_path("labextensions"):
+        static = Path(p) / "tpmlab" / "static"
+        if static.is_dir():
+            return "".join(f.read_text() for f in static.glob("lib_index_js*.js"))
+    return ""
 
 
 def _free_port() -> int:
@@ -104,7 +116,14 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
         pytest.skip(f"{CHROMIUM} is not installed")
     if not _labextension_installed():
         pytest.fail("the tpmlab labextension is not installed: run scripts/setup.sh")
+    if "requestAPI('lenses')" not in _installed_bundle():
+        pytest.fail("the installed tpmlab labextension predates extension/src (it has no lens "
+                    "menu): rebuild it with `cd extension && jlpm build`, then reinstall it "
+                    "with `pip install -e .`")
     sync_api = pytest.importorskip("playwright.sync_api")
+    import tpmlab.lenses
+
+    lenses, _ = tpmlab.lenses.catalog()
     cluster, lab = cluster_with_model
     url, token = jupyterlab
     ARTIFACTS.mkdir(exist_ok=True)
@@ -140,6 +159,28 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
             model.locator(".jp-tpmlab-badge", has_text="ok").wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
             sidebar.screenshot(path=str(ARTIFACTS / "sidebar-panel.png"))
+
+            # The lens menu: every lens of the registry, by title, the logit lens chosen first.
+            menu = sidebar.locator(".jp-tpmlab-lens-select")
+            page.wait_for_function(
+                "n => document.querySelectorAll('.jp-tpmlab-lens-select option').length === n",
+                arg=len(lenses), timeout=30_000)
+            offered = menu.locator("option")
+            assert [offered.nth(k).get_attribute("value") for k in range(offered.count())] == \
+                [info.name for info in lenses]
+            assert offered.all_inner_texts() == [info.title for info in lenses]
+            assert menu.input_value() == "logit"
+            # Choosing one and asking for a lens notebook writes a cell opening that lens.
+            menu.select_option("residual")
+            model.locator(".jp-tpmlab-lens-notebook").click()
+            cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+            cell.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.jp-Notebook .cm-content')]"
+                ".some(e => e.textContent.includes('dashboard(model, \"residual\")'))",
+                timeout=30_000)
+            assert 'lab.model("tiny-llama")' in cell.inner_text()
+            page.locator("#tpmlab-sidebar").wait_for()
 
             # Action 1: the Dask dashboard opens in a new tab, through jupyter-server-proxy
             # (behind JupyterLab's login), not on its loopback port.

@@ -15,7 +15,7 @@ def test_saved_demo_notebook_is_small_and_static():
     assert size < 400_000, f"{NOTEBOOK.name} is {size} bytes"
     assert "widgets" not in nb["metadata"]  # no saved widget state (plotly's alone is ~5 MB)
     dashboards = [c for c in nb["cells"] if c["cell_type"] == "code" and "tw.dashboard(" in "".join(c["source"])]
-    assert len(dashboards) == 4
+    assert len(dashboards) == 5
     for cell in dashboards:
         assert "nbval-ignore-output" in cell["metadata"].get("tags", [])
         figs = [o["data"][PLOTLY] for o in cell["outputs"] if PLOTLY in o.get("data", {})]

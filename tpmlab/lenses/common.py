@@ -1,6 +1,7 @@
-"""Pieces several lenses share: tokenizing on the client, reading the residual
-stream inside a trace, and the per-cell statistics of a vocabulary projection
-computed on the engine.
+"""Pieces several lenses share, each in one place: tokenizing prompts and answers on the
+client, the tuned-lens translator formula, reading the residual stream inside a trace, and
+the per-cell statistics of a vocabulary projection computed on the engine. A lens written
+elsewhere may use them too.
 
 Everything here uses only the public tracing API, so it runs the same way on
 the in-process engine and on pipeline stages.
@@ -31,6 +32,43 @@ def token_strings(model: Any, ids: torch.Tensor | Sequence[int]) -> list[str]:
     return [model.tokenizer.decode([int(i)]) for i in torch.as_tensor(ids).reshape(-1)]
 
 
+def vocabulary(model: Any, *ids: torch.Tensor) -> dict[int, str]:
+    """``{id: text}`` for every distinct token id in ``ids`` (each decoded once): a result
+    keeps it to name the tokens it holds without the tokenizer."""
+    distinct = torch.cat([torch.as_tensor(t).reshape(-1) for t in ids]).unique().tolist()
+    return {int(i): model.tokenizer.decode([int(i)]) for i in distinct}
+
+
+def answer_token(model: Any, answer: str | int, *, single: bool = False) -> int:
+    """The token id of an answer: an ``int`` is already one; text is tokenized without
+    special tokens and its first token taken (answers are read as they follow the prompt,
+    so ``" Paris"`` with its space). ``single``: the text must be exactly one token."""
+    if isinstance(answer, int):
+        return answer
+    ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {answer!r} has no tokens")
+    if single and len(ids) != 1:
+        raise ValueError(f"{answer!r} is {len(ids)} tokens ({ids}); give one token or its id")
+    return ids[0]
+
+
+def translate(h: Any, down: Any, up: Any, bias: Any) -> Any:
+    """The affine translator of the tuned lens (Belrose et al., 2023), low rank::
+
+        T(h) = h + U (D^T h) + b           U, D: [d_model, rank], b: [d_model]
+
+    for every vector of ``h`` ``[*rows, n, d_model]`` with its row's ``down`` (D) and ``up``
+    (U) ``[*rows, d_model, rank]`` and ``bias`` (b) ``[*rows, d_model]``; with one translator
+    (no row dimensions) ``h`` may be any ``[..., d_model]``. ``U = 0, b = 0`` is the
+    identity. Works on tensors (client side, differentiable) and on traced values (the
+    translators then travel as plan constants and run where the residuals are).
+    """
+    if bias.ndim > 1:
+        bias = bias.unsqueeze(-2)  # [*rows, 1, d_model]: the same bias for the row's n vectors
+    return h + (h @ down) @ up.transpose(-1, -2) + bias
+
+
 def layer_list(model: Any, layers: Sequence[int] | None) -> list[int]:
     """Layer indices ``0..n_layers-1`` (negative ones count from the end), checked."""
     n = model.adapter.n_layers
@@ -47,13 +85,6 @@ def first(value: Any) -> Any:
     """The main tensor of a module output: ``output[0]`` of an attention module's
     ``(attn_output, attn_weights)`` tuple (Hugging Face, transformers 5)."""
     return value[0]
-
-
-def attn_output_is_tuple(model: Any, layer: int) -> bool:
-    """Whether layer ``layer``'s attention module returns a tuple (from the model's shapes)."""
-    path = f"{model.adapter.layer_path(layer)}.{model.adapter.attn}"
-    shape = model.info.shapes.get(f"{path}:output")
-    return isinstance(shape, dict) and "$tuple" in shape
 
 
 def residual_rows(model: Any, layers: Sequence[int], include_input: bool) -> tuple[list[Any], list[str]]:

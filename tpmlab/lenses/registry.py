@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TpmlabError
+from .contract import LensInfo, describe
 
 ENTRY_POINT_GROUP = "tpmlab.lenses"
 PLUGIN_PACKAGE = "tpmlab.lenses._plugins"
@@ -20,6 +21,7 @@ PATH_ENV = "TPMLAB_LENS_PATH"
 _lock = threading.RLock()
 _loaded: dict[str, Any] = {}  # name -> loaded plugin (module or object)
 _registered: dict[str, Any] = {}  # name -> object given to register()
+_described: dict[str, LensInfo] = {}  # name -> its LensInfo, once checked
 
 
 class LensNotFoundError(TpmlabError, LookupError):
@@ -74,10 +76,14 @@ def available() -> list[str]:
 
 
 def register(name: str, lens: Any) -> None:
-    """Make ``lens`` (a module or any object) available as ``get(name)`` in this process."""
+    """Make ``lens`` (a module or any object keeping the lens contract) available as
+    ``get(name)`` in this process; :class:`~tpmlab.lenses.contract.LensContractError` if it
+    does not keep the contract."""
+    describe(lens, name, "registered in this process")
     with _lock:
         _registered[name] = lens
         _loaded.pop(name, None)
+        _described.pop(name, None)
 
 
 def _package() -> types.ModuleType:
@@ -106,19 +112,43 @@ def _load_file(name: str, path: Path) -> types.ModuleType:
 
 
 def get(name: str) -> Any:
-    """The lens called ``name``: a plugin module (or the object an entry point names).
+    """The lens called ``name``: a plugin module (or the object an entry point names),
+    checked against the lens contract (:mod:`tpmlab.lenses.contract`).
 
-    Raises :class:`LensNotFoundError` listing the available names.
+    Raises :class:`LensNotFoundError` listing the available names, or
+    :class:`~tpmlab.lenses.contract.LensContractError` naming what the plugin lacks.
     """
+    return _entry(name)[0]
+
+
+def info(name: str) -> LensInfo:
+    """The lens called ``name`` as the dashboard, the sidebar and the docs read it: its
+    ``NAME``, ``TITLE``, ``DESCRIPTION``, ``VIEW``, ``run`` and the defaults of its options."""
+    return _entry(name)[1]
+
+
+def catalog() -> tuple[list[LensInfo], dict[str, str]]:
+    """Every available lens that loads and keeps the contract, and for the others the error
+    (``{name: message}``): one broken plugin does not hide the rest."""
+    found, errors = [], {}
+    for name in available():
+        try:
+            found.append(info(name))
+        except Exception as e:  # noqa: BLE001 - a third-party plugin may fail in any way
+            errors[name] = f"{type(e).__name__}: {e}"
+    return found, errors
+
+
+def _entry(name: str) -> tuple[Any, LensInfo]:
     with _lock:
         if name in _loaded:
-            return _loaded[name]
+            return _loaded[name], _described[name]
         if name in _registered:
-            lens = _registered[name]
+            lens, source = _registered[name], "registered in this process"
         else:
             files = _folder_plugins()
             if name in files:
-                lens = _load_file(name, files[name])
+                lens, source = _load_file(name, files[name]), str(files[name])
             else:
                 eps = _entry_points()
                 if name not in eps:
@@ -126,14 +156,16 @@ def get(name: str) -> Any:
                         f"no lens named {name!r}; available: {', '.join(available()) or 'none'} "
                         f"(searched {[str(d) for d in lens_dirs()]} and the entry-point group "
                         f"{ENTRY_POINT_GROUP!r})")
-                lens = eps[name].load()
-        _loaded[name] = lens
-        return lens
+                lens, source = eps[name].load(), f"entry point {eps[name].name} = {eps[name].value}"
+        described = describe(lens, name, source)  # LensContractError naming what is missing
+        _loaded[name], _described[name] = lens, described
+        return lens, described
 
 
 def _clear_cache() -> None:
     """Forget loaded plugins (for tests and after installing a new distribution)."""
     with _lock:
         _loaded.clear()
+        _described.clear()
         for key in [k for k in sys.modules if k.startswith(PLUGIN_PACKAGE + ".")]:
             del sys.modules[key]

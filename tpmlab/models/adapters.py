@@ -23,23 +23,17 @@ class Adapter:
     """Native module paths and shape facts of one architecture family.
 
     Model-level paths (``embed``, ``layers``, ``final_norm``, ``unembed``,
-    ``position_embed``, ``rotary_embed``) are dotted paths from the
-    ``*ForCausalLM`` root. ``attn``, ``mlp`` and the projection paths are
-    relative to one decoder layer (``layer_path(i) + "." + attn``).
+    ``position_embed``) are dotted paths from the ``*ForCausalLM`` root. ``attn``,
+    ``mlp`` and ``o_proj`` (the attention's output projection, whose input is the heads'
+    outputs side by side, ``[pos, n_heads * head_dim]``) are relative to one decoder
+    layer (``layer_path(i) + "." + attn``).
 
-    Projection layouts:
+    ``weight_layout`` says how the family's projections hold their weights:
 
-    * separate ``q_proj``/``k_proj``/``v_proj`` (llama family): ``nn.Linear``,
-      weight ``[out_features, in_features]``; q has ``n_heads * head_dim`` outputs,
-      k and v ``n_kv_heads * head_dim``.
-    * ``qkv_layout == "gpt2_concat"``: ``qkv_proj`` is a GPT-2 ``Conv1D`` whose
-      weight is ``[in_features, out_features]`` (transposed w.r.t. ``nn.Linear``;
-      ``y = x @ W + b``); the outputs are ``[q | k | v]``, each ``d_model`` wide.
-      ``o_proj`` (``attn.c_proj``) is a ``Conv1D`` too: weight ``[d_model, d_model]``
-      with input rows ordered head by head.
-    * ``qkv_layout == "neox_interleaved"``: ``qkv_proj`` is an ``nn.Linear`` whose
-      ``3 * d_model`` outputs are grouped per head as ``[q, k, v]``, i.e. viewed as
-      ``[n_heads, 3, head_dim]``.
+    * ``"linear"`` (llama, GPT-NeoX): ``nn.Linear``, weight ``[out_features, in_features]``,
+      ``y = x @ W.T + b``;
+    * ``"conv1d"`` (GPT-2): ``Conv1D``, weight ``[in_features, out_features]``,
+      ``y = x @ W + b``.
     """
 
     family: str
@@ -50,20 +44,14 @@ class Adapter:
     position_embed: str | None
     attn: str
     mlp: str
-    q_proj: str | None
-    k_proj: str | None
-    v_proj: str | None
-    qkv_proj: str | None
-    qkv_layout: str | None
     o_proj: str
+    weight_layout: str
     n_layers: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
     d_model: int
     vocab_size: int
-    #: module that turns position ids into rotary (cos, sin); ``None`` without RoPE.
-    rotary_embed: str | None = None
 
     ALIASES: ClassVar[tuple[str, ...]] = ("embed", "layers", "final_norm", "unembed")
 
@@ -94,10 +82,9 @@ class Adapter:
             "final_norm": self.final_norm,
             "unembed": self.unembed,
             "position_embed": self.position_embed,
-            "rotary_embed": self.rotary_embed,
         }
         layer0 = self.layer_path(0) if self.n_layers else None
-        for field in ("attn", "mlp", "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"):
+        for field in ("attn", "mlp", "o_proj"):
             rel = getattr(self, field)
             paths[field] = f"{layer0}.{rel}" if rel and layer0 else None
         return {k: v for k, v in paths.items() if v is not None}
@@ -123,15 +110,10 @@ _LLAMA_LAYOUT = dict(
     final_norm="model.norm",
     unembed="lm_head",
     position_embed=None,
-    rotary_embed="model.rotary_emb",
     attn="self_attn",
     mlp="mlp",
-    q_proj="self_attn.q_proj",
-    k_proj="self_attn.k_proj",
-    v_proj="self_attn.v_proj",
-    qkv_proj=None,
-    qkv_layout=None,
     o_proj="self_attn.o_proj",
+    weight_layout="linear",
 )
 
 _GPT2_LAYOUT = dict(
@@ -141,15 +123,10 @@ _GPT2_LAYOUT = dict(
     final_norm="transformer.ln_f",
     unembed="lm_head",
     position_embed="transformer.wpe",
-    rotary_embed=None,
     attn="attn",
     mlp="mlp",
-    q_proj=None,
-    k_proj=None,
-    v_proj=None,
-    qkv_proj="attn.c_attn",
-    qkv_layout="gpt2_concat",
     o_proj="attn.c_proj",
+    weight_layout="conv1d",
 )
 
 _NEOX_LAYOUT = dict(
@@ -159,15 +136,10 @@ _NEOX_LAYOUT = dict(
     final_norm="gpt_neox.final_layer_norm",
     unembed="lm_head",
     position_embed=None,
-    rotary_embed="gpt_neox.rotary_emb",
     attn="attention",
     mlp="mlp",
-    q_proj=None,
-    k_proj=None,
-    v_proj=None,
-    qkv_proj="attention.query_key_value",
-    qkv_layout="neox_interleaved",
     o_proj="attention.dense",
+    weight_layout="linear",
 )
 
 #: model_type -> layout. mistral and qwen2 share llama's module tree exactly.

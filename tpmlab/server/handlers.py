@@ -6,6 +6,7 @@
 | GET | ``/tpmlab/api/models`` | | ``{"models": [...], "available": [...]}`` |
 | POST | ``/tpmlab/api/models`` | ``{"name": str, "stages": int}`` | 202 ``{"name", "stages", "state": "deploying"}`` |
 | DELETE | ``/tpmlab/api/models/<name>`` | | ``{"name", "removed": [keys]}`` |
+| GET | ``/tpmlab/api/lenses`` | | ``{"lenses": [{"name", "title", "description", "inputs"}], "errors": {name: str}}`` |
 
 Field by field: ``docs/rest-api.md``. Blocking cluster calls run on a worker thread, never
 on the server's event loop; deploys (seconds to minutes) on a second one, so that status
@@ -123,6 +124,23 @@ class ModelsHandler(_Base):
         self.finish(json.dumps({"name": name, "stages": stages, "state": "deploying"}))
 
 
+def lens_list() -> dict[str, Any]:
+    """Every registered lens that keeps the lens contract, for the sidebar's lens menu, and
+    the error of each plugin that does not load or does not keep it."""
+    import tpmlab.lenses
+
+    found, errors = tpmlab.lenses.catalog()
+    return {"lenses": [info.to_dict() for info in found], "errors": errors}
+
+
+class LensesHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        # Loading plugins imports their modules (torch, the first time): off the event loop.
+        self.finish(json.dumps(await self.blocking(lens_list)))
+
+
 class ModelHandler(_Base):
     @web.authenticated
     @authorized
@@ -153,6 +171,7 @@ def setup_handlers(server_app: Any) -> None:
         (url_path_join(api, "status"), StatusHandler),
         (url_path_join(api, "models"), ModelsHandler),
         (url_path_join(api, "models", r"([^/]+)"), ModelHandler),
+        (url_path_join(api, "lenses"), LensesHandler),
     ])
 
     def shutdown() -> None:

@@ -4,29 +4,18 @@
     >>> model = tpmlab.connect("local").model()
     >>> tpmlab.widgets.dashboard(model, "logit", prompt="The Eiffel Tower is located in the city of")
 
-One class per lens (:class:`LogitLensDashboard`, :class:`TunedLensDashboard`,
-:class:`AttentionLensDashboard`, :class:`MemoryInjectionDashboard`,
-:class:`PatchingDashboard`). What they show is computed by plain functions in
-:mod:`tpmlab.widgets.views` (result + controls -> data) and drawn by
-:mod:`tpmlab.widgets.figures`; requests run as background :mod:`tpmlab.widgets.jobs`.
-Needs the ``lab`` extra (ipywidgets, plotly, anywidget).
+One dashboard, :class:`LensDashboard`, serves every lens: it reads the lens's view
+(inputs, options, axes, metrics, detail panel; see :mod:`tpmlab.lenses.contract`), shows
+the result's own figure and cell details (:mod:`tpmlab.widgets.figures` keeps a static
+copy for saved notebooks), and runs requests as background :mod:`tpmlab.widgets.jobs`
+whose progress callback the lens calls between passes. Needs the ``lab`` extra
+(ipywidgets, plotly, anywidget).
 """
 
 from __future__ import annotations
 
-from .dashboards import (
-    ALIASES,
-    DASHBOARDS,
-    AttentionLensDashboard,
-    LensDashboard,
-    LogitLensDashboard,
-    MemoryInjectionDashboard,
-    PatchingDashboard,
-    TunedLensDashboard,
-    dashboard,
-)
-from .jobs import Cancelled, Job
+from ..lenses.contract import Cancelled
+from .dashboards import LensDashboard, dashboard
+from .jobs import Job
 
-__all__ = ["ALIASES", "DASHBOARDS", "AttentionLensDashboard", "Cancelled", "Job", "LensDashboard",
-           "LogitLensDashboard", "MemoryInjectionDashboard", "PatchingDashboard",
-           "TunedLensDashboard", "dashboard"]
+__all__ = ["Cancelled", "Job", "LensDashboard", "dashboard"]

@@ -1,10 +1,12 @@
-"""Interactive lens dashboards: ipywidgets controls around a plotly figure.
+"""The lens dashboard: one ipywidgets + plotly dashboard for every lens, driven by its view.
 
-Each dashboard holds a lens result and the controls' state; :meth:`LensDashboard.view`
-and :meth:`LensDashboard.figure` compute what is shown from those two alone (see
-:mod:`tpmlab.widgets.views`), so the logic is tested without a browser. Requests run in a
-background :class:`~tpmlab.widgets.jobs.Job` (the kernel stays free; Cancel stops a sweep
-between batches and drops a late result).
+:class:`LensDashboard` reads a lens only through the lens contract
+(:mod:`tpmlab.lenses.contract`): the view's ``inputs`` give the prompt boxes, its options
+the controls beside them, its metrics the colour menu, its axes the two sliders that move
+the selected cell; the figure is the result's own ``plot(metric, selected=...)`` and the
+side panel its ``cell(row, col)``. Requests run in a background
+:class:`~tpmlab.widgets.jobs.Job` whose ``progress`` is the lens's progress callback (the
+kernel stays free; Cancel stops the lens between its passes and drops a late result).
 
 Displayed in a notebook, a dashboard writes three outputs: the live widget (controls, a
 ``plotly.graph_objects.FigureWidget`` whose cells can be clicked, the detail panel), then a
@@ -20,12 +22,14 @@ from __future__ import annotations
 import html
 import threading
 import uuid
-from typing import Any, ClassVar
+from collections import OrderedDict
+from typing import Any
 
 import tpmlab.lenses
 
-from . import figures, views
-from .jobs import Cancelled, Job, model_lock, tqdm_progress
+from . import controls as ctl
+from . import figures
+from .jobs import Job, model_lock
 
 _CSS = """
 <style>
@@ -40,103 +44,126 @@ _CSS = """
 </style>
 """
 
-
-def _layout(**kw: Any):
-    import ipywidgets as w
-
-    return w.Layout(**kw)
+#: Results kept per dashboard for live options (a position the attention lens already read).
+CACHED_RESULTS = 16
 
 
 class LensDashboard:
-    """Base of the dashboards: prompt box, Run/Cancel, progress, controls, figure, detail.
+    """Prompt box(es), Run/Cancel, progress, the lens's option controls, a metric menu, the
+    figure with a clickable grid, and the detail panel of the selected cell.
 
-    Subclasses define :attr:`lens`, :meth:`_make_controls`, :meth:`compute` (runs in the
-    job thread), :meth:`view`/:meth:`figure`, :meth:`detail_data` and :meth:`select`."""
+    ``lens``: a registered lens name; ``prompt``: what the prompt box(es) start with (a
+    ``(clean, corrupted)`` pair for a lens whose inputs are a pair); ``run``: run at once
+    when there is a prompt; ``metric``: the metric shown first; every other keyword is an
+    option of the lens's ``run`` (a control's first value, or passed as it is).
+    """
 
-    lens: ClassVar[str] = ""
-    title: ClassVar[str] = "lens"
-
-    def __init__(self, model: Any, prompt: str = "", *, run: bool = True, **options: Any) -> None:
+    def __init__(self, model: Any, lens: str = "logit", prompt: Any = "", *, run: bool = True,
+                 metric: str | None = None, **options: Any) -> None:
         import ipywidgets as w
         import plotly.graph_objects as go
 
+        self.info = tpmlab.lenses.info(lens)
+        self.view = self.info.view
+        unknown = sorted(k for k in options if not self.info.accepts(k))
+        if unknown:
+            raise ValueError(f"lens {self.info.name!r} has no option {', '.join(map(repr, unknown))}; "
+                             f"its options: {[o.name for o in self.view.options]}")
         self.model = model
-        self.options = options
         self.result: Any = None
         self.error: BaseException | None = None
         self.job: Job | None = None
+        self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._marker = f"tpmlab-static-{uuid.uuid4().hex[:10]}"
         self._handles: list[tuple[Any, Any]] = []
         self._quiet = 0  # > 0 while controls are set programmatically
         self._lock = threading.RLock()
 
-        self.prompt = w.Text(value=prompt, description="prompt", placeholder="a prompt",
-                             layout=_layout(flex="1 1 auto", min_width="320px"))
+        self.boxes = ctl.input_boxes(self.view.inputs, prompt)
+        self.prompt = self.boxes[0]
+        shown = [o for o in self.view.options if o.shown]
+        #: options given as they are (objects, and options without a control)
+        self.options = {k: v for k, v in options.items() if k not in {o.name for o in shown}}
+        #: the option controls (changing one needs a new run; a live one runs at once)
+        self.inputs: dict[str, Any] = {
+            o.name: ctl.make(o, options.get(o.name, self.info.defaults.get(o.name))) for o in shown}
         self.run_button = w.Button(description="Run", button_style="primary", icon="play",
-                                   layout=_layout(width="90px"))
+                                   layout=ctl.layout(width="90px"))
         self.cancel_button = w.Button(description="Cancel", icon="stop", disabled=True,
-                                      layout=_layout(width="90px"))
+                                      layout=ctl.layout(width="90px"))
         self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info",
-                                        layout=_layout(width="160px"))
-        self.status = w.HTML(value="", layout=_layout(flex="1 1 auto"))
+                                        layout=ctl.layout(width="160px"))
+        self.status = w.HTML(value="", layout=ctl.layout(flex="1 1 auto"))
         self.run_button.on_click(lambda _b: self.run())
         self.cancel_button.on_click(lambda _b: self.cancel())
-        self.inputs: dict[str, Any] = self._make_inputs()
-        self.controls: dict[str, Any] = self._make_controls()
+        #: controls that change only the view of the result: the metric and the selected cell
+        self.controls: dict[str, Any] = {
+            "metric": w.Dropdown(options=[(m.label, m.name) for m in self.view.metrics],
+                                 value=self.view.metric(metric).name, description="metric",
+                                 layout=ctl.layout(width="300px")),
+            self.view.rows.name: w.SelectionSlider(
+                options=[("-", 0)], description=self.view.rows.name, continuous_update=False,
+                layout=ctl.layout(width="320px")),
+            self.view.cols.name: w.SelectionSlider(
+                options=[("-", 0)], description=self.view.cols.name, continuous_update=False,
+                layout=ctl.layout(width="360px")),
+        }
         for control in self.controls.values():
             control.observe(self._on_control, names="value")
+        for name, control in self.inputs.items():
+            if self.view.option(name).live:
+                control.observe(self._on_live, names="value")
+        self.prompt.observe(lambda _c: self._fit_positions(), names="value")
+        self._fit_positions()
+
         self.figure_widget = go.FigureWidget(figures.placeholder_figure("press Run"))
         self.detail = w.HTML(value=figures.detail_html(None),
-                             layout=_layout(width="300px", min_width="240px", overflow="auto"))
+                             layout=ctl.layout(width="300px", min_width="240px", overflow="auto"))
         self._style = w.HTML(value=_CSS.format(marker=self._marker))
-        first_row = [self.prompt, *self.inputs.values(), self.run_button, self.cancel_button]
+        live = [c for n, c in self.inputs.items() if self.view.option(n).live]
+        first_row = [*self.boxes, *(c for n, c in self.inputs.items() if not self.view.option(n).live),
+                     self.run_button, self.cancel_button]
         self.widget = w.VBox([
             self._style,
-            w.HBox(first_row, layout=_layout(flex_flow="row wrap", align_items="center")),
-            w.HBox([self.progress, self.status], layout=_layout(align_items="center")),
-            w.HBox(list(self.controls.values()), layout=_layout(flex_flow="row wrap")),
-            w.HBox([w.Box([self.figure_widget], layout=_layout(flex="1 1 auto", min_width="480px")),
-                    self.detail], layout=_layout(align_items="flex-start")),
+            w.HBox(first_row, layout=ctl.layout(flex_flow="row wrap", align_items="center")),
+            w.HBox([self.progress, self.status], layout=ctl.layout(align_items="center")),
+            w.HBox([*live, *self.controls.values()], layout=ctl.layout(flex_flow="row wrap")),
+            w.HBox([w.Box([self.figure_widget], layout=ctl.layout(flex="1 1 auto", min_width="480px")),
+                    self.detail], layout=ctl.layout(align_items="flex-start")),
         ])
         self.widget.add_class("tpmlab-dash")
         self.status.add_class("tpmlab-status")
-        if run and self.prompt.value:
+        if run and all(b.value.strip() for b in self.boxes):
             self.run(wait=True)
         else:
             self.refresh()
 
-    # -- to override ----------------------------------------------------------------------------------
-    def _make_inputs(self) -> dict[str, Any]:
-        """Widgets beside the prompt whose change needs a new run."""
-        return {}
+    @property
+    def lens(self) -> str:
+        return self.info.name
 
-    def _make_controls(self) -> dict[str, Any]:
-        """Widgets that change only the view of the current result."""
-        return {}
+    @property
+    def title(self) -> str:
+        return self.info.title
 
+    # -- what runs --------------------------------------------------------------------------------------
     def request(self) -> dict[str, Any]:
-        """The inputs of a run, read on the calling thread."""
-        return {"prompt": self.prompt.value, **{k: v.value for k, v in self.inputs.items()}}
+        """The inputs and options of a run, read from the controls on the calling thread."""
+        options = dict(self.options)
+        for name, control in self.inputs.items():
+            given, value = ctl.read(self.view.option(name), control)
+            if given:
+                options[name] = value
+        return {"inputs": ctl.read_inputs(self.view.inputs, self.boxes), "options": options}
 
     def compute(self, job: Job, request: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        """Run the lens (in the job's thread); ``job.progress`` hears between its passes."""
+        return self.info.run(self.model, *request["inputs"], progress=job.progress,
+                             **request["options"])
 
-    def _reset_controls(self) -> None:
-        """Fit the controls to a new result (keeping the selection where it still fits)."""
-
-    def view(self) -> views.HeatmapView:
-        raise NotImplementedError
-
-    def figure(self):
-        """The plotly figure of the current result and controls."""
-        return figures.heatmap_figure(self.view())
-
-    def detail_data(self) -> dict[str, Any] | None:
-        return None
-
-    def select(self, row: int, col: int) -> None:
-        """Select cell ``(row, col)`` of the heatmap (what a click does)."""
-        raise NotImplementedError
+    @staticmethod
+    def _key(request: dict[str, Any]) -> Any:
+        return _frozen(request)
 
     # -- running --------------------------------------------------------------------------------------
     def run(self, *, wait: bool = False) -> Job:
@@ -144,9 +171,12 @@ class LensDashboard:
         A run still going is cancelled first."""
         if self.job is not None and not self.job.done:
             self.job.cancel()
-        request = self.request()
+        try:
+            request = self.request()
+        except Exception as e:  # noqa: BLE001 - a bad input is shown like a failed run
+            request = e
         job = Job(lambda j: self._locked(j, request), name=self.lens, on_progress=self._on_progress)
-        job.on_done = lambda result: self._apply(job, result)
+        job.on_done = lambda result: self._apply(job, result, request)
         job.on_error = lambda e: self._failed(job, e)
         job.on_cancel = lambda: self._cancelled(job)
         self.job = job
@@ -157,7 +187,7 @@ class LensDashboard:
         return job.run_here() if wait else job.start()
 
     def cancel(self) -> None:
-        """Stop the running request (between batches); its result, if any, is dropped."""
+        """Stop the running request (between the lens's passes); its result, if any, is dropped."""
         if self.job is not None and not self.job.done:
             self.job.cancel()
             self._set_status("cancelling\u2026")
@@ -171,7 +201,9 @@ class LensDashboard:
         self.refresh()
         return self.result
 
-    def _locked(self, job: Job, request: dict[str, Any]) -> Any:
+    def _locked(self, job: Job, request: Any) -> Any:
+        if isinstance(request, Exception):
+            raise request
         lock = model_lock(self.model)
         while not lock.acquire(timeout=0.1):
             job.check()
@@ -185,21 +217,34 @@ class LensDashboard:
         self.progress.value = done / total if total else 0.0
         self._set_status(f"{html.escape(text)} {done}/{total}" if total else html.escape(text))
 
-    def _apply(self, job: Job, result: Any) -> None:
+    def _apply(self, job: Job | None, result: Any, request: Any) -> None:
         if job is not self.job:  # superseded: a newer request owns the dashboard
             return
+        self._cache[self._key(request)] = result
+        while len(self._cache) > CACHED_RESULTS:
+            self._cache.popitem(last=False)
+        self._show(result)
+        self.cancel_button.disabled = True
+        self.progress.value, self.progress.bar_style = 1.0, "success"
+        seconds = f"done in {job.seconds:.1f} s" if job is not None else "kept from an earlier run"
+        self._set_status(f"{seconds} \u00b7 plan <code>{html.escape(self.result.plan_digest[:19])}</code>")
+        self.refresh()
+
+    def _show(self, result: Any) -> None:
+        """Make ``result`` the dashboard's, fitting the sliders to its grid: the selected cell
+        stays where it was if the grid kept its shape, else it moves to ``result.focus()``."""
         with self._lock:
+            same_shape = self.result is not None and self.result.shape == result.shape
+            row, col = self._selected() if same_shape else result.clip(*result.focus())
             self.result = result
             self._quiet += 1
             try:
-                self._reset_controls()
+                for name, labels, index in ((self.view.rows.name, result.row_labels(), row),
+                                            (self.view.cols.name, result.col_labels(), col)):
+                    self.controls[name].options = [(label, i) for i, label in enumerate(labels)]
+                    self.controls[name].value = index
             finally:
                 self._quiet -= 1
-        self.cancel_button.disabled = True
-        self.progress.value, self.progress.bar_style = 1.0, "success"
-        self._set_status(f"done in {job.seconds:.1f} s \u00b7 plan "
-                         f"<code>{html.escape(self.result.plan_digest[:19])}</code>")
-        self.refresh()
 
     def _failed(self, job: Job, e: BaseException) -> None:
         if job is not self.job:
@@ -221,10 +266,71 @@ class LensDashboard:
     def _set_status(self, text: str) -> None:
         self.status.value = f"<span>{text}</span>"
 
-    # -- showing ----------------------------------------------------------------------------------------
+    # -- controls -------------------------------------------------------------------------------------
+    def _fit_positions(self) -> None:
+        """Offer the prompt's token positions in the position controls."""
+        positions = [n for n in self.inputs if self.view.option(n).kind == "position"]
+        if not positions:
+            return
+        text = self.prompt.value
+        labels = []
+        if text.strip():
+            from tpmlab.lenses.common import token_ids, token_strings
+            from tpmlab.lenses.result import position_labels
+
+            labels = position_labels(token_strings(self.model, token_ids(self.model, text)))
+        self._quiet += 1
+        try:
+            for name in positions:
+                ctl.fit_positions(self.inputs[name], labels)
+        finally:
+            self._quiet -= 1
+
     def _on_control(self, change: dict[str, Any]) -> None:
         if not self._quiet:
             self.refresh()
+
+    def _on_live(self, change: dict[str, Any]) -> None:
+        """A live option changed: show the result kept for the new request, or run it."""
+        if self._quiet or self.result is None:
+            return
+        try:
+            key = self._key(self.request())
+        except Exception:  # noqa: BLE001 - the run reports it
+            key = None
+        if key in self._cache:
+            if self.job is not None and not self.job.done:
+                self.job.cancel()
+            self.job = None
+            self._apply(None, self._cache[key], self.request())
+        else:
+            self.run()
+
+    def _selected(self) -> tuple[int, int]:
+        return self.controls[self.view.rows.name].value, self.controls[self.view.cols.name].value
+
+    def select(self, row: int, col: int) -> None:
+        """Select cell ``(row, col)`` of the grid (what a click does)."""
+        row, col = self.result.clip(row, col)
+        self._set_quietly(**{self.view.rows.name: row, self.view.cols.name: col})
+        self.refresh()
+
+    def _set_quietly(self, **values: Any) -> None:
+        self._quiet += 1
+        try:
+            for name, value in values.items():
+                self.controls[name].value = value
+        finally:
+            self._quiet -= 1
+
+    # -- showing ----------------------------------------------------------------------------------------
+    def figure(self):
+        """The plotly figure of the current result, metric and selection: the lens's own plot."""
+        return self.result.plot(self.controls["metric"].value, selected=self._selected())
+
+    def detail_data(self) -> Any:
+        """The :class:`~tpmlab.lenses.Cell` of the selected cell (``None`` before a result)."""
+        return self.result.cell(*self._selected()) if self.result is not None else None
 
     def current_figure(self):
         """:meth:`figure`, or a placeholder before the first result."""
@@ -241,7 +347,7 @@ class LensDashboard:
             _sync(self.figure_widget, fig)
             if self.figure_widget.data:
                 self.figure_widget.data[0].on_click(self._clicked)
-            detail = self.detail_data() if self.result is not None else None
+            detail = self.detail_data()
             self.detail.value = figures.detail_html(detail)
             for text_handle, fig_handle in self._handles:
                 text_handle.update(self._static_text(detail), raw=True)
@@ -262,7 +368,7 @@ class LensDashboard:
             return f"{self.title} dashboard (no result)"
         return f"{self.title} dashboard: {self.result.provenance.model}, plan {self.result.plan_digest[:19]}"
 
-    def _static_text(self, detail: dict[str, Any] | None) -> dict[str, str]:
+    def _static_text(self, detail: Any) -> dict[str, str]:
         body = figures.detail_html(detail, marker=self._marker) if detail else \
             f'<div class="{self._marker}"><i>{html.escape(self._summary())}</i></div>'
         return {"text/html": body, "text/plain": self._summary()}
@@ -274,18 +380,10 @@ class LensDashboard:
         live["text/plain"] = f"<{self.title} dashboard: live controls, shown with a running kernel>"
         display(live, raw=True)
         fig = self.current_figure()
-        detail = self.detail_data() if self.result is not None else None
+        detail = self.detail_data()
         self._handles.append((
             display(self._static_text(detail), raw=True, display_id=True),
             display(figures.static_bundle(fig, self._summary()), raw=True, display_id=True)))
-
-    def _set_quietly(self, **values: Any) -> None:
-        self._quiet += 1
-        try:
-            for name, value in values.items():
-                self.controls[name].value = value
-        finally:
-            self._quiet -= 1
 
 
 def _sync(fw: Any, fig: Any) -> None:
@@ -322,401 +420,30 @@ def _left_out(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dic
     return out
 
 
-def _options(labels: list[str]) -> list[tuple[str, int]]:
-    return [(label, i) for i, label in enumerate(labels)]
-
-
-def _keep(value: Any, n: int, default: int) -> int:
-    return value if isinstance(value, int) and 0 <= value < n else default % n
-
-
-# -- logit lens and tuned lens --------------------------------------------------------------------
-
-class LogitLensDashboard(LensDashboard):
-    """Logit lens: layers x positions, top token per cell, metric menu, layer and position
-    sliders; a click shows the cell's top-k."""
-
-    lens = "logit"
-    title = "logit lens"
-
-    def _make_controls(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        return {
-            "metric": w.Dropdown(options=list(views.LOGIT_METRICS),
-                                 value=self.options.get("metric", "probability"),
-                                 description="metric", layout=_layout(width="240px")),
-            "layer": w.SelectionSlider(options=[("-", 0)], description="layer",
-                                       continuous_update=False, layout=_layout(width="320px")),
-            "position": w.SelectionSlider(options=[("-", 0)], description="position",
-                                          continuous_update=False, layout=_layout(width="360px")),
-        }
-
-    def compute(self, job: Job, request: dict[str, Any]) -> Any:
-        job.progress(0, 1, f"{self.lens} lens")
-        result = tpmlab.lenses.get("logit").run(self.model, request["prompt"],
-                                                top_k=self.options.get("top_k", views.TOP_N))
-        job.progress(1, 1, f"{self.lens} lens")
-        return result
-
-    def _reset_controls(self) -> None:
-        r = self.result
-        layer, pos = self.controls["layer"], self.controls["position"]
-        old_layer, old_pos = layer.value, pos.value
-        layer.options = _options(list(r.rows))
-        pos.options = _options(views.position_labels(r.tokens))
-        layer.value = _keep(old_layer if self._had_result else None, len(r.rows), -1)
-        pos.value = _keep(old_pos if self._had_result else None, len(r.tokens), -1)
-        self._had_result = True
-
-    _had_result = False
-
-    def view(self) -> views.HeatmapView:
-        c = self.controls
-        return views.logit_view(self.result, c["metric"].value, (c["layer"].value, c["position"].value))
-
-    def detail_data(self) -> dict[str, Any]:
-        return views.logit_cell(self.result, self.controls["layer"].value, self.controls["position"].value)
-
-    def select(self, row: int, col: int) -> None:
-        self._set_quietly(layer=row, position=col)
-        self.refresh()
-
-
-class TunedLensDashboard(LogitLensDashboard):
-    """Tuned lens: as the logit lens; a model without a trained lens gets one trained first
-    (progress bar, cancellable between steps) and cached in ``$TPMLAB_HOME``.
-
-    Options: ``tuned_lens`` (a ready :class:`TunedLens`), ``train`` (keyword arguments for the
-    lens's ``train``)."""
-
-    lens = "tuned"
-    title = "tuned lens"
-
-    def compute(self, job: Job, request: dict[str, Any]) -> Any:
-        tuned = tpmlab.lenses.get("tuned")
-        lens = self.options.get("tuned_lens")
-        if lens is None:
-            try:
-                lens = tuned.load(self.model)
-            except FileNotFoundError:
-                with tqdm_progress(job):
-                    lens = tuned.train(self.model, **self.options.get("train", {}))
-                job.check()
-                lens.save(tuned.cache_path(self.model))
-            self.options["tuned_lens"] = lens
-        job.progress(0, 1, "tuned lens")
-        result = tuned.run(self.model, request["prompt"], lens=lens,
-                           top_k=self.options.get("top_k", views.TOP_N))
-        job.progress(1, 1, "tuned lens")
-        return result
-
-
-# -- attention lens -----------------------------------------------------------------------------------
-
-class AttentionLensDashboard(LensDashboard):
-    """Attention lens: a layer x head grid at one position (top token per cell), metric
-    menu, layer/head sliders; changing the position runs the lens there (results cached)."""
-
-    lens = "attention"
-    title = "attention lens"
-
-    def __init__(self, model: Any, prompt: str = "", **options: Any) -> None:
-        self._cache: dict[tuple[str, int], Any] = {}
-        super().__init__(model, prompt, **options)
-
-    def _make_controls(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        a = self.model.adapter
-        controls = {
-            "metric": w.Dropdown(options=list(views.ATTENTION_METRICS), description="metric",
-                                 value=self.options.get("metric", "direct logit attribution"),
-                                 layout=_layout(width="300px")),
-            "position": w.Dropdown(options=[("-", 0)], description="position", layout=_layout(width="220px")),
-            "layer": w.SelectionSlider(options=_options([str(i) for i in range(a.n_layers)]),
-                                       value=a.n_layers - 1, description="layer",
-                                       continuous_update=False, layout=_layout(width="300px")),
-            "head": w.IntSlider(min=0, max=a.n_heads - 1, value=0, description="head",
-                                continuous_update=False, layout=_layout(width="260px")),
-        }
-        self.prompt.observe(lambda _c: self._fit_positions(), names="value")
-        return controls
-
-    def _fit_positions(self) -> None:
-        from tpmlab.lenses.common import token_ids, token_strings
-
-        text = self.prompt.value
-        if not text:
-            return
-        labels = views.position_labels(token_strings(self.model, token_ids(self.model, text)))
-        control = self.controls["position"]
-        if [o[0] for o in control.options] != labels:
-            self._quiet += 1
-            try:
-                control.options = _options(labels)
-                control.value = len(labels) - 1
-            finally:
-                self._quiet -= 1
-
-    def request(self) -> dict[str, Any]:
-        self._fit_positions()
-        return {"prompt": self.prompt.value, "position": self.controls["position"].value}
-
-    def _on_control(self, change: dict[str, Any]) -> None:
-        if self._quiet:
-            return
-        if change["owner"] is self.controls["position"] and self.result is not None:
-            key = (self.prompt.value, change["new"])
-            if key in self._cache:
-                self.result = self._cache[key]
-            else:
-                self.run()
-                return
-        self.refresh()
-
-    def compute(self, job: Job, request: dict[str, Any]) -> Any:
-        key = (request["prompt"], request["position"])
-        if key not in self._cache:
-            job.progress(0, 1, "attention lens")
-            self._cache[key] = tpmlab.lenses.get("attention").run(
-                self.model, request["prompt"], positions=[request["position"]],
-                top_k=self.options.get("top_k", views.TOP_N))
-        job.progress(1, 1, "attention lens")
-        return self._cache[key]
-
-    def view(self) -> views.HeatmapView:
-        c = self.controls
-        return views.attention_view(self.result, c["metric"].value, 0, (c["layer"].value, c["head"].value))
-
-    def detail_data(self) -> dict[str, Any]:
-        return views.head_detail(self.result, self.controls["layer"].value, self.controls["head"].value, 0)
-
-    def select(self, row: int, col: int) -> None:
-        self._set_quietly(layer=row, head=col)
-        self.refresh()
-
-
-# -- memory injection ---------------------------------------------------------------------------------
-
-def _merge_provenance(results: list[Any]) -> Any:
-    prov = results[0].provenance
-    for r in results[1:]:
-        prov.plan_digests.extend(r.provenance.plan_digests)
-    return prov
-
-
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
-
-
-class MemoryInjectionDashboard(LensDashboard):
-    """Memory injection: a layer x tau heatmap of a summary statistic beside before/after
-    bars of the selected cell. The prompt box holds ``prompt => answer`` lines (``;``
-    separates several). The sweep runs a few layers per request, with progress and Cancel.
-
-    Options: ``memory``, ``taus`` (default ``1, 2, 4, 8``), ``layers``, ``variant``,
-    ``layers_per_batch``."""
-
-    lens = "memory_injection"
-    title = "memory injection"
-
-    def _make_inputs(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        taus = self.options.get("taus", (1.0, 2.0, 4.0, 8.0))
-        return {
-            "memory": w.Text(value=self.options.get("memory", ""), description="memory",
-                             layout=_layout(width="220px")),
-            "taus": w.Text(value=", ".join(f"{t:g}" for t in taus), description="\u03c4",
-                           layout=_layout(width="160px")),
-        }
-
-    def _make_controls(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        return {
-            "stat": w.Dropdown(options=list(views.MEMORY_STATS), value="mean_delta",
-                               description="statistic", layout=_layout(width="260px")),
-            "layer": w.SelectionSlider(options=[("-", 0)], description="layer",
-                                       continuous_update=False, layout=_layout(width="300px")),
-            "tau": w.SelectionSlider(options=[("-", 0)], description="\u03c4",
-                                     continuous_update=False, layout=_layout(width="260px")),
-        }
-
-    @staticmethod
-    def parse_prompts(text: str) -> tuple[list[str], list[str]]:
-        """``"prompt => answer; prompt => answer"`` (or one per line) as two lists."""
-        prompts, answers = [], []
-        for part in text.replace("\n", ";").split(";"):
-            if not part.strip():
-                continue
-            if "=>" not in part:
-                raise ValueError(f"write each prompt as 'prompt => answer', got {part.strip()!r}")
-            prompt, answer = part.split("=>", 1)
-            prompts.append(prompt.strip())
-            answers.append(" " + answer.strip())
-        return prompts, answers
-
-    def compute(self, job: Job, request: dict[str, Any]) -> Any:
-        from tpmlab.lenses.common import layer_list
-
-        mi = tpmlab.lenses.get("memory_injection")
-        prompts, answers = self.parse_prompts(request["prompt"])
-        if not request["memory"].strip():
-            raise ValueError("enter a memory (the text to inject)")
-        taus = [float(t) for t in request["taus"].replace(",", " ").split()]
-        layers = layer_list(self.model, self.options.get("layers"))
-        per_layer = len(prompts) * len(taus)
-        size = self.options.get("layers_per_batch") or max(1, mi.MAX_INVOKES_PER_PASS // max(1, per_layer))
-        memory = mi.memory_vector(self.model, request["memory"], self.options.get("variant", "embed"))
-        parts = []
-        chunks = _chunks(layers, size)
-        for i, chunk in enumerate(chunks):
-            job.progress(i, len(chunks), "memory injection: layers")
-            parts.append(mi.sweep(self.model, prompts, answers, memory=memory, layers=chunk, taus=taus,
-                                  variant=self.options.get("variant", "embed")))
-        job.progress(len(chunks), len(chunks), "memory injection: layers")
-        import torch
-
-        first = parts[0]
-        data = dict(first.data, after=torch.cat([p.data["after"] for p in parts], 1))
-        options = dict(first.options, passes=sum(p.options["passes"] for p in parts),
-                       memory_text=request["memory"])
-        return type(first)(data=data, provenance=_merge_provenance(parts), options=options,
-                           prompts=prompts, layers=[x for p in parts for x in p.layers], taus=taus)
-
-    def _reset_controls(self) -> None:
-        r = self.result
-        layer, tau = self.controls["layer"], self.controls["tau"]
-        layer.options = _options([str(x) for x in r.layers])
-        tau.options = _options([f"{t:g}" for t in r.taus])
-        best = r.best()
-        layer.value, tau.value = r.layers.index(best["layer"]), r.taus.index(best["tau"])
-
-    def view(self) -> views.HeatmapView:
-        c = self.controls
-        return views.memory_view(self.result, c["stat"].value, (c["layer"].value, c["tau"].value))
-
-    def figure(self):
-        c = self.controls
-        return figures.memory_figure(self.view(), views.memory_bars(self.result, c["layer"].value,
-                                                                    c["tau"].value))
-
-    def detail_data(self) -> dict[str, Any]:
-        return views.memory_cell(self.result, self.controls["layer"].value, self.controls["tau"].value)
-
-    def select(self, row: int, col: int) -> None:
-        self._set_quietly(layer=row, tau=col)
-        self.refresh()
-
-
-# -- activation patching ------------------------------------------------------------------------------
-
-class PatchingDashboard(LensDashboard):
-    """Causal tracing: indirect effect per layer x position with the subject tokens marked;
-    layer/position sliders; a click shows the cell's probabilities. Runs a few layers per
-    request, with progress and Cancel.
-
-    Options: ``subject``, ``answer`` (default: the model's top-1), ``kind``
-    (``resid``/``attn``/``mlp``), ``samples``, ``window``, ``layers``."""
-
-    lens = "patching"
-    title = "causal tracing"
-
-    def _make_inputs(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        return {
-            "subject": w.Text(value=self.options.get("subject", ""), description="subject",
-                              layout=_layout(width="240px")),
-            "answer": w.Text(value=self.options.get("answer", ""), description="answer",
-                             placeholder="model's top-1", layout=_layout(width="200px")),
-            "kind": w.Dropdown(options=["resid", "attn", "mlp"], value=self.options.get("kind", "resid"),
-                               description="state", layout=_layout(width="170px")),
-        }
-
-    def _make_controls(self) -> dict[str, Any]:
-        import ipywidgets as w
-
-        return {
-            "layer": w.SelectionSlider(options=[("-", 0)], description="layer",
-                                       continuous_update=False, layout=_layout(width="300px")),
-            "position": w.SelectionSlider(options=[("-", 0)], description="position",
-                                          continuous_update=False, layout=_layout(width="360px")),
-        }
-
-    def compute(self, job: Job, request: dict[str, Any]) -> Any:
-        import torch
-
-        from tpmlab.lenses.common import layer_list, token_ids
-
-        patching = tpmlab.lenses.get("patching")
-        if not request["subject"].strip():
-            raise ValueError("enter the subject (a part of the prompt to corrupt)")
-        n_pos = len(token_ids(self.model, request["prompt"]))
-        layers = layer_list(self.model, self.options.get("layers"))
-        size = self.options.get("layers_per_batch") or max(1, patching.MAX_INVOKES_PER_PASS // n_pos)
-        chunks = _chunks(layers, size)
-        kw = {"subject": request["subject"], "answer": request["answer"] or None,
-              "kind": request["kind"], "samples": self.options.get("samples", 5),
-              "window": self.options.get("window", 1 if request["kind"] == "resid" else 10),
-              "seed": self.options.get("seed", 0)}
-        parts = []
-        for i, chunk in enumerate(chunks):
-            job.progress(i, len(chunks), "causal tracing: layers")
-            parts.append(patching.causal_trace(self.model, request["prompt"], layers=chunk, **kw))
-        job.progress(len(chunks), len(chunks), "causal tracing: layers")
-        first = parts[0]  # same seed: the same noise and baselines in every part
-        data = dict(first.data, effect=torch.cat([p.data["effect"] for p in parts], 0))
-        options = dict(first.options, passes=sum(p.options["passes"] for p in parts))
-        return type(first)(data=data, provenance=_merge_provenance(parts), options=options,
-                           layers=[x for p in parts for x in p.layers], tokens=first.tokens)
-
-    def _reset_controls(self) -> None:
-        r = self.result
-        layer, pos = self.controls["layer"], self.controls["position"]
-        layer.options = _options([str(x) for x in r.layers])
-        pos.options = _options(views.position_labels(r.tokens))
-        peak = r.peak()
-        layer.value, pos.value = r.layers.index(peak["layer"]), peak["position"]
-
-    def view(self) -> views.HeatmapView:
-        c = self.controls
-        return views.patching_view(self.result, (c["layer"].value, c["position"].value))
-
-    def detail_data(self) -> dict[str, Any]:
-        return views.patching_cell(self.result, self.controls["layer"].value, self.controls["position"].value)
-
-    def select(self, row: int, col: int) -> None:
-        self._set_quietly(layer=row, position=col)
-        self.refresh()
-
-
-DASHBOARDS: dict[str, type[LensDashboard]] = {
-    "logit": LogitLensDashboard,
-    "tuned": TunedLensDashboard,
-    "attention": AttentionLensDashboard,
-    "memory_injection": MemoryInjectionDashboard,
-    "patching": PatchingDashboard,
-}
-ALIASES = {"memory": "memory_injection", "causal_trace": "patching", "causal_tracing": "patching"}
-
-
-def dashboard(model: Any, lens: str = "logit", prompt: str = "", **options: Any) -> LensDashboard:
-    """An interactive dashboard of ``lens`` on ``model`` (see :data:`DASHBOARDS`).
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a request (objects count by identity)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, range)):
+        return tuple(_frozen(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return value
+
+
+def dashboard(model: Any, lens: str = "logit", prompt: Any = "", **options: Any) -> LensDashboard:
+    """An interactive dashboard of the registered lens ``lens`` on ``model`` (any lens that
+    keeps the lens contract: the zoo's, an entry point's, one on ``TPMLAB_LENS_PATH``).
 
     With a prompt, the first run happens now (so the displayed dashboard already shows it);
     later runs (the Run button, :meth:`LensDashboard.run`) go to a background thread.
+    ``options``: the lens's options (see its view), and ``metric`` (the one shown first).
 
     >>> tpmlab.widgets.dashboard(model, "logit", prompt="The Eiffel Tower is in")   # doctest: +SKIP
     """
-    name = ALIASES.get(lens, lens)
-    if name not in DASHBOARDS:
-        raise ValueError(f"no dashboard for lens {lens!r}; choose from {sorted(DASHBOARDS)}")
-    return DASHBOARDS[name](model, prompt, **options)
+    return LensDashboard(model, lens, prompt, **options)
 
 
-__all__ = ["ALIASES", "DASHBOARDS", "AttentionLensDashboard", "Cancelled", "LensDashboard",
-           "LogitLensDashboard", "MemoryInjectionDashboard", "PatchingDashboard",
-           "TunedLensDashboard", "dashboard"]
+__all__ = ["LensDashboard", "dashboard"]

@@ -1,9 +1,10 @@
 """Lens requests run off the kernel's main thread, with progress and cancellation.
 
-A :class:`Job` runs ``work(job)`` in a daemon thread. Long work reports with
-``job.progress(done, total)``, which also raises :class:`Cancelled` once
-``job.cancel()`` was called: cancelling takes effect between batches (a forward pass
-already on the engine finishes, its result is dropped). ``on_done`` runs only for a job
+A :class:`Job` runs ``work(job)`` in a daemon thread. ``job.progress`` is the lens
+contract's progress callback (``run(..., progress=job.progress)``): it reports
+``(done, total, text)`` and raises :class:`~tpmlab.lenses.Cancelled` once ``job.cancel()``
+was called, so cancelling takes effect between a lens's passes (a forward pass already on
+the engine finishes, its result is dropped). ``on_done`` runs only for a job
 that finished without being cancelled, so a late result never reaches a dashboard that
 has moved on.
 
@@ -13,18 +14,15 @@ shared by its threads, so two dashboards on the same model take turns.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
+
+from ..lenses.contract import Cancelled
 
 _locks: dict[int, threading.Lock] = {}
 _locks_guard = threading.Lock()
-
-
-class Cancelled(Exception):
-    """Raised inside a job's work when it was cancelled."""
 
 
 def model_lock(model: Any) -> threading.Lock:
@@ -57,12 +55,13 @@ class Job:
         return self._cancel.is_set()
 
     def check(self) -> None:
-        """Raise :class:`Cancelled` if the job was cancelled (call between batches)."""
+        """Raise :class:`~tpmlab.lenses.Cancelled` if the job was cancelled (call between passes)."""
         if self._cancel.is_set():
             raise Cancelled(self.name)
 
     def progress(self, done: int, total: int, text: str = "") -> None:
-        """Report ``done`` of ``total`` steps; raises :class:`Cancelled` once cancelled."""
+        """Report ``done`` of ``total`` steps; raises :class:`~tpmlab.lenses.Cancelled` once
+        cancelled. This is the ``progress`` callback a lens's ``run`` takes."""
         self.check()
         if self.on_progress is not None:
             self.on_progress(done, total, text)
@@ -111,44 +110,3 @@ class Job:
     def _finish(self, started: float) -> None:
         self.seconds = time.perf_counter() - started
         self._finished.set()
-
-
-# -- progress from code that only knows tqdm --------------------------------------------------------
-
-_tqdm_guard = threading.Lock()
-
-
-@contextlib.contextmanager
-def tqdm_progress(job: Job) -> Iterator[None]:
-    """While active, ``tqdm.auto.tqdm`` bars report to ``job`` (and stop it when cancelled).
-
-    For library code with a tqdm bar and no callback (the tuned lens's training): each
-    ``update``/iteration becomes ``job.progress(n, total, description)``. The module
-    attribute is swapped for the duration, so one such job runs at a time."""
-    import tqdm.auto
-    import tqdm.std
-
-    class _JobBar(tqdm.std.tqdm):
-        def __init__(self, iterable=None, *args, **kw):
-            kw["disable"] = True
-            self._job_total = kw.get("total") or (len(iterable) if hasattr(iterable, "__len__") else 0)
-            self._job_desc = kw.get("desc") or ""
-            self._job_n = 0
-            super().__init__(iterable, *args, **kw)
-
-        def update(self, n=1):
-            self._job_n += n
-            job.progress(self._job_n, self._job_total, self._job_desc)
-
-        def __iter__(self):
-            for item in self.iterable:
-                yield item
-                self.update()
-
-    with _tqdm_guard:
-        saved = tqdm.auto.tqdm
-        tqdm.auto.tqdm = _JobBar
-        try:
-            yield
-        finally:
-            tqdm.auto.tqdm = saved
