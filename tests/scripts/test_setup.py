@@ -35,6 +35,8 @@ def checkout(tmp_path):
     (repo / "tpmlab" / "labextension" / "static").mkdir(parents=True)
     (repo / "tpmlab" / "__init__.py").write_text("")
     (repo / "tpmlab" / "labextension" / "static" / "style.js").write_text("")
+    (repo / "extension" / "src").mkdir(parents=True)
+    (repo / "extension" / "src" / "panel.ts").write_text("// the sidebar\n")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     purelib = Path(subprocess.check_output(
@@ -75,7 +77,8 @@ def test_a_complete_environment_is_left_alone(checkout):
 
 
 @pytest.mark.parametrize("change", ["pyproject", "script", "torch spec", "force",
-                                    "extension build gone", "another checkout"])
+                                    "extension build gone", "frontend source",
+                                    "another checkout"])
 def test_a_change_to_what_setup_installs_reinstalls(checkout, change):
     repo, env_dir, _, _ = checkout
     assert _setup(checkout)[0].returncode == 0
@@ -92,12 +95,16 @@ def test_a_change_to_what_setup_installs_reinstalls(checkout, change):
         extra["TPMLAB_SETUP_FORCE"] = "1"
     elif change == "extension build gone":
         (repo / "tpmlab" / "labextension" / "static" / "style.js").unlink()
+    elif change == "frontend source":  # the built sidebar is stale: removed, then rebuilt
+        (repo / "extension" / "src" / "panel.ts").write_text("// changed\n")
     else:  # the environment's tpmlab is another worktree's
         purelib = next(env_dir.glob("lib/python*/site-packages"))
         (purelib / "a_checkout.pth").write_text(f"{repo.parent / 'elsewhere'}\n")
     proc, pip = _setup(checkout, **extra)
     assert proc.returncode == 0, proc.stderr
     assert any("-e .[lab,test]" in c for c in pip), (change, pip)
+    if change == "frontend source":
+        assert not (repo / "tpmlab" / "labextension").exists()
 
 
 def test_a_failed_setup_leaves_no_stamp(checkout):
