@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .ir.validate import Limits
 from .runtime.backend import Backend, LocalBackend
 from .tracing.model import LabModel
 
@@ -25,18 +26,15 @@ class Lab:
             self.models[name] = LabModel(self, name, info, source)
         return self.models[name]
 
-    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
-        return self.backend.run(model, plan, timeout=timeout)
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None,
+            limits: Limits | None = None) -> bytes:
+        """Run plan bytes; result bytes. ``limits`` tighten the engine's own for this request."""
+        return self.backend.run(model, plan, timeout=timeout, limits=limits)
 
-    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None
-                   ) -> tuple[dict[int, Any], dict[str, Any]]:
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Run a plan; saved values and provenance (in-process backends skip the result codec)."""
-        fast = getattr(self.backend, "run_values", None)
-        if fast is not None:
-            return fast(model, plan, timeout=timeout)
-        from .ir.codec import decode_result
-
-        return decode_result(self.backend.run(model, plan, timeout=timeout))
+        return self.backend.run_values(model, plan, timeout=timeout, limits=limits)
 
     def undeploy(self, name: str) -> None:
         self.models.pop(name, None)

@@ -12,7 +12,8 @@ driver needs (while generating, the next tokens), never saved values.
 * Stage 0's ``run`` validates the plan, builds the padded batch and drives the steps
   (one for a trace, one per token for a generation, then a :meth:`finish` down the
   chain); it returns stage 0's own saves with the request's metadata.
-* Every later stage keeps its request's saves (host copies) keyed by request id until
+* Every later stage keeps its request's output (:class:`StageOutput`: saves as host
+  copies, and the time of each plan node it ran) keyed by request id until
   its ``collect`` hands them to the client, straight from that stage and once; a
   trace's saves are ready as soon as the stage's own layers ran, so they travel while
   later stages compute. Saves and state are dropped when handed over, when the
@@ -20,6 +21,11 @@ driver needs (while generating, the next tokens), never saved values.
 * Every stage keeps a request's state (its :class:`PlanRunner`, the KV cache while
   generating) keyed by request id, and drops it when the request ends, fails or is
   aborted; a failing request never leaves state behind for the next one.
+* A request's limits (the caller's, tightened to the stage's own) travel with ``run`` and
+  ``collect``; every stage holds its own nodes to them. The bytes saved so far, over all
+  stages and steps, travel down the chain with each step and back up with its reply,
+  so every stage checks the request's *total* against ``max_saved_bytes`` before a save
+  leaves it.
 * Methods are coroutines, so a stage's event loop is free while it waits on the
   next stage; the compute runs in one thread per stage. Two stages may therefore
   share a worker without blocking each other.
@@ -35,7 +41,7 @@ import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -49,6 +55,7 @@ from ..ir.validate import Limits, validate
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.engine import GENERATED, plan_digest
 from ..runtime.interleaver import PlanRunner
+from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.weights import WeightGuard
 from .partition import StageSpan
 from .stage import StageModel
@@ -67,25 +74,33 @@ class _Request:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class StageOutput(TypedDict):
+    """What one stage hands the client at the end of a request."""
+
+    saves: dict[int, Any]  # saved values by node id (wire form)
+    node_seconds: dict[int, float]  # seconds each plan node run here took, over all steps
+
+
 GRACE = 5.0  # seconds a request's leftovers may outlive its deadline before a sweep drops them
 ENDED_TTL = 120.0  # seconds an aborted request's id is remembered (a late collect returns at once)
 
 
 class _Slot:
     """What one request's client hand-off needs on one later stage: the decoded plan (from
-    :meth:`StageActor.collect`) and the saves (from the stage's last step or ``finish``).
+    :meth:`StageActor.collect`, with the request's limits) and the stage's output (from its
+    last step or ``finish``).
     Each is a future whose value may be an exception (raised by the reader)."""
 
-    __slots__ = ("deadline", "plan", "saves")
+    __slots__ = ("deadline", "plan", "output")
 
     def __init__(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self.deadline = deadline
         self.plan: asyncio.Future = loop.create_future()
-        self.saves: asyncio.Future = loop.create_future()
+        self.output: asyncio.Future = loop.create_future()
 
     def fail(self, error: BaseException) -> None:
-        for f in (self.plan, self.saves):
+        for f in (self.plan, self.output):
             if not f.done():
                 f.set_result(error)
 
@@ -214,10 +229,10 @@ class StageActor:
             slot = self.slots[req] = _Slot(deadline)
         return slot
 
-    def _hand_over(self, req: str, saves: dict[int, Any]) -> None:
+    def _hand_over(self, req: str, output: StageOutput) -> None:
         slot = self.slots.get(req)
-        if slot is not None and not slot.saves.done():
-            slot.saves.set_result(saves)
+        if slot is not None and not slot.output.done():
+            slot.output.set_result(output)
 
     # -- compute -----------------------------------------------------------------------------------
     async def _compute(self, fn: Any, *args: Any) -> Any:
@@ -229,10 +244,10 @@ class StageActor:
         return self._meta
 
     def _new_request(self, plan: Plan, schedule: Schedule, layout: BatchLayout,
-                     generate: bool) -> _Request:
+                     generate: bool, limits: Limits) -> _Request:
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
-                            owned=self.owned, max_saved_bytes=self.limits.max_saved_bytes)
+                            owned=self.owned, limits=limits)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None)
 
@@ -241,6 +256,8 @@ class StageActor:
         next stage, or on the last stage the reply (next tokens while generating)."""
         runner, step = st.runner, msg["step"]
         runner.env.update(from_wire(msg["carry"], self.device))
+        # the request's saves so far, over all stages, include this stage's earlier steps
+        runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
         self.weights.ready()
@@ -261,15 +278,17 @@ class StageActor:
             raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
+        saved = runner.saved_elsewhere + runner.saved_bytes
         if self.span.is_last:
-            reply: dict[str, Any] = {}
+            reply: dict[str, Any] = {"saved": saved}
             if st.generate:
                 reply["tokens"] = self._next_tokens(st, out.logits[:, -1, :], msg).cpu()
             return reply
         last_event = self.owned.stop - 1
         return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
                                                           "inputs_embeds")},
-                "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event))}
+                "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event)),
+                "saved": saved}
 
     def _next_tokens(self, st: _Request, logits: torch.Tensor, msg: dict[str, Any]) -> torch.Tensor:
         """Greedy or sampled next tokens ``[batch]`` from the last position's logits ``[batch, vocab]``."""
@@ -289,9 +308,10 @@ class StageActor:
             scores = TopPLogitsWarper(opts.top_p)(None, scores)
         return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
 
-    def _finish(self, st: _Request, steps_run: int) -> dict[int, Any]:
+    def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
-        return to_wire(st.runner.results())
+        return StageOutput(saves=to_wire(st.runner.results()),
+                           node_seconds=dict(st.runner.node_seconds))
 
     # -- the chain ---------------------------------------------------------------------------------
     async def _state(self, msg: dict[str, Any], deadline: float) -> _Request:
@@ -304,16 +324,17 @@ class StageActor:
                                  "(its worker was restarted?)")
         # the plan comes with the client's collect call, usually already decoded by now
         slot = self._slot(req, deadline)
-        plan, schedule = _raise_if_error(await _await_within(
+        plan, schedule, limits = _raise_if_error(await _await_within(
             asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
-        st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"])
+        st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"],
+                                                    limits)
         return st
 
     async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Run one step here and hand it to the next stage; return the next stage's reply
         (empty, or the next tokens while generating) with this stage's timings appended.
-        On a trace's last step (``msg["final"]``) this stage's saves are set aside for the
-        client's ``collect`` (stage 0: returned in ``reply["saves"]``) as soon as its own
+        On a trace's last step (``msg["final"]``) this stage's output is set aside for the
+        client's ``collect`` (stage 0: returned in ``reply["output"]``) as soon as its own
         layers ran."""
         req = msg["req"]
         t0 = time.perf_counter()
@@ -340,15 +361,15 @@ class StageActor:
                 if sent is not None:
                     out["timeout"] = deadline - time.monotonic()
                     loop.call_soon_threadsafe(send, out, context=context)
-                saves = self._finish(st, 1) if msg.get("final") else None
-                return out, saves, t_fwd, time.perf_counter() - t - t_fwd
+                output = self._finish(st, 1) if msg.get("final") else None
+                return out, output, t_fwd, time.perf_counter() - t - t_fwd
 
-            out, saves, t_fwd, t_saves = await self._compute(work)
+            out, output, t_fwd, t_saves = await self._compute(work)
             t2 = time.perf_counter()
-            if saves is not None:
+            if output is not None:
                 self.requests.pop(req, None)
                 if not self.span.is_first:
-                    self._hand_over(req, saves)
+                    self._hand_over(req, output)
             if sent is not None:
                 pending = await sent
                 reply = await _await_within(pending, deadline, f"stage {self.span.index + 1}")
@@ -357,79 +378,82 @@ class StageActor:
             reply["timings"].insert(0, {"state": t1 - t0, "forward": t_fwd, "saves": t_saves,
                                         "thread": (t2 - t1) - t_fwd - t_saves,
                                         "wait": time.perf_counter() - t2})
-            if saves is not None and self.span.is_first:
-                reply["saves"] = saves
+            if output is not None and self.span.is_first:
+                reply["output"] = output
             return reply
         except BaseException as e:
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
             raise
 
-    async def finish(self, req: str, steps_run: int, timeout: float) -> dict[int, Any] | None:
-        """End a generation: check every node ran, set this stage's saves aside for the
-        client (stage 0: return them), free the KV caches; then the same on later stages."""
+    async def finish(self, req: str, steps_run: int, timeout: float) -> StageOutput | None:
+        """End a generation: check every node ran, set this stage's output aside for the
+        client (stage 0: return it), free the KV caches; then the same on later stages."""
         deadline = time.monotonic() + timeout
         st = self.requests.pop(req, None)
         if st is None:
             raise ExecutionError(f"stage {self.span.index} has no state for this request")
-        saves = await self._compute(self._finish, st, steps_run)
+        output = await self._compute(self._finish, st, steps_run)
         if not self.span.is_first:
-            self._hand_over(req, saves)
+            self._hand_over(req, output)
         if self.next is not None:
             await _await_within(self.next.finish(req, steps_run, timeout), deadline,
                                 f"stage {self.span.index + 1}")
-        return saves if self.span.is_first else None
+        return output if self.span.is_first else None
 
-    async def collect(self, blob: bytes, req: str, timeout: float) -> dict[int, Any]:
-        """Stages after the first: take the request's plan (decoded here, validated by stage 0),
-        wait for this stage's saves and hand them over; nothing of the request stays here."""
+    async def collect(self, blob: bytes, req: str, timeout: float,
+                      limits: dict[str, Any] | None = None) -> StageOutput:
+        """Stages after the first: take the request's plan (decoded here, validated by stage 0)
+        and limits, wait for this stage's output and hand it over; nothing of the request
+        stays here."""
         deadline = time.monotonic() + timeout
         self._sweep()
         slot = self._slot(req, deadline)
         try:
             if not slot.plan.done():
                 try:
-                    plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
-                    slot.plan.set_result((plan, build_schedule(plan, self.info)))
+                    held = request_limits(self.limits, limits_from_wire(limits))
+                    plan = decode_plan(blob, max_bytes=held.max_plan_bytes)
+                    slot.plan.set_result((plan, build_schedule(plan, self.info), held))
                 except Exception as e:  # stage 0 rejects the plan with the same error
                     slot.plan.set_result(e)
             return _raise_if_error(await _await_within(
-                asyncio.shield(slot.saves), deadline, f"stage {self.span.index}'s saves"))
+                asyncio.shield(slot.output), deadline, f"stage {self.span.index}'s saves"))
         finally:
             if self.slots.get(req) is slot:
                 del self.slots[req]
             self.requests.pop(req, None)
 
-    async def run(self, blob: bytes, req: str, timeout: float) -> dict[str, Any]:
-        """Stage 0 only: run a plan blob through the pipeline. Returns ``{"values": ...,
-        "saves": ..., "meta": ...}``: stage 0's saves and the values only the driver makes
-        (generated tokens); later stages' saves are collected from them by the client."""
+    async def run(self, blob: bytes, req: str, timeout: float,
+                  limits: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stage 0 only: run a plan blob through the pipeline under the request's ``limits``
+        (:func:`~tpmlab.runtime.limits.limits_to_wire`; tightened to this stage's own).
+        Returns ``{"values": ..., "saves": ..., "meta": ...}``: stage 0's saves and the values
+        only the driver makes (generated tokens), and the metadata, whose ``node_seconds``
+        are stage 0's; later stages' outputs are collected from them by the client."""
         self._sweep()
         try:
-            return await self._run(blob, req, timeout)
+            return await self._run(blob, req, timeout,
+                                   request_limits(self.limits, limits_from_wire(limits)))
         except BaseException:
             await self.abort(req)
             raise
 
-    async def _run(self, blob: bytes, req: str, timeout: float) -> dict[str, Any]:
+    async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
-        plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
+        plan = decode_plan(blob, max_bytes=limits.max_plan_bytes)
         t_decode = time.perf_counter()
         if plan.model != self.spec["model"]:
             raise PlanError(f"the plan is for model {plan.model!r}, this deployment holds "
                             f"{self.spec['model']!r}")
-        validate(plan, self.info, limits=self.limits, meta_module=self._meta_modules().get)
+        schedule = validate(plan, self.info, limits=limits, meta_module=self._meta_modules().get)
         t_validate = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
-        if "attention_mask" not in kwargs:  # unpadded batch: every stage needs them explicitly
-            kwargs["attention_mask"] = torch.ones(layout.n_rows, layout.seq_len, dtype=torch.long)
-            kwargs["position_ids"] = torch.arange(layout.seq_len).expand(layout.n_rows, -1)
         generate = plan.mode != "trace"
-        self.requests[req] = self._new_request(plan, build_schedule(plan, self.info), layout,
-                                               generate)
+        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits)
         t_batch = time.perf_counter()
-        base = {"req": req, "layout": layout, "generate": generate, "carry": {},
+        base = {"req": req, "layout": layout, "generate": generate, "carry": {}, "saved": 0,
                 "attention_mask": kwargs["attention_mask"],
                 "position_ids": kwargs["position_ids"]}
         values: dict[int, Any] = {}
@@ -441,23 +465,24 @@ class StageActor:
             msg = {**base, "step": 0, "final": True, "timeout": left(),
                    "input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
             reply = await self.step(msg)
-            saves, timings = reply["saves"], reply["timings"]
+            output, timings = reply["output"], reply["timings"]
         else:
-            values[GENERATED], saves = await self._generate(plan, base, kwargs, layout, left)
+            values[GENERATED], output = await self._generate(plan, base, kwargs, layout, left)
             timings = []
         meta = {"model": self.spec["model"], "model_version": self.info.version,
                 "plan_digest": plan_digest(plan), "tpmlab_version": __version__,
-                "compute_seconds": time.perf_counter() - start, "device": str(self.device),
+                "compute_seconds": time.perf_counter() - start,
+                "node_seconds": output["node_seconds"], "device": str(self.device),
                 "stages": self.span.n_stages}
         phases = {"decode": t_decode - start, "validate": t_validate - t_decode,
                   "batch+state": t_batch - t_validate}
         for k, t in enumerate(timings):
             phases.update({f"stage{k} {name}": v for name, v in t.items()})
-        return {"values": to_wire(values), "saves": saves, "meta": meta,
+        return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
-                        layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], dict]:
+                        layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], StageOutput]:
         """Greedy (or sampled) decoding with each stage's KV cache kept on its worker,
         as Hugging Face ``generate`` does it: finished rows continue with the pad token,
         and decoding stops when every row has produced an end-of-sequence token."""
@@ -487,14 +512,15 @@ class StageActor:
             pos = pos[:, -1:] + 1
             msg = {"req": base["req"], "step": step + 1, "final": False, "generate": True,
                    "layout": layout, "carry": {}, "attention_mask": mask, "position_ids": pos,
-                   "input_ids": tokens[:, None]}
-        saves = await self.finish(base["req"], steps, left())
+                   "input_ids": tokens[:, None], "saved": reply["saved"]}
+        output = await self.finish(base["req"], steps, left())
         out = torch.stack(new_tokens, dim=1)
         if "input_ids" in kwargs:
             ids = kwargs["input_ids"]
             lengths = [n for ls in layout.lengths for n in ls]
-            return [torch.cat([ids[i, ids.shape[1] - n:], out[i]]) for i, n in enumerate(lengths)], saves
-        return [out[i] for i in range(rows)], saves
+            return [torch.cat([ids[i, ids.shape[1] - n:], out[i]])
+                    for i, n in enumerate(lengths)], output
+        return [out[i] for i in range(rows)], output
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -10,7 +10,10 @@ pipeline stages held by Dask workers.
   pipeline) and, at the same time, to every later stage's ``collect``; hidden states
   go from stage to stage directly (:mod:`.actor`), and each stage's saved values come
   straight from that stage to the client, once, all stages in parallel. The client
-  assembles the result bytes.
+  assembles the result bytes, and the result's ``node_seconds`` from every stage's.
+* A request's ``limits`` travel with both calls; each stage holds its own nodes to them,
+  and the bytes saved so far travel along the chain, so the request's total over all
+  stages and steps stays within ``max_saved_bytes`` (:mod:`.actor`).
 * Faults: if a stage's worker dies during a request, the request fails with
   :class:`StageLostError` (it is not retried: a plan may have side effects the user
   wants to see once, and a retry would hide a flapping worker); before raising, the
@@ -34,6 +37,7 @@ from ..errors import ExecutionError, PlanError, RequestTimeoutError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
+from ..runtime.limits import limits_to_wire
 from . import cleanup, registry
 from .actor import StageActor
 from .embedded import start_local_cluster
@@ -230,34 +234,37 @@ class DaskBackend:
                               f"{sorted(self.deployments)}")
         return self.deployments[name]
 
-    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
-        """Run plan bytes on ``model``'s stages; returns result bytes.
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None,
+            limits: Limits | None = None) -> bytes:
+        """Run plan bytes on ``model``'s stages; returns result bytes. ``limits`` tighten
+        the stages' own for this request (a gateway passes the user's tier limits).
 
         Raises the plan's own errors (:class:`PlanError`, :class:`ExecutionError`),
         :class:`StageLostError` when a stage's worker died (the deployment is healed
         before it is raised) or :class:`RequestTimeoutError` after ``timeout`` seconds.
         """
-        values, meta = self.run_values(model, plan, timeout=timeout)
+        values, meta = self.run_values(model, plan, timeout=timeout, limits=limits)
         start = time.perf_counter()
         blob = encode_result(values, meta)
         if self.phases is not None and self.phases:
             self.phases[-1]["client encode"] = (time.perf_counter() - start) * 1e3
         return blob
 
-    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None
-                   ) -> tuple[dict[int, Any], dict[str, Any]]:
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Like :meth:`run`, but the saved tensors as they arrived from the stages: the
         notebook's own client has them in hand, and encoding gigabytes would only copy them."""
         dep = self.deployment(model)
         timeout = timeout or self.timeout
         req = uuid.uuid4().hex
+        wire_limits = limits_to_wire(limits)
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeout
         try:
             # the plan goes to every stage at once: stage 0 runs it, later stages decode it
             # meanwhile and hand over their saves as soon as they have them
-            futures = [dep.actors[0].run(plan, req, timeout)]
-            futures += [a.collect(plan, req, timeout) for a in dep.actors[1:]]
+            futures = [dep.actors[0].run(plan, req, timeout, wire_limits)]
+            futures += [a.collect(plan, req, timeout, wire_limits) for a in dep.actors[1:]]
         except RuntimeError as e:  # "Worker holding Actor was lost"
             self._fail_lost(dep, e)
         t1 = time.perf_counter()
@@ -265,14 +272,20 @@ class DaskBackend:
         t2 = time.perf_counter()
         values = from_wire(head["values"])
         values.update(from_wire(head["saves"]))
+        meta = head["meta"]
+        node_seconds = dict(meta["node_seconds"])
         for f in futures[1:]:
-            values.update(from_wire(self._wait(dep, req, f, deadline, model, timeout)))
+            output = self._wait(dep, req, f, deadline, model, timeout)
+            values.update(from_wire(output["saves"]))
+            for node, seconds in output["node_seconds"].items():
+                node_seconds[node] = node_seconds.get(node, 0.0) + seconds
+        meta["node_seconds"] = node_seconds
         t3 = time.perf_counter()
         if self.phases is not None:
             self.phases.append({**head["phases"], "client send": (t1 - t0) * 1e3,
                                 "client wait run": (t2 - t1) * 1e3,
                                 "client collect": (t3 - t2) * 1e3})
-        return values, head["meta"]
+        return values, meta
 
     def _wait(self, dep: Deployment, req: str, future: Any, deadline: float, model: str,
               timeout: float) -> Any:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer
 
+from ..runtime.batching import row_positions
 from ..runtime.probe import probe_events
 from .partition import StageSpan, stage_keys
 
@@ -114,10 +115,8 @@ class StageModel:
         Returns the hidden state after the stage's last layer, or on the last stage the
         model's output (``logits`` ``[batch, pos or logits_to_keep, vocab]``).
         """
-        kwargs: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, use_cache=cache is not None)
-        if self.span.is_last:
-            kwargs["logits_to_keep"] = logits_to_keep
+        # the input first: the model's ``:input`` event is its first argument, as in process
+        kwargs: dict[str, Any] = {}
         if self.span.is_first:
             if input_ids is not None:
                 kwargs["input_ids"] = input_ids
@@ -125,6 +124,10 @@ class StageModel:
                 kwargs["inputs_embeds"] = inputs_embeds
         else:
             kwargs["inputs_embeds"] = hidden
+        kwargs.update(attention_mask=attention_mask, position_ids=position_ids,
+                      cache=cache, use_cache=cache is not None)
+        if self.span.is_last:
+            kwargs["logits_to_keep"] = logits_to_keep
         try:
             return self.model(**kwargs)
         except _StageExit as done:
@@ -137,7 +140,7 @@ class StageModel:
 
         def run(rows: int, positions: int) -> None:
             mask = torch.ones(rows, positions, dtype=torch.long, device=self.device)
-            pos = torch.arange(positions, device=self.device).expand(rows, -1)
+            pos = row_positions(mask)
             if self.span.is_first:
                 ids = torch.ones(rows, positions, dtype=torch.long, device=self.device)
                 self.forward(input_ids=ids, attention_mask=mask, position_ids=pos)

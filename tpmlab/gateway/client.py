@@ -15,7 +15,9 @@ import httpx
 
 from .. import errors as core_errors
 from ..errors import RequestTimeoutError
+from ..ir.codec import decode_result
 from ..ir.model_info import ModelInfo
+from ..ir.validate import Limits
 from . import errors as gw_errors
 
 _PLAN_ERRORS = {name: getattr(core_errors, name) for name in (
@@ -83,7 +85,10 @@ class GatewayBackend:
         such as ``stages=`` are theirs to choose and are ignored here)."""
         return ModelInfo.from_dict(self._get(f"/v1/models/{name}")["info"])
 
-    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None,
+            limits: Limits | None = None) -> bytes:
+        """POST the plan; result bytes. ``limits`` is ignored: the gateway holds every
+        request to its user's tier limits."""
         wait = timeout or self.timeout
         try:
             r = self.http.post(f"/v1/models/{model}/run", content=plan,
@@ -98,6 +103,11 @@ class GatewayBackend:
                             "units": float(r.headers.get("x-tpmlab-units", "nan")),
                             "batch_size": int(r.headers.get("x-tpmlab-batch-size", "0"))}
         return r.content
+
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+        """:meth:`run`, decoded: saved values by node id and the result's metadata."""
+        return decode_result(self.run(model, plan, timeout=timeout, limits=limits))
 
     def models(self) -> list[dict[str, Any]]:
         return self._get("/v1/models")

@@ -338,7 +338,10 @@ def encode_result(values: dict[int, Any], meta: dict[str, Any]) -> bytes:
 def decode_result(blob: bytes) -> tuple[dict[int, Any], dict[str, Any]]:
     doc, tensors = _unpack(blob)
     values = {int(k): decode_value(v, tensors, as_args=False) for k, v in doc["values"].items()}
-    return values, doc["meta"]
+    meta = doc["meta"]
+    if isinstance(meta.get("node_seconds"), dict):  # node ids, which JSON made strings
+        meta["node_seconds"] = {int(k): v for k, v in meta["node_seconds"].items()}
+    return values, meta
 
 
 # -- framing ------------------------------------------------------------------------------------

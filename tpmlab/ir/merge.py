@@ -1,11 +1,18 @@
 """Merging several plans into one batch, and splitting its result back.
 
 Several users' traces of the same model version can run in one forward pass:
-each plan's invokes become consecutive invokes of the merged plan (so each plan
-reads and writes only its own rows), its nodes are renumbered after the previous
-plans' nodes, and its constant tensors are renamed ``p{k}.{name}``. After the run,
-:func:`split_values` gives every plan exactly the saved values it would have got
-alone, keyed by its own node ids.
+each plan's invokes become consecutive invokes of the merged plan, its nodes are
+renumbered after the previous plans' nodes, and its constant tensors are renamed
+``p{k}.{name}``. After the run, :func:`split_values` gives every plan its saved values
+(and its nodes' measured ``node_seconds``) keyed by its own node ids.
+
+Each plan reads and writes only its own rows (DESIGN.md contract 9): an invoke's
+module points are views of its rows, and values that all rows share are read-only
+inside an invoke (:mod:`tpmlab.ir.rows`). So no plan's nodes can change another's
+result: a plan's values from a merged run are bit for bit those of the same batch in
+which the other plans do nothing. Against the plan run alone they agree to float
+rounding: the kernels' summation order depends on the batch's shape (rows, padded
+length), not on other rows' values.
 
 Only ``"trace"`` plans merge (a generation decides its length per batch), all of the
 same input kind (token ids or ``inputs_embeds``), and only plans whose every module
@@ -104,7 +111,8 @@ def merge_plans(plans: list[Plan]) -> tuple[Plan, MergeMap]:
 
 
 def split_values(values: dict[int, Any], mapping: MergeMap) -> list[dict[int, Any]]:
-    """The merged run's saved values, split per part and keyed by each part's own node ids."""
+    """The merged run's saved values (or any ``{node id: x}`` of it, such as the result's
+    ``node_seconds``), split per part and keyed by each part's own node ids."""
     owner = mapping.owner()
     out: list[dict[int, Any]] = [{} for _ in mapping.ids]
     for new, value in values.items():

@@ -45,6 +45,7 @@ from .plan import (
     TensorRef,
     Tuple,
 )
+from .rows import check_row_ownership
 from .schedule import Schedule, build_schedule
 
 
@@ -82,6 +83,7 @@ def inspect_plan(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
     try:
         _check_structure(plan, info, limits)
         schedule = build_schedule(plan, info)
+        check_row_ownership(plan, info, schedule)  # an invoke writes only its own rows
         return schedule, _check_shapes(plan, info, limits, meta_module)
     except PlanError:
         raise

@@ -14,14 +14,28 @@ from ..ir.codec import decode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
 from .engine import ModelHost
+from .limits import request_limits
 
 
 class Backend(Protocol):
-    """Deploys models and runs plans on them."""
+    """Deploys models and runs plans on them.
+
+    ``run`` takes plan bytes and returns result bytes; ``run_values`` returns the saved
+    values by node id and the result's metadata (``model_version``, ``plan_digest``,
+    ``compute_seconds``, ``node_seconds``: ``{node id: seconds}`` of each plan node that
+    is not a module point, over all steps and stages, ...). ``limits``: the caller's
+    limits for this request (a gateway's tier limits); the engine validates and runs the
+    plan under the field-by-field minimum of them and its own
+    (:func:`tpmlab.runtime.limits.request_limits`).
+    """
 
     def deploy(self, name: str, **options: Any) -> ModelInfo: ...
 
-    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes: ...
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None,
+            limits: Limits | None = None) -> bytes: ...
+
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]: ...
 
     def undeploy(self, name: str) -> None: ...
 
@@ -58,15 +72,17 @@ class LocalBackend:
             raise LookupError(f"model {name!r} is not deployed here; deployed: {sorted(self.hosts)}")
         return self.hosts[name]
 
-    def run(self, model: str, plan: bytes, *, timeout: float | None = None) -> bytes:
-        return self.host(model).run_blob(plan)
+    def run(self, model: str, plan: bytes, *, timeout: float | None = None,
+            limits: Limits | None = None) -> bytes:
+        return self.host(model).run_blob(plan, limits=limits)
 
-    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None
-                   ) -> tuple[dict[int, Any], dict[str, Any]]:
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
-        return host.run(decode_plan(plan, max_bytes=host.limits.max_plan_bytes))
+        limits = request_limits(host.limits, limits)
+        return host.run(decode_plan(plan, max_bytes=limits.max_plan_bytes), limits=limits)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here

@@ -24,6 +24,7 @@ from ..ir.plan import Plan
 from ..ir.validate import Limits, validate
 from .batching import build_batch
 from .interleaver import PlanRunner
+from .limits import request_limits
 from .probe import probe_causal_lm
 from .weights import WeightGuard
 
@@ -76,20 +77,26 @@ class ModelHost:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.weights = WeightGuard(model, source, dtype=self.dtype)
 
-    def run_blob(self, blob: bytes) -> bytes:
-        plan = decode_plan(blob, max_bytes=self.limits.max_plan_bytes)
-        values, meta = self.run(plan)
+    def run_blob(self, blob: bytes, *, limits: Limits | None = None) -> bytes:
+        limits = request_limits(self.limits, limits)
+        plan = decode_plan(blob, max_bytes=limits.max_plan_bytes)
+        values, meta = self.run(plan, limits=limits)
         return encode_result(values, meta)
 
-    def run(self, plan: Plan) -> tuple[dict[int, Any], dict[str, Any]]:
+    def run(self, plan: Plan, *, limits: Limits | None = None
+            ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Validate and run ``plan``: its saved values by node id, and the result's metadata
+        (provenance; ``compute_seconds``, the whole request; ``node_seconds``, each plan node's
+        own time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own."""
         if plan.model != self.name:
             raise PlanError(f"the plan is for model {plan.model!r}, this host holds {self.name!r}")
-        schedule = validate(plan, self.info, limits=self.limits, meta_module=self._meta.get)
+        limits = request_limits(self.limits, limits)
+        schedule = validate(plan, self.info, limits=limits, meta_module=self._meta.get)
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
-                            device=self.device, max_saved_bytes=self.limits.max_saved_bytes)
+                            device=self.device, limits=limits)
         values: dict[int, Any] = {}
         self.weights.ready()
         try:
@@ -114,6 +121,7 @@ class ModelHost:
             "plan_digest": plan_digest(plan),
             "tpmlab_version": __version__,
             "compute_seconds": time.perf_counter() - start,
+            "node_seconds": runner.node_seconds,
             "device": str(self.device),
         }
         return values, meta

@@ -7,11 +7,18 @@ nodes anchored there (see :mod:`tpmlab.ir.schedule`). The same runner drives a
 whole model in-process and one pipeline stage on a Dask worker: a stage owns a
 range of events, receives the values earlier stages made that it needs
 (``carry``) and hands on those later stages need.
+
+Each invoke's module points see only its rows (:func:`~tpmlab.runtime.batching.invoke_view`),
+so its writes reach nothing else; a write to a value that all rows share is refused
+(:mod:`tpmlab.ir.rows`). While it runs, the runner holds the request to its
+:class:`~tpmlab.ir.validate.Limits` (bytes saved over all steps, and stages; bytes of any
+one value a node makes) and measures each node's own time (:attr:`PlanRunner.node_seconds`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ExecutionError, LimitError, PlanError
-from ..ir.model_info import START, ModelInfo
+from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
     CALL_MODULE,
@@ -36,9 +43,10 @@ from ..ir.plan import (
     TensorRef,
     Tuple,
 )
+from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
-from ..ir.validate import value_nbytes
-from .batching import BatchLayout, invoke_view
+from ..ir.validate import Limits, value_nbytes
+from .batching import BatchLayout, invoke_view, shared_tensors
 
 
 class _Cell:
@@ -73,17 +81,85 @@ def host_copy(value: Any, pinned: bool) -> Any:
     return value
 
 
+def _write_into(current: Any, new: Any) -> bool:
+    """Copy ``new`` into ``current`` in place (tensors broadcast and cast as in ``x[...] = v``;
+    containers item by item, their other items equal). False, with nothing written, where
+    ``new`` does not fit ``current``."""
+    if not _fits(current, new):
+        return False
+    _copy_into(current, new)
+    return True
+
+
+def _fits(current: Any, new: Any) -> bool:
+    if isinstance(current, torch.Tensor):
+        if not isinstance(new, (torch.Tensor, int, float, bool)):
+            return False
+        if any(st == 0 and n > 1 for st, n in zip(current.stride(), current.shape)):
+            return False  # one memory for several elements (an expanded value)
+        shape = new.shape if isinstance(new, torch.Tensor) else ()
+        try:
+            return torch.broadcast_shapes(shape, current.shape) == current.shape
+        except RuntimeError:
+            return False
+    if isinstance(current, dict):
+        return isinstance(new, dict) and set(new) == set(current) and all(
+            _fits(current[k], new[k]) for k in current)
+    if isinstance(current, (tuple, list)):
+        return isinstance(new, (tuple, list)) and len(new) == len(current) and all(
+            _fits(c, n) for c, n in zip(current, new))
+    return current is new or (current is None and new is None) or (
+        isinstance(current, (int, float, bool, str)) and type(current) is type(new)
+        and current == new)
+
+
+def _copy_into(current: Any, new: Any) -> None:
+    if isinstance(current, torch.Tensor):
+        if isinstance(new, torch.Tensor) and new.device == current.device and _overlaps(current, new):
+            new = new.clone()  # e.g. a view of the value itself
+        current.copy_(new) if isinstance(new, torch.Tensor) else current.fill_(new)
+    elif isinstance(current, dict):
+        for k in current:
+            _copy_into(current[k], new[k])
+    elif isinstance(current, (tuple, list)):
+        for c, n in zip(current, new):
+            _copy_into(c, n)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list, dict)):
+        return f"{type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
 class PlanRunner:
     """One request's execution state over one model or one pipeline stage.
 
     ``owned``: the event indices this runner executes (``None``: all of them).
     ``module_lookup(path)`` returns the live module for a native path.
+    ``limits``: the request's limits, enforced while it runs (``None``: none).
+
+    ``node_seconds`` (after the pass): ``{node id: seconds}`` spent running each plan node
+    that is not a module point, summed over generation steps, measured with
+    :func:`time.perf_counter` around the node's op; the model's own forward is not in it.
+    On a GPU the op's kernels run asynchronously, so this is the time to launch them
+    (plus any wait the op forces, such as reading a value back), not their run time.
+    A plan without nodes times nothing; each node costs two clock reads
+    (``benchmarks/node_timing.py`` measures it).
     """
+
+    time_nodes = True  # False leaves node_seconds empty (to measure what timing costs)
 
     def __init__(self, plan: Plan, info: ModelInfo, schedule: Schedule, layout: BatchLayout,
                  *, module_lookup: Callable[[str], nn.Module], device: torch.device,
                  owned: range | None = None, carry: dict[int, Any] | None = None,
-                 pinned: bool = True, max_saved_bytes: int | None = None) -> None:
+                 pinned: bool = True, limits: Limits | None = None) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -96,10 +172,17 @@ class PlanRunner:
         self._suspended = 0
         self._ran: set[tuple[int, int]] = set()
         self._constants = {name: t.to(device) for name, t in plan.tensors.items()}
-        # Saves whose size validation could not know (later generation steps, values from
-        # modules it cannot run on meta tensors) are held to the same limit here.
-        self.max_saved_bytes = max_saved_bytes
-        self.saved_bytes = 0
+        # Sizes validation could not know (later generation steps, data-dependent shapes,
+        # modules it cannot run on meta tensors) are held to the same limits here.
+        self.max_saved_bytes = limits.max_saved_bytes if limits else None
+        self.max_value_bytes = limits.max_intermediate_bytes if limits else None
+        self.saved_bytes = 0  # saved by this runner, over all steps
+        self.saved_elsewhere = 0  # saved by the request on other pipeline stages (set by them)
+        self.node_seconds: dict[int, float] = {}
+        # the event template of each point, and the points the plan writes (with the writers)
+        self._templates = {n.id: info.shapes.get(event_key(n.path or "", n.io or "output"))
+                           for n in plan.nodes if n.op == POINT}
+        self._writes = written_parts(plan, info, schedule) if schedule.write_target else {}
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -210,6 +293,8 @@ class PlanRunner:
         return value
 
     def _run(self, node: Node, cell: _Cell | None) -> None:
+        timed = node.op != POINT and self.time_nodes  # a point hands over the module's value
+        start = time.perf_counter() if timed else 0.0
         try:
             self._execute(node, cell)
         except (PlanError, ExecutionError):
@@ -218,36 +303,58 @@ class PlanRunner:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExecutionError(f"{node.op} failed: {type(e).__name__}: {msg}",
                                  node=node.id, op=node.op, line=node.line) from e
+        if timed:
+            self.node_seconds[node.id] = (self.node_seconds.get(node.id, 0.0)
+                                          + time.perf_counter() - start)
+        if self.max_value_bytes is not None and node.op not in (POINT, SAVE, SET_POINT, PARAM):
+            self._check_value_size(node)
         self._ran.add((node.id, self.step))
+
+    def _check_value_size(self, node: Node) -> None:
+        nbytes = value_nbytes(self.env.get(node.id), scalar_bytes=0)
+        if nbytes > self.max_value_bytes:
+            raise LimitError(f"{node.describe()} made a value of {nbytes:,} bytes, over the "
+                             f"limit of {self.max_value_bytes:,} bytes for one value",
+                             node=node.id, op=node.op, line=node.line)
+
+    def _point_view(self, node: Node, cell: _Cell) -> Any:
+        """The invoke's part of the event's value; refuses, before any node writes it, a
+        write to a part that all rows of the batch share (the plan-time check,
+        :func:`tpmlab.ir.rows.check_row_ownership`, on the live value: it also sees what the
+        event's template does not describe)."""
+        template = self._templates.get(node.id)
+        prompt_pass = self.step == 0
+        writes = self._writes.get(node.id)
+        if writes and node.invoke is not None and not self.layout.owns_all(
+                node.invoke, prompt_pass=prompt_pass):
+            for writer, path in writes:
+                shared = shared_tensors(cell.value, template, self.layout, path)
+                if shared:
+                    where, tensor = shared[0]
+                    item = "".join(f"[{k!r}]" for k in where)
+                    raise ExecutionError(
+                        f"{writer.describe()} writes {node.path or '<model>'}.{node.io}{item}, "
+                        f"a value of shape {tuple(tensor.shape)} that all rows of the batch "
+                        "share: inside an invoke it is read-only (write a copy)",
+                        node=writer.id, op=writer.op, line=writer.line)
+        return invoke_view(cell.value, self.layout, node.invoke, prompt_pass=prompt_pass,
+                           template=template)
 
     def _execute(self, node: Node, cell: _Cell | None) -> None:
         op = node.op
         if op == POINT:
-            self.env[node.id] = invoke_view(cell.value, self.layout, node.invoke,
-                                            prompt_pass=self.step == 0)
+            self.env[node.id] = self._point_view(node, cell)
             return
         if op == SET_POINT:
-            point = self.plan.node(node.args[0].id)
-            new = self._arg(node.args[1])
-            current = self.env[point.id]
-            if current is cell.value:  # the invoke sees the whole value: replace it
-                cell.value = new
-                cell.replaced = True
-            elif isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor):
-                current.copy_(new)  # a view of the batch: write through it
-                new = current
-            else:
-                raise ExecutionError("only tensors can be replaced for one invoke of a batch",
-                                     node=node.id, op=op, line=node.line)
-            self.env[point.id] = new
-            self.env[node.id] = new
+            self._set_point(node, cell)
             return
         if op == SAVE:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
             self.saved_bytes += value_nbytes(live, scalar_bytes=0)
-            if self.max_saved_bytes is not None and self.saved_bytes > self.max_saved_bytes:
-                raise LimitError(f"the plan has saved {self.saved_bytes:,} bytes, over the limit "
+            total = self.saved_bytes + self.saved_elsewhere
+            if self.max_saved_bytes is not None and total > self.max_saved_bytes:
+                raise LimitError(f"the plan has saved {total:,} bytes, over the limit "
                                  f"of {self.max_saved_bytes:,} bytes",
                                  node=node.id, op=node.op, line=node.line)
             copy = host_copy(live, self.pinned)
@@ -270,6 +377,26 @@ class PlanRunner:
                 self._suspended -= 1
             return
         self.env[node.id] = OPS[op].fn(*args, **kwargs)
+
+    def _set_point(self, node: Node, cell: _Cell | None) -> None:
+        """Write a new value into a module value, in place, as ``value[...] = new`` would:
+        into the invoke's own rows of the batch, and the same whether or not other invokes
+        share the batch. Only a point that owns the whole value may instead replace it with
+        a value that cannot be written in place (another structure or shape)."""
+        point = self.plan.node(node.args[0].id)
+        new = self._arg(node.args[1])
+        current = self.env[point.id]
+        if not _write_into(current, new):
+            whole = point.invoke is None or self.layout.owns_all(point.invoke,
+                                                                 prompt_pass=self.step == 0)
+            if not (whole and cell is not None and current is cell.value):
+                raise ExecutionError(
+                    f"{node.describe()} cannot write a {_describe(new)} into "
+                    f"{point.path or '<model>'}.{point.io}, a {_describe(current)}",
+                    node=node.id, op=node.op, line=node.line)
+            cell.value, cell.replaced, current = new, True, new
+        self.env[point.id] = current
+        self.env[node.id] = current
 
     # -- after the pass ---------------------------------------------------------------------------
     def check_complete(self, steps_run: int = 1) -> None:

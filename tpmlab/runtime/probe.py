@@ -15,6 +15,7 @@ from torch import nn
 
 from ..ir.codec import dtype_name
 from ..ir.model_info import event_key
+from .batching import row_positions
 
 PROBES = ((2, 5), (3, 7))  # (rows, positions) of the two probe passes
 
@@ -104,11 +105,15 @@ def probe_events(model: nn.Module, run_with_shape) -> tuple[list[str], dict[str,
 
 
 def probe_causal_lm(model: nn.Module) -> tuple[list[str], dict[str, Any]]:
-    """Probe a whole Hugging Face causal LM with token ids."""
+    """Probe a whole Hugging Face causal LM with token ids, called as the engine calls it
+    (:func:`tpmlab.runtime.batching.build_batch`: a mask and per-row position ids), so the
+    templates show the shapes plans will see."""
     device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
     def run(rows: int, positions: int) -> None:
         ids = torch.ones(rows, positions, dtype=torch.long, device=device)
-        model(input_ids=ids, use_cache=False)
+        mask = torch.ones_like(ids)
+        model(input_ids=ids, attention_mask=mask, position_ids=row_positions(mask),
+              use_cache=False)
 
     return probe_events(model, run)
