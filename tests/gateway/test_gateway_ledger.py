@@ -53,12 +53,13 @@ def test_users_keys_allocations_charges(db_url):
                                 "batch_size": 2, "units": 2.5}])
         assert ledger.balance("ann") == pytest.approx(13.0)
         assert ledger.totals("ann") == {"allocated": 15.5, "used": 2.5, "requests": 1,
-                                        "balance": 13.0}
+                                        "balance": 13.0, "held": 0.0}
         assert ledger.charges("ann")[0]["batch_size"] == 2
         ledger.revoke_key(key_id)
         assert ledger.check_key(key) is None
         ledger.set_active("ann", False)
-        assert ledger.ensure_user("ann", tier="query", units=1, source="hub").active is False
+        assert ledger.ensure_user("ann", tier="query", units=1).active is False
+        assert ledger.audit() == []
     finally:
         ledger.close()
 

@@ -111,7 +111,7 @@ def _good_blob(model):
 
 def test_oversized_body_refused_before_reading_it_all(served):
     with served.client("admin") as c:
-        limit = served.gateway.config.max_body_bytes
+        limit = served.gateway.config.tier_limits["admin"].max_plan_bytes
         r = c.post(f"/v1/models/{MODEL}/run", content=b"\x00" * (limit + 1))
         assert r.status_code == 413 and r.json()["error"] == "PayloadTooLargeError"
         assert c.post(f"/v1/models/{MODEL}/run", content=b"").status_code == 400
