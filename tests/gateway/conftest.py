@@ -257,3 +257,28 @@ def fresh_postgres(url: str) -> str:
     Base.metadata.drop_all(engine)
     engine.dispose()
     return url
+
+
+def raw_request(url: str, request_line: str, headers: dict[str, str], body: bytes = b"",
+                timeout: float = 30.0) -> bytes:
+    """Send an HTTP/1.1 request byte for byte (clients refuse to send malformed ones) and
+    return what came back (b"" if the server closed the connection without answering)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = [request_line, f"Host: {host}:{port}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:  # closed on us while sending: read what it said
+            pass
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return b"".join(chunks)

@@ -31,11 +31,11 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from ..errors import TpmlabError
@@ -207,12 +207,23 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
         return JSONResponse({"error": "InternalError", "message": "the gateway failed; its "
                              "administrators find the cause in its log"}, status_code=500)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Routing answers (no such path, method not allowed) in the same body as ours."""
+        name = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code,
+                                                                         "BadRequestError")
+        return JSONResponse({"error": name, "message": f"{e.detail}: {request.method} "
+                             f"{request.url.path[:200]}"}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def _bad_parameters(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
                              for err in e.errors()[:5])
+        detail = [{"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg")),
+                   "type": str(err.get("type"))} for err in e.errors()[:20]]  # not the input
         return JSONResponse({"error": "BadRequestError", "message": problems,
-                             "detail": jsonable_encoder(e.errors())}, status_code=422)
+                             "detail": detail}, status_code=422)
 
     async def read_plan(request: Request, limit: int) -> bytes:
         """The body, refused before it is read past ``limit`` bytes (the user's tier's
