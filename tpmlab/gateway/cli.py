@@ -58,6 +58,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tls-key", default=None, help="the gateway's private key for Dask")
     p.add_argument("--admin", default=None,
                    help="create this admin user if missing and print a new API key for it")
+    p.add_argument("--forwarded-allow-ips", default=None,
+                   help="addresses of proxies whose X-Forwarded-For names the client (whose "
+                   "failed authentications are throttled); uvicorn's default: 127.0.0.1")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=serve_command)
 
@@ -137,7 +140,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     print(f"tpmlab gateway: serving on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(gateway, hub=hub), host=args.host, port=args.port,
-                log_level=args.log_level)
+                log_level=args.log_level, forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 
