@@ -46,7 +46,7 @@ def test_users_keys_allocations_charges(db_url):
             stored = conn.execute(text("select salt, digest from gateway_api_keys")).one()
         assert secret not in "".join(stored)
         assert ledger.allocate("ann", 5.5) == pytest.approx(15.5)
-        ledger.record_charges([{"request_id": "r1", "user_id": ledger.user("ann").id,
+        ledger.settle([{"request_id": "r1", "user_id": ledger.user("ann").id,
                                 "model": MODEL, "model_version": "v", "plan_digest": "d",
                                 "mode": "trace", "tokens": 3, "bytes_returned": 10,
                                 "compute_seconds": 0.1, "measured_seconds": 0.05,

@@ -64,7 +64,7 @@ from .errors import (
     TierError,
     UpstreamError,
 )
-from .ledger import Ledger, UserView
+from .ledger import Ledger, UserView, from_micro, to_micro
 from .metrics import Metrics
 from .records import FINISHED, Request, RequestTable
 from .sizing import check_plan
@@ -434,16 +434,21 @@ class Gateway:
 
     def _finish_all(self, batch: list[Request], outs: list[_Ran | Exception],
                     loop: asyncio.AbstractEventLoop) -> None:
+        """Charge each request what it used (at most its hold) and encode its result, then
+        settle the holds in one transaction (in the post thread, while the engine goes on)."""
         charges, done = [], []
         for req, out in zip(batch, outs):
             if isinstance(out, Exception):
                 req.error = _as_error(out)
                 continue
             try:
-                charges.append(self._charge(req, out))
+                row = self._charge(req, out)
+                req.units = from_micro(min(to_micro(row["units"]), to_micro(req.hold.units)))
+                req.result = self._encode(req, out)
+                charges.append(row)
                 done.append((req, out))
-            except Exception as e:  # noqa: BLE001
-                req.error = _as_error(e)
+            except Exception as e:  # noqa: BLE001 - reported to the request's owner
+                req.error, req.result = _as_error(e), None
         for req in batch:
             req.drop_plan()  # it has run: its constants are not needed any more
         try:
@@ -451,24 +456,23 @@ class Gateway:
             failed = [r.id for r in batch if r.error is not None and r.held]
             if failed:
                 self.ledger.release(failed)
-        except Exception as e:  # noqa: BLE001 - the hold stays until it expires; no charge
+        except Exception as e:  # noqa: BLE001 - no charge; the holds expire unrenewed
             log.exception("could not record charges")
-            for req in batch:
-                if req.error is None:
-                    req.error = UpstreamError(f"could not record the charge: {type(e).__name__}")
-            charged = {}
+            for req, _ in done:
+                req.error = UpstreamError(f"could not record the charge: {type(e).__name__}")
+                req.result = None
+            done = []
         for req, out in done:
-            if req.error is not None:
-                continue
-            req.units = charged[req.id]
-            meta = dict(out.meta, plan_digest=req.digest, request_id=req.id,
-                        batch_size=req.batch_size, **req.cost, charged_units=req.units)
-            meta.pop("node_seconds", None)  # of the whole run: other users' nodes too
-            try:
-                req.result = encode_result(out.values, meta)
-            except Exception as e:  # noqa: BLE001
-                req.error = _as_error(e)
+            if charged[req.id] != req.units:  # the hold had expired: charged what was free
+                req.units = charged[req.id]
+                req.result = self._encode(req, out)
         loop.call_soon_threadsafe(self._complete, batch)
+
+    def _encode(self, req: Request, out: _Ran) -> bytes:
+        meta = dict(out.meta, plan_digest=req.digest, request_id=req.id,
+                    batch_size=req.batch_size, **req.cost, charged_units=req.units)
+        meta.pop("node_seconds", None)  # of the whole run: other users' nodes too
+        return encode_result(out.values, meta)
 
     def _charge(self, req: Request, out: _Ran) -> dict[str, Any]:
         """What ``req`` used (see :mod:`.units`), as a charge row for the ledger."""

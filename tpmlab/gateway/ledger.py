@@ -62,7 +62,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .tiers import TIERS
@@ -210,7 +210,7 @@ class Ledger:
         self.engine = create_engine(url, **kwargs)
         try:
             Base.metadata.create_all(self.engine)
-        except IntegrityError:  # another process created the tables at the same moment
+        except SQLAlchemyError:  # another gateway created the tables at the same moment
             Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._open_accounts()
@@ -489,10 +489,6 @@ class Ledger:
             rows = s.scalars(select(Reservation).where(Reservation.user_id == user.id))
             return [{"request_id": r.request_id, "units": from_micro(r.units),
                      "gateway": r.gateway, "expires_at": r.expires_at} for r in rows]
-
-    def record_charges(self, rows: list[dict]) -> None:
-        """Record charges of requests that held nothing (see :meth:`settle`)."""
-        self.settle(rows)
 
     def charges(self, name: str, limit: int = 100) -> list[dict]:
         with self._session() as s:
