@@ -11,7 +11,6 @@ import httpx
 import pytest
 import torch
 
-from tpmlab.errors import WeightsChangedError
 from tpmlab.ir.codec import decode_result, encode_plan
 
 from .conftest import MODEL, make_gateway, raw_request, serve, wait_until
@@ -214,35 +213,33 @@ def test_one_plan_payload_limit_for_gateway_and_engine(engine_backend, cost_mode
         s.server.stop()
 
 
-class _RestoringBackend:
-    """The engine, but every run reports that the plan changed a weight (as the engine's
-    run-time guard does when it restores them)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.restore = False
-
-    def deploy(self, name, **options):
-        return self.backend.deploy(name, **options)
-
-    def run_values(self, model, plan, *, timeout=None, limits=None):
-        if self.restore:
-            raise WeightsChangedError("the plan changed model.norm.weight; restored")
-        return self.backend.run_values(model, plan, timeout=timeout, limits=limits)
-
-
 def test_weight_restores_are_counted_in_metrics(engine_backend, cost_model, tmp_path,
-                                                lab_model):
-    backend = _RestoringBackend(engine_backend)
-    gw = make_gateway(backend, f"sqlite:///{tmp_path / 'l.db'}", cost_model)
+                                                lab_model, monkeypatch):
+    """A write to a weight that validation misses (made blind to ``mul_`` writing, as a
+    mistake in the op table would) fails its request at run time (422, nothing charged),
+    the engine restores the weights, and the gateway counts it in /metrics."""
+    import dataclasses
+
+    from tpmlab.ir import ops as irops
+
+    gw = make_gateway(engine_backend, f"sqlite:///{tmp_path / 'l.db'}", cost_model)
     s = serve(gw)
+    good = _blob(lab_model, lambda m: m.output.logits.save())
     try:
-        backend.restore = True
         with s.client("inspect") as c:
-            r = c.post(f"/v1/models/{MODEL}/run", content=_blob(lab_model, _logits))
-            assert r.status_code == 422 and r.json()["error"] == "WeightsChangedError"
+            before = decode_result(c.post(f"/v1/models/{MODEL}/run", content=good).content)[0]
+            monkeypatch.setitem(irops.OPS, "mul_",
+                                dataclasses.replace(irops.OPS["mul_"], mutates=False))
+            bad = _blob(lab_model, lambda m: (m.model.norm.param("weight").mul_(0),
+                                              m.output.logits.save()))
+            r = c.post(f"/v1/models/{MODEL}/run", content=bad)
+            assert r.status_code == 422 and r.json()["error"] == "WeightsChangedError", r.text
             assert f'tpmlab_gateway_weight_restores_total{{model="{MODEL}"}} 1.0' in \
                 c.get("/metrics").text
-        assert gw.ledger.totals("inspect-user")["used"] == 0.0
+            monkeypatch.undo()
+            after = decode_result(c.post(f"/v1/models/{MODEL}/run", content=good).content)[0]
+        assert len(gw.ledger.charges("inspect-user")) == 2  # the failed request: no charge
+        for k in before:
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
     finally:
         s.server.stop()
