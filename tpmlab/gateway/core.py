@@ -486,7 +486,7 @@ class Gateway:
         units = self.config.pricing.units(forward + own, nbytes)
         req.cost = {"measured_seconds": measured, "forward_seconds": forward,
                     "plan_seconds": own, "charged_seconds": forward + own,
-                    "held_units": req.hold.units}
+                    "held_units": from_micro(to_micro(req.hold.units))}
         if units > req.hold.units:
             self.metrics.uncharged.labels(req.model).inc(units - req.hold.units)
         return {"request_id": req.id, "user_id": req.user.id, "model": req.model,

@@ -28,7 +28,7 @@ bill depends on who else was in the batch.
 **The hold.** Before a request runs, the gateway holds its worst case in the ledger
 (:func:`hold`): the forward passes of every token that may pass (``max_new_tokens`` for
 a generation), an allowance for the plan's own compute of ``plan_compute_factor`` times
-those passes (none for a plan that only reads and saves values), and the bytes it may
+those passes (none for a plan without nodes of its own), and the bytes it may
 save: exactly what validation sized, or the tier's ``max_saved_bytes`` (which the engine
 enforces while running) when validation cannot size a save (later generation steps,
 data-dependent shapes). The hold must fit the user's balance minus their other holds,
@@ -47,8 +47,7 @@ import torch
 
 from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
-from ..ir.ops import OPS
-from ..ir.plan import CALL_MODULE, Invoke, Plan
+from ..ir.plan import POINT, Invoke, Plan
 from ..ir.validate import value_nbytes
 from ..runtime.engine import GENERATED
 
@@ -111,9 +110,9 @@ def max_new_tokens(plan: Plan) -> int:
 
 
 def computes(plan: Plan) -> bool:
-    """Whether the plan computes anything of its own (beyond reading, viewing and saving)."""
-    return any(node.op == CALL_MODULE or (node.op in OPS and not OPS[node.op].view)
-               for node in plan.nodes)
+    """Whether the plan has nodes of its own to run (the engine times every node but the
+    module points: ops, saves, writes)."""
+    return any(node.op != POINT for node in plan.nodes)
 
 
 def saved_nbytes(value: Any) -> int:
