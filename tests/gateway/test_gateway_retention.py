@@ -84,3 +84,42 @@ def test_kept_results_are_bounded_per_user_by_bytes(engine_backend, cost_model, 
             assert other.get(f"/v1/requests/{theirs}/result").status_code == 200
     finally:
         s.server.stop()
+
+
+def test_request_table_bounds():
+    """The budget drops the oldest results first, never the newest (which may alone be
+    larger) nor one being handed to a client; records go when they alone exceed it, or
+    with time."""
+    import time
+
+    from tpmlab.gateway.ledger import UserView
+    from tpmlab.gateway.records import RECORD_BYTES, Request, RequestTable
+    from tpmlab.gateway.units import Hold
+
+    table = RequestTable(keep_seconds=60, max_bytes_per_user=10 * RECORD_BYTES)
+    ann, bob = UserView(1, "ann", "query", "key", True), UserView(2, "bob", "query", "key", True)
+
+    count = iter(range(10**6))
+
+    def finish(user, nbytes, readers=0, at=None):
+        req = Request(id=f"{user.name}{next(count)}", user=user, model=MODEL, mode="trace",
+                      plan=None, blob=b"plan", digest="d", tokens=1,
+                      hold=Hold(0.0, 0.0, 0, True, 1.0), mergeable=True)
+        req.state, req.finished, req.result, req.readers = "done", at or time.monotonic(), \
+            b"r" * nbytes, readers
+        table.add(req)
+        table.finished(req)
+        return req
+
+    old = finish(bob, 0, at=time.monotonic() - 120)  # finished two minutes ago
+    first = finish(ann, 4 * RECORD_BYTES)
+    handed = finish(ann, 4 * RECORD_BYTES, readers=1)
+    big = finish(ann, 50 * RECORD_BYTES)  # over the budget alone
+    theirs = finish(bob, 4 * RECORD_BYTES)
+    assert first.result is None and first.result_dropped and first.blob is None
+    assert handed.result is not None and big.result is not None and theirs.result is not None
+    assert table.get(first.id) is first  # its status is still kept
+    many = [finish(ann, 0) for _ in range(12)]
+    assert len([r for r in table.values() if r.user is ann]) <= 10 and table.get(many[-1].id)
+    table.prune()
+    assert table.get(old.id) is None and table.get(theirs.id) is theirs

@@ -544,8 +544,8 @@ class Gateway:
             self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
 
     async def _housekeep(self) -> None:
-        """Renew this gateway's holds and release those of gateways that stopped renewing,
-        every quarter of the lease."""
+        """Every quarter of the lease: renew this gateway's holds, release those of gateways
+        that stopped renewing, forget finished requests past their time."""
         lease = self.config.hold_lease_seconds
         while True:
             live = [r.id for r in self.records.in_flight() if r.held]
@@ -554,6 +554,7 @@ class Gateway:
                 await run_in_threadpool(self.ledger.expire)
             except Exception:  # noqa: BLE001 - try again at the next round
                 log.exception("could not renew or expire holds")
+            self.records.prune()  # every user's finished requests past their time
             await asyncio.sleep(lease / 4)
 
     async def close(self) -> None:

@@ -4,9 +4,11 @@ A :class:`Request` holds its plan (with its constant tensors) only until it has 
 after that it keeps its status and, for a while, its result, so that a client that
 submitted without waiting (or whose wait timed out) can fetch it. :class:`RequestTable`
 bounds what finished requests keep, per user: results are dropped oldest first once a
-user's kept bytes exceed ``max_bytes_per_user`` (fetching such a result is 410), and
-whole records once they are older than ``keep_seconds`` or the user's records exceed
-the same budget (each record counts :data:`RECORD_BYTES` on top of its result).
+user's kept bytes exceed ``max_bytes_per_user`` (fetching such a result is 410), but
+never the newest one (which may alone be larger), nor one a client is being handed; whole
+records go once they are older than ``keep_seconds`` or the user's records alone exceed
+the budget (each record counts :data:`RECORD_BYTES` on top of its result). So a user's
+finished requests keep at most the budget plus one result.
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ class RequestTable:
         self.prune(uid)
 
     def prune(self, uid: int | None = None) -> None:
-        """Forget expired records, and keep each user within the byte budget: first drop
-        the oldest results, then the oldest records."""
+        """Forget expired records, and keep each user within the byte budget: drop the
+        oldest results, and forget the oldest records while records alone exceed it."""
         horizon = time.monotonic() - self.keep_seconds
         for user in ([uid] if uid is not None else list(self._finished)):
             done = self._finished.get(user)
@@ -122,13 +124,13 @@ class RequestTable:
                     self._forget(user, oldest)
                 else:
                     break
-            for req in list(done.values()):
+            for req in list(done.values())[:-1]:  # the newest result stays until fetched
                 if self._kept[user] <= self.max_bytes_per_user:
                     break
                 if req.result is not None and not req.readers:
                     self._kept[user] -= len(req.result)
                     req.result, req.result_dropped = None, True
-            while done and self._kept[user] > self.max_bytes_per_user:
+            while len(done) > 1 and len(done) * RECORD_BYTES > self.max_bytes_per_user:
                 self._forget(user, next(iter(done.values())))
             if not done:
                 del self._finished[user]
