@@ -243,12 +243,15 @@ class Gateway:
         if self._validating >= cfg.validation_threads + cfg.max_validations_waiting:
             raise BusyError(f"the gateway is validating {self._validating} plans; try again "
                             "in a moment", retry_after=1)
+        loop = asyncio.get_running_loop()
         self._validating += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._validators, self.prepare, user, model, blob)
-        finally:
-            self._validating -= 1
+        # counted until the thread is done with it, even if its client has gone meanwhile
+        work = self._validators.submit(self.prepare, user, model, blob)
+        work.add_done_callback(lambda _: _call_soon(loop, self._validated))
+        return await asyncio.wrap_future(work)
+
+    def _validated(self) -> None:
+        self._validating -= 1
 
     async def _hold(self, req: Request) -> None:
         try:
@@ -569,6 +572,13 @@ class Gateway:
             await run_in_threadpool(self.ledger.release_gateway, self.instance)
         except Exception:  # noqa: BLE001 - they expire by themselves
             log.exception("could not release this gateway's holds")
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop has closed: the gateway is gone
+        pass
 
 
 def _as_error(e: Exception) -> Exception:
