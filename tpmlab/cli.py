@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .errors import TpmlabError
+from .models.errors import ModelNotFoundError, UnsupportedArchitectureError
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
+LOOPBACK = "127.0.0.1"
+JUPYTER_STOP_TIMEOUT = 30.0  # seconds JupyterLab gets to shut its kernels down
+# Ctrl-C, `kill`, the terminal closing: each stops `tpmlab lab` the same way
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 def demo(prompt: str, model_name: str, top_k: int, address: str | None) -> str:
@@ -49,24 +60,124 @@ def jupyter_command(args: argparse.Namespace) -> list[str]:
 
 def lab_command(args: argparse.Namespace) -> int:
     """The main job: a local Dask cluster with the default model deployed as pipeline stages,
-    and JupyterLab on this machine's loopback whose kernels and sidebar attach to it."""
-    from .cluster.embedded import start_local_cluster
-    from .lab import connect
+    and JupyterLab on this machine's loopback whose kernels and sidebar attach to it.
 
-    print(f"tpmlab: starting a local Dask cluster and deploying {args.model} "
-          f"as {args.stages} stage(s) ...", flush=True)
-    cluster = start_local_cluster(dashboard_address="127.0.0.1:0")
-    lab = connect(cluster.scheduler_address)
+    The cluster speaks TLS under credentials made for it, written to a private folder for
+    JupyterLab and its kernels (:mod:`tpmlab.cluster.security`) and removed at the end.
+    Ctrl-C (or SIGTERM, or the terminal closing) stops JupyterLab, then the cluster,
+    quietly; a second Ctrl-C while stopping ends everything at once.
+    """
+    session = LabSession(args)
+    with _signals_raise_interrupt(*STOP_SIGNALS[1:]):
+        try:
+            return session.run()
+        except KeyboardInterrupt:
+            print("\ntpmlab: stopping JupyterLab and the cluster ...", file=sys.stderr,
+                  flush=True)
+            return 0
+        except (TpmlabError, ModelNotFoundError, UnsupportedArchitectureError) as e:
+            # a model that cannot be deployed, say: its message says what to do
+            print(f"tpmlab lab: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            session.stop()
+
+
+class LabSession:
+    """What ``tpmlab lab`` starts, in order, and stops in reverse order."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cluster: Any = None
+        self.lab: Any = None
+        self.credentials: Path | None = None
+        self.jupyter: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> int:
+        from .cluster.embedded import start_local_cluster
+        from .cluster.security import kernel_environment, write_credentials
+        from .lab import connect
+        from .models import resolve
+
+        args = self.args
+        resolve(args.model)  # a wrong name fails now, before the cluster starts
+        print(f"tpmlab: starting a local Dask cluster (TLS) and deploying {args.model} "
+              f"as {args.stages} stage(s) ...", flush=True)
+        self.cluster = start_local_cluster(dashboard_address=f"{LOOPBACK}:0")
+        address = self.cluster.scheduler_address
+        self.credentials = write_credentials(self.cluster.security, address)
+        self.lab = connect(address, security=self.cluster.security)
+        model = self.lab.model(args.model, stages=args.stages)
+        dashboard = self.cluster.scheduler.services.get("dashboard")
+        print(f"tpmlab: {model!r} on {address}; only holders of the credentials in "
+              f"{self.credentials} can reach it", flush=True)
+        if dashboard is not None:  # reached through JupyterLab, behind its login
+            print(f"tpmlab: Dask dashboard at <JupyterLab URL>/proxy/{dashboard.port}/status "
+                  "(the sidebar links it)", flush=True)
+        # Kernels started by this JupyterLab inherit the address and the credentials:
+        # tpmlab.connect() attaches. Its own session, so that the terminal's Ctrl-C reaches
+        # only this process, which stops JupyterLab in order.
+        env = {**os.environ, **kernel_environment(self.credentials, address)}
+        self.jupyter = subprocess.Popen(jupyter_command(args), env=env, start_new_session=True)
+        return self.jupyter.wait()
+
+    def stop(self) -> None:
+        """Stop JupyterLab (its kernels first), then the cluster; delete the credentials."""
+        previous = {s: signal.signal(s, self._force_stop) for s in STOP_SIGNALS}
+        try:
+            if self.jupyter is not None and self.jupyter.poll() is None:
+                self.jupyter.terminate()  # Jupyter shuts its kernels down on SIGTERM
+                try:
+                    self.jupyter.wait(JUPYTER_STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    _kill_group(self.jupyter.pid)
+                    self.jupyter.wait()
+            for part in (self.lab, self.cluster):
+                if part is not None:
+                    try:
+                        part.close()
+                    except Exception as e:  # stopping anyway: say what failed, no traceback
+                        print(f"tpmlab: while stopping: {type(e).__name__}: {e}",
+                              file=sys.stderr)
+            self.lab = self.cluster = None
+        finally:
+            from .cluster.security import remove_credentials
+
+            remove_credentials(self.credentials)
+            self.credentials = None
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _force_stop(self, signum: int, frame: Any) -> None:
+        """A second Ctrl-C (or SIGTERM) while stopping: kill JupyterLab and leave now (the
+        workers exit with this process: distributed's worker processes watch their parent)."""
+        if self.jupyter is not None:
+            _kill_group(self.jupyter.pid)
+        from .cluster.security import remove_credentials
+
+        remove_credentials(self.credentials)
+        os._exit(130)
+
+
+def _kill_group(pid: int) -> None:
     try:
-        model = lab.model(args.model, stages=args.stages)
-        print(f"tpmlab: {model!r} on {cluster.scheduler_address}; dashboard "
-              f"{cluster.dashboard_link}", flush=True)
-        # Kernels started by this JupyterLab inherit the address: tpmlab.connect() attaches.
-        env = {**os.environ, "TPMLAB_SCHEDULER": cluster.scheduler_address}
-        return subprocess.call(jupyter_command(args), env=env)
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupt(*signums: int) -> Iterator[None]:
+    """Turn these signals into KeyboardInterrupt (the path Ctrl-C takes) while inside."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in signums}
+    try:
+        yield
     finally:
-        lab.close()
-        cluster.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--address", default=None,
-                   help="a Dask scheduler (tcp://host:port); default: run in this process")
+                   help="a Dask scheduler (tls://host:port); default: run in this process")
 
     p = sub.add_parser("lab", help="a local Dask cluster with the default model, and JupyterLab")
     p.add_argument("--model", default="smollm2-135m")

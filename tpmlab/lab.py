@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ir.validate import Limits
 from .runtime.backend import Backend, LocalBackend
 from .tracing.model import LabModel
+
+if TYPE_CHECKING:  # distributed is imported only when a cluster is used
+    from distributed.security import Security
 
 
 class Lab:
@@ -51,15 +54,21 @@ class Lab:
         self.close()
 
 
-def connect(address: str | None = None, *, gateway: str | None = None, token: str | None = None,
-            **options: Any) -> Lab:
+def connect(address: str | None = None, *, security: Security | None = None, gateway: str | None = None,
+            token: str | None = None, **options: Any) -> Lab:
     """Connect to an engine; every engine gives the same :class:`Lab` API.
 
-    ``connect()``: attach to ``$TPMLAB_SCHEDULER`` if set, else start an embedded Dask
-    ``LocalCluster`` of worker processes sized to this machine;
-    ``lab.model(name, stages=N)`` splits a model over N of them.
-    ``connect("tcp://host:port")``: attach to a running Dask scheduler whose workers
-    hold the pipeline stages (see docs/hpc.md).
+    ``connect()``: attach to ``$TPMLAB_SCHEDULER`` if set (``tpmlab lab`` sets it, and
+    ``$TPMLAB_CLUSTER_CREDENTIALS`` with it, for its kernels), else start an embedded Dask
+    ``LocalCluster`` of worker processes sized to this machine, speaking TLS under
+    credentials made for it, so that only this process reaches it;
+    ``lab.model(name, stages=N)`` splits a model over N of them. In a script, call it under
+    ``if __name__ == "__main__":`` (worker processes re-run the script).
+    ``connect("tls://host:port", security=...)``: attach to a running Dask scheduler whose
+    workers hold the pipeline stages; ``security``: a :class:`distributed.security.Security`
+    (dask-jobqueue's and dask-gateway's clusters have it as ``cluster.security``; clusters
+    started by ``tpmlab lab`` are found by their address). A ``tcp://`` address on another
+    host warns once: anyone who reaches it runs code on the workers (see docs/hpc.md).
     ``connect("local")``: models run whole in this process (no cluster).
     ``connect(gateway="https://...", token=...)``: a shared deployment behind the
     multi-user gateway (token: a tpmlab API key or a JupyterHub API token).
@@ -74,4 +83,8 @@ def connect(address: str | None = None, *, gateway: str | None = None, token: st
         return Lab(LocalBackend(**options))
     from .cluster import DaskBackend  # the sharded engine
 
-    return Lab(DaskBackend(address, **options))
+    if address is not None:
+        from .cluster.security import client_security
+
+        security = client_security(address, security)
+    return Lab(DaskBackend(address, security=security, **options))

@@ -42,6 +42,8 @@ async def test_status_reports_the_live_cluster(jp_fetch, dask_cluster, tpmlab_st
         assert w["gpu"] is None  # no GPU here; the shape is tested in test_state
     port = dask_cluster.scheduler.services["dashboard"].port
     assert cluster["dashboard"]["direct"] == f"http://127.0.0.1:{port}/status"
+    # jupyter-server-proxy is not enabled in this server: nothing to route through
+    assert cluster["dashboard"]["url"] == cluster["dashboard"]["direct"]
     assert status["models"] == []
     assert status["requests"] == {"running": [], "queued": None}
     assert status["usage"] is None  # no gateway configured ($TPMLAB_GATEWAY unset)
@@ -124,3 +126,22 @@ class TestWithoutCluster:
         assert status["cluster"]["connected"] is False
         assert status["cluster"]["embedded"] is True
         assert status["models"] == [] and status["errors"] == []
+
+
+class TestWithServerProxy:
+    @pytest.fixture
+    def jp_server_config(self, scheduler_address):
+        return {"ServerApp": {"jpserver_extensions": {"tpmlab.server": True,
+                                                      "jupyter_server_proxy": True}},
+                "TpmlabServer": {"scheduler_address": scheduler_address}}
+
+    async def test_the_dashboard_is_linked_and_served_behind_the_login(
+            self, jp_fetch, jp_base_url, dask_cluster, tpmlab_state, http_server_client):
+        status = json.loads((await jp_fetch("tpmlab", "api", "status")).body)
+        port = dask_cluster.scheduler.services["dashboard"].port
+        assert status["cluster"]["dashboard"]["url"] == f"{jp_base_url}proxy/{port}/status"
+        page = await jp_fetch("proxy", str(port), "status")
+        assert page.code == 200 and b"Dask" in page.body
+        anonymous = await http_server_client.fetch(f"{jp_base_url}proxy/{port}/status",
+                                                   raise_error=False, follow_redirects=False)
+        assert anonymous.code in (302, 401, 403)

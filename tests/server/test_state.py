@@ -7,20 +7,28 @@ import socket
 from tpmlab.server.state import GatewayUsage, dashboard_link, model_view, worker_view
 
 
-def test_dashboard_link_direct_without_a_proxy_prefix():
-    assert dashboard_link("tcp://10.1.2.3:8786", 8787) == {
-        "url": "http://10.1.2.3:8787/status", "direct": "http://10.1.2.3:8787/status"}
-    assert dashboard_link("tcp://127.0.0.1:8786", None) is None
+def test_a_local_dashboard_is_linked_through_the_server_proxy():
+    """The dashboard listens on 127.0.0.1 only; the browser reaches it through
+    jupyter-server-proxy, behind Jupyter's login."""
+    assert dashboard_link("tls://127.0.0.1:8786", 8787) == {
+        "url": "/proxy/8787/status", "direct": "http://127.0.0.1:8787/status"}
+    assert dashboard_link("tls://127.0.0.1:8786", None) is None
 
 
-def test_dashboard_link_behind_jupyterhub_uses_the_server_proxy():
-    link = dashboard_link("tcp://127.0.0.1:8786", 8787, hub_prefix="/user/ana/")
+def test_dashboard_link_behind_jupyterhub_or_a_base_url():
+    link = dashboard_link("tls://127.0.0.1:8786", 8787, hub_prefix="/user/ana/")
     assert link == {"url": "/user/ana/proxy/8787/status", "direct": "http://127.0.0.1:8787/status"}
     link = dashboard_link("inproc://192.0.2.2/1/1", 9000, base_url="/lab-base")
     assert link["url"] == "/lab-base/proxy/9000/status"
+
+
+def test_dashboard_link_direct_where_no_proxy_can_reach_it():
     # a remote scheduler's dashboard is not on this server: link it directly
-    assert dashboard_link("tcp://10.9.9.9:8786", 8787, hub_prefix="/user/ana/")["url"] == \
+    assert dashboard_link("tls://10.9.9.9:8786", 8787, hub_prefix="/user/ana/")["url"] == \
         "http://10.9.9.9:8787/status"
+    # jupyter-server-proxy not enabled in this server
+    assert dashboard_link("tls://127.0.0.1:8786", 8787, proxy=False)["url"] == \
+        "http://127.0.0.1:8787/status"
 
 
 def test_worker_view_reads_memory_and_gpu_metrics():

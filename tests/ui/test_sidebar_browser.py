@@ -1,7 +1,8 @@
 """The sidebar in a real browser: JupyterLab on 127.0.0.1 (token auth, free port) pointed
 at a real Dask cluster with a tiny model deployed as two stages; Chromium (the system's,
 never a downloaded one) opens the sidebar, sees the workers and the stages, opens the Dask
-dashboard and undeploys the model. Screenshots go to test-artifacts/."""
+dashboard (through jupyter-server-proxy) and undeploys the model. Screenshots go to
+test-artifacts/."""
 
 from __future__ import annotations
 
@@ -140,13 +141,15 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
             page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
             sidebar.screenshot(path=str(ARTIFACTS / "sidebar-panel.png"))
 
-            # Action 1: the Dask dashboard opens in a new tab.
+            # Action 1: the Dask dashboard opens in a new tab, through jupyter-server-proxy
+            # (behind JupyterLab's login), not on its loopback port.
             with context.expect_page(timeout=30_000) as popup:
                 sidebar.locator(".jp-tpmlab-dashboard-link").click()
             dash = popup.value
             dash.wait_for_load_state("domcontentloaded", timeout=30_000)
             port = cluster.scheduler.services["dashboard"].port
-            assert dash.url.startswith(f"http://127.0.0.1:{port}/status"), dash.url
+            assert dash.url.startswith(f"{url}/proxy/{port}/status"), dash.url
+            assert "Dask" in dash.title(), dash.title()
             dash.close()
 
             # Action 2: undeploy; the sidebar and the cluster's registry both forget it.

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from distributed import Client, Future
+from distributed.security import Security
 
 from ..errors import ExecutionError, PlanError, RequestTimeoutError
 from ..ir.codec import dtype_name, encode_result
@@ -72,26 +73,30 @@ class Deployment:
 class DaskBackend:
     """Runs plans on a model split into pipeline stages over Dask workers.
 
-    ``address``: a scheduler (``"tcp://host:port"``), or ``None`` to start an embedded
-    :class:`distributed.LocalCluster` of worker processes sized to this machine
-    (``n_workers`` and other ``LocalCluster`` options may be given). ``client``: use an
-    existing :class:`distributed.Client` instead. ``timeout``: default seconds a request
+    ``address``: a scheduler (``"tls://host:port"``), or ``None`` to start an embedded
+    :class:`distributed.LocalCluster` of worker processes sized to this machine, speaking
+    TLS under credentials made for it (``n_workers`` and other ``LocalCluster`` options
+    may be given). ``security``: the :class:`distributed.security.Security` to connect (or
+    start the embedded cluster) with. ``client``: use an existing
+    :class:`distributed.Client` instead. ``timeout``: default seconds a request
     may take. ``threads``: torch threads per stage (default: the worker's cores).
     """
 
     def __init__(self, address: str | None = None, *, client: Client | None = None,
                  n_workers: int | None = None, timeout: float = 600.0,
                  connect_timeout: float = 60.0, threads: int | None = None,
-                 limits: Limits = Limits(), **cluster_options: Any) -> None:
+                 limits: Limits = Limits(), security: Security | None = None,
+                 **cluster_options: Any) -> None:
         self.cluster = None
         if client is not None:
             self.client = client
             self._own_client = False
         else:
             if address is None:
-                self.cluster = start_local_cluster(n_workers, **cluster_options)
+                self.cluster = start_local_cluster(n_workers, security=security,
+                                                   **cluster_options)
                 address = self.cluster
-            self.client = Client(address, timeout=connect_timeout)
+            self.client = Client(address, timeout=connect_timeout, security=security)
             self._own_client = True
         self.timeout = timeout
         self.threads = threads

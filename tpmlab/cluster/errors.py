@@ -15,3 +15,7 @@ class StageLostError(ExecutionError):
     The request failed; the deployment has already been healed (the lost stages were
     loaded again on live workers), so running the request again works.
     """
+
+
+class ClusterSecurityError(TpmlabError):
+    """A cluster's credentials are missing, unreadable or not private to their owner."""

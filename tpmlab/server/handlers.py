@@ -141,6 +141,7 @@ def setup_handlers(server_app: Any) -> None:
                          hub_prefix=os.environ.get("JUPYTERHUB_SERVICE_PREFIX"),
                          connect_timeout=config.connect_timeout,
                          embedded_options=dict(config.embedded_options),
+                         proxy=_server_proxy_enabled(server_app),
                          gateway=GatewayUsage.from_env({**os.environ,
                                                         GATEWAY_ENV: config.gateway_url}))
     pool = ThreadPoolExecutor(1, thread_name_prefix="tpmlab-server")
@@ -160,6 +161,14 @@ def setup_handlers(server_app: Any) -> None:
 
     # Module extensions get no stop hook: close the client (and any embedded cluster) at exit.
     atexit.register(_quiet, shutdown)
+
+
+def _server_proxy_enabled(server_app: Any) -> bool:
+    """Whether jupyter-server-proxy is enabled in this server (its ``/proxy/<port>/`` route
+    serves the Dask dashboard behind Jupyter's login)."""
+    manager = getattr(server_app, "extension_manager", None)
+    package = manager.extensions.get("jupyter_server_proxy") if manager is not None else None
+    return bool(package is not None and package.enabled)
 
 
 def _quiet(fn: Any) -> None:

@@ -6,9 +6,10 @@ stores its deployments; the handlers and the frontend see plain JSON (documented
 :class:`distributed.Client`) and is meant to run on :class:`ClusterState`'s own worker
 thread, never on the Jupyter server's event loop.
 
-Which cluster: ``address`` (a scheduler, e.g. ``"tcp://10.0.0.5:8786"``), else none
-until the first deploy action, which starts the embedded cluster with
-``tpmlab.connect()`` (a ``LocalCluster`` of worker processes, dashboard on a free port).
+Which cluster: ``address`` (a scheduler, e.g. ``"tls://10.0.0.5:8786"``; the credentials of
+a cluster ``tpmlab lab`` started are found from ``$TPMLAB_CLUSTER_CREDENTIALS``), else none
+until the first deploy action, which starts the embedded cluster with ``tpmlab.connect()``
+(a ``LocalCluster`` of worker processes speaking TLS, dashboard on a free loopback port).
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ class PendingDeploy:
 
 
 def dashboard_link(scheduler_address: str | None, port: int | None, *, base_url: str = "/",
-                   hub_prefix: str | None = None) -> dict[str, str] | None:
+                   hub_prefix: str | None = None, proxy: bool = True) -> dict[str, str] | None:
     """Where the browser finds the Dask dashboard.
 
     ``{"url": ..., "direct": ...}``: ``direct`` is ``http://host:port/status``; ``url`` is the
-    link to open. Behind JupyterHub (``hub_prefix`` = ``JUPYTERHUB_SERVICE_PREFIX``) or a
-    server with a ``base_url`` other than ``/``, a dashboard on this machine is reached through
-    jupyter-server-proxy at ``<prefix>proxy/<port>/status``, as dask-labextension does.
+    link to open. A dashboard on this machine (it listens on 127.0.0.1 only) is reached
+    through jupyter-server-proxy at ``<prefix>proxy/<port>/status``, behind Jupyter's own
+    login, as dask-labextension does; ``<prefix>`` is ``hub_prefix``
+    (``JUPYTERHUB_SERVICE_PREFIX``) or the server's ``base_url``. ``proxy=False`` (the proxy
+    is not enabled in this server) and a dashboard on another host: ``url`` is ``direct``.
     """
     if not port:
         return None
@@ -57,9 +60,9 @@ def dashboard_link(scheduler_address: str | None, port: int | None, *, base_url:
     host = "127.0.0.1" if parsed.scheme in ("", "inproc") else (parsed.hostname or "127.0.0.1")
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
     direct = f"http://{shown}:{port}/status"
-    prefix = hub_prefix or (base_url if base_url and base_url != "/" else None)
     local = host in LOCAL_HOSTS or host in _own_names()
-    if prefix and local:
+    if proxy and local:
+        prefix = hub_prefix or base_url or "/"
         prefix = prefix if prefix.endswith("/") else prefix + "/"
         return {"url": f"{prefix}proxy/{port}/status", "direct": direct}
     return {"url": direct, "direct": direct}
@@ -166,11 +169,12 @@ class ClusterState:
 
     def __init__(self, address: str | None = None, *, base_url: str = "/",
                  hub_prefix: str | None = None, connect_timeout: float = 10.0,
-                 embedded_options: dict[str, Any] | None = None,
+                 embedded_options: dict[str, Any] | None = None, proxy: bool = True,
                  gateway: GatewayUsage | None = None) -> None:
         self.address = address or None
         self.base_url = base_url
         self.hub_prefix = hub_prefix
+        self.proxy = proxy  # jupyter-server-proxy serves <base_url>proxy/<port>/ here
         self.connect_timeout = connect_timeout
         self.embedded_options = dict(embedded_options or {})
         self.client: Any = None
@@ -190,7 +194,11 @@ class ClusterState:
             return None
         from distributed import Client
 
-        self.client = Client(self.address, timeout=self.connect_timeout, set_as_default=False)
+        from tpmlab.cluster.security import client_security
+
+        # a cluster `tpmlab lab` started: its credentials, named in $TPMLAB_CLUSTER_CREDENTIALS
+        self.client = Client(self.address, timeout=self.connect_timeout, set_as_default=False,
+                             security=client_security(self.address))
         return self.client
 
     def _backend(self) -> Any:
@@ -251,7 +259,7 @@ class ClusterState:
             "addresses": sorted(workers),
             "total_memory": sum(w.get("memory_limit") or 0 for w in workers.values()),
             "dashboard": dashboard_link(address, port, base_url=self.base_url,
-                                        hub_prefix=self.hub_prefix),
+                                        hub_prefix=self.hub_prefix, proxy=self.proxy),
         }
 
     def _models(self, client: Any, live: set[str]) -> list[dict[str, Any]]:
