@@ -1,8 +1,15 @@
 """Load on the gateway over loopback: N simulated researchers, each sending one
 single-prompt trace after another for a fixed time, with and without cross-user
-batching. Prints throughput and p50/p99 latency. Bounded in users, time and requests.
+batching. Prints throughput and p50/p99 latency, and checks what batching must not
+change: every prompt's answer (top-5 ids and logits) and its charge equal the one-by-one
+run's, and the ledger balances. Bounded in users, time and requests.
 
-    python benchmarks/gateway_load.py --model smollm2-135m --users 16 --seconds 20
+    python -m benchmarks.gateway_load                     # smollm2-135m, 16 users, 20 s
+    python -m benchmarks.gateway_load --model tiny-llama --users 8 --seconds 10
+
+Every request goes the whole way a researcher's does: authentication, validation with
+the tier's limits, a hold in the SQLite ledger, (merged) run with the tier's limits, the
+hold settled as a charge.
 """
 
 from __future__ import annotations
@@ -40,7 +47,10 @@ def plan_blobs(lab_model):
 def run_load(url, keys, blobs, model, seconds, max_requests):
     import httpx
 
+    from tpmlab.ir.codec import decode_result
+
     latencies, batch_sizes, errors = [], [], []
+    answers: dict[int, tuple] = {}  # prompt index -> (top-5 values, indices), units
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
@@ -52,10 +62,15 @@ def run_load(url, keys, blobs, model, seconds, max_requests):
                 t = time.perf_counter()
                 r = c.post(f"/v1/models/{model}/run", content=blobs[(i + k) % len(blobs)])
                 dt = time.perf_counter() - t
+                j = (i + k) % len(blobs)
                 with lock:
                     if r.status_code == 200:
                         latencies.append(dt)
                         batch_sizes.append(int(r.headers["x-tpmlab-batch-size"]))
+                        if j not in answers:
+                            values, meta = decode_result(r.content)
+                            answers[j] = (next(iter(values.values())),
+                                          float(r.headers["x-tpmlab-units"]))
                     else:
                         errors.append(r.status_code)
                 k += 1
@@ -67,7 +82,7 @@ def run_load(url, keys, blobs, model, seconds, max_requests):
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 2 else [float("nan")] * 99
     return {"requests": len(latencies), "errors": len(errors), "seconds": wall,
             "throughput": len(latencies) / wall, "p50": statistics.median(latencies),
-            "p99": q[98], "mean_batch": statistics.mean(batch_sizes)}
+            "p99": q[98], "mean_batch": statistics.mean(batch_sizes), "answers": answers}
 
 
 def main():
@@ -92,6 +107,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="tpmlab-gw-load-")
     results = {}
     cost = None
+    audits = {}
     for mode in ("one by one", "batched"):
         ledger = Ledger(f"sqlite:///{tmp}/{mode.replace(' ', '_')}.db")
         keys = []
@@ -110,6 +126,7 @@ def main():
             results[mode] = run_load(srv.url, keys, blobs, args.model, args.seconds,
                                      args.max_requests)
             lab.close()
+        audits[mode] = ledger.audit()
         ledger.close()
     print(f"model {args.model}, {args.users} concurrent researchers, {args.seconds:g} s each, "
           f"torch threads {torch.get_num_threads()}, cost model {cost}")
@@ -119,6 +136,18 @@ def main():
               f"{r['p99'] * 1e3:>8.1f} {r['mean_batch']:>6.1f}  errors={r['errors']}")
     speedup = results["batched"]["throughput"] / results["one by one"]["throughput"]
     print(f"throughput, batched / one by one: {speedup:.1f}x")
+    alone, together = results["one by one"]["answers"], results["batched"]["answers"]
+    same, charged = [], []
+    for j in sorted(set(alone) & set(together)):
+        (va, ua), (vt, ut) = alone[j], together[j]
+        same.append(torch.equal(va.indices, vt.indices)
+                    and torch.allclose(va.values, vt.values, atol=1e-4, rtol=1e-4))
+        charged.append((ua, ut))
+    print(f"answers equal to one by one: {sum(same)}/{len(same)} prompts; charges "
+          + ", ".join(f"{ua:.3f}/{ut:.3f}" for ua, ut in charged)
+          + " SU (one by one / batched: forward by the cost model, plus each plan's own "
+          "measured nodes)")
+    print(f"ledger audit: {audits}")
 
 
 if __name__ == "__main__":

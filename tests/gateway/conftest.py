@@ -198,3 +198,87 @@ def wait_until(predicate, timeout=10.0):
             return True
         time.sleep(0.01)
     return False
+
+
+# -- gateways as separate processes -----------------------------------------------------------------
+class GatewayProcess:
+    """``tpmlab gateway`` (the real CLI) in its own process on a free 127.0.0.1 port, serving
+    tiny-llama from ``db`` with a pinned cost model (so every gateway prices alike)."""
+
+    def __init__(self, db: str, *args: str, cost: str = "0.01,0.001"):
+        import sys
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "tpmlab.cli", "gateway", "--model", MODEL, "--db", db,
+               "--port", str(self.port), "--cost-model", cost, "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+
+    def wait_ready(self, timeout: float = 180.0) -> GatewayProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {self.proc.stdout.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"the gateway on {self.url} did not start within {timeout:g} s")
+
+    def kill(self) -> None:
+        """kill -9: no clean shutdown, as in a crash."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+
+
+def fresh_postgres(url: str) -> str:
+    """``url`` with the gateway's tables dropped (a clean ledger)."""
+    from sqlalchemy import create_engine
+
+    from tpmlab.gateway.ledger import Base
+
+    engine = create_engine(url)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    return url
+
+
+def raw_request(url: str, request_line: str, headers: dict[str, str], body: bytes = b"",
+                timeout: float = 30.0) -> bytes:
+    """Send an HTTP/1.1 request byte for byte (clients refuse to send malformed ones) and
+    return what came back (b"" if the server closed the connection without answering)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = [request_line, f"Host: {host}:{port}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:  # closed on us while sending: read what it said
+            pass
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return b"".join(chunks)

@@ -77,7 +77,7 @@ def test_jupyterhub_tokens_are_checked_at_the_hub(engine_backend, cost_model, tm
         with s.client("hub-token-of-carol") as c:
             me = c.get("/v1/me").json()
             assert (me["name"], me["tier"], me["source"], me["balance"]) == \
-                ("carol", "inspect", "hub", 50.0)
+                ("hub:carol", "inspect", "hub", 50.0)
             c.get("/v1/me")
         assert fake_hub.calls == 1  # cached
         with s.client("a-token-the-hub-does-not-know") as c:
@@ -156,7 +156,7 @@ def test_quota_refused_before_running_and_charges_add_up(served, lab_model):
     with served.client(key) as c:
         r = c.post(f"/v1/models/{MODEL}/run", content=blob)
     assert r.status_code == 402 and r.json()["error"] == "QuotaError"
-    assert "estimated at" in r.json()["message"] and "balance" in r.json()["message"]
+    assert "holds" in r.json()["message"] and "balance" in r.json()["message"]
     runs_after = sum(s.value for s in served.gateway.metrics.batch_size.collect()[0].samples
                      if s.name.endswith("_count"))
     assert runs_after == runs_before  # nothing ran
@@ -176,8 +176,10 @@ def test_quota_refused_before_running_and_charges_add_up(served, lab_model):
     pricing, cost = served.gateway.config.pricing, served.gateway.models[MODEL].cost
     tokens = len(lab_model.tokenizer("The Eiffel Tower is in")["input_ids"])
     nbytes = tokens * lab_model.d_model * 4
+    assert meta["forward_seconds"] == pytest.approx(cost.seconds(tokens))
     assert units == pytest.approx(pricing.su_per_request + pricing.su_per_compute_second
-                                  * cost.seconds(tokens) + pricing.su_per_mib * nbytes / 2**20)
+                                  * (cost.seconds(tokens) + meta["plan_seconds"])
+                                  + pricing.su_per_mib * nbytes / 2**20)
     assert meta["charged_units"] == pytest.approx(units)
     assert ledger.balance("poor") == pytest.approx(100.5 - units)
     (charge,) = ledger.charges("poor")
@@ -227,7 +229,7 @@ def test_per_user_concurrency_limit(engine_backend, cost_model, tmp_path, lab_mo
                      for _ in range(3)]
             assert codes == [202, 202, 429]
             assert other.post(f"/v1/models/{MODEL}/requests", content=blob).status_code == 202
-            assert wait_until(lambda: gw._inflight.get(gw.ledger.user("inspect-user").id) == 0)
+            assert wait_until(lambda: gw._inflight.get(gw.ledger.user("inspect-user").id, 0) == 0)
             assert c.post(f"/v1/models/{MODEL}/requests", content=blob).status_code == 202
     finally:
         s.server.stop()

@@ -64,9 +64,15 @@ def test_concurrent_users_share_a_pass_with_solo_results_and_charges(
         torch.testing.assert_close(vt[h], va[h], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(vt[lg], va[lg], atol=1e-4, rtol=1e-4)
         assert mt["plan_digest"] == ma["plan_digest"]  # the user's own plan, not the batch's
-        # the charge does not depend on who else was in the batch
-        assert float(t.headers["x-tpmlab-units"]) == pytest.approx(
-            float(a.headers["x-tpmlab-units"]), rel=1e-12)
+        # the charge does not depend on who else was in the batch: the same forward
+        # passes, and the engine's measure of the request's own nodes only
+        assert mt["forward_seconds"] == ma["forward_seconds"]
+        pricing = batch_gw.config.pricing
+        for r, m in ((a, ma), (t, mt)):  # (test_gateway_admission: nobody pays for others)
+            assert float(r.headers["x-tpmlab-units"]) == pytest.approx(pricing.units(
+                m["forward_seconds"] + m["plan_seconds"], sum(
+                    v.numel() * v.element_size() for v in decode_result(r.content)[0].values())),
+                abs=1e-5)
     per_user = {}
     for i, t in enumerate(together):
         per_user.setdefault(f"{tiers[i % 2]}-user", 0.0)

@@ -46,19 +46,20 @@ def test_users_keys_allocations_charges(db_url):
             stored = conn.execute(text("select salt, digest from gateway_api_keys")).one()
         assert secret not in "".join(stored)
         assert ledger.allocate("ann", 5.5) == pytest.approx(15.5)
-        ledger.record_charges([{"request_id": "r1", "user_id": ledger.user("ann").id,
+        ledger.settle([{"request_id": "r1", "user_id": ledger.user("ann").id,
                                 "model": MODEL, "model_version": "v", "plan_digest": "d",
                                 "mode": "trace", "tokens": 3, "bytes_returned": 10,
                                 "compute_seconds": 0.1, "measured_seconds": 0.05,
                                 "batch_size": 2, "units": 2.5}])
         assert ledger.balance("ann") == pytest.approx(13.0)
         assert ledger.totals("ann") == {"allocated": 15.5, "used": 2.5, "requests": 1,
-                                        "balance": 13.0}
+                                        "balance": 13.0, "held": 0.0}
         assert ledger.charges("ann")[0]["batch_size"] == 2
         ledger.revoke_key(key_id)
         assert ledger.check_key(key) is None
         ledger.set_active("ann", False)
-        assert ledger.ensure_user("ann", tier="query", units=1, source="hub").active is False
+        assert ledger.ensure_user("ann", tier="query", units=1).active is False
+        assert ledger.audit() == []
     finally:
         ledger.close()
 

@@ -15,7 +15,7 @@ from tpmlab.errors import SchemaError
 from tpmlab.ir.codec import decode_plan, encode_plan
 from tpmlab.ir.plan import Plan
 
-from .conftest import MODEL
+from .conftest import MODEL, raw_request
 
 
 def _blob(doc, tensors=None):
@@ -110,10 +110,13 @@ def _good_blob(model):
 
 
 def test_oversized_body_refused_before_reading_it_all(served):
+    limit = served.gateway.config.tier_limits["query"].max_plan_bytes
+    # a declared length over the tier's limit is refused with only 1 MiB of it sent
+    answer = raw_request(served.url, f"POST /v1/models/{MODEL}/run HTTP/1.1",
+                         {"Authorization": f"Bearer {served.keys['query']}",
+                          "Content-Length": str(limit + 1)}, b"\x00" * 2**20)
+    assert answer.startswith(b"HTTP/1.1 413") and b"PayloadTooLargeError" in answer
     with served.client("admin") as c:
-        limit = served.gateway.config.max_body_bytes
-        r = c.post(f"/v1/models/{MODEL}/run", content=b"\x00" * (limit + 1))
-        assert r.status_code == 413 and r.json()["error"] == "PayloadTooLargeError"
         assert c.post(f"/v1/models/{MODEL}/run", content=b"").status_code == 400
         assert c.post("/v1/models/../../etc/run", content=b"x").status_code == 404
         assert c.post("/v1/models/no-such-model/run", content=b"x").status_code == 404
@@ -188,3 +191,139 @@ def test_fuzz_random_plan_documents(doc):
         return
     _check_decode(st_save({"in0": torch.tensor([1, 2])}, metadata={"tpmlab": meta}))
     _check_decode(st_save({}, metadata={"tpmlab": meta}))
+
+
+# -- hostile HTTP ----------------------------------------------------------------------------------
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_hostile_http_requests_get_4xx_naming_the_problem(served, lab_model):
+    """Malformed bodies, headers, lengths and content types: every answer is a 4xx (or the
+    connection is refused outright by the HTTP parser), never a 500; the service goes on."""
+    key = served.keys["intervene"]
+    auth = {"Authorization": f"Bearer {key}"}
+    run = f"POST /v1/models/{MODEL}/run HTTP/1.1"
+    good = _good_blob(lab_model)
+    cases = {
+        "length not a number": (run, {**auth, "Content-Length": "abc"}, b"x"),
+        "negative length": (run, {**auth, "Content-Length": "-1"}, b"x"),
+        "two lengths": (run, {**auth, "Content-Length": "1", "content-length": "2"}, b"xx"),
+        "huge declared length": (run, {**auth, "Content-Length": "9" * 30}, b"x"),
+        "bad chunk size": (run, {**auth, "Transfer-Encoding": "chunked"}, b"zz\r\nx\r\n0\r\n\r\n"),
+        "chunked garbage": (run, {**auth, "Transfer-Encoding": "chunked"},
+                            b"5\r\n\x00\x01\x02\x03\x04\r\n0\r\n\r\n"),
+        "huge header": (run, {**auth, "X-Pad": "a" * 200_000, "Content-Length": "1"}, b"x"),
+        "latin-1 credential": (run, {"Authorization": "Bearer \xff\xfe\xfd",
+                                     "Content-Length": "1"}, b"x"),
+        "long credential": (run, {"Authorization": "Bearer " + "A" * 6000,
+                                  "Content-Length": "1"}, b"x"),
+        "empty bearer": (run, {"Authorization": "Bearer ", "Content-Length": "1"}, b"x"),
+        "json content type": (run, {**auth, "Content-Type": "application/json",
+                                    "Content-Length": str(len(good))}, good),
+        "form content type": (run, {**auth, "Content-Type": "multipart/form-data; boundary=x",
+                                    "Content-Length": str(len(good))}, good),
+        "text content type": (run, {**auth, "Content-Type": "text/plain",
+                                    "Content-Length": "4"}, b"plan"),
+        "json body": (run, {**auth, "Content-Length": "13"}, b'{"nodes": []}'),
+        "gzip body": (run, {**auth, "Content-Encoding": "gzip", "Content-Length": "20"},
+                      b"\x1f\x8b" + b"\x00" * 18),
+        "timeout nan": (f"POST /v1/models/{MODEL}/run?timeout=nan HTTP/1.1",
+                        {**auth, "Content-Length": str(len(good))}, good),
+        "timeout negative": (f"POST /v1/models/{MODEL}/run?timeout=-1 HTTP/1.1",
+                             {**auth, "Content-Length": str(len(good))}, good),
+        "timeout text": (f"POST /v1/models/{MODEL}/run?timeout=soon HTTP/1.1",
+                         {**auth, "Content-Length": str(len(good))}, good),
+        "nul in model": ("POST /v1/models/%00/run HTTP/1.1", {**auth, "Content-Length": "1"},
+                         b"x"),
+        "traversal in model": ("POST /v1/models/..%2F..%2Fetc/run HTTP/1.1",
+                               {**auth, "Content-Length": "1"}, b"x"),
+        "injection in request id": ("GET /v1/requests/'%20OR%201=1-- HTTP/1.1", auth, b""),
+        "unknown method": ("BREW /v1/models HTTP/1.1", auth, b""),
+        "admin body not json": ("POST /v1/admin/users HTTP/1.1",
+                                {"Authorization": f"Bearer {served.keys['admin']}",
+                                 "Content-Type": "application/json", "Content-Length": "1"},
+                                b"{"),
+        "admin units nan": ("POST /v1/admin/users/query-user/allocations HTTP/1.1",
+                            {"Authorization": f"Bearer {served.keys['admin']}",
+                             "Content-Type": "application/json", "Content-Length": "14"},
+                            b'{"units": NaN}'),
+        "admin units huge": ("POST /v1/admin/users/query-user/allocations HTTP/1.1",
+                             {"Authorization": f"Bearer {served.keys['admin']}",
+                              "Content-Type": "application/json", "Content-Length": "16"},
+                             b'{"units": 1e300}'),
+    }
+    for name, (line, headers, body) in cases.items():
+        answer = raw_request(served.url, line, headers, body)
+        status = _status(answer)
+        assert answer == b"" or 400 <= status < 500, (name, answer[:300])
+        if b"application/json" in answer.split(b"\r\n\r\n")[0]:
+            payload = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert payload.get("error") and payload.get("message"), (name, payload)
+    with served.client("intervene") as c:  # the service goes on
+        assert c.post(f"/v1/models/{MODEL}/run", content=good).status_code == 200
+        assert c.get("/v1/me").json()["balance"] > 0
+    assert served.gateway.ledger.audit() == []
+
+
+def test_failed_authentication_is_throttled_per_address(engine_backend, cost_model, tmp_path):
+    """Three failures from 127.0.0.1 and its requests get 429 with Retry-After before any
+    credential is checked (a good key too); 127.0.0.2 is not affected."""
+    import httpx
+
+    from .conftest import make_gateway, serve
+
+    gw = make_gateway(engine_backend, f"sqlite:///{tmp_path / 'l.db'}", cost_model,
+                      auth_failure_burst=3, auth_failure_rate=0.2)
+    s = serve(gw)
+
+    def get(key, address="127.0.0.1"):
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(base_url=s.url, transport=transport,
+                          headers={"Authorization": f"Bearer {key}"}) as c:
+            return c.get("/v1/me")
+
+    try:
+        assert [get("tpmk_guess_wrong").status_code for _ in range(3)] == [401] * 3
+        r = get("tpmk_guess_wrong")
+        assert r.status_code == 429 and r.json()["error"] == "RateLimitError"
+        assert 1 <= int(r.headers["retry-after"]) <= 5
+        assert get(s.keys["query"]).status_code == 429
+        assert get(s.keys["query"], "127.0.0.2").status_code == 200
+        assert get("tpmk_guess_wrong", "127.0.0.2").status_code == 401
+    finally:
+        s.server.stop()
+
+
+def test_every_error_class_has_one_status_and_comes_back_as_itself():
+    """Statuses come from the error classes (plan errors 400, limits 413, run failures 422,
+    the gateway's own their status), and the client raises the class the gateway named."""
+    import httpx
+
+    from tpmlab import errors as engine
+    from tpmlab.gateway import errors as gw
+    from tpmlab.gateway.client import raise_for_error
+
+    plan_errors = [c for c in vars(engine).values()
+                   if isinstance(c, type) and issubclass(c, engine.PlanError)]
+    assert len(plan_errors) >= 7
+    for cls in plan_errors:
+        assert gw.http_status(cls("x")) == (413 if issubclass(cls, engine.LimitError) else 400)
+    assert gw.http_status(engine.ExecutionError("x")) == 422
+    assert gw.http_status(engine.WeightsChangedError("x")) == 422
+    assert gw.http_status(engine.RequestTimeoutError("x")) == 504
+    assert gw.http_status(KeyError("x")) == 500
+    gateway_errors = [c for c in vars(gw).values()
+                      if isinstance(c, type) and issubclass(c, gw.GatewayError)]
+    for cls in plan_errors + gateway_errors + [engine.ExecutionError, engine.WeightsChangedError,
+                                               engine.RequestTimeoutError]:
+        error = cls("went wrong", node=3, line="cell:2") if issubclass(
+            cls, (engine.PlanError, engine.ExecutionError)) else cls("went wrong")
+        status = gw.http_status(error)
+        assert 400 <= status < 600
+        response = httpx.Response(status, json=gw.error_body(error))
+        with pytest.raises(cls) as caught:
+            raise_for_error(response)
+        assert type(caught.value) is cls and "went wrong" in str(caught.value)
+        if isinstance(error, engine.PlanError):
+            assert caught.value.node == 3 and caught.value.line == "cell:2"

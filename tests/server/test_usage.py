@@ -99,7 +99,7 @@ async def test_usage_is_the_users_balance_at_the_gateway(jp_fetch, tpmlab_state,
 async def test_a_single_user_server_uses_its_jupyterhub_token(jp_fetch, tpmlab_state, token):
     usage = await _usage(jp_fetch)
     assert usage == {"used": 0.0, "quota": 250.0, "balance": 250.0, "unit": "SU",
-                     "tier": "inspect", "user": "carol"}
+                     "tier": "inspect", "user": "hub:carol"}  # the Hub user's own account
 
 
 @pytest.mark.parametrize("token", [{"TPMLAB_TOKEN": "not-a-key"}, {}], indirect=True,

@@ -17,35 +17,43 @@ admin    /v1/admin/users[...]                  users, keys, tiers, allocations (
 =======  ====================================  =================================================
 
 Plans and results are ``application/octet-stream`` (:mod:`tpmlab.ir.codec`: JSON +
-safetensors, never pickles). Errors are JSON ``{"error": <class>, "message": ...}``
-with the status of their class (:mod:`tpmlab.gateway.errors`; plan errors are 400,
-size limits 413, failures while running 422).
+safetensors, never pickles). Errors are JSON ``{"error": <class>, "message": ...}`` with
+the status of their class, decided in one place (:func:`tpmlab.gateway.errors.http_status`:
+plan errors 400, size limits 413, failures while running 422, the gateway's own errors
+their ``status``). A request is authenticated (failures throttled per client address)
+and counted against the user's in-flight limit before its body is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
-from ..errors import ExecutionError, LimitError, PlanError, RequestTimeoutError
+from ..errors import TpmlabError
 from .auth import Authenticator, HubSettings
 from .core import Gateway
 from .errors import (
     BadRequestError,
-    GatewayError,
     PayloadTooLargeError,
     TierError,
+    UnsupportedMediaTypeError,
+    error_body,
+    http_status,
 )
-from .ledger import LedgerError, UserView
+from .ledger import USER_NAME_PATTERN, LedgerError, UserView
+from .throttle import FailureThrottle, retry_after_header
 from .tiers import TIERS
 
+log = logging.getLogger("tpmlab.gateway")
 OCTET = "application/octet-stream"
 
 
@@ -82,6 +90,7 @@ class Me(BaseModel):
     allocated: float
     used: float
     balance: float
+    held: float = Field(description="units held by your requests in flight")
     requests: int
 
 
@@ -95,17 +104,18 @@ class RequestStatus(BaseModel):
     state: str
     mode: str
     tokens: int
-    estimated_units: float
+    estimated_units: float = Field(description="the hold: the most the request can cost")
     units: float
     batch_size: int
     error: str | None = None
     message: str | None = None
+    result: str | None = Field(default=None, description="'dropped' once no longer kept")
 
 
 class NewUser(BaseModel):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.@+-]+$")
+    name: str = Field(min_length=1, max_length=200, pattern=USER_NAME_PATTERN)
     tier: str = Field(default="query", pattern="^(" + "|".join(TIERS) + ")$")
-    units: float = Field(default=0.0, ge=0)
+    units: float = Field(default=0.0, ge=0, le=1e12, allow_inf_nan=False)
 
 
 class UserOut(BaseModel):
@@ -126,7 +136,8 @@ class KeyOut(BaseModel):
 
 
 class Grant(BaseModel):
-    units: float
+    units: float = Field(ge=-1e12, le=1e12, allow_inf_nan=False,
+                         description="negative: take back (never below what is used and held)")
     note: str = Field(default="", max_length=500)
 
 
@@ -137,8 +148,10 @@ class TierChange(BaseModel):
 # -- authentication (dependencies) --------------------------------------------------------------
 async def current_user(request: Request,
                        authorization: Annotated[str | None, Header()] = None) -> UserView:
-    """The caller, from an API key or a JupyterHub token; 401 without a valid one."""
-    return await request.app.state.auth.user(authorization)
+    """The caller, from an API key or a JupyterHub token; 401 without a valid one, 429
+    while the client's address has failed too often."""
+    address = request.client.host if request.client else ""
+    return await request.app.state.auth.user(authorization, address)
 
 
 async def admin_user(user: Annotated[UserView, Depends(current_user)]) -> UserView:
@@ -154,58 +167,86 @@ Admin = Annotated[UserView, Depends(admin_user)]
 
 # -- the app ----------------------------------------------------------------------------------------
 def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
-    auth = Authenticator(gateway.ledger, hub)
+    cfg = gateway.config
+    auth = Authenticator(gateway.ledger, hub, FailureThrottle(cfg.auth_failure_burst,
+                                                              cfg.auth_failure_rate))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await gateway.start()
         yield
         await auth.close()
         await gateway.close()
 
     app = FastAPI(title="tpmlab gateway", version=__version__, lifespan=lifespan,
-                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+                  responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody},
+                             429: {"model": ErrorBody}})
     app.state.gateway = gateway
     app.state.auth = auth
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, e: GatewayError) -> JSONResponse:
-        return JSONResponse({"error": type(e).__name__, "message": e.message, **e.extra},
-                            status_code=e.status,
-                            headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+    def answer(e: Exception) -> JSONResponse:
+        status = http_status(e)
+        headers = {}
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        retry = getattr(e, "extra", {}).get("retry_after")
+        if retry is not None:
+            headers["Retry-After"] = retry_after_header(retry)
+        return JSONResponse(error_body(e), status_code=status, headers=headers or None)
 
-    @app.exception_handler(PlanError)
-    async def _plan_error(request: Request, e: PlanError) -> JSONResponse:
-        status = 413 if isinstance(e, LimitError) else 400
-        return JSONResponse({"error": type(e).__name__, "message": e.message, "node": e.node,
-                             "line": e.line}, status_code=status)
-
-    @app.exception_handler(ExecutionError)
-    async def _exec_error(request: Request, e: ExecutionError) -> JSONResponse:
-        return JSONResponse({"error": "ExecutionError", "message": str(e)}, status_code=422)
-
-    @app.exception_handler(RequestTimeoutError)
-    async def _timeout(request: Request, e: RequestTimeoutError) -> JSONResponse:
-        return JSONResponse({"error": "GatewayTimeoutError", "message": str(e)}, status_code=504)
+    @app.exception_handler(TpmlabError)
+    async def _tpmlab_error(request: Request, e: TpmlabError) -> JSONResponse:
+        return answer(e)
 
     @app.exception_handler(LedgerError)
     async def _ledger_error(request: Request, e: LedgerError) -> JSONResponse:
-        return JSONResponse({"error": "BadRequestError", "message": str(e)}, status_code=400)
+        return answer(BadRequestError(str(e)))
 
-    async def plan_body(request: Request) -> bytes:
-        limit = gateway.config.max_body_bytes
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:  # logged by Starlette
+        return JSONResponse({"error": "InternalError", "message": "the gateway failed; its "
+                             "administrators find the cause in its log"}, status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Routing answers (no such path, method not allowed) in the same body as ours."""
+        name = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code,
+                                                                         "BadRequestError")
+        return JSONResponse({"error": name, "message": f"{e.detail}: {request.method} "
+                             f"{request.url.path[:200]}"}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameters(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+                             for err in e.errors()[:5])
+        detail = [{"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg")),
+                   "type": str(err.get("type"))} for err in e.errors()[:20]]  # not the input
+        return JSONResponse({"error": "BadRequestError", "message": problems,
+                             "detail": detail}, status_code=422)
+
+    async def read_plan(request: Request, limit: int) -> bytes:
+        """The body, refused before it is read past ``limit`` bytes (the user's tier's
+        ``Limits.max_plan_bytes``)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"a plan of {int(declared):,} bytes exceeds the limit of "
-                                       f"{limit:,} bytes")
+            raise PayloadTooLargeError(f"a plan of {int(declared):,} bytes exceeds your tier's "
+                                       f"limit of {limit:,} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLargeError(f"the plan exceeds the limit of {limit:,} bytes")
+                raise PayloadTooLargeError(f"the plan exceeds your tier's limit of {limit:,} "
+                                           "bytes")
             chunks.append(chunk)
         if not size:
             raise BadRequestError("empty body: send the plan bytes (application/octet-stream)")
         return b"".join(chunks)
+
+    def check_content_type(request: Request) -> None:
+        kind = request.headers.get("content-type")
+        if kind is not None and kind.split(";")[0].strip().lower() != OCTET:
+            raise UnsupportedMediaTypeError(f"a plan is sent as {OCTET}, not {kind[:100]!r}")
 
     def model_entry(name: str) -> dict[str, Any]:
         dep = gateway.deployed(name)
@@ -234,9 +275,8 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
         return {**model_entry(model), "info": gateway.deployed(model).info.to_dict()}
 
     async def admit(user: UserView, model: str, request: Request):
-        body = await plan_body(request)
-        req = await run_in_threadpool(gateway.prepare, user, model, body)
-        return await gateway.submit(req)
+        check_content_type(request)
+        return await gateway.admit(user, model, lambda limit: read_plan(request, limit))
 
     @app.post("/v1/models/{model}/run", response_class=Response,
               responses={200: {"content": {OCTET: {}}}, 402: {"model": ErrorBody},

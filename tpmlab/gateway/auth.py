@@ -5,8 +5,12 @@ JupyterHub writes it). A token that starts with ``tpmk_`` is an API key checked
 against the ledger; any other token is asked about at JupyterHub
 (``GET {hub_api}/user`` with ``Authorization: token <token>``), so JupyterHub users
 need no new credential: on first sight they get a ledger account with the
-configured default tier and allocation. Hub answers are cached for a short while,
-keyed by the token's digest (never the token itself).
+configured default tier and allocation, named ``hub:<name>`` so that a JupyterHub
+login never reaches a key-based account of the same name. Hub answers are cached for
+a short while, keyed by the token's digest (never the token itself).
+
+Failed authentications are throttled per client address (:mod:`.throttle`): once an
+address has failed too often, its requests get 429 before any credential is checked.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import time
 from dataclasses import dataclass
 
 import httpx
+from starlette.concurrency import run_in_threadpool
 
-from .errors import AuthenticationError, UpstreamError
+from .errors import AuthenticationError, RateLimitError, UpstreamError
 from .ledger import KEY_PREFIX, Ledger, UserView
+from .throttle import FailureThrottle
 
 
 @dataclass
@@ -42,17 +48,30 @@ def token_from_header(value: str | None) -> str:
 
 
 class Authenticator:
-    def __init__(self, ledger: Ledger, hub: HubSettings | None = None) -> None:
+    def __init__(self, ledger: Ledger, hub: HubSettings | None = None,
+                 throttle: FailureThrottle | None = None) -> None:
         self.ledger = ledger
         self.hub = hub
+        self.throttle = throttle or FailureThrottle()
         self._cache: dict[str, tuple[float, str]] = {}
         self._http: httpx.AsyncClient | None = None
 
-    async def user(self, authorization: str | None) -> UserView:
+    async def user(self, authorization: str | None, address: str = "") -> UserView:
+        """The caller; 401 without a valid credential, 429 while ``address`` (the client's)
+        has failed too often."""
+        wait = self.throttle.retry_after(address)
+        if wait > 0:
+            raise RateLimitError(f"too many failed authentications from {address or 'here'}; "
+                                 f"try again in {wait:.0f} s", retry_after=wait)
+        try:
+            return await self._user(authorization)
+        except AuthenticationError:
+            self.throttle.failed(address)
+            raise
+
+    async def _user(self, authorization: str | None) -> UserView:
         token = token_from_header(authorization)
         if token.startswith(KEY_PREFIX):
-            from starlette.concurrency import run_in_threadpool
-
             user = await run_in_threadpool(self.ledger.check_key, token)
             if user is None:
                 raise AuthenticationError("unknown, revoked or malformed API key")
@@ -61,12 +80,10 @@ class Authenticator:
             raise AuthenticationError("not a tpmlab API key, and this gateway does not "
                                       "accept JupyterHub tokens")
         name = await self._hub_user(token)
-        from starlette.concurrency import run_in_threadpool
-
-        user = await run_in_threadpool(self.ledger.ensure_user, name, tier=self.hub.default_tier,
-                                       units=self.hub.default_units, source="hub")
+        user = await run_in_threadpool(self.ledger.hub_user, name, tier=self.hub.default_tier,
+                                       units=self.hub.default_units)
         if not user.active:
-            raise AuthenticationError(f"user {name!r} is disabled")
+            raise AuthenticationError(f"user {user.name!r} is disabled")
         return user
 
     async def _hub_user(self, token: str) -> str:

@@ -44,11 +44,23 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-batching", action="store_true")
     p.add_argument("--max-concurrent", type=int, default=8, help="requests in flight per user")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
+    p.add_argument("--cost-model", default=None, metavar="SECONDS,SECONDS_PER_TOKEN",
+                   help="pin each model's cost model (seconds of a forward pass: fixed, per "
+                   "token) instead of calibrating it at start, so prices do not move between "
+                   "restarts or gateways")
+    p.add_argument("--hold-lease", type=float, default=60.0,
+                   help="seconds after which the holds of a gateway that stopped (crashed) are "
+                   "released by the others")
+    p.add_argument("--plan-compute-factor", type=float, default=8.0,
+                   help="a plan's own compute held before it runs, in forward passes")
     p.add_argument("--tls-ca-file", default=None, help="CA of the Dask cluster's certificates")
     p.add_argument("--tls-cert", default=None, help="the gateway's certificate for Dask")
     p.add_argument("--tls-key", default=None, help="the gateway's private key for Dask")
     p.add_argument("--admin", default=None,
                    help="create this admin user if missing and print a new API key for it")
+    p.add_argument("--forwarded-allow-ips", default=None,
+                   help="addresses of proxies whose X-Forwarded-For names the client (whose "
+                   "failed authentications are throttled); uvicorn's default: 127.0.0.1")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=serve_command)
 
@@ -74,6 +86,8 @@ def register(subparsers: Any) -> None:
     x = asub.add_parser("users")
     x = asub.add_parser("usage")
     x.add_argument("name")
+    x = asub.add_parser("audit", help="check that every balance equals its journals and is "
+                        "not below zero")
     a.set_defaults(func=admin_command)
 
 
@@ -103,14 +117,22 @@ def serve_command(args: argparse.Namespace) -> int:
 
     ledger = Ledger(args.db)
     if args.admin:
-        ledger.ensure_user(args.admin, tier="admin", units=0.0, source="key")
+        ledger.ensure_user(args.admin, tier="admin", units=0.0)
         print(f"tpmlab gateway: API key for admin {args.admin!r}: {ledger.create_key(args.admin)}",
               flush=True)
-    config = GatewayConfig(models=args.models or ["smollm2-135m"],
-                           batching=not args.no_batching,
+    models = args.models or ["smollm2-135m"]
+    costs = {}
+    if args.cost_model:
+        from .units import CostModel
+
+        fixed, per_token = (float(x) for x in args.cost_model.split(","))
+        costs = {m: CostModel(fixed, per_token) for m in models}
+    config = GatewayConfig(models=models, batching=not args.no_batching,
                            batch_window=args.batch_window_ms / 1000.0,
                            max_concurrent_per_user=args.max_concurrent,
-                           request_timeout=args.timeout)
+                           request_timeout=args.timeout, cost_models=costs,
+                           hold_lease_seconds=args.hold_lease,
+                           plan_compute_factor=args.plan_compute_factor)
     print(f"tpmlab gateway: deploying {config.models} on {args.backend} ...", flush=True)
     gateway = Gateway(make_backend(args), ledger, config)
     hub = HubSettings(args.hub_api, args.hub_tier, args.hub_units) if args.hub_api else None
@@ -118,7 +140,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     print(f"tpmlab gateway: serving on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(create_app(gateway, hub=hub), host=args.host, port=args.port,
-                log_level=args.log_level)
+                log_level=args.log_level, forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 
@@ -143,6 +165,8 @@ def admin_command(args: argparse.Namespace) -> int:
         elif args.action == "users":
             out = [{"name": u.name, "tier": u.tier, "source": u.source, "active": u.active,
                     "balance": ledger.balance(u.name)} for u in ledger.users()]
+        elif args.action == "audit":
+            out = {"problems": ledger.audit()}
         else:
             out = {**ledger.totals(args.name), "charges": ledger.charges(args.name)}
     except LedgerError as e:

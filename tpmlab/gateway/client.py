@@ -20,15 +20,10 @@ from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
 from . import errors as gw_errors
 
-_PLAN_ERRORS = {name: getattr(core_errors, name) for name in (
-    "SchemaError", "UnknownOpError", "PathError", "BackwardFlowError", "ShapeError",
-    "LimitError", "PlanError")}
-_GATEWAY_ERRORS = {name: getattr(gw_errors, name) for name in dir(gw_errors)
-                   if name.endswith("Error") and isinstance(getattr(gw_errors, name), type)}
-
 
 def raise_for_error(response: httpx.Response) -> None:
-    """Raise the tpmlab error a gateway error response stands for."""
+    """Raise the tpmlab error a gateway error response stands for (the class it names,
+    else one chosen by the HTTP status)."""
     if response.status_code < 400:
         return
     try:
@@ -37,15 +32,17 @@ def raise_for_error(response: httpx.Response) -> None:
     except (ValueError, AttributeError):
         name, message = "", response.text[:500] or response.reason_phrase
         body = {}
-    if name in _PLAN_ERRORS:
-        raise _PLAN_ERRORS[name](message, node=body.get("node"), line=body.get("line"))
-    if name == "ExecutionError":
-        raise core_errors.ExecutionError(message)
-    cls = _GATEWAY_ERRORS.get(name)
+    cls = gw_errors.error_class(name)
+    if cls is not None and issubclass(cls, (core_errors.PlanError, core_errors.ExecutionError)):
+        raise cls(message, node=body.get("node"), line=body.get("line"))
+    if cls is not None and not issubclass(cls, gw_errors.GatewayError):
+        raise cls(message)
     if cls is None:
         cls = {401: gw_errors.AuthenticationError, 402: gw_errors.QuotaError,
                403: gw_errors.TierError, 404: gw_errors.NotFoundError,
-               413: gw_errors.PayloadTooLargeError, 429: gw_errors.RateLimitError,
+               410: gw_errors.ResultGoneError, 413: gw_errors.PayloadTooLargeError,
+               415: gw_errors.UnsupportedMediaTypeError, 429: gw_errors.RateLimitError,
+               503: gw_errors.UpstreamError,
                504: gw_errors.GatewayTimeoutError}.get(response.status_code,
                                                         gw_errors.GatewayError)
     extra = {k: v for k, v in body.items() if k not in ("error", "message")} \

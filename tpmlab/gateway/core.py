@@ -1,50 +1,87 @@
-"""The gateway's engine side: admission (validate, tier, quota), cross-user batching,
-charging. No HTTP here (see :mod:`tpmlab.gateway.app`).
+"""The gateway's engine side: admission, cross-user batching, charging. No HTTP here
+(see :mod:`tpmlab.gateway.app`).
 
-A request's life: :meth:`Gateway.prepare` decodes and validates the plan with the
-user's tier limits, decides the tier it needs and estimates its cost (in a worker
-thread); :meth:`Gateway.submit` checks the user's concurrency and balance and queues
-it; one worker task per model takes queued requests and, when batching is on, runs
-the traces that arrived within ``batch_window`` seconds of the first (same model
-version and input kind, up to ``max_batch_requests`` and ``max_batch_rows``) as one
-merged plan (:mod:`tpmlab.ir.merge`), each on its own rows. If a merged run fails,
-each request of it runs again alone, so one bad plan never fails another user's.
-Results are split per request, re-encoded with the request's own plan digest and
-charged (:mod:`tpmlab.gateway.units`) in a second thread while the engine goes on.
+A request's life (:meth:`Gateway.admit`):
+
+1. the user's in-flight count is checked, before the body is read;
+2. the body is read up to the tier's ``Limits.max_plan_bytes``, then decoded and
+   validated with the tier's limits in a bounded pool of validation threads (a flood of
+   plans waits there or is refused 503, and never blocks the event loop); the tier the
+   plan needs is decided and its worst case computed (:mod:`.units`);
+3. the ledger holds that worst case, in one atomic conditional update shared by every
+   gateway on the database (:meth:`~tpmlab.gateway.ledger.Ledger.reserve`), else 402;
+4. one worker task per model takes queued requests and, when batching is on, runs the
+   traces that arrived within ``batch_window`` seconds of the first (same model version
+   and input kind, every save sized, up to ``max_batch_requests`` and
+   ``max_batch_rows``) as one merged plan (:mod:`tpmlab.ir.merge`), each on its own
+   rows, under the users' limits (:func:`merged_limits`). If a merged run fails, each
+   request of it runs again alone, so one bad plan never fails another user's;
+5. results are split per request, re-encoded with the request's own plan digest, and
+   each hold becomes a charge of what the request used, at most its hold, in a second
+   thread while the engine goes on. The plan's constants are dropped once it has run;
+   results are kept per user within a byte budget (:mod:`.records`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 import uuid
+from collections import Counter as Tally
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
-from ..errors import ExecutionError, LimitError, PlanError, RequestTimeoutError
+from ..errors import (
+    ExecutionError,
+    PlanError,
+    RequestTimeoutError,
+    TpmlabError,
+    WeightsChangedError,
+)
 from ..ir.codec import decode_plan, decode_result, encode_plan, encode_result
 from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.model_info import ModelInfo
-from ..ir.plan import Plan
 from ..ir.validate import Limits
 from ..runtime.engine import plan_digest
 from .errors import (
     BadRequestError,
+    BusyError,
     ConflictError,
     GatewayError,
     GatewayTimeoutError,
     NotFoundError,
     QuotaError,
     RateLimitError,
+    ResultGoneError,
     TierError,
+    UpstreamError,
 )
-from .ledger import Ledger, UserView
+from .ledger import Ledger, UserView, from_micro, to_micro
+from .metrics import Metrics
+from .records import FINISHED, Request, RequestTable
+from .sizing import check_plan
 from .tiers import TIER_LIMITS, OutputPaths, allows, required_tier
-from .units import CostModel, Pricing, calibrate, plan_rows, plan_tokens, saved_nbytes
+from .units import (
+    CostModel,
+    Pricing,
+    calibrate,
+    hold,
+    own_node_seconds,
+    plan_rows,
+    plan_tokens,
+    saved_nbytes,
+    steps_run,
+)
+
+log = logging.getLogger("tpmlab.gateway")
 
 
 @dataclass
@@ -56,64 +93,19 @@ class GatewayConfig:
     batch_window: float = 0.010
     max_batch_requests: int = 32
     max_batch_rows: int = 64
-    max_body_bytes: int = 64 * 2**20
     max_concurrent_per_user: int = 8
     request_timeout: float = 300.0
     keep_results_seconds: float = 600.0
+    max_kept_bytes_per_user: int = 256 * 2**20  # finished requests' results and records
     pricing: Pricing = field(default_factory=Pricing)
     cost_models: dict[str, CostModel] = field(default_factory=dict)  # else calibrated at start
     tier_limits: dict[str, Limits] = field(default_factory=lambda: dict(TIER_LIMITS))
-
-
-class Metrics:
-    """Prometheus metrics of one gateway (its own registry, so several can coexist)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.latency = Histogram(
-            "tpmlab_gateway_request_seconds", "Time from a plan's arrival to its answer",
-            ["model", "outcome"], registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
-        self.queue_depth = Gauge("tpmlab_gateway_queue_depth", "Requests waiting for the engine",
-                                 ["model"], registry=self.registry)
-        self.units = Counter("tpmlab_gateway_service_units", "Service units charged",
-                             ["model"], registry=self.registry)
-        self.requests = Counter("tpmlab_gateway_requests", "Requests answered, by outcome",
-                                ["model", "outcome"], registry=self.registry)
-        self.batch_size = Histogram("tpmlab_gateway_batch_size", "Requests per forward pass",
-                                    ["model"], registry=self.registry,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64))
-
-
-@dataclass
-class Request:
-    id: str
-    user: UserView
-    model: str
-    plan: Plan
-    blob: bytes
-    digest: str
-    tokens: int
-    estimate: float
-    mergeable: bool
-    created: float = field(default_factory=time.monotonic)
-    state: str = "queued"  # queued | running | done | failed | cancelled
-    finished: float | None = None
-    result: bytes | None = None
-    error: Exception | None = None
-    units: float = 0.0
-    batch_size: int = 0
-    future: asyncio.Future | None = None
-
-    def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "model": self.model, "state": self.state,
-                               "mode": self.plan.mode, "tokens": self.tokens,
-                               "estimated_units": round(self.estimate, 6),
-                               "units": round(self.units, 6), "batch_size": self.batch_size}
-        if self.error is not None:
-            out["error"] = type(self.error).__name__
-            out["message"] = str(self.error)
-        return out
+    plan_compute_factor: float = 8.0  # a plan's own compute held, in forward passes (units.py)
+    hold_lease_seconds: float = 60.0  # a crashed gateway's holds are released after this
+    validation_threads: int = 2
+    max_validations_waiting: int = 64  # beyond this many plans waiting to be validated: 503
+    auth_failure_burst: int = 20  # failed authentications per address before 429...
+    auth_failure_rate: float = 0.5  # ...and how many more per second after that
 
 
 @dataclass
@@ -122,6 +114,32 @@ class Deployed:
     paths: OutputPaths
     meta_modules: dict[str, Any]
     cost: CostModel
+
+
+# How the limits of several users' plans combine for one merged run: what adds up across
+# plans is summed, bounds on one value the strictest of them; the rest (per row, per
+# generation) were checked for each plan at admission, so the largest does.
+_SUMMED = ("max_nodes", "max_constant_bytes", "max_saved_bytes", "max_invokes")
+_STRICTEST = ("max_intermediate_bytes",)
+
+
+def merged_limits(parts: list[Limits]) -> Limits:
+    """The :class:`Limits` a merged run of plans admitted under ``parts`` runs with."""
+    values = {}
+    for f in dataclasses.fields(Limits):
+        got = [getattr(p, f.name) for p in parts]
+        values[f.name] = sum(got) if f.name in _SUMMED else \
+            min(got) if f.name in _STRICTEST else max(got)
+    return Limits(**values)
+
+
+@dataclass
+class _Ran:
+    """One request's part of an engine run."""
+
+    values: dict[int, Any]
+    meta: dict[str, Any]
+    ids: dict[int, int]  # the request's node ids -> their ids in the plan that ran
 
 
 class Gateway:
@@ -134,6 +152,7 @@ class Gateway:
         self.ledger = ledger
         self.config = config or GatewayConfig()
         self.metrics = Metrics()
+        self.instance = uuid.uuid4().hex  # names this gateway's holds in the ledger
         self.models: dict[str, Deployed] = {}
         for name in self.config.models:
             info = backend.deploy(name)
@@ -142,17 +161,23 @@ class Gateway:
             paths = OutputPaths(logits=frozenset({"", adapter.unembed}),
                                 final_hidden=frozenset({adapter.final_norm}))
             cost = self.config.cost_models.get(name) or calibrate(
-                lambda blob, name=name: self._run_values(name, blob)[1]["compute_seconds"], info)
+                lambda blob, name=name: self._run_values(name, blob, None)[1]["compute_seconds"],
+                info)
             self.models[name] = Deployed(info, paths, dict(source.meta_model().named_modules()),
                                          cost)
-        self.requests: dict[str, Request] = {}
+        self.records = RequestTable(keep_seconds=self.config.keep_results_seconds,
+                                    max_bytes_per_user=self.config.max_kept_bytes_per_user)
         self._inflight: dict[int, int] = {}
-        self._reserved: dict[int, float] = {}
+        self._queued: Tally[str] = Tally()
+        self._validating = 0
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending: dict[str, deque] = {}
         self._workers: dict[str, asyncio.Task] = {}
+        self._housekeeping: asyncio.Task | None = None
         self._engines = {name: ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
                          for name in self.models}
+        self._validators = ThreadPoolExecutor(self.config.validation_threads,
+                                              thread_name_prefix="gateway-validate")
         self._post = ThreadPoolExecutor(2, thread_name_prefix="gateway-post")
 
     # -- admission --------------------------------------------------------------------------------
@@ -161,74 +186,143 @@ class Gateway:
             raise NotFoundError(f"model {model!r} is not served here; served: {sorted(self.models)}")
         return self.models[model]
 
+    def limits_for(self, user: UserView) -> Limits:
+        return self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
+
+    async def admit(self, user: UserView, model: str,
+                    read_body: Callable[[int], Awaitable[bytes]]) -> Request:
+        """Admit one plan of ``user``: ``read_body(max_bytes)`` reads it (called only once the
+        user may have another request in flight). Returns the queued request, or raises a
+        :class:`PlanError` or :class:`GatewayError` naming the problem."""
+        self.deployed(model)
+        self._take_slot(user)
+        try:
+            blob = await read_body(self.limits_for(user).max_plan_bytes)
+            req = await self._prepare_bounded(user, model, blob)
+            await self._hold(req)
+        except BaseException as e:
+            self._give_slot(user)
+            if isinstance(e, GatewayError | PlanError):
+                self.metrics.refused.labels(type(e).__name__).inc()
+            raise
+        self._enqueue(req)
+        return req
+
     def prepare(self, user: UserView, model: str, blob: bytes) -> Request:
-        """Decode, validate (with the tier's limits), check the tier, estimate the cost.
+        """Decode, validate (with the tier's limits), check the tier, compute the hold.
         Raises a :class:`PlanError` or :class:`GatewayError` naming the problem."""
         dep = self.deployed(model)
-        limits = self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
-        plan = decode_plan(blob, max_bytes=limits.max_constant_bytes + 2**20)
-        if plan.model != model:
-            raise BadRequestError(f"the plan is for model {plan.model!r} but was sent to {model!r}")
-        schedule, saved = _validate(plan, dep, limits)
-        need = required_tier(plan, schedule, dep.paths)
+        limits = self.limits_for(user)
+        try:
+            plan = decode_plan(blob, max_bytes=limits.max_plan_bytes)
+            if plan.model != model:
+                raise BadRequestError(f"the plan is for model {plan.model!r} but was sent to "
+                                      f"{model!r}")
+            checked = check_plan(plan, dep.info, limits, dep.meta_modules.get)
+            need = required_tier(plan, checked.schedule, dep.paths)
+        except TpmlabError:
+            raise
+        except Exception as e:  # noqa: BLE001 - validation's own bug, triggered by this plan
+            self.metrics.validation_bugs.inc()
+            log.exception("validation raised %s on a plan of %s", type(e).__name__, user.name)
+            raise BadRequestError(f"the plan could not be validated: {type(e).__name__}: "
+                                  f"{str(e)[:300]}") from None
         if not allows(user.tier, need.tier):
             raise TierError(f"this plan {need.reason}: that needs the {need.tier!r} tier, and "
                             f"your tier is {user.tier!r}", needed=need.tier, tier=user.tier)
-        tokens = plan_tokens(plan)
-        passing = tokens
-        if plan.mode == "generate" and plan.generate is not None:
-            passing += plan_rows(plan) * plan.generate.max_new_tokens
-            saved += plan_rows(plan) * plan.generate.max_new_tokens * 8
-        estimate = self.config.pricing.units(dep.cost.seconds(passing), saved)
-        return Request(id=uuid.uuid4().hex, user=user, model=model, plan=plan, blob=blob,
-                       digest=plan_digest(plan), tokens=tokens, estimate=estimate,
-                       mergeable=self.config.batching and can_merge(plan))
+        cfg = self.config
+        worst = hold(plan, dep.cost, cfg.pricing, saved_bytes=checked.saved_bytes,
+                     sized=checked.sized, max_saved_bytes=limits.max_saved_bytes,
+                     plan_compute_factor=cfg.plan_compute_factor)
+        return Request(id=uuid.uuid4().hex, user=user, model=model, mode=plan.mode, plan=plan,
+                       blob=blob, digest=plan_digest(plan), tokens=plan_tokens(plan),
+                       hold=worst, mergeable=cfg.batching and checked.sized and can_merge(plan))
 
-    async def submit(self, req: Request) -> Request:
-        uid = req.user.id
-        if self._inflight.get(uid, 0) >= self.config.max_concurrent_per_user:
-            raise RateLimitError(f"you have {self._inflight[uid]} requests in flight, the limit "
-                                 f"is {self.config.max_concurrent_per_user}; wait for one to finish")
-        from starlette.concurrency import run_in_threadpool
-
-        balance = await run_in_threadpool(self.ledger.balance, req.user.name)
-        free = balance - self._reserved.get(uid, 0.0)
-        if req.estimate > free:
-            raise QuotaError(f"this request is estimated at {req.estimate:.3f} service units and "
-                             f"your available balance is {free:.3f} (balance {balance:.3f}, "
-                             f"{self._reserved.get(uid, 0.0):.3f} held by requests in flight); "
-                             "ask an administrator for a larger allocation",
-                             estimate=req.estimate, balance=balance)
-        if self._inflight.get(uid, 0) >= self.config.max_concurrent_per_user:  # raced meanwhile
-            raise RateLimitError("too many requests in flight")
-        self._inflight[uid] = self._inflight.get(uid, 0) + 1
-        self._reserved[uid] = self._reserved.get(uid, 0.0) + req.estimate
+    async def _prepare_bounded(self, user: UserView, model: str, blob: bytes) -> Request:
+        cfg = self.config
+        if self._validating >= cfg.validation_threads + cfg.max_validations_waiting:
+            raise BusyError(f"the gateway is validating {self._validating} plans; try again "
+                            "in a moment", retry_after=1)
         loop = asyncio.get_running_loop()
-        req.future = loop.create_future()
-        self._prune()
-        self.requests[req.id] = req
+        self._validating += 1
+        # counted until the thread is done with it, even if its client has gone meanwhile
+        work = self._validators.submit(self.prepare, user, model, blob)
+        work.add_done_callback(lambda _: _call_soon(loop, self._validated))
+        return await asyncio.wrap_future(work)
+
+    def _validated(self) -> None:
+        self._validating -= 1
+
+    async def _hold(self, req: Request) -> None:
+        try:
+            got = await run_in_threadpool(
+                self.ledger.reserve, req.user.id, req.id, req.hold.units,
+                gateway=self.instance, lease=self.config.hold_lease_seconds)
+        except SQLAlchemyError as e:
+            raise UpstreamError(f"the ledger database cannot be reached: "
+                                f"{type(e).__name__}") from None
+        if not got.admitted:
+            h = req.hold
+            saves = f"{h.saved_bytes:,} bytes" + ("" if h.sized else
+                                                  " (your tier's limit: validation cannot size "
+                                                  "every save of this plan)")
+            raise QuotaError(
+                f"this request holds {h.units:.3f} service units until it ends (at most "
+                f"{h.forward_seconds + h.plan_seconds:.3f} s of compute and {saves}), and your "
+                f"available balance is {got.available:.3f} (balance {got.balance:.3f}, "
+                f"{got.held:.3f} held by requests in flight); ask an administrator for a "
+                "larger allocation", estimate=h.units, balance=got.balance, held=got.held)
+        req.held = True
+
+    def _take_slot(self, user: UserView) -> None:
+        n = self._inflight.get(user.id, 0)
+        if n >= self.config.max_concurrent_per_user:
+            raise RateLimitError(f"you have {n} requests in flight, the limit is "
+                                 f"{self.config.max_concurrent_per_user}; wait for one to finish")
+        self._inflight[user.id] = n + 1
+
+    def _give_slot(self, user: UserView) -> None:
+        n = self._inflight.get(user.id, 1) - 1
+        if n > 0:
+            self._inflight[user.id] = n
+        else:
+            self._inflight.pop(user.id, None)
+
+    def _enqueue(self, req: Request) -> None:
+        req.future = asyncio.get_running_loop().create_future()
+        self._start_housekeeping()
+        self.records.add(req)
+        self._queued[req.model] += 1
         self._queue(req.model).put_nowait(req)
         self._set_depth(req.model)
-        return req
 
     async def wait(self, req: Request, timeout: float | None = None) -> bytes:
         timeout = min(timeout or self.config.request_timeout, self.config.request_timeout)
+        req.readers += 1
         try:
-            await asyncio.wait_for(asyncio.shield(req.future), timeout)
-        except asyncio.TimeoutError:
-            if req.state == "queued":
-                self._release(req, "cancelled", GatewayTimeoutError("timed out in the queue"))
-            raise GatewayTimeoutError(
-                f"request {req.id} did not finish within {timeout:g} s"
-                + ("" if req.state == "cancelled" else "; it is still running, fetch its result "
-                   f"later at /v1/requests/{req.id}/result"), request_id=req.id) from None
-        if req.error is not None:
-            raise req.error
-        return req.result
+            try:
+                await asyncio.wait_for(asyncio.shield(req.future), timeout)
+            except asyncio.TimeoutError:
+                if req.state == "queued":
+                    self._end(req, "cancelled", GatewayTimeoutError("timed out in the queue"))
+                raise GatewayTimeoutError(
+                    f"request {req.id} did not finish within {timeout:g} s"
+                    + ("" if req.state == "cancelled" else "; it is still running, fetch its "
+                       f"result later at /v1/requests/{req.id}/result"),
+                    request_id=req.id) from None
+            if req.error is not None:
+                raise req.error
+            if req.result is None:
+                raise ResultGoneError(f"the result of request {req.id} is no longer kept "
+                                      "(results are kept for a while, within a per-user "
+                                      "budget of bytes)")
+            return req.result
+        finally:
+            req.readers -= 1
 
     def owned(self, user: UserView, request_id: str) -> Request:
         """A request of this user; another user's request is reported as not existing."""
-        req = self.requests.get(request_id)
+        req = self.records.get(request_id)
         if req is None or req.user.id != user.id:
             raise NotFoundError(f"no request {request_id!r}")
         return req
@@ -238,12 +332,12 @@ class Gateway:
         if req.state != "queued":
             raise ConflictError(f"request {request_id} is {req.state}; only queued requests "
                                 "can be cancelled")
-        self._release(req, "cancelled", ConflictError(f"request {request_id} was cancelled by its owner"))
+        self._end(req, "cancelled", ConflictError(f"request {request_id} was cancelled by its "
+                                                  "owner"))
         return req
 
     def queue_depth(self) -> dict[str, int]:
-        return {m: sum(1 for r in self.requests.values() if r.model == m and r.state == "queued")
-                for m in self.models}
+        return {m: self._queued[m] for m in self.models}
 
     # -- the worker per model ---------------------------------------------------------------------
     def _queue(self, model: str) -> asyncio.Queue:
@@ -297,6 +391,7 @@ class Gateway:
             for req in batch:
                 req.state = "running"
                 req.batch_size = len(batch)
+                self._queued[model] -= 1
             self._set_depth(model)
             self.metrics.batch_size.labels(model).observe(len(batch))
             try:
@@ -306,115 +401,184 @@ class Gateway:
                 outs = [e] * len(batch)
             loop.run_in_executor(self._post, self._finish_all, batch, outs, loop)
 
-    def _run_values(self, model: str, blob: bytes) -> tuple[dict[int, Any], dict[str, Any]]:
-        fast = getattr(self.backend, "run_values", None)
-        if fast is not None:
-            return fast(model, blob, timeout=self.config.request_timeout)
-        return decode_result(self.backend.run(model, blob, timeout=self.config.request_timeout))
-
-    def _run_one(self, model: str, req: Request) -> Any:
+    def _run_values(self, model: str, blob: bytes, limits: Limits | None
+                    ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Run a plan on the engine under ``limits`` (the engine's own where None)."""
+        timeout = self.config.request_timeout
         try:
-            return self._run_values(model, req.blob)
+            fast = getattr(self.backend, "run_values", None)
+            if fast is not None:
+                return fast(model, blob, timeout=timeout, limits=limits)
+            return decode_result(self.backend.run(model, blob, timeout=timeout, limits=limits))
+        except WeightsChangedError:
+            self.metrics.weight_restores.labels(model).inc()
+            raise
+
+    def _run_one(self, model: str, req: Request) -> _Ran | Exception:
+        try:
+            values, meta = self._run_values(model, req.blob, self.limits_for(req.user))
         except Exception as e:  # noqa: BLE001 - reported to the request's owner
             return e
+        return _Ran(values, meta, {n.id: n.id for n in req.plan.nodes})
 
-    def _run_batch(self, model: str, batch: list[Request]) -> list[Any]:
+    def _run_batch(self, model: str, batch: list[Request]) -> list[_Ran | Exception]:
         if len(batch) == 1:
             return [self._run_one(model, batch[0])]
         try:
             merged, mapping = merge_plans([r.plan for r in batch])
-            values, meta = self._run_values(model, encode_plan(merged))
+            limits = merged_limits([self.limits_for(r.user) for r in batch])
+            values, meta = self._run_values(model, encode_plan(merged), limits)
         except Exception:  # noqa: BLE001 - run each alone: one bad plan fails only itself
             for req in batch:
                 req.batch_size = 1
             return [self._run_one(model, r) for r in batch]
-        return [(part, meta) for part in split_values(values, mapping)]
+        return [_Ran(part, meta, ids)
+                for part, ids in zip(split_values(values, mapping), mapping.ids)]
 
-    def _finish_all(self, batch: list[Request], outs: list[Any],
+    def _finish_all(self, batch: list[Request], outs: list[_Ran | Exception],
                     loop: asyncio.AbstractEventLoop) -> None:
-        charges = []
+        """Charge each request what it used (at most its hold) and encode its result, then
+        settle the holds in one transaction (in the post thread, while the engine goes on)."""
+        charges, done = [], []
         for req, out in zip(batch, outs):
+            if isinstance(out, Exception):
+                req.error = _as_error(out)
+                continue
             try:
-                charges.extend(self._finish(req, out))
-            except Exception as e:  # noqa: BLE001
+                row = self._charge(req, out)
+                req.units = from_micro(min(to_micro(row["units"]), to_micro(req.hold.units)))
+                req.result = self._encode(req, out)
+                charges.append(row)
+                done.append((req, out))
+            except Exception as e:  # noqa: BLE001 - reported to the request's owner
                 req.error, req.result = _as_error(e), None
+        for req in batch:
+            req.drop_plan()  # it has run: its constants are not needed any more
         try:
-            self.ledger.record_charges(charges)
-        except Exception as e:  # noqa: BLE001 - never lose the answer over the ledger
-            for req in batch:
-                if req.error is None:
-                    req.error = GatewayError(f"could not record the charge: {e}")
+            charged = self.ledger.settle(charges) if charges else {}
+            failed = [r.id for r in batch if r.error is not None and r.held]
+            if failed:
+                self.ledger.release(failed)
+        except Exception as e:  # noqa: BLE001 - no charge; the holds expire unrenewed
+            log.exception("could not record charges")
+            for req, _ in done:
+                req.error = UpstreamError(f"could not record the charge: {type(e).__name__}")
+                req.result = None
+            done = []
+        for req, out in done:
+            if charged[req.id] != req.units:  # the hold had expired: charged what was free
+                req.units = charged[req.id]
+                req.result = self._encode(req, out)
         loop.call_soon_threadsafe(self._complete, batch)
 
-    def _finish(self, req: Request, out: Any) -> list[dict]:
-        if isinstance(out, Exception):
-            req.error = _as_error(out)
-            return []
-        values, meta = out
+    def _encode(self, req: Request, out: _Ran) -> bytes:
+        meta = dict(out.meta, plan_digest=req.digest, request_id=req.id,
+                    batch_size=req.batch_size, **req.cost, charged_units=req.units)
+        meta.pop("node_seconds", None)  # of the whole run: other users' nodes too
+        return encode_result(out.values, meta)
+
+    def _charge(self, req: Request, out: _Ran) -> dict[str, Any]:
+        """What ``req`` used (see :mod:`.units`), as a charge row for the ledger."""
         dep = self.models[req.model]
-        nbytes = sum(saved_nbytes(v) for v in values.values())
-        measured = float(meta.get("compute_seconds", 0.0))
-        seconds = dep.cost.seconds(req.tokens) if req.plan.mode == "trace" else measured
-        req.units = self.config.pricing.units(seconds, nbytes)
-        meta = dict(meta, plan_digest=req.digest, request_id=req.id, batch_size=req.batch_size,
-                    measured_seconds=measured, charged_seconds=seconds,
-                    charged_units=req.units)
-        req.result = encode_result(values, meta)
-        return [{"request_id": req.id, "user_id": req.user.id, "model": req.model,
-                 "model_version": str(meta.get("model_version", "")), "plan_digest": req.digest,
-                 "mode": req.plan.mode, "tokens": req.tokens, "bytes_returned": nbytes,
-                 "compute_seconds": seconds, "measured_seconds": measured,
-                 "batch_size": req.batch_size, "units": req.units}]
+        plan = req.plan
+        nbytes = sum(saved_nbytes(v) for v in out.values.values())
+        forward = dep.cost.forward_seconds(req.tokens, plan_rows(plan),
+                                           steps_run(plan, out.values))
+        own = own_node_seconds(out.meta.get("node_seconds"), out.ids)
+        measured = float(out.meta.get("compute_seconds", 0.0))
+        units = self.config.pricing.units(forward + own, nbytes)
+        req.cost = {"measured_seconds": measured, "forward_seconds": forward,
+                    "plan_seconds": own, "charged_seconds": forward + own,
+                    "held_units": from_micro(to_micro(req.hold.units))}
+        if units > req.hold.units:
+            self.metrics.uncharged.labels(req.model).inc(units - req.hold.units)
+        return {"request_id": req.id, "user_id": req.user.id, "model": req.model,
+                "model_version": str(out.meta.get("model_version", "")),
+                "plan_digest": req.digest, "mode": req.mode, "tokens": req.tokens,
+                "bytes_returned": nbytes, "compute_seconds": forward + own,
+                "measured_seconds": measured, "batch_size": req.batch_size, "units": units}
 
     def _complete(self, batch: list[Request]) -> None:
         for req in batch:
             if req.error is None:
                 self.metrics.units.labels(req.model).inc(req.units)
-            self._release(req, "failed" if req.error is not None else "done", req.error)
+            self._end(req, "failed" if req.error is not None else "done", req.error)
 
-    def _release(self, req: Request, state: str, error: Exception | None) -> None:
-        if req.state in ("done", "failed", "cancelled"):
+    def _end(self, req: Request, state: str, error: Exception | None) -> None:
+        """``req`` is finished (on the event loop): give back its slot, wake its waiters,
+        keep it within its user's bounds. A cancelled request's hold is released here."""
+        if req.state in FINISHED:
             return
-        uid = req.user.id
-        self._inflight[uid] = max(self._inflight.get(uid, 1) - 1, 0)
-        self._reserved[uid] = max(self._reserved.get(uid, 0.0) - req.estimate, 0.0)
+        was_queued = req.state == "queued"
         req.state, req.finished = state, time.monotonic()
+        self._give_slot(req.user)
+        if was_queued:
+            self._queued[req.model] -= 1
         if state == "cancelled":
             req.error = error
+            if req.held:
+                asyncio.get_running_loop().run_in_executor(self._post, self._release_quietly,
+                                                           [req.id])
         outcome = state if state != "failed" else type(req.error).__name__
         self.metrics.latency.labels(req.model, state).observe(req.finished - req.created)
         self.metrics.requests.labels(req.model, outcome).inc()
         if req.future is not None and not req.future.done():
             req.future.set_result(None)
+        self.records.finished(req)
         self._set_depth(req.model)
 
-    def _set_depth(self, model: str) -> None:
-        self.metrics.queue_depth.labels(model).set(
-            sum(1 for r in self.requests.values() if r.model == model and r.state == "queued"))
+    def _release_quietly(self, ids: list[str]) -> None:
+        try:
+            self.ledger.release(ids)
+        except Exception:  # noqa: BLE001 - not renewed, the holds expire by themselves
+            log.exception("could not release holds %s", ids)
 
-    def _prune(self) -> None:
-        horizon = time.monotonic() - self.config.keep_results_seconds
-        old = [k for k, r in self.requests.items() if r.finished is not None and r.finished < horizon]
-        for k in old:
-            del self.requests[k]
+    def _set_depth(self, model: str) -> None:
+        self.metrics.queue_depth.labels(model).set(self._queued[model])
+
+    # -- holds of requests in flight --------------------------------------------------------------
+    async def start(self) -> None:
+        """Start renewing this gateway's holds and expiring those of stopped gateways (the
+        app calls it at startup; admission starts it too)."""
+        self._start_housekeeping()
+
+    def _start_housekeeping(self) -> None:
+        if self._housekeeping is None or self._housekeeping.done():
+            self._housekeeping = asyncio.get_running_loop().create_task(self._housekeep())
+
+    async def _housekeep(self) -> None:
+        """Every quarter of the lease: renew this gateway's holds, release those of gateways
+        that stopped renewing, forget finished requests past their time."""
+        lease = self.config.hold_lease_seconds
+        while True:
+            live = [r.id for r in self.records.in_flight() if r.held]
+            try:
+                await run_in_threadpool(self.ledger.renew, self.instance, live, lease)
+                await run_in_threadpool(self.ledger.expire)
+            except Exception:  # noqa: BLE001 - try again at the next round
+                log.exception("could not renew or expire holds")
+            self.records.prune()  # every user's finished requests past their time
+            await asyncio.sleep(lease / 4)
 
     async def close(self) -> None:
-        for task in self._workers.values():
+        tasks = [*self._workers.values(), *([self._housekeeping] if self._housekeeping else [])]
+        for task in tasks:
             task.cancel()
         for ex in self._engines.values():
             ex.shutdown(wait=False, cancel_futures=True)
-        self._post.shutdown(wait=False, cancel_futures=True)
+        self._validators.shutdown(wait=False, cancel_futures=True)
+        self._post.shutdown(wait=False)
+        try:  # requests still queued here will not run: give their holds back
+            await run_in_threadpool(self.ledger.release_gateway, self.instance)
+        except Exception:  # noqa: BLE001 - they expire by themselves
+            log.exception("could not release this gateway's holds")
 
 
-def _validate(plan: Plan, dep: Deployed, limits: Limits) -> tuple[Any, int]:
-    """:func:`tpmlab.ir.validate.validate`, also returning the bytes the plan saves."""
-    from ..ir.validate import inspect_plan
-
-    schedule, saved = inspect_plan(plan, dep.info, limits=limits, meta_module=dep.meta_modules.get)
-    if saved > limits.max_saved_bytes:
-        raise LimitError(f"the plan saves {saved:,} bytes, over your tier's limit of "
-                         f"{limits.max_saved_bytes:,} bytes")
-    return schedule, saved
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop has closed: the gateway is gone
+        pass
 
 
 def _as_error(e: Exception) -> Exception:

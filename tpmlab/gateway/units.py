@@ -1,36 +1,45 @@
-"""Service units (SU): what a request costs.
+"""Service units (SU): what a request holds before it runs and what it is charged after.
 
     units = SU_PER_REQUEST
           + SU_PER_COMPUTE_SECOND * compute_seconds
           + SU_PER_MIB * bytes_returned / 2**20
 
-``bytes_returned``: the bytes of the tensors the request saved (what it takes out of
-the service; the JSON envelope is not counted).
+``bytes_returned``: the bytes of the tensors the request saved, generated token ids
+included (what it takes out of the service; the JSON envelope is not counted).
 
-``compute_seconds`` of a **trace** comes from a per-model cost model calibrated by
-measurement when the gateway deploys the model (:func:`calibrate`: solo forward
-passes of two prompt lengths, each timed by the engine's ``meta["compute_seconds"]``)::
+``compute_seconds`` is the request's **own** compute, the same whether it ran alone or
+shared a forward pass with other users' plans:
 
-    compute_seconds = fixed_seconds + seconds_per_token * tokens
+* its forward passes, from a per-model cost model calibrated by measurement when the
+  gateway deploys the model (:func:`calibrate`: solo passes of two prompt lengths, each
+  timed by the engine's ``meta["compute_seconds"]``)::
 
-where ``tokens`` is the number of real (unpadded) prompt tokens of the request.
-So a trace costs the same whether it ran alone or shared a forward pass with other
-users' traces: batching makes the service faster, not any request cheaper or
-dearer, and nobody's bill depends on who else was in the batch. (A trace whose
-interventions cost much more than its forward pass, such as a logit lens over every
-layer, is undercharged by this model; the ledger keeps each run's measured seconds
-next to the charged ones to audit that.)
+      forward_seconds = passes * fixed_seconds + seconds_per_token * tokens
 
-A **generation** always runs alone, so it is charged its own measured
-``meta["compute_seconds"]``.
+  where ``passes`` is 1 for a trace and ``1 + steps`` for a generation of ``steps`` new
+  tokens, and ``tokens`` counts every real (unpadded) token that went through the model:
+  the prompt's and ``rows`` per generated step;
+* plus its plan's own nodes, as the engine measured them (``meta["node_seconds"]``, by
+  plan node id: in a merged batch each request is charged only its own nodes).
 
-Before a request runs, the same formula with an *estimate* (the cost model for
-every token that will pass: prompt tokens plus ``rows * max_new_tokens``, and the
-validator's bound on saved bytes) must fit in the user's balance, else 402.
+So batching makes the service faster, not any request cheaper or dearer, and nobody's
+bill depends on who else was in the batch.
+
+**The hold.** Before a request runs, the gateway holds its worst case in the ledger
+(:func:`hold`): the forward passes of every token that may pass (``max_new_tokens`` for
+a generation), an allowance for the plan's own compute of ``plan_compute_factor`` times
+those passes (none for a plan without nodes of its own), and the bytes it may
+save: exactly what validation sized, or the tier's ``max_saved_bytes`` (which the engine
+enforces while running) when validation cannot size a save (later generation steps,
+data-dependent shapes). The hold must fit the user's balance minus their other holds,
+else 402. **The hold is the cap**: a request is charged what it used, never more than
+its hold, so no balance goes below zero; what a request used beyond its hold (a plan
+whose own compute outgrew the allowance) is counted in the gateway's metrics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,8 +47,11 @@ import torch
 
 from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
-from ..ir.plan import Invoke, Plan
+from ..ir.plan import POINT, Invoke, Plan
 from ..ir.validate import value_nbytes
+from ..runtime.engine import GENERATED
+
+TOKEN_ID_BYTES = 8  # generated ids come back as int64
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,7 @@ class Pricing:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Engine seconds of one trace: ``fixed_seconds + seconds_per_token * tokens``."""
+    """Engine seconds of one forward pass: ``fixed_seconds + seconds_per_token * tokens``."""
 
     fixed_seconds: float
     seconds_per_token: float
@@ -63,8 +75,25 @@ class CostModel:
     def seconds(self, tokens: int) -> float:
         return self.fixed_seconds + self.seconds_per_token * tokens
 
+    def forward_seconds(self, prompt_tokens: int, rows: int, steps: int = 0) -> float:
+        """Seconds of a request's forward passes: the prompt pass over ``prompt_tokens`` and,
+        for a generation, ``steps`` more passes of one token per row (``rows`` rows)."""
+        return ((1 + steps) * self.fixed_seconds
+                + self.seconds_per_token * (prompt_tokens + rows * steps))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A request's worst case, held in the ledger while it is in flight."""
+
+    forward_seconds: float  # every token that may pass
+    plan_seconds: float  # the allowance for the plan's own compute
+    saved_bytes: int  # the most it may save (generated ids included)
+    sized: bool  # whether validation sized every save (else the tier's limit is held)
+    units: float
 
 
 def plan_tokens(plan: Plan) -> int:
@@ -76,9 +105,60 @@ def plan_rows(plan: Plan) -> int:
     return sum(len(inv.tensors) for inv in plan.invokes)
 
 
+def max_new_tokens(plan: Plan) -> int:
+    return plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 0
+
+
+def computes(plan: Plan) -> bool:
+    """Whether the plan has nodes of its own to run (the engine times every node but the
+    module points: ops, saves, writes)."""
+    return any(node.op != POINT for node in plan.nodes)
+
+
 def saved_nbytes(value: Any) -> int:
     """Bytes of the tensors in a saved value (nested lists, tuples, dicts)."""
     return value_nbytes(value, scalar_bytes=0)
+
+
+def generated_bytes_bound(plan: Plan) -> int:
+    """The most bytes of generated token ids a generation returns (prompt ids included)."""
+    steps = max_new_tokens(plan)
+    if not steps:
+        return 0
+    lengths = [int(plan.tensors[n].shape[0]) for inv in plan.invokes for n in inv.tensors]
+    return TOKEN_ID_BYTES * sum(length + steps for length in lengths)
+
+
+def hold(plan: Plan, cost: CostModel, pricing: Pricing, *, saved_bytes: int, sized: bool,
+         max_saved_bytes: int, plan_compute_factor: float) -> Hold:
+    """The worst case of ``plan`` (see the module docstring). ``saved_bytes``: what
+    validation sized; ``sized``: whether it sized every save; ``max_saved_bytes``: the
+    tier's limit, enforced by the engine while the plan runs."""
+    forward = cost.forward_seconds(plan_tokens(plan), plan_rows(plan), max_new_tokens(plan))
+    own = plan_compute_factor * forward if computes(plan) else 0.0
+    nbytes = (saved_bytes if sized else max(saved_bytes, max_saved_bytes)) \
+        + generated_bytes_bound(plan)
+    return Hold(forward, own, nbytes, sized, pricing.units(forward + own, nbytes))
+
+
+def steps_run(plan: Plan, values: Mapping[int, Any]) -> int:
+    """Generation steps a finished request ran (0 for a trace), from its generated ids."""
+    if plan.mode != "generate":
+        return 0
+    rows = values.get(GENERATED) or []
+    lengths = [int(plan.tensors[n].shape[0]) for inv in plan.invokes for n in inv.tensors]
+    prompt = lengths if plan.invokes and plan.invokes[0].kind == "tokens" else [0] * len(lengths)
+    return max((int(ids.shape[-1]) - p for ids, p in zip(rows, prompt)), default=0)
+
+
+def own_node_seconds(node_seconds: Mapping[Any, float] | None, ids: Mapping[int, int]) -> float:
+    """Seconds the engine spent on a request's own nodes. ``node_seconds``: the run's
+    ``{node id: seconds}`` (keys may be strings after a JSON round trip); ``ids``: the
+    request's node ids as they were in the plan that ran (``{own id: run id}``)."""
+    if not node_seconds:
+        return 0.0
+    run = {int(k): float(v) for k, v in node_seconds.items()}
+    return sum(run.get(new, 0.0) for new in ids.values())
 
 
 def calibrate(run_seconds, info: ModelInfo, *, lengths: tuple[int, int] = (8, 64),
