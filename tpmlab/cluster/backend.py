@@ -162,7 +162,8 @@ class DaskBackend:
         taken = [Slot(*s) for rec in registry.all_records(self.client).values()
                  for s in rec["slots"]]
         slots = place_stages(workers, n_stages, taken=taken)
-        specs = [self._spec(name, span, slot, dtype) for span, slot in zip(spans, slots)]
+        specs = [self._spec(name, source.version, span, slot, dtype)
+                 for span, slot in zip(spans, slots)]
         futures = [self._submit(spec, slot) for spec, slot in zip(specs, slots)]
         try:
             actors = [_result(f, SETUP_TIMEOUT, f"loading stage {i} of {name}")
@@ -183,9 +184,11 @@ class DaskBackend:
         self._publish(dep)
         return dep
 
-    def _spec(self, name: str, span: StageSpan, slot: Slot, dtype: torch.dtype) -> dict[str, Any]:
-        return {"model": name, "index": span.index, "n_stages": span.n_stages, "first": span.first,
-                "last": span.last, "nbytes": span.nbytes, "device": slot.device,
+    def _spec(self, name: str, version: str, span: StageSpan, slot: Slot,
+              dtype: torch.dtype) -> dict[str, Any]:
+        # the version travels with the spec: a stage never digests the whole checkpoint
+        return {"model": name, "version": version, "index": span.index, "n_stages": span.n_stages,
+                "first": span.first, "last": span.last, "nbytes": span.nbytes, "device": slot.device,
                 "dtype": dtype_name(dtype), "threads": self.threads,
                 "limits": {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}}
 
@@ -375,8 +378,13 @@ class DaskBackend:
             lock.release()
 
     # -- tear down ---------------------------------------------------------------------------------
-    def memory(self, name: str) -> list[dict[str, int]]:
-        """Per stage: its worker's resident and peak resident bytes and the stage's bytes."""
+    def memory(self, name: str) -> list[dict[str, Any]]:
+        """Per stage: the stage's bytes (``stage_bytes``), its worker's resident and peak
+        resident bytes now (``rss``, ``peak_rss``; with ``cuda_peak``/``cuda_allocated`` on a
+        GPU), and what loading the stage cost that worker, measured there
+        (:mod:`tpmlab.runtime.load_meter`): ``load_seconds``, ``read_bytes`` (bytes read
+        through ``read``, page cache or disk), ``disk_read_bytes``, ``rss_before``,
+        ``resident_growth``, ``load_host_peak`` and ``load_cuda_peak``."""
         dep = self.deployment(name)
         return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.slots[k].worker}
                 for k, a in enumerate(dep.actors)]
