@@ -18,6 +18,12 @@
 
 Linux only for the host figures (``None`` elsewhere). Loads that run at the same time in
 one process (two stages on one worker) are measured together.
+
+What a load may cost beyond its own weights (tests and benchmarks hold loads to it):
+:data:`LOAD_OVERHEAD_BYTES` of host memory, the staging buffer of
+:mod:`~tpmlab.models.tensor_files` plus the tokenizer, config and the probe's few
+activations; on a GPU, 10% of the weights (the allocator's rounding) besides the CUDA
+context; bytes read, at most 1.2x the weights.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any
 
 import torch
 
+#: host memory a load may take beyond its weights (see the module's docstring)
+LOAD_OVERHEAD_BYTES = 128 * 2**20
 
 def _status_kib(field: str) -> int | None:
     try:
