@@ -142,6 +142,9 @@ def model_view(record: dict[str, Any], live: set[str],
             "answered": probe is not None and not probe.get("timeout"),
             "rss": None if probe is None else probe.get("rss"),
             "gpu_allocated": None if probe is None else probe.get("cuda_allocated"),
+            # peaks since the stage was loaded (its load included)
+            "peak_rss": None if probe is None else probe.get("peak_rss"),
+            "gpu_peak": None if probe is None else probe.get("cuda_peak"),
         })
     healths = {s["health"] for s in stages}
     health = "ok" if healths <= {"ok"} else ("lost" if "lost" in healths else "degraded")
