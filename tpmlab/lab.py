@@ -72,7 +72,12 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
     ``connect("local")``: models run whole in this process (no cluster).
     ``connect(gateway="https://...", token=...)``: a shared deployment behind the
     multi-user gateway (token: a tpmlab API key or a JupyterHub API token).
+    ``connect()`` where ``$TPMLAB_GATEWAY`` is set and ``$TPMLAB_SCHEDULER`` is not (a
+    JupyterHub single-user server set up by ``tpmlab hub-config``): that gateway, with the
+    server's own Hub token.
     """
+    if gateway is None and address is None and not os.environ.get("TPMLAB_SCHEDULER"):
+        gateway = os.environ.get("TPMLAB_GATEWAY") or None
     if gateway is not None:
         from .gateway.client import GatewayBackend
 

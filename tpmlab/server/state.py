@@ -243,7 +243,13 @@ class ClusterState:
                                       "dashboard": None}
             out["models"] += [self._pending_view(p) for p in self.pending.values()
                               if p.name not in {m["name"] for m in out["models"]}]
-            out["usage"] = self.gateway() if self.gateway is not None else None
+            if self.gateway is not None:  # the shared deployment behind the gateway
+                out["usage"] = self.gateway()
+                served, error = self.gateway.models()
+                names = {m["name"] for m in out["models"]}
+                out["models"] += [m for m in served if m["name"] not in names]
+                if error:
+                    out["errors"].append(error)
             return out
 
     def _cluster(self, client: Any) -> dict[str, Any]:
@@ -417,7 +423,9 @@ class GatewayUsage:
     def __repr__(self) -> str:
         return f"GatewayUsage({self.url!r})"
 
-    def __call__(self) -> dict[str, Any]:
+    def _get(self, path: str) -> Any:
+        """``GET {url}{path}`` with the user's token: the JSON answer, or
+        ``{"error": ...}`` naming what went wrong."""
         import json
         import urllib.error
         import urllib.request
@@ -426,12 +434,12 @@ class GatewayUsage:
             return {"error": f"no token for the gateway {self.url}: set one of "
                              f"{', '.join('$' + k for k in TOKEN_ENVS)}"}
         request = urllib.request.Request(
-            f"{self.url}/v1/me", headers={"Authorization": f"Bearer {self.token}",
+            f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}",
                                           "Accept": "application/json",
                                           "User-Agent": "tpmlab-server"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
-                me = json.loads(r.read())
+                return json.loads(r.read())
         except urllib.error.HTTPError as e:
             return {"error": f"the gateway {self.url} answered {e.code}: {_gateway_message(e)}"}
         except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -439,12 +447,32 @@ class GatewayUsage:
             return {"error": f"cannot reach the gateway {self.url}: {reason}"}
         except ValueError as e:
             return {"error": f"the gateway {self.url} sent something that is not JSON: {e}"}
+
+    def __call__(self) -> dict[str, Any]:
+        me = self._get("/v1/me")
+        if "error" in me:
+            return me
         try:
             return {"used": float(me["used"]), "quota": float(me["allocated"]),
                     "balance": float(me["balance"]), "unit": USAGE_UNIT, "tier": me.get("tier"),
                     "user": me.get("name")}
         except (KeyError, TypeError, ValueError):
             return {"error": f"the gateway {self.url} answered without used/allocated/balance"}
+
+    def models(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The models the gateway serves, as the sidebar shows deployments (no stages of
+        theirs are visible from here), and the error that kept them from view, if any."""
+        entries = self._get("/v1/models")
+        if isinstance(entries, dict):
+            return [], entries.get("error", f"the gateway {self.url} sent no model list")
+        views = []
+        for e in entries:
+            if isinstance(e, dict) and isinstance(e.get("name"), str):
+                views.append({"name": e["name"], "version": e.get("version"),
+                              "family": e.get("family"), "dtype": e.get("dtype"),
+                              "n_layers": None, "stages": [], "health": "ok",
+                              "state": "deployed", "error": None, "gateway": self.url})
+        return views, None
 
 
 def _gateway_message(e: Any) -> str:
