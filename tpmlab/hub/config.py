@@ -11,7 +11,8 @@ What it configures, and why:
   ``access:services!service=tpmlab``. The fragment grants that scope to the ``user`` role
   (tokens users make themselves) and to the ``server`` role (the token every single-user
   server gets as ``$JUPYTERHUB_API_TOKEN``), beside JupyterHub's default scopes of each
-  role. The service itself gets no role: it reads nothing from the Hub with its own token.
+  role (``--grant`` adds more, e.g. dask-gateway's service). The service itself gets no
+  role: it reads nothing from the Hub with its own token.
 * **The single-user environment**: ``$TPMLAB_GATEWAY`` (the service through the Hub's
   proxy) for the sidebar's usage panel and for ``tpmlab.connect()`` in kernels, which then
   authenticate with the server's own Hub token: no token is written anywhere.
@@ -53,6 +54,8 @@ class HubConfig:
     service: str = SERVICE
     command: list[str] = field(default_factory=lambda: ["tpmlab"])
     environment: dict[str, str] = field(default_factory=dict)  # for the gateway and servers
+    # more scopes for users' and servers' tokens, e.g. access:services!service=dask-gateway
+    grants: list[str] = field(default_factory=list)
 
     @property
     def gateway_url(self) -> str:
@@ -76,9 +79,9 @@ def render(cfg: HubConfig | None = None) -> str:
                                "command": cfg.gateway_command()}
     if cfg.environment:
         service["environment"] = dict(cfg.environment)
-    scope = service_scope(cfg.service)
-    roles = [{"name": "user", "scopes": [*USER_ROLE_SCOPES, scope]},
-             {"name": "server", "scopes": [*SERVER_ROLE_SCOPES, scope]}]
+    scopes = [service_scope(cfg.service), *cfg.grants]
+    roles = [{"name": "user", "scopes": [*USER_ROLE_SCOPES, *scopes]},
+             {"name": "server", "scopes": [*SERVER_ROLE_SCOPES, *scopes]}]
     env = {**cfg.environment, "TPMLAB_GATEWAY": cfg.gateway_url}
     lines = [
         "# tpmlab: the multi-user gateway as a Hub-managed service (`tpmlab hub-config`)",
@@ -136,6 +139,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the gateway and the single-user servers "
                    "(repeatable; e.g. TPMLAB_HOME=/srv/tpmlab/weights)")
+    p.add_argument("--grant", action="append", default=[], metavar="SCOPE",
+                   help="one more scope for users' and single-user servers' tokens "
+                   "(repeatable; e.g. access:services!service=dask-gateway)")
     p.add_argument("-o", "--output", default=None, help="write here instead of printing")
     p.set_defaults(func=command)
 
@@ -153,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
                      models=args.models or HubConfig().models, hub_tier=args.hub_tier,
                      hub_units=args.hub_units, service=args.service,
                      command=shlex.split(args.command) if args.command else ["tpmlab"],
-                     environment=env)
+                     environment=env, grants=list(args.grant))
 
 
 def command(args: argparse.Namespace) -> int:
