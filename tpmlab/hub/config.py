@@ -54,6 +54,7 @@ class HubConfig:
     service: str = SERVICE
     command: list[str] = field(default_factory=lambda: ["tpmlab"])
     environment: dict[str, str] = field(default_factory=dict)  # for the gateway and servers
+    start_timeout: int = 600  # seconds the Hub waits for the gateway to load its models
     # more scopes for users' and servers' tokens, e.g. access:services!service=dask-gateway
     grants: list[str] = field(default_factory=list)
 
@@ -76,7 +77,8 @@ def render(cfg: HubConfig | None = None) -> str:
     """The ``jupyterhub_config.py`` fragment, as Python source."""
     cfg = cfg or HubConfig()
     service: dict[str, Any] = {"name": cfg.service, "url": f"http://127.0.0.1:{cfg.port}",
-                               "command": cfg.gateway_command()}
+                               "command": cfg.gateway_command(),
+                               "timeout": cfg.start_timeout}
     if cfg.environment:
         service["environment"] = dict(cfg.environment)
     scopes = [service_scope(cfg.service), *cfg.grants]
