@@ -231,7 +231,7 @@ def hub(tmp_path_factory, alice_cluster):
                   proc, h, deadline, f"{user}'s server")
         yield h
     finally:
-        _stop(proc)
+        _stop(proc, root)
 
 
 def _wait(ready, proc, hub: Hub, deadline: float, what: str) -> None:
@@ -246,19 +246,39 @@ def _wait(ready, proc, hub: Hub, deadline: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM: the Hub stops the single-user servers, its services and its proxy."""
+def _stop(proc: subprocess.Popen, root: Path) -> None:
+    """SIGTERM: the Hub stops the single-user servers, its services and its proxy. Then
+    whatever is left of this Hub's processes (a Hub that died leaves its services): those
+    run from, or name, this Hub's own folder."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             pass
-    try:  # whatever it left in its process group
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
         pass
     proc.wait()
+    for left in _processes_of(root):
+        try:
+            left.kill()
+        except Exception:
+            pass
+
+
+def _processes_of(root: Path) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        if p.pid == os.getpid():
+            continue
+        cmd, cwd = " ".join(p.info.get("cmdline") or []), p.info.get("cwd") or ""
+        if str(root) in cmd or cwd.startswith(str(root)):
+            found.append(p)
+    return found
 
 
 @pytest.fixture(scope="package")
