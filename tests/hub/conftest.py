@@ -148,6 +148,8 @@ c.DaskGateway.authenticator_class = "dask_gateway_server.auth.JupyterHubAuthenti
 # Local processes as the gateway's own user: the local backend without its setuid step.
 c.DaskGateway.backend_class = "dask_gateway_server.backends.local.UnsafeLocalBackend"
 c.UnsafeLocalBackend.clusters_directory = "{root}/dask-clusters"
+c.ClusterConfig.scheduler_cmd = [{sys.executable!r}, "-m", "distributed.cli.dask_scheduler"]
+c.ClusterConfig.worker_cmd = [{sys.executable!r}, "-m", "distributed.cli.dask_worker"]
 c.ClusterConfig.worker_cores = 1
 c.ClusterConfig.worker_threads = 1
 c.ClusterConfig.worker_memory = "3 G"
