@@ -108,6 +108,13 @@ c.Spawner.http_timeout = 180
 c.JupyterHub.services = []
 c.JupyterHub.load_roles = []
 c.Spawner.environment = {{}}
+# dask-gateway, a Hub-managed service: Hub users create their own clusters there
+# (first: the Hub starts services one after the other, and it starts at once).
+c.JupyterHub.services.append({{
+    "name": "dask-gateway",
+    "command": [{py!r}, "-m", "dask_gateway_server", "-f", "{root}/dask_gateway_config.py"],
+    "environment": {{"TPMLAB_HOME": {os.environ['TPMLAB_HOME']!r}}},
+}})
 
 # ---- `tpmlab hub-config` ----
 {fragment}
@@ -117,12 +124,6 @@ c.Spawner.environment = {{}}
 c.JupyterHub.services.append({{"name": "test-admin", "api_token": {admin_token!r}}})
 c.JupyterHub.load_roles.append({{"name": "test-admin", "services": ["test-admin"],
                                  "scopes": ["admin:users", "admin:servers", "tokens"]}})
-# dask-gateway, a Hub-managed service: Hub users create their own clusters there.
-c.JupyterHub.services.append({{
-    "name": "dask-gateway",
-    "command": [{py!r}, "-m", "dask_gateway_server", "-f", "{root}/dask_gateway_config.py"],
-    "environment": {{"TPMLAB_HOME": {os.environ['TPMLAB_HOME']!r}}},
-}})
 
 # Per-user extras (alice's sidebar reports on her own TLS cluster).
 EXTRA = {extra!r}
@@ -228,6 +229,9 @@ def hub(tmp_path_factory, alice_cluster):
             assert h.api("POST", f"/users/{user}/server").status_code in (201, 202)
         _wait(lambda: httpx.get(f"{h.gateway_url}/health", timeout=10).status_code == 200,
               proc, h, deadline, "the tpmlab gateway service")
+        _wait(lambda: httpx.get(f"{h.dask_gateway_url}/api/health",
+                                timeout=10).status_code == 200,
+              proc, h, deadline, "dask-gateway")
         for user in USERS:
             _wait(lambda u=user: h.api("GET", f"/users/{u}").json()["servers"][""]["ready"],
                   proc, h, deadline, f"{user}'s server")
