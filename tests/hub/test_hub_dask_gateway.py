@@ -50,8 +50,9 @@ def test_a_hub_users_own_cluster_holds_the_stages(hub):
 
         # bob: the cluster is not among his, and the gateway will not hand it to him ...
         assert cluster.name not in {c.name for c in bob.list_clusters()}
-        with pytest.raises(ValueError):  # the gateway answers 404: no such cluster of his
+        with pytest.raises(Exception) as refused:  # 403: not his to connect to
             bob.connect(cluster.name)
+        assert getattr(refused.value, "status", None) == 403, refused.value
         # ... nor does its address alone get anyone in: the credentials are alice's.
         with pytest.raises(ClusterSecurityError, match="cluster.security"):
             tpmlab.connect(cluster.scheduler_address)

@@ -84,6 +84,14 @@ def _run_cells(page, hub, user: str, cells: list[str], expect: list[str]) -> str
     return "\n".join(outputs.all_inner_texts())
 
 
+def _wait_for_usage(page) -> None:
+    """Until the sidebar's usage shows some service units used."""
+    page.wait_for_function(
+        "() => /^\\s*[0-9.]*[1-9][0-9.]*(e[-+]?\\d+)?\\s*\\//.test("
+        "document.querySelector('#tpmlab-sidebar .jp-tpmlab-usage .jp-tpmlab-kv')"
+        "?.textContent ?? '')", timeout=60_000)
+
+
 def _used(page) -> float:
     text = page.locator("#tpmlab-sidebar .jp-tpmlab-usage .jp-tpmlab-kv").inner_text()
     match = re.match(r"\s*([0-9.e+-]+)\s*/\s*([0-9.e+-]+)\s*SU", text)
@@ -109,10 +117,7 @@ def test_two_users_trace_through_the_hub_gateway(hub, chromium, alice_cluster):
         out = _run_cells(alice, hub, "alice", [TRACE_CELL], ["next:"])
         assert "next: ' Paris'" in out, out
         alice_request = re.search(r"request: (\S+)", out).group(1)
-        alice.wait_for_function(
-            "() => /^\\s*[0-9.]*[1-9][0-9.]*(e[-+]?\\d+)?\\s*\\//.test("
-            "document.querySelector('#tpmlab-sidebar .jp-tpmlab-usage .jp-tpmlab-kv')"
-            "?.textContent ?? '')", timeout=60_000)
+        _wait_for_usage(alice)
         me = _gateway(hub, tokens["alice"]).get("/v1/me").json()
         assert me["name"] == "hub:alice" and me["used"] > 0
         assert _used(alice) == pytest.approx(me["used"], rel=1e-3, abs=1e-3)
@@ -124,7 +129,12 @@ def test_two_users_trace_through_the_hub_gateway(hub, chromium, alice_cluster):
         assert "next: ' Paris'" in out, out
         # ... and refuses the intermediate read, saying which tier it needs.
         assert "needs the 'inspect' tier, and your tier is 'query'" in out, out
-        assert "read:" not in out
+        assert "read: (" not in out
+        _wait_for_usage(bob)
+        bob_me = _gateway(hub, tokens["bob"]).get("/v1/me").json()
+        assert bob_me["name"] == "hub:bob"
+        assert _used(bob) == pytest.approx(bob_me["used"], rel=1e-3, abs=1e-3)
+        assert bob_me["used"] != pytest.approx(me["used"])  # his own, not alice's
         bob.screenshot(path=str(ARTIFACTS / "hub-bob.png"))
         bob_request = re.search(r"request: (\S+)", out).group(1)
 
