@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 PROMPT = "The Eiffel Tower is located in the city of"
 TRACE_CELL = f"""import tpmlab
 
-lab = tpmlab.connect()  # $TPMLAB_GATEWAY, with this server's own Hub token
+lab = tpmlab.connect()  # $TPMLAB_GATEWAY, as this server's Hub user
 model = lab.model()
 with model.trace({PROMPT!r}):
     logits = model.output.logits[:, -1].save()
@@ -141,7 +141,8 @@ def test_two_users_trace_through_the_hub_gateway(hub, chromium, alice_cluster):
         # No token was written anywhere: the notebooks hold none.
         for user in ("alice", "bob"):
             text = (hub.home(user) / "trace.ipynb").read_text()
-            assert "token" not in text.lower() and not any(t in text for t in tokens.values())
+            written = "token" in text.lower() or any(t in text for t in tokens.values())
+            assert not written, f"{user}'s notebook names a token"
 
         # Each sees only their own requests.
         with _gateway(hub, tokens["alice"]) as a, _gateway(hub, tokens["bob"]) as b:
