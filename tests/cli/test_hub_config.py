@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tpmlab.cli import main
-from tpmlab.hub.config import HubConfig, render, service_scope
+from tpmlab.hub.config import render, service_scope
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "admin.md"
 
