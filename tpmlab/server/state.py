@@ -209,8 +209,12 @@ class ClusterState:
             if self.address:  # share the status client: one connection per server
                 self.lab = tpmlab.connect(self.address, client=self._client())
             else:
+                # the embedded cluster itself: not connect()'s default, which is the
+                # deployment's gateway where $TPMLAB_GATEWAY is set (a Hub's servers)
+                from tpmlab.cluster import DaskBackend
+
                 opts = {"dashboard_address": "127.0.0.1:0", **self.embedded_options}
-                self.lab = tpmlab.connect(**opts)
+                self.lab = tpmlab.Lab(DaskBackend(**opts))
             self.client = getattr(self.lab.backend, "client", None)
         return self.lab.backend
 
