@@ -46,8 +46,12 @@ def _gateway(hub, token: str) -> httpx.Client:
 def _open_sidebar(page):
     tab = page.locator('.jp-SideBar .lm-TabBar-tab[data-id="tpmlab-sidebar"]')
     tab.wait_for(timeout=90_000)
-    tab.click()
     sidebar = page.locator("#tpmlab-sidebar")
+    for _ in range(5):  # JupyterLab may have restored it open: a click would close it
+        if sidebar.is_visible():
+            break
+        tab.click()
+        page.wait_for_timeout(1000)
     sidebar.locator(f'.jp-tpmlab-model[data-model="{MODEL}"]').wait_for(timeout=60_000)
     return sidebar
 
