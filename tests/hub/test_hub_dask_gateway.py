@@ -23,6 +23,12 @@ def _gateway(hub, token: str):
                    auth=JupyterHubAuth(api_token=token))
 
 
+def _closed(gateway) -> None:
+    """After ``close()``: dask-gateway's ``__del__`` would close the client again, on its
+    stopped loop, and raise inside the garbage collector."""
+    gateway.__dict__.pop("_loop_runner", None)
+
+
 def test_a_hub_users_own_cluster_holds_the_stages(hub):
     import tpmlab
     from tpmlab.cluster.errors import ClusterSecurityError
@@ -64,7 +70,10 @@ def test_a_hub_users_own_cluster_holds_the_stages(hub):
                 Client(cluster.scheduler_address, security=bobs.security, timeout=10)
         finally:
             bobs.shutdown()
+            _closed(bobs.gateway)
     finally:
         cluster.shutdown()
-        alice.close()
-        bob.close()
+        _closed(cluster.gateway)
+        for gateway in (alice, bob):
+            gateway.close()
+            _closed(gateway)
