@@ -81,6 +81,10 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
         address = os.environ.get("TPMLAB_SCHEDULER") or None
     if address == "local":
         return Lab(LocalBackend(**options))
+    if address is None and options.get("warm_start", True):
+        from .cluster.warm_start import ensure_server
+
+        ensure_server()  # the workers' imports run while this process imports the engine
     from .cluster import DaskBackend  # the sharded engine
 
     if address is not None:

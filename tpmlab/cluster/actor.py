@@ -157,8 +157,7 @@ class StageActor:
         self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
-        tok = self.stage.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad_id: int | None = None  # from the model's info (:meth:`link`)
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -171,6 +170,9 @@ class StageActor:
         """Set the next stage's actor (``None`` on the last stage) and the model's info."""
         self.next = next_stage
         self.info = ModelInfo.from_dict(info)
+        # the deploying client read the tokenizer (≈ 1 s) while the stages loaded
+        pad = self.info.extra.get("pad_id")
+        self.pad_id = int(pad) if pad is not None else pad_token_id(self.source.tokenizer())
         k = self.span.index
         starts = self.info.stage_starts
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
@@ -521,6 +523,11 @@ class StageActor:
             return [torch.cat([ids[i, ids.shape[1] - n:], out[i]])
                     for i, n in enumerate(lengths)], output
         return [out[i] for i in range(rows)], output
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,7 +41,7 @@ from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
 from ..runtime.limits import limits_to_wire
 from . import cleanup, registry
-from .actor import StageActor
+from .actor import StageActor, pad_token_id
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
 from .partition import StageSpan, part_bytes, split_layers
@@ -164,6 +165,10 @@ class DaskBackend:
         slots = place_stages(workers, n_stages, taken=taken)
         specs = [self._spec(name, span, slot, dtype) for span, slot in zip(spans, slots)]
         futures = [self._submit(spec, slot) for spec, slot in zip(specs, slots)]
+        # the tokenizer (its pad id goes to the stages) is read while the stages load
+        reader = ThreadPoolExecutor(1)
+        pad = reader.submit(lambda: pad_token_id(source.tokenizer()))
+        reader.shutdown(wait=False)
         try:
             actors = [_result(f, SETUP_TIMEOUT, f"loading stage {i} of {name}")
                       for i, f in enumerate(futures)]
@@ -177,6 +182,7 @@ class DaskBackend:
             raise DeploymentError(f"could not load {name} as {n_stages} stages: "
                                   f"{type(e).__name__}: {e}") from e
         info = self._model_info(name, source, dtype, described, slots, spans)
+        info.extra["pad_id"] = pad.result()
         dep = Deployment(key=key, info=info, futures=futures, actors=actors, slots=slots,
                          spans=spans, specs=specs, owner=True)
         self._link(dep, range(n_stages))
