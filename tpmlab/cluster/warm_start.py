@@ -9,7 +9,8 @@ long as this process, a second cluster (a notebook run again, a test session) st
 at once as well.
 
 * The server is started with the workers' environment: OpenMP reads ``OMP_*`` when
-  torch's runtime is loaded, which now happens in the server.
+  torch's runtime is loaded, which now happens in the server. A later cluster asking for
+  other such variables gets spawned workers.
 * SIGINT stays blocked in the server and so in every worker forked from it (see
   :func:`~tpmlab.cluster.embedded.sigint_blocked`).
 * The server never imports the main script, so nothing of the user's runs there.
@@ -30,6 +31,9 @@ PRELOAD = ("distributed", "tpmlab.cluster.worker_preload")
 #: Stages of one request run one after another on shared cores: idle workers' OpenMP
 #: threads must sleep, not spin, or they steal the cores the busy stage computes on.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: variables read when torch's libraries load, so fixed in a running server
+LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "MKL_", "GOMP_")
+_server_env: dict[str, str] | None = None  # those the running server was started with
 
 
 def available() -> bool:
@@ -41,10 +45,16 @@ def ensure_server(env: Mapping[str, str] = WORKER_ENV) -> bool:
     process's environment and :data:`PRELOAD` imported. Returns at once: the server imports
     while this process goes on (the first worker forked waits for it). Returns whether
     workers can be forked from it."""
+    global _server_env
     if not available():
         return False
     from multiprocessing import forkserver
 
+    loaded = {k: str(v) for k, v in env.items() if k.startswith(LOAD_TIME_PREFIXES)}
+    if _server_env is not None and forkserver._forkserver._forkserver_pid is not None:
+        # variables read when torch loads are fixed in a running server: spawn if they differ
+        return loaded == _server_env
+    _server_env = loaded
     ctx = multiprocessing.get_context("forkserver")
     # never multiprocessing's default "__main__": the user's script must not run there
     preload = [m for m in getattr(forkserver._forkserver, "_preload_modules", None) or []
