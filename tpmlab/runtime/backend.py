@@ -7,6 +7,8 @@ so the in-process path is the same data path a Dask cluster or a gateway uses.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -53,6 +55,10 @@ class LocalBackend:
     Requests on one model from several threads run one at a time, in turn: a forward pass
     already uses every core (or the whole GPU), and two at once only fight over them
     (8 threads got 0.60x the throughput of one; see ``benchmarks/concurrency.py``).
+    Requests from threads other than the main one run on one thread per model, so that
+    one OpenMP team serves them all (each calling thread would wake a team of its own,
+    whose threads spin after each request on the cores the next one needs); the main
+    thread (a notebook) runs its requests itself, so that Ctrl-C stops them.
     """
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -61,7 +67,7 @@ class LocalBackend:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.limits = limits
         self.hosts: dict[str, ModelHost] = {}
-        self._turns: dict[str, threading.Lock] = {}  # one request at a time per model
+        self._turns: dict[str, _Turns] = {}  # one request at a time per model
 
     def deploy(self, name: str, **options: Any) -> ModelInfo:
         if name not in self.hosts:
@@ -72,7 +78,7 @@ class LocalBackend:
             self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
                                          loaded.adapter.family, source=source,
                                          limits=self.limits, meta_model=source.meta_model())
-            self._turns[name] = threading.Lock()
+            self._turns[name] = _Turns(name)
         return self.hosts[name].info
 
     def host(self, name: str) -> ModelHost:
@@ -83,8 +89,7 @@ class LocalBackend:
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
             limits: Limits | None = None) -> bytes:
         host = self.host(model)
-        with self._turns[model]:
-            return host.run_blob(plan, limits=limits)
+        return self._turns[model].run(host.run_blob, plan, limits=limits)
 
     def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
@@ -92,9 +97,11 @@ class LocalBackend:
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
         limits = request_limits(host.limits, limits)
-        decoded = decode_plan(plan, max_bytes=limits.max_plan_bytes)
-        with self._turns[model]:
-            return host.run(decoded, limits=limits)
+
+        def run() -> tuple[dict[int, Any], dict[str, Any]]:
+            return host.run(decode_plan(plan, max_bytes=limits.max_plan_bytes), limits=limits)
+
+        return self._turns[model].run(run)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here
@@ -103,8 +110,34 @@ class LocalBackend:
 
     def undeploy(self, name: str) -> None:
         self.hosts.pop(name, None)
-        self._turns.pop(name, None)
+        turns = self._turns.pop(name, None)
+        if turns is not None:
+            turns.close()
 
     def close(self) -> None:
         self.hosts.clear()
+        for turns in self._turns.values():
+            turns.close()
         self._turns.clear()
+
+
+class _Turns:
+    """One model's requests, one at a time: the main thread's run where it calls, every
+    other thread's on this model's own thread."""
+
+    def __init__(self, name: str) -> None:
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-{name}")
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            with self._lock:
+                return fn(*args, **kwargs)
+        return self._pool.submit(self._locked, fn, args, kwargs).result()
+
+    def _locked(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        with self._lock:
+            return fn(*args, **kwargs)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
