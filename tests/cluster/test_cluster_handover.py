@@ -70,6 +70,27 @@ def test_segments_not_taken_are_freed_and_other_hosts_get_frames():
     assert segments.pack(values, "r4", None, deadline=0.0) is values
 
 
+def test_a_full_shared_memory_sends_the_values_inline(monkeypatch):
+    values = {1: np.ones((512, 1024)), 2: np.zeros((512, 1024))}
+    monkeypatch.setattr(handover, "_to_segment", _failing_second(handover._to_segment))
+    segments = handover.Segments()
+    assert segments.pack(values, "r5", handover.local_token(), deadline=0.0) is values
+    assert not _segments({os.getpid()}) and segments.held() == 0
+
+
+def _failing_second(to_segment):
+    """The second segment finds /dev/shm full."""
+    calls = []
+
+    def wrapped(array, made):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return to_segment(array, made)
+
+    return wrapped
+
+
 # -- on the cluster --------------------------------------------------------------------------
 
 

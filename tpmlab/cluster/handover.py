@@ -94,6 +94,9 @@ class Segments:
         made: list[str] = []
         try:
             out = _walk(values, lambda a: _to_segment(a, made))
+        except OSError:  # /dev/shm full or gone: the values travel inline instead
+            _unlink(made)
+            return values
         except BaseException:
             _unlink(made)
             raise
