@@ -13,7 +13,8 @@ at once as well.
   other such variables gets spawned workers.
 * SIGINT stays blocked in the server and so in every worker forked from it (see
   :func:`~tpmlab.cluster.embedded.sigint_blocked`).
-* The server never imports the main script, so nothing of the user's runs there.
+* The server never imports the main script; each worker does, as a spawned one would
+  (multiprocessing prepares every child so), so scripts still need their main guard.
 * Where the forkserver is missing (Windows, macOS's default) workers are spawned as before.
 """
 
