@@ -6,9 +6,6 @@ so the in-process path is the same data path a Dask cluster or a gateway uses.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
@@ -50,16 +47,7 @@ def default_device() -> torch.device:
 
 
 class LocalBackend:
-    """Runs plans on whole models loaded into this process (no cluster).
-
-    Requests on one model from several threads run one at a time, in turn: a forward pass
-    already uses every core (or the whole GPU), and two at once only fight over them
-    (8 threads got 0.60x the throughput of one; see ``benchmarks/concurrency.py``).
-    Requests from threads other than the main one run on one thread per model, so that
-    one OpenMP team serves them all (each calling thread would wake a team of its own,
-    whose threads spin after each request on the cores the next one needs); the main
-    thread (a notebook) runs its requests itself, so that Ctrl-C stops them.
-    """
+    """Runs plans on whole models loaded into this process (no cluster)."""
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  limits: Limits = Limits()) -> None:
@@ -67,7 +55,6 @@ class LocalBackend:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.limits = limits
         self.hosts: dict[str, ModelHost] = {}
-        self._turns: dict[str, _Turns] = {}  # one request at a time per model
 
     def deploy(self, name: str, **options: Any) -> ModelInfo:
         if name not in self.hosts:
@@ -78,7 +65,6 @@ class LocalBackend:
             self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
                                          loaded.adapter.family, source=source,
                                          limits=self.limits, meta_model=source.meta_model())
-            self._turns[name] = _Turns(name)
         return self.hosts[name].info
 
     def host(self, name: str) -> ModelHost:
@@ -88,8 +74,7 @@ class LocalBackend:
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
             limits: Limits | None = None) -> bytes:
-        host = self.host(model)
-        return self._turns[model].run(host.run_blob, plan, limits=limits)
+        return self.host(model).run_blob(plan, limits=limits)
 
     def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
@@ -97,11 +82,7 @@ class LocalBackend:
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
         limits = request_limits(host.limits, limits)
-
-        def run() -> tuple[dict[int, Any], dict[str, Any]]:
-            return host.run(decode_plan(plan, max_bytes=limits.max_plan_bytes), limits=limits)
-
-        return self._turns[model].run(run)
+        return host.run(decode_plan(plan, max_bytes=limits.max_plan_bytes), limits=limits)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here
@@ -110,34 +91,6 @@ class LocalBackend:
 
     def undeploy(self, name: str) -> None:
         self.hosts.pop(name, None)
-        turns = self._turns.pop(name, None)
-        if turns is not None:
-            turns.close()
 
     def close(self) -> None:
         self.hosts.clear()
-        for turns in self._turns.values():
-            turns.close()
-        self._turns.clear()
-
-
-class _Turns:
-    """One model's requests, one at a time: the main thread's run where it calls, every
-    other thread's on this model's own thread."""
-
-    def __init__(self, name: str) -> None:
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-{name}")
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() is threading.main_thread():
-            with self._lock:
-                return fn(*args, **kwargs)
-        return self._pool.submit(self._locked, fn, args, kwargs).result()
-
-    def _locked(self, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
-        with self._lock:
-            return fn(*args, **kwargs)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
