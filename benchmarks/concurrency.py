@@ -1,10 +1,9 @@
 """Threads sharing one in-process model (``tpmlab.connect("local")``): the throughput of N
 threads each tracing against one thread tracing the same requests one after another.
 
-``at once`` is what the local backend does (every thread's forward pass at once on the
-same cores or GPU); ``in turn`` is a candidate: the same requests, one at a time, all on
-one thread (one OpenMP team, one CUDA stream), which is what queueing without loss
-would give.
+``at once`` is what the local backend does: each model serves one request at a time,
+in the calling thread, under a lock; ``in turn`` queues every request onto one thread
+(one OpenMP team, one CUDA stream), a candidate for more.
 
     python -m benchmarks.concurrency --threads 8
     python -m benchmarks.concurrency --device cuda --model llama-3-8b-shape --shape 1x128
