@@ -17,11 +17,8 @@ from .conftest import MODEL, make_gateway, serve, wait_until
 
 def _plan_bytes(model, build, prompt="The Eiffel Tower is in"):
     tr = model.trace(prompt)
-    model._push(tr)
-    try:
+    with tr.recording():
         build(model)
-    finally:
-        model._pop(tr)
     return encode_plan(tr.plan())
 
 
@@ -48,7 +45,7 @@ def test_connect_gateway_same_api_and_numbers_as_local(served, engine_backend):
     with pytest.raises(PathError, match="no module"):  # the engine's own error class, over HTTP
         with m.trace("x"):
             m.envoy("model.layers.0").output.save()
-            tr2 = m._stack[-1]
+            tr2 = m.tracing.current()
             tr2.nodes[0].path = "model.nope"
     lab.close()
 

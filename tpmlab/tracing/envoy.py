@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..errors import TpmlabError
-from ..ir.plan import CALL_MODULE, PARAM, SET_POINT
+from ..errors import NotSupportedError, TpmlabError
+from ..ir.plan import CALL_MODULE, PARAM
 from .proxy import Proxy
+from .unsupported import MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
@@ -52,6 +53,8 @@ class Envoy:
         if name in self.module._parameters:
             raise TpmlabError(f"read parameters inside a trace with {self.path}.param({name!r}); "
                               f"its shape is {tuple(self.module._parameters[name].shape)}")
+        if name in MODULE_ALTERNATIVES:
+            raise NotSupportedError(MODULE_ALTERNATIVES[name])
         raise AttributeError(f"module {self.path or '<model>'} ({type(self.module).__name__}) "
                              f"has no submodule {name!r}; it has {list(self.module._modules)}")
 
@@ -76,7 +79,7 @@ class Envoy:
     def output(self) -> Proxy:
         """The module's output at this point of the pass (for decoder layers: the residual stream
         ``[batch, pos, d_model]``)."""
-        return self._model._tracer_for(self.path).point(self.path, "output")
+        return self._model.tracing.current(self.path).point(self.path, "output")
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -85,26 +88,28 @@ class Envoy:
     @property
     def input(self) -> Proxy:
         """The module's first input."""
-        return self._model._tracer_for(self.path).point(self.path, "input")
+        return self._model.tracing.current(self.path).point(self.path, "input")
 
     @input.setter
     def input(self, value: Any) -> None:
         self._set("input", value)
 
     def _set(self, io: str, value: Any) -> None:
-        tracer = self._model._tracer_for(self.path)
-        point = tracer.point(self.path, io)
-        tracer.record(SET_POINT, [point, value], path=self.path, io=io)
-        tracer._forget_point(self.path, io)
+        self._model.tracing.current(self.path).set_point(self.path, io, value)
+
+    def skip(self, value: Any) -> None:
+        """Make ``value`` this module's output (nnsight's ``skip``). The module still runs and
+        its own result is dropped: the numbers are those of skipping it."""
+        self._set("output", value)
 
     def param(self, name: str) -> Proxy:
         """A parameter of this module as a value (e.g. ``o_proj.param("weight")``), read where it lives."""
-        tracer = self._model._tracer_for(self.path)
+        tracer = self._model.tracing.current(self.path)
         return tracer.record(PARAM, [name], path=self.path)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Apply this module to values: ``model.unembed(model.final_norm(h))``."""
-        tracer = self._model._tracer_for(self.path)
+        tracer = self._model.tracing.current(self.path)
         return tracer.record(CALL_MODULE, list(args), kwargs, path=self.path)
 
     def __setattr__(self, name: str, value: Any) -> None:

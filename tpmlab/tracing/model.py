@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import TpmlabError
 from ..ir.model_info import ModelInfo
+from ..ir.validate import Limits
 from .envoy import Envoy
 from .tracer import Generate, Trace
+
+# Runs plan bytes on the engine: ``run_plan(blob, timeout)`` -> (saved values by node id, meta).
+RunPlan = Callable[[bytes, "float | None"], "tuple[dict[int, Any], dict[str, Any]]"]
+
+
+class TraceStack:
+    """The traces being recorded on one model, innermost last: module proxies record into
+    the innermost one."""
+
+    def __init__(self) -> None:
+        self._stack: list[Trace] = []
+
+    def push(self, tracer: Trace) -> None:
+        self._stack.append(tracer)
+
+    def pop(self, tracer: Trace) -> None:
+        if self._stack and self._stack[-1] is tracer:
+            self._stack.pop()
+
+    def current(self, path: str = "") -> Trace:
+        """The trace a value of module ``path`` belongs to."""
+        if not self._stack:
+            raise TpmlabError(f"{path or 'model'} values exist only inside `with model.trace(...)` "
+                              "or `with model.generate(...)`")
+        return self._stack[-1]
 
 
 class LabModel:
@@ -17,15 +44,18 @@ class LabModel:
     ``with model.trace(...)`` or ``with model.generate(...)``.
     """
 
-    def __init__(self, lab: Any, name: str, info: ModelInfo, source: Any) -> None:
-        self._lab = lab
+    def __init__(self, name: str, info: ModelInfo, source: Any, *, run_plan: RunPlan,
+                 limits: Limits | None = None, lab: Any = None) -> None:
+        self.run_plan = run_plan  # the one way a trace reaches the engine
+        self.lab = lab  # the connection this handle came from (for the user; never called here)
+        self.limits = limits or Limits()  # the engine's: a trace splits its invokes to fit
         self.name = name
         self.info = info
         self.source = source
         self.adapter = source.adapter
         self.config = source.config
         self._tokenizer = None
-        self._stack: list[Trace] = []
+        self.tracing = TraceStack()
         self._root = Envoy(self, "", source.meta_model())
 
     # -- facts ------------------------------------------------------------------------------------
@@ -67,23 +97,6 @@ class LabModel:
     def generate(self, inputs: Any = None, *, max_new_tokens: int = 1, **kwargs: Any) -> Generate:
         """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""
         return Generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
-
-    def _backend_run(self, blob: bytes, *, timeout: float | None):
-        return self._lab.run_values(self.name, blob, timeout=timeout)
-
-    # -- the active trace -------------------------------------------------------------------------
-    def _push(self, tracer: Trace) -> None:
-        self._stack.append(tracer)
-
-    def _pop(self, tracer: Trace) -> None:
-        if self._stack and self._stack[-1] is tracer:
-            self._stack.pop()
-
-    def _tracer_for(self, path: str) -> Trace:
-        if not self._stack:
-            raise TpmlabError(f"{path or 'model'} values exist only inside `with model.trace(...)` "
-                              "or `with model.generate(...)`")
-        return self._stack[-1]
 
     # -- the module tree ----------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

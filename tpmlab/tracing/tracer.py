@@ -11,16 +11,21 @@ from __future__ import annotations
 import contextlib
 import linecache
 import os
+import secrets
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import TpmlabError
+from ..errors import NotSupportedError, TpmlabError
 from ..ir.codec import encode_plan
+from ..ir.ops import OPS, RANDOM_OPS
 from ..ir.plan import (
+    SAVE,
+    SET_POINT,
     DType,
     EllipsisArg,
     GenerateOptions,
@@ -33,7 +38,17 @@ from ..ir.plan import (
     TensorRef,
     Tuple,
 )
+from .passes import run_in_passes
 from .proxy import Proxy
+from .steps import StepBlock, StepIter
+from .unsupported import BARRIER, MODULE_ALTERNATIVES, STOP
+
+# the invoke of points recorded in an empty ``tr.invoke()``: every row of the batch
+WHOLE_BATCH = -1
+
+
+class SavedValueWrittenWarning(UserWarning):
+    """An in-place write to a value after it was saved: the saved value does not show it."""
 
 if TYPE_CHECKING:
     from .model import LabModel
@@ -80,7 +95,7 @@ class Trace:
     mode = "trace"
 
     def __init__(self, model: LabModel, inputs: Any = None, *, timeout: float | None = None,
-                 **input_kwargs: Any) -> None:
+                 seed: int | None = None, **input_kwargs: Any) -> None:
         self.model = model
         self.nodes: dict[int, Node] = {}
         self.tensors: dict[str, torch.Tensor] = {}
@@ -92,29 +107,51 @@ class Trace:
         self._steps = Steps()
         self._points: dict[tuple, Proxy] = {}
         self._entered = False
+        # random ops (torch.randn_like) draw from generators seeded from this; it is recorded
+        # in the plan and in the result's metadata, so the result can be reproduced
+        self.seed = seed if seed is not None else secrets.randbits(62)
+        self._random_nodes = 0
+        self._roots: dict[int, int] = {}  # node -> the node whose memory it shares
+        self._saved_roots: dict[int, str | None] = {}  # saved memory -> the line that saved it
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
 
     # -- context --------------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         self._entered = True
-        self.model._push(self)
+        self.model.tracing.push(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.model._pop(self)
+        self.model.tracing.pop(self)
         if exc_type is not None:
             return None  # the user's error stands; nothing runs
         self.run()
         return None
 
     @contextlib.contextmanager
+    def recording(self) -> Iterator[Trace]:
+        """Record the block's nodes without running them (for callers that send
+        :meth:`plan` themselves): ``with model.trace(p).recording(): ...``."""
+        self.model.tracing.push(self)
+        try:
+            yield self
+        finally:
+            self.model.tracing.pop(self)
+
+    @contextlib.contextmanager
     def invoke(self, inputs: Any = None, **input_kwargs: Any) -> Iterator[Trace]:
         """One entry of the batch: a prompt (or list of prompts), token ids
         ``[pos]``/``[rows, pos]``, or ``inputs_embeds=`` ``[pos, d_model]``/``[rows, pos, d_model]``.
-        Interventions inside the block touch only these rows; values come back unpadded."""
+        Interventions inside the block touch only these rows; values come back unpadded.
+
+        With no input, the block addresses the whole batch made by the other invokes (every
+        row, padded on the left as the model sees it)."""
         previous = self._invoke
-        self._invoke = self._add_invoke(inputs, **input_kwargs)
+        if inputs is None and not input_kwargs:
+            self._invoke = WHOLE_BATCH
+        else:
+            self._invoke = self._add_invoke(inputs, **input_kwargs)
         try:
             yield self
         finally:
@@ -155,24 +192,81 @@ class Trace:
     # -- recording ------------------------------------------------------------------------------
     def record(self, op: str, args: list, kwargs: dict | None = None, **fields: Any) -> Proxy:
         node_id = len(self.nodes)
-        node = Node(id=node_id, op=op, args=self._arg(args), kwargs=self._arg(kwargs or {}),
+        kwargs = dict(kwargs or {})
+        if op in RANDOM_OPS:
+            kwargs = self._seeded(op, kwargs)
+        node = Node(id=node_id, op=op, args=self._arg(args), kwargs=self._arg(kwargs),
                     steps=self._steps, line=_user_line(), **fields)
         self.nodes[node_id] = node
+        self._track_memory(node)
         proxy = Proxy(self, node_id)
         self.proxies[node_id] = proxy
         return proxy
+
+    def _seeded(self, op: str, kwargs: dict) -> dict:
+        if "generator" in kwargs:
+            raise NotSupportedError(f"{op}(generator=...): a generator cannot travel in a plan; "
+                                    "give the seed as model.trace(..., seed=n)")
+        self._random_nodes += 1
+        return {**kwargs, "seed": (self.seed + self._random_nodes) % 2**63}
+
+    def _track_memory(self, node: Node) -> None:
+        """Warn where a value is written in place after it was saved: a save is a copy made
+        when the save runs (nnsight's saved value would show the later write)."""
+        first = node.args[0] if node.args and isinstance(node.args[0], Ref) else None
+        spec = OPS.get(node.op)
+        if first is not None and spec is not None and spec.aliases_first:
+            self._roots[node.id] = self._roots.get(first.id, first.id)
+        if node.op == SAVE and first is not None:
+            self._saved_roots.setdefault(self._roots.get(first.id, first.id), node.line)
+        elif spec is not None and spec.mutates and first is not None:
+            root = self._roots.get(first.id, first.id)
+            if root in self._saved_roots:
+                warnings.warn(
+                    f"{node.describe()} at {node.line} writes in place into a value saved "
+                    f"earlier (at {self._saved_roots[root]}): the saved value is a copy made "
+                    "at .save() and does not show this write (nnsight's would); call .save() "
+                    "after the write to keep the written value", SavedValueWrittenWarning,
+                    stacklevel=3)
 
     def point(self, path: str, io: str) -> Proxy:
         if self._invoke is None:
             raise TpmlabError("module values are read inside an invoke: give a prompt to "
                               "trace(...) or use `with tr.invoke(...)`")
+        invoke = None if self._invoke == WHOLE_BATCH else self._invoke
         key = (path, io, self._invoke, self._steps)
         if key not in self._points:
-            self._points[key] = self.record("point", [], path=path, io=io, invoke=self._invoke)
+            self._points[key] = self.record("point", [], path=path, io=io, invoke=invoke)
         return self._points[key]
 
-    def _forget_point(self, path: str, io: str) -> None:
-        """After a whole value was replaced, later reads must see the new one."""
+    def cache(self, modules: Any = None, *, filter: Callable[[str], bool] | None = None,
+              inputs: bool = False) -> dict[str, Proxy]:
+        """Save many modules' values in one call: ``{native path: saved proxy}``, read each
+        as ``.value`` after the block. ``modules``: module proxies or paths (default: every
+        module of the model); ``filter(path)`` keeps those it is true for; ``inputs=True``
+        saves first inputs instead of outputs."""
+        io = "input" if inputs else "output"
+        if modules is None:
+            paths = [e.rsplit(":", 1)[0] for e in self.model.info.events
+                     if e.endswith(f":{io}") and e.rsplit(":", 1)[0]]
+        else:
+            paths = [m if isinstance(m, str) else m.path for m in modules]
+        return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("next", "session", "edit", "scan") and name in MODULE_ALTERNATIVES:
+            raise NotSupportedError(MODULE_ALTERNATIVES[name])
+        if name == "stop":
+            raise NotSupportedError(STOP)
+        if name == "barrier":
+            raise NotSupportedError(BARRIER)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def set_point(self, path: str, io: str, value: Any) -> None:
+        """Replace the module value ``path``.``io`` (``module.output = value``)."""
+        point = self.point(path, io)
+        self.record(SET_POINT, [point, value], path=path, io=io)
+        # after a whole value was replaced, later reads must see the new one
         self._points.pop((path, io, self._invoke, self._steps), None)
 
     def _arg(self, value: Any) -> Any:
@@ -213,8 +307,14 @@ class Trace:
         return None
 
     def run(self) -> TraceResult:
-        blob = encode_plan(self.plan())
-        values, meta = self.model._backend_run(blob, timeout=self.timeout)
+        """Send the plan to the engine (in several passes where its invokes exceed the
+        engine's limit per pass, see :mod:`tpmlab.tracing.passes`); saved proxies get their
+        values."""
+        values, meta = run_in_passes(self.plan(), self.model.limits.max_invokes,
+                                     lambda plan: self.model.run_plan(encode_plan(plan),
+                                                                      self.timeout))
+        if self._random_nodes:
+            meta = {**meta, "seed": self.seed}
         for node_id, value in values.items():
             if node_id in self.proxies:
                 self.proxies[node_id]._set_value(value)
@@ -254,11 +354,12 @@ class Generate(Trace):
         return self.options
 
     @contextlib.contextmanager
-    def steps(self, start: int, stop: int | None) -> Iterator[Generate]:
+    def steps(self, start: int, stop: int | None) -> Iterator[StepBlock]:
+        """Nodes recorded in the block run at steps ``start <= step < stop``."""
         previous = self._steps
         self._steps = Steps(start, stop)
         try:
-            yield self
+            yield StepBlock(start, stop)
         finally:
             self._steps = previous
 
@@ -267,6 +368,14 @@ class Generate(Trace):
 
     def all(self):
         return self.steps(0, None)
+
+    @property
+    def iter(self) -> StepIter:
+        """``for step in gen.iter[a:b]:`` runs the loop's body once per step, recording it
+        for that step alone (``step`` is the step's number, so ``if step == 2:`` works);
+        a value saved in the body is one value per iteration. An open end stops at
+        ``max_new_tokens``."""
+        return StepIter(self.steps, self.options.max_new_tokens)
 
     def _after_run(self, values: dict[int, Any]) -> None:
         from ..runtime.engine import GENERATED
