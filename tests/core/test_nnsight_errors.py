@@ -1,0 +1,171 @@
+"""nnsight constructs a plan cannot express, or that tpmlab does not offer, fail with an error
+that names the construct and the form to use instead; the one silent difference (a saved
+value is a copy) warns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpmlab.errors import NotSupportedError, TpmlabError
+from tpmlab.tracing.tracer import SavedValueWrittenWarning
+
+MODEL = "tiny-llama"
+PROMPT = "The Eiffel Tower is located in"
+
+
+@pytest.fixture(scope="module")
+def model(local_lab):
+    return local_lab.model(MODEL)
+
+
+def _model_attr(name):
+    def body(m):
+        getattr(m, name)()
+    return body
+
+
+def _in_trace(body):
+    def run(m):
+        with m.trace(PROMPT) as tr:
+            body(m, tr)
+    return run
+
+
+def _in_generate(body):
+    def run(m):
+        with m.generate(PROMPT, max_new_tokens=3) as gen:
+            body(m, gen)
+    return run
+
+
+def _if_on_value(m, tr):
+    if (m.layers[0].output < 1e5).all():
+        pass
+
+
+def _loop_over_value(m, tr):
+    for _ in m.layers[0].output:
+        pass
+
+
+def _step_block_compared(m, gen):
+    with gen.all() as step:
+        if step == 2:
+            m.layers[0].output[:] = 0
+
+
+CASES = {
+    # construct: (what runs, words the message must hold)
+    "model.session()": (_model_attr("session"), ["session", "one after another"]),
+    "model.edit()": (_model_attr("edit"), ["edit", "each trace"]),
+    "model.scan()": (_model_attr("scan"), ["scan", "validates"]),
+    "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
+    "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
+                      [".source", "attention lens"]),
+    "backward()": (_in_trace(lambda m, tr: m.output.logits.sum().backward()), ["backward"]),
+    ".grad": (_in_trace(lambda m, tr: m.layers[0].output.grad), [".grad"]),
+    "if on a value": (_in_trace(_if_on_value), ["torch.where", "`if`"]),
+    "loop over a value": (_in_trace(_loop_over_value), ["iterated", "range"]),
+    "tracer.stop()": (_in_trace(lambda m, tr: tr.stop()), ["stop()", "whole forward"]),
+    "tracer.barrier()": (_in_trace(lambda m, tr: tr.barrier()), ["barrier", "another invoke"]),
+    "tracer.next()": (_in_generate(lambda m, gen: gen.next()), ["next", "gen.step"]),
+    "with gen.all() as step: if step == 2": (_in_generate(_step_block_compared),
+                                             ["gen.step(2)", "gen.iter"]),
+    "value.item()": (_in_trace(lambda m, tr: m.layers[0].output.item()), [".save()"]),
+    "unknown method": (_in_trace(lambda m, tr: m.layers[0].output.frobnicate(1)),
+                       ["frobnicate", "whitelisted"]),
+    "torch function outside the whitelist": (
+        _in_trace(lambda m, tr: torch.special.erf(m.layers[0].output)), ["erf", "whitelist"]),
+    "a generator object": (
+        _in_trace(lambda m, tr: torch.randn_like(m.layers[0].output,
+                                                 generator=torch.Generator())),
+        ["generator", "seed="]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unsupported_construct_names_itself_and_the_alternative(model, case):
+    body, words = CASES[case]
+    with pytest.raises(NotSupportedError) as err:
+        body(model)
+    assert isinstance(err.value, TpmlabError)
+    for word in words:
+        assert word in str(err.value), (case, str(err.value))
+    assert "has no submodule" not in str(err.value)
+
+
+def test_a_typo_is_still_a_typo(model):
+    with pytest.raises(AttributeError, match="has no submodule 'layerz'"):
+        _ = model.model.layerz
+
+
+def test_write_after_save_warns_and_the_save_is_the_earlier_value(model):
+    with pytest.warns(SavedValueWrittenWarning, match="copy made at .save()"):
+        with model.trace(PROMPT):
+            h = model.layers[0].output
+            saved = h.save()
+            before = h.clone().save()
+            h[:] = 0  # nnsight's saved value would now read 0
+    torch.testing.assert_close(saved.value, before.value)
+    assert saved.value.abs().sum() > 0
+
+
+def test_save_after_the_write_does_not_warn(model, recwarn):
+    with model.trace(PROMPT):
+        h = model.layers[0].output
+        h[:, -1] = 0
+        saved = h.save()
+    assert not [w for w in recwarn if issubclass(w.category, SavedValueWrittenWarning)]
+    assert saved.value[:, -1].abs().sum() == 0
+
+
+def test_replacing_a_saved_output_keeps_the_saved_value_as_nnsight_does(model, recwarn):
+    with model.trace(PROMPT):
+        old = model.layers[0].output.save()
+        model.layers[0].output = model.layers[0].output * 0
+        new = model.layers[0].output.save()
+    assert not [w for w in recwarn if issubclass(w.category, SavedValueWrittenWarning)]
+    assert old.value.abs().sum() > 0 and new.value.abs().sum() == 0
+
+
+def test_random_values_are_reproducible_and_recorded(model):
+    def draw(seed):
+        with model.trace(PROMPT, seed=seed) as tr:
+            noise = torch.randn_like(model.layers[0].output).save()
+            uniform = torch.rand_like(model.layers[0].output).save()
+        return tr, noise.value, uniform.value
+
+    tr, a, u = draw(7)
+    _, b, _ = draw(7)
+    _, c, _ = draw(8)
+    assert tr.result.meta["seed"] == 7
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    assert 0 <= u.min() and u.max() < 1
+    with model.trace(PROMPT) as tr:  # no seed given: one is chosen and recorded
+        torch.randn_like(model.layers[0].output).save()
+    assert isinstance(tr.result.meta["seed"], int)
+
+
+def test_a_trace_that_cannot_be_split_says_why(model, monkeypatch):
+    import dataclasses
+
+    from tpmlab.errors import LimitError
+
+    monkeypatch.setattr(model, "limits", dataclasses.replace(model.limits, max_invokes=1))
+    with pytest.raises(LimitError, match="cannot be split") as err:
+        with model.trace() as tr:
+            with tr.invoke("Hello"):
+                a = model.layers[0].output[:, -1]
+            with tr.invoke("World"):
+                (model.layers[0].output[:, -1] - a).save()
+    assert "test_nnsight_errors.py" in err.value.line
+
+
+def test_cache_with_a_filter(model):
+    with model.trace(PROMPT) as tr:
+        cache = tr.cache(filter=lambda path: path.endswith("mlp"))
+    n = model.adapter.n_layers
+    assert sorted(cache) == [f"model.layers.{i}.mlp" for i in range(n)]
+    assert cache["model.layers.0.mlp"].value.shape[-1] == model.d_model

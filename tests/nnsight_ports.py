@@ -1,0 +1,174 @@
+"""nnsight's tutorial operations written twice: for tpmlab and for nnsight 0.8 on the same
+weights. Each port returns the two lists of tensors, to be compared; the in-process and the
+Dask-stage tests run the same ports (tests/core/test_nnsight_parity.py,
+tests/cluster/test_cluster_nnsight.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from tpmlab.ir.validate import Limits
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PROMPTS = ["Hi there", PROMPT, "One two three four", "A", "Paris is the capital of"]
+
+
+def nn_model_for(model):
+    """nnsight's wrapper around a separate copy of ``model``'s weights."""
+    import nnsight
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nnsight.LanguageModel(model.source.load().model, tokenizer=model.tokenizer)
+
+
+def nn_path(nn_model, path: str):
+    env = nn_model
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def nn_layers(nn_model, model):
+    return nn_path(nn_model, model.adapter.layers)
+
+
+def reflected_and_function_forms(model, nn_model):
+    """Numbers or tensors left of an operator, and torch / functional forms of ops."""
+    ones = torch.ones(model.d_model)
+
+    def body(h):
+        return [1 - h, 2 * h, 0.5 + h, ones + h, F.softmax(h, dim=-1), F.log_softmax(h, dim=-1),
+                F.relu(h), F.gelu(h), torch.add(h, 1), torch.where(h > 0, h, 0.5 * h),
+                torch.softmax(h, -1)]
+
+    with model.trace(PROMPT):
+        ours = [v.save() for v in body(model.layers[0].output)]
+    with nn_model.trace(PROMPT):  # nnsight hands back saved names, not lists of them
+        theirs = list().save()
+        theirs.extend(body(nn_layers(nn_model, model)[0].output))
+    return [p.value for p in ours], list(theirs)
+
+
+def skip_module(model, nn_model):
+    """``layer.skip(value)``: the layer's output is the given value."""
+    with model.trace(PROMPT):
+        model.layers[1].skip(model.layers[0].output)
+        ours = [model.layers[1].output.save(), model.output.logits.save()]
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace(PROMPT):
+        layers[1].skip(layers[0].output)
+        skipped = layers[1].output.save()
+        logits = nn_model.output.logits.save()
+    return [p.value for p in ours], [skipped, logits]
+
+
+def cache_modules(model, nn_model):
+    """``tracer.cache(modules=...)``: many modules' outputs in one call."""
+    with model.trace(PROMPT) as tr:
+        cache = tr.cache(modules=[model.layers[0], model.layers[-1]])
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace(PROMPT) as tr:
+        nn_cache = tr.cache(modules=[layers[0], layers[-1]])
+    paths = [model.layers[0].path, model.layers[-1].path]
+    return ([cache[p].value for p in paths],
+            [nn_cache["model." + p].output for p in paths])
+
+
+def whole_batch_invoke(model, nn_model):
+    """An empty ``tr.invoke()`` addresses the whole batch of the other invokes (padded on
+    the left, as the model sees it); each row is compared over its real tokens."""
+    with model.trace() as tr:
+        for p in PROMPTS[:2]:
+            with tr.invoke(p):
+                pass
+        with tr.invoke():
+            first = model.layers[0].output.clone().save()
+            model.layers[0].output[:, -1] = 0.0
+            last = model.layers[1].output[:, -1].save()
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace() as tr:
+        for p in PROMPTS[:2]:
+            with tr.invoke(p):
+                pass
+        with tr.invoke():
+            nn_first = layers[0].output.clone().save()
+            layers[0].output[:, -1] = 0.0
+            nn_last = layers[1].output[:, -1].save()
+    n = len(model.tokenizer(PROMPTS[0])["input_ids"])
+    return ([first.value[0, -n:], first.value[1], last.value],
+            [nn_first[0, -n:], nn_first[1], nn_last])
+
+
+def generation_steps(model, nn_model):
+    """``for step in tracer.iter[0:3]: if step == 1: ...``, nnsight's walkthrough idiom."""
+    v = torch.full((model.d_model,), 2.0)
+    with model.generate(PROMPT, max_new_tokens=3) as gen:
+        ours = []
+        for step in gen.iter[0:3]:
+            if step == 1:
+                model.layers[1].output[:, -1] += v
+            ours.append(model.layers[1].output.save())
+    layers = nn_layers(nn_model, model)
+    with nn_model.generate(PROMPT, max_new_tokens=3, do_sample=False) as tracer:
+        theirs = list().save()
+        for step in tracer.iter[0:3]:
+            if step == 1:
+                layers[1].output[:, -1] += v
+            theirs.append(layers[1].output.clone())
+    return [p.value for p in ours], list(theirs)
+
+
+def many_invokes(model, nn_model, per_pass: int = 2):
+    """More invokes than one pass takes: split into passes, the same numbers as one batch."""
+    saved_limits = model.limits
+    model.limits = dataclasses.replace(model.limits, max_invokes=per_pass)
+    try:
+        with model.trace() as tr:
+            ours = []
+            for p in PROMPTS:
+                with tr.invoke(p):
+                    model.layers[0].output[:, -1] *= 0.5
+                    ours.append(model.output.logits[:, -1].save())
+        passes = tr.result.meta["passes"]
+    finally:
+        model.limits = saved_limits
+    assert passes == -(-len(PROMPTS) // per_pass)
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace() as tr:
+        theirs = list().save()
+        for p in PROMPTS:
+            with tr.invoke(p):
+                layers[0].output[:, -1] *= 0.5
+                theirs.append(nn_model.output.logits[:, -1])
+    return [p.value for p in ours], list(theirs)
+
+
+def seeded_noise(model, nn_model):
+    """``torch.randn_like`` on the engine from a seeded generator: the same numbers as
+    nnsight adding the noise drawn from a generator of that seed."""
+    with model.trace(PROMPT, seed=1234) as tr:
+        h = model.layers[0].output
+        noise = torch.randn_like(h)
+        model.layers[0].output = h + 0.1 * noise
+        ours = [noise.save(), model.output.logits.save()]
+    seed = tr.result.meta["seed"]
+    assert seed == 1234
+    node_seed = next(n.kwargs["seed"] for n in tr.nodes.values() if n.op == "randn_like")
+    shape = ours[0].value.shape
+    drawn = torch.randn(shape, generator=torch.Generator().manual_seed(node_seed))
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace(PROMPT):
+        layers[0].output = layers[0].output + 0.1 * drawn
+        logits = nn_model.output.logits.save()
+    return [p.value for p in ours], [drawn, logits]
+
+
+PORTS = [reflected_and_function_forms, skip_module, cache_modules, whole_batch_invoke,
+         generation_steps, many_invokes, seeded_noise]
+
+__all__ = ["PORTS", "Limits", "nn_model_for"]
