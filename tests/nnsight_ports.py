@@ -67,6 +67,21 @@ def skip_module(model, nn_model):
     return [p.value for p in ours], [skipped, logits]
 
 
+def tuple_output_replacement(model, nn_model):
+    """A whole tuple output replaced: the attention's ``(output, weights)``."""
+    attn_path = f"{model.layers[1].path}.{model.adapter.attn}"
+    attn = model.envoy(attn_path)
+    with model.trace(PROMPT):
+        attn.output = (attn.output[0] * 0.5, attn.output[1])
+        ours = [model.layers[1].output.save(), model.output.logits.save()]
+    nn_attn = nn_path(nn_model, attn_path)
+    with nn_model.trace(PROMPT):
+        nn_attn.output = (nn_attn.output[0] * 0.5, nn_attn.output[1])
+        layer = nn_layers(nn_model, model)[1].output.save()
+        logits = nn_model.output.logits.save()
+    return [p.value for p in ours], [layer, logits]
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -168,7 +183,7 @@ def seeded_noise(model, nn_model):
     return [p.value for p in ours], [drawn, logits]
 
 
-PORTS = [reflected_and_function_forms, skip_module, cache_modules, whole_batch_invoke,
+PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 
 __all__ = ["PORTS", "Limits", "nn_model_for"]
