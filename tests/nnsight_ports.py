@@ -82,6 +82,42 @@ def tuple_output_replacement(model, nn_model):
     return [p.value for p in ours], [layer, logits]
 
 
+def persistent_edit(model, nn_model):
+    """``model.edit()``: a new handle whose traces apply the edit; ``inplace=True`` and
+    ``clear_edits()`` on the handle itself; the unedited model is unchanged."""
+    v = torch.linspace(-1, 1, model.d_model)
+    with model.edit() as (_, edited):
+        edited.layers[1].output[:, -1] += v
+    with edited.trace(PROMPT):
+        ours = [edited.output.logits.save()]
+    with model.trace(PROMPT):
+        ours.append(model.output.logits.save())
+    try:
+        with model.edit(inplace=True):
+            model.layers[0].output[:] *= 0.5
+        with model.trace(PROMPT):
+            ours.append(model.output.logits.save())
+    finally:
+        model.clear_edits()
+    with model.trace(PROMPT):
+        ours.append(model.output.logits.save())
+    layers = nn_layers(nn_model, model)
+    with nn_model.edit() as (_, nn_edited):
+        nn_layers(nn_edited, model)[1].output[:, -1] += v
+    with nn_edited.trace(PROMPT):
+        edited_logits = nn_edited.output.logits.save()
+    with nn_model.trace(PROMPT):
+        plain = nn_model.output.logits.save()
+    with nn_model.edit(inplace=True):
+        layers[0].output[:] *= 0.5
+    with nn_model.trace(PROMPT):
+        inplace = nn_model.output.logits.save()
+    nn_model.clear_edits()
+    with nn_model.trace(PROMPT):
+        cleared = nn_model.output.logits.save()
+    return [p.value for p in ours], [edited_logits, plain, inplace, cleared]
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -183,7 +219,8 @@ def seeded_noise(model, nn_model):
     return [p.value for p in ours], [drawn, logits]
 
 
-PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, cache_modules, whole_batch_invoke,
+PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
+         cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 
 __all__ = ["PORTS", "Limits", "nn_model_for"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import TpmlabError
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
+from .edits import Edits, EditTrace
 from .envoy import Envoy
 from .tracer import Generate, Trace
 
@@ -56,6 +58,7 @@ class LabModel:
         self.config = source.config
         self._tokenizer = None
         self.tracing = TraceStack()
+        self.edits = Edits()  # what every trace of this handle starts with (model.edit)
         self._root = Envoy(self, "", source.meta_model())
 
     # -- facts ------------------------------------------------------------------------------------
@@ -97,6 +100,47 @@ class LabModel:
     def generate(self, inputs: Any = None, *, max_new_tokens: int = 1, **kwargs: Any) -> Generate:
         """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""
         return Generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
+
+    # -- persistent edits ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def edit(self, *, inplace: bool = False) -> Iterator[Any]:
+        """Record interventions that every later trace of a handle applies (at every
+        generation step), on the whole batch, as nnsight 0.8 does::
+
+            with model.edit() as (tracer, edited):
+                edited.layers[1].output[:, -1] += v
+            with edited.trace(prompt): ...      # edited; `model` is not
+
+        With ``inplace=True`` the edit is this handle's own (``with model.edit(inplace=True)
+        as tracer:``) until :meth:`clear_edits`. Inside the block either handle's modules
+        record into the edit. The deployment is never changed: other handles and other
+        users see no edit. An edit cannot save values."""
+        target = self if inplace else self.handle()
+
+        def done(edits: Edits) -> None:
+            target.edits = edits
+
+        tracer = EditTrace(self, done)
+        with tracer:
+            if target is self:
+                yield tracer
+                return
+            target.tracing.push(tracer)
+            try:
+                yield tracer, target
+            finally:
+                target.tracing.pop(tracer)
+
+    def clear_edits(self) -> None:
+        """Forget this handle's edits."""
+        self.edits = Edits()
+
+    def handle(self) -> LabModel:
+        """Another handle on the same deployment, with this one's edits."""
+        other = LabModel(self.name, self.info, self.source, run_plan=self.run_plan,
+                         limits=self.limits, lab=self.lab)
+        other._tokenizer, other.edits = self._tokenizer, self.edits
+        return other
 
     # -- the module tree ----------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -113,6 +113,7 @@ class Trace:
         self._random_nodes = 0
         self._roots: dict[int, int] = {}  # node -> the node whose memory it shares
         self._saved_roots: dict[int, str | None] = {}  # saved memory -> the line that saved it
+        model.edits.replay_into(self)  # a persistent edit of the handle comes first
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
 
@@ -254,7 +255,7 @@ class Trace:
         return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("next", "session", "edit", "scan") and name in MODULE_ALTERNATIVES:
+        if name in ("next", "session", "scan"):
             raise NotSupportedError(MODULE_ALTERNATIVES[name])
         if name == "stop":
             raise NotSupportedError(STOP)

@@ -12,8 +12,6 @@ MODULE_ALTERNATIVES: dict[str, str] = {
     "session": "model.session() (several traces as one request) is not supported: run the "
                "traces one after another and pass a saved .value of the first as a constant "
                "into the second",
-    "edit": "model.edit() (persistent edits) is not supported: repeat the interventions in "
-            "each trace, e.g. with a helper function that records them",
     "scan": "model.scan() (a dry run) is not supported: the engine validates every plan, "
             "shapes included, before anything runs, and names the node and line at fault; "
             "a short trace that saves a value shows its shape",

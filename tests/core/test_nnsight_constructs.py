@@ -1,6 +1,7 @@
-"""nnsight constructs a plan cannot express, or that tpmlab does not offer, fail with an error
-that names the construct and the form to use instead; the one silent difference (a saved
-value is a copy) warns."""
+"""nnsight constructs on tpmlab: those a plan cannot express, or that tpmlab does not offer,
+fail with an error that names the construct and the form to use instead; the one silent
+difference (a saved value is a copy) warns; seeds, caches, splitting into passes and
+persistent edits behave as documented in docs/nnsight.md."""
 
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ def _step_block_compared(m, gen):
 CASES = {
     # construct: (what runs, words the message must hold)
     "model.session()": (_model_attr("session"), ["session", "one after another"]),
-    "model.edit()": (_model_attr("edit"), ["edit", "each trace"]),
     "model.scan()": (_model_attr("scan"), ["scan", "validates"]),
     "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
     "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
@@ -160,7 +160,7 @@ def test_a_trace_that_cannot_be_split_says_why(model, monkeypatch):
                 a = model.layers[0].output[:, -1]
             with tr.invoke("World"):
                 (model.layers[0].output[:, -1] - a).save()
-    assert "test_nnsight_errors.py" in err.value.line
+    assert "test_nnsight_constructs.py" in err.value.line
 
 
 def test_cache_with_a_filter(model):
@@ -169,3 +169,51 @@ def test_cache_with_a_filter(model):
     n = model.adapter.n_layers
     assert sorted(cache) == [f"model.layers.{i}.mlp" for i in range(n)]
     assert cache["model.layers.0.mlp"].value.shape[-1] == model.d_model
+
+
+def test_an_edit_applies_at_every_generation_step(model):
+    v = torch.linspace(-3, 3, model.d_model)
+    with model.edit() as (_, edited):
+        edited.layers[1].output[:, -1] += v
+    with edited.generate(PROMPT, max_new_tokens=4) as gen:
+        with gen.all():
+            ours = edited.layers[1].output[:, -1].save()
+    with model.generate(PROMPT, max_new_tokens=4) as ref:
+        with ref.all():
+            model.layers[1].output[:, -1] += v
+            want = model.layers[1].output[:, -1].save()
+    assert len(ours.value) == 4
+    for a, b in zip(ours.value, want.value):
+        torch.testing.assert_close(a, b)
+    assert [t.tolist() for t in gen.generated_ids] == [t.tolist() for t in ref.generated_ids]
+
+
+def test_an_edit_runs_in_every_pass_of_a_split_trace(model, monkeypatch):
+    import dataclasses
+
+    v = torch.linspace(-1, 1, model.d_model)
+    with model.edit() as (_, edited):
+        edited.layers[0].output[:, -1] += v
+    prompts = ["One", "Two three", "Four five six"]
+    monkeypatch.setattr(edited, "limits", dataclasses.replace(edited.limits, max_invokes=1))
+    with edited.trace() as tr:
+        split = []
+        for p in prompts:
+            with tr.invoke(p):
+                split.append(edited.output.logits[:, -1].save())
+    assert tr.result.meta["passes"] == 3
+    for p, got in zip(prompts, split):
+        with model.trace(p):
+            model.layers[0].output[:, -1] += v
+            want = model.output.logits[:, -1].save()
+        torch.testing.assert_close(got.value, want.value, atol=1e-5, rtol=1e-5)
+
+
+def test_an_edit_cannot_save_and_leaves_other_handles_alone(model):
+    with pytest.raises(NotSupportedError, match="cannot save"):
+        with model.edit() as (_, edited):
+            edited.layers[0].output.save()
+    with model.edit() as (_, edited):
+        edited.layers[0].output[:] = 0
+    other = model.handle()
+    assert len(edited.edits.nodes) > 0 and not model.edits.nodes and not other.edits.nodes
