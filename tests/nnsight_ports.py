@@ -118,6 +118,45 @@ def persistent_edit(model, nn_model):
     return [p.value for p in ours], [edited_logits, plain, inplace, cleared]
 
 
+class SparseAutoencoder(torch.nn.Module):
+    """A user's own module (an SAE): it runs on the engine as whitelisted ops of its
+    weights, which travel with the plan as constants (no code travels)."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W_enc = torch.nn.Parameter(torch.randn(d_model, d_hidden, generator=g) / d_model**0.5)
+        self.b_enc = torch.nn.Parameter(torch.full((d_hidden,), -0.1))
+        self.W_dec = torch.nn.Parameter(torch.randn(d_hidden, d_model, generator=g) / d_hidden**0.5)
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x):
+        features = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        return features @ self.W_dec + self.b_dec
+
+
+def auxiliary_modules(model, nn_model):
+    """An SAE and a probe (``nn.Sequential`` of LayerNorm, Linear, GELU) called on module
+    values; the SAE's reconstruction patched in at two layers."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(model.d_model, 96)
+    probe = torch.nn.Sequential(torch.nn.LayerNorm(model.d_model), torch.nn.Linear(model.d_model, 8),
+                                torch.nn.GELU(), torch.nn.Linear(8, 2))
+    with model.trace(PROMPT) as tr:
+        ours = [probe(model.layers[0].output).softmax(-1).save()]
+        for i in (0, 1):
+            model.layers[i].output = sae(model.layers[i].output)
+        ours.append(model.output.logits.save())
+    assert len(tr.tensors) == 1 + 6 + 4  # the prompt, the probe, the SAE once (used twice)
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace(PROMPT):
+        probs = probe(layers[0].output).softmax(-1).save()
+        for i in (0, 1):
+            layers[i].output = sae(layers[i].output)
+        logits = nn_model.output.logits.save()
+    return [p.value for p in ours], [probs, logits]
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -220,6 +259,7 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
+         auxiliary_modules,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 

@@ -216,6 +216,7 @@ _OPS: list[OpSpec] = [
     OpSpec("gelu", F.gelu),
     OpSpec("silu", _silu),
     OpSpec("layer_norm", F.layer_norm),
+    OpSpec("linear", F.linear),  # x @ weight.T + bias: what nn.Linear computes
     # random values from a seeded generator (the tracer gives each node its seed)
     OpSpec("randn_like", _random_like(torch.randn)),
     OpSpec("rand_like", _random_like(torch.rand)),
@@ -264,7 +265,7 @@ TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.full_like: "full_like", torch.outer: "outer", torch.bmm: "bmm", torch.mm: "mm",
     F.cosine_similarity: "cosine_similarity", F.normalize: "normalize", F.kl_div: "kl_div",
     F.cross_entropy: "cross_entropy", F.gelu: "gelu", F.silu: "silu",
-    F.layer_norm: "layer_norm", F.one_hot: "one_hot", torch.index_select: "index_select",
+    F.layer_norm: "layer_norm", F.linear: "linear", F.one_hot: "one_hot", torch.index_select: "index_select",
     torch.masked_fill: "masked_fill", torch.amax: "amax", torch.amin: "amin",
     torch.square: "square", torch.rsqrt: "rsqrt", torch.flip: "flip", torch.roll: "roll",
     torch.randn_like: "randn_like", torch.rand_like: "rand_like",

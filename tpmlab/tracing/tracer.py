@@ -113,6 +113,7 @@ class Trace:
         self._random_nodes = 0
         self._roots: dict[int, int] = {}  # node -> the node whose memory it shares
         self._saved_roots: dict[int, str | None] = {}  # saved memory -> the line that saved it
+        self._parameters: dict[int, tuple[torch.nn.Parameter, str]] = {}  # constants by identity
         model.edits.replay_into(self)  # a persistent edit of the handle comes first
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
@@ -277,9 +278,7 @@ class Trace:
                                   "pass its .value")
             return Ref(value._node)
         if isinstance(value, torch.Tensor):
-            name = f"c{len(self.tensors)}"
-            self.tensors[name] = value.detach().cpu().contiguous()
-            return TensorRef(name)
+            return TensorRef(self._constant(value))
         if isinstance(value, slice):
             return Slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
         if value is Ellipsis:
@@ -297,6 +296,19 @@ class Trace:
         if hasattr(value, "__index__"):
             return int(value)
         raise TpmlabError(f"a value of type {type(value).__name__} cannot be part of a plan")
+
+    def _constant(self, value: torch.Tensor) -> str:
+        """The name of a constant in the plan's tensor table. A parameter of a module used
+        several times (an SAE applied at each layer) travels once."""
+        if isinstance(value, torch.nn.Parameter):
+            known = self._parameters.get(id(value))
+            if known is not None and known[0] is value:
+                return known[1]
+        name = f"c{len(self.tensors)}"
+        self.tensors[name] = value.detach().cpu().contiguous()
+        if isinstance(value, torch.nn.Parameter):
+            self._parameters[id(value)] = (value, name)
+        return name
 
     # -- running --------------------------------------------------------------------------------
     def plan(self) -> Plan:
