@@ -157,6 +157,19 @@ def auxiliary_modules(model, nn_model):
     return [p.value for p in ours], [probs, logits]
 
 
+def dry_run_shapes(model, nn_model):
+    """``model.scan(prompt)``: shapes without running (here: no request reaches the engine)."""
+    with model.scan(PROMPT) as tr:
+        h = model.layers[0].output.save()
+        logits = model.output.logits.save()
+    assert tr.result.meta["dry_run"] and h.value.device.type == "meta"
+    with nn_model.scan(PROMPT):
+        nn_h = nn_layers(nn_model, model)[0].output.save()
+        nn_logits = nn_model.output.logits.save()
+    return ([torch.tensor(list(h.value.shape)), torch.tensor(list(logits.value.shape))],
+            [torch.tensor(list(nn_h.shape)), torch.tensor(list(nn_logits.shape))])
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -259,7 +272,7 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
-         auxiliary_modules,
+         auxiliary_modules, dry_run_shapes,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 

@@ -59,7 +59,6 @@ def _step_block_compared(m, gen):
 CASES = {
     # construct: (what runs, words the message must hold)
     "model.session()": (_model_attr("session"), ["session", "one after another"]),
-    "model.scan()": (_model_attr("scan"), ["scan", "validates"]),
     "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
     "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
                       [".source", "attention lens"]),

@@ -11,6 +11,7 @@ from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
 from .edits import Edits, EditTrace
 from .envoy import Envoy
+from .scan import Scan
 from .tracer import Generate, Trace
 
 # Runs plan bytes on the engine: ``run_plan(blob, timeout)`` -> (saved values by node id, meta).
@@ -96,6 +97,12 @@ class LabModel:
     def trace(self, inputs: Any = None, **kwargs: Any) -> Trace:
         """Record a forward pass: ``with model.trace("prompt") as tr: ...``."""
         return Trace(self, inputs, **kwargs)
+
+    def scan(self, inputs: Any = None, **kwargs: Any) -> Scan:
+        """A dry run: ``with model.scan("prompt"): shape = model.layers[0].output.save()``
+        validates the plan here, without the engine, and each saved value is a meta tensor
+        (its shape and dtype)."""
+        return Scan(self, inputs, **kwargs)
 
     def generate(self, inputs: Any = None, *, max_new_tokens: int = 1, **kwargs: Any) -> Generate:
         """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""

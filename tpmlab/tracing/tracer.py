@@ -256,7 +256,7 @@ class Trace:
         return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("next", "session", "scan"):
+        if name in ("next", "session"):
             raise NotSupportedError(MODULE_ALTERNATIVES[name])
         if name == "stop":
             raise NotSupportedError(STOP)
@@ -323,9 +323,7 @@ class Trace:
         """Send the plan to the engine (in several passes where its invokes exceed the
         engine's limit per pass, see :mod:`tpmlab.tracing.passes`); saved proxies get their
         values."""
-        values, meta = run_in_passes(self.plan(), self.model.limits.max_invokes,
-                                     lambda plan: self.model.run_plan(encode_plan(plan),
-                                                                      self.timeout))
+        values, meta = self.execute(self.plan())
         if self._random_nodes:
             meta = {**meta, "seed": self.seed}
         for node_id, value in values.items():
@@ -338,6 +336,11 @@ class Trace:
         self.proxies.clear()
         self._points.clear()
         return self.result
+
+    def execute(self, plan: Plan) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Where the plan runs: the engine (a dry run overrides this)."""
+        return run_in_passes(plan, self.model.limits.max_invokes,
+                             lambda part: self.model.run_plan(encode_plan(part), self.timeout))
 
     def _after_run(self, values: dict[int, Any]) -> None:
         pass

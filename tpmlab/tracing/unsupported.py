@@ -12,9 +12,6 @@ MODULE_ALTERNATIVES: dict[str, str] = {
     "session": "model.session() (several traces as one request) is not supported: run the "
                "traces one after another and pass a saved .value of the first as a constant "
                "into the second",
-    "scan": "model.scan() (a dry run) is not supported: the engine validates every plan, "
-            "shapes included, before anything runs, and names the node and line at fault; "
-            "a short trace that saves a value shows its shape",
     "inputs": ".inputs (every positional and keyword input) is not supported: .input is the "
               "module's first input, read and written like .output",
     "source": ".source (values inside a module's forward) is not supported: read the "
