@@ -170,6 +170,26 @@ def dry_run_shapes(model, nn_model):
             [torch.tensor(list(nn_h.shape)), torch.tensor(list(nn_logits.shape))])
 
 
+def session_patching(model, nn_model):
+    """``model.session()``: two-pass activation patching, the first trace's value used in the
+    second without saving it."""
+    clean, corrupt = "The Colosseum is in the city of", PROMPT
+    with model.session():
+        with model.trace(clean):
+            h = model.layers[1].output[:, -1]
+        with model.trace(corrupt):
+            model.layers[1].output[:, -1] = h
+            ours = model.output.logits[:, -1].save()
+    layers = nn_layers(nn_model, model)
+    with nn_model.session():
+        with nn_model.trace(clean):
+            nn_h = layers[1].output[:, -1]
+        with nn_model.trace(corrupt):
+            layers[1].output[:, -1] = nn_h
+            theirs = nn_model.output.logits[:, -1].save()
+    return [ours.value], [theirs]
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -272,7 +292,7 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
-         auxiliary_modules, dry_run_shapes,
+         auxiliary_modules, dry_run_shapes, session_patching,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 

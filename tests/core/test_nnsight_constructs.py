@@ -58,7 +58,6 @@ def _step_block_compared(m, gen):
 
 CASES = {
     # construct: (what runs, words the message must hold)
-    "model.session()": (_model_attr("session"), ["session", "one after another"]),
     "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
     "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
                       [".source", "attention lens"]),
@@ -216,3 +215,35 @@ def test_an_edit_cannot_save_and_leaves_other_handles_alone(model):
         edited.layers[0].output[:] = 0
     other = model.handle()
     assert len(edited.edits.nodes) > 0 and not model.edits.nodes and not other.edits.nodes
+
+
+def test_a_session_runs_its_traces_in_order_when_it_ends(model):
+    with model.session():
+        with model.trace("Hello") as first:
+            h = model.layers[0].output[:, -1]
+            kept = model.layers[0].output.save()
+        assert first.result is None  # nothing ran yet
+        with model.trace(PROMPT) as second:
+            model.layers[0].output[:, -1] = h * 2
+            patched = model.layers[0].output[:, -1].save()
+    assert first.result is not None and second.result is not None
+    torch.testing.assert_close(patched.value, kept.value[:, -1] * 2)
+
+
+def test_values_cross_traces_only_inside_a_session(model):
+    with model.trace("Hello"):
+        h = model.layers[0].output[:, -1]
+    with pytest.raises(TpmlabError, match="model.session"):
+        with model.trace(PROMPT):
+            model.layers[0].output[:, -1] = h
+    with pytest.raises(NotSupportedError, match="do not nest"):
+        with model.session():
+            with model.session():
+                pass
+    with pytest.raises(NotSupportedError, match="one tensor"):
+        with model.session():
+            with model.generate("Hello", max_new_tokens=2) as gen:
+                with gen.all():
+                    steps = model.layers[0].output[:, -1]
+            with model.trace(PROMPT):
+                model.layers[0].output[:, -1] = steps

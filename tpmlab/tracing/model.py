@@ -12,6 +12,7 @@ from ..ir.validate import Limits
 from .edits import Edits, EditTrace
 from .envoy import Envoy
 from .scan import Scan
+from .session import Session
 from .tracer import Generate, Trace
 
 # Runs plan bytes on the engine: ``run_plan(blob, timeout)`` -> (saved values by node id, meta).
@@ -24,6 +25,7 @@ class TraceStack:
 
     def __init__(self) -> None:
         self._stack: list[Trace] = []
+        self.session: Session | None = None  # the open ``with model.session()``, if any
 
     def push(self, tracer: Trace) -> None:
         self._stack.append(tracer)
@@ -97,6 +99,13 @@ class LabModel:
     def trace(self, inputs: Any = None, **kwargs: Any) -> Trace:
         """Record a forward pass: ``with model.trace("prompt") as tr: ...``."""
         return Trace(self, inputs, **kwargs)
+
+    def session(self) -> Session:
+        """Several traces as one unit: ``with model.session(): with model.trace(a): h = ...;
+        with model.trace(b): ... = h``. The traces run one after another when the block
+        ends; a value of an earlier trace used in a later one needs no ``.save()`` (it
+        passes through the notebook between them)."""
+        return Session(self)
 
     def scan(self, inputs: Any = None, **kwargs: Any) -> Scan:
         """A dry run: ``with model.scan("prompt"): shape = model.layers[0].output.save()``

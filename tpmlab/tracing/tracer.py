@@ -114,6 +114,8 @@ class Trace:
         self._roots: dict[int, int] = {}  # node -> the node whose memory it shares
         self._saved_roots: dict[int, str | None] = {}  # saved memory -> the line that saved it
         self._parameters: dict[int, tuple[torch.nn.Parameter, str]] = {}  # constants by identity
+        self.session = model.tracing.session  # a session runs the trace when it ends
+        self._carried: dict[str, Proxy] = {}  # constants filled from earlier traces' saves
         model.edits.replay_into(self)  # a persistent edit of the handle comes first
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
@@ -128,7 +130,10 @@ class Trace:
         self.model.tracing.pop(self)
         if exc_type is not None:
             return None  # the user's error stands; nothing runs
-        self.run()
+        if self.session is not None:
+            self.session.add(self)
+        else:
+            self.run()
         return None
 
     @contextlib.contextmanager
@@ -256,7 +261,7 @@ class Trace:
         return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("next", "session"):
+        if name == "next":
             raise NotSupportedError(MODULE_ALTERNATIVES[name])
         if name == "stop":
             raise NotSupportedError(STOP)
@@ -274,8 +279,7 @@ class Trace:
     def _arg(self, value: Any) -> Any:
         if isinstance(value, Proxy):
             if value._tracer is not self:
-                raise TpmlabError("a value from another trace cannot be used here; save it and "
-                                  "pass its .value")
+                return self._carry(value)
             return Ref(value._node)
         if isinstance(value, torch.Tensor):
             return TensorRef(self._constant(value))
@@ -296,6 +300,24 @@ class Trace:
         if hasattr(value, "__index__"):
             return int(value)
         raise TpmlabError(f"a value of type {type(value).__name__} cannot be part of a plan")
+
+    def _carry(self, value: Proxy) -> TensorRef:
+        """A value of an earlier trace of the same session: that trace saves it, this one
+        carries it as a constant filled in before it runs."""
+        if self.session is None or value._tracer.session is not self.session:
+            raise TpmlabError("a value from another trace cannot be used here: save it and "
+                              "pass its .value, or record both traces in `with model.session():`")
+        name = f"s{len(self._carried)}"
+        self._carried[name] = value._tracer.save_later(value)
+        return TensorRef(name)
+
+    def save_later(self, value: Proxy) -> Proxy:
+        """Save ``value`` after this trace's block has ended (at the steps it is made at)."""
+        previous, self._steps = self._steps, self.nodes[value._node].steps
+        try:
+            return self.record(SAVE, [value])
+        finally:
+            self._steps = previous
 
     def _constant(self, value: torch.Tensor) -> str:
         """The name of a constant in the plan's tensor table. A parameter of a module used
@@ -323,6 +345,12 @@ class Trace:
         """Send the plan to the engine (in several passes where its invokes exceed the
         engine's limit per pass, see :mod:`tpmlab.tracing.passes`); saved proxies get their
         values."""
+        for name, saved in self._carried.items():
+            if not isinstance(saved.value, torch.Tensor):
+                raise NotSupportedError("a value used in a later trace of a session must be one "
+                                        f"tensor, not a {type(saved.value).__name__} (a value "
+                                        "of several generation steps is a list: index a step)")
+            self.tensors[name] = saved.value.detach().cpu().contiguous()
         values, meta = self.execute(self.plan())
         if self._random_nodes:
             meta = {**meta, "seed": self.seed}

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 # name -> what to do instead; looked up on module proxies (and so on the model itself)
 MODULE_ALTERNATIVES: dict[str, str] = {
-    "session": "model.session() (several traces as one request) is not supported: run the "
-               "traces one after another and pass a saved .value of the first as a constant "
-               "into the second",
     "inputs": ".inputs (every positional and keyword input) is not supported: .input is the "
               "module's first input, read and written like .output",
     "source": ".source (values inside a module's forward) is not supported: read the "
