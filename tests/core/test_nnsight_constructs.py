@@ -247,3 +247,22 @@ def test_values_cross_traces_only_inside_a_session(model):
                     steps = model.layers[0].output[:, -1]
             with model.trace(PROMPT):
                 model.layers[0].output[:, -1] = steps
+
+
+def test_a_split_generation_gives_each_row_its_tokens(model, monkeypatch):
+    import dataclasses
+
+    prompts = ["One two", "The Eiffel Tower is", "Hello"]
+
+    def generate():
+        with model.generate(max_new_tokens=3) as gen:
+            for p in prompts:
+                with gen.invoke(p):
+                    pass
+        return gen
+
+    whole = generate()
+    monkeypatch.setattr(model, "limits", dataclasses.replace(model.limits, max_invokes=2))
+    split = generate()
+    assert split.result.meta["passes"] == 2
+    assert [t.tolist() for t in split.generated_ids] == [t.tolist() for t in whole.generated_ids]
