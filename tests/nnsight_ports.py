@@ -190,6 +190,17 @@ def session_patching(model, nn_model):
     return [ours.value], [theirs]
 
 
+def stop_early(model, nn_model):
+    """``tracer.stop()`` after the values of interest."""
+    with model.trace(PROMPT) as tr:
+        ours = model.layers[0].output.save()
+        tr.stop()
+    with nn_model.trace(PROMPT) as tr:
+        theirs = nn_layers(nn_model, model)[0].output.save()
+        tr.stop()
+    return [ours.value], [theirs]
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -292,7 +303,7 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
-         auxiliary_modules, dry_run_shapes, session_patching,
+         auxiliary_modules, dry_run_shapes, session_patching, stop_early,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 

@@ -41,7 +41,7 @@ from ..ir.plan import (
 from .passes import run_in_passes
 from .proxy import Proxy
 from .steps import StepBlock, StepIter
-from .unsupported import BARRIER, MODULE_ALTERNATIVES, STOP
+from .unsupported import BARRIER, MODULE_ALTERNATIVES
 
 # the invoke of points recorded in an empty ``tr.invoke()``: every row of the batch
 WHOLE_BATCH = -1
@@ -115,6 +115,7 @@ class Trace:
         self._saved_roots: dict[int, str | None] = {}  # saved memory -> the line that saved it
         self._parameters: dict[int, tuple[torch.nn.Parameter, str]] = {}  # constants by identity
         self.session = model.tracing.session  # a session runs the trace when it ends
+        self._stopped_at: str | None = None  # the user's line of tracer.stop()
         self._carried: dict[str, Proxy] = {}  # constants filled from earlier traces' saves
         model.edits.replay_into(self)  # a persistent edit of the handle comes first
         if inputs is not None or input_kwargs:
@@ -197,7 +198,16 @@ class Trace:
         return len(self.invokes) - 1
 
     # -- recording ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """End the trace here (nnsight's ``tracer.stop()``): values recorded so far come back
+        as usual, and recording anything after it is an error. The engine still runs the
+        whole forward pass; the values are the same."""
+        self._stopped_at = _user_line() or "tracer.stop()"
+
     def record(self, op: str, args: list, kwargs: dict | None = None, **fields: Any) -> Proxy:
+        if self._stopped_at is not None:
+            raise NotSupportedError(f"nothing can be recorded after tracer.stop() (at "
+                                    f"{self._stopped_at}): move it to the end of the block")
         node_id = len(self.nodes)
         kwargs = dict(kwargs or {})
         if op in RANDOM_OPS:
@@ -263,8 +273,6 @@ class Trace:
     def __getattr__(self, name: str) -> Any:
         if name == "next":
             raise NotSupportedError(MODULE_ALTERNATIVES[name])
-        if name == "stop":
-            raise NotSupportedError(STOP)
         if name == "barrier":
             raise NotSupportedError(BARRIER)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

@@ -46,9 +46,6 @@ ITERATION = ("a traced value cannot be iterated while tracing (its length is not
              "Python): index it in a loop over a Python range, e.g. "
              "`for i in range(n): h[:, i]`")
 
-STOP = ("tracer.stop() is not supported: a plan runs the whole forward pass (values that "
-        "are not saved do not travel, so the rest of the pass costs compute only)")
-
 BARRIER = ("tracer.barrier() is not needed: a value of one invoke can be used in another "
            "invoke of the same trace directly (it must be made earlier in the forward pass)")
 
