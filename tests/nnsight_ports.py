@@ -8,22 +8,27 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from tpmlab.errors import NotSupportedError
 from tpmlab.ir.validate import Limits
 
 PROMPT = "The Eiffel Tower is located in the city of"
 PROMPTS = ["Hi there", PROMPT, "One two three four", "A", "Paris is the capital of"]
 
 
-def nn_model_for(model):
+def nn_model_for(model, attn_implementation: str | None = None):
     """nnsight's wrapper around a separate copy of ``model``'s weights."""
     import nnsight
 
+    hf = model.source.load().model
+    if attn_implementation:
+        hf.set_attn_implementation(attn_implementation)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return nnsight.LanguageModel(model.source.load().model, tokenizer=model.tokenizer)
+        return nnsight.LanguageModel(hf, tokenizer=model.tokenizer)
 
 
 def nn_path(nn_model, path: str):
@@ -201,6 +206,23 @@ def stop_early(model, nn_model):
     return [ours.value], [theirs]
 
 
+def attention_patterns(model, nn_model):
+    """Attention probabilities (nnsight: ``.source`` or ``output_attentions`` with eager
+    attention), first and last layer."""
+    layers = [0, model.adapter.n_layers - 1]
+    if model.adapter.family not in ("llama", "mistral", "qwen2", "gpt2"):
+        with pytest.raises(NotSupportedError, match="not available"):
+            with model.trace(PROMPT):
+                model.attention_probs(0)
+        return [], []
+    with model.trace(PROMPT):
+        ours = [model.attention_probs(i).save() for i in layers]
+    eager = nn_model_for(model, "eager")
+    with eager.trace(PROMPT, output_attentions=True):
+        attentions = eager.output.attentions.save()
+    return [p.value for p in ours], [attentions[i] for i in layers]
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -304,6 +326,7 @@ def seeded_noise(model, nn_model):
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
          auxiliary_modules, dry_run_shapes, session_patching, stop_early,
+         attention_patterns,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]
 

@@ -60,7 +60,7 @@ CASES = {
     # construct: (what runs, words the message must hold)
     "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
     "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
-                      [".source", "attention lens"]),
+                      [".source", "attention_probs"]),
     "backward()": (_in_trace(lambda m, tr: m.output.logits.sum().backward()), ["backward"]),
     ".grad": (_in_trace(lambda m, tr: m.layers[0].output.grad), [".grad"]),
     "if on a value": (_in_trace(_if_on_value), ["torch.where", "`if`"]),

@@ -117,6 +117,14 @@ class LabModel:
         """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""
         return Generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
 
+    def attention_probs(self, layer: int):
+        """Layer ``layer``'s attention probabilities inside a trace, ``[rows, heads, query pos,
+        key pos]`` (float32), computed on the engine from the layer's query and key
+        projections (nnsight reads them through ``.source``); see :mod:`tpmlab.tracing.source`."""
+        from .source import attention_probs
+
+        return attention_probs(self, layer)
+
     # -- persistent edits ------------------------------------------------------------------------
     @contextlib.contextmanager
     def edit(self, *, inplace: bool = False) -> Iterator[Any]:

@@ -12,8 +12,8 @@ MODULE_ALTERNATIVES: dict[str, str] = {
     "inputs": ".inputs (every positional and keyword input) is not supported: .input is the "
               "module's first input, read and written like .output",
     "source": ".source (values inside a module's forward) is not supported: read the "
-              "submodules' .output (e.g. self_attn.o_proj.input for the heads' outputs), or use "
-              "the attention lens (lenses.attention) for attention probabilities",
+              "submodules' .output (e.g. self_attn.o_proj.input for the heads' outputs); "
+              "attention probabilities are model.attention_probs(layer)",
     "next": ".next() is not supported: choose generation steps with `with gen.step(i):`, "
             "`with gen.steps(a, b):` or `for step in gen.iter[a:b]:`",
     "iter": ".iter belongs to the generation: `for step in gen.iter[a:b]:` on the object of "
