@@ -8,11 +8,9 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from tpmlab.errors import NotSupportedError
 from tpmlab.ir.validate import Limits
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -210,11 +208,6 @@ def attention_patterns(model, nn_model):
     """Attention probabilities (nnsight: ``.source`` or ``output_attentions`` with eager
     attention), first and last layer."""
     layers = [0, model.adapter.n_layers - 1]
-    if model.adapter.family not in ("llama", "mistral", "qwen2", "gpt2"):
-        with pytest.raises(NotSupportedError, match="not available"):
-            with model.trace(PROMPT):
-                model.attention_probs(0)
-        return [], []
     with model.trace(PROMPT):
         ours = [model.attention_probs(i).save() for i in layers]
     eager = nn_model_for(model, "eager")
