@@ -121,6 +121,23 @@ class Proxy:
         return tracer.record(name, list(args), kwargs)
 
 
+# The seam the tracer uses (functions, not attributes: a proxy's attribute names belong to
+# the traced value, ``h.node`` records a read of a field named "node").
+def owner(proxy: Proxy) -> Trace:
+    """The trace that recorded ``proxy``."""
+    return proxy._tracer
+
+
+def node_of(proxy: Proxy) -> int:
+    """The id of the plan node ``proxy`` stands for."""
+    return proxy._node
+
+
+def deliver(proxy: Proxy, value: Any) -> None:
+    """Give a saved proxy its value after the run."""
+    proxy._set_value(value)
+
+
 def _find_tracer(values: Any) -> Trace | None:
     for v in values:
         if isinstance(v, Proxy):

@@ -39,7 +39,7 @@ from ..ir.plan import (
     Tuple,
 )
 from .passes import run_in_passes
-from .proxy import Proxy
+from .proxy import Proxy, deliver, node_of, owner
 from .steps import StepBlock, StepIter
 from .unsupported import BARRIER, MODULE_ALTERNATIVES
 
@@ -286,9 +286,9 @@ class Trace:
 
     def _arg(self, value: Any) -> Any:
         if isinstance(value, Proxy):
-            if value._tracer is not self:
+            if owner(value) is not self:
                 return self._carry(value)
-            return Ref(value._node)
+            return Ref(node_of(value))
         if isinstance(value, torch.Tensor):
             return TensorRef(self._constant(value))
         if isinstance(value, slice):
@@ -312,16 +312,16 @@ class Trace:
     def _carry(self, value: Proxy) -> TensorRef:
         """A value of an earlier trace of the same session: that trace saves it, this one
         carries it as a constant filled in before it runs."""
-        if self.session is None or value._tracer.session is not self.session:
+        if self.session is None or owner(value).session is not self.session:
             raise TpmlabError("a value from another trace cannot be used here: save it and "
                               "pass its .value, or record both traces in `with model.session():`")
         name = f"s{len(self._carried)}"
-        self._carried[name] = value._tracer.save_later(value)
+        self._carried[name] = owner(value).save_later(value)
         return TensorRef(name)
 
     def save_later(self, value: Proxy) -> Proxy:
         """Save ``value`` after this trace's block has ended (at the steps it is made at)."""
-        previous, self._steps = self._steps, self.nodes[value._node].steps
+        previous, self._steps = self._steps, self.nodes[node_of(value)].steps
         try:
             return self.record(SAVE, [value])
         finally:
@@ -364,7 +364,7 @@ class Trace:
             meta = {**meta, "seed": self.seed}
         for node_id, value in values.items():
             if node_id in self.proxies:
-                self.proxies[node_id]._set_value(value)
+                deliver(self.proxies[node_id], value)
         self.result = TraceResult(values, meta)
         self._after_run(values)
         # Proxies point at the trace; dropping the trace's references back breaks the cycle,
