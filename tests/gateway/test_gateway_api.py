@@ -244,3 +244,33 @@ def test_metrics_and_health(served, lab_model):
     assert "tpmlab_gateway_service_units_total" in text
     assert 'tpmlab_gateway_batch_size_count{model="tiny-llama"}' in text
     assert health["models"] == [MODEL] and health["queue_depth"] == {MODEL: 0}
+
+
+def test_a_trace_with_more_invokes_than_the_tier_allows_runs_in_passes(served, engine_backend):
+    import dataclasses
+
+    lab = served.lab("inspect")
+    model = lab.model(MODEL)
+    tier = served.gateway.config.tier_limits["inspect"].max_invokes
+    assert model.limits.max_invokes == tier
+    small = dataclasses.replace(model.limits, max_invokes=2)  # keep the test small
+    model.limits = small
+    prompts = ["one", "two three", "four", "five six seven", "eight"]
+    with model.trace() as tr:
+        got = []
+        for p in prompts:
+            with tr.invoke(p):
+                got.append(model.output.logits[:, -1].save())
+    assert tr.result.meta["passes"] == 3
+    local = tpmlab_local_model(engine_backend)
+    for p, g in zip(prompts, got):
+        with local.trace(p):
+            want = local.output.logits[:, -1].save()
+        torch.testing.assert_close(g.value, want.value, atol=1e-5, rtol=1e-5)
+    lab.close()
+
+
+def tpmlab_local_model(backend):
+    from tpmlab.lab import Lab
+
+    return Lab(backend).model(MODEL)
