@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tpmlab.errors import NotSupportedError, TpmlabError
-from tpmlab.tracing.tracer import SavedValueWrittenWarning
+from tpmlab.tracing.saves import SavedValueWrittenWarning
 
 MODEL = "tiny-llama"
 PROMPT = "The Eiffel Tower is located in"

@@ -11,9 +11,10 @@ from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
 from .edits import Edits, EditTrace
 from .envoy import Envoy
+from .generate import Generate
 from .scan import Scan
 from .session import Session
-from .tracer import Generate, Trace
+from .tracer import Trace
 
 # Runs plan bytes on the engine: ``run_plan(blob, timeout)`` -> (saved values by node id, meta).
 RunPlan = Callable[[bytes, "float | None"], "tuple[dict[int, Any], dict[str, Any]]"]

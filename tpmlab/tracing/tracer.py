@@ -1,4 +1,5 @@
-"""``with model.trace(...)`` and ``with model.generate(...)``: recording a plan, then running it.
+"""``with model.trace(...)``: recording a plan, then running it (``model.generate`` is a
+trace too: :mod:`tpmlab.tracing.generate`).
 
 Inside the block, module values are proxies and every operation on them is a
 node of the plan. When the block ends the plan is encoded, sent to the model's
@@ -13,7 +14,6 @@ import linecache
 import os
 import secrets
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import NotSupportedError, TpmlabError
 from ..ir.codec import encode_plan
-from ..ir.ops import OPS, RANDOM_OPS
+from ..ir.ops import RANDOM_OPS
 from ..ir.plan import (
     SAVE,
     SET_POINT,
@@ -40,18 +40,14 @@ from ..ir.plan import (
 )
 from .passes import run_in_passes
 from .proxy import Proxy, deliver, node_of, owner
-from .steps import StepBlock, StepIter
+from .saves import SaveTracker
 from .unsupported import BARRIER, MODULE_ALTERNATIVES
-
-# the invoke of points recorded in an empty ``tr.invoke()``: every row of the batch
-WHOLE_BATCH = -1
-
-
-class SavedValueWrittenWarning(UserWarning):
-    """An in-place write to a value after it was saved: the saved value does not show it."""
 
 if TYPE_CHECKING:
     from .model import LabModel
+
+# the invoke of points recorded in an empty ``tr.invoke()``: every row of the batch
+WHOLE_BATCH = -1
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -111,8 +107,7 @@ class Trace:
         # in the plan and in the result's metadata, so the result can be reproduced
         self.seed = seed if seed is not None else secrets.randbits(62)
         self._random_nodes = 0
-        self._roots: dict[int, int] = {}  # node -> the node whose memory it shares
-        self._saved_roots: dict[int, str | None] = {}  # saved memory -> the line that saved it
+        self._saves = SaveTracker()  # warns of in-place writes after a save
         self._parameters: dict[int, tuple[torch.nn.Parameter, str]] = {}  # constants by identity
         self.session = model.tracing.session  # a session runs the trace when it ends
         self._stopped_at: str | None = None  # the user's line of tracer.stop()
@@ -215,7 +210,7 @@ class Trace:
         node = Node(id=node_id, op=op, args=self._arg(args), kwargs=self._arg(kwargs),
                     steps=self._steps, line=_user_line(), **fields)
         self.nodes[node_id] = node
-        self._track_memory(node)
+        self._saves.observe(node)
         proxy = Proxy(self, node_id)
         self.proxies[node_id] = proxy
         return proxy
@@ -226,25 +221,6 @@ class Trace:
                                     "give the seed as model.trace(..., seed=n)")
         self._random_nodes += 1
         return {**kwargs, "seed": (self.seed + self._random_nodes) % 2**63}
-
-    def _track_memory(self, node: Node) -> None:
-        """Warn where a value is written in place after it was saved: a save is a copy made
-        when the save runs (nnsight's saved value would show the later write)."""
-        first = node.args[0] if node.args and isinstance(node.args[0], Ref) else None
-        spec = OPS.get(node.op)
-        if first is not None and spec is not None and spec.aliases_first:
-            self._roots[node.id] = self._roots.get(first.id, first.id)
-        if node.op == SAVE and first is not None:
-            self._saved_roots.setdefault(self._roots.get(first.id, first.id), node.line)
-        elif spec is not None and spec.mutates and first is not None:
-            root = self._roots.get(first.id, first.id)
-            if root in self._saved_roots:
-                warnings.warn(
-                    f"{node.describe()} at {node.line} writes in place into a value saved "
-                    f"earlier (at {self._saved_roots[root]}): the saved value is a copy made "
-                    "at .save() and does not show this write (nnsight's would); call .save() "
-                    "after the write to keep the written value", SavedValueWrittenWarning,
-                    stacklevel=3)
 
     def point(self, path: str, io: str) -> Proxy:
         if self._invoke is None:
@@ -380,70 +356,3 @@ class Trace:
 
     def _after_run(self, values: dict[int, Any]) -> None:
         pass
-
-
-class Generate(Trace):
-    """A generation request: interventions apply at chosen steps.
-
-    Outside any step block a node applies to step 0 (the prompt pass). Use
-    ``with gen.step(i)``, ``with gen.steps(start, stop)`` (stop excluded, ``None``
-    for the end) or ``with gen.all()``; a value saved at several steps comes back
-    as a list, one entry per step.
-    """
-
-    mode = "generate"
-
-    def __init__(self, model: LabModel, inputs: Any = None, *, max_new_tokens: int = 1,
-                 do_sample: bool = False, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 timeout: float | None = None, **input_kwargs: Any) -> None:
-        super().__init__(model, inputs, timeout=timeout, **input_kwargs)
-        self.options = GenerateOptions(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        self.output_ids: list[torch.Tensor] = []
-
-    def _generate_options(self) -> GenerateOptions:
-        return self.options
-
-    @contextlib.contextmanager
-    def steps(self, start: int, stop: int | None) -> Iterator[StepBlock]:
-        """Nodes recorded in the block run at steps ``start <= step < stop``."""
-        previous = self._steps
-        self._steps = Steps(start, stop)
-        try:
-            yield StepBlock(start, stop)
-        finally:
-            self._steps = previous
-
-    def step(self, i: int):
-        return self.steps(i, i + 1)
-
-    def all(self):
-        return self.steps(0, None)
-
-    @property
-    def iter(self) -> StepIter:
-        """``for step in gen.iter[a:b]:`` runs the loop's body once per step, recording it
-        for that step alone (``step`` is the step's number, so ``if step == 2:`` works);
-        a value saved in the body is one value per iteration. An open end stops at
-        ``max_new_tokens``."""
-        return StepIter(self.steps, self.options.max_new_tokens)
-
-    def _after_run(self, values: dict[int, Any]) -> None:
-        from ..runtime.engine import GENERATED
-
-        self.output_ids = list(values.get(GENERATED, []))
-
-    @property
-    def generated_ids(self) -> list[torch.Tensor]:
-        """New tokens per row (the prompt removed)."""
-        lengths = [self.tensors[n].shape[0] for inv in self.invokes for n in inv.tensors]
-        kinds = [inv.kind for inv in self.invokes for _ in inv.tensors]
-        return [ids if kind == "embeds" else ids[n:]
-                for ids, n, kind in zip(self.output_ids, lengths, kinds)]
-
-    @property
-    def text(self) -> list[str]:
-        """The generated text per row."""
-        return [self.model.tokenizer.decode(ids, skip_special_tokens=True)
-                for ids in self.generated_ids]
