@@ -71,6 +71,7 @@ CASES = {
     "tracer.next()": (_in_generate(lambda m, gen: gen.next()), ["next", "gen.step"]),
     "with gen.all() as step: if step == 2": (_in_generate(_step_block_compared),
                                              ["gen.step(2)", "gen.iter"]),
+    "trace(..., remote=True)": (lambda m: m.trace(PROMPT, remote=True), ["remote", "gateway"]),
     "value.item()": (_in_trace(lambda m, tr: m.layers[0].output.item()), [".save()"]),
     "unknown method": (_in_trace(lambda m, tr: m.layers[0].output.frobnicate(1)),
                        ["frobnicate", "whitelisted"]),

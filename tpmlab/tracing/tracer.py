@@ -161,7 +161,14 @@ class Trace:
             self._invoke = previous
 
     def _add_invoke(self, inputs: Any = None, *, input_ids: Any = None,
-                    inputs_embeds: Any = None) -> int:
+                    inputs_embeds: Any = None, **other: Any) -> int:
+        if "remote" in other:
+            raise NotSupportedError("remote=True is not a trace option here: where a trace "
+                                    "runs is chosen once, by tpmlab.connect(gateway=url, "
+                                    "token=...) for a shared engine")
+        if other:
+            raise TpmlabError(f"unknown keyword {sorted(other)[0]!r}: an input is a prompt, "
+                              "input_ids= or inputs_embeds= (and trace options timeout=, seed=)")
         if sum(x is not None for x in (inputs, input_ids, inputs_embeds)) != 1:
             raise TpmlabError("give exactly one input: a prompt, input_ids= or inputs_embeds=")
         names = []
