@@ -140,22 +140,25 @@ class SparseAutoencoder(torch.nn.Module):
 
 def auxiliary_modules(model, nn_model):
     """An SAE and a probe (``nn.Sequential`` of LayerNorm, Linear, GELU) called on module
-    values; the SAE's reconstruction patched in at two layers."""
+    values, the SAE also attached to a layer (``layer.sae = sae``); the SAE's reconstruction
+    patched in at two layers."""
     torch.manual_seed(0)
     sae = SparseAutoencoder(model.d_model, 96)
     probe = torch.nn.Sequential(torch.nn.LayerNorm(model.d_model), torch.nn.Linear(model.d_model, 8),
                                 torch.nn.GELU(), torch.nn.Linear(8, 2))
+    model.layers[1].sae = sae  # attached to a module, as nnsight allows
     with model.trace(PROMPT) as tr:
         ours = [probe(model.layers[0].output).softmax(-1).save()]
-        for i in (0, 1):
-            model.layers[i].output = sae(model.layers[i].output)
+        model.layers[0].output = sae(model.layers[0].output)
+        model.layers[1].output = model.layers[1].sae(model.layers[1].output)
         ours.append(model.output.logits.save())
     assert len(tr.tensors) == 1 + 6 + 4  # the prompt, the probe, the SAE once (used twice)
     layers = nn_layers(nn_model, model)
+    layers[1].sae = sae
     with nn_model.trace(PROMPT):
         probs = probe(layers[0].output).softmax(-1).save()
-        for i in (0, 1):
-            layers[i].output = sae(layers[i].output)
+        layers[0].output = sae(layers[0].output)
+        layers[1].output = layers[1].sae(layers[1].output)
         logits = nn_model.output.logits.save()
     return [p.value for p in ours], [probs, logits]
 

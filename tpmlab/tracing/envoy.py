@@ -32,6 +32,7 @@ class Envoy:
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "module", module)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_attached", {})  # the user's own modules (an SAE, a probe)
 
     def _child(self, name: str) -> Envoy:
         children = self._children
@@ -50,6 +51,8 @@ class Envoy:
                 return self._model.envoy(alias)
         if name in self.module._modules:
             return self._child(name)
+        if name in self._attached:
+            return self._attached[name]
         if name in self.module._parameters:
             raise TpmlabError(f"read parameters inside a trace with {self.path}.param({name!r}); "
                               f"its shape is {tuple(self.module._parameters[name].shape)}")
@@ -116,7 +119,15 @@ class Envoy:
         if name in ("output", "input"):
             self._set(name, value)
             return
-        raise TpmlabError(f"cannot set {name!r} on a module proxy")
+        if isinstance(value, nn.Module) and not name.startswith("_"):
+            # a user's module (``layer.sae = sae``), called on values inside a trace: it runs
+            # on the engine as whitelisted ops of its weights; the deployment is unchanged
+            if name in self.module._modules:
+                raise TpmlabError(f"{self.path} already has a submodule {name!r}")
+            self._attached[name] = value
+            return
+        raise TpmlabError(f"cannot set {name!r} on a module proxy (only .output, .input and "
+                          "your own modules: layer.sae = sae)")
 
     def __repr__(self) -> str:
         return f"<Envoy {self.path or '<model>'}: {type(self.module).__name__}>"
