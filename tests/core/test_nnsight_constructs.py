@@ -268,3 +268,10 @@ def test_a_split_generation_gives_each_row_its_tokens(model, monkeypatch):
     split = generate()
     assert split.result.meta["passes"] == 2
     assert [t.tolist() for t in split.generated_ids] == [t.tolist() for t in whole.generated_ids]
+
+
+def test_attaching_a_module_never_hides_the_model_s_own(model):
+    with pytest.raises(TpmlabError, match="already has a submodule 'mlp'"):
+        model.layers[0].mlp = torch.nn.Linear(2, 2)
+    with pytest.raises(TpmlabError, match="your own modules"):
+        model.layers[0].scale = 2.0
