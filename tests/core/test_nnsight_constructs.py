@@ -275,3 +275,14 @@ def test_attaching_a_module_never_hides_the_model_s_own(model):
         model.layers[0].mlp = torch.nn.Linear(2, 2)
     with pytest.raises(TpmlabError, match="your own modules"):
         model.layers[0].scale = 2.0
+
+
+def test_a_generation_s_seed_also_seeds_its_random_values(model):
+    def run():
+        with model.generate(PROMPT, max_new_tokens=2, seed=5) as gen:
+            noise = torch.randn_like(model.layers[0].output).save()
+        return gen, noise.value
+
+    (gen, a), (_, b) = run(), run()
+    assert gen.result.meta["seed"] == 5
+    torch.testing.assert_close(a, b)

@@ -31,7 +31,7 @@ class Generate(Trace):
                  do_sample: bool = False, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  timeout: float | None = None, **input_kwargs: Any) -> None:
-        super().__init__(model, inputs, timeout=timeout, **input_kwargs)
+        super().__init__(model, inputs, timeout=timeout, seed=seed, **input_kwargs)
         self.options = GenerateOptions(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         self.output_ids: list[torch.Tensor] = []
