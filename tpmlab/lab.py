@@ -26,7 +26,9 @@ class Lab:
         if name not in self.models:
             source = resolve(name)
             info = self.backend.deploy(name, **options)
-            self.models[name] = LabModel(self, name, info, source)
+            self.models[name] = LabModel(
+                name, info, source, lab=self, limits=getattr(self.backend, "limits", None),
+                run_plan=lambda blob, timeout: self.run_values(name, blob, timeout=timeout))
         return self.models[name]
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
