@@ -30,7 +30,7 @@ def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
     entries = store.manifest(digest)["tensors"]
     needed = {c for k in layer for c in entries[f"model.layers.1.{k}"]["chunks"]}
     assert store.stats.chunks_read == len(needed)  # the two norms (all ones) share a chunk
-    assert store.stats.bytes_read == sum(store.backend.size("chunks", c) for c in needed)
+    assert store.stats.bytes_read == sum(store.objects.size("chunks", c) for c in needed)
     got = dict(stage.model.model.layers[1].named_parameters())
     assert all(torch.equal(got[k], layer[k]) for k in layer)
     assert stage.model.model.layers[0].self_attn.q_proj.weight.is_meta
@@ -44,7 +44,7 @@ def test_registry_resolves_name_at_ref(tmp_path, tiny_llama, monkeypatch):
     registry = pytest.importorskip("tpmlab.models.registry")
     monkeypatch.setenv("TPMLAB_HOME", str(tmp_path))
     store = default_store()
-    assert store.backend.root == tmp_path / "store"
+    assert store.objects.root == tmp_path / "store"
     digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="")
     store.tag("base", digest)
     src = registry.resolve("tiny@base")
