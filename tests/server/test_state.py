@@ -45,7 +45,7 @@ RECORD = {
     "info": {"name": "m", "version": "v" * 16, "family": "llama", "dtype": "float32",
              "stage_workers": ["tcp://a", "tcp://b"],
              "extra": {"stage_layers": [[0, 3], [4, 7]], "stage_bytes": [10, 12]}},
-    "slots": [["tcp://a", "cpu"], ["tcp://b", "cpu"]],
+    "placements": [["tcp://a", "cpu"], ["tcp://b", "cpu"]],
 }
 
 

@@ -7,7 +7,7 @@ clients (:mod:`.registry`) and starts the embedded cluster (:mod:`.embedded`).
 
 from .backend import DaskBackend, Deployment
 from .errors import DeploymentError, StageLostError
-from .placement import Slot, place_stages
+from .placement import Placement, place_stages
 
-__all__ = ["DaskBackend", "Deployment", "DeploymentError", "Slot", "StageLostError",
+__all__ = ["DaskBackend", "Deployment", "DeploymentError", "Placement", "StageLostError",
            "place_stages"]

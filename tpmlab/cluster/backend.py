@@ -44,7 +44,7 @@ from .actor import StageActor
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
 from .partition import StageSpan, part_bytes, split_layers
-from .placement import Slot, gpu_count, place_stages
+from .placement import Placement, gpu_count, place_stages
 from .wire import from_wire
 
 SETUP_TIMEOUT = 300.0  # seconds to load one stage's weights and answer
@@ -63,7 +63,7 @@ class Deployment:
     info: ModelInfo
     futures: list[Future]
     actors: list[Any]
-    slots: list[Slot]
+    placements: list[Placement]
     spans: list[StageSpan]
     specs: list[dict[str, Any]]
     owner: bool
@@ -142,7 +142,7 @@ class DaskBackend:
         futures = record["futures"]
         actors = [_result(f, SETUP_TIMEOUT, "a stage of the published deployment") for f in futures]
         return Deployment(key=key, info=ModelInfo.from_dict(record["info"]), futures=futures,
-                          actors=actors, slots=[Slot(*s) for s in record["slots"]],
+                          actors=actors, placements=[Placement(*s) for s in record["placements"]],
                           spans=[StageSpan(**s) for s in record["spans"]], specs=record["specs"],
                           owner=owner)
 
@@ -159,11 +159,11 @@ class DaskBackend:
             spans = split_layers(layer_bytes, first, last, n_stages)
         except ValueError as e:
             raise DeploymentError(f"{name}: {e}") from None
-        taken = [Slot(*s) for rec in registry.all_records(self.client).values()
-                 for s in rec["slots"]]
-        slots = place_stages(workers, n_stages, taken=taken)
-        specs = [self._spec(name, span, slot, dtype) for span, slot in zip(spans, slots)]
-        futures = [self._submit(spec, slot) for spec, slot in zip(specs, slots)]
+        taken = [Placement(*s) for rec in registry.all_records(self.client).values()
+                 for s in rec["placements"]]
+        placements = place_stages(workers, n_stages, taken=taken)
+        specs = [self._spec(name, span, place, dtype) for span, place in zip(spans, placements)]
+        futures = [self._submit(spec, place) for spec, place in zip(specs, placements)]
         try:
             actors = [_result(f, SETUP_TIMEOUT, f"loading stage {i} of {name}")
                       for i, f in enumerate(futures)]
@@ -176,28 +176,28 @@ class DaskBackend:
                 raise
             raise DeploymentError(f"could not load {name} as {n_stages} stages: "
                                   f"{type(e).__name__}: {e}") from e
-        info = self._model_info(name, source, dtype, described, slots, spans)
-        dep = Deployment(key=key, info=info, futures=futures, actors=actors, slots=slots,
+        info = self._model_info(name, source, dtype, described, placements, spans)
+        dep = Deployment(key=key, info=info, futures=futures, actors=actors, placements=placements,
                          spans=spans, specs=specs, owner=True)
         self._link(dep, range(n_stages))
         self._publish(dep)
         return dep
 
-    def _spec(self, name: str, span: StageSpan, slot: Slot, dtype: torch.dtype) -> dict[str, Any]:
+    def _spec(self, name: str, span: StageSpan, place: Placement, dtype: torch.dtype) -> dict[str, Any]:
         return {"model": name, "index": span.index, "n_stages": span.n_stages, "first": span.first,
-                "last": span.last, "nbytes": span.nbytes, "device": slot.device,
+                "last": span.last, "nbytes": span.nbytes, "device": place.device,
                 "dtype": dtype_name(dtype), "threads": self.threads,
                 "limits": {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}}
 
-    def _submit(self, spec: dict[str, Any], slot: Slot) -> Future:
-        return self.client.submit(StageActor, spec, actor=True, workers=[slot.worker],
+    def _submit(self, spec: dict[str, Any], place: Placement) -> Future:
+        return self.client.submit(StageActor, spec, actor=True, workers=[place.worker],
                                   allow_other_workers=False, pure=False,
                                   key=f"tpmlab-stage{spec['index']}-{spec['model']}-"
                                       f"{uuid.uuid4().hex[:8]}")
 
     @staticmethod
     def _model_info(name: str, source: Any, dtype: torch.dtype, described: list[dict[str, Any]],
-                    slots: list[Slot], spans: list[StageSpan]) -> ModelInfo:
+                    placements: list[Placement], spans: list[StageSpan]) -> ModelInfo:
         events: list[str] = []
         shapes: dict[str, Any] = {}
         starts = []
@@ -212,9 +212,9 @@ class DaskBackend:
                          dtype=dtype_name(dtype), events=events, shapes=shapes,
                          modules=[n for n, _ in meta.named_modules()], params=params,
                          vocab_size=meta.get_input_embeddings().num_embeddings,
-                         stage_starts=starts, stage_workers=[s.worker for s in slots],
+                         stage_starts=starts, stage_workers=[s.worker for s in placements],
                          extra={"stage_layers": [[s.first, s.last] for s in spans],
-                                "stage_devices": [s.device for s in slots],
+                                "stage_devices": [s.device for s in placements],
                                 "stage_bytes": [d["nbytes"] for d in described]})
 
     def _link(self, dep: Deployment, stages: range | list[int]) -> None:
@@ -229,7 +229,7 @@ class DaskBackend:
     def _publish(self, dep: Deployment) -> None:
         registry.publish(self.client, dep.key, {
             "futures": dep.futures, "info": dep.info.to_dict(),
-            "slots": [[s.worker, s.device] for s in dep.slots],
+            "placements": [[s.worker, s.device] for s in dep.placements],
             "spans": [asdict(s) for s in dep.spans], "specs": dep.specs})
 
     # -- run ---------------------------------------------------------------------------------------
@@ -324,12 +324,12 @@ class DaskBackend:
     # -- faults ------------------------------------------------------------------------------------
     def _lost_stages(self, dep: Deployment) -> list[int]:
         live = self.live_addresses()
-        return [k for k, s in enumerate(dep.slots) if s.worker not in live]
+        return [k for k, s in enumerate(dep.placements) if s.worker not in live]
 
     def _fail_lost(self, dep: Deployment, cause: BaseException | None) -> None:
         lost = self._lost_stages(dep)
         names = ", ".join(f"stage {k} (layers {dep.spans[k].first}-{dep.spans[k].last}) on "
-                          f"{dep.slots[k].worker}" for k in lost) or "a stage"
+                          f"{dep.placements[k].worker}" for k in lost) or "a stage"
         try:
             self.heal(dep.info.name)
             healed = "the stages were loaded again on live workers; run the request again"
@@ -356,18 +356,18 @@ class DaskBackend:
                 return []
             live = self.live_addresses()
             workers = {a: w for a, w in self.workers().items() if a in live}
-            keep = [s for k, s in enumerate(dep.slots) if k not in lost]
+            keep = [s for k, s in enumerate(dep.placements) if k not in lost]
             for k in lost:
-                slot = place_stages(workers, 1, taken=keep)[0]
-                spec = {**dep.specs[k], "device": slot.device}
+                place = place_stages(workers, 1, taken=keep)[0]
+                spec = {**dep.specs[k], "device": place.device}
                 old = dep.futures[k]
-                dep.futures[k] = self._submit(spec, slot)
+                dep.futures[k] = self._submit(spec, place)
                 dep.actors[k] = _result(dep.futures[k], SETUP_TIMEOUT, f"re-loading stage {k}")
-                dep.slots[k], dep.specs[k] = slot, spec
-                keep.append(slot)
+                dep.placements[k], dep.specs[k] = place, spec
+                keep.append(place)
                 old.release()
-            dep.info.stage_workers = [s.worker for s in dep.slots]
-            dep.info.extra["stage_devices"] = [s.device for s in dep.slots]
+            dep.info.stage_workers = [s.worker for s in dep.placements]
+            dep.info.extra["stage_devices"] = [s.device for s in dep.placements]
             self._link(dep, sorted({j for k in lost for j in (k - 1, k) if j >= 0}))
             self._publish(dep)
             return lost
@@ -378,7 +378,7 @@ class DaskBackend:
     def memory(self, name: str) -> list[dict[str, int]]:
         """Per stage: its worker's resident and peak resident bytes and the stage's bytes."""
         dep = self.deployment(name)
-        return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.slots[k].worker}
+        return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.placements[k].worker}
                 for k, a in enumerate(dep.actors)]
 
     def weight_restores(self) -> dict[str, int]:

@@ -115,13 +115,13 @@ def model_view(record: dict[str, Any], live: set[str],
     """
     info = record.get("info") or {}
     extra = info.get("extra") or {}
-    slots = record.get("slots") or [[w, None] for w in info.get("stage_workers", [])]
+    placements = record.get("placements") or [[w, None] for w in info.get("stage_workers", [])]
     spans = record.get("spans") or []
     layers = extra.get("stage_layers") or [[s.get("first"), s.get("last")] for s in spans]
     stage_bytes = extra.get("stage_bytes") or [s.get("nbytes") for s in spans]
     stages = []
-    for k, slot in enumerate(slots):
-        worker, device = (slot + [None, None])[:2]
+    for k, place in enumerate(placements):
+        worker, device = (place + [None, None])[:2]
         first, last = (layers[k] if k < len(layers) else [None, None])
         probe = probes[k] if probes is not None and k < len(probes) else None
         alive = worker in live
