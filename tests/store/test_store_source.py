@@ -40,13 +40,13 @@ def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
     assert torch.equal(full(ids).logits, tiny_llama(ids).logits)
 
 
-def test_registry_resolves_name_at_ref(tmp_path, tiny_llama, monkeypatch):
-    registry = pytest.importorskip("tpmlab.models.registry")
+def test_model_names_resolve_name_at_ref(tmp_path, tiny_llama, monkeypatch):
+    names = pytest.importorskip("tpmlab.models.names")
     monkeypatch.setenv("TPMLAB_HOME", str(tmp_path))
     store = default_store()
     assert store.objects.root == tmp_path / "store"
     digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="")
     store.tag("base", digest)
-    src = registry.resolve("tiny@base")
+    src = names.resolve("tiny@base")
     assert src.version == f"sha256:{digest}"
-    assert registry.resolve(f"tiny@{digest[:10]}").version == f"sha256:{digest}"
+    assert names.resolve(f"tiny@{digest[:10]}").version == f"sha256:{digest}"

@@ -2,7 +2,7 @@
 
 ``DaskBackend`` deploys a model as stages (:mod:`.partition`, :mod:`.placement`),
 runs plans through them (:mod:`.actor`, :mod:`.stage`), shares deployments between
-clients (:mod:`.registry`) and starts the embedded cluster (:mod:`.embedded`).
+clients (:mod:`.deployments`) and starts the embedded cluster (:mod:`.embedded`).
 """
 
 from .backend import DaskBackend, Deployment

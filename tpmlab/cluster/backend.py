@@ -5,7 +5,7 @@ pipeline stages held by Dask workers.
   (:mod:`.partition`), places one actor per stage (:mod:`.placement`: one stage per
   GPU on workers with a ``GPU`` resource, else CPU workers), each loading only its
   own weights, links each stage to the next, and publishes the deployment on the
-  scheduler (:mod:`.registry`) so other clients attach to it.
+  scheduler (:mod:`.deployments`) so other clients attach to it.
 * ``run`` hands the plan bytes to stage 0's actor (which validates it and drives the
   pipeline) and, at the same time, to every later stage's ``collect``; hidden states
   go from stage to stage directly (:mod:`.actor`), and each stage's saved values come
@@ -39,7 +39,7 @@ from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
 from ..runtime.limits import limits_to_wire
-from . import cleanup, registry
+from . import cleanup, deployments
 from .actor import StageActor
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
@@ -122,13 +122,13 @@ class DaskBackend:
         from ..models import resolve
 
         source = resolve(name)
-        key = registry.deployment_key(name, source.version)
-        lock = registry.deploy_lock(self.client, key)
+        key = deployments.deployment_key(name, source.version)
+        lock = deployments.deploy_lock(self.client, key)
         if not lock.acquire(timeout=SETUP_TIMEOUT):
             raise RequestTimeoutError(f"another client has been deploying {name} for over "
                                       f"{SETUP_TIMEOUT:.0f}s")
         try:
-            record = registry.lookup(self.client, key)
+            record = deployments.lookup(self.client, key)
             if record is not None:
                 dep = self._attach(key, record, owner=False)
             else:
@@ -159,7 +159,7 @@ class DaskBackend:
             spans = split_layers(layer_bytes, first, last, n_stages)
         except ValueError as e:
             raise DeploymentError(f"{name}: {e}") from None
-        taken = [Placement(*s) for rec in registry.all_records(self.client).values()
+        taken = [Placement(*s) for rec in deployments.all_records(self.client).values()
                  for s in rec["placements"]]
         placements = place_stages(workers, n_stages, taken=taken)
         specs = [self._spec(name, span, place, dtype) for span, place in zip(spans, placements)]
@@ -227,7 +227,7 @@ class DaskBackend:
             _result(call, SETUP_TIMEOUT, f"linking stage {k}")
 
     def _publish(self, dep: Deployment) -> None:
-        registry.publish(self.client, dep.key, {
+        deployments.publish(self.client, dep.key, {
             "futures": dep.futures, "info": dep.info.to_dict(),
             "placements": [[s.worker, s.device] for s in dep.placements],
             "spans": [asdict(s) for s in dep.spans], "specs": dep.specs})
@@ -344,11 +344,11 @@ class DaskBackend:
         indices of the stages that were re-placed here.
         """
         dep = self.deployment(name)
-        lock = registry.deploy_lock(self.client, dep.key)
+        lock = deployments.deploy_lock(self.client, dep.key)
         if not lock.acquire(timeout=SETUP_TIMEOUT):
             raise RequestTimeoutError(f"could not lock deployment {dep.key} to heal it")
         try:
-            record = registry.lookup(self.client, dep.key)
+            record = deployments.lookup(self.client, dep.key)
             if record is not None and [f.key for f in record["futures"]] != [f.key for f in dep.futures]:
                 dep = self.deployments[name] = self._attach(dep.key, record, owner=dep.owner)
             lost = self._lost_stages(dep)
@@ -395,9 +395,9 @@ class DaskBackend:
         if dep is None:
             return
         if dep.owner:
-            record = registry.lookup(self.client, dep.key)
+            record = deployments.lookup(self.client, dep.key)
             if record is not None and [f.key for f in record["futures"]] == [f.key for f in dep.futures]:
-                registry.unpublish(self.client, dep.key)
+                deployments.unpublish(self.client, dep.key)
         for f in dep.futures:
             f.release()
         dep.actors.clear()

@@ -1,4 +1,4 @@
-"""Deployments shared through the scheduler, so that every client sees the same stages.
+"""Deployments published on the scheduler, so that every client sees the same stages.
 
 A deployment is published as a Dask *named dataset* (``Client.publish_dataset``)
 under ``tpmlab:<model>@<version>``: the scheduler keeps its stage actors' futures

@@ -1,4 +1,4 @@
-"""Turning a model name into a :class:`ModelSource`."""
+"""Model names: the names tpmlab knows, and the :class:`ModelSource` each name resolves to."""
 
 from __future__ import annotations
 
