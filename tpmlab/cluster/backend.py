@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import uuid
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ from ..ir.validate import Limits
 from ..runtime.limits import limits_to_wire
 from . import cleanup, deployments
 from .actor import StageActor
+from .deployments import DeploymentRecord
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
 from .partition import StageSpan, part_bytes, split_layers
@@ -56,18 +57,13 @@ def _worker_addresses(dask_scheduler: Any) -> list[str]:
 
 
 @dataclass
-class Deployment:
-    """One model's stages as this client sees them."""
+class Deployment(DeploymentRecord):
+    """One model's stages as this client sees them: the published record, the stage
+    actors it calls, and whether this client deployed them (``owner``: it unpublishes them
+    when it lets go)."""
 
-    key: str
-    info: ModelInfo
-    futures: list[Future]
-    actors: list[Any]
-    placements: list[Placement]
-    spans: list[StageSpan]
-    specs: list[dict[str, Any]]
-    owner: bool
-    extra: dict[str, Any] = field(default_factory=dict)
+    actors: list[Any] = field(default_factory=list)
+    owner: bool = False
 
 
 class DaskBackend:
@@ -130,7 +126,7 @@ class DaskBackend:
         try:
             record = deployments.lookup(self.client, key)
             if record is not None:
-                dep = self._attach(key, record, owner=False)
+                dep = self._attach(record, owner=False)
             else:
                 dep = self._deploy_new(name, source, key, stages or 1, dtype)
         finally:
@@ -138,13 +134,10 @@ class DaskBackend:
         self.deployments[name] = dep
         return dep.info
 
-    def _attach(self, key: str, record: dict[str, Any], *, owner: bool) -> Deployment:
-        futures = record["futures"]
-        actors = [_result(f, SETUP_TIMEOUT, "a stage of the published deployment") for f in futures]
-        return Deployment(key=key, info=ModelInfo.from_dict(record["info"]), futures=futures,
-                          actors=actors, placements=[Placement(*s) for s in record["placements"]],
-                          spans=[StageSpan(**s) for s in record["spans"]], specs=record["specs"],
-                          owner=owner)
+    def _attach(self, record: DeploymentRecord, *, owner: bool) -> Deployment:
+        actors = [_result(f, SETUP_TIMEOUT, "a stage of the published deployment")
+                  for f in record.futures]
+        return Deployment(**vars(record), actors=actors, owner=owner)
 
     def _deploy_new(self, name: str, source: Any, key: str, n_stages: int,
                     dtype: str | torch.dtype | None) -> Deployment:
@@ -159,8 +152,7 @@ class DaskBackend:
             spans = split_layers(layer_bytes, first, last, n_stages)
         except ValueError as e:
             raise DeploymentError(f"{name}: {e}") from None
-        taken = [Placement(*s) for rec in deployments.all_records(self.client).values()
-                 for s in rec["placements"]]
+        taken = [p for rec in deployments.list_deployments(self.client) for p in rec.placements]
         placements = place_stages(workers, n_stages, taken=taken)
         specs = [self._spec(name, span, place, dtype) for span, place in zip(spans, placements)]
         futures = [self._submit(spec, place) for spec, place in zip(specs, placements)]
@@ -227,10 +219,7 @@ class DaskBackend:
             _result(call, SETUP_TIMEOUT, f"linking stage {k}")
 
     def _publish(self, dep: Deployment) -> None:
-        deployments.publish(self.client, dep.key, {
-            "futures": dep.futures, "info": dep.info.to_dict(),
-            "placements": [[s.worker, s.device] for s in dep.placements],
-            "spans": [asdict(s) for s in dep.spans], "specs": dep.specs})
+        deployments.publish(self.client, dep)
 
     # -- run ---------------------------------------------------------------------------------------
     def deployment(self, name: str) -> Deployment:
@@ -349,8 +338,8 @@ class DaskBackend:
             raise RequestTimeoutError(f"could not lock deployment {dep.key} to heal it")
         try:
             record = deployments.lookup(self.client, dep.key)
-            if record is not None and [f.key for f in record["futures"]] != [f.key for f in dep.futures]:
-                dep = self.deployments[name] = self._attach(dep.key, record, owner=dep.owner)
+            if record is not None and [f.key for f in record.futures] != [f.key for f in dep.futures]:
+                dep = self.deployments[name] = self._attach(record, owner=dep.owner)
             lost = self._lost_stages(dep)
             if not lost:
                 return []
@@ -396,7 +385,7 @@ class DaskBackend:
             return
         if dep.owner:
             record = deployments.lookup(self.client, dep.key)
-            if record is not None and [f.key for f in record["futures"]] == [f.key for f in dep.futures]:
+            if record is not None and [f.key for f in record.futures] == [f.key for f in dep.futures]:
                 deployments.unpublish(self.client, dep.key)
         for f in dep.futures:
             f.release()
