@@ -303,17 +303,17 @@ class ClusterState:
             removed = []
             if self.pending.pop(name, None) is not None:
                 removed.append(name)
-            if self.lab is not None:  # drop the server's own hold first (it may own them)
-                self.lab.models.pop(name, None)
-                try:
-                    self.lab.backend.undeploy(name)
-                except Exception:
-                    log.debug("backend undeploy", exc_info=True)
             client = self._client()
             if client is not None:
                 from tpmlab.cluster import deployments
 
                 removed += deployments.remove(client, name)
+            if self.lab is not None:  # and the server's own hold, if it deployed them
+                self.lab.models.pop(name, None)
+                try:
+                    self.lab.backend.undeploy(name)
+                except Exception:
+                    log.debug("backend undeploy", exc_info=True)
             return removed
 
     def close(self) -> None:
