@@ -11,6 +11,7 @@ low-rank edits.
 """
 
 from .chunking import CHUNK_SIZE
+from .default import default_store
 from .delta import LowRankDelta, apply_low_rank
 from .diff import TensorDiff
 from .errors import RefError, StoreError, StoreIntegrityError, StoreLockedError, UnsafeRefError
@@ -18,12 +19,11 @@ from .io import IOStats
 from .manifest import VersionInfo
 from .objects import FsspecObjectStore, LocalObjectStore, ObjectStore, open_object_store
 from .reports import GcReport, VerifyReport
-from .source import default_store, source_for
 from .store import Store
 
 __all__ = [
     "CHUNK_SIZE", "ObjectStore", "FsspecObjectStore", "GcReport", "IOStats", "LocalObjectStore",
     "LowRankDelta", "RefError", "Store", "StoreError", "StoreIntegrityError", "StoreLockedError",
     "TensorDiff", "UnsafeRefError", "VerifyReport", "VersionInfo", "apply_low_rank",
-    "default_store", "open_object_store", "source_for",
+    "default_store", "open_object_store",
 ]

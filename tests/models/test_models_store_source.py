@@ -4,7 +4,8 @@ import torch
 pytest.importorskip("tpmlab.models.sources")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tpmlab.store import Store, default_store, source_for  # noqa: E402
+from tpmlab.models.store_source import source_for  # noqa: E402
+from tpmlab.store import Store, default_store  # noqa: E402
 
 
 @pytest.fixture
