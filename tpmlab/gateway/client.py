@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 
-from .. import errors as core_errors
 from ..errors import RequestTimeoutError
 from ..ir.codec import decode_result
 from ..ir.model_info import ModelInfo
@@ -23,31 +22,15 @@ from . import errors as gw_errors
 
 def raise_for_error(response: httpx.Response) -> None:
     """Raise the tpmlab error a gateway error response stands for (the class it names,
-    else one chosen by the HTTP status)."""
+    else the gateway error class of its HTTP status)."""
     if response.status_code < 400:
         return
     try:
         body = response.json()
-        name, message = str(body.get("error", "")), str(body.get("message", response.text))
-    except (ValueError, AttributeError):
-        name, message = "", response.text[:500] or response.reason_phrase
-        body = {}
-    cls = gw_errors.error_class(name)
-    if cls is not None and issubclass(cls, (core_errors.PlanError, core_errors.ExecutionError)):
-        raise cls(message, node=body.get("node"), line=body.get("line"))
-    if cls is not None and not issubclass(cls, gw_errors.GatewayError):
-        raise cls(message)
-    if cls is None:
-        cls = {401: gw_errors.AuthenticationError, 402: gw_errors.QuotaError,
-               403: gw_errors.TierError, 404: gw_errors.NotFoundError,
-               410: gw_errors.ResultGoneError, 413: gw_errors.PayloadTooLargeError,
-               415: gw_errors.UnsupportedMediaTypeError, 429: gw_errors.RateLimitError,
-               503: gw_errors.UpstreamError,
-               504: gw_errors.GatewayTimeoutError}.get(response.status_code,
-                                                        gw_errors.GatewayError)
-    extra = {k: v for k, v in body.items() if k not in ("error", "message")} \
-        if isinstance(body, dict) else {}
-    raise cls(f"{message} (HTTP {response.status_code})", **extra)
+    except ValueError:
+        body = None
+    raise gw_errors.error_from_answer(response.status_code, body,
+                                      response.text or response.reason_phrase)
 
 
 class GatewayBackend:
