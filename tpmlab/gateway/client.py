@@ -2,13 +2,13 @@
 
 ``tpmlab.connect(gateway=URL, token=...)`` uses it, so a notebook has the same API
 against a gateway as against a Dask cluster or in-process. The token is a tpmlab API
-key or a JupyterHub API token (default: ``$TPMLAB_GATEWAY_TOKEN``, else the
-``$JUPYTERHUB_API_TOKEN`` every JupyterHub single-user server has).
+key or a JupyterHub API token (default: the environment's, :func:`tpmlab.tokens.gateway_token`:
+``$TPMLAB_TOKEN``, else ``$TPMLAB_GATEWAY_TOKEN``, else the ``$JUPYTERHUB_API_TOKEN`` every
+JupyterHub single-user server has).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
@@ -17,6 +17,7 @@ from ..errors import RequestTimeoutError
 from ..ir.codec import decode_result
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
+from ..tokens import gateway_token, token_sources
 from . import errors as gw_errors
 
 
@@ -38,12 +39,11 @@ class GatewayBackend:
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0,
                  transport: httpx.BaseTransport | None = None) -> None:
-        token = token or os.environ.get("TPMLAB_GATEWAY_TOKEN") or os.environ.get(
-            "JUPYTERHUB_API_TOKEN")
+        token = token or gateway_token()
         if not token:
             raise gw_errors.AuthenticationError(
                 "connect(gateway=...) needs token= (a tpmlab API key or a JupyterHub token), "
-                "or $TPMLAB_GATEWAY_TOKEN / $JUPYTERHUB_API_TOKEN")
+                f"or one of {token_sources()} set")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0),

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from tpmlab.tokens import gateway_token, token_sources
+
 if TYPE_CHECKING:  # tpmlab.cluster (Dask, torch) is imported on the worker thread, when needed
     from tpmlab.cluster.deployments import DeploymentRecord, StageProbe
 
@@ -346,9 +348,6 @@ def _requests(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 GATEWAY_ENV = "TPMLAB_GATEWAY"
 """The URL of the deployment's gateway, in the Jupyter server's environment."""
-TOKEN_ENVS = ("TPMLAB_TOKEN", "TPMLAB_GATEWAY_TOKEN", "JUPYTERHUB_API_TOKEN")
-"""Where the user's gateway credential is found, first set wins: a tpmlab API key, else the
-JupyterHub API token every single-user server has (the gateway accepts both)."""
 USAGE_UNIT = "SU"  # the gateway's service units (tpmlab.gateway.units)
 
 
@@ -369,13 +368,13 @@ class GatewayUsage:
 
     @classmethod
     def from_env(cls, environ: Any = None) -> GatewayUsage | None:
-        """The gateway named by ``$TPMLAB_GATEWAY``, or ``None`` when it is not set."""
+        """The gateway named by ``$TPMLAB_GATEWAY``, or ``None`` when it is not set; the
+        user's token as :func:`tpmlab.tokens.gateway_token` finds it."""
         env = os.environ if environ is None else environ
         url = (env.get(GATEWAY_ENV) or "").strip()
         if not url:
             return None
-        token = next((env[k] for k in TOKEN_ENVS if env.get(k)), None)
-        return cls(url, token)
+        return cls(url, gateway_token(env))
 
     def __repr__(self) -> str:
         return f"GatewayUsage({self.url!r})"
@@ -387,7 +386,7 @@ class GatewayUsage:
 
         if not self.token:
             return {"error": f"no token for the gateway {self.url}: set one of "
-                             f"{', '.join('$' + k for k in TOKEN_ENVS)}"}
+                             f"{token_sources()}"}
         request = urllib.request.Request(
             f"{self.url}/v1/me", headers={"Authorization": f"Bearer {self.token}",
                                           "Accept": "application/json",
