@@ -49,6 +49,7 @@ class DeploymentRecord:
 
     @property
     def name(self) -> str:
+        """The model's name (every version of it shares the name)."""
         return self.info.name
 
     @property
@@ -65,6 +66,7 @@ class DeploymentRecord:
 
     @classmethod
     def from_wire(cls, key: str, data: dict[str, Any]) -> DeploymentRecord:
+        """The record published under ``key``, from its dataset (see :meth:`to_wire`)."""
         return cls(key=key, futures=list(data["futures"]), info=ModelInfo.from_dict(data["info"]),
                    placements=[Placement(*p) for p in data["placements"]],
                    spans=[StageSpan(**s) for s in data["spans"]], specs=list(data["specs"]))
@@ -93,6 +95,7 @@ class StageProbe:
 
 
 def deployment_key(model: str, version: str) -> str:
+    """The dataset name of a deployment: ``tpmlab:<model>@<version>``."""
     return f"{PREFIX}{model}@{version}"
 
 
@@ -112,6 +115,7 @@ def publish(client: Client, record: DeploymentRecord) -> None:
 
 
 def unpublish(client: Client, key: str) -> None:
+    """Remove the record published under ``key``, if there is one."""
     if key in client.list_datasets():
         client.unpublish_dataset(key)
 
@@ -151,4 +155,5 @@ def remove(client: Client, name: str) -> list[str]:
 
 
 def deploy_lock(client: Client, key: str) -> Lock:
+    """The cluster-wide lock that one client holds while it deploys or heals ``key``."""
     return Lock(key, scheduler_rpc=client.scheduler, loop=client.loop)
