@@ -26,7 +26,9 @@ class Lab:
         if name not in self.models:
             source = resolve(name)
             info = self.backend.deploy(name, **options)
-            self.models[name] = LabModel(self, name, info, source)
+            self.models[name] = LabModel(
+                name, info, source, lab=self, limits=getattr(self.backend, "limits", None),
+                run_plan=lambda blob, timeout: self.run_values(name, blob, timeout=timeout))
         return self.models[name]
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
@@ -54,7 +56,8 @@ class Lab:
         self.close()
 
 
-def connect(address: str | None = None, *, security: Security | None = None, gateway: str | None = None,
+def connect(address: Any = None, *, security: Security | None = None,
+            gateway: str | None = None,
             token: str | None = None, **options: Any) -> Lab:
     """Connect to an engine; every engine gives the same :class:`Lab` API.
 
@@ -63,16 +66,28 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
     ``LocalCluster`` of worker processes sized to this machine, speaking TLS under
     credentials made for it, so that only this process reaches it;
     ``lab.model(name, stages=N)`` splits a model over N of them. In a script, call it under
-    ``if __name__ == "__main__":`` (worker processes re-run the script).
+    ``if __name__ == "__main__":`` (worker processes re-run the script). Its workers are
+    forked from a server process that imported torch and transformers once, started here
+    so that it imports while this process does (``warm_start=False``: spawn each worker
+    as a fresh interpreter).
     ``connect("tls://host:port", security=...)``: attach to a running Dask scheduler whose
     workers hold the pipeline stages; ``security``: a :class:`distributed.security.Security`
     (dask-jobqueue's and dask-gateway's clusters have it as ``cluster.security``; clusters
     started by ``tpmlab lab`` are found by their address). A ``tcp://`` address on another
     host warns once: anyone who reaches it runs code on the workers (see docs/hpc.md).
+    ``connect(cluster)``: a Dask cluster object, e.g. a dask-gateway cluster
+    (``dask_gateway.Gateway().new_cluster()``: workers the researcher scales from
+    JupyterHub), with its own credentials; same as
+    ``connect(cluster.scheduler_address, security=cluster.security)``.
     ``connect("local")``: models run whole in this process (no cluster).
     ``connect(gateway="https://...", token=...)``: a shared deployment behind the
     multi-user gateway (token: a tpmlab API key or a JupyterHub API token).
+    ``connect()`` where ``$TPMLAB_GATEWAY`` is set and ``$TPMLAB_SCHEDULER`` is not (a
+    JupyterHub single-user server set up by ``tpmlab hub-config``): that gateway, with the
+    server's own Hub token.
     """
+    if gateway is None and address is None and not os.environ.get("TPMLAB_SCHEDULER"):
+        gateway = os.environ.get("TPMLAB_GATEWAY") or None
     if gateway is not None:
         from .gateway.client import GatewayBackend
 
@@ -81,10 +96,17 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
         address = os.environ.get("TPMLAB_SCHEDULER") or None
     if address == "local":
         return Lab(LocalBackend(**options))
+    if address is None and options.get("warm_start", True):
+        from .cluster.warm_start import ensure_server
+
+        ensure_server()  # the workers' imports run while this process imports the engine
     from .cluster import DaskBackend  # the sharded engine
 
     if address is not None:
-        from .cluster.security import client_security
+        from .cluster.security import client_security, cluster_endpoint
+
+        if not isinstance(address, str):  # a cluster object: its address and credentials
+            address, security = cluster_endpoint(address, security)
 
         security = client_security(address, security)
     return Lab(DaskBackend(address, security=security, **options))

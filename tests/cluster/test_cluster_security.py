@@ -161,6 +161,20 @@ def test_workers_ignore_sigint(secure_cluster):
     assert client.run(os.getpid) == before  # same workers, same processes, still answering
 
 
+def _worker_start_state() -> tuple[bool, str | None]:
+    return "transformers.modeling_utils" in sys.modules, os.environ.get("OMP_WAIT_POLICY")
+
+
+@pytest.mark.slow
+def test_workers_start_with_the_stage_modules_already_imported(secure_cluster):
+    """Workers are forked from a server that imported torch and transformers once (the
+    embedded cluster's start-up): none imports them again, and each keeps the OpenMP wait
+    policy the stages need."""
+    _, client = secure_cluster
+    states = list(client.run(_worker_start_state).values())
+    assert states == [(True, "PASSIVE")] * 2
+
+
 @pytest.mark.slow
 def test_a_two_stage_trace_over_tls_equals_the_local_executor(secure_cluster, ref_lab):
     import torch
@@ -305,3 +319,34 @@ def test_embedded_cluster_options_stay_secure():
     with pytest.raises(ValueError, match="TLS only"):
         start_local_cluster(1, protocol="tcp://")
 
+
+
+def test_a_dask_gateway_address_needs_its_clusters_credentials():
+    pytest.importorskip("dask_gateway", reason="dask-gateway (the hpc extra) is not installed")
+    with pytest.raises(ClusterSecurityError, match=r"tpmlab\.connect\(cluster\).*cluster\.security"):
+        client_security("gateway://127.0.0.1:8786/clusters.abc123")
+    given = new_security()
+    assert client_security("gateway://127.0.0.1:8786/clusters.abc123", given) is given
+
+
+def test_connect_takes_a_cluster_object_with_its_credentials(monkeypatch):
+    from types import SimpleNamespace
+
+    import tpmlab.cluster
+    from tpmlab.cluster.security import cluster_endpoint
+
+    given, other = new_security(), new_security()
+    cluster = SimpleNamespace(scheduler_address="tls://10.1.2.3:8786", security=given)
+    assert cluster_endpoint(cluster) == ("tls://10.1.2.3:8786", given)
+    assert cluster_endpoint(cluster, other) == ("tls://10.1.2.3:8786", other)
+    with pytest.raises(ClusterSecurityError, match="scheduler_address"):
+        cluster_endpoint(object())
+    seen = {}
+
+    class Backend:
+        def __init__(self, address, security=None, **options):
+            seen.update(address=address, security=security)
+
+    monkeypatch.setattr(tpmlab.cluster, "DaskBackend", Backend)
+    tpmlab.connect(cluster)
+    assert seen == {"address": "tls://10.1.2.3:8786", "security": given}

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tpmlab.models.adapters import Adapter, adapter_for
-from tpmlab.models.digest import PREFIX, cached_digest, json_digest, store_digest
+from tpmlab.models.digest import META_FILE, PREFIX, cached_digest, json_digest, store_digest
 from tpmlab.models.materialize import KeyFilter, build, meta_model
 from tpmlab.models.tensor_files import TensorEntry, TensorReader, read_header
 from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
@@ -26,23 +26,24 @@ from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
 #: model_type -> (current prefix, prefix in checkpoints written before transformers 5)
 LEGACY_PREFIXES: dict[str, list[tuple[str, str]]] = {"gpt_neox": [("lm_head.", "embed_out.")]}
 
-#: written next to the weights by tpmlab's converters: {"version": "sha256:..."}
-META_FILE = "tpmlab.json"
-
 
 @dataclass
 class LoadedModel:
     """A model with (some of) its weights on a device, ready to run.
 
     ``model`` is in eval mode with ``requires_grad`` off; tensors not selected
-    by the load's ``keys`` are on the meta device.
+    by the load's ``keys`` are on the meta device. The tokenizer is read on first
+    use (a pipeline stage never needs it).
     """
 
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
     adapter: Adapter
     version: str
     source: ModelSource
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.source.tokenizer()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -143,7 +144,6 @@ class ModelSource(ABC):
         )
         return LoadedModel(
             model=model,
-            tokenizer=self.tokenizer(),
             adapter=self.adapter,
             version=self.version,
             source=self,
