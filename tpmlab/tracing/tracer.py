@@ -21,6 +21,7 @@ import torch
 from ..errors import TpmlabError
 from ..ir.codec import encode_plan
 from ..ir.plan import (
+    GRAD,
     DType,
     EllipsisArg,
     GenerateOptions,
@@ -91,6 +92,8 @@ class Trace:
         self._invoke: int | None = None
         self._steps = Steps()
         self._points: dict[tuple, Proxy] = {}
+        self._grads: dict[Any, Proxy] = {}  # node id or tensor name -> its grad node
+        self._named: dict[int, tuple[torch.Tensor, list[str]]] = {}  # id(tensor) -> plan names
         self._entered = False
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
@@ -149,6 +152,8 @@ class Trace:
             name = f"in{len(self.tensors)}"
             self.tensors[name] = row.contiguous()
             names.append(name)
+        if inputs_embeds is not None:  # tr.grad(inputs_embeds) finds its rows
+            self._named[id(inputs_embeds)] = (inputs_embeds, names)
         self.invokes.append(Invoke(kind, names))
         return len(self.invokes) - 1
 
@@ -182,8 +187,12 @@ class Trace:
                                   "pass its .value")
             return Ref(value._node)
         if isinstance(value, torch.Tensor):
+            known = self._named.get(id(value))
+            if known is not None and len(known[1]) == 1 and known[1][0].startswith("c"):
+                return TensorRef(known[1][0])  # one constant, however often it is used
             name = f"c{len(self.tensors)}"
             self.tensors[name] = value.detach().cpu().contiguous()
+            self._named[id(value)] = (value, [name])
             return TensorRef(name)
         if isinstance(value, slice):
             return Slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
@@ -202,6 +211,28 @@ class Trace:
         if hasattr(value, "__index__"):
             return int(value)
         raise TpmlabError(f"a value of type {type(value).__name__} cannot be part of a plan")
+
+    # -- gradients ------------------------------------------------------------------------------
+    def grad_of(self, proxy: Proxy) -> Proxy:
+        """The grad node of a module point or parameter proxy (one per value)."""
+        if proxy._node not in self._grads:
+            self._grads[proxy._node] = self.record(GRAD, [proxy])
+        return self._grads[proxy._node]
+
+    def grad(self, tensor: torch.Tensor) -> Proxy:
+        """The gradient of the backward's loss with respect to a tensor this trace sent: a
+        constant used in it (a soft prompt, a probe) or its ``inputs_embeds``; same shape."""
+        known = self._named.get(id(tensor))
+        if known is None:
+            raise TpmlabError("this tensor is not part of the trace: use it in the trace (or "
+                              "pass it as inputs_embeds=) before asking for its gradient")
+        names = known[1]
+        for name in names:
+            if name not in self._grads:
+                self._grads[name] = self.record(GRAD, [TensorRef(name)])
+        if len(names) == 1 and not (names[0].startswith("in") and tensor.dim() == 3):
+            return self._grads[names[0]]
+        return self.record("stack", [[self._grads[n] for n in names]])
 
     # -- running --------------------------------------------------------------------------------
     def plan(self) -> Plan:
