@@ -282,6 +282,8 @@ class DaskBackend:
         for f in futures[1:]:
             output = self._wait(dep, req, f, deadline, model, timeout)
             values.update(from_wire(output["saves"]))
+            if "autograd_bytes" in meta:
+                meta["autograd_bytes"].append(output.get("autograd_bytes", 0))
             for node, seconds in output["node_seconds"].items():
                 node_seconds[node] = node_seconds.get(node, 0.0) + seconds
         meta["node_seconds"] = node_seconds

@@ -106,7 +106,7 @@ class Backprop:
                     continue
                 module = self.runner.module_lookup(path)
                 if node_id not in self.params:
-                    self.params[node_id] = module._parameters[name].detach().requires_grad_()
+                    self.params[node_id] = torch.nn.Parameter(module._parameters[name].detach())
                 swapped.append((module, name, module._parameters[name]))
                 module._parameters[name] = self.params[node_id]
             yield

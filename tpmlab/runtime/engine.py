@@ -129,7 +129,7 @@ class ModelHost:
             "device": str(self.device),
         }
         if runner.gradients is not None:
-            meta["autograd_bytes"] = runner.gradients.autograd_bytes
+            meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
         return values, meta
 
     def _frozen(self) -> frozenset[int]:

@@ -186,6 +186,8 @@ class Trace:
                 raise TpmlabError("a value from another trace cannot be used here; save it and "
                                   "pass its .value")
             return Ref(value._node)
+        if isinstance(value, TensorRef) and value.name in self.tensors:
+            return value  # a tensor this trace already carries (tr.grad)
         if isinstance(value, torch.Tensor):
             known = self._named.get(id(value))
             if known is not None and len(known[1]) == 1 and known[1][0].startswith("c"):
