@@ -82,6 +82,7 @@ class StageOutput(TypedDict):
     saves: dict[int, Any]  # saved values by node id (wire form)
     node_seconds: dict[int, float]  # seconds each plan node run here took, over all steps
     autograd_bytes: int  # what autograd kept here for the request's backward (0: none)
+    backward_seconds: float  # the backward's own time here (its plan nodes are timed apart)
 
 
 GRACE = 5.0  # seconds a request's leftovers may outlive its deadline before a sweep drops them
@@ -326,7 +327,8 @@ class StageActor:
         grads = st.runner.gradients
         return StageOutput(saves=to_wire(st.runner.results()),
                            node_seconds=dict(st.runner.node_seconds),
-                           autograd_bytes=0 if grads is None else grads.autograd_bytes)
+                           autograd_bytes=0 if grads is None else grads.autograd_bytes,
+                           backward_seconds=0.0 if grads is None else grads.seconds)
 
     # -- the chain ---------------------------------------------------------------------------------
     async def _state(self, msg: dict[str, Any], deadline: float) -> _Request:
@@ -501,6 +503,7 @@ class StageActor:
                 "stages": self.span.n_stages}
         if schedule.gradients is not None:
             meta["autograd_bytes"] = [output["autograd_bytes"]]  # per stage; later ones added
+            meta["backward_seconds"] = output["backward_seconds"]  # later stages' added
         phases = {"decode": t_decode - start, "validate": t_validate - t_decode,
                   "batch+state": t_batch - t_validate}
         for k, t in enumerate(timings):

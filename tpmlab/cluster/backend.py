@@ -284,6 +284,7 @@ class DaskBackend:
             values.update(from_wire(output["saves"]))
             if "autograd_bytes" in meta:
                 meta["autograd_bytes"].append(output.get("autograd_bytes", 0))
+                meta["backward_seconds"] += output.get("backward_seconds", 0.0)
             for node, seconds in output["node_seconds"].items():
                 node_seconds[node] = node_seconds.get(node, 0.0) + seconds
         meta["node_seconds"] = node_seconds

@@ -26,6 +26,7 @@ parameters and constants). Everything is released with the request.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ class Backprop:
         self.embeds: torch.Tensor | None = None  # the input embeddings' leaf (first stage)
         self.incoming: dict[str, torch.Tensor] = {}  # constants' gradients from later stages
         self.autograd_bytes = 0  # bytes autograd keeps for the backward, weights excluded
+        self.seconds = 0.0  # the backward's own time here, the plan's nodes not included
         self._storages: set[int] = set()
         self._handles: list[Any] = []
         names = set(grads.constants.values())
@@ -150,6 +152,7 @@ class Backprop:
         self.incoming = dict(incoming or {})
         tensors = [t for t, _ in roots if t is not None and t.requires_grad]
         grads = [g for t, g in roots if t is not None and t.requires_grad]
+        start, nodes_before = time.perf_counter(), sum(self.runner.node_seconds.values())
         try:
             if tensors:
                 with torch.enable_grad():
@@ -159,6 +162,8 @@ class Backprop:
                     self._run_nodes(self.g.by_event.get(event, []))
             self._run_nodes(self.g.late_nodes)
             self.runner._ran.add((self.g.backward, 0))
+            nodes = sum(self.runner.node_seconds.values()) - nodes_before
+            self.seconds = max(0.0, time.perf_counter() - start - nodes)  # nodes are timed apart
         finally:
             for h in self._handles:
                 h.remove()
@@ -241,14 +246,15 @@ def weight_storages(model: torch.nn.Module) -> frozenset[int]:
     return frozenset(out)
 
 
-def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: PlanRunner) -> None:
-    """A trace with a backward on a whole model in this process: forward, then backward."""
+def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: PlanRunner) -> float:
+    """A trace with a backward on a whole model in this process: forward, then backward.
+    Returns the backward's own seconds (:attr:`Backprop.seconds`)."""
     grads = runner.gradients
     if "inputs_embeds" in kwargs:
         kwargs = {**kwargs, "inputs_embeds": grads.input_leaf(kwargs["inputs_embeds"])}
     runner.begin_step(0)
     with grads.forward(), runner.hooks():
         model(**kwargs, use_cache=False)
-    loss = runner.env.get(grads.g.loss)
-    grads.backward([(loss, None)])
+    grads.backward([(runner.env.get(grads.g.loss), None)])
     runner.check_complete(1)
+    return grads.seconds

@@ -102,7 +102,7 @@ class ModelHost:
         self.weights.ready()
         try:
             if runner.gradients is not None:
-                run_with_backward(self.model, kwargs, runner)
+                backward_seconds = run_with_backward(self.model, kwargs, runner)
             else:
                 with torch.inference_mode():
                     if plan.mode == "trace":
@@ -130,6 +130,7 @@ class ModelHost:
         }
         if runner.gradients is not None:
             meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
+            meta["backward_seconds"] = backward_seconds
         return values, meta
 
     def _frozen(self) -> frozenset[int]:
