@@ -191,3 +191,15 @@ def test_backward_while_generating_is_refused(llama):
         metric(llama.output.logits).backward()
     with pytest.raises(PlanError, match="not while generating"):
         llama._lab.run(llama.name, encode_plan(tr.plan()))
+
+
+def test_writing_the_first_layers_input_with_a_backward(llama):
+    """The input embeddings' leaf is not the value the plan writes."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, llama.d_model)
+    with llama.trace(inputs_embeds=x) as tr:
+        llama.layers[0].input[:, 0] = 0
+        metric(llama.output.logits).backward()
+        gx = tr.grad(x).save()
+    assert gx.value.shape == x.shape
+    assert torch.count_nonzero(gx.value[0, 0]) == 0 and torch.count_nonzero(gx.value[0, 1:]) > 0

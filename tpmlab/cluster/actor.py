@@ -282,7 +282,8 @@ class StageActor:
                 else:
                     hidden = from_wire(msg["hidden"], self.device)
                     if grads is not None:  # its gradient goes back to the previous stage
-                        hidden = st.extra["hidden_in"] = hidden.requires_grad_()
+                        st.extra["hidden_in"] = hidden.requires_grad_()
+                        hidden = hidden.clone()  # a plan may write the stage's input in place
                     out = self.stage.forward(hidden=hidden,
                                              attention_mask=mask, position_ids=pos, cache=st.cache,
                                              logits_to_keep=1 if st.generate else 0)

@@ -78,7 +78,7 @@ class Backprop:
         if embeds is None or not self._embed_rows():
             return embeds
         self.embeds = embeds.detach().requires_grad_()
-        return self.embeds
+        return self.embeds.clone()  # not the leaf itself: the plan may write it in place
 
     def _embed_rows(self) -> list[str]:
         rows = {n for inv in self.runner.plan.invokes if inv.kind == "embeds" for n in inv.tensors}
