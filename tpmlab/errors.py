@@ -65,3 +65,8 @@ class WeightsChangedError(ExecutionError):
 
 class RequestTimeoutError(TpmlabError, TimeoutError):
     """A wait on the engine ran past its timeout."""
+
+
+class NotSupportedError(TpmlabError):
+    """A construct (often one of nnsight's) that a plan cannot express, or that tpmlab does
+    not offer yet: the message names it and the form to use instead."""

@@ -30,7 +30,7 @@ def pair(request, lab, ref_lab):
 
 def _held(model) -> list[int]:
     return [s["requests"] + s["held"] + s["autograd_bytes"]
-            for s in model._lab.backend.memory(model.name)]
+            for s in model.lab.backend.memory(model.name)]
 
 
 def test_grads_match_torch_on_every_stage_count(pair):

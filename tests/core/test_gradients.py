@@ -56,7 +56,7 @@ def test_grads_at_every_layer_and_of_the_final_norm_match_torch(model):
     for n, p in hf.named_parameters():
         assert p.grad is None and not p.requires_grad
         assert torch.equal(p, before[n])
-    assert model._lab.backend.host(model.name).weights.restores == 0
+    assert model.lab.backend.host(model.name).weights.restores == 0
 
 
 def test_a_written_gradient_is_what_flows_on(llama):
@@ -125,7 +125,7 @@ def test_autograd_memory_is_counted_and_limited(llama):
         llama.layers[0].output.grad.save()
     used = tr.result.meta["autograd_bytes"][0]
     assert used > 0
-    host = llama._lab.backend.host(llama.name)
+    host = llama.lab.backend.host(llama.name)
     with recording(llama, llama.trace(PROMPT)) as t:
         metric(llama.output.logits).backward()
         llama.layers[0].output.grad.save()
@@ -138,7 +138,7 @@ def _plan_error(model, record):
     with recording(model, model.trace(PROMPT)) as tr:
         record(tr)
     with pytest.raises(PlanError) as err:
-        model._lab.run(model.name, encode_plan(tr.plan()))
+        model.lab.run(model.name, encode_plan(tr.plan()))
     assert "test_gradients.py" in (err.value.line or ""), err.value
     return err.value
 
@@ -190,7 +190,7 @@ def test_backward_while_generating_is_refused(llama):
     with recording(llama, llama.generate(PROMPT, max_new_tokens=2)) as tr:
         metric(llama.output.logits).backward()
     with pytest.raises(PlanError, match="not while generating"):
-        llama._lab.run(llama.name, encode_plan(tr.plan()))
+        llama.lab.run(llama.name, encode_plan(tr.plan()))
 
 
 def test_writing_the_first_layers_input_with_a_backward(llama):

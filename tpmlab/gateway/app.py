@@ -92,6 +92,8 @@ class Me(BaseModel):
     balance: float
     held: float = Field(description="units held by your requests in flight")
     requests: int
+    max_invokes: int = Field(description="invokes your tier allows in one forward pass (a "
+                                         "trace with more runs in several)")
 
 
 class Usage(Me):
@@ -311,12 +313,14 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
     @app.get("/v1/me", response_model=Me)
     def me(user: User) -> dict:
         return {"name": user.name, "tier": user.tier, "source": user.source,
-                **gateway.ledger.totals(user.name)}
+                **gateway.ledger.totals(user.name),
+                "max_invokes": gateway.limits_for(user).max_invokes}
 
     @app.get("/v1/me/usage", response_model=Usage)
     def usage(user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
         return {"name": user.name, "tier": user.tier, "source": user.source,
                 **gateway.ledger.totals(user.name),
+                "max_invokes": gateway.limits_for(user).max_invokes,
                 "charges": gateway.ledger.charges(user.name, limit)}
 
     # -- administration ------------------------------------------------------------------------

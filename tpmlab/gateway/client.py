@@ -106,6 +106,12 @@ class GatewayBackend:
         """:meth:`run`, decoded: saved values by node id and the result's metadata."""
         return decode_result(self.run(model, plan, timeout=timeout, limits=limits))
 
+    @property
+    def limits(self) -> Limits:
+        """What the client needs to know of your tier's limits: the invokes one pass takes
+        (a trace with more is split into passes before it is sent)."""
+        return Limits(max_invokes=int(self.me()["max_invokes"]))
+
     def models(self) -> list[dict[str, Any]]:
         return self._get("/v1/models")
 
