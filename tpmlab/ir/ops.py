@@ -42,8 +42,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from ..errors import TpmlabError
 
-class DuplicateOpError(ValueError):
+
+class DuplicateOpError(TpmlabError, ValueError):
     """Two ops were registered under one name (the later one would silently replace the first)."""
 
 
