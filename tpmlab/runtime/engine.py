@@ -22,6 +22,7 @@ from ..ir.codec import decode_plan, dtype_name, encode_result, plan_to_doc
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
 from ..ir.validate import Limits, validate
+from .backward import run_with_backward, weight_storages
 from .batching import build_batch
 from .interleaver import PlanRunner
 from .limits import request_limits
@@ -96,18 +97,21 @@ class ModelHost:
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
-                            device=self.device, limits=limits)
+                            device=self.device, limits=limits, frozen=self._frozen())
         values: dict[int, Any] = {}
         self.weights.ready()
         try:
-            with torch.inference_mode():
-                if plan.mode == "trace":
-                    runner.begin_step(0)
-                    with runner.hooks():
-                        self.model(**kwargs, use_cache=False)
-                    runner.check_complete(1)
-                else:
-                    values[GENERATED] = self._generate(plan, kwargs, layout, runner)
+            if runner.gradients is not None:
+                backward_seconds = run_with_backward(self.model, kwargs, runner)
+            else:
+                with torch.inference_mode():
+                    if plan.mode == "trace":
+                        runner.begin_step(0)
+                        with runner.hooks():
+                            self.model(**kwargs, use_cache=False)
+                        runner.check_complete(1)
+                    else:
+                        values[GENERATED] = self._generate(plan, kwargs, layout, runner)
         except (PlanError, ExecutionError):
             raise
         except torch.OutOfMemoryError as e:
@@ -124,7 +128,15 @@ class ModelHost:
             "node_seconds": runner.node_seconds,
             "device": str(self.device),
         }
+        if runner.gradients is not None:
+            meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
+            meta["backward_seconds"] = backward_seconds
         return values, meta
+
+    def _frozen(self) -> frozenset[int]:
+        if self.__dict__.get("_weight_storages") is None:
+            self._weight_storages = weight_storages(self.model)
+        return self._weight_storages
 
     def _generate(self, plan: Plan, kwargs: dict, layout, runner: PlanRunner) -> list[torch.Tensor]:
         opts = plan.generate
