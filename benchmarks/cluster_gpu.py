@@ -371,7 +371,7 @@ def main() -> None:
 
     report: dict[str, Any] = {"args": vars(args)}
     if gpu:
-        report["gpus"] = [torch.cuda.get_device_name(i) for i in range(args.gpus)]
+        report["gpus"] = [torch.cuda.get_device_name(i) for i in range(min(args.gpus, torch.cuda.device_count()))]
     print(json.dumps({"gpus": report.get("gpus"), "torch": torch.__version__}), flush=True)
     t0 = time.perf_counter()
     cluster = start_gpu_cluster(args.gpus, gpu)
