@@ -45,15 +45,14 @@ from typing import Any, TypedDict
 
 import torch
 
-from .._version import __version__
-from ..errors import ExecutionError, PlanError, RequestTimeoutError
-from ..ir.codec import decode_plan
+from ..errors import ExecutionError, RequestTimeoutError
 from ..ir.model_info import START, ModelInfo
 from ..ir.plan import Plan
-from ..ir.schedule import Schedule, build_schedule
-from ..ir.validate import Limits, validate
+from ..ir.schedule import Schedule
+from ..ir.validate import Limits
+from ..runtime import request
 from ..runtime.batching import BatchLayout, build_batch
-from ..runtime.engine import GENERATED, plan_digest
+from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.interleaver import PlanRunner
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.weights import WeightGuard
@@ -176,9 +175,6 @@ class StageActor:
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
 
-    async def ping(self) -> int:
-        return self.span.index
-
     async def memory(self) -> dict[str, int]:
         """This worker process's memory: resident and peak resident bytes, stage bytes."""
         import psutil
@@ -282,31 +278,14 @@ class StageActor:
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
-                reply["tokens"] = self._next_tokens(st, out.logits[:, -1, :], msg).cpu()
+                reply["tokens"] = next_tokens(st.plan.generate, msg.get("ids"),
+                                              out.logits[:, -1, :], step).cpu()
             return reply
         last_event = self.owned.stop - 1
         return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
                                                           "inputs_embeds")},
                 "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event)),
                 "saved": saved}
-
-    def _next_tokens(self, st: _Request, logits: torch.Tensor, msg: dict[str, Any]) -> torch.Tensor:
-        """Greedy or sampled next tokens ``[batch]`` from the last position's logits ``[batch, vocab]``."""
-        opts = st.plan.generate
-        if not opts.do_sample:
-            return logits.argmax(-1)
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        if msg["step"] == 0 and opts.seed is not None:
-            torch.manual_seed(opts.seed)
-        scores = logits.float()
-        if opts.temperature is not None and opts.temperature != 1.0:
-            scores = TemperatureLogitsWarper(opts.temperature)(None, scores)
-        if opts.top_k:
-            scores = TopKLogitsWarper(opts.top_k)(None, scores)
-        if opts.top_p is not None and opts.top_p < 1.0:
-            scores = TopPLogitsWarper(opts.top_p)(None, scores)
-        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
 
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
@@ -411,9 +390,8 @@ class StageActor:
         try:
             if not slot.plan.done():
                 try:
-                    held = request_limits(self.limits, limits_from_wire(limits))
-                    plan = decode_plan(blob, max_bytes=held.max_plan_bytes)
-                    slot.plan.set_result((plan, build_schedule(plan, self.info), held))
+                    plan, held = request.decode(blob, self.limits, limits_from_wire(limits))
+                    slot.plan.set_result((plan, request.follow(plan, self.info), held))
                 except Exception as e:  # stage 0 rejects the plan with the same error
                     slot.plan.set_result(e)
             return _raise_if_error(await _await_within(
@@ -441,12 +419,10 @@ class StageActor:
     async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
-        plan = decode_plan(blob, max_bytes=limits.max_plan_bytes)
+        plan, limits = request.decode(blob, limits)
         t_decode = time.perf_counter()
-        if plan.model != self.spec["model"]:
-            raise PlanError(f"the plan is for model {plan.model!r}, this deployment holds "
-                            f"{self.spec['model']!r}")
-        schedule = validate(plan, self.info, limits=limits, meta_module=self._meta_modules().get)
+        schedule = request.admit(plan, model=self.spec["model"], info=self.info, limits=limits,
+                                 meta_module=self._meta_modules().get)
         t_validate = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
@@ -467,13 +443,12 @@ class StageActor:
             reply = await self.step(msg)
             output, timings = reply["output"], reply["timings"]
         else:
-            values[GENERATED], output = await self._generate(plan, base, kwargs, layout, left)
+            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
+                                                                     left)
             timings = []
-        meta = {"model": self.spec["model"], "model_version": self.info.version,
-                "plan_digest": plan_digest(plan), "tpmlab_version": __version__,
-                "compute_seconds": time.perf_counter() - start,
-                "node_seconds": output["node_seconds"], "device": str(self.device),
-                "stages": self.span.n_stages}
+        meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
+                                   node_seconds=output["node_seconds"], device=self.device,
+                                   stages=self.span.n_stages)
         phases = {"decode": t_decode - start, "validate": t_validate - t_decode,
                   "batch+state": t_batch - t_validate}
         for k, t in enumerate(timings):
@@ -483,44 +458,27 @@ class StageActor:
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
                         layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], StageOutput]:
-        """Greedy (or sampled) decoding with each stage's KV cache kept on its worker,
-        as Hugging Face ``generate`` does it: finished rows continue with the pad token,
-        and decoding stops when every row has produced an end-of-sequence token."""
+        """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
+        each step goes down the chain, each stage's KV cache stays on its worker, and the
+        last stage picks the next tokens from its logits."""
         opts = plan.generate
-        eos = self.stage.model.generation_config.eos_token_id
-        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
-        mask = kwargs["attention_mask"]
-        pos = kwargs["position_ids"]
-        rows = mask.shape[0]
-        unfinished = torch.ones(rows, dtype=torch.long)
-        new_tokens: list[torch.Tensor] = []
-        msg = {**base, "step": 0, "final": False, "input_ids": kwargs.get("input_ids"),
-               "inputs_embeds": kwargs.get("inputs_embeds")}
-        steps = 0
-        for step in range(opts.max_new_tokens):
-            msg["timeout"] = left()
+        decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
+                            kwargs["position_ids"], eos=eos_ids(opts, self.stage.model.generation_config),
+                            pad_id=self.pad_id, tokenizer=self.stage.tokenizer)
+        history = needs_history(opts)  # the last stage reads the sequences so far
+        saved = 0
+        for feed in decoding:
+            msg = {**base, "step": feed.step, "final": False, "timeout": left(), "saved": saved,
+                   "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
+                   "input_ids": feed.input_ids,
+                   "inputs_embeds": kwargs.get("inputs_embeds") if feed.step == 0 else None}
+            if history:
+                msg["ids"] = decoding.ids
             reply = await self.step(msg)
-            steps += 1
-            tokens = reply["tokens"]
-            if len(eos_ids):
-                tokens = tokens * unfinished + self.pad_id * (1 - unfinished)
-                unfinished = unfinished & ~torch.isin(tokens, eos_ids)
-            new_tokens.append(tokens)
-            if len(eos_ids) and int(unfinished.max()) == 0:
-                break
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
-            pos = pos[:, -1:] + 1
-            msg = {"req": base["req"], "step": step + 1, "final": False, "generate": True,
-                   "layout": layout, "carry": {}, "attention_mask": mask, "position_ids": pos,
-                   "input_ids": tokens[:, None], "saved": reply["saved"]}
-        output = await self.finish(base["req"], steps, left())
-        out = torch.stack(new_tokens, dim=1)
-        if "input_ids" in kwargs:
-            ids = kwargs["input_ids"]
-            lengths = [n for ls in layout.lengths for n in ls]
-            return [torch.cat([ids[i, ids.shape[1] - n:], out[i]])
-                    for i, n in enumerate(lengths)], output
-        return [out[i] for i in range(rows)], output
+            saved = reply["saved"]
+            decoding.advance(reply["tokens"])
+        output = await self.finish(base["req"], decoding.step, left())
+        return decoding.outputs([n for ls in layout.lengths for n in ls]), output
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -50,7 +50,7 @@ from ..ir.codec import decode_plan, decode_result, encode_plan, encode_result
 from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
-from ..runtime.engine import plan_digest
+from ..runtime.request import plan_digest
 from .errors import (
     BadRequestError,
     BusyError,

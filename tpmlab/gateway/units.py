@@ -49,7 +49,7 @@ from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.plan import POINT, Invoke, Plan
 from ..ir.validate import value_nbytes
-from ..runtime.engine import GENERATED
+from ..runtime.request import GENERATED
 
 TOKEN_ID_BYTES = 8  # generated ids come back as int64
 

@@ -144,12 +144,23 @@ class Invoke:
 
 @dataclass
 class GenerateOptions:
+    """How a generation decodes (:mod:`tpmlab.runtime.decoding`); an option left ``None``
+    takes Hugging Face's default (``top_k``: 50 when sampling, ``0`` for none; the others off).
+
+    ``repetition_penalty``: divides (multiplies, if negative) the score of every token already
+    in the sequence; ``stop``: strings that end a row once its text ends in one of them;
+    ``eos_token_id``: the token ids that end a row (``None``: the model's end-of-sequence
+    tokens; ``[]``: none, every row runs ``max_new_tokens``)."""
+
     max_new_tokens: int = 1
     do_sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] | None = None
+    eos_token_id: list[int] | None = None
 
 
 @dataclass

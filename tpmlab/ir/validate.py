@@ -149,7 +149,7 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
         if plan.generate.max_new_tokens > limits.max_new_tokens:
             raise LimitError(f"max_new_tokens={plan.generate.max_new_tokens} exceeds the limit "
                              f"of {limits.max_new_tokens}")
-        _check_sampling(plan)
+        _check_sampling(plan, info.vocab_size)
     n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
 
     seen: set[int] = set()
@@ -229,7 +229,10 @@ def _check_token_ids(t: torch.Tensor, invoke: int, info: ModelInfo) -> None:
                           f"the vocabulary (0 <= id < {info.vocab_size})")
 
 
-def _check_sampling(plan: Plan) -> None:
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 256  # stop strings of one generation
+
+
+def _check_sampling(plan: Plan, vocab: int | None) -> None:
     """Generation options a sampler can take (their types are the codec's business)."""
     g = plan.generate
     for name, ok, want in (
@@ -237,7 +240,16 @@ def _check_sampling(plan: Plan) -> None:
                                                       and g.temperature > 0), "a number > 0"),
             ("top_k", g.top_k is None or 0 <= g.top_k <= INT_MAX, "an integer >= 0"),
             ("top_p", g.top_p is None or 0 < g.top_p <= 1, "a number in (0, 1]"),
-            ("seed", g.seed is None or 0 <= g.seed <= INT_MAX, "an integer in [0, 2**63)")):
+            ("seed", g.seed is None or 0 <= g.seed <= INT_MAX, "an integer in [0, 2**63)"),
+            ("repetition_penalty", g.repetition_penalty is None or (
+                math.isfinite(g.repetition_penalty) and g.repetition_penalty > 0), "a number > 0"),
+            ("stop", g.stop is None or (len(g.stop) <= MAX_STOP_STRINGS and all(
+                0 < len(s) <= MAX_STOP_CHARS for s in g.stop)),
+             f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ("eos_token_id", g.eos_token_id is None or (
+                len(g.eos_token_id) <= MAX_STOP_STRINGS and all(
+                    0 <= t < (vocab or INT_MAX) for t in g.eos_token_id)),
+             f"at most {MAX_STOP_STRINGS} token ids of the vocabulary")):
         if not ok:
             raise SchemaError(f"generation option {name}={getattr(g, name)!r} must be {want}")
 
