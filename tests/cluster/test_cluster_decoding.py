@@ -15,6 +15,7 @@ MODEL = "tiny-llama"
 def staged(request, lab, ref_lab):
     model = deploy(lab, MODEL, request.param)
     assert model.info.n_stages == request.param
+    ref_lab.model(MODEL)
     yield model, ref_lab.backend.host(MODEL).model
     lab.undeploy(MODEL)
 

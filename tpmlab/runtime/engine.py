@@ -1,8 +1,9 @@
 """Running validated plans on a whole model held in this process.
 
 :class:`ModelHost` holds one loaded model with its :class:`ModelInfo` and runs
-plan blobs on it: decode, validate, batch, run with a :class:`PlanRunner`,
-encode the saved values. Every failure is a named error and leaves the model as
+plan blobs on it: decode and validate (:mod:`.request`), batch, run with a
+:class:`PlanRunner` (generation: the decoding loop of :mod:`.decoding`), encode the
+saved values. Every failure is a named error and leaves the model as
 it was (hooks are removed whatever happens).
 """
 
@@ -105,9 +106,10 @@ class ModelHost:
                   runner: PlanRunner) -> list[torch.Tensor]:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) on the whole model,
         its KV cache in this process."""
+        eos = eos_ids(plan.generate, self.model.generation_config)
         decoding = Decoding(plan.generate, kwargs.get("input_ids"), kwargs["attention_mask"],
-                            kwargs["position_ids"], eos=eos_ids(plan.generate, self.model.generation_config),
-                            pad_id=self.pad_id, tokenizer=self.tokenizer)
+                            kwargs["position_ids"], eos=eos, pad_id=self.pad_id,
+                            tokenizer=self.tokenizer)
         cache = DynamicCache(config=self.model.config)
         with runner.hooks():
             for feed in decoding:
