@@ -187,9 +187,5 @@ class Plan:
             self.__dict__["_by_id"] = cached
         return cached
 
-    @property
-    def has_interventions(self) -> bool:
-        return bool(self.nodes)
-
     def replace(self, **changes: Any) -> Plan:
         return dataclasses.replace(self, **changes)

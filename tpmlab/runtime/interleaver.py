@@ -203,19 +203,11 @@ class PlanRunner:
                     self._run(node, None)
 
     @contextlib.contextmanager
-    def hooks(self, root: nn.Module | None = None, *, count_steps: bool = False) -> Iterator[None]:
-        """Install hooks for this runner's events; with ``count_steps`` a hook on ``root``
-        starts a new generation step at each forward call of the whole model."""
+    def hooks(self) -> Iterator[None]:
+        """Install hooks for this runner's events (a generation's driver starts each step
+        with :meth:`begin_step`)."""
         handles = []
         try:
-            if count_steps and root is not None and (self.schedule.by_event or self.plan.nodes):
-                counter = {"next": 0}
-
-                def on_step(module, args, kwargs):
-                    self.begin_step(counter["next"])
-                    counter["next"] += 1
-
-                handles.append(root.register_forward_pre_hook(on_step, with_kwargs=True))
             for event in self.events():
                 path, io = self.info.events[event].rsplit(":", 1)
                 module = self.module_lookup(path)
@@ -256,14 +248,6 @@ class PlanRunner:
                 return (cell.value, *args[1:]), kwargs
             return args, {**kwargs, key: cell.value}
         return hook
-
-    def run_event(self, event: int, value: Any) -> Any:
-        """Run the nodes of ``event`` on ``value`` directly (for stage code that has the value
-        in hand); returns the value, replaced if the plan set it."""
-        cell = _Cell(value)
-        self._fired.add(event)
-        self._run_event(event, cell)
-        return cell.value
 
     def _run_event(self, event: int, cell: _Cell) -> None:
         for node in self.schedule.by_event.get(event, []):
