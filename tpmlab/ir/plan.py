@@ -108,29 +108,13 @@ class Node:
 
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
-        out: list[int] = []
-        _collect_refs(self.args, out)
-        _collect_refs(self.kwargs, out)
-        return out
+        from .args import refs  # the grammar's walker (it imports the markers from here)
+
+        return refs([self.args, self.kwargs])
 
     def describe(self) -> str:
         target = f" {self.path}.{self.io}" if self.io else (f" {self.path}" if self.path else "")
         return f"node {self.id} ({self.op}{target})"
-
-
-def _collect_refs(value: Any, out: list[int]) -> None:
-    if isinstance(value, Ref):
-        out.append(value.id)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_refs(v, out)
-    elif isinstance(value, Tuple):
-        _collect_refs(value.items, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _collect_refs(v, out)
-    elif isinstance(value, Slice):
-        _collect_refs([value.start, value.stop, value.step], out)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import LimitError, PathError, PlanError, SchemaError, ShapeError, UnknownOpError
+from .args import LEAF_MARKERS, SCALARS, leaves, rebuild
 from .codec import ALLOWED_DTYPES, INT_MAX, INT_MIN
 from .model_info import ModelInfo, event_key
 from .ops import OPS, WRITE_KEYWORDS
@@ -38,12 +39,9 @@ from .plan import (
     SET_POINT,
     STRUCTURAL_OPS,
     DType,
-    EllipsisArg,
     Plan,
     Ref,
-    Slice,
     TensorRef,
-    Tuple,
 )
 from .rows import check_row_ownership
 from .schedule import Schedule, build_schedule
@@ -255,28 +253,20 @@ def _check_sampling(plan: Plan, vocab: int | None) -> None:
 
 
 def _check_args(value: Any, plan: Plan, where: dict) -> None:
-    if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
-        raise SchemaError(f"integer {value} is outside the 64-bit range", **where)
-    if isinstance(value, DType) and value.name not in ALLOWED_DTYPES:
-        raise SchemaError(f"dtype {value.name!r} is not allowed; use one of "
-                          f"{sorted(ALLOWED_DTYPES)}", **where)
-    if isinstance(value, TensorRef):
-        if value.name not in plan.tensors:
-            raise SchemaError(f"reference to unknown tensor {value.name!r}", **where)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_args(v, plan, where)
-    elif isinstance(value, Tuple):
-        _check_args(value.items, plan, where)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str) or k.startswith("_"):
-                raise SchemaError(f"keyword {k!r} is not allowed", **where)
-            _check_args(v, plan, where)
-    elif isinstance(value, Slice):
-        _check_args([value.start, value.stop, value.step], plan, where)
-    elif not (value is None or isinstance(value, (bool, int, float, str, Ref, EllipsisArg, DType))):
-        raise SchemaError(f"argument of type {type(value).__name__} is not allowed", **where)
+    def key(k: Any) -> None:
+        if not isinstance(k, str) or k.startswith("_"):
+            raise SchemaError(f"keyword {k!r} is not allowed", **where)
+
+    for leaf in leaves(value, key=key):
+        if isinstance(leaf, int) and not isinstance(leaf, bool) and not INT_MIN <= leaf <= INT_MAX:
+            raise SchemaError(f"integer {leaf} is outside the 64-bit range", **where)
+        if isinstance(leaf, DType) and leaf.name not in ALLOWED_DTYPES:
+            raise SchemaError(f"dtype {leaf.name!r} is not allowed; use one of "
+                              f"{sorted(ALLOWED_DTYPES)}", **where)
+        if isinstance(leaf, TensorRef) and leaf.name not in plan.tensors:
+            raise SchemaError(f"reference to unknown tensor {leaf.name!r}", **where)
+        if not (leaf is None or isinstance(leaf, (*SCALARS, *LEAF_MARKERS))):
+            raise SchemaError(f"argument of type {type(leaf).__name__} is not allowed", **where)
 
 
 # -- shapes on the meta device -------------------------------------------------------------------
@@ -329,24 +319,16 @@ def value_nbytes(value: Any, scalar_bytes: int = 8) -> int:
 
 
 def _materialize(value: Any, env: dict[int, Any], plan: Plan) -> Any:
-    if isinstance(value, Ref):
-        return env[value.id]
-    if isinstance(value, TensorRef):
-        t = plan.tensors[value.name]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-    if isinstance(value, Slice):
-        return slice(*(_materialize(v, env, plan) for v in (value.start, value.stop, value.step)))
-    if isinstance(value, Tuple):
-        return tuple(_materialize(v, env, plan) for v in value.items)
-    if isinstance(value, EllipsisArg):
-        return Ellipsis
-    if isinstance(value, DType):
-        return getattr(torch, value.name)
-    if isinstance(value, list):
-        return [_materialize(v, env, plan) for v in value]
-    if isinstance(value, dict):
-        return {k: _materialize(v, env, plan) for k, v in value.items()}
-    return value
+    """The native arguments of an op on the meta device (constants as meta tensors)."""
+    def leaf(x: Any) -> Any:
+        if isinstance(x, Ref):
+            return env[x.id]
+        if isinstance(x, TensorRef):
+            t = plan.tensors[x.name]
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return x
+
+    return rebuild(value, leaf, native=True)
 
 
 def _invoke_shape(plan: Plan, invoke: int | None) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ExecutionError, LimitError, PlanError
+from ..ir.args import rebuild
 from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
@@ -34,14 +35,10 @@ from ..ir.plan import (
     POINT,
     SAVE,
     SET_POINT,
-    DType,
-    EllipsisArg,
     Node,
     Plan,
     Ref,
-    Slice,
     TensorRef,
-    Tuple,
 )
 from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
@@ -256,24 +253,15 @@ class PlanRunner:
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:
+        return rebuild(value, self._leaf, native=True)
+
+    def _leaf(self, value: Any) -> Any:
         if isinstance(value, Ref):
             if value.id not in self.env:
                 raise ExecutionError(f"the value of node {value.id} is not available here")
             return self.env[value.id]
         if isinstance(value, TensorRef):
             return self._constants[value.name]
-        if isinstance(value, Slice):
-            return slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
-        if isinstance(value, Tuple):
-            return tuple(self._arg(v) for v in value.items)
-        if isinstance(value, EllipsisArg):
-            return Ellipsis
-        if isinstance(value, DType):
-            return getattr(torch, value.name)
-        if isinstance(value, list):
-            return [self._arg(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self._arg(v) for k, v in value.items()}
         return value
 
     def _run(self, node: Node, cell: _Cell | None) -> None:

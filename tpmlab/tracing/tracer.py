@@ -19,19 +19,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import TpmlabError
+from ..ir.args import from_native
 from ..ir.codec import encode_plan
 from ..ir.plan import (
-    DType,
-    EllipsisArg,
     GenerateOptions,
     Invoke,
     Node,
     Plan,
     Ref,
-    Slice,
     Steps,
     TensorRef,
-    Tuple,
 )
 from .proxy import Proxy
 
@@ -176,6 +173,9 @@ class Trace:
         self._points.pop((path, io, self._invoke, self._steps), None)
 
     def _arg(self, value: Any) -> Any:
+        return from_native(value, self._leaf)
+
+    def _leaf(self, value: Any) -> Any:
         if isinstance(value, Proxy):
             if value._tracer is not self:
                 raise TpmlabError("a value from another trace cannot be used here; save it and "
@@ -185,18 +185,6 @@ class Trace:
             name = f"c{len(self.tensors)}"
             self.tensors[name] = value.detach().cpu().contiguous()
             return TensorRef(name)
-        if isinstance(value, slice):
-            return Slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
-        if value is Ellipsis:
-            return EllipsisArg()
-        if isinstance(value, torch.dtype):
-            return DType(str(value).removeprefix("torch."))
-        if isinstance(value, tuple):
-            return Tuple(tuple(self._arg(v) for v in value))
-        if isinstance(value, list):
-            return [self._arg(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): self._arg(v) for k, v in value.items()}
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if hasattr(value, "__index__"):
