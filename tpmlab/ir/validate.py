@@ -157,6 +157,7 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             raise SchemaError(f"node id {node.id!r} must be a non-negative integer", **where)
         if node.id in seen:
             raise SchemaError(f"duplicate node id {node.id}", **where)
+        _check_no_device(node, where)
         if node.op not in STRUCTURAL_OPS and node.op not in OPS:
             close = difflib.get_close_matches(node.op, list(OPS), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -225,6 +226,25 @@ def _check_token_ids(t: torch.Tensor, invoke: int, info: ModelInfo) -> None:
         pos = int(bad[0, 0])
         raise SchemaError(f"invoke {invoke}: token id {int(t[pos])} at position {pos} is outside "
                           f"the vocabulary (0 <= id < {info.vocab_size})")
+
+
+DEVICE_METHODS = frozenset({"cuda", "cpu"})  # tensor methods that name a device
+
+
+def _check_no_device(node: Any, where: dict) -> None:
+    """A plan never names a device: its values live on the device of the stage that holds
+    their module (factory ops make theirs there), which the plan cannot know or choose."""
+    named = None
+    if node.op in DEVICE_METHODS:
+        named = f".{node.op}()"
+    elif "device" in node.kwargs:
+        named = "device="
+    elif node.op == "to" and any(isinstance(a, str) for a in node.args[1:]):
+        named = f".to({next(a for a in node.args[1:] if isinstance(a, str))!r})"
+    if named:
+        raise UnknownOpError(f"a plan cannot name a device ({named}): every value stays on the "
+                             "device of the stage that computes it; convert dtypes with "
+                             ".to(dtype) and move results by saving them", **where)
 
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 32, 256  # stop strings of one generation
@@ -422,7 +442,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
                 kwargs["device"] = "meta"  # validation never allocates: shapes only
             kwargs.pop("pin_memory", None)
             if not _has_tensor(args) and not _has_tensor(kwargs):
-                _check_plain_operands(node.op, args, limits.max_intermediate_bytes, where)
+                check_plain_operands(node.op, args, limits.max_intermediate_bytes, where)
         key = (node.op, node.path, _signature(args), _signature(kwargs)) if pure else None
         if key is not None and None not in key[2:] and key in memo:
             env[node.id] = memo[key]
@@ -466,13 +486,14 @@ def _has_tensor(value: Any) -> bool:
 _SEQUENCES = (list, tuple, str)
 
 
-def _check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
+def check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
     """Bound Python-level arithmetic on plain values *before* it runs: ``[0] * 2**40``,
     ``"x" * 2**40``, ``a + a`` doubled, ``10 ** 10**9`` or ``"%099999999d" % 1`` would
-    take the validator's memory or time."""
+    take the validator's memory or time (and the runner's: there a count may come from the
+    data, ``[0] * t`` with ``t`` a 0-d integer tensor)."""
     if len(args) != 2:
         return
-    a, b = args
+    a, b = (_plain_int(v) for v in args)
     size = 0
     if op in ("mul", "imul"):
         seq, n = (a, b) if isinstance(a, _SEQUENCES) else (b, a)
@@ -488,6 +509,14 @@ def _check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
     if size > limit:
         raise LimitError(f"{op} would make a value of {size:,} bytes, over the limit of "
                          f"{limit:,} bytes for any one value", **where)
+
+
+def _plain_int(value: Any) -> Any:
+    """A 0-d integer tensor with data as the int it holds (Python uses it as one in ``[0] * t``)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_meta and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return int(value)
+    return value
 
 
 def _storage_ids(value: Any, out: set[int]) -> set[int]:

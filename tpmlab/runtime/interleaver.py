@@ -42,8 +42,9 @@ from ..ir.plan import (
 )
 from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
-from ..ir.validate import Limits, value_nbytes
+from ..ir.validate import Limits, check_plain_operands, new_nbytes, value_nbytes
 from .batching import BatchLayout, invoke_view, shared_tensors
+from .bounds import check_bounds
 
 
 class _Cell:
@@ -283,7 +284,7 @@ class PlanRunner:
         self._ran.add((node.id, self.step))
 
     def _check_value_size(self, node: Node) -> None:
-        nbytes = value_nbytes(self.env.get(node.id), scalar_bytes=0)
+        nbytes = new_nbytes(self.env.get(node.id))  # tensors, and plain containers and strings
         if nbytes > self.max_value_bytes:
             raise LimitError(f"{node.describe()} made a value of {nbytes:,} bytes, over the "
                              f"limit of {self.max_value_bytes:,} bytes for one value",
@@ -348,7 +349,14 @@ class PlanRunner:
             finally:
                 self._suspended -= 1
             return
-        self.env[node.id] = OPS[op].fn(*args, **kwargs)
+        spec = OPS[op]
+        if spec.factory:
+            kwargs["device"] = self.device  # a plan never names a device: the stage's own
+        check_bounds(node, args, kwargs)
+        if self.max_value_bytes is not None:
+            check_plain_operands(op, args, self.max_value_bytes,
+                                 {"node": node.id, "op": op, "line": node.line})
+        self.env[node.id] = spec.fn(*args, **kwargs)
 
     def _set_point(self, node: Node, cell: _Cell | None) -> None:
         """Write a new value into a module value, in place, as ``value[...] = new`` would:
