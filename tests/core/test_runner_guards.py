@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpmlab.errors import LimitError, ShapeError, UnknownOpError
+from tpmlab.errors import IndexBoundsError, LimitError, PlanError, UnknownOpError
 from tpmlab.ir.codec import encode_plan
 from tpmlab.ir.plan import DType, Invoke, Node, Plan, Ref, Slice, TensorRef, Tuple
 from tpmlab.ir.validate import Limits, validate
@@ -54,9 +54,10 @@ def test_a_dtype_conversion_with_to_is_still_allowed(model):
 def test_a_tensor_index_out_of_bounds_is_a_plan_error(local_lab, model, index, message):
     plan = _plan(model, Node(1, "getitem", [Ref(0), _index(TensorRef("i"))], line="x.py:2"),
                  Node(2, "save", [Ref(1)]), tensors={"i": index})
-    with pytest.raises(ShapeError, match=message) as err:
+    with pytest.raises(IndexBoundsError, match=message) as err:
         local_lab.backend.run_values(MODEL, encode_plan(plan))
     assert err.value.node == 1 and err.value.line == "x.py:2"
+    assert isinstance(err.value, PlanError)  # the plan's fault, named as such
 
 
 def test_gather_and_index_select_out_of_bounds_are_plan_errors(local_lab, model):
@@ -65,13 +66,13 @@ def test_gather_and_index_select_out_of_bounds_are_plan_errors(local_lab, model)
                      ("gather", [Ref(0), 1, TensorRef("g")])):
         plan = _plan(model, Node(1, op, args, line="x.py:3"), Node(2, "save", [Ref(1)]),
                      tensors={"i": bad, "g": torch.full((1, 4, 64), 9)})
-        with pytest.raises(ShapeError, match="out of bounds for dimension 1 of size 4"):
+        with pytest.raises(IndexBoundsError, match="out of bounds for dimension 1 of size 4"):
             local_lab.backend.run_values(MODEL, encode_plan(plan))
 
 
 def test_an_int_index_past_a_generation_steps_length_is_a_plan_error(model):
     """Validation sees the prompt pass ([1, 4, d]); at later steps the position axis is 1."""
-    with pytest.raises(ShapeError, match="index 3 is out of bounds for dimension 1 of size 1"):
+    with pytest.raises(IndexBoundsError, match="index 3 is out of bounds for dimension 1 of size 1"):
         with model.generate(torch.tensor([1, 2, 3, 4]), max_new_tokens=2) as gen:
             with gen.all():
                 model.layers[0].output[:, 3].save()

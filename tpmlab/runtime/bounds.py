@@ -6,7 +6,7 @@ generation steps (the position axis is 1 there). An index out of range is an
 ``IndexError`` from torch on the CPU, and on a GPU a device-side assert that poisons
 the worker's CUDA context for every later request. So the runner checks each
 indexing op's indices first (:func:`check_bounds`) and refuses with a
-:class:`~tpmlab.errors.ShapeError` naming the index, the dimension and its size.
+:class:`~tpmlab.errors.IndexBoundsError` (a plan error, and an execution error) naming the index, the dimension and its size.
 
 Checked: ``x[...]`` reads and writes (ints, integer and boolean tensors, integer lists,
 slices' steps), ``select``, ``narrow``, ``index_select``/``index_add_``/``index_copy_``/
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeError
+from ..errors import IndexBoundsError
 from ..ir.plan import Node
 
 _DIM_INDEX_OPS = frozenset({"index_select", "index_add_", "index_copy_", "index_fill_",
@@ -28,7 +28,7 @@ _DIM_INDEX_OPS = frozenset({"index_select", "index_add_", "index_copy_", "index_
 
 
 def check_bounds(node: Node, args: list, kwargs: dict) -> None:
-    """Raise a :class:`ShapeError` for ``node`` if the indices it is given (native
+    """Raise an :class:`IndexBoundsError` for ``node`` if the indices it is given (native
     arguments) fall outside the value they index."""
     op = node.op
     if op not in ("getitem", "setitem", "select", "narrow") and op not in _DIM_INDEX_OPS:
@@ -56,7 +56,7 @@ def check_bounds(node: Node, args: list, kwargs: dict) -> None:
             problem = _dim_problem(tuple(x.shape), dim) or _tensor_problem(index, x.shape[dim],
                                                                            dim % max(x.dim(), 1))
     if problem:
-        raise ShapeError(f"{op}: {problem}", node=node.id, op=node.op, line=node.line)
+        raise IndexBoundsError(f"{op}: {problem}", node=node.id, op=node.op, line=node.line)
 
 
 def _arg(args: list, kwargs: dict, pos: int, name: str) -> Any:
