@@ -150,7 +150,7 @@ def test_writing_a_value_shared_at_run_time_is_refused(local_lab):
     the runner checks on the live value, before the write."""
     from tpmlab.ir.schedule import build_schedule
     from tpmlab.runtime.batching import build_batch
-    from tpmlab.runtime.interleaver import PlanRunner
+    from tpmlab.runtime.runner import PlanRunner
 
     info = local_lab.model("tiny-llama").info
     plan = Plan(model=info.name, model_version=info.version,

@@ -53,8 +53,8 @@ from ..ir.validate import Limits
 from ..runtime import request
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
-from ..runtime.interleaver import PlanRunner
 from ..runtime.limits import limits_from_wire, request_limits
+from ..runtime.runner import PlanRunner
 from ..runtime.weights import WeightGuard
 from .partition import StageSpan
 from .stage import StageModel

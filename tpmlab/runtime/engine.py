@@ -24,9 +24,9 @@ from ..ir.validate import Limits
 from . import request
 from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
-from .interleaver import PlanRunner
 from .limits import request_limits
 from .probe import probe_causal_lm
+from .runner import PlanRunner
 from .weights import WeightGuard
 
 
