@@ -24,6 +24,7 @@ pipeline stages held by Dask workers.
 
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -401,6 +402,10 @@ class DaskBackend:
         for f in dep.futures:
             f.release()
         dep.actors.clear()
+        # Each client-side actor handle holds a future on its stage's key; handles caught in
+        # reference cycles (the traceback of a failed or timed-out request) would keep the
+        # stage, and its memory, alive until the collector happens to run.
+        gc.collect()
 
     def close(self) -> None:
         for name in list(self.deployments):

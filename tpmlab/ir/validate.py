@@ -76,8 +76,9 @@ def inspect_plan(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
                  meta_module: Callable[[str], torch.nn.Module | None] | None = None
                  ) -> tuple[Schedule, int]:
     """Every check of :func:`validate` but the saved-bytes limit; returns the schedule and the
-    bytes the plan will save (an upper bound where shapes are unknown: those count 8 bytes),
-    for callers that price or limit saves themselves."""
+    bytes the plan will save where shapes are known (a save of unknown size counts nothing
+    here and is held to the run-time limit instead), for callers that price or limit saves
+    themselves."""
     try:
         _check_structure(plan, info, limits)
         schedule = build_schedule(plan, info)
