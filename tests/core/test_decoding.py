@@ -32,6 +32,8 @@ def test_a_seed_repeats_a_sample(local_lab):
 @pytest.mark.parametrize("options, message", [
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"stop": [""]}, "stop"),
+    ({"stop": ["x"] * 9}, "at most 8 non-empty strings"),
+    ({"stop": ["x" * 33]}, "at most 32 characters"),
     ({"eos_token_id": [10**9]}, "eos_token_id"),
 ])
 def test_bad_decoding_options_are_refused(local_lab, options, message):
