@@ -8,9 +8,11 @@ driver needs (while generating, the next tokens), never saved values.
 * The client calls stage 0's :meth:`StageActor.run` and, at the same moment, every
   later stage's :meth:`StageActor.collect`, each with the plan bytes: so the plan
   travels once to every stage, each later stage decodes it while stage 0 works,
-  and only stage 0 validates it.
+  and only stage 0 validates it (:mod:`tpmlab.runtime.request`: ``admit`` there,
+  ``follow`` on the others).
 * Stage 0's ``run`` validates the plan, builds the padded batch and drives the steps
-  (one for a trace, one per token for a generation, then a :meth:`finish` down the
+  (one for a trace; for a generation the decoding loop of :mod:`tpmlab.runtime.decoding`,
+  one step per token, the last stage picking the tokens, then a :meth:`finish` down the
   chain); it returns stage 0's own saves with the request's metadata.
 * Every later stage keeps its request's output (:class:`StageOutput`: saves as host
   copies, and the time of each plan node it ran) keyed by request id until
@@ -462,9 +464,10 @@ class StageActor:
         each step goes down the chain, each stage's KV cache stays on its worker, and the
         last stage picks the next tokens from its logits."""
         opts = plan.generate
+        eos = eos_ids(opts, self.stage.model.generation_config)
         decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
-                            kwargs["position_ids"], eos=eos_ids(opts, self.stage.model.generation_config),
-                            pad_id=self.pad_id, tokenizer=self.stage.tokenizer)
+                            kwargs["position_ids"], eos=eos, pad_id=self.pad_id,
+                            tokenizer=self.stage.tokenizer)
         history = needs_history(opts)  # the last stage reads the sequences so far
         saved = 0
         for feed in decoding:
