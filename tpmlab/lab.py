@@ -63,7 +63,10 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
     ``LocalCluster`` of worker processes sized to this machine, speaking TLS under
     credentials made for it, so that only this process reaches it;
     ``lab.model(name, stages=N)`` splits a model over N of them. In a script, call it under
-    ``if __name__ == "__main__":`` (worker processes re-run the script).
+    ``if __name__ == "__main__":`` (worker processes re-run the script). Its workers are
+    forked from a server process that imported torch and transformers once, started here
+    so that it imports while this process does (``warm_start=False``: spawn each worker
+    as a fresh interpreter).
     ``connect("tls://host:port", security=...)``: attach to a running Dask scheduler whose
     workers hold the pipeline stages; ``security``: a :class:`distributed.security.Security`
     (dask-jobqueue's and dask-gateway's clusters have it as ``cluster.security``; clusters
@@ -81,6 +84,10 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
         address = os.environ.get("TPMLAB_SCHEDULER") or None
     if address == "local":
         return Lab(LocalBackend(**options))
+    if address is None and options.get("warm_start", True):
+        from .cluster.warm_start import ensure_server
+
+        ensure_server()  # the workers' imports run while this process imports the engine
     from .cluster import DaskBackend  # the sharded engine
 
     if address is not None:

@@ -1,5 +1,5 @@
 """One real LocalCluster of worker processes shared by every cluster test (starting one
-costs ~15 s on two cores), and an in-process reference lab on the same weights."""
+costs several seconds on two cores), and an in-process reference lab on the same weights."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ distributed = pytest.importorskip("distributed")
 def cluster():
     from distributed import LocalCluster
 
-    c = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
-                     dashboard_address=":0", silence_logs=logging.ERROR)
+    from tpmlab.cluster.warm_start import forked_workers
+
+    with forked_workers():  # workers forked with torch imported, as the embedded cluster's
+        c = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
+                         dashboard_address=":0", silence_logs=logging.ERROR)
     yield c
     c.close()
 

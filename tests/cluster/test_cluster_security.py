@@ -161,6 +161,20 @@ def test_workers_ignore_sigint(secure_cluster):
     assert client.run(os.getpid) == before  # same workers, same processes, still answering
 
 
+def _worker_start_state() -> tuple[bool, str | None]:
+    return "transformers.modeling_utils" in sys.modules, os.environ.get("OMP_WAIT_POLICY")
+
+
+@pytest.mark.slow
+def test_workers_start_with_the_stage_modules_already_imported(secure_cluster):
+    """Workers are forked from a server that imported torch and transformers once (the
+    embedded cluster's start-up): none imports them again, and each keeps the OpenMP wait
+    policy the stages need."""
+    _, client = secure_cluster
+    states = list(client.run(_worker_start_state).values())
+    assert states == [(True, "PASSIVE")] * 2
+
+
 @pytest.mark.slow
 def test_a_two_stage_trace_over_tls_equals_the_local_executor(secure_cluster, ref_lab):
     import torch

@@ -5,9 +5,22 @@ runs plans through them (:mod:`.actor`, :mod:`.stage`), shares deployments betwe
 clients (:mod:`.registry`) and starts the embedded cluster (:mod:`.embedded`).
 """
 
-from .backend import DaskBackend, Deployment
+from __future__ import annotations
+
+from typing import Any
+
 from .errors import DeploymentError, StageLostError
 from .placement import Slot, place_stages
 
 __all__ = ["DaskBackend", "Deployment", "DeploymentError", "Slot", "StageLostError",
            "place_stages"]
+
+
+def __getattr__(name: str) -> Any:
+    # the backend (torch, transformers, distributed) loads on first use, so that
+    # ``connect()`` can start the workers' forkserver (:mod:`.warm_start`) before it
+    if name in ("DaskBackend", "Deployment"):
+        from . import backend
+
+        return getattr(backend, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,6 +58,7 @@ from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.runner import PlanRunner
 from ..runtime.weights import WeightGuard
+from .handover import Segments, Token
 from .partition import StageSpan
 from .stage import StageModel
 from .wire import from_wire, to_wire
@@ -156,10 +157,10 @@ class StageActor:
         self.requests: dict[str, _Request] = {}
         self.slots: dict[str, _Slot] = {}
         self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
+        self.segments = Segments()  # saves handed over in shared memory, until taken
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
-        tok = self.stage.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad_id: int | None = None  # from the model's info (:meth:`link`)
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -172,6 +173,9 @@ class StageActor:
         """Set the next stage's actor (``None`` on the last stage) and the model's info."""
         self.next = next_stage
         self.info = ModelInfo.from_dict(info)
+        # the deploying client read the tokenizer (≈ 1 s) while the stages loaded
+        pad = self.info.extra.get("pad_id")
+        self.pad_id = int(pad) if pad is not None else pad_token_id(self.source.tokenizer())
         k = self.span.index
         starts = self.info.stage_starts
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
@@ -198,6 +202,7 @@ class StageActor:
         """Drop a request's state and saves here and on every later stage (after a failure
         elsewhere); a ``collect`` of it arriving later returns at once."""
         self._drop(req, ExecutionError("the request was aborted"))
+        self.segments.free(req)
         if self.next is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_await_within(self.next.abort(req), time.monotonic() + 5,
@@ -382,10 +387,12 @@ class StageActor:
         return output if self.span.is_first else None
 
     async def collect(self, blob: bytes, req: str, timeout: float,
-                      limits: dict[str, Any] | None = None) -> StageOutput:
+                      limits: dict[str, Any] | None = None,
+                      handover: Token | None = None) -> StageOutput:
         """Stages after the first: take the request's plan (decoded here, validated by stage 0)
-        and limits, wait for this stage's output and hand it over; nothing of the request
-        stays here."""
+        and limits, wait for this stage's output and hand it over (large saves in shared
+        memory if the client holding ``handover`` shares this host, :mod:`.handover`);
+        nothing of the request stays here."""
         deadline = time.monotonic() + timeout
         self._sweep()
         slot = self._slot(req, deadline)
@@ -396,24 +403,29 @@ class StageActor:
                     slot.plan.set_result((plan, request.follow(plan, self.info), held))
                 except Exception as e:  # stage 0 rejects the plan with the same error
                     slot.plan.set_result(e)
-            return _raise_if_error(await _await_within(
+            output = _raise_if_error(await _await_within(
                 asyncio.shield(slot.output), deadline, f"stage {self.span.index}'s saves"))
+            return self.segments.pack(output, req, handover, deadline)
         finally:
             if self.slots.get(req) is slot:
                 del self.slots[req]
             self.requests.pop(req, None)
 
     async def run(self, blob: bytes, req: str, timeout: float,
-                  limits: dict[str, Any] | None = None) -> dict[str, Any]:
+                  limits: dict[str, Any] | None = None,
+                  handover: Token | None = None) -> dict[str, Any]:
         """Stage 0 only: run a plan blob through the pipeline under the request's ``limits``
         (:func:`~tpmlab.runtime.limits.limits_to_wire`; tightened to this stage's own).
         Returns ``{"values": ..., "saves": ..., "meta": ...}``: stage 0's saves and the values
         only the driver makes (generated tokens), and the metadata, whose ``node_seconds``
-        are stage 0's; later stages' outputs are collected from them by the client."""
+        are stage 0's; later stages' outputs are collected from them by the client.
+        Large values go in shared memory as in :meth:`collect`."""
         self._sweep()
+        deadline = time.monotonic() + timeout
         try:
-            return await self._run(blob, req, timeout,
-                                   request_limits(self.limits, limits_from_wire(limits)))
+            out = await self._run(blob, req, timeout,
+                                  request_limits(self.limits, limits_from_wire(limits)))
+            return self.segments.pack(out, req, handover, deadline)
         except BaseException:
             await self.abort(req)
             raise
@@ -482,6 +494,11 @@ class StageActor:
             decoding.advance(reply["tokens"])
         output = await self.finish(base["req"], decoding.step, left())
         return decoding.outputs([n for ls in layout.lengths for n in ls]), output
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import gc
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,9 +42,10 @@ from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
 from ..runtime.limits import limits_to_wire
 from . import cleanup, registry
-from .actor import StageActor
+from .actor import StageActor, pad_token_id
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
+from .handover import local_token, unpack
 from .partition import StageSpan, part_bytes, split_layers
 from .placement import Slot, gpu_count, place_stages
 from .wire import from_wire
@@ -81,13 +83,15 @@ class DaskBackend:
     start the embedded cluster) with. ``client``: use an existing
     :class:`distributed.Client` instead. ``timeout``: default seconds a request
     may take. ``threads``: torch threads per stage (default: the worker's cores).
+    ``handover``: stages on this host hand large saved values over through shared memory
+    (:mod:`.handover`); ``False``: every value travels through Dask's comms.
     """
 
     def __init__(self, address: str | None = None, *, client: Client | None = None,
                  n_workers: int | None = None, timeout: float = 600.0,
                  connect_timeout: float = 60.0, threads: int | None = None,
                  limits: Limits = Limits(), security: Security | None = None,
-                 **cluster_options: Any) -> None:
+                 handover: bool = True, **cluster_options: Any) -> None:
         self.cluster = None
         if client is not None:
             self.client = client
@@ -102,6 +106,7 @@ class DaskBackend:
         self.timeout = timeout
         self.threads = threads
         self.limits = limits
+        self.handover = local_token() if handover else None  # who may receive shared memory
         self.deployments: dict[str, Deployment] = {}
         self.phases: list[dict[str, float]] | None = None  # a list: each request's phases (ms)
 
@@ -165,6 +170,10 @@ class DaskBackend:
         slots = place_stages(workers, n_stages, taken=taken)
         specs = [self._spec(name, span, slot, dtype) for span, slot in zip(spans, slots)]
         futures = [self._submit(spec, slot) for spec, slot in zip(specs, slots)]
+        # the tokenizer (its pad id goes to the stages) is read while the stages load
+        reader = ThreadPoolExecutor(1)
+        pad = reader.submit(lambda: pad_token_id(source.tokenizer()))
+        reader.shutdown(wait=False)
         try:
             actors = [_result(f, SETUP_TIMEOUT, f"loading stage {i} of {name}")
                       for i, f in enumerate(futures)]
@@ -178,6 +187,7 @@ class DaskBackend:
             raise DeploymentError(f"could not load {name} as {n_stages} stages: "
                                   f"{type(e).__name__}: {e}") from e
         info = self._model_info(name, source, dtype, described, slots, spans)
+        info.extra["pad_id"] = pad.result()
         dep = Deployment(key=key, info=info, futures=futures, actors=actors, slots=slots,
                          spans=spans, specs=specs, owner=True)
         self._link(dep, range(n_stages))
@@ -269,22 +279,28 @@ class DaskBackend:
         try:
             # the plan goes to every stage at once: stage 0 runs it, later stages decode it
             # meanwhile and hand over their saves as soon as they have them
-            futures = [dep.actors[0].run(plan, req, timeout, wire_limits)]
-            futures += [a.collect(plan, req, timeout, wire_limits) for a in dep.actors[1:]]
+            futures = [dep.actors[0].run(plan, req, timeout, wire_limits, self.handover)]
+            futures += [a.collect(plan, req, timeout, wire_limits, self.handover)
+                        for a in dep.actors[1:]]
         except RuntimeError as e:  # "Worker holding Actor was lost"
             self._fail_lost(dep, e)
         t1 = time.perf_counter()
-        head = self._wait(dep, req, futures[0], deadline, model, timeout)
-        t2 = time.perf_counter()
-        values = from_wire(head["values"])
-        values.update(from_wire(head["saves"]))
-        meta = head["meta"]
-        node_seconds = dict(meta["node_seconds"])
-        for f in futures[1:]:
-            output = self._wait(dep, req, f, deadline, model, timeout)
-            values.update(from_wire(output["saves"]))
-            for node, seconds in output["node_seconds"].items():
-                node_seconds[node] = node_seconds.get(node, 0.0) + seconds
+        try:
+            head = self._wait(dep, req, futures[0], deadline, model, timeout)
+            t2 = time.perf_counter()
+            values = from_wire(unpack(head["values"]))
+            values.update(from_wire(unpack(head["saves"])))
+            meta = head["meta"]
+            node_seconds = dict(meta["node_seconds"])
+            for f in futures[1:]:
+                output = self._wait(dep, req, f, deadline, model, timeout)
+                values.update(from_wire(unpack(output["saves"])))
+                for node, seconds in output["node_seconds"].items():
+                    node_seconds[node] = node_seconds.get(node, 0.0) + seconds
+        except (KeyboardInterrupt, OSError):
+            # interrupted (failed waits abort in _wait): the stages free what they handed over
+            self._abort(dep, req)
+            raise
         meta["node_seconds"] = node_seconds
         t3 = time.perf_counter()
         if self.phases is not None:

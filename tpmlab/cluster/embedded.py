@@ -28,6 +28,7 @@ from distributed import LocalCluster
 from distributed.security import Security
 
 from .security import new_security
+from .warm_start import WORKER_ENV, forked_workers
 
 LOOPBACK = "127.0.0.1"
 
@@ -38,7 +39,7 @@ def default_workers() -> int:
 
 
 def start_local_cluster(n_workers: int | None = None, *, security: Security | None = None,
-                        **options: Any) -> LocalCluster:
+                        warm_start: bool = True, **options: Any) -> LocalCluster:
     """Start a LocalCluster of ``n_workers`` single-threaded processes (stage compute runs in
     its own thread and uses all cores; the stages of a request run one after another),
     speaking TLS under ``security`` (default: :func:`~.security.new_security`, made for
@@ -48,6 +49,10 @@ def start_local_cluster(n_workers: int | None = None, *, security: Security | No
     With CUDA devices present and dask-cuda installed, a ``LocalCUDACluster`` (one worker
     per GPU, each advertising ``GPU=1``) is started instead; without dask-cuda, one worker
     advertising all the GPUs (``GPU=n``, a stage per device).
+
+    ``warm_start``: fork the workers from a server process that imported torch and
+    transformers once (:mod:`.warm_start`) instead of spawning interpreters that each
+    import them again.
     """
     refuse_unguarded_main()
     if options.setdefault("protocol", "tls://").rstrip(":/") != "tls":
@@ -59,16 +64,14 @@ def start_local_cluster(n_workers: int | None = None, *, security: Security | No
         options["scheduler_kwargs"] = {"dashboard_address": f"{LOOPBACK}:0",
                                        **options.get("scheduler_kwargs", {})}
     options.setdefault("silence_logs", logging.ERROR)
-    # Stages of one request run one after another on shared cores: idle workers' OpenMP
-    # threads must sleep, not spin, or they steal the cores the busy stage computes on.
-    options["env"] = {"OMP_WAIT_POLICY": "PASSIVE", **options.get("env", {})}
+    options["env"] = {**WORKER_ENV, **options.get("env", {})}
     try:
         import torch
 
         gpus = torch.cuda.device_count()
     except Exception:  # pragma: no cover - torch is a dependency
         gpus = 0
-    with sigint_blocked():  # see the module docstring
+    with sigint_blocked(), forked_workers(options["env"], warm_start):  # see the module docstring
         if gpus and n_workers is None:
             try:
                 from dask_cuda import LocalCUDACluster

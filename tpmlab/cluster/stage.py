@@ -72,7 +72,6 @@ class StageModel:
         self.adapter = adapter = source.adapter
         loaded = source.load(dtype=dtype, device=device, keys=stage_keys(adapter, span))
         self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
         self.version = loaded.version
         self.modules: dict[str, nn.Module] = dict(self.model.named_modules())  # the real ones
         layers = self.model.get_submodule(adapter.layers)

@@ -34,14 +34,18 @@ class LoadedModel:
     """A model with (some of) its weights on a device, ready to run.
 
     ``model`` is in eval mode with ``requires_grad`` off; tensors not selected
-    by the load's ``keys`` are on the meta device.
+    by the load's ``keys`` are on the meta device. The tokenizer is read on first
+    use (a pipeline stage never needs it).
     """
 
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
     adapter: Adapter
     version: str
     source: ModelSource
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.source.tokenizer()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -126,7 +130,6 @@ class ModelSource(ABC):
         )
         return LoadedModel(
             model=model,
-            tokenizer=self.tokenizer(),
             adapter=self.adapter,
             version=self.version,
             source=self,

@@ -6,6 +6,7 @@ so the in-process path is the same data path a Dask cluster or a gateway uses.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Protocol
 
 import torch
@@ -48,7 +49,12 @@ def default_device() -> torch.device:
 
 
 class LocalBackend:
-    """Runs plans on whole models loaded into this process (no cluster)."""
+    """Runs plans on whole models loaded into this process (no cluster).
+
+    Requests on one model from several threads run one at a time, in turn: a plan's hooks
+    sit on the model's shared modules, so two passes at once would read each other's
+    values; and a forward pass already uses every core (or the whole GPU).
+    """
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  limits: Limits = Limits()) -> None:
@@ -56,6 +62,7 @@ class LocalBackend:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.limits = limits
         self.hosts: dict[str, ModelHost] = {}
+        self._turns: dict[str, threading.Lock] = {}  # one request at a time per model
 
     def deploy(self, name: str, **options: Any) -> ModelInfo:
         if name not in self.hosts:
@@ -66,6 +73,7 @@ class LocalBackend:
             self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
                                          loaded.adapter.family, source=source,
                                          limits=self.limits, meta_model=source.meta_model())
+            self._turns[name] = threading.Lock()
         return self.hosts[name].info
 
     def host(self, name: str) -> ModelHost:
@@ -75,7 +83,9 @@ class LocalBackend:
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
             limits: Limits | None = None) -> bytes:
-        return self.host(model).run_blob(plan, limits=limits)
+        host = self.host(model)
+        with self._turns[model]:
+            return host.run_blob(plan, limits=limits)
 
     def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
@@ -83,7 +93,8 @@ class LocalBackend:
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
         decoded, limits = request.decode(plan, host.limits, limits)
-        return host.run(decoded, limits=limits)
+        with self._turns[model]:
+            return host.run(decoded, limits=limits)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here
@@ -92,6 +103,8 @@ class LocalBackend:
 
     def undeploy(self, name: str) -> None:
         self.hosts.pop(name, None)
+        self._turns.pop(name, None)
 
     def close(self) -> None:
         self.hosts.clear()
+        self._turns.clear()

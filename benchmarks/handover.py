@@ -1,0 +1,116 @@
+"""Saved values reaching the notebook from pipeline stages on this host: through shared
+memory (:mod:`tpmlab.cluster.handover`, the default) against Dask's comms (TLS, as the
+embedded cluster speaks), on the same deployment, requests alternating.
+
+A trace saving a large value (``--save logits``: the last stage's logits
+``[batch, pos, vocab]``; ``--save layers``: every layer's output, from every stage) is timed
+against the same trace saving one token id; the difference is what moving the saves
+costs, and bytes / difference the rate they arrive at. ``touch`` adds a full read of each
+saved value in the notebook (a mapped value's pages arrive on first use). For scale: a
+plain copy of as many bytes into fresh memory in this process.
+
+    python -m benchmarks.handover                                   # tiny-llama, CPU
+    python -m benchmarks.handover --device cuda --model llama-3-8b-shape \\
+        --save layers --shape 8x512 --dtype bfloat16                  # 2 workers, 1 GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def start(device: str) -> Any:
+    from tpmlab.cluster.embedded import start_local_cluster
+
+    if device == "cuda":  # two workers sharing GPU 0, one stage each
+        return start_local_cluster(n_workers=2, resources={"GPU": 1},
+                                   env={"CUDA_VISIBLE_DEVICES": "0"})
+    return start_local_cluster(n_workers=2)
+
+
+def trace(model: Any, ids: torch.Tensor, save: str, touch: bool) -> int:
+    """Run one trace; returns the bytes saved."""
+    with model.trace(ids):
+        if save == "logits":
+            saved = [model.unembed.output.save()]
+        elif save == "layers":
+            saved = [layer.output.save() for layer in model.layers]
+        else:
+            saved = [model.unembed.output[:, -1].argmax(-1).save()]
+    values = [s.value for s in saved]
+    values = [v[0] if isinstance(v, tuple) else v for v in values]
+    if touch:
+        for v in values:
+            v.max()
+    return sum(v.numel() * v.element_size() for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--shape", default="8x170", help="batch x tokens")
+    parser.add_argument("--save", default="logits", choices=("logits", "layers"))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    from distributed import Client
+
+    from tpmlab.cluster import DaskBackend
+    from tpmlab.lab import Lab
+
+    cluster = start(args.device)
+    client = Client(cluster)
+    labs = {"shared memory": Lab(DaskBackend(client=client, handover=True)),
+            "dask comms": Lab(DaskBackend(client=client, handover=False))}
+    models = {}
+    for name, lab in labs.items():  # the second attaches to the first's deployment
+        models[name] = lab.model(args.model, stages=args.stages, dtype=args.dtype)
+    rows, pos = (int(x) for x in args.shape.split("x"))
+    vocab = models["shared memory"].info.vocab_size
+    ids = torch.randint(0, vocab, (rows, pos), generator=torch.Generator().manual_seed(0))
+    cases = [(way, save, touch) for way in labs for save, touch in
+             (("token", False), (args.save, False), (args.save, True))]
+    times: dict[tuple[str, str, bool], list[float]] = {c: [] for c in cases}
+    nbytes = 0
+    for c in cases:  # warm-up
+        trace(models[c[0]], ids, c[1], c[2])
+    for r in range(args.repeats):
+        for c in cases if r % 2 == 0 else cases[::-1]:
+            t = time.perf_counter()
+            n = trace(models[c[0]], ids, c[1], c[2])
+            times[c].append(time.perf_counter() - t)
+            nbytes = max(nbytes, n)
+    src = np.random.rand(nbytes // 8)
+    copies = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        src.copy()
+        copies.append(time.perf_counter() - t)
+    print(f"{args.model} {args.stages} stages on {args.device}, {args.shape}, saving {args.save}: "
+          f"{nbytes / 1e6:.0f} MB, median of {args.repeats}")
+    print(f"{'':16s}{'trace, 1 token':>16s}{'with saves':>12s}{'GB/s':>7s}"
+          f"{'+ touch':>10s}{'GB/s':>7s}")
+    for way in labs:
+        base = statistics.median(times[(way, "token", False)])
+        big = statistics.median(times[(way, args.save, False)])
+        touched = statistics.median(times[(way, args.save, True)])
+        print(f"{way:16s}{base * 1e3:13.1f} ms{big * 1e3:9.1f} ms"
+              f"{nbytes / max(big - base, 1e-9) / 1e9:7.2f}{touched * 1e3:7.1f} ms"
+              f"{nbytes / max(touched - base, 1e-9) / 1e9:7.2f}")
+    print(f"plain copy in this process: {nbytes / statistics.median(copies) / 1e9:.2f} GB/s")
+    for lab in labs.values():
+        lab.close()
+    client.close()
+    cluster.close()
+
+
+if __name__ == "__main__":
+    main()
