@@ -161,6 +161,7 @@ class StageActor:
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
+        self._tok: Any = None  # the tokenizer, once a request needs it
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -470,6 +471,13 @@ class StageActor:
         return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
 
+    def _tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (stop strings need it; most requests
+        do not, so a stage does not load it with its weights)."""
+        if self._tok is None:
+            self._tok = self.source.tokenizer()
+        return self._tok
+
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
                         layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], StageOutput]:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
@@ -479,7 +487,7 @@ class StageActor:
         eos = eos_ids(opts, self.stage.model.generation_config)
         decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
                             kwargs["position_ids"], eos=eos, pad_id=self.pad_id,
-                            tokenizer=self.stage.tokenizer)
+                            tokenizer=self._tokenizer() if opts.stop else None)
         history = needs_history(opts)  # the last stage reads the sequences so far
         saved = 0
         for feed in decoding:
