@@ -35,11 +35,8 @@ def plan_blobs(lab_model):
     blobs = []
     for p in PROMPTS:
         tr = lab_model.trace(p)
-        lab_model._push(tr)
-        try:
+        with tr.recording():
             lab_model.output.logits[:, -1].topk(5).save()
-        finally:
-            lab_model._pop(tr)
         blobs.append(encode_plan(tr.plan()))
     return blobs
 

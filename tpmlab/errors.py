@@ -1,10 +1,24 @@
-"""Errors that tpmlab raises on purpose: each names the problem and, where known, the user's line."""
+"""Errors that tpmlab raises on purpose: each names the problem and, where known, the user's line.
+
+Every deliberate error of every tpmlab package derives from :class:`TpmlabError`, and each
+class states its ``http_status``: the status a gateway answers with when a request fails
+with it (:mod:`tpmlab.gateway.errors` reads it there, and a client turns the answer back
+into the same class).
+"""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class TpmlabError(Exception):
-    """Base class of every error tpmlab raises deliberately."""
+    """Base class of every error tpmlab raises deliberately.
+
+    ``http_status``: the HTTP status of a request that fails with this error; 500 (a fault
+    on the serving side, not the caller's doing) unless the class says otherwise.
+    """
+
+    http_status: ClassVar[int] = 500
 
 
 class _Located(TpmlabError):
@@ -29,6 +43,8 @@ class PlanError(_Located):
     that created it ("file:lineno: code"), when known.
     """
 
+    http_status = 400  # refused before running
+
 
 class UnknownOpError(PlanError):
     """The plan uses an operation outside the whitelist."""
@@ -49,6 +65,8 @@ class ShapeError(PlanError):
 class LimitError(PlanError):
     """The plan exceeds a size limit (saved bytes, constants, node count...)."""
 
+    http_status = 413  # a size limit of the plan or of the user's tier
+
 
 class SchemaError(PlanError):
     """The serialized plan is malformed or of an unsupported schema version."""
@@ -56,6 +74,8 @@ class SchemaError(PlanError):
 
 class ExecutionError(_Located):
     """The plan was valid but failed while running; the model is left as it was."""
+
+    http_status = 422
 
 
 class WeightsChangedError(ExecutionError):
@@ -71,3 +91,12 @@ class IndexBoundsError(ShapeError, ExecutionError):
 
 class RequestTimeoutError(TpmlabError, TimeoutError):
     """A wait on the engine ran past its timeout."""
+
+    http_status = 504
+
+
+class NotSupportedError(TpmlabError):
+    """A construct (often one of nnsight's) that a plan cannot express, or that tpmlab does
+    not offer yet: the message names it and the form to use instead."""
+
+    http_status = 400

@@ -26,7 +26,9 @@ class Lab:
         if name not in self.models:
             source = resolve(name)
             info = self.backend.deploy(name, **options)
-            self.models[name] = LabModel(self, name, info, source)
+            self.models[name] = LabModel(
+                name, info, source, lab=self, limits=getattr(self.backend, "limits", None),
+                run_plan=lambda blob, timeout: self.run_values(name, blob, timeout=timeout))
         return self.models[name]
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
@@ -54,7 +56,8 @@ class Lab:
         self.close()
 
 
-def connect(address: str | None = None, *, security: Security | None = None, gateway: str | None = None,
+def connect(address: Any = None, *, security: Security | None = None,
+            gateway: str | None = None,
             token: str | None = None, **options: Any) -> Lab:
     """Connect to an engine; every engine gives the same :class:`Lab` API.
 
@@ -72,10 +75,19 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
     (dask-jobqueue's and dask-gateway's clusters have it as ``cluster.security``; clusters
     started by ``tpmlab lab`` are found by their address). A ``tcp://`` address on another
     host warns once: anyone who reaches it runs code on the workers (see docs/hpc.md).
+    ``connect(cluster)``: a Dask cluster object, e.g. a dask-gateway cluster
+    (``dask_gateway.Gateway().new_cluster()``: workers the researcher scales from
+    JupyterHub), with its own credentials; same as
+    ``connect(cluster.scheduler_address, security=cluster.security)``.
     ``connect("local")``: models run whole in this process (no cluster).
     ``connect(gateway="https://...", token=...)``: a shared deployment behind the
     multi-user gateway (token: a tpmlab API key or a JupyterHub API token).
+    ``connect()`` where ``$TPMLAB_GATEWAY`` is set and ``$TPMLAB_SCHEDULER`` is not (a
+    JupyterHub single-user server set up by ``tpmlab hub-config``): that gateway, with the
+    server's own Hub token.
     """
+    if gateway is None and address is None and not os.environ.get("TPMLAB_SCHEDULER"):
+        gateway = os.environ.get("TPMLAB_GATEWAY") or None
     if gateway is not None:
         from .gateway.client import GatewayBackend
 
@@ -91,7 +103,10 @@ def connect(address: str | None = None, *, security: Security | None = None, gat
     from .cluster import DaskBackend  # the sharded engine
 
     if address is not None:
-        from .cluster.security import client_security
+        from .cluster.security import client_security, cluster_endpoint
+
+        if not isinstance(address, str):  # a cluster object: its address and credentials
+            address, security = cluster_endpoint(address, security)
 
         security = client_security(address, security)
     return Lab(DaskBackend(address, security=security, **options))

@@ -78,7 +78,7 @@ def test_runtime_error_does_not_poison_stages(model, ref_lab):
     with pytest.raises(ExecutionError, match="out of bounds"):
         with model.trace(PROMPT):
             model.layers[25].output[:, torch.tensor([400])].save()  # fails on stage 1, at run time
-    assert left_behind(model._lab) == [0, 0]
+    assert left_behind(model.lab) == [0, 0]
     torch.testing.assert_close(logits(model), logits(ref_lab.model(MODEL)), atol=1e-4, rtol=1e-4)
 
 
@@ -88,7 +88,7 @@ def test_timeout_is_a_clear_error(model):
             pass
     time.sleep(1.0)
     assert logits(model).shape[-1] == model.adapter.vocab_size
-    assert left_behind(model._lab) == [0, 0]
+    assert left_behind(model.lab) == [0, 0]
 
 
 def test_killed_worker_fails_clearly_then_heals(model, lab, ref_lab):

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from tpmlab.cluster import DeploymentError, Slot, place_stages
+from tpmlab.cluster import DeploymentError, Placement, place_stages
 from tpmlab.cluster.partition import part_bytes, split_layers, stage_keys
 
 
@@ -36,15 +36,15 @@ def test_stage_keys_select_only_the_stage():
 
 def test_cpu_round_robin_and_gpu_one_stage_per_gpu():
     cpu = {"tcp://a": {"resources": {}}, "tcp://b": {"resources": {}}}
-    assert place_stages(cpu, 3) == [Slot("tcp://a", "cpu"), Slot("tcp://b", "cpu"),
-                                    Slot("tcp://a", "cpu")]
+    assert place_stages(cpu, 3) == [Placement("tcp://a", "cpu"), Placement("tcp://b", "cpu"),
+                                    Placement("tcp://a", "cpu")]
     gpus = {"tcp://a": {"resources": {"GPU": 2}}, "tcp://b": {"resources": {"GPU": 1}}}
-    slots = place_stages(gpus, 3)
-    assert sorted((s.worker, s.device) for s in slots) == [
+    placements = place_stages(gpus, 3)
+    assert sorted((s.worker, s.device) for s in placements) == [
         ("tcp://a", "cuda:0"), ("tcp://a", "cuda:1"), ("tcp://b", "cuda:0")]
     with pytest.raises(DeploymentError, match="one stage per GPU"):
-        place_stages(gpus, 2, taken=[Slot("tcp://a", "cuda:0"), Slot("tcp://b", "cuda:0")])
-    assert place_stages(gpus, 1, exclude=["tcp://a"]) == [Slot("tcp://b", "cuda:0")]
+        place_stages(gpus, 2, taken=[Placement("tcp://a", "cuda:0"), Placement("tcp://b", "cuda:0")])
+    assert place_stages(gpus, 1, exclude=["tcp://a"]) == [Placement("tcp://b", "cuda:0")]
 
 
 def test_fake_gpu_resource_on_a_cpu_cluster_gets_one_stage_per_worker():
@@ -57,11 +57,11 @@ def test_fake_gpu_resource_on_a_cpu_cluster_gets_one_stage_per_worker():
             Client(cluster, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=60)
         backend = DaskBackend(client=client)
-        slots = place_stages(backend.workers(), 2)
+        placements = place_stages(backend.workers(), 2)
         # Ask the scheduler, as the backend does: ``cluster.scheduler_info`` is a copy that a
         # background task fills in as workers arrive, so on a busy machine it can lag behind.
         workers = client.scheduler_info(n_workers=-1)["workers"]
-        assert sorted(s.worker for s in slots) == sorted(workers)
-        assert {s.device for s in slots} == {"cuda:0"}
+        assert sorted(s.worker for s in placements) == sorted(workers)
+        assert {s.device for s in placements} == {"cuda:0"}
         with pytest.raises(DeploymentError, match="3 stages need 3 free GPUs"):
             backend.deploy("tiny-llama", stages=3)

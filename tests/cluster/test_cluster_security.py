@@ -319,3 +319,34 @@ def test_embedded_cluster_options_stay_secure():
     with pytest.raises(ValueError, match="TLS only"):
         start_local_cluster(1, protocol="tcp://")
 
+
+
+def test_a_dask_gateway_address_needs_its_clusters_credentials():
+    pytest.importorskip("dask_gateway", reason="dask-gateway (the hpc extra) is not installed")
+    with pytest.raises(ClusterSecurityError, match=r"tpmlab\.connect\(cluster\).*cluster\.security"):
+        client_security("gateway://127.0.0.1:8786/clusters.abc123")
+    given = new_security()
+    assert client_security("gateway://127.0.0.1:8786/clusters.abc123", given) is given
+
+
+def test_connect_takes_a_cluster_object_with_its_credentials(monkeypatch):
+    from types import SimpleNamespace
+
+    import tpmlab.cluster
+    from tpmlab.cluster.security import cluster_endpoint
+
+    given, other = new_security(), new_security()
+    cluster = SimpleNamespace(scheduler_address="tls://10.1.2.3:8786", security=given)
+    assert cluster_endpoint(cluster) == ("tls://10.1.2.3:8786", given)
+    assert cluster_endpoint(cluster, other) == ("tls://10.1.2.3:8786", other)
+    with pytest.raises(ClusterSecurityError, match="scheduler_address"):
+        cluster_endpoint(object())
+    seen = {}
+
+    class Backend:
+        def __init__(self, address, security=None, **options):
+            seen.update(address=address, security=security)
+
+    monkeypatch.setattr(tpmlab.cluster, "DaskBackend", Backend)
+    tpmlab.connect(cluster)
+    assert seen == {"address": "tls://10.1.2.3:8786", "security": given}

@@ -7,7 +7,7 @@ import torch
 
 def hf_model(lab_model):
     """The live Hugging Face model behind an in-process deployment."""
-    return lab_model._lab.backend.host(lab_model.name).model
+    return lab_model.lab.backend.host(lab_model.name).model
 
 
 def layer_modules(hf, adapter):

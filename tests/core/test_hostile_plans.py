@@ -42,7 +42,7 @@ def model(local_lab):
 
 @pytest.fixture(scope="module")
 def host(model):
-    return model._lab.backend.host(MODEL)
+    return model.lab.backend.host(MODEL)
 
 
 def blob(node_docs=(), tensors=None, **fields) -> bytes:
@@ -201,13 +201,13 @@ def test_hostile_plan_gets_its_named_error(host, model, name):
         decode_and_validate(data, host)
     assert not str(err.value).startswith((validate.UNEXPECTED, codec.UNEXPECTED)), err.value
     with pytest.raises((PlanError, ExecutionError)):  # the engine's own answer is a named error
-        model._lab.run(MODEL, data)
+        model.lab.run(MODEL, data)
 
 
 def test_engine_serves_on_after_the_corpus(model):
     for name in [*HOSTILE, *PLAN_FIELDS, *TENSORS]:
         with pytest.raises((PlanError, ExecutionError)):
-            model._lab.run(MODEL, _case(name)[2])
+            model.lab.run(MODEL, _case(name)[2])
     with model.trace("The Eiffel Tower is in"):
         top = model.output.logits[:, -1].argmax(-1).save()
     assert top.value.shape == (1,)

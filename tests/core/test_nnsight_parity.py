@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODELS
+from tests.nnsight_ports import PORTS
 
 nnsight = pytest.importorskip("nnsight")
 
@@ -104,3 +105,13 @@ def test_generation_with_per_step_patch(pair):
     assert len(ours.value) == len(theirs) == 3
     for a, b in zip(ours.value, theirs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("port", PORTS, ids=lambda f: f.__name__)
+def test_port(pair, port):
+    model, nn_model = pair
+    ours, theirs = port(model, nn_model)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

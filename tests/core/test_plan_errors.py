@@ -58,7 +58,7 @@ def test_path_error_from_a_raw_plan(model):
     plan = tr.plan()
     plan.nodes[0].path = "model.layers.0.mlpp"
     with pytest.raises(PathError, match=r"no module 'model.layers.0.mlpp'.*did you mean"):
-        model._lab.run(model.name, encode_plan(plan))
+        model.lab.run(model.name, encode_plan(plan))
 
 
 def test_backward_flow_names_both_points(model):
@@ -109,7 +109,7 @@ def test_runtime_failure_names_node_and_leaves_model_usable(model):
     with model.trace(PROMPT):
         fine = model.layers[0].output.save()
     assert fine.value.shape == (1, 10, 64)
-    hf = model._lab.backend.host(model.name).model
+    hf = model.lab.backend.host(model.name).model
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in hf.modules())
 
 
@@ -160,7 +160,7 @@ def test_codec_round_trip_and_digest_ignores_lines(model):
 ])
 def test_hostile_payloads_are_schema_errors(model, payload):
     with pytest.raises(SchemaError):
-        model._lab.run(model.name, payload)
+        model.lab.run(model.name, payload)
     with model.trace(PROMPT):
         ok = model.layers[0].output.save()
     assert ok.value is not None
@@ -172,7 +172,7 @@ def test_unknown_fields_and_markers_are_refused(model):
     plan = tr.plan()
     plan.nodes.append(Node(id=99, op="getattr", args=[tr.plan().nodes[0].args, "__class__"]))
     with pytest.raises((UnknownOpError, SchemaError)):
-        model._lab.run(model.name, encode_plan(plan))
+        model.lab.run(model.name, encode_plan(plan))
 
 
 def test_result_records_provenance(model):

@@ -28,16 +28,13 @@ def record(model, body):
     """The plan ``body(model, tr)`` records, without running it (``tr.record`` adds nodes
     the tracing API would not make, such as factory ops with no traced argument)."""
     tr = model.trace(PROMPT)
-    model._push(tr)
-    try:
+    with tr.recording():
         body(model, tr)
-    finally:
-        model._pop(tr)
     return tr.plan()
 
 
 def check(model, plan, limits=Limits()):
-    host = model._lab.backend.host(model.name)
+    host = model.lab.backend.host(model.name)
     return validate(plan, host.info, limits=limits, meta_module=host._meta.get)
 
 

@@ -103,7 +103,7 @@ def test_reading_and_copying_parameters_still_works(model):
         h = model.layers[0].output
         h[:, -1] += model.layers[0].mlp.down_proj.param("weight")[:, 0]
         out = model.output.logits.save()
-    hf = model._lab.backend.host(model.name).model
+    hf = model.lab.backend.host(model.name).model
     torch.testing.assert_close(doubled.value, 2 * hf.model.norm.weight)
     assert out.value.shape[-1] == 49152
 
@@ -136,7 +136,7 @@ def test_runtime_guard_fails_the_request_and_restores(lab, blind_validation, nam
 
 def test_runtime_guard_restores_buffers(model):
     """Non-persistent buffers (rotary frequencies) are recomputed as a load does."""
-    host = model._lab.backend.host(model.name)
+    host = model.lab.backend.host(model.name)
     before = logits(model)
     with torch.no_grad():
         host.model.model.rotary_emb.inv_freq.mul_(3)
@@ -146,7 +146,7 @@ def test_runtime_guard_restores_buffers(model):
 
 
 def test_runtime_guard_fails_requests_while_the_source_cannot_restore(model, monkeypatch):
-    host = model._lab.backend.host(model.name)
+    host = model.lab.backend.host(model.name)
     before = logits(model)
     real_load = host.weights.source.load
     monkeypatch.setattr(host.weights.source, "load",
@@ -162,7 +162,7 @@ def test_runtime_guard_fails_requests_while_the_source_cannot_restore(model, mon
 
 
 def test_guard_watches_every_weight_once_and_keeps_no_copy(model):
-    host = model._lab.backend.host(model.name)
+    host = model.lab.backend.host(model.name)
     live = {id(t) for t in [*host.model.parameters(), *host.model.buffers()]}
     assert {id(t) for t in host.weights._tensors} == live
     assert len(host.weights) == len(live)

@@ -18,11 +18,8 @@ from .conftest import MODEL, make_gateway, raw_request, serve, wait_until
 
 def _blob(model, build, prompt="The Eiffel Tower is in"):
     tr = model.trace(prompt)
-    model._push(tr)
-    try:
+    with tr.recording():
         build(model)
-    finally:
-        model._pop(tr)
     return encode_plan(tr.plan())
 
 
@@ -190,7 +187,7 @@ def test_one_plan_payload_limit_for_gateway_and_engine(engine_backend, cost_mode
 
     def padded(m):  # a 3.9 MiB constant
         torch.cat([m.output.logits[0, -1, :4], torch.zeros(int(3.9 * 2**20) // 4)])[:4].save()
-        tr = m._stack[-1]
+        tr = m.tracing.current()
         tr.nodes[len(tr.nodes) - 1].line = "# " + "x" * (2 * 2**20)  # a long source line
 
     blob = _blob(lab_model, padded)

@@ -17,11 +17,8 @@ from .conftest import MODEL, make_gateway, serve, wait_until
 
 def _plan_bytes(model, build, prompt="The Eiffel Tower is in"):
     tr = model.trace(prompt)
-    model._push(tr)
-    try:
+    with tr.recording():
         build(model)
-    finally:
-        model._pop(tr)
     return encode_plan(tr.plan())
 
 
@@ -48,7 +45,7 @@ def test_connect_gateway_same_api_and_numbers_as_local(served, engine_backend):
     with pytest.raises(PathError, match="no module"):  # the engine's own error class, over HTTP
         with m.trace("x"):
             m.envoy("model.layers.0").output.save()
-            tr2 = m._stack[-1]
+            tr2 = m.tracing.current()
             tr2.nodes[0].path = "model.nope"
     lab.close()
 
@@ -247,3 +244,33 @@ def test_metrics_and_health(served, lab_model):
     assert "tpmlab_gateway_service_units_total" in text
     assert 'tpmlab_gateway_batch_size_count{model="tiny-llama"}' in text
     assert health["models"] == [MODEL] and health["queue_depth"] == {MODEL: 0}
+
+
+def test_a_trace_with_more_invokes_than_the_tier_allows_runs_in_passes(served, engine_backend):
+    import dataclasses
+
+    lab = served.lab("inspect")
+    model = lab.model(MODEL)
+    tier = served.gateway.config.tier_limits["inspect"].max_invokes
+    assert model.limits.max_invokes == tier
+    small = dataclasses.replace(model.limits, max_invokes=2)  # keep the test small
+    model.limits = small
+    prompts = ["one", "two three", "four", "five six seven", "eight"]
+    with model.trace() as tr:
+        got = []
+        for p in prompts:
+            with tr.invoke(p):
+                got.append(model.output.logits[:, -1].save())
+    assert tr.result.meta["passes"] == 3
+    local = tpmlab_local_model(engine_backend)
+    for p, g in zip(prompts, got):
+        with local.trace(p):
+            want = local.output.logits[:, -1].save()
+        torch.testing.assert_close(g.value, want.value, atol=1e-5, rtol=1e-5)
+    lab.close()
+
+
+def tpmlab_local_model(backend):
+    from tpmlab.lab import Lab
+
+    return Lab(backend).model(MODEL)

@@ -19,14 +19,11 @@ def _traces(model):
     out = []
     for i, p in enumerate(prompts):
         tr = model.trace(p)
-        model._push(tr)
-        try:
+        with tr.recording():
             if i % 3 == 1:
                 model.layers[0].output[:, -1] = 0.25  # a write on this user's rows only
             h = model.layers[1].output.save()
             lg = model.output.logits[:, -1].save()
-        finally:
-            model._pop(tr)
         out.append((encode_plan(tr.plan()), h._node, lg._node))
     return out
 
@@ -92,11 +89,8 @@ def test_a_bad_plan_in_a_batch_fails_only_itself(engine_backend, cost_model, tmp
     s = serve(gw)
     good = _traces(lab_model)[0][0]
     tr = lab_model.trace("Hello there")
-    lab_model._push(tr)
-    try:  # index 7 is past the row's last position: fails only when it runs
+    with tr.recording():  # index 7 is past the row's last position: fails only when it runs
         lab_model.layers[0].output[:, 7].save()
-    finally:
-        lab_model._pop(tr)
     bad = encode_plan(tr.plan())
     try:
         def send(args):

@@ -30,11 +30,8 @@ def db_url(request, tmp_path):
 
 def _trace_blob(model, prompt="The Eiffel Tower is in"):
     tr = model.trace(prompt)
-    model._push(tr)
-    try:
+    with tr.recording():
         model.output.logits[:, -1].save()
-    finally:
-        model._pop(tr)
     return encode_plan(tr.plan())
 
 
@@ -185,13 +182,10 @@ def test_gateway_processes_on_one_ledger_never_double_spend(db_url, engine_backe
 # -- worst cases, caps and the tier's limits while running ---------------------------------------
 def _generation_blob(model, steps, save_logits=True):
     tr = model.generate("Hello there", max_new_tokens=steps)
-    model._push(tr)
-    try:
+    with tr.recording():
         if save_logits:  # one [1, vocab] save per step: validation cannot size later steps
             with tr.all():
                 model.output.logits[:, -1].save()
-    finally:
-        model._pop(tr)
     return encode_plan(tr.plan())
 
 
@@ -282,11 +276,8 @@ def test_hold_released_when_a_request_fails_or_is_cancelled(engine_backend, cost
             assert c.delete(f"/v1/requests/{rid}").status_code == 200
             assert wait_until(lambda: gw.ledger.totals("inspect-user")["held"] == 0.0)
         tr = lab_model.trace("Hello there")
-        lab_model._push(tr)
-        try:  # index 7 is past the row's last position: fails only when it runs
+        with tr.recording():  # index 7 is past the row's last position: fails only when it runs
             lab_model.layers[0].output[:, 7].save()
-        finally:
-            lab_model._pop(tr)
         with s.client("inspect") as c:
             r = c.post(f"/v1/models/{MODEL}/run", content=encode_plan(tr.plan()),
                        params={"timeout": 60})

@@ -15,12 +15,9 @@ from .conftest import MODEL, make_gateway, serve, wait_until
 def _plan_with_constant(model, nbytes):
     """A trace carrying an unused constant of ``nbytes`` bytes."""
     tr = model.trace("Hello")
-    model._push(tr)
-    try:
+    with tr.recording():
         unused = torch.zeros(nbytes // 4)
         torch.cat([model.output.logits[0, -1, :4], unused])[:4].save()
-    finally:
-        model._pop(tr)
     return encode_plan(tr.plan())
 
 
@@ -61,11 +58,8 @@ def test_kept_results_are_bounded_per_user_by_bytes(engine_backend, cost_model, 
                       max_kept_bytes_per_user=3 * 2**20)
     s = serve(gw)
     tr = lab_model.trace("one two three four")
-    lab_model._push(tr)
-    try:
+    with tr.recording():
         lab_model.output.logits.save()
-    finally:
-        lab_model._pop(tr)
     blob = encode_plan(tr.plan())
     try:
         with s.client("inspect") as c, s.client("intervene") as other:

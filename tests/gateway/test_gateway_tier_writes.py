@@ -18,15 +18,12 @@ from .conftest import MODEL
 def record(model, body, *, generate=False):
     """The plan ``body(model, tr)`` records (at every generation step when ``generate``)."""
     tr = model.generate("hello", max_new_tokens=3) if generate else model.trace("hello")
-    model._push(tr)
-    try:
+    with tr.recording():
         if generate:
             with tr.all():
                 body(model, tr)
         else:
             body(model, tr)
-    finally:
-        model._pop(tr)
     return tr.plan()
 
 

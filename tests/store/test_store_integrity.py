@@ -10,7 +10,7 @@ NAME = "layers.1.attn.weight"
 
 
 def _chunk_path(store, digest):
-    return store.backend.root / "chunks" / digest[:2] / digest
+    return store.objects.root / "chunks" / digest[:2] / digest
 
 
 def test_corrupted_chunk_names_tensor_and_chunk(store):
@@ -35,7 +35,7 @@ def test_corrupted_chunk_names_tensor_and_chunk(store):
 def test_missing_chunk_is_a_clear_error(store):
     d = store.commit(tiny_state_dict(), config={}, message="")
     chunk = store.manifest(d)["tensors"][NAME]["chunks"][0]
-    store.backend.delete("chunks", chunk)
+    store.objects.delete("chunks", chunk)
     with pytest.raises(StoreIntegrityError, match="missing") as err:
         store.load(d, keys=[NAME])
     assert err.value.tensor == NAME and err.value.chunk == chunk
@@ -53,11 +53,11 @@ def test_truncated_chunk(store):
 def test_tampered_manifest_is_detected(store):
     sd = tiny_state_dict()
     d = store.commit(sd, config={"h": 1}, message="")
-    path = store.backend.root / "manifests" / f"{d}.json"
+    path = store.objects.root / "manifests" / f"{d}.json"
     m = json.loads(path.read_text())
     m["config"]["h"] = 2
     path.write_text(json.dumps(m))
-    fresh = type(store)(store.backend.root)
+    fresh = type(store)(store.objects.root)
     with pytest.raises(StoreIntegrityError, match="manifest"):
         fresh.load(d)
     # a chunk list swapped behind the content digest's back is caught too
@@ -65,7 +65,7 @@ def test_tampered_manifest_is_detected(store):
     t = m["tensors"]
     t["norm.weight"]["chunks"] = t[NAME]["chunks"]
     path.write_text(json.dumps(m))
-    fresh = type(store)(store.backend.root)
+    fresh = type(store)(store.objects.root)
     with pytest.raises(StoreIntegrityError, match="norm.weight"):
         fresh.load(d, keys=["norm.weight"])
     assert not fresh.verify().ok
@@ -94,7 +94,7 @@ def test_verify_all_and_gc(store):
     assert report.chunks_checked == len(distinct) == len(sd) + 1 - 2  # 3 equal norm weights
     assert store.gc().chunks_deleted == 0
     # drop v2's manifest: its extra tensor's chunk becomes garbage
-    store.backend.delete("manifests", v2)
+    store.objects.delete("manifests", v2)
     before = store.stored_bytes()
     r = store.gc()
     assert (r.chunks_deleted, r.bytes_freed) == (1, 4000)

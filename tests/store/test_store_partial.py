@@ -3,8 +3,8 @@ import torch
 from tpmlab.store import CHUNK_SIZE, Store
 
 
-class CountingBackend:
-    """Wraps a backend and records every chunk read."""
+class CountingObjectStore:
+    """Wraps a objects and records every chunk read."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -32,8 +32,8 @@ def test_stage_slice_reads_only_its_chunks(tmp_path):
     sd = _model()
     digest = Store(tmp_path).commit(sd, config={}, message="")
     store = Store(tmp_path)
-    counting = CountingBackend(store.backend)
-    store.backend = counting
+    counting = CountingObjectStore(store.objects)
+    store.objects = counting
     stage = store.load(digest, keys=lambda n: n.startswith(("layers.2.", "layers.3.")))
     assert sorted(stage) == ["layers.2.b", "layers.2.w", "layers.3.b", "layers.3.w"]
     m = store.manifest(digest)["tensors"]

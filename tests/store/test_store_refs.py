@@ -2,7 +2,7 @@ import pytest
 import torch
 from store_helpers import tiny_state_dict
 
-from tpmlab.store import FsspecBackend, RefError, Store, StoreError, UnsafeRefError
+from tpmlab.store import FsspecObjectStore, RefError, Store, StoreError, UnsafeRefError
 
 
 def _history(store, n=3):
@@ -59,7 +59,7 @@ def test_resolve_prefixes(store):
 def test_ambiguous_prefix(store):
     # resolving reads only manifest names, so placeholders with chosen digests suffice
     for tail in ("0" * 60, "1" * 60):
-        store.backend.put("manifests", "abcd" + tail, b"{}")
+        store.objects.put("manifests", "abcd" + tail, b"{}")
     with pytest.raises(RefError, match="ambiguous: matches 2"):
         store.resolve("abcd")
     assert store.resolve("abcd1") == "abcd" + "1" * 60
@@ -95,7 +95,7 @@ def test_diff_reports_changes(store):
 @pytest.mark.parametrize("via", ["folder", "fsspec"])
 def test_a_tag_that_is_a_symbolic_link_is_refused(tmp_path, via):
     root = tmp_path / "store"
-    store = Store(root) if via == "folder" else Store(FsspecBackend(f"file://{root}"))
+    store = Store(root) if via == "folder" else Store(FsspecObjectStore(f"file://{root}"))
     d = _history(store)
     store.tag("stable", d[0])
     # A link to a file elsewhere that happens to hold a digest (another store's tag, or any

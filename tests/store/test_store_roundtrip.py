@@ -80,7 +80,7 @@ def test_rejects_bad_input(store):
         store.commit({"t": torch.eye(3).to_sparse()}, config={}, message="")
 
 
-def test_load_to_device_and_memory_backend(mem_store):
+def test_load_to_device_and_memory_object_store(mem_store):
     sd = tiny_state_dict()
     d = mem_store.commit(sd, config={}, message="")
     out = mem_store.load(d, device="cpu")

@@ -200,7 +200,7 @@ def test_sidebar_shows_cluster_and_stages_and_acts(jupyterlab, cluster_with_mode
             page.screenshot(path=str(ARTIFACTS / "sidebar-after-undeploy.png"))
         finally:
             browser.close()
-    from tpmlab.cluster import registry
+    from tpmlab.cluster import deployments
 
-    assert registry.all_records(lab.backend.client) == {}
+    assert deployments.list_deployments(lab.backend.client) == []
     shutil.rmtree(ARTIFACTS / "unused", ignore_errors=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tpmlab.lenses
-from tpmlab.lenses import registry
+from tpmlab.lenses import discovery
 from tpmlab.widgets import LensDashboard, dashboard, figures
 
 ZOO = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "lenses").glob("*.py")
@@ -149,8 +149,8 @@ def run(model, clean, corrupted, *, scale=1.0, norm="l2", squared=False, progres
 
 def test_a_third_party_pair_lens(tiny, tmp_path, monkeypatch):
     (tmp_path / "distance.py").write_text(PAIR_LENS)
-    monkeypatch.setenv(registry.PATH_ENV, str(tmp_path))
-    registry._clear_cache()
+    monkeypatch.setenv(discovery.PATH_ENV, str(tmp_path))
+    discovery._clear_cache()
     try:
         d = dashboard(tiny, "distance", prompt=("one two three", "one two four"), scale=2.0)
         assert [b.description for b in d.boxes] == ["clean", "corrupted"]
@@ -174,4 +174,4 @@ def test_a_third_party_pair_lens(tiny, tmp_path, monkeypatch):
         d.run(wait=True)
         assert "enter the corrupted prompt" in d.status.value
     finally:
-        registry._clear_cache()
+        discovery._clear_cache()

@@ -2,7 +2,7 @@
 
 ``DaskBackend`` deploys a model as stages (:mod:`.partition`, :mod:`.placement`),
 runs plans through them (:mod:`.actor`, :mod:`.stage`), shares deployments between
-clients (:mod:`.registry`) and starts the embedded cluster (:mod:`.embedded`).
+clients (:mod:`.deployments`) and starts the embedded cluster (:mod:`.embedded`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import DeploymentError, StageLostError
-from .placement import Slot, place_stages
+from .placement import Placement, place_stages
 
-__all__ = ["DaskBackend", "Deployment", "DeploymentError", "Slot", "StageLostError",
+__all__ = ["DaskBackend", "Deployment", "DeploymentError", "Placement", "StageLostError",
            "place_stages"]
 
 

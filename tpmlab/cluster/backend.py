@@ -5,7 +5,7 @@ pipeline stages held by Dask workers.
   (:mod:`.partition`), places one actor per stage (:mod:`.placement`: one stage per
   GPU on workers with a ``GPU`` resource, else CPU workers), each loading only its
   own weights, links each stage to the next, and publishes the deployment on the
-  scheduler (:mod:`.registry`) so other clients attach to it.
+  scheduler (:mod:`.deployments`) so other clients attach to it.
 * ``run`` hands the plan bytes to stage 0's actor (which validates it and drives the
   pipeline) and, at the same time, to every later stage's ``collect``; hidden states
   go from stage to stage directly (:mod:`.actor`), and each stage's saved values come
@@ -29,7 +29,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,13 +41,14 @@ from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
 from ..runtime.limits import limits_to_wire
-from . import cleanup, registry
+from . import cleanup, deployments
 from .actor import StageActor, pad_token_id
+from .deployments import DeploymentRecord
 from .embedded import start_local_cluster
 from .errors import DeploymentError, StageLostError
 from .handover import local_token, unpack
 from .partition import StageSpan, part_bytes, split_layers
-from .placement import Slot, gpu_count, place_stages
+from .placement import Placement, gpu_count, place_stages
 from .wire import from_wire
 
 SETUP_TIMEOUT = 300.0  # seconds to load one stage's weights and answer
@@ -59,18 +60,13 @@ def _worker_addresses(dask_scheduler: Any) -> list[str]:
 
 
 @dataclass
-class Deployment:
-    """One model's stages as this client sees them."""
+class Deployment(DeploymentRecord):
+    """One model's stages as this client sees them: the published record, the stage
+    actors it calls, and whether this client deployed them (``owner``: it unpublishes them
+    when it lets go)."""
 
-    key: str
-    info: ModelInfo
-    futures: list[Future]
-    actors: list[Any]
-    slots: list[Slot]
-    spans: list[StageSpan]
-    specs: list[dict[str, Any]]
-    owner: bool
-    extra: dict[str, Any] = field(default_factory=dict)
+    actors: list[Any] = field(default_factory=list)
+    owner: bool = False
 
 
 class DaskBackend:
@@ -128,15 +124,15 @@ class DaskBackend:
         from ..models import resolve
 
         source = resolve(name)
-        key = registry.deployment_key(name, source.version)
-        lock = registry.deploy_lock(self.client, key)
+        key = deployments.deployment_key(name, source.version)
+        lock = deployments.deploy_lock(self.client, key)
         if not lock.acquire(timeout=SETUP_TIMEOUT):
             raise RequestTimeoutError(f"another client has been deploying {name} for over "
                                       f"{SETUP_TIMEOUT:.0f}s")
         try:
-            record = registry.lookup(self.client, key)
+            record = deployments.lookup(self.client, key)
             if record is not None:
-                dep = self._attach(key, record, owner=False)
+                dep = self._attach(record, owner=False)
             else:
                 dep = self._deploy_new(name, source, key, stages or 1, dtype)
         finally:
@@ -144,13 +140,10 @@ class DaskBackend:
         self.deployments[name] = dep
         return dep.info
 
-    def _attach(self, key: str, record: dict[str, Any], *, owner: bool) -> Deployment:
-        futures = record["futures"]
-        actors = [_result(f, SETUP_TIMEOUT, "a stage of the published deployment") for f in futures]
-        return Deployment(key=key, info=ModelInfo.from_dict(record["info"]), futures=futures,
-                          actors=actors, slots=[Slot(*s) for s in record["slots"]],
-                          spans=[StageSpan(**s) for s in record["spans"]], specs=record["specs"],
-                          owner=owner)
+    def _attach(self, record: DeploymentRecord, *, owner: bool) -> Deployment:
+        actors = [_result(f, SETUP_TIMEOUT, "a stage of the published deployment")
+                  for f in record.futures]
+        return Deployment(**vars(record), actors=actors, owner=owner)
 
     def _deploy_new(self, name: str, source: Any, key: str, n_stages: int,
                     dtype: str | torch.dtype | None) -> Deployment:
@@ -165,11 +158,10 @@ class DaskBackend:
             spans = split_layers(layer_bytes, first, last, n_stages)
         except ValueError as e:
             raise DeploymentError(f"{name}: {e}") from None
-        taken = [Slot(*s) for rec in registry.all_records(self.client).values()
-                 for s in rec["slots"]]
-        slots = place_stages(workers, n_stages, taken=taken)
-        specs = [self._spec(name, span, slot, dtype) for span, slot in zip(spans, slots)]
-        futures = [self._submit(spec, slot) for spec, slot in zip(specs, slots)]
+        taken = [p for rec in deployments.list_deployments(self.client) for p in rec.placements]
+        placements = place_stages(workers, n_stages, taken=taken)
+        specs = [self._spec(name, span, place, dtype) for span, place in zip(spans, placements)]
+        futures = [self._submit(spec, place) for spec, place in zip(specs, placements)]
         # the tokenizer (its pad id goes to the stages) is read while the stages load
         reader = ThreadPoolExecutor(1)
         pad = reader.submit(lambda: pad_token_id(source.tokenizer()))
@@ -186,29 +178,29 @@ class DaskBackend:
                 raise
             raise DeploymentError(f"could not load {name} as {n_stages} stages: "
                                   f"{type(e).__name__}: {e}") from e
-        info = self._model_info(name, source, dtype, described, slots, spans)
+        info = self._model_info(name, source, dtype, described, placements, spans)
         info.extra["pad_id"] = pad.result()
-        dep = Deployment(key=key, info=info, futures=futures, actors=actors, slots=slots,
+        dep = Deployment(key=key, info=info, futures=futures, actors=actors, placements=placements,
                          spans=spans, specs=specs, owner=True)
         self._link(dep, range(n_stages))
         self._publish(dep)
         return dep
 
-    def _spec(self, name: str, span: StageSpan, slot: Slot, dtype: torch.dtype) -> dict[str, Any]:
+    def _spec(self, name: str, span: StageSpan, place: Placement, dtype: torch.dtype) -> dict[str, Any]:
         return {"model": name, "index": span.index, "n_stages": span.n_stages, "first": span.first,
-                "last": span.last, "nbytes": span.nbytes, "device": slot.device,
+                "last": span.last, "nbytes": span.nbytes, "device": place.device,
                 "dtype": dtype_name(dtype), "threads": self.threads,
                 "limits": {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}}
 
-    def _submit(self, spec: dict[str, Any], slot: Slot) -> Future:
-        return self.client.submit(StageActor, spec, actor=True, workers=[slot.worker],
+    def _submit(self, spec: dict[str, Any], place: Placement) -> Future:
+        return self.client.submit(StageActor, spec, actor=True, workers=[place.worker],
                                   allow_other_workers=False, pure=False,
                                   key=f"tpmlab-stage{spec['index']}-{spec['model']}-"
                                       f"{uuid.uuid4().hex[:8]}")
 
     @staticmethod
     def _model_info(name: str, source: Any, dtype: torch.dtype, described: list[dict[str, Any]],
-                    slots: list[Slot], spans: list[StageSpan]) -> ModelInfo:
+                    placements: list[Placement], spans: list[StageSpan]) -> ModelInfo:
         events: list[str] = []
         shapes: dict[str, Any] = {}
         starts = []
@@ -223,9 +215,9 @@ class DaskBackend:
                          dtype=dtype_name(dtype), events=events, shapes=shapes,
                          modules=[n for n, _ in meta.named_modules()], params=params,
                          vocab_size=meta.get_input_embeddings().num_embeddings,
-                         stage_starts=starts, stage_workers=[s.worker for s in slots],
+                         stage_starts=starts, stage_workers=[s.worker for s in placements],
                          extra={"stage_layers": [[s.first, s.last] for s in spans],
-                                "stage_devices": [s.device for s in slots],
+                                "stage_devices": [s.device for s in placements],
                                 "stage_bytes": [d["nbytes"] for d in described]})
 
     def _link(self, dep: Deployment, stages: range | list[int]) -> None:
@@ -238,10 +230,7 @@ class DaskBackend:
             _result(call, SETUP_TIMEOUT, f"linking stage {k}")
 
     def _publish(self, dep: Deployment) -> None:
-        registry.publish(self.client, dep.key, {
-            "futures": dep.futures, "info": dep.info.to_dict(),
-            "slots": [[s.worker, s.device] for s in dep.slots],
-            "spans": [asdict(s) for s in dep.spans], "specs": dep.specs})
+        deployments.publish(self.client, dep)
 
     # -- run ---------------------------------------------------------------------------------------
     def deployment(self, name: str) -> Deployment:
@@ -341,12 +330,12 @@ class DaskBackend:
     # -- faults ------------------------------------------------------------------------------------
     def _lost_stages(self, dep: Deployment) -> list[int]:
         live = self.live_addresses()
-        return [k for k, s in enumerate(dep.slots) if s.worker not in live]
+        return [k for k, s in enumerate(dep.placements) if s.worker not in live]
 
     def _fail_lost(self, dep: Deployment, cause: BaseException | None) -> None:
         lost = self._lost_stages(dep)
         names = ", ".join(f"stage {k} (layers {dep.spans[k].first}-{dep.spans[k].last}) on "
-                          f"{dep.slots[k].worker}" for k in lost) or "a stage"
+                          f"{dep.placements[k].worker}" for k in lost) or "a stage"
         try:
             self.heal(dep.info.name)
             healed = "the stages were loaded again on live workers; run the request again"
@@ -361,30 +350,30 @@ class DaskBackend:
         indices of the stages that were re-placed here.
         """
         dep = self.deployment(name)
-        lock = registry.deploy_lock(self.client, dep.key)
+        lock = deployments.deploy_lock(self.client, dep.key)
         if not lock.acquire(timeout=SETUP_TIMEOUT):
             raise RequestTimeoutError(f"could not lock deployment {dep.key} to heal it")
         try:
-            record = registry.lookup(self.client, dep.key)
-            if record is not None and [f.key for f in record["futures"]] != [f.key for f in dep.futures]:
-                dep = self.deployments[name] = self._attach(dep.key, record, owner=dep.owner)
+            record = deployments.lookup(self.client, dep.key)
+            if record is not None and [f.key for f in record.futures] != [f.key for f in dep.futures]:
+                dep = self.deployments[name] = self._attach(record, owner=dep.owner)
             lost = self._lost_stages(dep)
             if not lost:
                 return []
             live = self.live_addresses()
             workers = {a: w for a, w in self.workers().items() if a in live}
-            keep = [s for k, s in enumerate(dep.slots) if k not in lost]
+            keep = [s for k, s in enumerate(dep.placements) if k not in lost]
             for k in lost:
-                slot = place_stages(workers, 1, taken=keep)[0]
-                spec = {**dep.specs[k], "device": slot.device}
+                place = place_stages(workers, 1, taken=keep)[0]
+                spec = {**dep.specs[k], "device": place.device}
                 old = dep.futures[k]
-                dep.futures[k] = self._submit(spec, slot)
+                dep.futures[k] = self._submit(spec, place)
                 dep.actors[k] = _result(dep.futures[k], SETUP_TIMEOUT, f"re-loading stage {k}")
-                dep.slots[k], dep.specs[k] = slot, spec
-                keep.append(slot)
+                dep.placements[k], dep.specs[k] = place, spec
+                keep.append(place)
                 old.release()
-            dep.info.stage_workers = [s.worker for s in dep.slots]
-            dep.info.extra["stage_devices"] = [s.device for s in dep.slots]
+            dep.info.stage_workers = [s.worker for s in dep.placements]
+            dep.info.extra["stage_devices"] = [s.device for s in dep.placements]
             self._link(dep, sorted({j for k in lost for j in (k - 1, k) if j >= 0}))
             self._publish(dep)
             return lost
@@ -395,7 +384,7 @@ class DaskBackend:
     def memory(self, name: str) -> list[dict[str, int]]:
         """Per stage: its worker's resident and peak resident bytes and the stage's bytes."""
         dep = self.deployment(name)
-        return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.slots[k].worker}
+        return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.placements[k].worker}
                 for k, a in enumerate(dep.actors)]
 
     def weight_restores(self) -> dict[str, int]:
@@ -412,9 +401,9 @@ class DaskBackend:
         if dep is None:
             return
         if dep.owner:
-            record = registry.lookup(self.client, dep.key)
-            if record is not None and [f.key for f in record["futures"]] == [f.key for f in dep.futures]:
-                registry.unpublish(self.client, dep.key)
+            record = deployments.lookup(self.client, dep.key)
+            if record is not None and [f.key for f in record.futures] == [f.key for f in dep.futures]:
+                deployments.unpublish(self.client, dep.key)
         for f in dep.futures:
             f.release()
         dep.actors.clear()

@@ -8,6 +8,8 @@ from ..errors import ExecutionError, TpmlabError
 class DeploymentError(TpmlabError):
     """A model could not be placed on the cluster (too few workers or GPUs, a stage failed to load)."""
 
+    http_status = 503
+
 
 class StageLostError(ExecutionError):
     """A stage's worker died while a request ran on it.

@@ -20,7 +20,7 @@ GPU = "GPU"
 
 
 @dataclass(frozen=True)
-class Slot:
+class Placement:
     """Where one stage lives: a worker address and a torch device string on it."""
 
     worker: str
@@ -33,11 +33,11 @@ def gpu_count(info: Mapping[str, Any]) -> int:
 
 
 def place_stages(workers: Mapping[str, Mapping[str, Any]], n_stages: int, *,
-                 taken: Iterable[Slot] = (), exclude: Iterable[str] = ()) -> list[Slot]:
-    """A slot for each of ``n_stages`` stages.
+                 taken: Iterable[Placement] = (), exclude: Iterable[str] = ()) -> list[Placement]:
+    """A placement (worker and device) for each of ``n_stages`` stages.
 
     ``workers``: the scheduler's view, ``{address: {"resources": {...}, ...}}``
-    (``Client.scheduler_info()["workers"]``); ``taken``: slots other stages already
+    (``Client.scheduler_info()["workers"]``); ``taken``: placements other stages already
     hold (a GPU holds one stage); ``exclude``: addresses not to use (lost workers).
     Raises :class:`DeploymentError` when there are not enough workers or GPUs.
     """
@@ -49,7 +49,7 @@ def place_stages(workers: Mapping[str, Mapping[str, Any]], n_stages: int, *,
     gpu_workers = {a: gpu_count(w) for a, w in live.items() if gpu_count(w) > 0}
     if gpu_workers:
         used = {(s.worker, s.device) for s in taken}
-        free = [Slot(a, f"cuda:{i}") for a in sorted(gpu_workers) for i in range(gpu_workers[a])
+        free = [Placement(a, f"cuda:{i}") for a in sorted(gpu_workers) for i in range(gpu_workers[a])
                 if (a, f"cuda:{i}") not in used]
         if len(free) < n_stages:
             total = sum(gpu_workers.values())
@@ -58,10 +58,10 @@ def place_stages(workers: Mapping[str, Mapping[str, Any]], n_stages: int, *,
                 f"GPU workers offer {total}, {len(free)} free. Use fewer stages or add workers "
                 "with --resources GPU=1")
         # spread over workers first (one GPU each), then use the remaining GPUs
-        by_worker: dict[str, list[Slot]] = {}
+        by_worker: dict[str, list[Placement]] = {}
         for s in free:
             by_worker.setdefault(s.worker, []).append(s)
-        order: list[Slot] = []
+        order: list[Placement] = []
         while len(order) < len(free):
             for a in sorted(by_worker):
                 if by_worker[a]:
@@ -71,9 +71,9 @@ def place_stages(workers: Mapping[str, Mapping[str, Any]], n_stages: int, *,
     for s in taken:
         if s.worker in load:
             load[s.worker] += 1
-    slots = []
+    placements = []
     for _ in range(n_stages):
         a = min(sorted(load), key=lambda w: load[w])
         load[a] += 1
-        slots.append(Slot(a, "cpu"))
-    return slots
+        placements.append(Placement(a, "cpu"))
+    return placements

@@ -241,9 +241,16 @@ def client_security(address: str, security: Security | None = None) -> Security 
     address on another host warns once (:class:`InsecureClusterWarning`): anyone who
     reaches it runs code as the cluster's owner.
     """
+    scheme, host = _scheme_host(address)
+    if scheme == GATEWAY_SCHEME:
+        _register_gateway_comm()
     if security is not None:
         return security
-    scheme, host = _scheme_host(address)
+    if scheme == GATEWAY_SCHEME:  # dask-gateway's proxy: TLS under the cluster's own CA
+        raise ClusterSecurityError(
+            f"{address} is a dask-gateway cluster, reached only with its credentials: pass "
+            "the cluster itself (tpmlab.connect(cluster)) or security=cluster.security. "
+            f"See {DOCS}.")
     if scheme == "tls":
         found = credentials_for(address)
         if found is not None or _configured_tls():
@@ -256,6 +263,32 @@ def client_security(address: str, security: Security | None = None) -> Security 
     if scheme == "tcp" and not is_loopback(host):
         _warn_once(address)
     return None
+
+
+GATEWAY_SCHEME = "gateway"  # dask-gateway's proxied TLS, routed by the cluster's name (SNI)
+
+
+def cluster_endpoint(cluster: Any, security: Security | None = None) -> tuple[str, Security | None]:
+    """The scheduler address and credentials of a Dask cluster object: a dask-gateway
+    ``GatewayCluster`` (``Gateway().new_cluster()``, its credentials made by the gateway for
+    its owner), a dask-jobqueue or ``LocalCluster``: anything with ``scheduler_address``
+    and ``security``. ``security`` overrides the cluster's own."""
+    address = getattr(cluster, "scheduler_address", None)
+    if not isinstance(address, str) or not address:
+        raise ClusterSecurityError(
+            f"connect() takes a scheduler address (a str) or a Dask cluster object with a "
+            f"scheduler_address (dask_gateway.GatewayCluster, dask-jobqueue, LocalCluster); "
+            f"got {type(cluster).__name__}")
+    return address, security if security is not None else getattr(cluster, "security", None)
+
+
+def _register_gateway_comm() -> None:
+    """``gateway://`` addresses need dask-gateway's comm, registered when it is imported."""
+    try:
+        import dask_gateway  # noqa: F401
+    except ImportError:
+        raise ClusterSecurityError("a gateway:// address needs dask-gateway: "
+                                   "pip install 'tpmlab[hpc]'") from None
 
 
 def is_loopback(host: str) -> bool:

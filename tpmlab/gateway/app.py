@@ -18,9 +18,9 @@ admin    /v1/admin/users[...]                  users, keys, tiers, allocations (
 
 Plans and results are ``application/octet-stream`` (:mod:`tpmlab.ir.codec`: JSON +
 safetensors, never pickles). Errors are JSON ``{"error": <class>, "message": ...}`` with
-the status of their class, decided in one place (:func:`tpmlab.gateway.errors.http_status`:
-plan errors 400, size limits 413, failures while running 422, the gateway's own errors
-their ``status``). A request is authenticated (failures throttled per client address)
+the status their class states (``http_status``: plan errors 400, size limits 413, failures
+while running 422, the gateway's own errors theirs), read in one place
+(:func:`tpmlab.gateway.errors.http_status`). A request is authenticated (failures throttled per client address)
 and counted against the user's in-flight limit before its body is read.
 """
 
@@ -46,10 +46,11 @@ from .errors import (
     PayloadTooLargeError,
     TierError,
     UnsupportedMediaTypeError,
+    class_for_status,
     error_body,
     http_status,
 )
-from .ledger import USER_NAME_PATTERN, LedgerError, UserView
+from .ledger import USER_NAME_PATTERN, UserView
 from .throttle import FailureThrottle, retry_after_header
 from .tiers import TIERS
 
@@ -92,6 +93,8 @@ class Me(BaseModel):
     balance: float
     held: float = Field(description="units held by your requests in flight")
     requests: int
+    max_invokes: int = Field(description="invokes your tier allows in one forward pass (a "
+                                         "trace with more runs in several)")
 
 
 class Usage(Me):
@@ -198,10 +201,6 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
     async def _tpmlab_error(request: Request, e: TpmlabError) -> JSONResponse:
         return answer(e)
 
-    @app.exception_handler(LedgerError)
-    async def _ledger_error(request: Request, e: LedgerError) -> JSONResponse:
-        return answer(BadRequestError(str(e)))
-
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception) -> JSONResponse:  # logged by Starlette
         return JSONResponse({"error": "InternalError", "message": "the gateway failed; its "
@@ -210,8 +209,7 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         """Routing answers (no such path, method not allowed) in the same body as ours."""
-        name = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code,
-                                                                         "BadRequestError")
+        name = class_for_status(e.status_code).__name__
         return JSONResponse({"error": name, "message": f"{e.detail}: {request.method} "
                              f"{request.url.path[:200]}"}, status_code=e.status_code,
                             headers=getattr(e, "headers", None))
@@ -311,12 +309,14 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
     @app.get("/v1/me", response_model=Me)
     def me(user: User) -> dict:
         return {"name": user.name, "tier": user.tier, "source": user.source,
-                **gateway.ledger.totals(user.name)}
+                **gateway.ledger.totals(user.name),
+                "max_invokes": gateway.limits_for(user).max_invokes}
 
     @app.get("/v1/me/usage", response_model=Usage)
     def usage(user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
         return {"name": user.name, "tier": user.tier, "source": user.source,
                 **gateway.ledger.totals(user.name),
+                "max_invokes": gateway.limits_for(user).max_invokes,
                 "charges": gateway.ledger.charges(user.name, limit)}
 
     # -- administration ------------------------------------------------------------------------

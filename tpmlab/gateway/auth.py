@@ -34,6 +34,9 @@ class HubSettings:
     default_units: float = 1000.0
     cache_seconds: float = 60.0
     timeout: float = 5.0
+    # a scope the token must carry, e.g. "access:services!service=tpmlab" for the gateway
+    # run as that Hub service (`tpmlab hub-config`): other Hub tokens are refused
+    required_scope: str | None = None
 
 
 def token_from_header(value: str | None) -> str:
@@ -45,6 +48,14 @@ def token_from_header(value: str | None) -> str:
         raise AuthenticationError("the Authorization header must be 'Bearer <token>' or "
                                   "'token <token>'")
     return token.strip()
+
+
+def has_scope(scopes: list[str], required: str | None) -> bool:
+    """Whether a Hub token's ``scopes`` grant ``required`` (itself, or its unfiltered form:
+    ``access:services`` grants ``access:services!service=x``)."""
+    if required is None:
+        return True
+    return required in scopes or required.partition("!")[0] in scopes
 
 
 class Authenticator:
@@ -103,11 +114,16 @@ class Authenticator:
         if r.status_code != 200:
             raise UpstreamError(f"JupyterHub answered {r.status_code} checking the token")
         try:
-            name = r.json()["name"]
-        except (ValueError, KeyError, TypeError):
+            body = r.json()
+            name, scopes = body["name"], body.get("scopes") or []
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise UpstreamError("JupyterHub's answer has no user name") from None
         if not isinstance(name, str) or not name:
             raise UpstreamError("JupyterHub's answer has no user name")
+        if not has_scope(scopes, self.hub.required_scope):
+            raise AuthenticationError(f"this JupyterHub token does not grant "
+                                      f"{self.hub.required_scope!r}: use the token of your "
+                                      "single-user server or make one with that scope")
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (time.monotonic() + self.hub.cache_seconds, name)

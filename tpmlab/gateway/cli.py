@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -33,9 +34,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"SQLAlchemy URL of the ledger ({DEFAULT_DB})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
-    p.add_argument("--hub-api", default=None,
+    p.add_argument("--hub-api", default=os.environ.get("JUPYTERHUB_API_URL"),
                    help="JupyterHub API URL (e.g. http://127.0.0.1:8081/hub/api) to accept "
-                   "JupyterHub tokens")
+                   "JupyterHub tokens (default: $JUPYTERHUB_API_URL, set for Hub services)")
+    p.add_argument("--hub-scope", default=None,
+                   help="accept only Hub tokens with this scope (e.g. "
+                   "access:services!service=tpmlab)")
+    p.add_argument("--prefix", default=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/"),
+                   help="URL path the gateway is served under (default: "
+                   "$JUPYTERHUB_SERVICE_PREFIX, set for Hub services, else /)")
     p.add_argument("--hub-tier", default="query", choices=TIERS,
                    help="tier of JupyterHub users on first sight")
     p.add_argument("--hub-units", type=float, default=1000.0,
@@ -135,11 +142,15 @@ def serve_command(args: argparse.Namespace) -> int:
                            plan_compute_factor=args.plan_compute_factor)
     print(f"tpmlab gateway: deploying {config.models} on {args.backend} ...", flush=True)
     gateway = Gateway(make_backend(args), ledger, config)
-    hub = HubSettings(args.hub_api, args.hub_tier, args.hub_units) if args.hub_api else None
+    hub = HubSettings(args.hub_api, args.hub_tier, args.hub_units,
+                      required_scope=args.hub_scope) if args.hub_api else None
     import uvicorn
 
-    print(f"tpmlab gateway: serving on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(gateway, hub=hub), host=args.host, port=args.port,
+    from .server import under_prefix
+
+    print(f"tpmlab gateway: serving on http://{args.host}:{args.port}{args.prefix}", flush=True)
+    uvicorn.run(under_prefix(create_app(gateway, hub=hub), args.prefix),
+                host=args.host, port=args.port,
                 log_level=args.log_level, forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 

@@ -2,52 +2,36 @@
 
 ``tpmlab.connect(gateway=URL, token=...)`` uses it, so a notebook has the same API
 against a gateway as against a Dask cluster or in-process. The token is a tpmlab API
-key or a JupyterHub API token (default: ``$TPMLAB_GATEWAY_TOKEN``, else the
-``$JUPYTERHUB_API_TOKEN`` every JupyterHub single-user server has).
+key or a JupyterHub API token (default: the environment's, :func:`tpmlab.tokens.gateway_token`:
+``$TPMLAB_TOKEN``, else ``$TPMLAB_GATEWAY_TOKEN``, else the ``$JUPYTERHUB_API_TOKEN`` every
+JupyterHub single-user server has).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 
-from .. import errors as core_errors
 from ..errors import RequestTimeoutError
 from ..ir.codec import decode_result
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
+from ..tokens import gateway_token, token_sources
 from . import errors as gw_errors
 
 
 def raise_for_error(response: httpx.Response) -> None:
     """Raise the tpmlab error a gateway error response stands for (the class it names,
-    else one chosen by the HTTP status)."""
+    else the gateway error class of its HTTP status)."""
     if response.status_code < 400:
         return
     try:
         body = response.json()
-        name, message = str(body.get("error", "")), str(body.get("message", response.text))
-    except (ValueError, AttributeError):
-        name, message = "", response.text[:500] or response.reason_phrase
-        body = {}
-    cls = gw_errors.error_class(name)
-    if cls is not None and issubclass(cls, (core_errors.PlanError, core_errors.ExecutionError)):
-        raise cls(message, node=body.get("node"), line=body.get("line"))
-    if cls is not None and not issubclass(cls, gw_errors.GatewayError):
-        raise cls(message)
-    if cls is None:
-        cls = {401: gw_errors.AuthenticationError, 402: gw_errors.QuotaError,
-               403: gw_errors.TierError, 404: gw_errors.NotFoundError,
-               410: gw_errors.ResultGoneError, 413: gw_errors.PayloadTooLargeError,
-               415: gw_errors.UnsupportedMediaTypeError, 429: gw_errors.RateLimitError,
-               503: gw_errors.UpstreamError,
-               504: gw_errors.GatewayTimeoutError}.get(response.status_code,
-                                                        gw_errors.GatewayError)
-    extra = {k: v for k, v in body.items() if k not in ("error", "message")} \
-        if isinstance(body, dict) else {}
-    raise cls(f"{message} (HTTP {response.status_code})", **extra)
+    except ValueError:
+        body = None
+    raise gw_errors.error_from_answer(response.status_code, body,
+                                      response.text or response.reason_phrase)
 
 
 class GatewayBackend:
@@ -55,12 +39,11 @@ class GatewayBackend:
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 600.0,
                  transport: httpx.BaseTransport | None = None) -> None:
-        token = token or os.environ.get("TPMLAB_GATEWAY_TOKEN") or os.environ.get(
-            "JUPYTERHUB_API_TOKEN")
+        token = token or gateway_token()
         if not token:
             raise gw_errors.AuthenticationError(
                 "connect(gateway=...) needs token= (a tpmlab API key or a JupyterHub token), "
-                "or $TPMLAB_GATEWAY_TOKEN / $JUPYTERHUB_API_TOKEN")
+                f"or one of {token_sources()} set")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=10.0),
@@ -105,6 +88,12 @@ class GatewayBackend:
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """:meth:`run`, decoded: saved values by node id and the result's metadata."""
         return decode_result(self.run(model, plan, timeout=timeout, limits=limits))
+
+    @property
+    def limits(self) -> Limits:
+        """What the client needs to know of your tier's limits: the invokes one pass takes
+        (a trace with more is split into passes before it is sent)."""
+        return Limits(max_invokes=int(self.me()["max_invokes"]))
 
     def models(self) -> list[dict[str, Any]]:
         return self._get("/v1/models")

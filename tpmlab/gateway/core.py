@@ -42,7 +42,6 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import (
     ExecutionError,
     PlanError,
-    RequestTimeoutError,
     TpmlabError,
     WeightsChangedError,
 )
@@ -580,7 +579,7 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
 
 
 def _as_error(e: Exception) -> Exception:
-    if isinstance(e, (PlanError, ExecutionError, GatewayError, RequestTimeoutError)):
+    if isinstance(e, TpmlabError):  # deliberate: it carries its own status
         return e
     if isinstance(e, LookupError):
         return NotFoundError(str(e))

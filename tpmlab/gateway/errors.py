@@ -1,33 +1,33 @@
-"""Errors of the gateway, and the one place that maps any tpmlab error to an HTTP answer.
+"""Errors of the gateway, and the one place that turns any tpmlab error into an HTTP answer
+and an answer back into the error.
 
-Every error the gateway answers with is a class: the gateway's own below (each with its
-``status``) and the engine's :mod:`tpmlab.errors` classes, whose statuses
-:data:`ENGINE_STATUS` gives by base class (a new :class:`~tpmlab.errors.PlanError`
-subclass is a 400 without any change here). :func:`http_status` and :func:`error_body`
-turn an error into the answer ``{"error": <class name>, "message": ..., ...}``;
-:func:`error_class` turns a class name back into the class, so
-:class:`~tpmlab.gateway.client.GatewayBackend` raises what the engine raised.
+Every error the gateway answers with is a :class:`~tpmlab.errors.TpmlabError`, and its
+class states its status (``http_status``: plan errors 400, size limits 413, failures while
+running 422, a timeout 504, the gateway's own errors below theirs). :func:`http_status` and
+:func:`error_body` turn an error into the answer ``{"error": <class name>, "message": ...,
+...}``; :func:`error_from_answer` turns an answer back into an error of the class it names
+(or, for an answer that names none, the gateway error class of its status), so
+:class:`~tpmlab.gateway.client.GatewayBackend` raises what the server raised.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from .. import errors as engine_errors
-from ..errors import (
-    ExecutionError,
-    LimitError,
-    PlanError,
-    RequestTimeoutError,
-    TpmlabError,
-    WeightsChangedError,
-)
+from ..errors import ExecutionError, PlanError, TpmlabError
+
+#: modules that define the error classes a gateway's answer can name; imported when an
+#: answer names a class not loaded yet
+ERROR_MODULES = ("tpmlab.errors", "tpmlab.gateway.errors", "tpmlab.models.errors",
+                 "tpmlab.store.errors", "tpmlab.cluster.errors", "tpmlab.ir.rows",
+                 "tpmlab.ir.ops")
 
 
 class GatewayError(TpmlabError):
     """A request the gateway refused or could not serve."""
 
-    status = 500
+    http_status = 500
 
     def __init__(self, message: str, **extra: Any) -> None:
         self.message = message
@@ -38,98 +38,95 @@ class GatewayError(TpmlabError):
 class BadRequestError(GatewayError):
     """A malformed request: its body, headers or parameters (400)."""
 
-    status = 400
+    http_status = 400
 
 
 class AuthenticationError(GatewayError):
     """No credential, or one that neither the ledger nor JupyterHub knows (401)."""
 
-    status = 401
+    http_status = 401
 
 
 class QuotaError(GatewayError):
     """The request's hold (its worst case in service units) exceeds the user's available
     balance (402)."""
 
-    status = 402
+    http_status = 402
 
 
 class TierError(GatewayError):
     """The plan needs a higher tier than the user has (403)."""
 
-    status = 403
+    http_status = 403
 
 
 class NotFoundError(GatewayError):
     """No such model, request or user, or one that belongs to someone else (404)."""
 
-    status = 404
+    http_status = 404
+
+
+class MethodNotAllowedError(GatewayError):
+    """A path that exists, asked with a method it does not serve (405)."""
+
+    http_status = 405
 
 
 class ConflictError(GatewayError):
-    status = 409
+    http_status = 409
 
 
 class ResultGoneError(GatewayError):
     """The request finished, but its result is no longer kept (410): results are kept for a
     while and within a per-user byte budget."""
 
-    status = 410
+    http_status = 410
 
 
 class PayloadTooLargeError(GatewayError):
-    status = 413
+    http_status = 413
 
 
 class UnsupportedMediaTypeError(GatewayError):
     """A plan sent with a content type other than ``application/octet-stream`` (415)."""
 
-    status = 415
+    http_status = 415
 
 
 class RateLimitError(GatewayError):
     """Too many requests of this user in flight, or too many failed authentications from
     this address (429, with ``Retry-After`` when known)."""
 
-    status = 429
+    http_status = 429
 
 
 class UpstreamError(GatewayError):
     """JupyterHub or the engine could not be reached (503)."""
 
-    status = 503
+    http_status = 503
 
 
 class BusyError(GatewayError):
     """The gateway is validating as many plans as it allows at once (503, ``Retry-After``)."""
 
-    status = 503
+    http_status = 503
 
 
 class GatewayTimeoutError(GatewayError):
-    status = 504
+    http_status = 504
 
 
-# Statuses of the engine's errors, by base class: the most specific base listed wins.
-ENGINE_STATUS: dict[type[BaseException], int] = {
-    LimitError: 413,  # a size limit of the plan or of the user's tier
-    PlanError: 400,  # refused before running
-    WeightsChangedError: 422,  # the plan wrote a deployed weight: refused, weights restored
-    ExecutionError: 422,  # valid, but failed while running
-    RequestTimeoutError: 504,
-}
+class LedgerError(TpmlabError):
+    """A ledger operation that cannot be done (unknown user, duplicate name, a balance that
+    would go below zero...) (400)."""
+
+    http_status = 400
 
 
 def http_status(error: BaseException) -> int:
-    """The HTTP status of ``error``: its class's ``status``, or that of its nearest base in
-    :data:`ENGINE_STATUS`; 500 for anything else (a bug, never a user's doing)."""
-    for cls in type(error).__mro__:
-        if cls in ENGINE_STATUS:
-            return ENGINE_STATUS[cls]
-        status = cls.__dict__.get("status")
-        if isinstance(status, int):
-            return status
-    return 500
+    """The HTTP status of ``error``: its class's ``http_status``; 500 for an error that is no
+    :class:`~tpmlab.errors.TpmlabError` (a bug, never a user's doing)."""
+    return error.http_status if isinstance(error, TpmlabError) else 500
 
 
 def error_body(error: BaseException) -> dict[str, Any]:
@@ -150,8 +147,48 @@ def _subclasses(cls: type) -> list[type]:
     return out
 
 
+def _public(cls: type) -> bool:
+    return cls.__module__.startswith("tpmlab.") and not cls.__name__.startswith("_")
+
+
+def error_classes() -> dict[str, type[TpmlabError]]:
+    """Every tpmlab error class by name (those of :data:`ERROR_MODULES` and any other loaded)."""
+    for name in ERROR_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a part not installed here: its errors cannot be raised here either
+            pass
+    return {c.__name__: c for c in _subclasses(TpmlabError) if _public(c)}
+
+
 def error_class(name: str) -> type[TpmlabError] | None:
-    """The tpmlab error class called ``name`` (engine or gateway), or None."""
-    classes = {c.__name__: c for c in _subclasses(TpmlabError)
-               if c.__module__ in (engine_errors.__name__, __name__)}
-    return classes.get(name)
+    """The tpmlab error class called ``name``, or None."""
+    loaded = {c.__name__: c for c in _subclasses(TpmlabError) if _public(c)}
+    return loaded[name] if name in loaded else error_classes().get(name)
+
+
+def class_for_status(status: int) -> type[GatewayError]:
+    """The gateway error class of ``status`` (the first declared with it), for an answer
+    that names no class; :class:`GatewayError` for a status none declares."""
+    return next((c for c in _subclasses(GatewayError) if c.__module__ == __name__
+                 and c.http_status == status), GatewayError)
+
+
+def error_from_answer(status: int, body: Any, text: str = "") -> TpmlabError:
+    """The error an error answer stands for: the class its body names (rebuilt with the
+    node and line of a plan error, the extra fields of a gateway error), else the gateway
+    error class of ``status``. ``text``: the raw body, used when it is not JSON."""
+    body = body if isinstance(body, dict) else {}
+    message = str(body.get("message", text[:500]))
+    cls = error_class(str(body.get("error", "")))
+    if cls is not None and issubclass(cls, (PlanError, ExecutionError)):
+        return cls(message, node=body.get("node"), line=body.get("line"))
+    if cls is not None and not issubclass(cls, GatewayError):
+        try:
+            return cls(message)
+        except TypeError:  # a class built from more than a message: keep its status at least
+            cls = None
+    if cls is None:
+        cls = class_for_status(status)
+    extra = {k: v for k, v in body.items() if k not in ("error", "message")}
+    return cls(f"{message} (HTTP {status})", **extra)

@@ -66,6 +66,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from .errors import LedgerError
 from .tiers import TIERS
 
 KEY_PREFIX = "tpmk_"
@@ -183,10 +184,6 @@ class Admission:
     @property
     def available(self) -> float:
         return self.balance - self.held
-
-
-class LedgerError(Exception):
-    """A ledger operation that cannot be done (unknown user, duplicate name...)."""
 
 
 def _hash(salt: str, secret: str) -> str:

@@ -9,6 +9,31 @@ import time
 from typing import Any
 
 
+def under_prefix(app: Any, prefix: str) -> Any:
+    """``app`` served under the URL path ``prefix`` (e.g. ``/services/tpmlab/``, where
+    JupyterHub's proxy forwards a service's requests with their path unchanged): the prefix
+    becomes the ASGI ``root_path``, which routing strips; paths outside it are 404."""
+    prefix = "/" + prefix.strip("/")
+    if prefix == "/":
+        return app
+
+    async def prefixed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path = scope["path"]
+            if path != prefix and not path.startswith(prefix + "/"):
+                await send({"type": "http.response.start", "status": 404,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": NOT_UNDER_PREFIX})
+                return
+            scope = {**scope, "root_path": prefix}
+        await app(scope, receive, send)
+
+    return prefixed
+
+
+NOT_UNDER_PREFIX = b'{"error": "NotFound", "message": "no such path under this prefix"}'
+
+
 class ServerThread:
     """``uvicorn`` in a daemon thread on ``host:port`` (port 0: a free one). ``.url``, ``.stop()``."""
 

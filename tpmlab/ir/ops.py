@@ -42,8 +42,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from ..errors import TpmlabError
 
-class DuplicateOpError(ValueError):
+
+class DuplicateOpError(TpmlabError, ValueError):
     """Two ops were registered under one name (the later one would silently replace the first)."""
 
 
@@ -136,6 +138,20 @@ def _normalize(x: torch.Tensor, /, p: float = 2.0, dim: int = 1, eps: float = 1e
     return F.normalize(x, p, dim, eps)
 
 
+def _random_like(draw: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``torch.randn_like``-style op drawing from a generator seeded with ``seed`` (recorded
+    in the plan, so the same plan draws the same numbers on any engine of one device type)."""
+    def fn(x: torch.Tensor, /, *, seed: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or x.dtype
+        if x.device.type == "meta":
+            return torch.empty(x.shape, dtype=dtype, device="meta")
+        gen = torch.Generator(device=x.device).manual_seed(int(seed))
+        return draw(x.shape, generator=gen, dtype=dtype, device=x.device)
+
+    fn.__name__ = f"{draw.__name__}_like"
+    return fn
+
+
 def _size(x: torch.Tensor, dim: int | None = None, /) -> Any:
     return tuple(x.shape) if dim is None else x.shape[dim]
 
@@ -202,6 +218,10 @@ _OPS: list[OpSpec] = [
     OpSpec("gelu", F.gelu),
     OpSpec("silu", _silu),
     OpSpec("layer_norm", F.layer_norm),
+    OpSpec("linear", F.linear),  # x @ weight.T + bias: what nn.Linear computes
+    # random values from a seeded generator (the tracer gives each node its seed)
+    OpSpec("randn_like", _random_like(torch.randn)),
+    OpSpec("rand_like", _random_like(torch.rand)),
     OpSpec("one_hot", F.one_hot),
     # containers: build a tuple/list value from node values (e.g. for cat)
     OpSpec("make_list", lambda *items: list(items), holds=True),
@@ -227,6 +247,9 @@ OPS: dict[str, OpSpec] = build_table(_OPS)
 OPERATOR_METHODS = frozenset({
     "add", "sub", "mul", "div", "pow", "matmul", "neg", "abs", "eq", "ne", "lt", "le", "gt", "ge"})
 
+# Ops that draw random numbers: each node carries its generator's ``seed`` keyword.
+RANDOM_OPS = frozenset({"randn_like", "rand_like"})
+
 # torch functions a proxy may be passed to (via __torch_function__), mapped to ops.
 TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.cat: "cat", torch.concat: "cat", torch.stack: "stack", torch.einsum: "einsum",
@@ -235,7 +258,7 @@ TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.argmax: "argmax", torch.argmin: "argmin", torch.matmul: "matmul", torch.sum: "sum",
     torch.mean: "mean", torch.norm: "norm", torch.linalg.vector_norm: "vector_norm",
     torch.exp: "exp", torch.log: "log", torch.sqrt: "sqrt", torch.tanh: "tanh",
-    torch.sigmoid: "sigmoid", torch.relu: "relu", torch.transpose: "transpose",
+    torch.sigmoid: "sigmoid", torch.relu: "relu", F.relu: "relu", torch.transpose: "transpose",
     torch.reshape: "reshape", torch.flatten: "flatten", torch.squeeze: "squeeze",
     torch.unsqueeze: "unsqueeze", torch.permute: "permute", torch.clamp: "clamp",
     torch.gather: "gather", torch.cumsum: "cumsum", torch.sort: "sort",
@@ -244,9 +267,10 @@ TORCH_FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.full_like: "full_like", torch.outer: "outer", torch.bmm: "bmm", torch.mm: "mm",
     F.cosine_similarity: "cosine_similarity", F.normalize: "normalize", F.kl_div: "kl_div",
     F.cross_entropy: "cross_entropy", F.gelu: "gelu", F.silu: "silu",
-    F.layer_norm: "layer_norm", F.one_hot: "one_hot", torch.index_select: "index_select",
+    F.layer_norm: "layer_norm", F.linear: "linear", F.one_hot: "one_hot", torch.index_select: "index_select",
     torch.masked_fill: "masked_fill", torch.amax: "amax", torch.amin: "amin",
     torch.square: "square", torch.rsqrt: "rsqrt", torch.flip: "flip", torch.roll: "roll",
+    torch.randn_like: "randn_like", torch.rand_like: "rand_like",
     torch.tril: "tril", torch.triu: "triu", torch.dot: "dot", torch.median: "median",
     torch.add: "add", torch.sub: "sub", torch.subtract: "sub", torch.mul: "mul",
     torch.multiply: "mul", torch.div: "div", torch.divide: "div", torch.true_divide: "truediv",

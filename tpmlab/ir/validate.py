@@ -90,6 +90,18 @@ def inspect_plan(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
         raise SchemaError(f"{UNEXPECTED}: {type(e).__name__}: {_first_line(e)}") from e
 
 
+def infer_values(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
+                 meta_module: Callable[[str], torch.nn.Module | None] | None = None
+                 ) -> dict[int, Any]:
+    """Every check of :func:`validate`, and each node's value as a meta tensor (shape and
+    dtype, no data; :data:`UNKNOWN` where it cannot be known before running): a dry run."""
+    env: dict[int, Any] = {}
+    _check_structure(plan, info, limits)
+    check_row_ownership(plan, info, build_schedule(plan, info))
+    _check_shapes(plan, info, limits, meta_module, env)
+    return env
+
+
 UNEXPECTED = "the plan could not be validated (an unexpected failure of the validator)"
 
 
@@ -384,14 +396,16 @@ def _signature(value: Any) -> Any:
 
 
 def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
-                  meta_module: Callable[[str], torch.nn.Module | None] | None) -> int:
-    """Propagate meta tensors through the plan; return the bytes it saves.
+                  meta_module: Callable[[str], torch.nn.Module | None] | None,
+                  env: dict[int, Any] | None = None) -> int:
+    """Propagate meta tensors through the plan (into ``env``: node id -> meta value, or
+    :data:`UNKNOWN`); return the bytes it saves.
 
     Every value an op makes is held to ``limits.max_intermediate_bytes`` (views and
     values written in place share memory and count nothing). Results of ops that
     always make a new value are memoized by the shapes they see: a lens over every
     layer repeats the same few shape computations dozens of times."""
-    env: dict[int, Any] = {}
+    env = {} if env is None else env
     memo: dict[Any, Any] = {}
     dtype = getattr(torch, info.dtype, torch.float32)
     n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1

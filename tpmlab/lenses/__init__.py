@@ -50,7 +50,7 @@ from .contract import (
     Table,
     check,
 )
-from .registry import (
+from .discovery import (
     ENTRY_POINT_GROUP,
     LensNotFoundError,
     available,

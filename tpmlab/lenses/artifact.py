@@ -32,6 +32,8 @@ META_KEY = "tpmlab_lens"
 class ArtifactMismatchError(TpmlabError, ValueError):
     """The artifact belongs to another model, another version of its weights, or another lens."""
 
+    http_status = 409
+
 
 def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` and ``meta`` (which must name ``kind``, ``model``, ``model_version``)."""

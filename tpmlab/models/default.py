@@ -6,7 +6,8 @@ Hugging Face folder under ``$TPMLAB_HOME/models/smollm2-135m`` (float32
 safetensors, config, tokenizer, ``tpmlab.json`` with the version digest); every
 later load reads that folder. Several Dask workers may start at once: a file
 lock lets one of them convert while the others wait, and the folder appears by
-an atomic rename only once complete.
+an atomic rename only once complete. Its model source is
+:class:`~tpmlab.models.default_source.DefaultSource`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from tpmlab.home import tpmlab_home
 from tpmlab.models._fs import publish_dir, write_json_atomic
-from tpmlab.models.digest import weights_digest
+from tpmlab.models.digest import META_FILE, weights_digest
 from tpmlab.models.errors import ModelNotFoundError
-from tpmlab.models.home import tpmlab_home
 from tpmlab.models.materialize import tie_groups
-from tpmlab.models.sources import META_FILE, FolderSource, ModelSource
 from tpmlab.models.tokenization import load_tokenizer
 
 DEFAULT_NAME = "smollm2-135m"
@@ -116,6 +116,13 @@ def _plain_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
+def default_config() -> PretrainedConfig:
+    """The default model's config, read from its GGUF file (no weights are read)."""
+    with _quiet_progress():
+        config = AutoConfig.from_pretrained(str(gguf_folder()), gguf_file=GGUF_FILE)
+    return _plain_config(config)
+
+
 def _write_model(out: Path, home: Path | None = None) -> None:
     with _quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(
@@ -153,29 +160,3 @@ def ensure_model(home: Path | None = None) -> Path:
 def default_tokenizer(home: Path | None = None) -> PreTrainedTokenizerBase:
     """A fresh copy of the default model's tokenizer, prepared for batching."""
     return load_tokenizer(ensure_tokenizer(home))
-
-
-class DefaultSource(FolderSource):
-    """The default model; its folder is created on first need, so resolving it
-    (config and adapter only) never waits for the conversion.
-
-    The tpmlab home is fixed when the source is made: later changes of
-    ``$TPMLAB_HOME`` do not move an existing source's files.
-    """
-
-    def __init__(self) -> None:
-        self._home = tpmlab_home()
-        if model_dir(self._home).is_dir():
-            super().__init__(model_dir(self._home), name=DEFAULT_NAME)
-            return
-        with _quiet_progress():
-            config = AutoConfig.from_pretrained(str(gguf_folder()), gguf_file=GGUF_FILE)
-        ModelSource.__init__(self, DEFAULT_NAME, _plain_config(config))
-        self._folder = model_dir(self._home)
-        self._key_files = None
-
-    def folder(self) -> Path:
-        return ensure_model(self._home)
-
-    def _load_tokenizer(self) -> PreTrainedTokenizerBase:
-        return default_tokenizer(self._home)

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from tpmlab.home import tpmlab_home
 from tpmlab.models._fs import write_json_atomic
-from tpmlab.models.home import tpmlab_home
 
 PREFIX = "sha256:"
+#: written next to the weights by tpmlab's converters: {"version": "sha256:..."}
+META_FILE = "tpmlab.json"
 
 
 def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:

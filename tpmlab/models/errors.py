@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from tpmlab.errors import TpmlabError
 
-class ModelNotFoundError(KeyError):
+
+class ModelNotFoundError(TpmlabError, KeyError):
     """A model name that no loader recognises.
 
     A ``KeyError`` (hence a ``LookupError``) so callers treating the registry as
@@ -11,10 +13,14 @@ class ModelNotFoundError(KeyError):
     quoting.
     """
 
+    http_status = 404
+
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(TpmlabError, ValueError):
     """A model whose architecture tpmlab has no adapter for, or whose adapter
     paths are missing from the model tree."""
+
+    http_status = 400

@@ -18,15 +18,12 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tpmlab.models.adapters import Adapter, adapter_for
-from tpmlab.models.digest import cached_digest, json_digest, store_digest, weights_digest
+from tpmlab.models.digest import META_FILE, cached_digest, json_digest, store_digest, weights_digest
 from tpmlab.models.materialize import KeyFilter, build, meta_model
 from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
 
 #: model_type -> (current prefix, prefix in checkpoints written before transformers 5)
 LEGACY_PREFIXES: dict[str, list[tuple[str, str]]] = {"gpt_neox": [("lm_head.", "embed_out.")]}
-
-#: written next to the weights by tpmlab's converters: {"version": "sha256:..."}
-META_FILE = "tpmlab.json"
 
 
 @dataclass

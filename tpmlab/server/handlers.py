@@ -49,7 +49,8 @@ class TpmlabServer(Configurable):
     gateway_url = Unicode(
         "", config=True,
         help="The deployment's gateway, asked for the user's usage (GET /v1/me) with the "
-             "user's token ($TPMLAB_TOKEN, else $JUPYTERHUB_API_TOKEN). Default: "
+             "user's token ($TPMLAB_TOKEN, else $TPMLAB_GATEWAY_TOKEN, else "
+             "$JUPYTERHUB_API_TOKEN: tpmlab.tokens). Default: "
              "$TPMLAB_GATEWAY; empty: no usage panel.")
 
     @default("scheduler_address")

@@ -1,8 +1,8 @@
-"""What the sidebar shows, collected from a Dask cluster and tpmlab's deployment registry.
+"""What the sidebar shows, collected from a Dask cluster and tpmlab's deployments.
 
-This is the only module of the server extension that knows how :mod:`tpmlab.cluster`
-stores its deployments; the handlers and the frontend see plain JSON (documented in
-``docs/rest-api.md``). Everything here is blocking (a synchronous
+Deployments are read, probed and removed through :mod:`tpmlab.cluster.deployments`
+(typed records; how they are stored on the scheduler is that module's business); the
+handlers and the frontend see plain JSON (documented in ``docs/rest-api.md``). Everything here is blocking (a synchronous
 :class:`distributed.Client`) and is meant to run on :class:`ClusterState`'s own worker
 thread, never on the Jupyter server's event loop.
 
@@ -20,16 +20,18 @@ import socket
 import threading
 import time
 import traceback
-from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from tpmlab.tokens import gateway_token, token_sources
+
+if TYPE_CHECKING:  # tpmlab.cluster (Dask, torch) is imported on the worker thread, when needed
+    from tpmlab.cluster.deployments import DeploymentRecord, StageProbe
 
 log = logging.getLogger(__name__)
 
-PREFIX = "tpmlab:"  # mirrors tpmlab.cluster.registry.PREFIX (imported when available)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1", ""}
-STAGE_PROBE_TIMEOUT = 2.0  # seconds to ask one stage actor for its memory and requests
 
 
 @dataclass
@@ -103,54 +105,48 @@ def worker_view(address: str, w: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_view(record: dict[str, Any], live: set[str],
-               probes: list[dict[str, Any] | None] | None = None) -> dict[str, Any]:
-    """One deployment, from the record tpmlab.cluster publishes on the scheduler.
+def model_view(record: DeploymentRecord, live: set[str],
+               probes: list[StageProbe] | None = None) -> dict[str, Any]:
+    """One deployment, from the record :mod:`tpmlab.cluster.deployments` publishes.
 
     ``live``: the workers the scheduler knows now (a stage on any other worker is lost).
-    ``probes``: per stage, what its actor answered to ``memory()``: ``None`` where the call
-    failed (the stage is "unresponsive"), ``{"timeout": True}`` where it was slow (a busy or
-    first-contacted stage is not unhealthy: health is judged by its worker);
+    ``probes``: per stage, what its actor answered (:func:`tpmlab.cluster.deployments.probe`):
+    a ``"failed"`` probe makes the stage "unresponsive"; a ``"slow"`` one is not a health
+    problem (a busy or first-contacted stage: health is judged by its worker);
     ``probes=None``: the stages were not asked, health is judged by their workers.
     """
-    info = record.get("info") or {}
-    extra = info.get("extra") or {}
-    slots = record.get("slots") or [[w, None] for w in info.get("stage_workers", [])]
-    spans = record.get("spans") or []
-    layers = extra.get("stage_layers") or [[s.get("first"), s.get("last")] for s in spans]
-    stage_bytes = extra.get("stage_bytes") or [s.get("nbytes") for s in spans]
+    info = record.info
+    stage_bytes = record.stage_bytes
     stages = []
-    for k, slot in enumerate(slots):
-        worker, device = (slot + [None, None])[:2]
-        first, last = (layers[k] if k < len(layers) else [None, None])
+    for k, (place, span) in enumerate(zip(record.placements, record.spans)):
         probe = probes[k] if probes is not None and k < len(probes) else None
-        alive = worker in live
-        if not alive:
+        answered = probe is not None and probe.status == "answered"
+        if place.worker not in live:
             stage_health = "lost"
-        elif probes is not None and probe is None:
+        elif probe is not None and probe.status == "failed":
             stage_health = "unresponsive"  # its worker is up but the stage's actor failed
         else:
             stage_health = "ok"
         stages.append({
             "index": k,
-            "worker": worker,
-            "device": device,
-            "layers": [first, last],
+            "worker": place.worker,
+            "device": place.device,
+            "layers": [span.first, span.last],
             "bytes": stage_bytes[k] if k < len(stage_bytes) else None,
             "health": stage_health,
-            "requests": None if probe is None else probe.get("requests"),
-            "answered": probe is not None and not probe.get("timeout"),
-            "rss": None if probe is None else probe.get("rss"),
-            "gpu_allocated": None if probe is None else probe.get("cuda_allocated"),
+            "requests": probe.requests if answered else None,
+            "answered": answered,
+            "rss": probe.rss if answered else None,
+            "gpu_allocated": probe.cuda_allocated if answered else None,
         })
     healths = {s["health"] for s in stages}
     health = "ok" if healths <= {"ok"} else ("lost" if "lost" in healths else "degraded")
     return {
-        "name": info.get("name"),
-        "version": info.get("version"),
-        "family": info.get("family"),
-        "dtype": info.get("dtype"),
-        "n_layers": _n_layers(layers),
+        "name": info.name,
+        "version": info.version,
+        "family": info.family,
+        "dtype": info.dtype,
+        "n_layers": _n_layers([[s.first, s.last] for s in record.spans]),
         "stages": stages,
         "health": health,
         "state": "deployed",
@@ -209,8 +205,12 @@ class ClusterState:
             if self.address:  # share the status client: one connection per server
                 self.lab = tpmlab.connect(self.address, client=self._client())
             else:
+                # the embedded cluster itself: not connect()'s default, which is the
+                # deployment's gateway where $TPMLAB_GATEWAY is set (a Hub's servers)
+                from tpmlab.cluster import DaskBackend
+
                 opts = {"dashboard_address": "127.0.0.1:0", **self.embedded_options}
-                self.lab = tpmlab.connect(**opts)
+                self.lab = tpmlab.Lab(DaskBackend(**opts))
             self.client = getattr(self.lab.backend, "client", None)
         return self.lab.backend
 
@@ -243,7 +243,13 @@ class ClusterState:
                                       "dashboard": None}
             out["models"] += [self._pending_view(p) for p in self.pending.values()
                               if p.name not in {m["name"] for m in out["models"]}]
-            out["usage"] = self.gateway() if self.gateway is not None else None
+            if self.gateway is not None:  # the shared deployment behind the gateway
+                out["usage"] = self.gateway()
+                served, error = self.gateway.models()
+                names = {m["name"] for m in out["models"]}
+                out["models"] += [m for m in served if m["name"] not in names]
+                if error:
+                    out["errors"].append(error)
             return out
 
     def _cluster(self, client: Any) -> dict[str, Any]:
@@ -263,13 +269,10 @@ class ClusterState:
         }
 
     def _models(self, client: Any, live: set[str]) -> list[dict[str, Any]]:
-        models = []
-        # Stage actors unpickled from the registry look for "the current client" to call.
-        with client.as_current():
-            for _key, record in sorted(_records(client).items()):
-                probes = _probe_stages(record)
-                models.append(model_view(record, live, probes))
-        return models
+        from tpmlab.cluster import deployments
+
+        return [model_view(record, live, deployments.probe(client, record))
+                for record in deployments.list_deployments(client)]
 
     @staticmethod
     def _pending_view(p: PendingDeploy) -> dict[str, Any]:
@@ -313,19 +316,16 @@ class ClusterState:
             if self.pending.pop(name, None) is not None:
                 removed.append(name)
             client = self._client()
-            keys = [] if client is None else [
-                key for key, record in _records(client).items()
-                if (record.get("info") or {}).get("name") == name]
-            if self.lab is not None:  # drop the server's own hold first (it may own them)
+            if client is not None:
+                from tpmlab.cluster import deployments
+
+                removed += deployments.remove(client, name)
+            if self.lab is not None:  # and the server's own hold, if it deployed them
                 self.lab.models.pop(name, None)
                 try:
                     self.lab.backend.undeploy(name)
                 except Exception:
                     log.debug("backend undeploy", exc_info=True)
-            for key in keys:
-                if key in client.list_datasets():
-                    client.unpublish_dataset(key)
-                removed.append(key)
             return removed
 
     def close(self) -> None:
@@ -344,31 +344,6 @@ class ClusterState:
                 self.client = None
 
 
-def _records(client: Any) -> dict[str, dict[str, Any]]:
-    try:
-        from tpmlab.cluster import registry
-    except ImportError:  # no cluster support installed: nothing is deployed
-        return {}
-    return registry.all_records(client)
-
-
-def _probe_stages(record: dict[str, Any]) -> list[dict[str, Any] | None] | None:
-    """Ask each stage actor for its memory and running requests; ``None`` where it doesn't answer."""
-    if not record.get("futures"):
-        return None
-    out: list[dict[str, Any] | None] = []
-    for f in record.get("futures") or []:
-        try:
-            actor = f.result(timeout=STAGE_PROBE_TIMEOUT)
-            out.append(actor.memory().result(timeout=STAGE_PROBE_TIMEOUT))
-        except (TimeoutError, FuturesTimeout):
-            out.append({"timeout": True})
-        except Exception:
-            log.debug("stage probe failed", exc_info=True)
-            out.append(None)
-    return out
-
-
 def _requests(models: list[dict[str, Any]]) -> dict[str, Any]:
     """Requests in flight per model, as the stages report them (queued ones are known only to
     a gateway)."""
@@ -383,9 +358,6 @@ def _requests(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 GATEWAY_ENV = "TPMLAB_GATEWAY"
 """The URL of the deployment's gateway, in the Jupyter server's environment."""
-TOKEN_ENVS = ("TPMLAB_TOKEN", "TPMLAB_GATEWAY_TOKEN", "JUPYTERHUB_API_TOKEN")
-"""Where the user's gateway credential is found, first set wins: a tpmlab API key, else the
-JupyterHub API token every single-user server has (the gateway accepts both)."""
 USAGE_UNIT = "SU"  # the gateway's service units (tpmlab.gateway.units)
 
 
@@ -406,32 +378,34 @@ class GatewayUsage:
 
     @classmethod
     def from_env(cls, environ: Any = None) -> GatewayUsage | None:
-        """The gateway named by ``$TPMLAB_GATEWAY``, or ``None`` when it is not set."""
+        """The gateway named by ``$TPMLAB_GATEWAY``, or ``None`` when it is not set; the
+        user's token as :func:`tpmlab.tokens.gateway_token` finds it."""
         env = os.environ if environ is None else environ
         url = (env.get(GATEWAY_ENV) or "").strip()
         if not url:
             return None
-        token = next((env[k] for k in TOKEN_ENVS if env.get(k)), None)
-        return cls(url, token)
+        return cls(url, gateway_token(env))
 
     def __repr__(self) -> str:
         return f"GatewayUsage({self.url!r})"
 
-    def __call__(self) -> dict[str, Any]:
+    def _get(self, path: str) -> Any:
+        """``GET {url}{path}`` with the user's token: the JSON answer, or
+        ``{"error": ...}`` naming what went wrong."""
         import json
         import urllib.error
         import urllib.request
 
         if not self.token:
             return {"error": f"no token for the gateway {self.url}: set one of "
-                             f"{', '.join('$' + k for k in TOKEN_ENVS)}"}
+                             f"{token_sources()}"}
         request = urllib.request.Request(
-            f"{self.url}/v1/me", headers={"Authorization": f"Bearer {self.token}",
+            f"{self.url}{path}", headers={"Authorization": f"Bearer {self.token}",
                                           "Accept": "application/json",
                                           "User-Agent": "tpmlab-server"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as r:
-                me = json.loads(r.read())
+                return json.loads(r.read())
         except urllib.error.HTTPError as e:
             return {"error": f"the gateway {self.url} answered {e.code}: {_gateway_message(e)}"}
         except (urllib.error.URLError, OSError, TimeoutError) as e:
@@ -439,12 +413,32 @@ class GatewayUsage:
             return {"error": f"cannot reach the gateway {self.url}: {reason}"}
         except ValueError as e:
             return {"error": f"the gateway {self.url} sent something that is not JSON: {e}"}
+
+    def __call__(self) -> dict[str, Any]:
+        me = self._get("/v1/me")
+        if "error" in me:
+            return me
         try:
             return {"used": float(me["used"]), "quota": float(me["allocated"]),
                     "balance": float(me["balance"]), "unit": USAGE_UNIT, "tier": me.get("tier"),
                     "user": me.get("name")}
         except (KeyError, TypeError, ValueError):
             return {"error": f"the gateway {self.url} answered without used/allocated/balance"}
+
+    def models(self) -> tuple[list[dict[str, Any]], str | None]:
+        """The models the gateway serves, as the sidebar shows deployments (no stages of
+        theirs are visible from here), and the error that kept them from view, if any."""
+        entries = self._get("/v1/models")
+        if isinstance(entries, dict):
+            return [], entries.get("error", f"the gateway {self.url} sent no model list")
+        views = []
+        for e in entries:
+            if isinstance(e, dict) and isinstance(e.get("name"), str):
+                views.append({"name": e["name"], "version": e.get("version"),
+                              "family": e.get("family"), "dtype": e.get("dtype"),
+                              "n_layers": None, "stages": [], "health": "ok",
+                              "state": "deployed", "error": None, "gateway": self.url})
+        return views, None
 
 
 def _gateway_message(e: Any) -> str:

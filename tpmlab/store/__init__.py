@@ -10,20 +10,20 @@ See ``tpmlab.store.manifest`` for the on-disk format and ``tpmlab.store.delta`` 
 low-rank edits.
 """
 
-from .backends import Backend, FsspecBackend, LocalBackend, open_backend
 from .chunking import CHUNK_SIZE
+from .default import default_store
 from .delta import LowRankDelta, apply_low_rank
 from .diff import TensorDiff
 from .errors import RefError, StoreError, StoreIntegrityError, StoreLockedError, UnsafeRefError
 from .io import IOStats
 from .manifest import VersionInfo
+from .objects import FsspecObjectStore, LocalObjectStore, ObjectStore, open_object_store
 from .reports import GcReport, VerifyReport
-from .source import default_store, source_for
 from .store import Store
 
 __all__ = [
-    "CHUNK_SIZE", "Backend", "FsspecBackend", "GcReport", "IOStats", "LocalBackend",
+    "CHUNK_SIZE", "ObjectStore", "FsspecObjectStore", "GcReport", "IOStats", "LocalObjectStore",
     "LowRankDelta", "RefError", "Store", "StoreError", "StoreIntegrityError", "StoreLockedError",
     "TensorDiff", "UnsafeRefError", "VerifyReport", "VersionInfo", "apply_low_rank",
-    "default_store", "open_backend", "source_for",
+    "default_store", "open_object_store",
 ]

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from .default import default_store
 from .errors import StoreError
-from .source import default_store
 from .store import Store
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from ..errors import TpmlabError
 
-class StoreError(Exception):
+
+class StoreError(TpmlabError):
     """Base class of every error the weight store raises."""
 
 
 class RefError(StoreError, LookupError):
     """A version reference (digest, digest prefix or tag) that names no single version."""
+
+    http_status = 404
 
 
 class StoreIntegrityError(StoreError):
@@ -31,6 +35,10 @@ class StoreIntegrityError(StoreError):
 class StoreLockedError(StoreError):
     """The store's lock could not be taken in time (a gc or commits hold it elsewhere)."""
 
+    http_status = 503  # try again later
+
 
 class UnsafeRefError(RefError):
     """A stored reference (tag) that is not a plain file, e.g. a symbolic link, is refused."""
+
+    http_status = 500  # the store holds what it must not: its administrators mend it

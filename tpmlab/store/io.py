@@ -11,7 +11,7 @@ class IOStats:
     """Chunk traffic since creation or the last ``reset()``; sizes in bytes.
 
     Attributes:
-        chunks_read / bytes_read: chunks fetched from the backend.
+        chunks_read / bytes_read: chunks fetched from the object store.
         chunks_written / bytes_written: new chunks stored.
         chunks_deduplicated / bytes_deduplicated: chunks a commit found already stored.
     """

@@ -13,7 +13,7 @@ Two implementations, one per kind of storage:
   ``kill -9``), so a lock is never left behind. Without ``fcntl`` (Windows) it
   falls back to ``filelock.FileLock``, which is exclusive only: commits then take
   turns, which is slower but as safe.
-* ``ObjectLock`` (any other backend: object stores through fsspec, where no file
+* ``ObjectLock`` (any other object store: fsspec's, where no file
   lock exists): each holder writes a lock object ``locks/<mode>-<id>`` and then
   lists the others; if one conflicts, it deletes its own and waits. Of two
   holders that conflict, the one that lists last sees the other, so they never
@@ -146,18 +146,18 @@ class FileLock:
 
 
 class ObjectLock:
-    """Lock objects in a backend's ``locks`` namespace (see the module docstring).
+    """Lock objects in an object store's ``locks`` namespace (see the module docstring).
 
     ``stale_after``: seconds after which a lock object that was not refreshed is
     taken to belong to a dead process.
     """
 
-    def __init__(self, backend, *, stale_after: float = 600.0) -> None:
-        self.backend = backend
+    def __init__(self, objects, *, stale_after: float = 600.0) -> None:
+        self.objects = objects
         self.stale_after = stale_after
 
     def __repr__(self) -> str:
-        return f"ObjectLock({self.backend!r})"
+        return f"ObjectLock({self.objects!r})"
 
     def _record(self, mode: str) -> bytes:
         return json.dumps({"mode": mode, "host": socket.gethostname(), "pid": os.getpid(),
@@ -166,11 +166,11 @@ class ObjectLock:
     def _others(self, mine: str) -> list[tuple[str, dict]]:
         """Live lock objects other than ``mine``; stale ones are deleted on the way."""
         out = []
-        for key in list(self.backend.list("locks")):
+        for key in list(self.objects.list("locks")):
             if key == mine:
                 continue
             try:
-                rec = json.loads(self.backend.get("locks", key))
+                rec = json.loads(self.objects.get("locks", key))
                 age = time.time() - float(rec["time"])
             except KeyError:
                 continue  # released meanwhile
@@ -178,7 +178,7 @@ class ObjectLock:
                 rec, age = {"mode": EXCLUSIVE}, 0.0  # unreadable (being written?): respect it
             if age > self.stale_after:
                 log.warning("removing stale store lock %s (%s, %.0f s old)", key, rec, age)
-                self.backend.delete("locks", key)
+                self.objects.delete("locks", key)
                 continue
             out.append((key, rec))
         return out
@@ -187,14 +187,14 @@ class ObjectLock:
     def hold(self, mode: str, timeout: float | None = None) -> Iterator[None]:
         _check_mode(mode)
         key = f"{mode}-{uuid.uuid4().hex}"
-        waiter = _Waiter(f"{mode} store lock of {self.backend!r}", timeout)
+        waiter = _Waiter(f"{mode} store lock of {self.objects!r}", timeout)
         while True:
-            self.backend.put("locks", key, self._record(mode))
+            self.objects.put("locks", key, self._record(mode))
             others = self._others(key)
             conflicts = [(k, r) for k, r in others if mode == EXCLUSIVE or k.startswith(EXCLUSIVE)]
             if not conflicts:
                 break
-            self.backend.delete("locks", key)
+            self.objects.delete("locks", key)
             held = ", ".join(f"{r.get('mode')} by {r.get('host')}:{r.get('pid')}"
                              for _, r in conflicts)
             waiter.wait(f"held {held}")
@@ -207,17 +207,17 @@ class ObjectLock:
         finally:
             stop.set()
             refresher.join()
-            self.backend.delete("locks", key)
+            self.objects.delete("locks", key)
 
     def _refresh(self, key: str, mode: str, stop: threading.Event) -> None:
         while not stop.wait(self.stale_after / 4):
             try:
-                self.backend.put("locks", key, self._record(mode))
+                self.objects.put("locks", key, self._record(mode))
             except Exception as e:  # keep trying: the next refresh may get through
                 log.warning("could not refresh store lock %s: %s", key, e)
 
 
-def store_lock(backend) -> StoreLock:
-    """The lock for ``backend``: its own (``backend.lock()``) if it has one, else lock objects."""
-    own = getattr(backend, "lock", None)
-    return own() if callable(own) else ObjectLock(backend)
+def store_lock(objects) -> StoreLock:
+    """The lock for ``objects``: its own (``objects.lock()``) if it has one, else lock objects."""
+    own = getattr(objects, "lock", None)
+    return own() if callable(own) else ObjectLock(objects)

@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from .backends import Backend
 from .chunking import CHUNK_SIZE, content_digest, empty_buffer, from_bytes, hash_bytes, parse_dtype
 from .delta import apply_low_rank
 from .errors import StoreIntegrityError
 from .io import IOStats
+from .objects import ObjectStore
 from .writer import hash_tensor
 
 
@@ -37,17 +37,17 @@ def check_dense_entry(label: str, entry: dict[str, Any]) -> None:
 
 
 class Reader:
-    """Reads manifest entries into tensors through ``backend``, counting into ``stats``."""
+    """Reads manifest entries into tensors through ``objects``, counting into ``stats``."""
 
-    def __init__(self, backend: Backend, pool: Executor, stats: IOStats) -> None:
-        self.backend = backend
+    def __init__(self, objects: ObjectStore, pool: Executor, stats: IOStats) -> None:
+        self.objects = objects
         self.pool = pool
         self.stats = stats
 
     def read_chunk(self, label: str, index: int, digest: str, length: int) -> bytes:
         """Chunk ``index`` of tensor ``label``, verified; ``StoreIntegrityError`` if bad."""
         try:
-            data = self.backend.get("chunks", digest)
+            data = self.objects.get("chunks", digest)
         except KeyError:
             raise StoreIntegrityError(
                 f"chunk {index} of tensor {label!r} ({digest}) is missing from the store",

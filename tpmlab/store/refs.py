@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from .backends import Backend, check_key
 from .errors import RefError
+from .objects import ObjectStore, check_key
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 PREFIX = re.compile(r"^[0-9a-f]{4,64}$")
@@ -25,16 +25,16 @@ def check_tag_name(name: str) -> None:
         raise ValueError(f"invalid tag name {name!r}: it looks like a version digest")
 
 
-def read_tag(backend: Backend, name: str) -> str | None:
+def read_tag(objects: ObjectStore, name: str) -> str | None:
     """The digest a tag points at, or ``None`` if there is no such tag."""
     try:
         check_key("tags", name)
-        return backend.get("tags", name).decode().strip()
+        return objects.get("tags", name).decode().strip()
     except (ValueError, KeyError):
         return None
 
 
-def resolve(backend: Backend, ref: str) -> str:
+def resolve(objects: ObjectStore, ref: str) -> str:
     """The full digest ``ref`` names.
 
     Tried in order: a full 64-hex digest of a stored version, a tag, a prefix of at
@@ -45,13 +45,13 @@ def resolve(backend: Backend, ref: str) -> str:
         raise RefError(f"a version reference must be a non-empty string, got {ref!r}")
     if ref.startswith("sha256:"):  # the form tpmlab.models writes versions in
         ref = ref.removeprefix("sha256:")
-    if DIGEST.match(ref) and backend.exists("manifests", ref):
+    if DIGEST.match(ref) and objects.exists("manifests", ref):
         return ref
-    tagged = read_tag(backend, ref)
+    tagged = read_tag(objects, ref)
     if tagged is not None:
         return tagged
     if PREFIX.match(ref):
-        found = sorted(d for d in backend.list("manifests") if d.startswith(ref))
+        found = sorted(d for d in objects.list("manifests") if d.startswith(ref))
         if len(found) == 1:
             return found[0]
         if len(found) > 1:

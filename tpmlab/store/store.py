@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from .backends import Backend, open_backend
 from .chunking import CHUNK_SIZE, dtype_name, tensor_bytes
 from .delta import LowRankDelta, apply_low_rank, as_delta
 from .diff import TensorDiff, compare
@@ -32,6 +31,7 @@ from .manifest import (
     seal,
     version_digest,
 )
+from .objects import ObjectStore, open_object_store
 from .reader import Reader, check_dense_entry
 from .refs import check_tag_name, read_tag, resolve
 from .reports import GcReport, VerifyReport
@@ -74,7 +74,7 @@ class Store:
     ``StoreIntegrityError`` naming the tensor and chunk.
 
     ``root`` is a folder path, a URL such as ``"memory://store"`` (any fsspec
-    filesystem), or a ``Backend``. ``stats`` counts chunk traffic (see ``IOStats``).
+    filesystem), or an ``ObjectStore``. ``stats`` counts chunk traffic (see ``IOStats``).
 
     Concurrency: any number of processes (and threads) may commit, load and tag at
     once, and ``gc`` may run beside them: commits hold the store's lock shared while
@@ -82,15 +82,15 @@ class Store:
     waits for a running gc and a gc for the commits in flight.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | Backend, *, threads: int | None = None) -> None:
-        self.backend: Backend = open_backend(root)
-        self.lock: StoreLock = store_lock(self.backend)
+    def __init__(self, root: str | os.PathLike[str] | ObjectStore, *, threads: int | None = None) -> None:
+        self.objects: ObjectStore = open_object_store(root)
+        self.lock: StoreLock = store_lock(self.objects)
         self.stats = IOStats()
         self.threads = threads or min(8, (os.cpu_count() or 1) + 2)
         self._manifests: dict[str, dict[str, Any]] = {}
 
     def __repr__(self) -> str:
-        return f"Store({self.backend!r})"
+        return f"Store({self.objects!r})"
 
     @contextmanager
     def _pool(self) -> Iterator[Executor]:
@@ -101,7 +101,7 @@ class Store:
 
     def resolve(self, ref: str) -> str:
         """The full digest of ``ref``: a digest, an unambiguous digest prefix (>= 4 hex), or a tag."""
-        return resolve(self.backend, ref)
+        return resolve(self.objects, ref)
 
     def tag(self, name: str, ref: str, force: bool = False) -> str:
         """Point tag ``name`` at ``ref``; return the digest.
@@ -110,16 +110,16 @@ class Store:
         """
         check_tag_name(name)
         digest = self.resolve(ref)
-        old = read_tag(self.backend, name)
+        old = read_tag(self.objects, name)
         if old == digest:
             return digest
         data = f"{digest}\n".encode()
         if old is not None and not force:
             raise StoreError(f"tag {name!r} already points at {old[:12]}; pass force=True to move it")
         try:
-            self.backend.put("tags", name, data, overwrite=force)
+            self.objects.put("tags", name, data, overwrite=force)
         except FileExistsError:
-            now = read_tag(self.backend, name)
+            now = read_tag(self.objects, name)
             if now != digest:
                 raise StoreError(
                     f"tag {name!r} was just pointed at {str(now)[:12]} by another writer; "
@@ -130,18 +130,18 @@ class Store:
     def untag(self, name: str) -> None:
         """Delete tag ``name`` (the version stays). A tag that is a symbolic link is removed too."""
         try:
-            found = read_tag(self.backend, name)
+            found = read_tag(self.objects, name)
         except UnsafeRefError:
             found = name
         if found is None:
             raise RefError(f"no tag named {name!r}")
-        self.backend.delete("tags", name)
+        self.objects.delete("tags", name)
 
     def tags(self) -> dict[str, str]:
         """Every tag and the digest it points at, sorted by name."""
         out = {}
-        for name in sorted(self.backend.list("tags")):
-            digest = read_tag(self.backend, name)
+        for name in sorted(self.objects.list("tags")):
+            digest = read_tag(self.objects, name)
             if digest is not None:
                 out[name] = digest
         return out
@@ -154,7 +154,7 @@ class Store:
         if m is not None:
             return m
         try:
-            data = self.backend.get("manifests", digest)
+            data = self.objects.get("manifests", digest)
         except KeyError:
             raise RefError(f"version {digest} is not in the store") from None
         try:
@@ -194,7 +194,7 @@ class Store:
 
     def versions(self) -> list[str]:
         """Digests of every stored version, sorted."""
-        return sorted(self.backend.list("manifests"))
+        return sorted(self.objects.list("manifests"))
 
     def log(self, ref: str) -> list[VersionInfo]:
         """History of ``ref``: the version itself, its parent, and so on back to a root.
@@ -277,19 +277,19 @@ class Store:
             tensors = dict(sorted(tensors.items()))
             digest = version_digest(config, tensors)
             with self.lock.hold(SHARED):
-                if self.backend.exists("manifests", digest):
+                if self.objects.exists("manifests", digest):
                     return digest
                 for name, entry in dense.items():
-                    write_chunks(self.backend, state_dict[name], entry, pool, self.stats)
+                    write_chunks(self.objects, state_dict[name], entry, pool, self.stats)
                 for name, (u, v) in factors.items():
-                    write_chunks(self.backend, deltas[name].u, u, pool, self.stats)
-                    write_chunks(self.backend, deltas[name].v, v, pool, self.stats)
+                    write_chunks(self.objects, deltas[name].u, u, pool, self.stats)
+                    write_chunks(self.objects, deltas[name].v, v, pool, self.stats)
                 parent_history = self._manifest(parent_digest).get("history") if parent_digest else None
                 m = make_manifest(version=digest, config=config, tensors=tensors,
                                   parent=parent_digest, parent_history=parent_history,
                                   message=message, timestamp=_utc_now())
                 try:
-                    self.backend.put("manifests", digest, json.dumps(m, indent=1).encode(),
+                    self.objects.put("manifests", digest, json.dumps(m, indent=1).encode(),
                                      overwrite=False)
                 except FileExistsError:
                     pass  # a concurrent commit of the same version won; same content
@@ -326,7 +326,7 @@ class Store:
         if missing:
             raise ValueError(f"deltas name tensors the parent {parent[:12]} lacks: {missing}")
         base_entries = {n: pm["tensors"][n] for n in deltas}
-        bases = Reader(self.backend, pool, self.stats).read(base_entries)
+        bases = Reader(self.objects, pool, self.stats).read(base_entries)
         out = {}
         for name, delta in deltas.items():
             base = bases[name]
@@ -365,7 +365,7 @@ class Store:
         m = self._manifest(self.resolve(ref))
         names = self._select(m, keys)
         with self._pool() as pool:
-            tensors = Reader(self.backend, pool, self.stats).read({n: m["tensors"][n] for n in names})
+            tensors = Reader(self.objects, pool, self.stats).read({n: m["tensors"][n] for n in names})
         if torch.device(device).type != "cpu":
             tensors = {k: v.to(device) for k, v in tensors.items()}
         return tensors
@@ -410,7 +410,7 @@ class Store:
                                       tuple(ea["shape"]), tuple(eb["shape"])))
             else:
                 with self._pool() as pool:
-                    r = Reader(self.backend, pool, self.stats)
+                    r = Reader(self.objects, pool, self.stats)
                     va = r.read({name: ea})[name]
                     vb = r.read({name: eb})[name]
                 out.append(compare(name, va, vb))
@@ -431,7 +431,7 @@ class Store:
         digests = [self.resolve(ref)] if ref is not None else self.versions()
         good: set[str] = set()
         with self._pool() as pool:
-            reader = Reader(self.backend, pool, self.stats)
+            reader = Reader(self.objects, pool, self.stats)
             for digest in digests:
                 report.versions.append(digest)
                 try:
@@ -531,7 +531,7 @@ class Store:
                     parent_history = m.get("parent_history") if is_sealed(m) else None
                 if not is_sealed(m) or parent in changed:
                     m = seal(m, d, parent_history)
-                    self.backend.put("manifests", d, json.dumps(m, indent=1).encode())
+                    self.objects.put("manifests", d, json.dumps(m, indent=1).encode())
                     resealed.append(d)
                     changed.add(d)
                 history[d] = m["history"]
@@ -557,23 +557,23 @@ class Store:
         with self.lock.hold(EXCLUSIVE, timeout):
             keep = self.referenced_chunks()
             deleted = freed = kept = kept_bytes = 0
-            for digest in list(self.backend.list("chunks")):
+            for digest in list(self.objects.list("chunks")):
                 try:
-                    size = self.backend.size("chunks", digest)
+                    size = self.objects.size("chunks", digest)
                 except KeyError:
                     continue
                 if digest in keep:
                     kept += 1
                     kept_bytes += size
                 else:
-                    self.backend.delete("chunks", digest)
+                    self.objects.delete("chunks", digest)
                     deleted += 1
                     freed += size
         return GcReport(chunks_deleted=deleted, bytes_freed=freed, chunks_kept=kept, bytes_kept=kept_bytes)
 
     def stored_bytes(self) -> int:
         """Total bytes of all chunks in the store (manifests and tags not counted)."""
-        return sum(self.backend.size("chunks", d) for d in self.backend.list("chunks"))
+        return sum(self.objects.size("chunks", d) for d in self.objects.list("chunks"))
 
     def entry_chunks(self, ref: str, name: str) -> list[str]:
         """Digests of every chunk tensor ``name`` of ``ref`` needs (delta bases and factors too)."""

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .backends import Backend
 from .chunking import CHUNK_SIZE, content_digest, dtype_name, hash_bytes, split, tensor_bytes
 from .io import IOStats
+from .objects import ObjectStore
 
 
 def dense_entry(tensor: torch.Tensor, chunks: list[str]) -> dict[str, Any]:
@@ -32,12 +32,12 @@ def hash_tensor(tensor: torch.Tensor, pool: Executor) -> dict[str, Any]:
 
 
 def write_chunks(
-    backend: Backend, tensor: torch.Tensor, entry: dict[str, Any], pool: Executor, stats: IOStats
+    objects: ObjectStore, tensor: torch.Tensor, entry: dict[str, Any], pool: Executor, stats: IOStats
 ) -> None:
     """Store the chunks of ``tensor`` (whose dense entry is ``entry``) not already stored."""
     digests = entry["chunks"]
     unique = list(dict.fromkeys(digests))
-    present = dict(zip(unique, pool.map(lambda d: backend.exists("chunks", d), unique)))
+    present = dict(zip(unique, pool.map(lambda d: objects.exists("chunks", d), unique)))
     missing = {d for d, ok in present.items() if not ok}
     sizes = [min(CHUNK_SIZE, entry["nbytes"] - i * CHUNK_SIZE) for i in range(len(digests))]
     written = set()
@@ -49,7 +49,7 @@ def write_chunks(
                 jobs.append((digest, chunk))
 
         def put(item: tuple[str, memoryview]) -> None:
-            backend.put("chunks", item[0], item[1])
+            objects.put("chunks", item[0], item[1])
 
         for _ in pool.map(put, jobs):
             pass
@@ -60,9 +60,9 @@ def write_chunks(
 
 
 def write_tensor(
-    backend: Backend, tensor: torch.Tensor, pool: Executor, stats: IOStats
+    objects: ObjectStore, tensor: torch.Tensor, pool: Executor, stats: IOStats
 ) -> dict[str, Any]:
     """Store ``tensor``'s chunks (skipping those already stored); return its dense entry."""
     entry = hash_tensor(tensor, pool)
-    write_chunks(backend, tensor, entry, pool, stats)
+    write_chunks(objects, tensor, entry, pool, stats)
     return entry

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..errors import TpmlabError
-from ..ir.plan import CALL_MODULE, PARAM, SET_POINT
+from ..errors import NotSupportedError, TpmlabError
+from ..ir.plan import CALL_MODULE, PARAM
 from .proxy import Proxy
+from .unsupported import MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
@@ -31,6 +32,7 @@ class Envoy:
         object.__setattr__(self, "path", path)
         object.__setattr__(self, "module", module)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_attached", {})  # the user's own modules (an SAE, a probe)
 
     def _child(self, name: str) -> Envoy:
         children = self._children
@@ -49,9 +51,13 @@ class Envoy:
                 return self._model.envoy(alias)
         if name in self.module._modules:
             return self._child(name)
+        if name in self._attached:
+            return self._attached[name]
         if name in self.module._parameters:
             raise TpmlabError(f"read parameters inside a trace with {self.path}.param({name!r}); "
                               f"its shape is {tuple(self.module._parameters[name].shape)}")
+        if name in MODULE_ALTERNATIVES:
+            raise NotSupportedError(MODULE_ALTERNATIVES[name])
         raise AttributeError(f"module {self.path or '<model>'} ({type(self.module).__name__}) "
                              f"has no submodule {name!r}; it has {list(self.module._modules)}")
 
@@ -76,7 +82,7 @@ class Envoy:
     def output(self) -> Proxy:
         """The module's output at this point of the pass (for decoder layers: the residual stream
         ``[batch, pos, d_model]``)."""
-        return self._model._tracer_for(self.path).point(self.path, "output")
+        return self._model.tracing.current(self.path).point(self.path, "output")
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -85,33 +91,43 @@ class Envoy:
     @property
     def input(self) -> Proxy:
         """The module's first input."""
-        return self._model._tracer_for(self.path).point(self.path, "input")
+        return self._model.tracing.current(self.path).point(self.path, "input")
 
     @input.setter
     def input(self, value: Any) -> None:
         self._set("input", value)
 
     def _set(self, io: str, value: Any) -> None:
-        tracer = self._model._tracer_for(self.path)
-        point = tracer.point(self.path, io)
-        tracer.record(SET_POINT, [point, value], path=self.path, io=io)
-        tracer._forget_point(self.path, io)
+        self._model.tracing.current(self.path).set_point(self.path, io, value)
+
+    def skip(self, value: Any) -> None:
+        """Make ``value`` this module's output (nnsight's ``skip``). The module still runs and
+        its own result is dropped: the numbers are those of skipping it."""
+        self._set("output", value)
 
     def param(self, name: str) -> Proxy:
         """A parameter of this module as a value (e.g. ``o_proj.param("weight")``), read where it lives."""
-        tracer = self._model._tracer_for(self.path)
+        tracer = self._model.tracing.current(self.path)
         return tracer.record(PARAM, [name], path=self.path)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Apply this module to values: ``model.unembed(model.final_norm(h))``."""
-        tracer = self._model._tracer_for(self.path)
+        tracer = self._model.tracing.current(self.path)
         return tracer.record(CALL_MODULE, list(args), kwargs, path=self.path)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("output", "input"):
             self._set(name, value)
             return
-        raise TpmlabError(f"cannot set {name!r} on a module proxy")
+        if isinstance(value, nn.Module) and not name.startswith("_"):
+            # a user's module (``layer.sae = sae``), called on values inside a trace: it runs
+            # on the engine as whitelisted ops of its weights; the deployment is unchanged
+            if name in self.module._modules:
+                raise TpmlabError(f"{self.path} already has a submodule {name!r}")
+            self._attached[name] = value
+            return
+        raise TpmlabError(f"cannot set {name!r} on a module proxy (only .output, .input and "
+                          "your own modules: layer.sae = sae)")
 
     def __repr__(self) -> str:
         return f"<Envoy {self.path or '<model>'}: {type(self.module).__name__}>"

@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import TpmlabError
 from ..ir.model_info import ModelInfo
+from ..ir.validate import Limits
+from .edits import Edits, EditTrace
 from .envoy import Envoy
-from .tracer import Generate, Trace
+from .generate import Generate
+from .scan import Scan
+from .session import Session
+from .tracer import Trace
+
+# Runs plan bytes on the engine: ``run_plan(blob, timeout)`` -> (saved values by node id, meta).
+RunPlan = Callable[[bytes, "float | None"], "tuple[dict[int, Any], dict[str, Any]]"]
+
+
+class TraceStack:
+    """The traces being recorded on one model, innermost last: module proxies record into
+    the innermost one."""
+
+    def __init__(self) -> None:
+        self._stack: list[Trace] = []
+        self.session: Session | None = None  # the open ``with model.session()``, if any
+
+    def push(self, tracer: Trace) -> None:
+        self._stack.append(tracer)
+
+    def pop(self, tracer: Trace) -> None:
+        if self._stack and self._stack[-1] is tracer:
+            self._stack.pop()
+
+    def current(self, path: str = "") -> Trace:
+        """The trace a value of module ``path`` belongs to."""
+        if not self._stack:
+            raise TpmlabError(f"{path or 'model'} values exist only inside `with model.trace(...)` "
+                              "or `with model.generate(...)`")
+        return self._stack[-1]
 
 
 class LabModel:
@@ -17,15 +50,19 @@ class LabModel:
     ``with model.trace(...)`` or ``with model.generate(...)``.
     """
 
-    def __init__(self, lab: Any, name: str, info: ModelInfo, source: Any) -> None:
-        self._lab = lab
+    def __init__(self, name: str, info: ModelInfo, source: Any, *, run_plan: RunPlan,
+                 limits: Limits | None = None, lab: Any = None) -> None:
+        self.run_plan = run_plan  # the one way a trace reaches the engine
+        self.lab = lab  # the connection this handle came from (for the user; never called here)
+        self.limits = limits or Limits()  # the engine's: a trace splits its invokes to fit
         self.name = name
         self.info = info
         self.source = source
         self.adapter = source.adapter
         self.config = source.config
         self._tokenizer = None
-        self._stack: list[Trace] = []
+        self.tracing = TraceStack()
+        self.edits = Edits()  # what every trace of this handle starts with (model.edit)
         self._root = Envoy(self, "", source.meta_model())
 
     # -- facts ------------------------------------------------------------------------------------
@@ -64,26 +101,71 @@ class LabModel:
         """Record a forward pass: ``with model.trace("prompt") as tr: ...``."""
         return Trace(self, inputs, **kwargs)
 
+    def session(self) -> Session:
+        """Several traces as one unit: ``with model.session(): with model.trace(a): h = ...;
+        with model.trace(b): ... = h``. The traces run one after another when the block
+        ends; a value of an earlier trace used in a later one needs no ``.save()`` (it
+        passes through the notebook between them)."""
+        return Session(self)
+
+    def scan(self, inputs: Any = None, **kwargs: Any) -> Scan:
+        """A dry run: ``with model.scan("prompt"): shape = model.layers[0].output.save()``
+        validates the plan here, without the engine, and each saved value is a meta tensor
+        (its shape and dtype)."""
+        return Scan(self, inputs, **kwargs)
+
     def generate(self, inputs: Any = None, *, max_new_tokens: int = 1, **kwargs: Any) -> Generate:
         """Record a generation: ``with model.generate("prompt", max_new_tokens=5) as gen: ...``."""
         return Generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
 
-    def _backend_run(self, blob: bytes, *, timeout: float | None):
-        return self._lab.run_values(self.name, blob, timeout=timeout)
+    def attention_probs(self, layer: int):
+        """Layer ``layer``'s attention probabilities inside a trace, ``[rows, heads, query pos,
+        key pos]`` (float32), computed on the engine from the layer's query and key
+        projections (nnsight reads them through ``.source``); see :mod:`tpmlab.tracing.source`."""
+        from .source import attention_probs
 
-    # -- the active trace -------------------------------------------------------------------------
-    def _push(self, tracer: Trace) -> None:
-        self._stack.append(tracer)
+        return attention_probs(self, layer)
 
-    def _pop(self, tracer: Trace) -> None:
-        if self._stack and self._stack[-1] is tracer:
-            self._stack.pop()
+    # -- persistent edits ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def edit(self, *, inplace: bool = False) -> Iterator[Any]:
+        """Record interventions that every later trace of a handle applies (at every
+        generation step), on the whole batch, as nnsight 0.8 does::
 
-    def _tracer_for(self, path: str) -> Trace:
-        if not self._stack:
-            raise TpmlabError(f"{path or 'model'} values exist only inside `with model.trace(...)` "
-                              "or `with model.generate(...)`")
-        return self._stack[-1]
+            with model.edit() as (tracer, edited):
+                edited.layers[1].output[:, -1] += v
+            with edited.trace(prompt): ...      # edited; `model` is not
+
+        With ``inplace=True`` the edit is this handle's own (``with model.edit(inplace=True)
+        as tracer:``) until :meth:`clear_edits`. Inside the block either handle's modules
+        record into the edit. The deployment is never changed: other handles and other
+        users see no edit. An edit cannot save values."""
+        target = self if inplace else self.handle()
+
+        def done(edits: Edits) -> None:
+            target.edits = edits
+
+        tracer = EditTrace(self, done)
+        with tracer:
+            if target is self:
+                yield tracer
+                return
+            target.tracing.push(tracer)
+            try:
+                yield tracer, target
+            finally:
+                target.tracing.pop(tracer)
+
+    def clear_edits(self) -> None:
+        """Forget this handle's edits."""
+        self.edits = Edits()
+
+    def handle(self) -> LabModel:
+        """Another handle on the same deployment, with this one's edits."""
+        other = LabModel(self.name, self.info, self.source, run_plan=self.run_plan,
+                         limits=self.limits, lab=self.lab)
+        other._tokenizer, other.edits = self._tokenizer, self.edits
+        return other
 
     # -- the module tree ----------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TpmlabError
+from ..errors import NotSupportedError, TpmlabError
 from ..ir import ops as irops
 from ..ir.plan import SAVE
+from .unsupported import CONTROL_FLOW, ITERATION, VALUE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .tracer import Trace
@@ -60,6 +61,8 @@ class Proxy:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
+        if name in VALUE_ALTERNATIVES:
+            raise NotSupportedError(VALUE_ALTERNATIVES[name])
         if name in irops.METHOD_OPS:
             def method(*args: Any, **kwargs: Any) -> Proxy:
                 return self._op(name, self, *args, **kwargs)
@@ -77,14 +80,18 @@ class Proxy:
         self._op("setitem", self, index, value)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TpmlabError("a traced value cannot be called")
+        node = self._tracer.nodes.get(self._node)
+        if node is not None and node.op == "getattr" and isinstance(node.args[-1], str):
+            name = node.args[-1]
+            raise NotSupportedError(f".{name}(...) is not a whitelisted tensor method (see "
+                                    "tpmlab.ir.ops.OPS for those a plan may call)")
+        raise NotSupportedError("a traced value cannot be called")
 
     def __bool__(self) -> bool:
-        raise TpmlabError("a traced value has no truth value while tracing: the plan is data, "
-                          "so Python `if`/`while` on it cannot be recorded")
+        raise NotSupportedError(CONTROL_FLOW)
 
     def __iter__(self):
-        raise TpmlabError("a traced value cannot be iterated while tracing; index it instead")
+        raise NotSupportedError(ITERATION)
 
     def __len__(self) -> int:
         raise TpmlabError("len() of a traced value is unknown while tracing")
@@ -98,12 +105,37 @@ class Proxy:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        fname = getattr(func, "__name__", str(func))
         name = irops.TORCH_FUNCTIONS.get(func)
         if name is None:
-            raise TpmlabError(f"torch function {getattr(func, '__name__', func)!r} is not in the "
-                              "plan op whitelist")
-        tracer = _find_tracer(args) or _find_tracer(list((kwargs or {}).values()))
-        return tracer.record(name, list(args), dict(kwargs or {}))
+            raise NotSupportedError(f"torch function {fname!r} is not in the plan op whitelist "
+                                    "(tpmlab.ir.ops); docs/nnsight.md lists the forms a plan "
+                                    "may use")
+        kwargs = dict(kwargs or {})
+        # keywords torch's Python wrappers pass on by themselves, with no effect on the value
+        # (inplace=True stays: validation refuses it, as every write through a keyword)
+        kwargs.pop("_stacklevel", None)
+        if kwargs.get("inplace") is False:
+            del kwargs["inplace"]
+        tracer = _find_tracer(args) or _find_tracer(list(kwargs.values()))
+        return tracer.record(name, list(args), kwargs)
+
+
+# The seam the tracer uses (functions, not attributes: a proxy's attribute names belong to
+# the traced value, ``h.node`` records a read of a field named "node").
+def owner(proxy: Proxy) -> Trace:
+    """The trace that recorded ``proxy``."""
+    return proxy._tracer
+
+
+def node_of(proxy: Proxy) -> int:
+    """The id of the plan node ``proxy`` stands for."""
+    return proxy._node
+
+
+def deliver(proxy: Proxy, value: Any) -> None:
+    """Give a saved proxy its value after the run."""
+    proxy._set_value(value)
 
 
 def _find_tracer(values: Any) -> Trace | None:

@@ -1,4 +1,5 @@
-"""``with model.trace(...)`` and ``with model.generate(...)``: recording a plan, then running it.
+"""``with model.trace(...)``: recording a plan, then running it (``model.generate`` is a
+trace too: :mod:`tpmlab.tracing.generate`).
 
 Inside the block, module values are proxies and every operation on them is a
 node of the plan. When the block ends the plan is encoded, sent to the model's
@@ -11,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import linecache
 import os
+import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import TpmlabError
+from ..errors import NotSupportedError, TpmlabError
 from ..ir.args import from_native
 from ..ir.codec import encode_plan
+from ..ir.ops import RANDOM_OPS
 from ..ir.plan import (
+    SAVE,
+    SET_POINT,
     GenerateOptions,
     Invoke,
     Node,
@@ -30,10 +35,16 @@ from ..ir.plan import (
     Steps,
     TensorRef,
 )
-from .proxy import Proxy
+from .passes import run_in_passes
+from .proxy import Proxy, deliver, node_of, owner
+from .saves import SaveTracker
+from .unsupported import BARRIER, MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
+
+# the invoke of points recorded in an empty ``tr.invoke()``: every row of the batch
+WHOLE_BATCH = -1
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -77,7 +88,7 @@ class Trace:
     mode = "trace"
 
     def __init__(self, model: LabModel, inputs: Any = None, *, timeout: float | None = None,
-                 **input_kwargs: Any) -> None:
+                 seed: int | None = None, **input_kwargs: Any) -> None:
         self.model = model
         self.nodes: dict[int, Node] = {}
         self.tensors: dict[str, torch.Tensor] = {}
@@ -89,36 +100,72 @@ class Trace:
         self._steps = Steps()
         self._points: dict[tuple, Proxy] = {}
         self._entered = False
+        # random ops (torch.randn_like) draw from generators seeded from this; it is recorded
+        # in the plan and in the result's metadata, so the result can be reproduced
+        self.seed = seed if seed is not None else secrets.randbits(62)
+        self._random_nodes = 0
+        self._saves = SaveTracker()  # warns of in-place writes after a save
+        self._parameters: dict[int, tuple[torch.nn.Parameter, str]] = {}  # constants by identity
+        self.session = model.tracing.session  # a session runs the trace when it ends
+        self._stopped_at: str | None = None  # the user's line of tracer.stop()
+        self._carried: dict[str, Proxy] = {}  # constants filled from earlier traces' saves
+        model.edits.replay_into(self)  # a persistent edit of the handle comes first
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
 
     # -- context --------------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         self._entered = True
-        self.model._push(self)
+        self.model.tracing.push(self)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.model._pop(self)
+        self.model.tracing.pop(self)
         if exc_type is not None:
             return None  # the user's error stands; nothing runs
-        self.run()
+        if self.session is not None:
+            self.session.add(self)
+        else:
+            self.run()
         return None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Trace]:
+        """Record the block's nodes without running them (for callers that send
+        :meth:`plan` themselves): ``with model.trace(p).recording(): ...``."""
+        self.model.tracing.push(self)
+        try:
+            yield self
+        finally:
+            self.model.tracing.pop(self)
 
     @contextlib.contextmanager
     def invoke(self, inputs: Any = None, **input_kwargs: Any) -> Iterator[Trace]:
         """One entry of the batch: a prompt (or list of prompts), token ids
         ``[pos]``/``[rows, pos]``, or ``inputs_embeds=`` ``[pos, d_model]``/``[rows, pos, d_model]``.
-        Interventions inside the block touch only these rows; values come back unpadded."""
+        Interventions inside the block touch only these rows; values come back unpadded.
+
+        With no input, the block addresses the whole batch made by the other invokes (every
+        row, padded on the left as the model sees it)."""
         previous = self._invoke
-        self._invoke = self._add_invoke(inputs, **input_kwargs)
+        if inputs is None and not input_kwargs:
+            self._invoke = WHOLE_BATCH
+        else:
+            self._invoke = self._add_invoke(inputs, **input_kwargs)
         try:
             yield self
         finally:
             self._invoke = previous
 
     def _add_invoke(self, inputs: Any = None, *, input_ids: Any = None,
-                    inputs_embeds: Any = None) -> int:
+                    inputs_embeds: Any = None, **other: Any) -> int:
+        if "remote" in other:
+            raise NotSupportedError("remote=True is not a trace option here: where a trace "
+                                    "runs is chosen once, by tpmlab.connect(gateway=url, "
+                                    "token=...) for a shared engine")
+        if other:
+            raise TpmlabError(f"unknown keyword {sorted(other)[0]!r}: an input is a prompt, "
+                              "input_ids= or inputs_embeds= (and trace options timeout=, seed=)")
         if sum(x is not None for x in (inputs, input_ids, inputs_embeds)) != 1:
             raise TpmlabError("give exactly one input: a prompt, input_ids= or inputs_embeds=")
         names = []
@@ -150,26 +197,71 @@ class Trace:
         return len(self.invokes) - 1
 
     # -- recording ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """End the trace here (nnsight's ``tracer.stop()``): values recorded so far come back
+        as usual, and recording anything after it is an error. The engine still runs the
+        whole forward pass; the values are the same."""
+        self._stopped_at = _user_line() or "tracer.stop()"
+
     def record(self, op: str, args: list, kwargs: dict | None = None, **fields: Any) -> Proxy:
+        if self._stopped_at is not None:
+            raise NotSupportedError(f"nothing can be recorded after tracer.stop() (at "
+                                    f"{self._stopped_at}): move it to the end of the block")
         node_id = len(self.nodes)
-        node = Node(id=node_id, op=op, args=self._arg(args), kwargs=self._arg(kwargs or {}),
+        kwargs = dict(kwargs or {})
+        if op in RANDOM_OPS:
+            kwargs = self._seeded(op, kwargs)
+        node = Node(id=node_id, op=op, args=self._arg(args), kwargs=self._arg(kwargs),
                     steps=self._steps, line=_user_line(), **fields)
         self.nodes[node_id] = node
+        self._saves.observe(node)
         proxy = Proxy(self, node_id)
         self.proxies[node_id] = proxy
         return proxy
+
+    def _seeded(self, op: str, kwargs: dict) -> dict:
+        if "generator" in kwargs:
+            raise NotSupportedError(f"{op}(generator=...): a generator cannot travel in a plan; "
+                                    "give the seed as model.trace(..., seed=n)")
+        self._random_nodes += 1
+        return {**kwargs, "seed": (self.seed + self._random_nodes) % 2**63}
 
     def point(self, path: str, io: str) -> Proxy:
         if self._invoke is None:
             raise TpmlabError("module values are read inside an invoke: give a prompt to "
                               "trace(...) or use `with tr.invoke(...)`")
+        invoke = None if self._invoke == WHOLE_BATCH else self._invoke
         key = (path, io, self._invoke, self._steps)
         if key not in self._points:
-            self._points[key] = self.record("point", [], path=path, io=io, invoke=self._invoke)
+            self._points[key] = self.record("point", [], path=path, io=io, invoke=invoke)
         return self._points[key]
 
-    def _forget_point(self, path: str, io: str) -> None:
-        """After a whole value was replaced, later reads must see the new one."""
+    def cache(self, modules: Any = None, *, filter: Callable[[str], bool] | None = None,
+              inputs: bool = False) -> dict[str, Proxy]:
+        """Save many modules' values in one call: ``{native path: saved proxy}``, read each
+        as ``.value`` after the block. ``modules``: module proxies or paths (default: every
+        module of the model); ``filter(path)`` keeps those it is true for; ``inputs=True``
+        saves first inputs instead of outputs."""
+        io = "input" if inputs else "output"
+        if modules is None:
+            paths = [e.rsplit(":", 1)[0] for e in self.model.info.events
+                     if e.endswith(f":{io}") and e.rsplit(":", 1)[0]]
+        else:
+            paths = [m if isinstance(m, str) else m.path for m in modules]
+        return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "next":
+            raise NotSupportedError(MODULE_ALTERNATIVES[name])
+        if name == "barrier":
+            raise NotSupportedError(BARRIER)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def set_point(self, path: str, io: str, value: Any) -> None:
+        """Replace the module value ``path``.``io`` (``module.output = value``)."""
+        point = self.point(path, io)
+        self.record(SET_POINT, [point, value], path=path, io=io)
+        # after a whole value was replaced, later reads must see the new one
         self._points.pop((path, io, self._invoke, self._steps), None)
 
     def _arg(self, value: Any) -> Any:
@@ -177,19 +269,47 @@ class Trace:
 
     def _leaf(self, value: Any) -> Any:
         if isinstance(value, Proxy):
-            if value._tracer is not self:
-                raise TpmlabError("a value from another trace cannot be used here; save it and "
-                                  "pass its .value")
-            return Ref(value._node)
+            if owner(value) is not self:
+                return self._carry(value)
+            return Ref(node_of(value))
         if isinstance(value, torch.Tensor):
-            name = f"c{len(self.tensors)}"
-            self.tensors[name] = value.detach().cpu().contiguous()
-            return TensorRef(name)
+            return TensorRef(self._constant(value))
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if hasattr(value, "__index__"):
             return int(value)
         raise TpmlabError(f"a value of type {type(value).__name__} cannot be part of a plan")
+
+    def _carry(self, value: Proxy) -> TensorRef:
+        """A value of an earlier trace of the same session: that trace saves it, this one
+        carries it as a constant filled in before it runs."""
+        if self.session is None or owner(value).session is not self.session:
+            raise TpmlabError("a value from another trace cannot be used here: save it and "
+                              "pass its .value, or record both traces in `with model.session():`")
+        name = f"s{len(self._carried)}"
+        self._carried[name] = owner(value).save_later(value)
+        return TensorRef(name)
+
+    def save_later(self, value: Proxy) -> Proxy:
+        """Save ``value`` after this trace's block has ended (at the steps it is made at)."""
+        previous, self._steps = self._steps, self.nodes[node_of(value)].steps
+        try:
+            return self.record(SAVE, [value])
+        finally:
+            self._steps = previous
+
+    def _constant(self, value: torch.Tensor) -> str:
+        """The name of a constant in the plan's tensor table. A parameter of a module used
+        several times (an SAE applied at each layer) travels once."""
+        if isinstance(value, torch.nn.Parameter):
+            known = self._parameters.get(id(value))
+            if known is not None and known[0] is value:
+                return known[1]
+        name = f"c{len(self.tensors)}"
+        self.tensors[name] = value.detach().cpu().contiguous()
+        if isinstance(value, torch.nn.Parameter):
+            self._parameters[id(value)] = (value, name)
+        return name
 
     # -- running --------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -201,11 +321,21 @@ class Trace:
         return None
 
     def run(self) -> TraceResult:
-        blob = encode_plan(self.plan())
-        values, meta = self.model._backend_run(blob, timeout=self.timeout)
+        """Send the plan to the engine (in several passes where its invokes exceed the
+        engine's limit per pass, see :mod:`tpmlab.tracing.passes`); saved proxies get their
+        values."""
+        for name, saved in self._carried.items():
+            if not isinstance(saved.value, torch.Tensor):
+                raise NotSupportedError("a value used in a later trace of a session must be one "
+                                        f"tensor, not a {type(saved.value).__name__} (a value "
+                                        "of several generation steps is a list: index a step)")
+            self.tensors[name] = saved.value.detach().cpu().contiguous()
+        values, meta = self.execute(self.plan())
+        if self._random_nodes:
+            meta = {**meta, "seed": self.seed}
         for node_id, value in values.items():
             if node_id in self.proxies:
-                self.proxies[node_id]._set_value(value)
+                deliver(self.proxies[node_id], value)
         self.result = TraceResult(values, meta)
         self._after_run(values)
         # Proxies point at the trace; dropping the trace's references back breaks the cycle,
@@ -214,74 +344,10 @@ class Trace:
         self._points.clear()
         return self.result
 
+    def execute(self, plan: Plan) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Where the plan runs: the engine (a dry run overrides this)."""
+        return run_in_passes(plan, self.model.limits.max_invokes,
+                             lambda part: self.model.run_plan(encode_plan(part), self.timeout))
+
     def _after_run(self, values: dict[int, Any]) -> None:
         pass
-
-
-class Generate(Trace):
-    """A generation request: interventions apply at chosen steps.
-
-    Outside any step block a node applies to step 0 (the prompt pass). Use
-    ``with gen.step(i)``, ``with gen.steps(start, stop)`` (stop excluded, ``None``
-    for the end) or ``with gen.all()``; a value saved at several steps comes back
-    as a list, one entry per step.
-
-    Decoding (:mod:`tpmlab.runtime.decoding`, the same on every engine and the same
-    tokens as Hugging Face's ``generate`` for the same options and ``seed``): greedy, or
-    ``do_sample`` with ``temperature``/``top_k``/``top_p``; ``repetition_penalty``; a row
-    ends at ``eos_token_id`` (default: the model's) or once its text ends in a ``stop``
-    string.
-    """
-
-    mode = "generate"
-
-    def __init__(self, model: LabModel, inputs: Any = None, *, max_new_tokens: int = 1,
-                 do_sample: bool = False, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 repetition_penalty: float | None = None, stop: str | list[str] | None = None,
-                 eos_token_id: int | list[int] | None = None, timeout: float | None = None,
-                 **input_kwargs: Any) -> None:
-        super().__init__(model, inputs, timeout=timeout, **input_kwargs)
-        self.options = GenerateOptions(
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
-            stop=[stop] if isinstance(stop, str) else stop,
-            eos_token_id=[eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-        self.output_ids: list[torch.Tensor] = []
-
-    def _generate_options(self) -> GenerateOptions:
-        return self.options
-
-    @contextlib.contextmanager
-    def steps(self, start: int, stop: int | None) -> Iterator[Generate]:
-        previous = self._steps
-        self._steps = Steps(start, stop)
-        try:
-            yield self
-        finally:
-            self._steps = previous
-
-    def step(self, i: int):
-        return self.steps(i, i + 1)
-
-    def all(self):
-        return self.steps(0, None)
-
-    def _after_run(self, values: dict[int, Any]) -> None:
-        from ..runtime.request import GENERATED
-
-        self.output_ids = list(values.get(GENERATED, []))
-
-    @property
-    def generated_ids(self) -> list[torch.Tensor]:
-        """New tokens per row (the prompt removed)."""
-        lengths = [self.tensors[n].shape[0] for inv in self.invokes for n in inv.tensors]
-        kinds = [inv.kind for inv in self.invokes for _ in inv.tensors]
-        return [ids if kind == "embeds" else ids[n:]
-                for ids, n, kind in zip(self.output_ids, lengths, kinds)]
-
-    @property
-    def text(self) -> list[str]:
-        """The generated text per row."""
-        return [self.model.tokenizer.decode(ids, skip_special_tokens=True)
-                for ids in self.generated_ids]

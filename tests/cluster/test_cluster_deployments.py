@@ -68,3 +68,27 @@ def test_stages_hold_only_their_weights_and_second_client_attaches(lab, cluster,
     lab.undeploy(MODEL)
     assert not mine & settle(backend.client, set(), absent=mine)
     assert not [k for k in backend.client.list_datasets() if str(k).startswith("tpmlab:")]
+
+
+def test_deployments_are_listed_probed_and_removed_as_typed_records(backend):
+    """What the sidebar reads: the published record, each stage's answer, and removal."""
+    from tpmlab.cluster import deployments
+
+    backend.undeploy("tiny-llama")
+    backend.deploy("tiny-llama", stages=2)
+    try:
+        dep = backend.deployment("tiny-llama")
+        records = [r for r in deployments.list_deployments(backend.client)
+                   if r.name == "tiny-llama"]
+        assert [r.key for r in records] == [dep.key]
+        record = records[0]
+        assert record.placements == dep.placements and record.spans == dep.spans
+        assert [f.key for f in record.futures] == [f.key for f in dep.futures]
+        probes = deployments.probe(backend.client, record, timeout=30)
+        assert [p.status for p in probes] == ["answered", "answered"]
+        assert all(p.requests == 0 and p.rss > 0 for p in probes)
+        assert deployments.remove(backend.client, "tiny-llama") == [dep.key]
+        assert deployments.lookup(backend.client, dep.key) is None
+        assert deployments.remove(backend.client, "tiny-llama") == []
+    finally:
+        backend.undeploy("tiny-llama")

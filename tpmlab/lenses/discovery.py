@@ -27,6 +27,8 @@ _described: dict[str, LensInfo] = {}  # name -> its LensInfo, once checked
 class LensNotFoundError(TpmlabError, LookupError):
     """No lens of that name in any lens folder or entry point."""
 
+    http_status = 404
+
 
 def lens_dirs() -> list[Path]:
     """Folders searched for plugin files, in order: the wheel's ``tpmlab/_lenses``,

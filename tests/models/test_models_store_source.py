@@ -4,7 +4,8 @@ import torch
 pytest.importorskip("tpmlab.models.sources")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tpmlab.store import Store, default_store, source_for  # noqa: E402
+from tpmlab.models.store_source import source_for  # noqa: E402
+from tpmlab.store import Store, default_store  # noqa: E402
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
     entries = store.manifest(digest)["tensors"]
     needed = {c for k in layer for c in entries[f"model.layers.1.{k}"]["chunks"]}
     assert store.stats.chunks_read == len(needed)  # the two norms (all ones) share a chunk
-    assert store.stats.bytes_read == sum(store.backend.size("chunks", c) for c in needed)
+    assert store.stats.bytes_read == sum(store.objects.size("chunks", c) for c in needed)
     got = dict(stage.model.model.layers[1].named_parameters())
     assert all(torch.equal(got[k], layer[k]) for k in layer)
     assert stage.model.model.layers[0].self_attn.q_proj.weight.is_meta
@@ -40,13 +41,13 @@ def test_source_for_loads_the_version(tmp_path, tiny_llama, monkeypatch):
     assert torch.equal(full(ids).logits, tiny_llama(ids).logits)
 
 
-def test_registry_resolves_name_at_ref(tmp_path, tiny_llama, monkeypatch):
-    registry = pytest.importorskip("tpmlab.models.registry")
+def test_model_names_resolve_name_at_ref(tmp_path, tiny_llama, monkeypatch):
+    names = pytest.importorskip("tpmlab.models.names")
     monkeypatch.setenv("TPMLAB_HOME", str(tmp_path))
     store = default_store()
-    assert store.backend.root == tmp_path / "store"
+    assert store.objects.root == tmp_path / "store"
     digest = store.commit(tiny_llama.state_dict(), config=tiny_llama.config.to_dict(), message="")
     store.tag("base", digest)
-    src = registry.resolve("tiny@base")
+    src = names.resolve("tiny@base")
     assert src.version == f"sha256:{digest}"
-    assert registry.resolve(f"tiny@{digest[:10]}").version == f"sha256:{digest}"
+    assert names.resolve(f"tiny@{digest[:10]}").version == f"sha256:{digest}"

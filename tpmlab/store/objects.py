@@ -1,6 +1,6 @@
 """Where the store's objects live: a small interface and two implementations.
 
-A backend holds opaque byte objects in four namespaces (``kind``):
+An object store holds opaque byte objects in four namespaces (``kind``):
 ``"chunks"`` (tensor bytes by SHA-256), ``"manifests"`` (version JSON by version
 digest), ``"tags"`` (a digest by tag name) and ``"locks"`` (see
 ``tpmlab.store.locks``). Every write is atomic: readers see the old object or the
@@ -39,7 +39,7 @@ def check_key(kind: str, key: str) -> None:
 
 
 @runtime_checkable
-class Backend(Protocol):
+class ObjectStore(Protocol):
     """Byte storage for the weight store."""
 
     def put(self, kind: str, key: str, data: bytes | memoryview, *, overwrite: bool = True) -> None:
@@ -64,7 +64,7 @@ class Backend(Protocol):
         """Size in bytes of the object under ``key``; ``KeyError`` if absent."""
 
 
-class LocalBackend:
+class LocalObjectStore:
     """A folder on a local (or shared POSIX) filesystem.
 
     Layout: ``chunks/ab/abcdef...`` (fan-out by the first two hex digits),
@@ -82,7 +82,7 @@ class LocalBackend:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
-        return f"LocalBackend({str(self.root)!r})"
+        return f"LocalObjectStore({str(self.root)!r})"
 
     def _path(self, kind: str, key: str) -> Path:
         check_key(kind, key)
@@ -158,7 +158,7 @@ class LocalBackend:
             raise KeyError(f"{kind}/{key}") from None
 
 
-class FsspecBackend:
+class FsspecObjectStore:
     """Any fsspec filesystem (``memory://``, ``s3://``, ``gcs://``, ...), same layout as local.
 
     A write goes to ``tmp/<random>`` and is then moved into place. On object stores a
@@ -176,7 +176,7 @@ class FsspecBackend:
             self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
 
     def __repr__(self) -> str:
-        return f"FsspecBackend({self.url!r})"
+        return f"FsspecObjectStore({self.url!r})"
 
     def _path(self, kind: str, key: str) -> str:
         check_key(kind, key)
@@ -239,13 +239,13 @@ def _symlinked_tag(name: str, path: object) -> UnsafeRefError:
                           "the version again")
 
 
-def open_backend(root: str | os.PathLike[str] | Backend) -> Backend:
-    """A backend for ``root``: a Backend as is, a URL (``scheme://``) via fsspec, else a folder."""
-    if isinstance(root, (LocalBackend, FsspecBackend)) or (
-        not isinstance(root, (str, os.PathLike)) and isinstance(root, Backend)
+def open_object_store(root: str | os.PathLike[str] | ObjectStore) -> ObjectStore:
+    """An object store for ``root``: an ObjectStore as is, a URL (``scheme://``) via fsspec, else a folder."""
+    if isinstance(root, (LocalObjectStore, FsspecObjectStore)) or (
+        not isinstance(root, (str, os.PathLike)) and isinstance(root, ObjectStore)
     ):
         return root
     text = os.fspath(root)
     if "://" in text and not text.startswith("file://"):
-        return FsspecBackend(text)
-    return LocalBackend(text.removeprefix("file://"))
+        return FsspecObjectStore(text)
+    return LocalObjectStore(text.removeprefix("file://"))

@@ -1,4 +1,4 @@
-"""A ``tpmlab.models.ModelSource`` whose weights are one version of the store."""
+"""A model source whose weights are one version of the weight store (``"name@ref"``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from tpmlab.models.default import default_tokenizer
 from tpmlab.models.sources import ModelSource
 from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
-
-from .store import Store
+from tpmlab.store import Store, default_store
 
 
 def config_from_dict(config: dict) -> PretrainedConfig:
@@ -59,10 +59,17 @@ class StoreSource(ModelSource):
         folder = self._config_dict.get("_name_or_path")
         if folder and Path(folder).is_dir() and has_tokenizer(Path(folder)):
             return load_tokenizer(Path(folder))
-        from tpmlab.models.default import default_tokenizer
-
         warnings.warn(
             f"store version {self.digest[:12]} has no tokenizer; using the default model's",
             stacklevel=3,
         )
         return default_tokenizer()
+
+
+def source_for(name: str, ref: str, store: Store | None = None) -> StoreSource:
+    """Model ``name`` whose weights are version ``ref`` of ``store``.
+
+    ``ref`` is resolved once, here: the source's ``version`` is that full store digest
+    even if a tag moves later. ``store`` defaults to ``tpmlab.store.default_store()``.
+    """
+    return StoreSource(name, ref, store if store is not None else default_store())

@@ -89,15 +89,16 @@ def test_folder_without_tokenizer_uses_the_default_one(saved_folder):
 
 def test_store_reference_is_delegated(monkeypatch):
     calls = []
-    fake = types.ModuleType("tpmlab.store")
+    fake = types.ModuleType("tpmlab.models.store_source")
     fake.source_for = lambda name, ref: calls.append((name, ref)) or "SOURCE"
-    monkeypatch.setitem(sys.modules, "tpmlab.store", fake)
+    monkeypatch.setitem(sys.modules, "tpmlab.models.store_source", fake)
     assert resolve("my-model@v2") == "SOURCE"
     assert calls == [("my-model", "v2")]
 
 
 def test_store_reference_without_store(monkeypatch):
     monkeypatch.setitem(sys.modules, "tpmlab.store", None)  # import fails
+    monkeypatch.delitem(sys.modules, "tpmlab.models.store_source", raising=False)
     with pytest.raises(ModelNotFoundError, match="tpmlab.store is unavailable"):
         resolve("my-model@v2")
 

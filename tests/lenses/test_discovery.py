@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import tpmlab.lenses
-from tpmlab.lenses import Axis, LensContractError, LensView, Metric, Option, registry
+from tpmlab.lenses import Axis, LensContractError, LensView, Metric, Option, discovery
 
 REPO = Path(__file__).resolve().parents[2]
 #: the zoo is whatever lenses/ holds: adding a lens edits no list
@@ -25,7 +25,7 @@ from tpmlab.lenses import Axis, LensView, Metric
 
 NAME = {name!r}
 TITLE = "{name} lens"
-DESCRIPTION = "A lens for the registry tests."
+DESCRIPTION = "A lens for the discovery tests."
 VIEW = LensView(inputs="prompt", rows=Axis("layer"), cols=Axis("position"),
                 metrics=(Metric("x", "x"),))
 
@@ -42,7 +42,7 @@ def minimal_lens(name: str, value: object) -> str:
 
 def namespace_lens(name: str, value: object, **changes: object) -> types.SimpleNamespace:
     lens = types.SimpleNamespace(
-        NAME=name, TITLE=f"{name} lens", DESCRIPTION="A lens for the registry tests.",
+        NAME=name, TITLE=f"{name} lens", DESCRIPTION="A lens for the discovery tests.",
         VIEW=LensView(inputs="prompt", rows=Axis("layer"), cols=Axis("position"),
                       metrics=(Metric("x", "x"),)),
         run=lambda model, prompt, *, progress=None: value)
@@ -56,9 +56,9 @@ def namespace_lens(name: str, value: object, **changes: object) -> types.SimpleN
 
 @pytest.fixture(autouse=True)
 def _fresh():
-    registry._clear_cache()
+    discovery._clear_cache()
     yield
-    registry._clear_cache()
+    discovery._clear_cache()
 
 
 def test_checkout_folder_holds_the_zoo():
@@ -106,12 +106,12 @@ def test_installed_wheel_folder(tmp_path, monkeypatch):
     (pkg / "_lenses").mkdir()
     (pkg / "_lenses" / "wheel_only.py").write_text(minimal_lens("wheel_only", 42))
     (pkg / "_lenses" / "_private.py").write_text("raise RuntimeError('not a lens')\n")
-    fake_file = pkg / "lenses" / "registry.py"
-    monkeypatch.setattr(registry, "__file__", str(fake_file))
-    dirs = registry.lens_dirs()
+    fake_file = pkg / "lenses" / "discovery.py"
+    monkeypatch.setattr(discovery, "__file__", str(fake_file))
+    dirs = discovery.lens_dirs()
     assert dirs[0] == pkg / "_lenses"
-    assert "wheel_only" in registry.available() and "_private" not in registry.available()
-    assert registry.get("wheel_only").run(None, "p") == 42
+    assert "wheel_only" in discovery.available() and "_private" not in discovery.available()
+    assert discovery.get("wheel_only").run(None, "p") == 42
 
 
 def test_entry_point_plugin(tmp_path, monkeypatch):
@@ -120,11 +120,11 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     exec(minimal_lens("thirdparty", "third party"), mod.__dict__)
     monkeypatch.setitem(sys.modules, "thirdparty_lens", mod)
     ep = importlib.metadata.EntryPoint(name="thirdparty", value="thirdparty_lens",
-                                       group=registry.ENTRY_POINT_GROUP)
+                                       group=discovery.ENTRY_POINT_GROUP)
     real = importlib.metadata.entry_points
 
     def fake_entry_points(**kw):
-        if kw.get("group") == registry.ENTRY_POINT_GROUP:
+        if kw.get("group") == discovery.ENTRY_POINT_GROUP:
             return importlib.metadata.EntryPoints([ep])
         return real(**kw)
 
@@ -150,14 +150,14 @@ def test_entry_point_from_a_distribution_on_sys_path(tmp_path, monkeypatch):
 
 def test_path_env_and_register(tmp_path, monkeypatch):
     (tmp_path / "mine.py").write_text(minimal_lens("mine", "mine"))
-    monkeypatch.setenv(registry.PATH_ENV, str(tmp_path))
+    monkeypatch.setenv(discovery.PATH_ENV, str(tmp_path))
     assert tpmlab.lenses.get("mine").run(None, "p") == "mine"
     tpmlab.lenses.register("inline", namespace_lens("inline", 7))
     try:
         assert tpmlab.lenses.get("inline").run(None, "p") == 7
         assert tpmlab.lenses.info("inline").source == "registered in this process"
     finally:
-        registry._registered.pop("inline")
+        discovery._registered.pop("inline")
 
 
 @pytest.mark.parametrize("changes,problem", [
@@ -211,7 +211,7 @@ def test_a_broken_plugin_does_not_hide_the_others(tmp_path, monkeypatch):
     (tmp_path / "fine.py").write_text(minimal_lens("fine", 1))
     (tmp_path / "crashes.py").write_text("raise RuntimeError('missing dependency xyz')\n")
     (tmp_path / "incomplete.py").write_text("NAME = 'incomplete'\ndef run(model, prompt):\n    return 0\n")
-    monkeypatch.setenv(registry.PATH_ENV, str(tmp_path))
+    monkeypatch.setenv(discovery.PATH_ENV, str(tmp_path))
     found, errors = tpmlab.lenses.catalog()
     assert {"fine", *BUILTIN} <= {i.name for i in found}
     assert "RuntimeError: missing dependency xyz" in errors["crashes"]

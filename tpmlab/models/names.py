@@ -1,10 +1,11 @@
-"""Turning a model name into a :class:`ModelSource`."""
+"""Model names: the names tpmlab knows, and the :class:`ModelSource` each name resolves to."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tpmlab.models.default import DEFAULT_ALIASES, DEFAULT_NAME, DefaultSource
+from tpmlab.models.default import DEFAULT_ALIASES, DEFAULT_NAME
+from tpmlab.models.default_source import DefaultSource
 from tpmlab.models.errors import ModelNotFoundError
 from tpmlab.models.random_init import known_random_models, random_init_source
 from tpmlab.models.sources import FolderSource, ModelSource
@@ -46,7 +47,7 @@ def resolve(name: str) -> ModelSource:
 def _from_store(name: str) -> ModelSource:
     base, _, ref = name.rpartition("@")
     try:
-        from tpmlab.store import source_for
+        from tpmlab.models.store_source import source_for
     except ImportError as e:
         raise ModelNotFoundError(
             f"{name!r} names a weight-store version, but tpmlab.store is unavailable ({e})"
