@@ -33,6 +33,10 @@ export interface IStageJSON {
   requests: number | null;
   rss: number | null;
   gpu_allocated: number | null;
+  /** The stage worker's peak resident bytes since the stage was loaded. */
+  peak_rss?: number | null;
+  /** Its peak GPU memory (PyTorch's allocator) since the stage was loaded. */
+  gpu_peak?: number | null;
 }
 
 export interface IModelJSON {
@@ -131,6 +135,13 @@ export interface IViewModel {
 const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
 
 /** Bytes as a short human string: 1536 -> "1.5 KiB". */
+/** A stage's weights, and the peak memory its device held since it loaded them. */
+export function stageSize(s: IStageJSON): string {
+  const onGpu = !!s.device && s.device !== 'cpu';
+  const peak = onGpu ? s.gpu_peak : s.peak_rss;
+  return peak ? `${formatBytes(s.bytes)} (peak ${formatBytes(peak)})` : formatBytes(s.bytes);
+}
+
 export function formatBytes(n: number | null | undefined): string {
   if (n === null || n === undefined || !isFinite(n)) {
     return '–';
@@ -236,7 +247,7 @@ export function toViewModel(status: IStatusJSON): IViewModel {
         layers: layerRange(s.layers),
         worker: workerNames.get(s.worker) ?? shortAddress(s.worker),
         device: s.device ?? '–',
-        size: formatBytes(s.bytes),
+        size: stageSize(s),
         requests: s.requests === null ? '–' : `${s.requests}`,
         health: s.health,
         tone: healthTone(s.health)

@@ -56,6 +56,7 @@ from ..runtime import request
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
+from ..runtime.load_meter import LoadMeter
 from ..runtime.runner import PlanRunner
 from ..runtime.weights import WeightGuard
 from .handover import Segments, Token
@@ -147,9 +148,13 @@ class StageActor:
         self.span = StageSpan(index=spec["index"], n_stages=spec["n_stages"], first=spec["first"],
                               last=spec["last"], nbytes=spec.get("nbytes", 0))
         self.source = resolve(spec["model"])
-        self.stage = StageModel(self.source, self.span, device=self.device, dtype=self.dtype)
-        self.events, self.shapes = self.stage.probe()
-        self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
+        if spec.get("version"):  # the client's digest: this stage reads its own tensors only
+            self.source.assume_version(spec["version"])
+        with LoadMeter(self.device) as meter:
+            self.stage = StageModel(self.source, self.span, device=self.device, dtype=self.dtype)
+            self.events, self.shapes = self.stage.probe()
+            self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
+        self.load = meter.figures  # what loading this stage cost its worker process
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
         self.info: ModelInfo | None = None
@@ -182,14 +187,18 @@ class StageActor:
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
 
-    async def memory(self) -> dict[str, int]:
-        """This worker process's memory: resident and peak resident bytes, stage bytes."""
+    async def memory(self) -> dict[str, Any]:
+        """This worker process's memory: resident and peak resident bytes (the peak since
+        the last stage load on this worker began), stage bytes, and what loading this stage
+        cost (:class:`~tpmlab.runtime.load_meter.LoadMeter`: ``load_seconds``, ``read_bytes``,
+        ``disk_read_bytes``, ``rss_before``, ``resident_growth``, ``load_host_peak``,
+        ``load_cuda_peak``)."""
         import psutil
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots)}
+               "held": len(self.slots), **self.load}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)

@@ -160,7 +160,8 @@ class DaskBackend:
             raise DeploymentError(f"{name}: {e}") from None
         taken = [p for rec in deployments.list_deployments(self.client) for p in rec.placements]
         placements = place_stages(workers, n_stages, taken=taken)
-        specs = [self._spec(name, span, place, dtype) for span, place in zip(spans, placements)]
+        specs = [self._spec(name, source.version, span, place, dtype)
+                 for span, place in zip(spans, placements)]
         futures = [self._submit(spec, place) for spec, place in zip(specs, placements)]
         # the tokenizer (its pad id goes to the stages) is read while the stages load
         reader = ThreadPoolExecutor(1)
@@ -186,9 +187,11 @@ class DaskBackend:
         self._publish(dep)
         return dep
 
-    def _spec(self, name: str, span: StageSpan, place: Placement, dtype: torch.dtype) -> dict[str, Any]:
-        return {"model": name, "index": span.index, "n_stages": span.n_stages, "first": span.first,
-                "last": span.last, "nbytes": span.nbytes, "device": place.device,
+    def _spec(self, name: str, version: str, span: StageSpan, place: Placement,
+              dtype: torch.dtype) -> dict[str, Any]:
+        # the version travels with the spec: a stage never digests the whole checkpoint
+        return {"model": name, "version": version, "index": span.index, "n_stages": span.n_stages,
+                "first": span.first, "last": span.last, "nbytes": span.nbytes, "device": place.device,
                 "dtype": dtype_name(dtype), "threads": self.threads,
                 "limits": {k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}}
 
@@ -381,8 +384,13 @@ class DaskBackend:
             lock.release()
 
     # -- tear down ---------------------------------------------------------------------------------
-    def memory(self, name: str) -> list[dict[str, int]]:
-        """Per stage: its worker's resident and peak resident bytes and the stage's bytes."""
+    def memory(self, name: str) -> list[dict[str, Any]]:
+        """Per stage: the stage's bytes (``stage_bytes``), its worker's resident and peak
+        resident bytes now (``rss``, ``peak_rss``; with ``cuda_peak``/``cuda_allocated`` on a
+        GPU), and what loading the stage cost that worker, measured there
+        (:mod:`tpmlab.runtime.load_meter`): ``load_seconds``, ``read_bytes`` (bytes read
+        through ``read``, page cache or disk), ``disk_read_bytes``, ``rss_before``,
+        ``resident_growth``, ``load_host_peak`` and ``load_cuda_peak``."""
         dep = self.deployment(name)
         return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.placements[k].worker}
                 for k, a in enumerate(dep.actors)]

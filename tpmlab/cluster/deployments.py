@@ -86,12 +86,15 @@ class StageProbe:
     requests: int | None = None
     rss: int | None = None
     cuda_allocated: int | None = None
+    peak_rss: int | None = None  # since the stage was loaded
+    cuda_peak: int | None = None  # since the stage was loaded
 
     @classmethod
     def from_memory(cls, memory: dict[str, int]) -> StageProbe:
         """From a stage actor's ``memory()`` answer."""
         return cls("answered", requests=memory.get("requests"), rss=memory.get("rss"),
-                   cuda_allocated=memory.get("cuda_allocated"))
+                   cuda_allocated=memory.get("cuda_allocated"), peak_rss=memory.get("peak_rss"),
+                   cuda_peak=memory.get("cuda_peak"))
 
 
 def deployment_key(model: str, version: str) -> str:

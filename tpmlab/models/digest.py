@@ -39,6 +39,7 @@ def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
         header = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0"
         h.update(header.encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
+        del tensor, t  # one tensor in flight: let it go before the next is made
     return PREFIX + h.hexdigest()
 
 

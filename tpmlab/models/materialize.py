@@ -3,6 +3,10 @@
 A pipeline stage must hold its slice of the weights and nothing else, so a
 load starts from a meta-device tree (no memory) and assigns real tensors one
 state-dict name at a time. Tensors that were not asked for stay on ``meta``.
+
+Tensors arrive one at a time from the reader and each is cast, placed and
+assigned before the next is read: a load's peak memory is the weights plus one
+tensor in flight, not the whole set in the reader's dtype next to its cast.
 """
 
 from __future__ import annotations
@@ -10,15 +14,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 KeyFilter = Callable[[str], bool]
-#: ``reader(canonical_names) -> {name: tensor}``: tensors on any device, any dtype.
-TensorReader = Callable[[list[str]], Mapping[str, torch.Tensor]]
+#: ``reader(canonical_names) -> (name, tensor), ...``: each name once, in any order, tensors
+#: on any device and dtype (ideally already the load's: then nothing is copied). Consumed
+#: lazily, one tensor at a time.
+TensorReader = Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]]
 
 
 @contextlib.contextmanager
@@ -115,27 +121,32 @@ def materialize(
     """
     canonical = tie_groups(model)
     selected = [n for n in persistent_names(model) if keys is None or keys(n)]
-    wanted = sorted({canonical[n] for n in selected})
-    tensors = reader(wanted) if wanted else {}
-    missing = [n for n in wanted if n not in tensors]
+    names_of: dict[str, list[str]] = {}
+    for name in selected:
+        names_of.setdefault(canonical[name], []).append(name)
+    wanted = sorted(names_of)
+    done: set[str] = set()
+    for canon, t in reader(wanted) if wanted else ():
+        if canon not in names_of or canon in done:
+            continue
+        names = names_of[canon]
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        value: torch.Tensor | nn.Parameter = t
+        param = next((n for n in names if _is_parameter(model, n)), None)
+        if param is not None:
+            current = model.get_parameter(param)
+            if tuple(current.shape) != tuple(t.shape):
+                raise ValueError(
+                    f"{param}: expected shape {tuple(current.shape)}, weights have {tuple(t.shape)}"
+                )
+            value = nn.Parameter(t, requires_grad=False)
+        for name in names:
+            _set_tensor(model, name, value)
+        done.add(canon)
+        del t, value  # the next tensor is read only once this one is in place
+    missing = [n for n in wanted if n not in done]
     if missing:
         raise KeyError(f"weights missing for {len(missing)} tensors, e.g. {missing[:5]}")
-    made: dict[str, torch.Tensor | nn.Parameter] = {}
-    for name in selected:
-        canon = canonical[name]
-        if canon not in made:
-            t = tensors[canon]
-            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-            current = model.get_parameter(name) if _is_parameter(model, name) else None
-            if current is not None:
-                if tuple(current.shape) != tuple(t.shape):
-                    raise ValueError(
-                        f"{name}: expected shape {tuple(current.shape)}, weights have {tuple(t.shape)}"
-                    )
-                made[canon] = nn.Parameter(t, requires_grad=False)
-            else:
-                made[canon] = t
-        _set_tensor(model, name, made[canon])
     return selected
 
 

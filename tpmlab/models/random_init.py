@@ -8,16 +8,19 @@ full load would. Initialisation follows Hugging Face's rule of thumb: norms
 weight 1, biases 0, everything else ``normal(0, config.initializer_range)``.
 
 Version digests: models up to :data:`DIGEST_BY_WEIGHTS_MAX` parameters are
-digested from their materialized float32 weights (like any checkpoint). Larger
-ones (``llama-3-8b-shape``) would take minutes to draw on a CPU, so their weights
-are drawn on the load device (CUDA's generator: the bits differ from a CPU draw)
-and their version is the digest of ``(family, seed, config, init scheme)``.
+digested from their materialized float32 weights (like any checkpoint); they are
+drawn in float32 on the CPU, one tensor at a time, and each is cast and moved
+before the next is drawn. Larger ones (``llama-3-8b-shape``) would take minutes
+to draw on a CPU, so each of their tensors is drawn directly in the load dtype on
+the load device (CUDA's generator: the bits differ from a CPU draw), one at a
+time, so that a load never holds more than its weights; their version is the
+digest of ``(family, seed, config, init scheme)``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +37,7 @@ from tpmlab.models.materialize import tie_groups
 from tpmlab.models.sources import ModelSource
 
 #: bump when the drawing rule changes: it changes every random-init version
-INIT_SCHEME = "tpmlab-random-init-v1"
+INIT_SCHEME = "tpmlab-random-init-v2"  # v2: large models drawn in the load dtype
 DIGEST_BY_WEIGHTS_MAX = 2**28
 
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
@@ -129,23 +132,33 @@ class RandomInitSource(ModelSource):
     def digest_by_weights(self) -> bool:
         return self.n_params <= DIGEST_BY_WEIGHTS_MAX
 
-    def _draw(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    def _draw(self, name: str, shape: torch.Size, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
         kind = self._kinds[name]
         if kind == "ones":
-            return torch.ones(shape, device=device)
+            return torch.ones(shape, device=device, dtype=dtype)
         if kind == "zeros":
-            return torch.zeros(shape, device=device)
+            return torch.zeros(shape, device=device, dtype=dtype)
         gen = torch.Generator(device=device).manual_seed(_tensor_seed(self.seed, name))
         std = float(getattr(self.config, "initializer_range", 0.02))
-        return torch.empty(shape, device=device).normal_(0.0, std, generator=gen)
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
 
     def _draw_device(self, device: torch.device) -> torch.device:
         small = self.digest_by_weights or device.type in ("cpu", "meta")
         return torch.device("cpu") if small else device
 
     def _read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        return dict(self._tensors(names, device, torch.float32))
+
+    def _tensors(
+        self, names: list[str], device: torch.device, dtype: torch.dtype
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        # Small models: float32 on the CPU, the draws their version digests. Large ones:
+        # straight in the load dtype on the load device. One tensor at a time either way.
         where = self._draw_device(device)
-        return {name: self._draw(name, self._shapes[name], where) for name in names}
+        draw_dtype = torch.float32 if self.digest_by_weights else dtype
+        for name in names:
+            yield name, self._draw(name, self._shapes[name], where, draw_dtype)
 
     def _compute_version(self) -> str:
         key = json_digest(self.describe())

@@ -6,20 +6,21 @@ module tree and validate plans while only the workers ever call :meth:`load`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tpmlab.models.adapters import Adapter, adapter_for
-from tpmlab.models.digest import META_FILE, cached_digest, json_digest, store_digest, weights_digest
+from tpmlab.models.digest import META_FILE, PREFIX, cached_digest, json_digest, store_digest
 from tpmlab.models.materialize import KeyFilter, build, meta_model
+from tpmlab.models.tensor_files import TensorEntry, TensorReader, read_header
 from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
 
 #: model_type -> (current prefix, prefix in checkpoints written before transformers 5)
@@ -77,6 +78,17 @@ class ModelSource(ABC):
         """Tensors for the given canonical state-dict names (only those: a stage
         must not read the rest)."""
 
+    def _tensors(
+        self, names: list[str], device: torch.device, dtype: torch.dtype
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors for ``names``, one at a time, ideally already on ``device`` in
+        ``dtype`` (floating ones). Sources that can read one tensor at a time override
+        this; the default reads them all with :meth:`_read` and lets each go once it
+        has been handed over."""
+        tensors = dict(self._read(names, device))
+        for name in list(tensors):
+            yield name, tensors.pop(name)
+
     @abstractmethod
     def _compute_version(self) -> str:
         """The weights' content digest (may be slow; called at most once)."""
@@ -102,6 +114,11 @@ class ModelSource(ABC):
             self._version = self._compute_version()
         return self._version
 
+    def assume_version(self, version: str) -> None:
+        """Take the version from whoever computed it (the client that deployed a stage):
+        a stage reads only its own tensors, and digesting would read them all."""
+        self._version = version
+
     def load(
         self,
         *,
@@ -120,7 +137,7 @@ class ModelSource(ABC):
         dtype = dtype or default_dtype(device)
         model = build(
             self.config,
-            lambda names: self._read(names, device),
+            lambda names: self._tensors(names, device, dtype),
             device=device,
             dtype=dtype,
             keys=keys,
@@ -145,7 +162,7 @@ class FolderSource(ModelSource):
         self._folder = Path(folder).expanduser().resolve()
         config = AutoConfig.from_pretrained(str(self._folder))
         super().__init__(name or str(self._folder), config)
-        self._key_files: dict[str, Path] | None = None
+        self._key_files: dict[str, TensorEntry] | None = None
 
     def folder(self) -> Path:
         """The folder holding the files (subclasses may create it on demand)."""
@@ -165,12 +182,12 @@ class FolderSource(ModelSource):
             )
         return files
 
-    def _index(self) -> dict[str, Path]:
+    def _index(self) -> dict[str, TensorEntry]:
+        """Every stored tensor, by stored name (reads each file's header only)."""
         if self._key_files is None:
-            index: dict[str, Path] = {}
+            index: dict[str, TensorEntry] = {}
             for path in self.weight_files():
-                with safe_open(str(path), framework="pt") as f:
-                    index.update(dict.fromkeys(f.keys(), path))
+                index.update(read_header(path))
             self._key_files = index
         return self._key_files
 
@@ -187,20 +204,20 @@ class FolderSource(ModelSource):
         return next((c for c in candidates if c in index), None)
 
     def _read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        return dict(self._tensors(names, device, None))
+
+    def _tensors(
+        self, names: list[str], device: torch.device, dtype: torch.dtype | None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        # Positioned reads of exactly these tensors, in file order, each placed and cast
+        # on its way (tensor_files): the process reads, and holds, its own bytes only.
         index = self._index()
-        by_file: dict[Path, list[tuple[str, str]]] = {}
-        for name in names:
-            key = self._file_key(name)
-            if key is not None:
-                by_file.setdefault(index[key], []).append((name, key))
-        out: dict[str, torch.Tensor] = {}
-        # Read straight onto an accelerator when there is one: no host copy.
-        read_device = "cpu" if device.type in ("cpu", "meta") else str(device)
-        for path, pairs in by_file.items():
-            with safe_open(str(path), framework="pt", device=read_device) as f:
-                for name, key in pairs:
-                    out[name] = f.get_tensor(key)
-        return out
+        found = [(name, key) for name in names if (key := self._file_key(name)) is not None]
+        found.sort(key=lambda nk: (str(index[nk[1]].path), index[nk[1]].offset))
+        device = torch.device("cpu") if device.type == "meta" else device
+        with TensorReader(device, dtype) as reader:
+            for name, key in found:
+                yield name, reader.read(index[key])
 
     def _compute_version(self) -> str:
         meta = self.folder() / META_FILE
@@ -234,7 +251,17 @@ class FolderSource(ModelSource):
 
 
 def folder_weights_digest(files: list[Path]) -> str:
-    """:func:`weights_digest` of safetensors files, reading one tensor at a time."""
-    handles = [safe_open(str(path), framework="pt") for path in files]
-    where = {name: h for h in handles for name in h.keys()}
-    return weights_digest((name, where[name].get_tensor(name)) for name in sorted(where))
+    """:func:`~tpmlab.models.digest.weights_digest` of safetensors files, streamed from the
+    files' bytes: the process holds one staging buffer, not the checkpoint."""
+    entries: dict[str, TensorEntry] = {}
+    for path in files:
+        entries.update(read_header(path))
+    h = hashlib.sha256()
+    with TensorReader(torch.device("cpu")) as reader:
+        for name in sorted(entries):
+            e = entries[name]
+            dtype = str(e.dtype).removeprefix("torch.")
+            h.update(f"{name}\0{dtype}\0{list(e.shape)}\0".encode())
+            for chunk in reader.read_chunks(e):
+                h.update(chunk)
+    return PREFIX + h.hexdigest()

@@ -138,6 +138,9 @@ def model_view(record: DeploymentRecord, live: set[str],
             "answered": answered,
             "rss": probe.rss if answered else None,
             "gpu_allocated": probe.cuda_allocated if answered else None,
+            # peaks since the stage was loaded (its load included)
+            "peak_rss": probe.peak_rss if answered else None,
+            "gpu_peak": probe.cuda_peak if answered else None,
         })
     healths = {s["health"] for s in stages}
     health = "ok" if healths <= {"ok"} else ("lost" if "lost" in healths else "degraded")

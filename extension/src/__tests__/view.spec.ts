@@ -1,4 +1,4 @@
-import { formatBytes, healthTone, IStatusJSON, layerRange, toViewModel } from '../view';
+import { formatBytes, healthTone, IStatusJSON, layerRange, stageSize, toViewModel } from '../view';
 
 const STATUS: IStatusJSON = {
   time: 0,
@@ -71,6 +71,16 @@ describe('formatting', () => {
     expect(formatBytes(1536)).toBe('1.5 KiB');
     expect(formatBytes(270 * 2 ** 20)).toBe('270 MiB');
     expect(formatBytes(null)).toBe('–');
+  });
+  it("shows a stage's peak next to its weights: the GPU's on a GPU, else the worker's", () => {
+    const stage = {
+      index: 0, worker: 'w', device: 'cuda:0', layers: [0, 1] as [number, number], bytes: 2 ** 30,
+      health: 'ok' as const, requests: 0, rss: 2 ** 31, gpu_allocated: 2 ** 30,
+      peak_rss: 3 * 2 ** 30, gpu_peak: 1.5 * 2 ** 30
+    };
+    expect(stageSize(stage)).toBe('1.0 GiB (peak 1.5 GiB)');
+    expect(stageSize({ ...stage, device: 'cpu' })).toBe('1.0 GiB (peak 3.0 GiB)');
+    expect(stageSize({ ...stage, gpu_peak: undefined })).toBe('1.0 GiB');
   });
   it('formats layer ranges', () => {
     expect(layerRange([0, 14])).toBe('0–14');
