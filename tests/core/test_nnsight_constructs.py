@@ -61,8 +61,6 @@ CASES = {
     "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
     "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
                       [".source", "attention_probs"]),
-    "backward()": (_in_trace(lambda m, tr: m.output.logits.sum().backward()), ["backward"]),
-    ".grad": (_in_trace(lambda m, tr: m.layers[0].output.grad), [".grad"]),
     "if on a value": (_in_trace(_if_on_value), ["torch.where", "`if`"]),
     "loop over a value": (_in_trace(_loop_over_value), ["iterated", "range"]),
     "recording after tracer.stop()": (_in_trace(lambda m, tr: (tr.stop(), m.layers[0].output)),

@@ -71,7 +71,7 @@ def serve(gateway, hub=None, units=10_000.0):
     from tpmlab.gateway.server import ServerThread
 
     keys = {}
-    for tier in ("query", "embed", "inspect", "intervene", "admin"):
+    for tier in ("query", "embed", "inspect", "intervene", "gradients", "admin"):
         gateway.ledger.create_user(f"{tier}-user", tier, units=units)
         keys[tier] = gateway.ledger.create_key(f"{tier}-user")
     server = ServerThread(create_app(gateway, hub=hub)).start()

@@ -53,12 +53,14 @@ from ..ir.plan import Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from ..runtime import request
+from ..runtime.backward import weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
 from ..runtime.runner import PlanRunner
 from ..runtime.weights import WeightGuard
+from .backward import stage_backward
 from .handover import Segments, Token
 from .partition import StageSpan
 from .stage import StageModel
@@ -82,6 +84,8 @@ class StageOutput(TypedDict):
 
     saves: dict[int, Any]  # saved values by node id (wire form)
     node_seconds: dict[int, float]  # seconds each plan node run here took, over all steps
+    autograd_bytes: int  # what autograd kept here for the request's backward (0: none)
+    backward_seconds: float  # the backward's own time here (its plan nodes are timed apart)
 
 
 GRACE = 5.0  # seconds a request's leftovers may outlive its deadline before a sweep drops them
@@ -155,6 +159,7 @@ class StageActor:
             self.events, self.shapes = self.stage.probe()
             self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
         self.load = meter.figures  # what loading this stage cost its worker process
+        self.frozen = weight_storages(self.stage.model)  # not autograd's memory
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
         self.info: ModelInfo | None = None
@@ -198,7 +203,9 @@ class StageActor:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), **self.load}
+               "held": len(self.slots), **self.load, "autograd_bytes": sum(
+                   st.runner.gradients.autograd_bytes for st in self.requests.values()
+                   if st.runner.gradients is not None)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
@@ -260,7 +267,7 @@ class StageActor:
                      generate: bool, limits: Limits) -> _Request:
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
-                            owned=self.owned, limits=limits)
+                            owned=self.owned, limits=limits, frozen=self.frozen)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None)
 
@@ -273,20 +280,28 @@ class StageActor:
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
+        grads = runner.gradients  # None: forward only, under inference_mode as ever
         self.weights.ready()
         try:
             runner.begin_step(step)
-            with torch.inference_mode(), runner.hooks():
+            with (torch.inference_mode() if grads is None else grads.forward()), runner.hooks():
                 if self.span.is_first:
+                    embeds = _dev(msg.get("inputs_embeds"), self.device)
                     out = self.stage.forward(attention_mask=mask, position_ids=pos, cache=st.cache,
                                              input_ids=_dev(msg.get("input_ids"), self.device),
-                                             inputs_embeds=_dev(msg.get("inputs_embeds"),
-                                                                self.device),
+                                             inputs_embeds=embeds if grads is None
+                                             else grads.input_leaf(embeds),
                                              logits_to_keep=1 if st.generate else 0)
                 else:
-                    out = self.stage.forward(hidden=from_wire(msg["hidden"], self.device),
+                    hidden = from_wire(msg["hidden"], self.device)
+                    if grads is not None:  # its gradient goes back to the previous stage
+                        st.extra["hidden_in"] = hidden.requires_grad_()
+                        hidden = hidden.clone()  # a plan may write the stage's input in place
+                    out = self.stage.forward(hidden=hidden,
                                              attention_mask=mask, position_ids=pos, cache=st.cache,
                                              logits_to_keep=1 if st.generate else 0)
+            if grads is not None and not self.span.is_last:
+                st.extra["out"] = out
         except torch.OutOfMemoryError as e:
             raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
         finally:
@@ -306,8 +321,11 @@ class StageActor:
 
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
+        grads = st.runner.gradients
         return StageOutput(saves=to_wire(st.runner.results()),
-                           node_seconds=dict(st.runner.node_seconds))
+                           node_seconds=dict(st.runner.node_seconds),
+                           autograd_bytes=0 if grads is None else grads.autograd_bytes,
+                           backward_seconds=0.0 if grads is None else grads.seconds)
 
     # -- the chain ---------------------------------------------------------------------------------
     async def _state(self, msg: dict[str, Any], deadline: float) -> _Request:
@@ -357,7 +375,8 @@ class StageActor:
                 if sent is not None:
                     out["timeout"] = deadline - time.monotonic()
                     loop.call_soon_threadsafe(send, out, context=context)
-                output = self._finish(st, 1) if msg.get("final") else None
+                backward = st.runner.gradients is not None
+                output = self._finish(st, 1) if msg.get("final") and not backward else None
                 return out, output, t_fwd, time.perf_counter() - t - t_fwd
 
             out, output, t_fwd, t_saves = await self._compute(work)
@@ -371,9 +390,18 @@ class StageActor:
                 reply = await _await_within(pending, deadline, f"stage {self.span.index + 1}")
             else:
                 reply = {**out, "timings": []}
+            t3 = time.perf_counter()
+            if st.runner.gradients is not None and msg.get("final"):
+                # the next stage's reply brought the gradient of our output: backward here,
+                # then hand the gradient of our input to the previous stage with the reply
+                back, output = await self._compute(stage_backward, self, st, reply)
+                reply = {**reply, **back}
+                self.requests.pop(req, None)
+                if not self.span.is_first:
+                    self._hand_over(req, output)
             reply["timings"].insert(0, {"state": t1 - t0, "forward": t_fwd, "saves": t_saves,
                                         "thread": (t2 - t1) - t_fwd - t_saves,
-                                        "wait": time.perf_counter() - t2})
+                                        "wait": t3 - t2, "backward": time.perf_counter() - t3})
             if output is not None and self.span.is_first:
                 reply["output"] = output
             return reply
@@ -473,6 +501,9 @@ class StageActor:
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
                                    stages=self.span.n_stages)
+        if schedule.gradients is not None:
+            meta["autograd_bytes"] = [output["autograd_bytes"]]  # per stage; later ones added
+            meta["backward_seconds"] = output["backward_seconds"]  # later stages' added
         phases = {"decode": t_decode - start, "validate": t_validate - t_decode,
                   "batch+state": t_batch - t_validate}
         for k, t in enumerate(timings):

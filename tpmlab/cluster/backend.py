@@ -287,6 +287,9 @@ class DaskBackend:
             for f in futures[1:]:
                 output = self._wait(dep, req, f, deadline, model, timeout)
                 values.update(from_wire(unpack(output["saves"])))
+                if "autograd_bytes" in meta:
+                    meta["autograd_bytes"].append(output.get("autograd_bytes", 0))
+                    meta["backward_seconds"] += output.get("backward_seconds", 0.0)
                 for node, seconds in output["node_seconds"].items():
                     node_seconds[node] = node_seconds.get(node, 0.0) + seconds
         except (KeyboardInterrupt, OSError):

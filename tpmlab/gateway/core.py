@@ -481,7 +481,9 @@ class Gateway:
         nbytes = sum(saved_nbytes(v) for v in out.values.values())
         forward = dep.cost.forward_seconds(req.tokens, plan_rows(plan),
                                            steps_run(plan, out.values))
-        own = own_node_seconds(out.meta.get("node_seconds"), out.ids)
+        # the plan's own nodes and, for a backward (never merged), its measured seconds
+        own = own_node_seconds(out.meta.get("node_seconds"), out.ids) \
+            + float(out.meta.get("backward_seconds", 0.0))
         measured = float(out.meta.get("compute_seconds", 0.0))
         units = self.config.pricing.units(forward + own, nbytes)
         req.cost = {"measured_seconds": measured, "forward_seconds": forward,

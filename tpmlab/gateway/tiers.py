@@ -8,6 +8,9 @@ embed      also custom ``inputs_embeds`` in and final hidden states out
 inspect    read any module's input or output, parameters, apply model modules
 intervene  also write: ``set_point``, ``setitem``, in-place ops on any value that may
            share memory with a module value (:mod:`tpmlab.ir.schedule` decides which)
+gradients  also back-propagate: ``loss.backward()`` and ``.grad`` of module values,
+           inputs, constants and parameters (returned, never applied); what autograd
+           keeps per stage is held to the tier's ``max_autograd_bytes``
 admin      also manage users, keys and allocations
 =========  ====================================================================
 
@@ -20,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.plan import CALL_MODULE, PARAM, POINT, SET_POINT, Plan
+from ..ir.plan import BACKWARD, CALL_MODULE, PARAM, POINT, SET_POINT, Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 
-TIERS = ("query", "embed", "inspect", "intervene", "admin")
+TIERS = ("query", "embed", "inspect", "intervene", "gradients", "admin")
 RANK = {name: i for i, name in enumerate(TIERS)}
 
 # Per-tier size limits (the engine's own limits still apply on top). Any one value a
@@ -32,22 +35,29 @@ RANK = {name: i for i, name in enumerate(TIERS)}
 # a user may take home they may compute, with room for one temporary copy; the lowest
 # tiers, who only reduce the final logits, get the least (query: 32 rows' last-position
 # logits of a 150k vocabulary take 19 MB; 512 MiB is ample), so that no request of theirs
-# can take a stage's memory from everyone else.
+# can take a stage's memory from everyone else. Only the gradients tier may keep
+# autograd state on a stage (``max_autograd_bytes``; below it a backward is refused anyway).
 TIER_LIMITS: dict[str, Limits] = {
     "query": Limits(max_nodes=200, max_constant_bytes=4 * 2**20, max_saved_bytes=256 * 2**20,
                     max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096,
-                    max_intermediate_bytes=512 * 2**20),
+                    max_intermediate_bytes=512 * 2**20, max_autograd_bytes=0),
     "embed": Limits(max_nodes=500, max_constant_bytes=64 * 2**20, max_saved_bytes=256 * 2**20,
                     max_invokes=32, max_new_tokens=512, max_tokens_per_row=4096,
-                    max_intermediate_bytes=512 * 2**20),
+                    max_intermediate_bytes=512 * 2**20, max_autograd_bytes=0),
     "inspect": Limits(max_nodes=10_000, max_constant_bytes=64 * 2**20,
                       max_saved_bytes=1 * 2**30, max_invokes=64, max_new_tokens=1024,
-                      max_tokens_per_row=8192, max_intermediate_bytes=2 * 2**30),
+                      max_tokens_per_row=8192, max_intermediate_bytes=2 * 2**30,
+                      max_autograd_bytes=0),
     "intervene": Limits(max_nodes=20_000, max_constant_bytes=256 * 2**20,
                         max_saved_bytes=2 * 2**30, max_invokes=128, max_new_tokens=2048,
-                        max_tokens_per_row=8192, max_intermediate_bytes=4 * 2**30),
+                        max_tokens_per_row=8192, max_intermediate_bytes=4 * 2**30,
+                        max_autograd_bytes=0),
+    "gradients": Limits(max_nodes=20_000, max_constant_bytes=256 * 2**20,
+                        max_saved_bytes=2 * 2**30, max_invokes=128, max_new_tokens=2048,
+                        max_tokens_per_row=8192, max_intermediate_bytes=4 * 2**30,
+                        max_autograd_bytes=4 * 2**30),
 }
-TIER_LIMITS["admin"] = TIER_LIMITS["intervene"]
+TIER_LIMITS["admin"] = TIER_LIMITS["gradients"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,9 @@ def required_tier(plan: Plan, schedule: Schedule, paths: OutputPaths) -> Need:
         raise_to("embed", "gives custom inputs_embeds")
     for node in plan.nodes:
         where = f"node {node.id}" + (f" at {node.line}" if node.line else "")
-        if node.id in schedule.writes or node.op == SET_POINT:
+        if node.op == BACKWARD:
+            raise_to("gradients", f"back-propagates a loss ({where})")
+        elif node.id in schedule.writes or node.op == SET_POINT:
             # by data flow: any op that mutates a value that may share memory with a
             # module value (through views, conversions, containers...) writes it
             targets = sorted(schedule.writes.get(node.id, ()))

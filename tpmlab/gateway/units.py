@@ -20,7 +20,10 @@ shared a forward pass with other users' plans:
   tokens, and ``tokens`` counts every real (unpadded) token that went through the model:
   the prompt's and ``rows`` per generated step;
 * plus its plan's own nodes, as the engine measured them (``meta["node_seconds"]``, by
-  plan node id: in a merged batch each request is charged only its own nodes).
+  plan node id: in a merged batch each request is charged only its own nodes);
+* plus, for a plan with a backward (the ``gradients`` tier; such plans always run
+  alone), the backward pass as the engine measured it (``meta["backward_seconds"]``,
+  summed over stages). Its hold adds ``BACKWARD_FACTOR`` times the forward passes.
 
 So batching makes the service faster, not any request cheaper or dearer, and nobody's
 bill depends on who else was in the batch.
@@ -47,11 +50,12 @@ import torch
 
 from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
-from ..ir.plan import POINT, Invoke, Plan
+from ..ir.plan import BACKWARD, POINT, Invoke, Plan
 from ..ir.validate import value_nbytes
 from ..runtime.request import GENERATED
 
 TOKEN_ID_BYTES = 8  # generated ids come back as int64
+BACKWARD_FACTOR = 3.0  # a backward's hold: its pass costs about twice a forward, plus margin
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ def hold(plan: Plan, cost: CostModel, pricing: Pricing, *, saved_bytes: int, siz
     tier's limit, enforced by the engine while the plan runs."""
     forward = cost.forward_seconds(plan_tokens(plan), plan_rows(plan), max_new_tokens(plan))
     own = plan_compute_factor * forward if computes(plan) else 0.0
+    if any(node.op == BACKWARD for node in plan.nodes):
+        own += BACKWARD_FACTOR * forward
     nbytes = (saved_bytes if sized else max(saved_bytes, max_saved_bytes)) \
         + generated_bytes_bound(plan)
     return Hold(forward, own, nbytes, sized, pricing.units(forward + own, nbytes))

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import SchemaError
 from .args import rebuild
-from .plan import POINT, Invoke, Node, Plan, Ref, TensorRef
+from .plan import BACKWARD, GRAD, POINT, Invoke, Node, Plan, Ref, TensorRef
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ def can_merge(plan: Plan) -> bool:
         if node.op == POINT and node.invoke is None:
             return False
         if node.steps.start != 0 or node.steps.stop != 1:
+            return False
+        if node.op in (BACKWARD, GRAD):  # a backward runs alone: its gradients are its own
             return False
     return True
 

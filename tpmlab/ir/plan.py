@@ -27,7 +27,9 @@ SET_POINT = "set_point"  # replace a module's input or output
 CALL_MODULE = "call_module"  # apply a model module to a value
 SAVE = "save"  # send a value back to the client
 PARAM = "param"  # read a module's parameter (args: [name]), e.g. an attention output weight
-STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM)
+BACKWARD = "backward"  # back-propagate a scalar (args: [loss]); see tpmlab.ir.gradients
+GRAD = "grad"  # the gradient of a point, a parameter (args: [node]) or a constant (args: [tensor])
+STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM, BACKWARD, GRAD)
 
 IO_KINDS = ("output", "input")
 

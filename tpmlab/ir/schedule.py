@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import BackwardFlowError, PlanError
 from .args import refs as _refs
+from .gradients import GradientSchedule, analyze_gradients
 from .model_info import START, ModelInfo, event_key
 from .ops import OPS
 from .plan import CALL_MODULE, PARAM, POINT, SAVE, SET_POINT, Node, Plan, Ref, Tuple
@@ -48,6 +49,7 @@ class Schedule:
     aliases: dict[int, frozenset[int]]  # node id -> point/param nodes whose memory its value may share
     by_event: dict[int, list[Node]]  # event index -> nodes anchored there, in plan order
     consumers: dict[int, list[int]]  # node id -> ids of nodes that read it
+    gradients: GradientSchedule | None = None  # the backward pass, if the plan has one
 
     def events_used(self) -> list[int]:
         return sorted(e for e in self.by_event if e != START)
@@ -133,11 +135,14 @@ def build_schedule(plan: Plan, info: ModelInfo) -> Schedule:
                        "write into a .clone() to change a copy)"),
                     node=node.id, op=node.op, line=node.line)
 
+    gradients = analyze_gradients(plan, info, anchor, flow.writes)
+    backward_only = set() if gradients is None else {*gradients.phase, gradients.backward}
     by_event: dict[int, list[Node]] = {}
     for node in plan.nodes:
-        by_event.setdefault(anchor[node.id], []).append(node)
+        if node.id not in backward_only:  # those run in the backward pass
+            by_event.setdefault(anchor[node.id], []).append(node)
     return Schedule(anchor=anchor, writes=flow.writes, aliases=flow.aliases, by_event=by_event,
-                    consumers=consumers)
+                    consumers=consumers, gradients=gradients)
 
 
 class _AliasFlow:

@@ -31,7 +31,9 @@ from .codec import ALLOWED_DTYPES, INT_MAX, INT_MIN
 from .model_info import ModelInfo, event_key
 from .ops import OPS, WRITE_KEYWORDS
 from .plan import (
+    BACKWARD,
     CALL_MODULE,
+    GRAD,
     IO_KINDS,
     PARAM,
     POINT,
@@ -58,6 +60,7 @@ class Limits:
     max_new_tokens: int = 4096
     max_tokens_per_row: int = 32_768
     max_intermediate_bytes: int = 16 * 2**30  # any one value a plan computes, saved or not
+    max_autograd_bytes: int = 8 * 2**30  # what autograd keeps for a backward, per stage
 
     @property
     def max_plan_bytes(self) -> int:
@@ -426,6 +429,19 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
         kwargs = _materialize(node.kwargs, env, plan)
         if _contains_unknown(args) or _contains_unknown(kwargs):
             env[node.id] = UNKNOWN  # a save of unknown size is left to the run-time limit
+            continue
+        if node.op == GRAD:  # shaped like what it differentiates
+            env[node.id] = args[0]
+            continue
+        if node.op == BACKWARD:
+            loss = args[0]
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 \
+                    or not loss.is_floating_point():
+                what = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                        else type(loss).__name__)
+                raise ShapeError(f"backward needs a floating scalar, got {what}: reduce it first "
+                                 "(e.g. .sum() or .mean())", **where)
+            env[node.id] = None
             continue
         if node.op == SAVE:
             value = args[0]

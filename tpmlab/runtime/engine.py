@@ -22,6 +22,7 @@ from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
 from ..ir.validate import Limits
 from . import request
+from .backward import run_with_backward, weight_storages
 from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
 from .limits import request_limits
@@ -80,18 +81,21 @@ class ModelHost:
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
-                            device=self.device, limits=limits)
+                            device=self.device, limits=limits, frozen=self._frozen())
         values: dict[int, Any] = {}
         self.weights.ready()
         try:
-            with torch.inference_mode():
-                if plan.mode == "trace":
-                    runner.begin_step(0)
-                    with runner.hooks():
-                        self.model(**kwargs, use_cache=False)
-                    runner.check_complete(1)
-                else:
-                    values[request.GENERATED] = self._generate(plan, kwargs, layout, runner)
+            if runner.gradients is not None:
+                backward_seconds = run_with_backward(self.model, kwargs, runner)
+            else:
+                with torch.inference_mode():
+                    if plan.mode == "trace":
+                        runner.begin_step(0)
+                        with runner.hooks():
+                            self.model(**kwargs, use_cache=False)
+                        runner.check_complete(1)
+                    else:
+                        values[request.GENERATED] = self._generate(plan, kwargs, layout, runner)
         except (PlanError, ExecutionError):
             raise
         except torch.OutOfMemoryError as e:
@@ -99,8 +103,17 @@ class ModelHost:
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
         values.update(runner.results())
-        return values, request.result_meta(plan, model=self.name, info=self.info, started=start,
-                                           node_seconds=runner.node_seconds, device=self.device)
+        meta = request.result_meta(plan, model=self.name, info=self.info, started=start,
+                                   node_seconds=runner.node_seconds, device=self.device)
+        if runner.gradients is not None:
+            meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
+            meta["backward_seconds"] = backward_seconds
+        return values, meta
+
+    def _frozen(self) -> frozenset[int]:
+        if self.__dict__.get("_weight_storages") is None:
+            self._weight_storages = weight_storages(self.model)
+        return self._weight_storages
 
     def _generate(self, plan: Plan, kwargs: dict[str, torch.Tensor], layout: BatchLayout,
                   runner: PlanRunner) -> list[torch.Tensor]:

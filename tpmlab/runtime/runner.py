@@ -31,6 +31,7 @@ from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
     CALL_MODULE,
+    GRAD,
     PARAM,
     POINT,
     SAVE,
@@ -43,6 +44,7 @@ from ..ir.plan import (
 from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits, check_plain_operands, new_nbytes, value_nbytes
+from .backward import Backprop
 from .batching import BatchLayout, invoke_view, shared_tensors
 from .bounds import check_bounds
 
@@ -157,7 +159,8 @@ class PlanRunner:
     def __init__(self, plan: Plan, info: ModelInfo, schedule: Schedule, layout: BatchLayout,
                  *, module_lookup: Callable[[str], nn.Module], device: torch.device,
                  owned: range | None = None, carry: dict[int, Any] | None = None,
-                 pinned: bool = True, limits: Limits | None = None) -> None:
+                 pinned: bool = True, limits: Limits | None = None,
+                 frozen: frozenset[int] = frozenset()) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -181,6 +184,10 @@ class PlanRunner:
         self._templates = {n.id: info.shapes.get(event_key(n.path or "", n.io or "output"))
                            for n in plan.nodes if n.op == POINT}
         self._writes = written_parts(plan, info, schedule) if schedule.write_target else {}
+        # the backward pass, for a plan that has one (frozen: the weights' storages)
+        self.gradients = None if schedule.gradients is None else Backprop(
+            self, schedule.gradients, frozen=frozen,
+            max_bytes=limits.max_autograd_bytes if limits else None)
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -248,9 +255,13 @@ class PlanRunner:
         return hook
 
     def _run_event(self, event: int, cell: _Cell) -> None:
+        if self.gradients is not None:
+            self.gradients.before_event(event, cell)
         for node in self.schedule.by_event.get(event, []):
             if node.steps.contains(self.step):
                 self._run(node, cell)
+        if self.gradients is not None:
+            self.gradients.after_event(event, cell)
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:
@@ -335,6 +346,9 @@ class PlanRunner:
                 self.saves[node.id] = copy
             else:
                 self.saves.setdefault(node.id, []).append(copy)
+            return
+        if op == GRAD:
+            self.env[node.id] = self.gradients.value(node)
             return
         args = self._arg(node.args)
         kwargs = self._arg(node.kwargs)

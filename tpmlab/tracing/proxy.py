@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import NotSupportedError, TpmlabError
 from ..ir import ops as irops
-from ..ir.plan import SAVE
+from ..ir.plan import BACKWARD, SAVE
 from .unsupported import CONTROL_FLOW, ITERATION, VALUE_ALTERNATIVES
 
 if TYPE_CHECKING:
@@ -54,6 +54,21 @@ class Proxy:
         object.__setattr__(self, "_value", value)
         object.__setattr__(self, "_has_value", True)
 
+    # -- gradients ------------------------------------------------------------------------------
+    def backward(self) -> BackwardBlock:
+        """Back-propagate this scalar after the forward pass (one per trace). Read gradients
+        after it, as ``model.layers[3].output.grad``; ``with loss.backward():`` also reads well."""
+        self._tracer.record(BACKWARD, [self])
+        return BackwardBlock()
+
+    @property
+    def grad(self) -> Proxy:
+        """The gradient of the backward's loss with respect to this module value (or
+        parameter, from ``.param(name)``), of the same shape. Save it, compute with it, or
+        write it (``h.grad[:, 0] = 0``, ``h.grad = h.grad * 2``): a written gradient is what
+        flows on to earlier layers."""
+        return self._tracer.grad_of(self)
+
     # -- recording ------------------------------------------------------------------------------
     def _op(self, name: str, *args: Any, **kwargs: Any) -> Proxy:
         return self._tracer.record(name, list(args), kwargs)
@@ -71,6 +86,11 @@ class Proxy:
         return self._op("getattr", self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "grad":  # written in place: what flows on is the new value
+            grad = self._tracer.grad_of(self)
+            if value is not grad:
+                grad._op("setitem", grad, Ellipsis, value)
+            return
         raise TpmlabError(f"cannot set attribute {name!r} of a traced value")
 
     def __getitem__(self, index: Any) -> Proxy:
@@ -169,3 +189,17 @@ for _dunder, _op in irops.INPLACE_DUNDERS.items():
     setattr(Proxy, _dunder, _binary(_op))
 for _dunder, _op in irops.UNARY_DUNDERS.items():
     setattr(Proxy, _dunder, _unary(_op))
+
+
+class BackwardBlock:
+    """What ``loss.backward()`` returns: usable as ``with loss.backward(): ...`` (the
+    gradients read inside and after it are the same)."""
+
+    def __enter__(self) -> BackwardBlock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<backward>"

@@ -25,6 +25,7 @@ from ..ir.args import from_native
 from ..ir.codec import encode_plan
 from ..ir.ops import RANDOM_OPS
 from ..ir.plan import (
+    GRAD,
     SAVE,
     SET_POINT,
     GenerateOptions,
@@ -99,6 +100,8 @@ class Trace:
         self._invoke: int | None = None
         self._steps = Steps()
         self._points: dict[tuple, Proxy] = {}
+        self._grads: dict[Any, Proxy] = {}  # node id or tensor name -> its grad node
+        self._named: dict[int, tuple[torch.Tensor, list[str]]] = {}  # id(tensor) -> plan names
         self._entered = False
         # random ops (torch.randn_like) draw from generators seeded from this; it is recorded
         # in the plan and in the result's metadata, so the result can be reproduced
@@ -193,6 +196,8 @@ class Trace:
             name = f"in{len(self.tensors)}"
             self.tensors[name] = row.contiguous()
             names.append(name)
+        if inputs_embeds is not None:  # tr.grad(inputs_embeds) finds its rows
+            self._named[id(inputs_embeds)] = (inputs_embeds, names)
         self.invokes.append(Invoke(kind, names))
         return len(self.invokes) - 1
 
@@ -272,6 +277,8 @@ class Trace:
             if owner(value) is not self:
                 return self._carry(value)
             return Ref(node_of(value))
+        if isinstance(value, TensorRef) and value.name in self.tensors:
+            return value  # a tensor this trace already carries (tr.grad)
         if isinstance(value, torch.Tensor):
             return TensorRef(self._constant(value))
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -305,11 +312,38 @@ class Trace:
             known = self._parameters.get(id(value))
             if known is not None and known[0] is value:
                 return known[1]
+        known_tensor = self._named.get(id(value))  # one constant, however often it is used
+        if known_tensor is not None and known_tensor[0] is value and len(known_tensor[1]) == 1 \
+                and known_tensor[1][0].startswith("c"):
+            return known_tensor[1][0]
         name = f"c{len(self.tensors)}"
         self.tensors[name] = value.detach().cpu().contiguous()
+        self._named[id(value)] = (value, [name])  # tr.grad(value) finds it
         if isinstance(value, torch.nn.Parameter):
             self._parameters[id(value)] = (value, name)
         return name
+
+    # -- gradients ------------------------------------------------------------------------------
+    def grad_of(self, proxy: Proxy) -> Proxy:
+        """The grad node of a module point or parameter proxy (one per value)."""
+        if proxy._node not in self._grads:
+            self._grads[proxy._node] = self.record(GRAD, [proxy])
+        return self._grads[proxy._node]
+
+    def grad(self, tensor: torch.Tensor) -> Proxy:
+        """The gradient of the backward's loss with respect to a tensor this trace sent: a
+        constant used in it (a soft prompt, a probe) or its ``inputs_embeds``; same shape."""
+        known = self._named.get(id(tensor))
+        if known is None:
+            raise TpmlabError("this tensor is not part of the trace: use it in the trace (or "
+                              "pass it as inputs_embeds=) before asking for its gradient")
+        names = known[1]
+        for name in names:
+            if name not in self._grads:
+                self._grads[name] = self.record(GRAD, [TensorRef(name)])
+        if len(names) == 1 and not (names[0].startswith("in") and tensor.dim() == 3):
+            return self._grads[names[0]]
+        return self.record("stack", [[self._grads[n] for n in names]])
 
     # -- running --------------------------------------------------------------------------------
     def plan(self) -> Plan:

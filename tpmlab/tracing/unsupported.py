@@ -24,9 +24,6 @@ MODULE_ALTERNATIVES: dict[str, str] = {
 
 # value proxies: h.name(...) / h.name
 VALUE_ALTERNATIVES: dict[str, str] = {
-    "backward": "backward() is not supported in a plan: gradients are not available yet; "
-                "compare activations with and without a patch instead (attribution by patching)",
-    "grad": ".grad is not supported in a plan: gradients are not available yet",
     "tolist": "a traced value has no Python value while tracing: .save() it and read .value "
               "after the `with` block",
     "item": "a traced value has no Python value while tracing: .save() it and read .value "

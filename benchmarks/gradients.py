@@ -1,0 +1,198 @@
+"""Forward + backward with the gradient of every layer's output saved, tpmlab against plain
+PyTorch autograd on the same weights and device: in process, and on 2 Dask stages.
+
+The workload: a trace of ``--batch`` x ``--tokens`` token ids, the loss a logit difference
+at the last position, ``loss.backward()``, and ``layers[i].output.grad.save()`` for every
+layer. Plain PyTorch does the same with forward hooks that ``retain_grad()`` each layer's
+output (the embedding's output a leaf, so the graph starts there, as tpmlab's does), then
+copies each gradient to host memory (pinned and asynchronous on a GPU), as tpmlab's saves
+do. Targets: at most 1.2x in process, at most 1.5x on 2 stages. On a GPU the 2 stages are
+two worker processes sharing one GPU (standing in for two GPUs); the reference is plain
+PyTorch on that GPU. Reports each stage's memory peak and what autograd kept there.
+
+Random weights drawn on the device: no download, only torch + transformers.
+
+    python benchmarks/gradients.py --device cpu --model tiny-llama
+    python benchmarks/gradients.py --device cpu --model smollm2-135m --tokens 32
+    python benchmarks/gradients.py --device cuda --model llama-3-8b-shape --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+
+GOOD, BAD = 7, 11  # the logit difference's tokens
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def plain_torch(hf: Any, adapter: Any, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Forward + backward in plain PyTorch, every layer output's gradient copied to host."""
+    device = next(hf.parameters()).device
+    layers = list(hf.get_submodule(adapter.layers))
+    outs: list[torch.Tensor] = []
+
+    def leaf(module, args, out):
+        return out.detach().requires_grad_()
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    handles = [hf.get_input_embeddings().register_forward_hook(leaf)]
+    handles += [layer.register_forward_hook(keep) for layer in layers]
+    try:
+        logits = hf(input_ids=ids.to(device), use_cache=False).logits
+        (logits[:, -1, GOOD] - logits[:, -1, BAD]).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    pinned = device.type == "cuda"
+    grads = []
+    for o in outs:
+        host = torch.empty(o.grad.shape, dtype=o.grad.dtype, pin_memory=pinned)
+        host.copy_(o.grad, non_blocking=pinned)
+        grads.append(host)
+    sync()
+    return grads
+
+
+def tpmlab_run(model: Any, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    n = model.adapter.n_layers
+    with model.trace(input_ids=ids) as tr:
+        layers = [model.layers[i].output for i in range(n)]
+        logits = model.output.logits
+        (logits[:, -1, GOOD] - logits[:, -1, BAD]).sum().backward()
+        saved = [h.grad.save() for h in layers]
+    return [p.value for p in saved], tr.result.meta
+
+
+def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest relative difference over all layers' gradients."""
+    return max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(a, b))
+
+
+def start_cluster(n: int, device: str) -> Any:
+    """``n`` worker processes; on a GPU all see GPU 0 (two workers share one GPU)."""
+    import psutil
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {}
+    for i in range(n):
+        options: dict[str, Any] = {"nthreads": 1,
+                                   "memory_limit": psutil.virtual_memory().total // n}
+        if device == "cuda":
+            options["env"] = {"CUDA_VISIBLE_DEVICES": "0"}
+            options["resources"] = {"GPU": 1}
+        workers[f"w{i}"] = {"cls": Nanny, "options": options}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler,
+                                                  "options": {"dashboard": False}},
+                       silence_logs=logging.ERROR)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--skip-stages", action="store_true")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    import tpmlab
+
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    local = tpmlab.connect("local", device=args.device, dtype=dtype)
+    model = local.model(args.model)
+    hf = local.backend.host(args.model).model
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, min(vocab, 32000), (args.batch, args.tokens),
+                        generator=torch.Generator().manual_seed(0))
+    report: dict[str, Any] = {"model": args.model, "dtype": args.dtype, "device": args.device,
+                              "batch": args.batch, "tokens": args.tokens,
+                              "layers": model.adapter.n_layers}
+    plain = timed(lambda: plain_torch(hf, model.adapter, ids), args.repeats)
+    ours = timed(lambda: tpmlab_run(model, ids), args.repeats)
+    grads, meta = tpmlab_run(model, ids)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        plain_torch(hf, model.adapter, ids)
+        report["plain peak bytes"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        tpmlab_run(model, ids)
+        report["in process peak bytes"] = torch.cuda.max_memory_allocated()
+    report.update({"plain ms": plain * 1e3, "in process ms": ours * 1e3,
+                   "in process ratio": ours / plain,
+                   "in process autograd bytes": meta["autograd_bytes"],
+                   "in process max rel diff": compare(grads, plain_torch(hf, model.adapter, ids))})
+    print(f"{args.model} {args.dtype} on {args.device}, {args.batch}x{args.tokens} tokens, "
+          f"{model.adapter.n_layers} layers: forward + backward, every layer's gradient saved")
+    print(f"  plain PyTorch autograd      {plain * 1e3:9.1f} ms")
+    print(f"  tpmlab in process           {ours * 1e3:9.1f} ms  {ours / plain:5.2f}x  (target <= 1.2x)")
+    if not args.skip_stages:
+        from distributed import Client
+
+        from tpmlab.cluster import DaskBackend
+        from tpmlab.lab import Lab
+
+        cluster = start_cluster(args.stages, args.device)
+        client = Client(cluster)
+        lab = Lab(DaskBackend(client=client, timeout=600))
+        try:
+            staged = lab.model(args.model, stages=args.stages, dtype=args.dtype)
+            t = timed(lambda: tpmlab_run(staged, ids), args.repeats)
+            sgrads, smeta = tpmlab_run(staged, ids)
+            memory = lab.backend.memory(args.model)
+            peak_key = "cuda_peak" if args.device == "cuda" else "peak_rss"
+            report.update({f"{args.stages} stages ms": t * 1e3,
+                           f"{args.stages} stages ratio": t / plain,
+                           "stage peak bytes": [m.get(peak_key) for m in memory],
+                           "stage autograd bytes": smeta["autograd_bytes"],
+                           f"{args.stages} stages max rel diff vs in process": compare(sgrads, grads)})
+            print(f"  tpmlab {args.stages} stages            {t * 1e3:9.1f} ms  {t / plain:5.2f}x"
+                  f"  (target <= 1.5x)")
+            print(f"  per stage: peak {[f'{(m or 0) / 2**20:.0f} MiB' for m in report['stage peak bytes']]}"
+                  f" ({peak_key}), autograd kept "
+                  f"{[f'{b / 2**20:.1f} MiB' for b in smeta['autograd_bytes']]}")
+        finally:
+            lab.close()
+            client.close()
+            cluster.close()
+    print(f"  gradients equal plain PyTorch: max relative difference "
+          f"{report['in process max rel diff']:.2e}")
+    local.close()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""One request's backward pass on one runner (a whole model, or one pipeline stage).
+
+Only a plan with a ``backward`` node gets a :class:`Backprop`; every other request runs
+its forward under ``torch.inference_mode`` and pays nothing for gradients.
+
+During the forward (:meth:`Backprop.forward`, under ``torch.enable_grad``):
+
+* the first tracked point whose value needs no gradient yet becomes a fresh leaf (a
+  clone, so the plan may still write it in place); later values then track it;
+* a tensor hook on each tracked point's value runs, during the backward, the nodes
+  waiting for that point's gradient (:attr:`GradientSchedule.by_event`) and returns
+  the gradient they changed, if they changed it;
+* parameters asked for (``.param(name).grad``) are, for the forward only, leaves that
+  share the deployed weight's memory and version counter (so the
+  :class:`~tpmlab.runtime.weights.WeightGuard` still sees any write); the weights
+  themselves never get a ``.grad``, and nothing is ever applied to them;
+* the bytes autograd keeps for the backward (its saved tensors, weights excluded)
+  are counted, and a request past ``Limits.max_autograd_bytes`` fails.
+
+:meth:`Backprop.backward` runs autograd from this runner's roots (the loss, or the
+stage's output with the gradient the next stage sent back), fills with zeros the
+gradients that did not reach a tracked point, then runs the late nodes (gradients of
+parameters and constants). Everything is released with the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import LimitError
+from ..ir.gradients import GradientSchedule
+from ..ir.plan import Node
+from .batching import invoke_view
+
+if TYPE_CHECKING:
+    from .runner import PlanRunner, _Cell
+
+
+class Backprop:
+    """The gradient state of one request on one runner (see the module docstring).
+
+    ``frozen``: storage pointers of the weights (never counted as autograd memory).
+    ``max_bytes``: the most bytes autograd may keep for this request here.
+    """
+
+    def __init__(self, runner: PlanRunner, grads: GradientSchedule, *,
+                 frozen: frozenset[int] = frozenset(), max_bytes: int | None = None) -> None:
+        self.runner, self.g = runner, grads
+        self.frozen, self.max_bytes = frozen, max_bytes
+        self.fired: dict[int, torch.Tensor] = {}  # event -> the batch's gradient there
+        self.like: dict[int, tuple[torch.Size, torch.dtype]] = {}  # event -> its value's shape
+        self.params: dict[int, torch.Tensor] = {}  # grad node -> its parameter's leaf
+        self.embeds: torch.Tensor | None = None  # the input embeddings' leaf (first stage)
+        self.incoming: dict[str, torch.Tensor] = {}  # constants' gradients from later stages
+        self.autograd_bytes = 0  # bytes autograd keeps for the backward, weights excluded
+        self.seconds = 0.0  # the backward's own time here, the plan's nodes not included
+        self._storages: set[int] = set()
+        self._handles: list[Any] = []
+        names = set(grads.constants.values())
+        for name in names & set(runner._constants):
+            runner._constants[name] = runner._constants[name].detach().requires_grad_()
+
+    # -- the forward -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        """Around this runner's forward: autograd on, its memory counted, parameters as leaves."""
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
+                self._parameter_leaves():
+            yield
+
+    def input_leaf(self, embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """The input embeddings, as a leaf if their gradient is asked for."""
+        if embeds is None or not self._embed_rows():
+            return embeds
+        self.embeds = embeds.detach().requires_grad_()
+        return self.embeds.clone()  # not the leaf itself: the plan may write it in place
+
+    def _embed_rows(self) -> list[str]:
+        rows = {n for inv in self.runner.plan.invokes if inv.kind == "embeds" for n in inv.tensors}
+        return [name for name in self.g.constants.values() if name in rows]
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if ptr not in self.frozen and ptr not in self._storages:
+            self._storages.add(ptr)
+            self.autograd_bytes += t.untyped_storage().nbytes()
+            if self.max_bytes is not None and self.autograd_bytes > self.max_bytes:
+                raise LimitError(f"the backward would keep {self.autograd_bytes:,} bytes on this "
+                                 f"stage, over the limit of {self.max_bytes:,} bytes: use fewer "
+                                 "or shorter prompts per request")
+        return t
+
+    @contextlib.contextmanager
+    def _parameter_leaves(self) -> Iterator[None]:
+        swapped = []
+        try:
+            for node_id, (path, name) in self.g.params.items():
+                param_node = self.runner.plan.node(self.runner.plan.node(node_id).args[0].id)
+                if not self.runner._owns(self.runner.schedule.anchor[param_node.id]):
+                    continue
+                module = self.runner.module_lookup(path)
+                if node_id not in self.params:
+                    self.params[node_id] = torch.nn.Parameter(module._parameters[name].detach())
+                swapped.append((module, name, module._parameters[name]))
+                module._parameters[name] = self.params[node_id]
+            yield
+        finally:
+            for module, name, original in reversed(swapped):
+                module._parameters[name] = original
+
+    def before_event(self, event: int, cell: _Cell) -> None:
+        """A tracked point's value must be part of the graph before the plan's nodes use it."""
+        v = cell.value
+        if event in self.g.tracked and isinstance(v, torch.Tensor) and v.is_floating_point() \
+                and not v.requires_grad:
+            cell.value, cell.replaced = v.detach().requires_grad_().clone(), True
+
+    def after_event(self, event: int, cell: _Cell) -> None:
+        """Hook the tracked point's final value (after the plan's writes)."""
+        v = cell.value
+        if event not in self.g.tracked or not isinstance(v, torch.Tensor):
+            return
+        self.like[event] = (v.shape, v.dtype)
+        if v.requires_grad:
+            self._handles.append(v.register_hook(self._hook(event)))
+
+    def _hook(self, event: int):
+        written = event in self.g.written
+
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            if event in self.fired:  # a value used twice in the graph: once is enough
+                return None
+            g = grad.clone() if written else grad
+            self.fired[event] = g
+            self._run_nodes(self.g.by_event.get(event, []))
+            return g if written else None
+        return hook
+
+    # -- the backward ------------------------------------------------------------------------------
+    def backward(self, roots: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+                 incoming: dict[str, torch.Tensor] | None = None) -> None:
+        """Back-propagate ``roots`` (``(tensor, its gradient or None for the scalar loss)``),
+        then run what waited for gradients that never came (zeros) and the late nodes."""
+        self.incoming = dict(incoming or {})
+        tensors = [t for t, _ in roots if t is not None and t.requires_grad]
+        grads = [g for t, g in roots if t is not None and t.requires_grad]
+        start, nodes_before = time.perf_counter(), sum(self.runner.node_seconds.values())
+        try:
+            if tensors:
+                with torch.enable_grad():
+                    torch.autograd.backward(tensors, grads)
+            for event in sorted(self.g.tracked, reverse=True):
+                if self.runner._owns(event) and event not in self.fired:
+                    self._run_nodes(self.g.by_event.get(event, []))
+            self._run_nodes(self.g.late_nodes)
+            self.runner._ran.add((self.g.backward, 0))
+            nodes = sum(self.runner.node_seconds.values()) - nodes_before
+            self.seconds = max(0.0, time.perf_counter() - start - nodes)  # nodes are timed apart
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+    def _run_nodes(self, nodes: list[Node]) -> None:
+        for node in nodes:
+            if self.runner._owns(self.runner.schedule.anchor[node.id]):
+                self.runner._run(node, None)
+
+    def value(self, node: Node) -> torch.Tensor:
+        """The gradient a ``grad`` node reads (zeros where none reached its target)."""
+        if node.id in self.g.params:
+            leaf = self.params[node.id]
+            return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        name = self.g.constants.get(node.id)
+        if name is not None:
+            return self._constant(name)
+        point = self.runner.plan.node(node.args[0].id)
+        event = self.g.event_of[node.id]
+        g = self.fired.get(event)
+        if g is None:
+            shape, dtype = self.like[event]
+            g = self.fired[event] = torch.zeros(shape, dtype=dtype, device=self.runner.device)
+        return invoke_view(g, self.runner.layout, point.invoke, prompt_pass=True,
+                           template=self.runner._templates.get(point.id))
+
+    def _constant(self, name: str) -> torch.Tensor:
+        layout = self.runner.layout
+        for k, inv in enumerate(self.runner.plan.invokes):
+            if name in inv.tensors and inv.kind == "embeds":
+                row = layout.rows[k][0] + inv.tensors.index(name)
+                n = self.runner.plan.tensors[name].shape[0]
+                if self.embeds is None or self.embeds.grad is None:
+                    return torch.zeros_like(self.runner._constants[name])
+                return self.embeds.grad[row, layout.seq_len - n:]
+        total = self.local_constants().get(name)
+        if name in self.incoming:
+            extra = self.incoming[name].to(self.runner.device)
+            total = extra if total is None else total + extra
+        return total if total is not None else torch.zeros_like(self.runner._constants[name])
+
+    def local_constants(self) -> dict[str, torch.Tensor]:
+        """This runner's part of each constant's gradient (summed over stages on the way back)."""
+        out = {}
+        for name in set(self.g.constants.values()):
+            leaf = self.runner._constants.get(name)
+            if leaf is not None and leaf.grad is not None:
+                out[name] = leaf.grad
+        return out
+
+    def outgoing(self) -> dict[str, torch.Tensor]:
+        """The constants' gradients so far, for the previous stage: later stages' plus ours."""
+        out = dict(self.incoming)
+        for name, g in self.local_constants().items():
+            out[name] = g if name not in out else out[name].to(g.device) + g
+        return out
+
+    def carry_back(self, first_event: int) -> dict[int, Any]:
+        """Values made here or later that backward nodes before ``first_event`` still read."""
+        sched, env = self.runner.schedule, self.runner.env
+        out = {}
+        for node_id, readers in sched.consumers.items():
+            if node_id in env and sched.anchor[node_id] >= first_event and any(
+                    r in self.g.phase and sched.anchor[r] < first_event for r in readers):
+                out[node_id] = env[node_id]
+        return out
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def weight_storages(model: torch.nn.Module) -> frozenset[int]:
+    """Storage pointers of a model's real weights (autograd saves them; they are not its memory)."""
+    out = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if not t.is_meta:
+            out.add(t.untyped_storage().data_ptr())
+    return frozenset(out)
+
+
+def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: PlanRunner) -> float:
+    """A trace with a backward on a whole model in this process: forward, then backward.
+    Returns the backward's own seconds (:attr:`Backprop.seconds`)."""
+    grads = runner.gradients
+    if "inputs_embeds" in kwargs:
+        kwargs = {**kwargs, "inputs_embeds": grads.input_leaf(kwargs["inputs_embeds"])}
+    runner.begin_step(0)
+    with grads.forward(), runner.hooks():
+        model(**kwargs, use_cache=False)
+    grads.backward([(runner.env.get(grads.g.loss), None)])
+    runner.check_complete(1)
+    return grads.seconds
