@@ -43,7 +43,9 @@ import torch
 
 def start_gpu_cluster(n: int, gpu: bool = True) -> Any:
     """A Dask cluster of ``n`` worker processes, worker ``i`` seeing only GPU ``i`` and
-    advertising ``GPU=1`` (one stage each). ``gpu=False``: plain CPU workers (dry runs)."""
+    advertising ``GPU=1`` (one stage each); with fewer GPUs than workers, workers share them
+    (worker ``i`` sees GPU ``i mod gpus``: two workers on one GPU stand in for two GPUs when
+    measuring hops and hand-overs). ``gpu=False``: plain CPU workers (dry runs)."""
     import psutil
     from distributed import Nanny, Scheduler, SpecCluster
 
@@ -55,7 +57,7 @@ def start_gpu_cluster(n: int, gpu: bool = True) -> Any:
         options: dict[str, Any] = {"nthreads": 1,
                                    "memory_limit": psutil.virtual_memory().total // n}
         if gpu:
-            options["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
+            options["env"] = {"CUDA_VISIBLE_DEVICES": str(i % max(1, torch.cuda.device_count()))}
             options["resources"] = {"GPU": 1}
         workers[f"gpu{i}" if gpu else f"cpu{i}"] = {"cls": Nanny, "options": options}
     scheduler = {"cls": Scheduler, "options": {"dashboard": False}}
@@ -358,7 +360,8 @@ def main() -> None:
     stages = args.stages or args.gpus
     gpu = args.device == "cuda"
     if gpu and torch.cuda.device_count() < args.gpus:
-        raise SystemExit(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPUs here")
+        print(f"--gpus {args.gpus}: {torch.cuda.device_count()} GPU(s) here, shared by the "
+              "workers", flush=True)
 
     from distributed import Client
 
@@ -407,7 +410,8 @@ def main() -> None:
         if args.big:
             b, t = (int(x) for x in args.big.split("x"))
             big = torch.randint(3, vocab, (b, t), generator=g)
-        devices = [f"cuda:{i}" for i in range(stages)] if gpu else ["cpu"] * stages
+        n_gpus = max(1, torch.cuda.device_count()) if gpu else 1
+        devices = [f"cuda:{i % n_gpus}" for i in range(stages)] if gpu else ["cpu"] * stages
         t = time.perf_counter()
         hf_model, _ = hf_split_model(source, devices, dtype)
         sync()

@@ -18,6 +18,11 @@ MODEL = "tiny-llama"
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
+# Two runs of one trace on a stage's CPU kernels can differ in the last bits (the kernels'
+# code path follows the buffers' alignment); a changed weight moves the logits by far more.
+TIE = 1e-5
+
+
 @pytest.fixture(scope="module")
 def model(lab):
     m = deploy(lab, MODEL, 2)
@@ -55,7 +60,7 @@ def test_writes_to_parameters_are_refused_on_the_cluster(model):
         with model.trace(PROMPT):
             model.model.norm.param("weight").float()[:4].zero_()
     assert "test_cluster_weights.py" in err.value.line
-    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=TIE)
 
 
 @pytest.mark.parametrize("path", ["model.layers.0.input_layernorm", "model.norm"],
@@ -68,7 +73,7 @@ def test_runtime_guard_on_each_stage(model, backend, blind_validation, path):
             model.envoy(path).param("weight").mul_(0)
             model.output.logits.save()
     assert backend.weight_restores()[MODEL] == restores + 1
-    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=TIE)
 
 
 def test_runtime_guard_during_generation(model, backend, blind_validation):
@@ -79,5 +84,5 @@ def test_runtime_guard_during_generation(model, backend, blind_validation):
             with gen.step(1):
                 model.model.norm.param("weight").mul_(0)
     assert backend.weight_restores()[MODEL] == restores + 1
-    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=TIE)
     assert [s["requests"] + s["held"] for s in backend.memory(MODEL)] == [0, 0]
