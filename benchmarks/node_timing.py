@@ -21,7 +21,7 @@ import torch
 import tpmlab
 import tpmlab.lenses
 from tpmlab.runtime.backend import LocalBackend
-from tpmlab.runtime.interleaver import PlanRunner
+from tpmlab.runtime.runner import PlanRunner
 
 
 def bookkeeping_seconds(n: int = 200_000) -> float:

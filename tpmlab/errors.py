@@ -83,6 +83,12 @@ class WeightsChangedError(ExecutionError):
     were restored from their source before the next request ran."""
 
 
+class IndexBoundsError(ShapeError, ExecutionError):
+    """An index outside the value it indexes, found while the plan ran (an index tensor's
+    values, a later generation step's shape): a fault of the plan, caught before the op ran
+    (so a GPU never asserts), the model left as it was."""
+
+
 class RequestTimeoutError(TpmlabError, TimeoutError):
     """A wait on the engine ran past its timeout."""
 

@@ -158,6 +158,9 @@ PLAN_FIELDS = {
     "max_new_tokens 0": (SchemaError, "max_new_tokens", {"mode": "generate", "generate": {"max_new_tokens": 0}}),
     "do_sample as text": (SchemaError, "do_sample", {"mode": "generate", "generate": {"max_new_tokens": 1, "do_sample": "yes"}}),
     "temperature 0": (SchemaError, "temperature", {"mode": "generate", "generate": {"max_new_tokens": 1, "do_sample": True, "temperature": 0}}),
+    "stop strings not strings": (SchemaError, "stop", {"mode": "generate", "generate": {"max_new_tokens": 1, "stop": [1, {"$ref": 0}]}}),
+    "eos ids not integers": (SchemaError, "eos_token_id", {"mode": "generate", "generate": {"max_new_tokens": 1, "eos_token_id": [1.5]}}),
+    "repetition penalty nan": (SchemaError, "repetition_penalty", {"mode": "generate", "generate": {"max_new_tokens": 1, "repetition_penalty": {"$float": "nan"}}}),
     "temperature NaN": (SchemaError, "temperature", {"mode": "generate", "generate": {"max_new_tokens": 1, "temperature": math.nan}}),
     "top_p 5": (SchemaError, "top_p", {"mode": "generate", "generate": {"max_new_tokens": 1, "top_p": 5}}),
     "top_k negative": (SchemaError, "top_k", {"mode": "generate", "generate": {"max_new_tokens": 1, "top_k": -3}}),
@@ -286,7 +289,8 @@ def plans(draw) -> bytes:
         fields["generate"] = {"max_new_tokens": draw(st.integers(1, 3))}
         if draw(st.integers(0, 3)) == 0:
             fields["generate"].update(draw(st.dictionaries(st.sampled_from(
-                ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "x"]),
+                ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
+                 "repetition_penalty", "stop", "eos_token_id", "x"]),
                 PLAIN_LEAVES | HOSTILE_LEAVES, max_size=2)))
     return blob(draw(nodes()), tensors, **fields)
 

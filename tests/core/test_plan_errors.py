@@ -144,7 +144,7 @@ def test_codec_round_trip_and_digest_ignores_lines(model):
     back = decode_plan(blob)
     assert [(n.op, n.args, n.kwargs, n.path) for n in back.nodes] == \
         [(n.op, n.args, n.kwargs, n.path) for n in plan.nodes]
-    from tpmlab.runtime.engine import plan_digest
+    from tpmlab.runtime.request import plan_digest
 
     moved = decode_plan(blob)
     for n in moved.nodes:

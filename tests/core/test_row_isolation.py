@@ -150,7 +150,7 @@ def test_writing_a_value_shared_at_run_time_is_refused(local_lab):
     the runner checks on the live value, before the write."""
     from tpmlab.ir.schedule import build_schedule
     from tpmlab.runtime.batching import build_batch
-    from tpmlab.runtime.interleaver import PlanRunner
+    from tpmlab.runtime.runner import PlanRunner
 
     info = local_lab.model("tiny-llama").info
     plan = Plan(model=info.name, model_version=info.version,
@@ -159,11 +159,18 @@ def test_writing_a_value_shared_at_run_time_is_refused(local_lab):
                 nodes=[Node(0, "point", path="model.norm", io="output", invoke=1),
                        Node(1, "setitem", [Ref(0), 0, 1.0], line="x.py:3")])
     _, layout = build_batch(plan, pad_id=0, device=torch.device("cpu"))
-    runner = PlanRunner(plan, info, build_schedule(plan, info), layout,
-                        module_lookup=lambda p: None, device=torch.device("cpu"))
     shared = torch.zeros(1, 2, 64).expand(2, 2, 64)
+
+    class Norm(torch.nn.Module):  # stands in for model.norm, its output the shared value
+        def forward(self, x):
+            return shared
+
+    norm = Norm()
+    runner = PlanRunner(plan, info, build_schedule(plan, info), layout,
+                        module_lookup={"model.norm": norm}.__getitem__, device=torch.device("cpu"))
     with pytest.raises(ExecutionError, match=r"all rows of the batch share") as err:
-        runner.run_event(info.event_index("model.norm", "output"), shared)
+        with runner.hooks():
+            norm(torch.zeros(2, 2, 64))
     assert err.value.node == 1 and err.value.line == "x.py:3"
     assert (shared == 0).all()
 

@@ -8,9 +8,11 @@ driver needs (while generating, the next tokens), never saved values.
 * The client calls stage 0's :meth:`StageActor.run` and, at the same moment, every
   later stage's :meth:`StageActor.collect`, each with the plan bytes: so the plan
   travels once to every stage, each later stage decodes it while stage 0 works,
-  and only stage 0 validates it.
+  and only stage 0 validates it (:mod:`tpmlab.runtime.request`: ``admit`` there,
+  ``follow`` on the others).
 * Stage 0's ``run`` validates the plan, builds the padded batch and drives the steps
-  (one for a trace, one per token for a generation, then a :meth:`finish` down the
+  (one for a trace; for a generation the decoding loop of :mod:`tpmlab.runtime.decoding`,
+  one step per token, the last stage picking the tokens, then a :meth:`finish` down the
   chain); it returns stage 0's own saves with the request's metadata.
 * Every later stage keeps its request's output (:class:`StageOutput`: saves as host
   copies, and the time of each plan node it ran) keyed by request id until
@@ -45,19 +47,18 @@ from typing import Any, TypedDict
 
 import torch
 
-from .._version import __version__
-from ..errors import ExecutionError, PlanError, RequestTimeoutError
-from ..ir.codec import decode_plan
+from ..errors import ExecutionError, RequestTimeoutError
 from ..ir.model_info import START, ModelInfo
 from ..ir.plan import Plan
-from ..ir.schedule import Schedule, build_schedule
-from ..ir.validate import Limits, validate
+from ..ir.schedule import Schedule
+from ..ir.validate import Limits
+from ..runtime import request
 from ..runtime.backward import weight_storages
 from ..runtime.batching import BatchLayout, build_batch
-from ..runtime.engine import GENERATED, plan_digest
-from ..runtime.interleaver import PlanRunner
+from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
+from ..runtime.runner import PlanRunner
 from ..runtime.weights import WeightGuard
 from .backward import stage_backward
 from .handover import Segments, Token
@@ -170,6 +171,7 @@ class StageActor:
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
+        self._tok: Any = None  # the tokenizer, once a request needs it
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -189,9 +191,6 @@ class StageActor:
         starts = self.info.stage_starts
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
-
-    async def ping(self) -> int:
-        return self.span.index
 
     async def memory(self) -> dict[str, Any]:
         """This worker process's memory: resident and peak resident bytes (the peak since
@@ -311,31 +310,14 @@ class StageActor:
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
-                reply["tokens"] = self._next_tokens(st, out.logits[:, -1, :], msg).cpu()
+                reply["tokens"] = next_tokens(st.plan.generate, msg.get("ids"),
+                                              out.logits[:, -1, :], step).cpu()
             return reply
         last_event = self.owned.stop - 1
         return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
                                                           "inputs_embeds")},
                 "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event)),
                 "saved": saved}
-
-    def _next_tokens(self, st: _Request, logits: torch.Tensor, msg: dict[str, Any]) -> torch.Tensor:
-        """Greedy or sampled next tokens ``[batch]`` from the last position's logits ``[batch, vocab]``."""
-        opts = st.plan.generate
-        if not opts.do_sample:
-            return logits.argmax(-1)
-        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        if msg["step"] == 0 and opts.seed is not None:
-            torch.manual_seed(opts.seed)
-        scores = logits.float()
-        if opts.temperature is not None and opts.temperature != 1.0:
-            scores = TemperatureLogitsWarper(opts.temperature)(None, scores)
-        if opts.top_k:
-            scores = TopKLogitsWarper(opts.top_k)(None, scores)
-        if opts.top_p is not None and opts.top_p < 1.0:
-            scores = TopPLogitsWarper(opts.top_p)(None, scores)
-        return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
 
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
@@ -455,9 +437,8 @@ class StageActor:
         try:
             if not slot.plan.done():
                 try:
-                    held = request_limits(self.limits, limits_from_wire(limits))
-                    plan = decode_plan(blob, max_bytes=held.max_plan_bytes)
-                    slot.plan.set_result((plan, build_schedule(plan, self.info), held))
+                    plan, held = request.decode(blob, self.limits, limits_from_wire(limits))
+                    slot.plan.set_result((plan, request.follow(plan, self.info), held))
                 except Exception as e:  # stage 0 rejects the plan with the same error
                     slot.plan.set_result(e)
             output = _raise_if_error(await _await_within(
@@ -490,12 +471,10 @@ class StageActor:
     async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
-        plan = decode_plan(blob, max_bytes=limits.max_plan_bytes)
+        plan, limits = request.decode(blob, limits)
         t_decode = time.perf_counter()
-        if plan.model != self.spec["model"]:
-            raise PlanError(f"the plan is for model {plan.model!r}, this deployment holds "
-                            f"{self.spec['model']!r}")
-        schedule = validate(plan, self.info, limits=limits, meta_module=self._meta_modules().get)
+        schedule = request.admit(plan, model=self.spec["model"], info=self.info, limits=limits,
+                                 meta_module=self._meta_modules().get)
         t_validate = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
@@ -516,13 +495,12 @@ class StageActor:
             reply = await self.step(msg)
             output, timings = reply["output"], reply["timings"]
         else:
-            values[GENERATED], output = await self._generate(plan, base, kwargs, layout, left)
+            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
+                                                                     left)
             timings = []
-        meta = {"model": self.spec["model"], "model_version": self.info.version,
-                "plan_digest": plan_digest(plan), "tpmlab_version": __version__,
-                "compute_seconds": time.perf_counter() - start,
-                "node_seconds": output["node_seconds"], "device": str(self.device),
-                "stages": self.span.n_stages}
+        meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
+                                   node_seconds=output["node_seconds"], device=self.device,
+                                   stages=self.span.n_stages)
         if schedule.gradients is not None:
             meta["autograd_bytes"] = [output["autograd_bytes"]]  # per stage; later ones added
             meta["backward_seconds"] = output["backward_seconds"]  # later stages' added
@@ -533,46 +511,37 @@ class StageActor:
         return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
 
+    def _tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use (stop strings need it; most requests
+        do not, so a stage does not load it with its weights)."""
+        if self._tok is None:
+            self._tok = self.source.tokenizer()
+        return self._tok
+
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
                         layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], StageOutput]:
-        """Greedy (or sampled) decoding with each stage's KV cache kept on its worker,
-        as Hugging Face ``generate`` does it: finished rows continue with the pad token,
-        and decoding stops when every row has produced an end-of-sequence token."""
+        """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
+        each step goes down the chain, each stage's KV cache stays on its worker, and the
+        last stage picks the next tokens from its logits."""
         opts = plan.generate
-        eos = self.stage.model.generation_config.eos_token_id
-        eos_ids = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
-        mask = kwargs["attention_mask"]
-        pos = kwargs["position_ids"]
-        rows = mask.shape[0]
-        unfinished = torch.ones(rows, dtype=torch.long)
-        new_tokens: list[torch.Tensor] = []
-        msg = {**base, "step": 0, "final": False, "input_ids": kwargs.get("input_ids"),
-               "inputs_embeds": kwargs.get("inputs_embeds")}
-        steps = 0
-        for step in range(opts.max_new_tokens):
-            msg["timeout"] = left()
+        eos = eos_ids(opts, self.stage.model.generation_config)
+        decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
+                            kwargs["position_ids"], eos=eos, pad_id=self.pad_id,
+                            tokenizer=self._tokenizer() if opts.stop else None)
+        history = needs_history(opts)  # the last stage reads the sequences so far
+        saved = 0
+        for feed in decoding:
+            msg = {**base, "step": feed.step, "final": False, "timeout": left(), "saved": saved,
+                   "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
+                   "input_ids": feed.input_ids,
+                   "inputs_embeds": kwargs.get("inputs_embeds") if feed.step == 0 else None}
+            if history:
+                msg["ids"] = decoding.ids
             reply = await self.step(msg)
-            steps += 1
-            tokens = reply["tokens"]
-            if len(eos_ids):
-                tokens = tokens * unfinished + self.pad_id * (1 - unfinished)
-                unfinished = unfinished & ~torch.isin(tokens, eos_ids)
-            new_tokens.append(tokens)
-            if len(eos_ids) and int(unfinished.max()) == 0:
-                break
-            mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype)], dim=1)
-            pos = pos[:, -1:] + 1
-            msg = {"req": base["req"], "step": step + 1, "final": False, "generate": True,
-                   "layout": layout, "carry": {}, "attention_mask": mask, "position_ids": pos,
-                   "input_ids": tokens[:, None], "saved": reply["saved"]}
-        output = await self.finish(base["req"], steps, left())
-        out = torch.stack(new_tokens, dim=1)
-        if "input_ids" in kwargs:
-            ids = kwargs["input_ids"]
-            lengths = [n for ls in layout.lengths for n in ls]
-            return [torch.cat([ids[i, ids.shape[1] - n:], out[i]])
-                    for i, n in enumerate(lengths)], output
-        return [out[i] for i in range(rows)], output
+            saved = reply["saved"]
+            decoding.advance(reply["tokens"])
+        output = await self.finish(base["req"], decoding.step, left())
+        return decoding.outputs([n for ls in layout.lengths for n in ls]), output
 
 
 def pad_token_id(tokenizer: Any) -> int:

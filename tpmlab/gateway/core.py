@@ -45,11 +45,12 @@ from ..errors import (
     TpmlabError,
     WeightsChangedError,
 )
-from ..ir.codec import decode_plan, decode_result, encode_plan, encode_result
+from ..ir.codec import decode_plan, encode_plan, encode_result
 from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
-from ..runtime.engine import plan_digest
+from ..runtime.backend import Backend
+from ..runtime.request import plan_digest
 from .errors import (
     BadRequestError,
     BusyError,
@@ -144,7 +145,7 @@ class _Ran:
 class Gateway:
     """Admission, batching and charging in front of any :class:`~tpmlab.runtime.backend.Backend`."""
 
-    def __init__(self, backend: Any, ledger: Ledger, config: GatewayConfig | None = None) -> None:
+    def __init__(self, backend: Backend, ledger: Ledger, config: GatewayConfig | None = None) -> None:
         from ..models import resolve
 
         self.backend = backend
@@ -405,10 +406,7 @@ class Gateway:
         """Run a plan on the engine under ``limits`` (the engine's own where None)."""
         timeout = self.config.request_timeout
         try:
-            fast = getattr(self.backend, "run_values", None)
-            if fast is not None:
-                return fast(model, blob, timeout=timeout, limits=limits)
-            return decode_result(self.backend.run(model, blob, timeout=timeout, limits=limits))
+            return self.backend.run_values(model, blob, timeout=timeout, limits=limits)
         except WeightsChangedError:
             self.metrics.weight_restores.labels(model).inc()
             raise

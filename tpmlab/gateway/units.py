@@ -52,7 +52,7 @@ from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.plan import BACKWARD, POINT, Invoke, Plan
 from ..ir.validate import value_nbytes
-from ..runtime.engine import GENERATED
+from ..runtime.request import GENERATED
 
 TOKEN_ID_BYTES = 8  # generated ids come back as int64
 BACKWARD_FACTOR = 3.0  # a backward's hold: its pass costs about twice a forward, plus margin

@@ -263,7 +263,8 @@ def _plan_from_doc(doc: Any, tensors: dict[str, torch.Tensor]) -> Plan:
 
 _GENERATE_TYPES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,), "do_sample": (bool,), "temperature": (int, float),
-    "top_k": (int,), "top_p": (int, float), "seed": (int,)}
+    "top_k": (int,), "top_p": (int, float), "seed": (int,), "repetition_penalty": (int, float),
+    "stop": (list,), "eos_token_id": (list,)}
 
 
 def _generate_options(gen: Any) -> GenerateOptions:
@@ -275,6 +276,10 @@ def _generate_options(gen: Any) -> GenerateOptions:
     for key, value in gen.items():
         types = _GENERATE_TYPES[key]
         nullable = key not in ("max_new_tokens", "do_sample")
+        if key == "stop" and isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise SchemaError("generation option stop must be a list of strings")
+        if key == "eos_token_id" and isinstance(value, list) and not all(_is_int(v) for v in value):
+            raise SchemaError("generation option eos_token_id must be a list of integers")
         if (value is None and nullable) or (
                 isinstance(value, types) and (bool in types or not isinstance(value, bool))
                 and not (isinstance(value, int) and not INT_MIN <= value <= INT_MAX)):

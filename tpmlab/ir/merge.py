@@ -28,18 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SchemaError
-from .plan import (
-    BACKWARD,
-    GRAD,
-    POINT,
-    Invoke,
-    Node,
-    Plan,
-    Ref,
-    Slice,
-    TensorRef,
-    Tuple,
-)
+from .args import rebuild
+from .plan import BACKWARD, GRAD, POINT, Invoke, Node, Plan, Ref, TensorRef
 
 
 @dataclass(frozen=True)
@@ -127,22 +117,15 @@ def split_values(values: dict[int, Any], mapping: MergeMap) -> list[dict[int, An
 
 
 def _rewrite(value: Any, ids: dict[int, int], names: dict[str, str]) -> Any:
-    if isinstance(value, Ref):
-        if value.id not in ids:  # validation refuses forward references; keep them refused
-            raise SchemaError(f"reference to node {value.id}, which does not come before it")
-        return Ref(ids[value.id])
-    if isinstance(value, TensorRef):
-        if value.name not in names:
-            raise SchemaError(f"reference to unknown tensor {value.name!r}")
-        return TensorRef(names[value.name])
-    if isinstance(value, Slice):
-        return Slice(*(_rewrite(v, ids, names) for v in (value.start, value.stop, value.step)))
-    if isinstance(value, Tuple):
-        return Tuple(tuple(_rewrite(v, ids, names) for v in value.items))
-    if isinstance(value, list):
-        return [_rewrite(v, ids, names) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_rewrite(v, ids, names) for v in value)
-    if isinstance(value, dict):
-        return {k: _rewrite(v, ids, names) for k, v in value.items()}
-    return value
+    def leaf(x: Any) -> Any:
+        if isinstance(x, Ref):
+            if x.id not in ids:  # validation refuses forward references; keep them refused
+                raise SchemaError(f"reference to node {x.id}, which does not come before it")
+            return Ref(ids[x.id])
+        if isinstance(x, TensorRef):
+            if x.name not in names:
+                raise SchemaError(f"reference to unknown tensor {x.name!r}")
+            return TensorRef(names[x.name])
+        return x
+
+    return rebuild(value, leaf)

@@ -110,29 +110,13 @@ class Node:
 
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
-        out: list[int] = []
-        _collect_refs(self.args, out)
-        _collect_refs(self.kwargs, out)
-        return out
+        from .args import refs  # the grammar's walker (it imports the markers from here)
+
+        return refs([self.args, self.kwargs])
 
     def describe(self) -> str:
         target = f" {self.path}.{self.io}" if self.io else (f" {self.path}" if self.path else "")
         return f"node {self.id} ({self.op}{target})"
-
-
-def _collect_refs(value: Any, out: list[int]) -> None:
-    if isinstance(value, Ref):
-        out.append(value.id)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_refs(v, out)
-    elif isinstance(value, Tuple):
-        _collect_refs(value.items, out)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _collect_refs(v, out)
-    elif isinstance(value, Slice):
-        _collect_refs([value.start, value.stop, value.step], out)
 
 
 @dataclass
@@ -146,12 +130,23 @@ class Invoke:
 
 @dataclass
 class GenerateOptions:
+    """How a generation decodes (:mod:`tpmlab.runtime.decoding`); an option left ``None``
+    takes Hugging Face's default (``top_k``: 50 when sampling, ``0`` for none; the others off).
+
+    ``repetition_penalty``: divides (multiplies, if negative) the score of every token already
+    in the sequence; ``stop``: strings that end a row once its text ends in one of them;
+    ``eos_token_id``: the token ids that end a row (``None``: the model's end-of-sequence
+    tokens; ``[]``: none, every row runs ``max_new_tokens``)."""
+
     max_new_tokens: int = 1
     do_sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] | None = None
+    eos_token_id: list[int] | None = None
 
 
 @dataclass
@@ -177,10 +172,6 @@ class Plan:
             cached = {n.id: n for n in self.nodes}
             self.__dict__["_by_id"] = cached
         return cached
-
-    @property
-    def has_interventions(self) -> bool:
-        return bool(self.nodes)
 
     def replace(self, **changes: Any) -> Plan:
         return dataclasses.replace(self, **changes)

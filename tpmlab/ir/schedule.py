@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BackwardFlowError, PlanError
+from .args import refs as _refs
 from .gradients import GradientSchedule, analyze_gradients
 from .model_info import START, ModelInfo, event_key
 from .ops import OPS
-from .plan import CALL_MODULE, PARAM, POINT, SAVE, SET_POINT, Node, Plan, Ref, Tuple, _collect_refs
+from .plan import CALL_MODULE, PARAM, POINT, SAVE, SET_POINT, Node, Plan, Ref, Tuple
 
 NO_ALIAS: frozenset[int] = frozenset()
 
@@ -240,12 +241,6 @@ class _AliasFlow:
                 + "): deployed weights are read-only to plans; compute with a copy instead, "
                 "e.g. .clone()",
                 node=node.id, op=node.op, line=node.line)
-
-
-def _refs(value: Any) -> list[int]:
-    out: list[int] = []
-    _collect_refs(value, out)
-    return out
 
 
 def _latest_input(node_id: int, anchor: dict[int, int], source_of: dict[int, int],

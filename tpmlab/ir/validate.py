@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import LimitError, PathError, PlanError, SchemaError, ShapeError, UnknownOpError
+from .args import LEAF_MARKERS, SCALARS, leaves, rebuild
 from .codec import ALLOWED_DTYPES, INT_MAX, INT_MIN
 from .model_info import ModelInfo, event_key
 from .ops import OPS, WRITE_KEYWORDS
@@ -40,12 +41,9 @@ from .plan import (
     SET_POINT,
     STRUCTURAL_OPS,
     DType,
-    EllipsisArg,
     Plan,
     Ref,
-    Slice,
     TensorRef,
-    Tuple,
 )
 from .rows import check_row_ownership
 from .schedule import Schedule, build_schedule
@@ -165,7 +163,7 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
         if plan.generate.max_new_tokens > limits.max_new_tokens:
             raise LimitError(f"max_new_tokens={plan.generate.max_new_tokens} exceeds the limit "
                              f"of {limits.max_new_tokens}")
-        _check_sampling(plan)
+        _check_sampling(plan, info.vocab_size)
     n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
 
     seen: set[int] = set()
@@ -175,6 +173,7 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             raise SchemaError(f"node id {node.id!r} must be a non-negative integer", **where)
         if node.id in seen:
             raise SchemaError(f"duplicate node id {node.id}", **where)
+        _check_no_device(node, where)
         if node.op not in STRUCTURAL_OPS and node.op not in OPS:
             close = difflib.get_close_matches(node.op, list(OPS), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -245,7 +244,32 @@ def _check_token_ids(t: torch.Tensor, invoke: int, info: ModelInfo) -> None:
                           f"the vocabulary (0 <= id < {info.vocab_size})")
 
 
-def _check_sampling(plan: Plan) -> None:
+DEVICE_METHODS = frozenset({"cuda", "cpu"})  # tensor methods that name a device
+
+
+def _check_no_device(node: Any, where: dict) -> None:
+    """A plan never names a device: its values live on the device of the stage that holds
+    their module (factory ops make theirs there), which the plan cannot know or choose."""
+    named = None
+    if node.op in DEVICE_METHODS:
+        named = f".{node.op}()"
+    elif "device" in node.kwargs:
+        named = "device="
+    elif node.op == "to" and any(isinstance(a, str) for a in node.args[1:]):
+        named = f".to({next(a for a in node.args[1:] if isinstance(a, str))!r})"
+    if named:
+        raise UnknownOpError(f"a plan cannot name a device ({named}): every value stays on the "
+                             "device of the stage that computes it; convert dtypes with "
+                             ".to(dtype) and move results by saving them", **where)
+
+
+# stop strings of one generation: preparing them scans the vocabulary (32 of 256 characters
+# take ~5 s of a CPU; these bounds well under 1 s)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 32
+MAX_EOS_IDS = 64
+
+
+def _check_sampling(plan: Plan, vocab: int | None) -> None:
     """Generation options a sampler can take (their types are the codec's business)."""
     g = plan.generate
     for name, ok, want in (
@@ -253,34 +277,35 @@ def _check_sampling(plan: Plan) -> None:
                                                       and g.temperature > 0), "a number > 0"),
             ("top_k", g.top_k is None or 0 <= g.top_k <= INT_MAX, "an integer >= 0"),
             ("top_p", g.top_p is None or 0 < g.top_p <= 1, "a number in (0, 1]"),
-            ("seed", g.seed is None or 0 <= g.seed <= INT_MAX, "an integer in [0, 2**63)")):
+            ("seed", g.seed is None or 0 <= g.seed <= INT_MAX, "an integer in [0, 2**63)"),
+            ("repetition_penalty", g.repetition_penalty is None or (
+                math.isfinite(g.repetition_penalty) and g.repetition_penalty > 0), "a number > 0"),
+            ("stop", g.stop is None or (len(g.stop) <= MAX_STOP_STRINGS and all(
+                0 < len(s) <= MAX_STOP_CHARS for s in g.stop)),
+             f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ("eos_token_id", g.eos_token_id is None or (
+                len(g.eos_token_id) <= MAX_EOS_IDS and all(
+                    0 <= t < (vocab or INT_MAX) for t in g.eos_token_id)),
+             f"at most {MAX_EOS_IDS} token ids of the vocabulary")):
         if not ok:
             raise SchemaError(f"generation option {name}={getattr(g, name)!r} must be {want}")
 
 
 def _check_args(value: Any, plan: Plan, where: dict) -> None:
-    if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
-        raise SchemaError(f"integer {value} is outside the 64-bit range", **where)
-    if isinstance(value, DType) and value.name not in ALLOWED_DTYPES:
-        raise SchemaError(f"dtype {value.name!r} is not allowed; use one of "
-                          f"{sorted(ALLOWED_DTYPES)}", **where)
-    if isinstance(value, TensorRef):
-        if value.name not in plan.tensors:
-            raise SchemaError(f"reference to unknown tensor {value.name!r}", **where)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_args(v, plan, where)
-    elif isinstance(value, Tuple):
-        _check_args(value.items, plan, where)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str) or k.startswith("_"):
-                raise SchemaError(f"keyword {k!r} is not allowed", **where)
-            _check_args(v, plan, where)
-    elif isinstance(value, Slice):
-        _check_args([value.start, value.stop, value.step], plan, where)
-    elif not (value is None or isinstance(value, (bool, int, float, str, Ref, EllipsisArg, DType))):
-        raise SchemaError(f"argument of type {type(value).__name__} is not allowed", **where)
+    def key(k: Any) -> None:
+        if not isinstance(k, str) or k.startswith("_"):
+            raise SchemaError(f"keyword {k!r} is not allowed", **where)
+
+    for leaf in leaves(value, key=key):
+        if isinstance(leaf, int) and not isinstance(leaf, bool) and not INT_MIN <= leaf <= INT_MAX:
+            raise SchemaError(f"integer {leaf} is outside the 64-bit range", **where)
+        if isinstance(leaf, DType) and leaf.name not in ALLOWED_DTYPES:
+            raise SchemaError(f"dtype {leaf.name!r} is not allowed; use one of "
+                              f"{sorted(ALLOWED_DTYPES)}", **where)
+        if isinstance(leaf, TensorRef) and leaf.name not in plan.tensors:
+            raise SchemaError(f"reference to unknown tensor {leaf.name!r}", **where)
+        if not (leaf is None or isinstance(leaf, (*SCALARS, *LEAF_MARKERS))):
+            raise SchemaError(f"argument of type {type(leaf).__name__} is not allowed", **where)
 
 
 # -- shapes on the meta device -------------------------------------------------------------------
@@ -333,24 +358,16 @@ def value_nbytes(value: Any, scalar_bytes: int = 8) -> int:
 
 
 def _materialize(value: Any, env: dict[int, Any], plan: Plan) -> Any:
-    if isinstance(value, Ref):
-        return env[value.id]
-    if isinstance(value, TensorRef):
-        t = plan.tensors[value.name]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-    if isinstance(value, Slice):
-        return slice(*(_materialize(v, env, plan) for v in (value.start, value.stop, value.step)))
-    if isinstance(value, Tuple):
-        return tuple(_materialize(v, env, plan) for v in value.items)
-    if isinstance(value, EllipsisArg):
-        return Ellipsis
-    if isinstance(value, DType):
-        return getattr(torch, value.name)
-    if isinstance(value, list):
-        return [_materialize(v, env, plan) for v in value]
-    if isinstance(value, dict):
-        return {k: _materialize(v, env, plan) for k, v in value.items()}
-    return value
+    """The native arguments of an op on the meta device (constants as meta tensors)."""
+    def leaf(x: Any) -> Any:
+        if isinstance(x, Ref):
+            return env[x.id]
+        if isinstance(x, TensorRef):
+            t = plan.tensors[x.name]
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return x
+
+    return rebuild(value, leaf, native=True)
 
 
 def _invoke_shape(plan: Plan, invoke: int | None) -> tuple[int, int]:
@@ -459,7 +476,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
                 kwargs["device"] = "meta"  # validation never allocates: shapes only
             kwargs.pop("pin_memory", None)
             if not _has_tensor(args) and not _has_tensor(kwargs):
-                _check_plain_operands(node.op, args, limits.max_intermediate_bytes, where)
+                check_plain_operands(node.op, args, limits.max_intermediate_bytes, where)
         key = (node.op, node.path, _signature(args), _signature(kwargs)) if pure else None
         if key is not None and None not in key[2:] and key in memo:
             env[node.id] = memo[key]
@@ -503,13 +520,14 @@ def _has_tensor(value: Any) -> bool:
 _SEQUENCES = (list, tuple, str)
 
 
-def _check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
+def check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
     """Bound Python-level arithmetic on plain values *before* it runs: ``[0] * 2**40``,
     ``"x" * 2**40``, ``a + a`` doubled, ``10 ** 10**9`` or ``"%099999999d" % 1`` would
-    take the validator's memory or time."""
+    take the validator's memory or time (and the runner's: there a count may come from the
+    data, ``[0] * t`` with ``t`` a 0-d integer tensor)."""
     if len(args) != 2:
         return
-    a, b = args
+    a, b = (_plain_int(v) for v in args)
     size = 0
     if op in ("mul", "imul"):
         seq, n = (a, b) if isinstance(a, _SEQUENCES) else (b, a)
@@ -525,6 +543,14 @@ def _check_plain_operands(op: str, args: list, limit: int, where: dict) -> None:
     if size > limit:
         raise LimitError(f"{op} would make a value of {size:,} bytes, over the limit of "
                          f"{limit:,} bytes for any one value", **where)
+
+
+def _plain_int(value: Any) -> Any:
+    """A 0-d integer tensor with data as the int it holds (Python uses it as one in ``[0] * t``)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_meta and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        return int(value)
+    return value
 
 
 def _storage_ids(value: Any, out: set[int]) -> set[int]:

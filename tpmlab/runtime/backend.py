@@ -11,20 +11,21 @@ from typing import Any, Protocol
 
 import torch
 
-from ..ir.codec import decode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
+from . import request
 from .engine import ModelHost
-from .limits import request_limits
 
 
 class Backend(Protocol):
     """Deploys models and runs plans on them.
 
     ``run`` takes plan bytes and returns result bytes; ``run_values`` returns the saved
-    values by node id and the result's metadata (``model_version``, ``plan_digest``,
-    ``compute_seconds``, ``node_seconds``: ``{node id: seconds}`` of each plan node that
-    is not a module point, over all steps and stages, ...). ``limits``: the caller's
+    values by node id and the result's metadata (:func:`tpmlab.runtime.request.result_meta`:
+    ``model_version``, ``plan_digest``, ``compute_seconds``, ``node_seconds``:
+    ``{node id: seconds}`` of each plan node that is not a module point, over all steps
+    and stages, ...), without a round trip through bytes where the backend can hand the
+    values over as they are. ``limits``: the caller's
     limits for this request (a gateway's tier limits); the engine validates and runs the
     plan under the field-by-field minimum of them and its own
     (:func:`tpmlab.runtime.limits.request_limits`).
@@ -91,8 +92,7 @@ class LocalBackend:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         host = self.host(model)
-        limits = request_limits(host.limits, limits)
-        decoded = decode_plan(plan, max_bytes=limits.max_plan_bytes)
+        decoded, limits = request.decode(plan, host.limits, limits)
         with self._turns[model]:
             return host.run(decoded, limits=limits)
 

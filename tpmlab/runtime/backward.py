@@ -38,7 +38,7 @@ from ..ir.plan import Node
 from .batching import invoke_view
 
 if TYPE_CHECKING:
-    from .interleaver import PlanRunner, _Cell
+    from .runner import PlanRunner, _Cell
 
 
 class Backprop:

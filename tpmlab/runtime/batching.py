@@ -172,11 +172,3 @@ def _collect_shared(value: Any, template: Any, layout: BatchLayout, path: Path,
         for i, v in enumerate(value):
             _collect_shared(v, subtemplate(template, i), layout, path + (i,), out)
 
-
-def unpad_tokens(ids: torch.Tensor, layout: BatchLayout, prompt_len: int) -> list[torch.Tensor]:
-    """Generated sequences per row, without left padding: ``[len_i + new]`` each."""
-    out = []
-    for rows in layout.lengths:
-        for length in rows:
-            out.append(length)
-    return [ids[i, prompt_len - length:] for i, length in enumerate(out)]

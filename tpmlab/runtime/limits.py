@@ -2,7 +2,7 @@
 
 A gateway passes each user's tier limits with the request (``limits=`` of
 :meth:`~tpmlab.runtime.backend.Backend.run`); the engine validates the plan with them
-and holds the run to them (:class:`~tpmlab.runtime.interleaver.PlanRunner`). A request
+and holds the run to them (:class:`~tpmlab.runtime.runner.PlanRunner`). A request
 can only tighten the engine's limits, never widen them.
 """
 

@@ -23,6 +23,12 @@ class Generate(Trace):
     ``with gen.step(i)``, ``with gen.steps(start, stop)`` (stop excluded, ``None``
     for the end) or ``with gen.all()``; a value saved at several steps comes back
     as a list, one entry per step.
+
+    Decoding (:mod:`tpmlab.runtime.decoding`, the same on every engine and the same
+    tokens as Hugging Face's ``generate`` for the same options and ``seed``): greedy, or
+    ``do_sample`` with ``temperature``/``top_k``/``top_p``; ``repetition_penalty``; a row
+    ends at ``eos_token_id`` (default: the model's) or once its text ends in a ``stop``
+    string.
     """
 
     mode = "generate"
@@ -30,10 +36,15 @@ class Generate(Trace):
     def __init__(self, model: LabModel, inputs: Any = None, *, max_new_tokens: int = 1,
                  do_sample: bool = False, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 timeout: float | None = None, **input_kwargs: Any) -> None:
+                 repetition_penalty: float | None = None, stop: str | list[str] | None = None,
+                 eos_token_id: int | list[int] | None = None, timeout: float | None = None,
+                 **input_kwargs: Any) -> None:
         super().__init__(model, inputs, timeout=timeout, seed=seed, **input_kwargs)
-        self.options = GenerateOptions(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        self.options = GenerateOptions(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
+            stop=[stop] if isinstance(stop, str) else stop,
+            eos_token_id=[eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         self.output_ids: list[torch.Tensor] = []
 
     def _generate_options(self) -> GenerateOptions:
@@ -64,7 +75,7 @@ class Generate(Trace):
         return StepIter(self.steps, self.options.max_new_tokens)
 
     def _after_run(self, values: dict[int, Any]) -> None:
-        from ..runtime.engine import GENERATED
+        from ..runtime.request import GENERATED
 
         self.output_ids = list(values.get(GENERATED, []))
 

@@ -21,23 +21,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import NotSupportedError, TpmlabError
+from ..ir.args import from_native
 from ..ir.codec import encode_plan
 from ..ir.ops import RANDOM_OPS
 from ..ir.plan import (
     GRAD,
     SAVE,
     SET_POINT,
-    DType,
-    EllipsisArg,
     GenerateOptions,
     Invoke,
     Node,
     Plan,
     Ref,
-    Slice,
     Steps,
     TensorRef,
-    Tuple,
 )
 from .passes import run_in_passes
 from .proxy import Proxy, deliver, node_of, owner
@@ -273,6 +270,9 @@ class Trace:
         self._points.pop((path, io, self._invoke, self._steps), None)
 
     def _arg(self, value: Any) -> Any:
+        return from_native(value, self._leaf)
+
+    def _leaf(self, value: Any) -> Any:
         if isinstance(value, Proxy):
             if owner(value) is not self:
                 return self._carry(value)
@@ -281,18 +281,6 @@ class Trace:
             return value  # a tensor this trace already carries (tr.grad)
         if isinstance(value, torch.Tensor):
             return TensorRef(self._constant(value))
-        if isinstance(value, slice):
-            return Slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
-        if value is Ellipsis:
-            return EllipsisArg()
-        if isinstance(value, torch.dtype):
-            return DType(str(value).removeprefix("torch."))
-        if isinstance(value, tuple):
-            return Tuple(tuple(self._arg(v) for v in value))
-        if isinstance(value, list):
-            return [self._arg(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): self._arg(v) for k, v in value.items()}
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
         if hasattr(value, "__index__"):

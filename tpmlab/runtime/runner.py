@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ExecutionError, LimitError, PlanError
+from ..ir.args import rebuild
 from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
@@ -35,20 +36,17 @@ from ..ir.plan import (
     POINT,
     SAVE,
     SET_POINT,
-    DType,
-    EllipsisArg,
     Node,
     Plan,
     Ref,
-    Slice,
     TensorRef,
-    Tuple,
 )
 from ..ir.rows import written_parts
 from ..ir.schedule import Schedule
-from ..ir.validate import Limits, value_nbytes
+from ..ir.validate import Limits, check_plain_operands, new_nbytes, value_nbytes
 from .backward import Backprop
 from .batching import BatchLayout, invoke_view, shared_tensors
+from .bounds import check_bounds
 
 
 class _Cell:
@@ -210,19 +208,11 @@ class PlanRunner:
                     self._run(node, None)
 
     @contextlib.contextmanager
-    def hooks(self, root: nn.Module | None = None, *, count_steps: bool = False) -> Iterator[None]:
-        """Install hooks for this runner's events; with ``count_steps`` a hook on ``root``
-        starts a new generation step at each forward call of the whole model."""
+    def hooks(self) -> Iterator[None]:
+        """Install hooks for this runner's events (a generation's driver starts each step
+        with :meth:`begin_step`)."""
         handles = []
         try:
-            if count_steps and root is not None and (self.schedule.by_event or self.plan.nodes):
-                counter = {"next": 0}
-
-                def on_step(module, args, kwargs):
-                    self.begin_step(counter["next"])
-                    counter["next"] += 1
-
-                handles.append(root.register_forward_pre_hook(on_step, with_kwargs=True))
             for event in self.events():
                 path, io = self.info.events[event].rsplit(":", 1)
                 module = self.module_lookup(path)
@@ -264,14 +254,6 @@ class PlanRunner:
             return args, {**kwargs, key: cell.value}
         return hook
 
-    def run_event(self, event: int, value: Any) -> Any:
-        """Run the nodes of ``event`` on ``value`` directly (for stage code that has the value
-        in hand); returns the value, replaced if the plan set it."""
-        cell = _Cell(value)
-        self._fired.add(event)
-        self._run_event(event, cell)
-        return cell.value
-
     def _run_event(self, event: int, cell: _Cell) -> None:
         if self.gradients is not None:
             self.gradients.before_event(event, cell)
@@ -283,24 +265,15 @@ class PlanRunner:
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:
+        return rebuild(value, self._leaf, native=True)
+
+    def _leaf(self, value: Any) -> Any:
         if isinstance(value, Ref):
             if value.id not in self.env:
                 raise ExecutionError(f"the value of node {value.id} is not available here")
             return self.env[value.id]
         if isinstance(value, TensorRef):
             return self._constants[value.name]
-        if isinstance(value, Slice):
-            return slice(self._arg(value.start), self._arg(value.stop), self._arg(value.step))
-        if isinstance(value, Tuple):
-            return tuple(self._arg(v) for v in value.items)
-        if isinstance(value, EllipsisArg):
-            return Ellipsis
-        if isinstance(value, DType):
-            return getattr(torch, value.name)
-        if isinstance(value, list):
-            return [self._arg(v) for v in value]
-        if isinstance(value, dict):
-            return {k: self._arg(v) for k, v in value.items()}
         return value
 
     def _run(self, node: Node, cell: _Cell | None) -> None:
@@ -322,7 +295,7 @@ class PlanRunner:
         self._ran.add((node.id, self.step))
 
     def _check_value_size(self, node: Node) -> None:
-        nbytes = value_nbytes(self.env.get(node.id), scalar_bytes=0)
+        nbytes = new_nbytes(self.env.get(node.id))  # tensors, and plain containers and strings
         if nbytes > self.max_value_bytes:
             raise LimitError(f"{node.describe()} made a value of {nbytes:,} bytes, over the "
                              f"limit of {self.max_value_bytes:,} bytes for one value",
@@ -390,7 +363,14 @@ class PlanRunner:
             finally:
                 self._suspended -= 1
             return
-        self.env[node.id] = OPS[op].fn(*args, **kwargs)
+        spec = OPS[op]
+        if spec.factory:
+            kwargs["device"] = self.device  # a plan never names a device: the stage's own
+        check_bounds(node, args, kwargs)
+        if self.max_value_bytes is not None:
+            check_plain_operands(op, args, self.max_value_bytes,
+                                 {"node": node.id, "op": op, "line": node.line})
+        self.env[node.id] = spec.fn(*args, **kwargs)
 
     def _set_point(self, node: Node, cell: _Cell | None) -> None:
         """Write a new value into a module value, in place, as ``value[...] = new`` would:

@@ -1,0 +1,26 @@
+"""On 1 and 2 Dask stages, generation decodes as Hugging Face's ``generate`` does, case by
+case (the in-process engine runs the same cases: tests/core/test_decoding.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ..decoding_cases import CASES, check_decoding
+from .conftest import deploy
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=lambda n: f"{n}stages")
+def staged(request, lab, ref_lab):
+    model = deploy(lab, MODEL, request.param)
+    assert model.info.n_stages == request.param
+    ref_lab.model(MODEL)
+    yield model, ref_lab.backend.host(MODEL).model
+    lab.undeploy(MODEL)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decoding_matches_hf_generate(staged, case):
+    model, hf = staged
+    check_decoding(model, hf, case)
