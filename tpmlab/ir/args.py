@@ -3,11 +3,11 @@
 An argument value (``Node.args``, ``Node.kwargs``) is one of
 
 * a leaf: ``None``, a bool, int, float or str, or a marker that stands for one value:
-  :class:`~tpmlab.ir.plan.Ref` (another node's value), :class:`~tpmlab.ir.plan.TensorRef`
-  (a constant of the plan's tensor table), :class:`~tpmlab.ir.plan.EllipsisArg` (``...``),
-  :class:`~tpmlab.ir.plan.DType` (a torch dtype);
-* a container: a list, a dict with string keys, :class:`~tpmlab.ir.plan.Tuple` (a tuple:
-  JSON has only lists) or :class:`~tpmlab.ir.plan.Slice` (its start, stop and step are
+  :class:`Ref` (another node's value), :class:`TensorRef`
+  (a constant of the plan's tensor table), :class:`EllipsisArg` (``...``),
+  :class:`DType` (a torch dtype);
+* a container: a list, a dict with string keys, :class:`Tuple` (a tuple:
+  JSON has only lists) or :class:`Slice` (its start, stop and step are
   argument values).
 
 Everything that reads or rewrites arguments goes through the three walkers here:
@@ -20,11 +20,50 @@ Python values to markers). The JSON form is the codec's (:mod:`tpmlab.ir.codec`)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .plan import DType, EllipsisArg, Ref, Slice, TensorRef, Tuple
+
+# -- the markers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the value of another node."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A constant tensor carried in the plan's tensor table."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Slice:
+    start: Any = None
+    stop: Any = None
+    step: Any = None
+
+
+@dataclass(frozen=True)
+class Tuple:
+    """A tuple (JSON has only lists; indexing needs the distinction)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
+class EllipsisArg:
+    pass
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+
 
 LEAF_MARKERS = (Ref, TensorRef, EllipsisArg, DType)
 SCALARS = (bool, int, float, str)

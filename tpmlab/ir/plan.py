@@ -7,8 +7,9 @@ points, where in the forward pass it reads.
 
 Argument values inside ``Node.args`` / ``Node.kwargs`` are built from
 ``None``, bools, ints, floats, strings, lists, dicts with string keys, and the
-small marker classes below (:class:`Ref`, :class:`TensorRef`, :class:`Slice`,
-:class:`Tuple`, :class:`EllipsisArg`, :class:`DType`).
+small marker classes of :mod:`tpmlab.ir.args`, the module of the argument grammar
+(:class:`Ref`, :class:`TensorRef`, :class:`Slice`, :class:`Tuple`, :class:`EllipsisArg`,
+:class:`DType`; importable from here too).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .args import DType, EllipsisArg, Ref, Slice, TensorRef, Tuple, refs  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 1
 
@@ -32,44 +35,6 @@ GRAD = "grad"  # the gradient of a point, a parameter (args: [node]) or a consta
 STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM, BACKWARD, GRAD)
 
 IO_KINDS = ("output", "input")
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A reference to the value of another node."""
-
-    id: int
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """A constant tensor carried in the plan's tensor table."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class Slice:
-    start: Any = None
-    stop: Any = None
-    step: Any = None
-
-
-@dataclass(frozen=True)
-class Tuple:
-    """A tuple (JSON has only lists; indexing needs the distinction)."""
-
-    items: tuple
-
-
-@dataclass(frozen=True)
-class EllipsisArg:
-    pass
-
-
-@dataclass(frozen=True)
-class DType:
-    name: str
 
 
 @dataclass(frozen=True)
@@ -110,8 +75,6 @@ class Node:
 
     def refs(self) -> list[int]:
         """Ids of the nodes this node reads."""
-        from .args import refs  # the grammar's walker (it imports the markers from here)
-
         return refs([self.args, self.kwargs])
 
     def describe(self) -> str:
