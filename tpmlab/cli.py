@@ -119,7 +119,7 @@ class LabSession:
         # only this process, which stops JupyterLab in order.
         env = {**os.environ, **kernel_environment(self.credentials, address)}
         self.jupyter = subprocess.Popen(jupyter_command(args), env=env, start_new_session=True)
-        return self.jupyter.wait()
+        return wait_interruptibly(self.jupyter)
 
     def stop(self) -> None:
         """Stop JupyterLab (its kernels first), then the cluster; delete the credentials."""
@@ -157,6 +157,19 @@ class LabSession:
 
         remove_credentials(self.credentials)
         os._exit(130)
+
+
+def wait_interruptibly(proc: subprocess.Popen[bytes], poll: float = 0.5) -> int:
+    """``proc.wait()`` that a Ctrl-C always interrupts.
+
+    Never one blocking wait: the kernel may hand the terminal's SIGINT to another thread
+    (the cluster's, the client's), and a main thread asleep in ``waitpid`` would not raise
+    it until the process exited. A timed wait polls, and checks signals between polls."""
+    while True:
+        try:
+            return proc.wait(timeout=poll)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _kill_group(pid: int) -> None:

@@ -225,3 +225,26 @@ def test_a_model_that_cannot_be_found_is_one_line_and_starts_nothing(tmp_path):
     assert "no-such-model" in proc.stderr and "Traceback" not in proc.stderr
     assert "starting a local Dask cluster" not in proc.stdout
     assert not list(tmp_path.glob("tpmlab-cluster-*"))
+
+
+def test_a_ctrl_c_taken_by_another_thread_still_stops_the_wait():
+    """The kernel may deliver the terminal's SIGINT to any thread that does not block it;
+    the main thread waiting for JupyterLab must still raise KeyboardInterrupt (a blocking
+    waitpid would sleep on until JupyterLab exited)."""
+    import threading
+
+    from tpmlab.cli import wait_interruptibly
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+    other = threading.Thread(target=lambda: (time.sleep(0.5),
+                                             signal.pthread_kill(threading.get_ident(),
+                                                                 signal.SIGINT)))
+    try:
+        other.start()
+        with pytest.raises(KeyboardInterrupt):
+            wait_interruptibly(proc)
+        assert proc.poll() is None  # raised while JupyterLab still ran, not once it exited
+    finally:
+        other.join()
+        proc.kill()
+        proc.wait()
