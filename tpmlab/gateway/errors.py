@@ -141,9 +141,11 @@ def error_body(error: BaseException) -> dict[str, Any]:
 
 
 def _subclasses(cls: type) -> list[type]:
+    """``cls`` and every class below it, once each (a class with two tpmlab bases, such as
+    IndexBoundsError, is reached along both)."""
     out = [cls]
     for sub in cls.__subclasses__():
-        out.extend(_subclasses(sub))
+        out.extend(c for c in _subclasses(sub) if c not in out)
     return out
 
 
