@@ -85,6 +85,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """SIGINT's default disposition in the child, as a command typed at a terminal has it:
+    a suite started in the background by a non-interactive shell inherits SIGINT ignored,
+    and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def running_lab(tmp_path_factory):
     home = tmp_path_factory.mktemp("lab-home")
@@ -101,7 +108,8 @@ def running_lab(tmp_path_factory):
         proc = subprocess.Popen(
             command + ["lab", "--model", "tiny-llama", "--stages", "2", "--no-browser",
                        "--port", str(_free_port()), "--notebook-dir", str(home)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_sigint_as_at_a_terminal)
     lab = RunningLab(proc, log, runtime)
     try:
         lab.wait_until_served()
@@ -236,6 +244,8 @@ def test_a_ctrl_c_taken_by_another_thread_still_stops_the_wait():
     from tpmlab.cli import wait_interruptibly
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+    # Python's own Ctrl-C handler, whatever this suite inherited (see _sigint_as_at_a_terminal)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     other = threading.Thread(target=lambda: (time.sleep(0.5),
                                              signal.pthread_kill(threading.get_ident(),
                                                                  signal.SIGINT)))
@@ -246,5 +256,6 @@ def test_a_ctrl_c_taken_by_another_thread_still_stops_the_wait():
         assert proc.poll() is None  # raised while JupyterLab still ran, not once it exited
     finally:
         other.join()
+        signal.signal(signal.SIGINT, previous)
         proc.kill()
         proc.wait()
