@@ -41,6 +41,7 @@ import contextvars
 import os
 import resource
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -53,7 +54,7 @@ from ..ir.plan import Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from ..runtime import request
-from ..runtime.backward import weight_storages
+from ..runtime.backward import held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
@@ -160,6 +161,7 @@ class StageActor:
             self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
         self.load = meter.figures  # what loading this stage cost its worker process
         self.frozen = weight_storages(self.stage.model)  # not autograd's memory
+        self.backprops = registry()  # requests' gradient state here (memory() reports it)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
         self.info: ModelInfo | None = None
@@ -203,9 +205,7 @@ class StageActor:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), **self.load, "autograd_bytes": sum(
-                   st.runner.gradients.autograd_bytes for st in self.requests.values()
-                   if st.runner.gradients is not None)}
+               "held": len(self.slots), **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
@@ -227,7 +227,10 @@ class StageActor:
 
     # -- request bookkeeping -----------------------------------------------------------------------
     def _drop(self, req: str, error: BaseException) -> None:
-        self.requests.pop(req, None)
+        st = self.requests.pop(req, None)
+        if st is not None and st.runner.gradients is not None:
+            # in the stage's thread: after whatever of this request still runs there
+            self._pool.submit(_release, st)
         slot = self.slots.pop(req, None)
         if slot is not None:
             slot.fail(error)
@@ -264,10 +267,13 @@ class StageActor:
         return self._meta
 
     def _new_request(self, plan: Plan, schedule: Schedule, layout: BatchLayout,
-                     generate: bool, limits: Limits) -> _Request:
+                     generate: bool, limits: Limits, deadline: float) -> _Request:
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
                             owned=self.owned, limits=limits, frozen=self.frozen)
+        if runner.gradients is not None:
+            runner.gradients.deadline = deadline
+            self.backprops.add(runner.gradients)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None)
 
@@ -341,7 +347,7 @@ class StageActor:
         plan, schedule, limits = _raise_if_error(await _await_within(
             asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
         st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"],
-                                                    limits)
+                                                    limits, deadline)
         return st
 
     async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -406,6 +412,7 @@ class StageActor:
                 reply["output"] = output
             return reply
         except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
             raise
 
@@ -479,7 +486,7 @@ class StageActor:
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
         generate = plan.mode != "trace"
-        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits)
+        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits, deadline)
         t_batch = time.perf_counter()
         base = {"req": req, "layout": layout, "generate": generate, "carry": {}, "saved": 0,
                 "attention_mask": kwargs["attention_mask"],
@@ -547,6 +554,12 @@ class StageActor:
 def pad_token_id(tokenizer: Any) -> int:
     """The id rows are padded with: the tokenizer's pad token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _release(st: _Request) -> None:
+    """Drop a request's gradient state (the graph's ends), in the stage's thread."""
+    st.runner.gradients.release()
+    st.extra.clear()
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

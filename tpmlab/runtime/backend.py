@@ -85,7 +85,7 @@ class LocalBackend:
             limits: Limits | None = None) -> bytes:
         host = self.host(model)
         with self._turns[model]:
-            return host.run_blob(plan, limits=limits)
+            return host.run_blob(plan, limits=limits, timeout=timeout)
 
     def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
@@ -94,7 +94,7 @@ class LocalBackend:
         host = self.host(model)
         decoded, limits = request.decode(plan, host.limits, limits)
         with self._turns[model]:
-            return host.run(decoded, limits=limits)
+            return host.run(decoded, limits=limits, timeout=timeout)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here
