@@ -130,16 +130,20 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def start_cluster(n: int, device: str) -> Any:
-    """``n`` worker processes; on a GPU all see GPU 0 (two workers share one GPU)."""
+    """``n`` worker processes with the environment tpmlab's own clusters give them (idle
+    stages' OpenMP threads sleep instead of spinning on the cores the busy stage computes
+    on); on a GPU all see GPU 0 (two workers share one GPU)."""
     import psutil
     from distributed import Nanny, Scheduler, SpecCluster
 
+    from tpmlab.cluster.warm_start import WORKER_ENV
+
     workers = {}
     for i in range(n):
-        options: dict[str, Any] = {"nthreads": 1,
+        options: dict[str, Any] = {"nthreads": 1, "env": dict(WORKER_ENV),
                                    "memory_limit": psutil.virtual_memory().total // n}
         if device == "cuda":
-            options["env"] = {"CUDA_VISIBLE_DEVICES": "0"}
+            options["env"]["CUDA_VISIBLE_DEVICES"] = "0"
             options["resources"] = {"GPU": 1}
         workers[f"w{i}"] = {"cls": Nanny, "options": options}
     return SpecCluster(workers=workers, scheduler={"cls": Scheduler,
