@@ -226,15 +226,19 @@ class StageActor:
                                                      "the next stage"), 6)
 
     # -- request bookkeeping -----------------------------------------------------------------------
-    def _drop(self, req: str, error: BaseException) -> None:
-        st = self.requests.pop(req, None)
-        if st is not None and st.runner.gradients is not None:
-            # in the stage's thread: after whatever of this request still runs there
-            self._pool.submit(_release, st)
+    def _drop(self, req: str, error: BaseException, st: _Request | None = None) -> None:
+        self._let_go(req, st)
         slot = self.slots.pop(req, None)
         if slot is not None:
             slot.fail(error)
         self.ended[req] = time.monotonic() + ENDED_TTL
+
+    def _let_go(self, req: str, st: _Request | None = None) -> None:
+        """Forget a request's state here; its gradient state (``st``'s, or the one held under
+        ``req``) is released in the stage's thread, after whatever of it still runs there."""
+        st = self.requests.pop(req, None) or st
+        if st is not None and st.runner.gradients is not None:
+            self._pool.submit(_release, st)
 
     def _sweep(self) -> None:
         """Drop what requests left behind past their deadline (a client that never came back)."""
@@ -359,6 +363,7 @@ class StageActor:
         req = msg["req"]
         t0 = time.perf_counter()
         deadline = time.monotonic() + msg["timeout"]
+        st = None
         try:
             st = await self._state(msg, deadline)
             t1 = time.perf_counter()
@@ -413,7 +418,7 @@ class StageActor:
             return reply
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
-            self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
+            self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"), st)
             raise
 
     async def finish(self, req: str, steps_run: int, timeout: float) -> StageOutput | None:
@@ -454,7 +459,7 @@ class StageActor:
         finally:
             if self.slots.get(req) is slot:
                 del self.slots[req]
-            self.requests.pop(req, None)
+            self._let_go(req)
 
     async def run(self, blob: bytes, req: str, timeout: float,
                   limits: dict[str, Any] | None = None,
