@@ -61,7 +61,7 @@ def test_a_deadline_mid_backward_leaves_nothing_on_any_stage(pair):
     assert sum(tr.result.meta["autograd_bytes"]) > 0, tr.result.meta["autograd_bytes"]
     start = time.monotonic()
     with pytest.raises(RequestTimeoutError):
-        slow_backward(model, PROMPT, timeout=2.0)  # ~6 s of nodes on the last stage
+        slow_backward(model, PROMPT, timeout=2.0)  # 15 s or more of nodes on the last stage
     assert _settled(model) == [dict.fromkeys(("requests", "held", "autograd_states",
                                               "autograd_bytes"), 0)] * 2
     # the last stage stopped its backward at the deadline, not after the whole chain

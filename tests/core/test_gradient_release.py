@@ -69,6 +69,6 @@ def test_a_deadline_stops_the_backward_and_holds_nothing(llama):
     start = time.monotonic()
     with pytest.raises(RequestTimeoutError, match="deadline"):
         slow_backward(llama, PROMPT, timeout=1.0)
-    assert time.monotonic() - start < 4.0  # the ~6 s chain of nodes stopped at its deadline
+    assert time.monotonic() - start < 4.0  # the chain of nodes (15 s or more) stopped at its deadline
     assert _host(llama).autograd_held() == NOTHING
     _still_serves(llama)
