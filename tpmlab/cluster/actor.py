@@ -98,11 +98,12 @@ class _Slot:
     last step or ``finish``).
     Each is a future whose value may be an exception (raised by the reader)."""
 
-    __slots__ = ("deadline", "plan", "output")
+    __slots__ = ("deadline", "plan", "output", "handover")
 
     def __init__(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self.deadline = deadline
+        self.handover: Token | None = None  # the client's, with the plan: who maps the saves
         self.plan: asyncio.Future = loop.create_future()
         self.output: asyncio.Future = loop.create_future()
 
@@ -264,10 +265,15 @@ class StageActor:
         return self._meta
 
     def _new_request(self, plan: Plan, schedule: Schedule, layout: BatchLayout,
-                     generate: bool, limits: Limits) -> _Request:
+                     generate: bool, limits: Limits, *, req: str = "",
+                     handover: Token | None = None, deadline: float = 0.0) -> _Request:
+        # on a CPU stage, large saves are copied straight into shared memory the client maps
+        alloc = self.segments.allocator(req, handover, deadline) \
+            if self.device.type == "cpu" else None
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
-                            owned=self.owned, limits=limits, frozen=self.frozen)
+                            owned=self.owned, limits=limits, frozen=self.frozen,
+                            host_alloc=alloc)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None)
 
@@ -341,7 +347,8 @@ class StageActor:
         plan, schedule, limits = _raise_if_error(await _await_within(
             asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
         st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"],
-                                                    limits)
+                                                    limits, req=req, handover=slot.handover,
+                                                    deadline=deadline)
         return st
 
     async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -436,6 +443,7 @@ class StageActor:
         slot = self._slot(req, deadline)
         try:
             if not slot.plan.done():
+                slot.handover = handover
                 try:
                     plan, held = request.decode(blob, self.limits, limits_from_wire(limits))
                     slot.plan.set_result((plan, request.follow(plan, self.info), held))
@@ -462,13 +470,14 @@ class StageActor:
         deadline = time.monotonic() + timeout
         try:
             out = await self._run(blob, req, timeout,
-                                  request_limits(self.limits, limits_from_wire(limits)))
+                                  request_limits(self.limits, limits_from_wire(limits)), handover)
             return self.segments.pack(out, req, handover, deadline)
         except BaseException:
             await self.abort(req)
             raise
 
-    async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits) -> dict[str, Any]:
+    async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits,
+                   handover: Token | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
         plan, limits = request.decode(blob, limits)
@@ -479,7 +488,8 @@ class StageActor:
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
         generate = plan.mode != "trace"
-        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits)
+        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits, req=req,
+                                               handover=handover, deadline=deadline)
         t_batch = time.perf_counter()
         base = {"req": req, "layout": layout, "generate": generate, "carry": {}, "saved": 0,
                 "attention_mask": kwargs["attention_mask"],

@@ -59,25 +59,34 @@ class _Cell:
         self.replaced = False
 
 
-def host_copy(value: Any, pinned: bool) -> Any:
+#: where a CPU stage puts a save's copy: an empty tensor of that shape and dtype, or
+#: ``None`` for ordinary memory (:meth:`tpmlab.cluster.handover.Segments.allocator`)
+HostAlloc = Callable[[tuple[int, ...], torch.dtype], "torch.Tensor | None"]
+
+
+def host_copy(value: Any, pinned: bool, alloc: HostAlloc | None = None) -> Any:
     """A copy of a saved value that later writes cannot change.
 
     On a GPU the copy goes to pinned host memory without blocking the stream
-    (call :func:`torch.cuda.synchronize` before reading it); on the CPU it is a clone.
+    (call :func:`torch.cuda.synchronize` before reading it); on the CPU it is a clone,
+    into memory from ``alloc`` where it gives some (shared memory the notebook maps).
     """
     if isinstance(value, torch.Tensor):
         if value.device.type == "cuda":
             out = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
             out.copy_(value, non_blocking=pinned)
             return out
-        return value.detach().clone()
+        out = alloc(tuple(value.shape), value.dtype) if alloc is not None else None
+        if out is None:
+            return value.detach().clone()
+        return out.copy_(value.detach())
     if isinstance(value, dict):
-        return {k: host_copy(v, pinned) for k, v in value.items()}
+        return {k: host_copy(v, pinned, alloc) for k, v in value.items()}
     if named_fields(value):
-        items = [host_copy(v, pinned) for v in value]
+        items = [host_copy(v, pinned, alloc) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(v, pinned) for v in value)
+        return type(value)(host_copy(v, pinned, alloc) for v in value)
     return value
 
 
@@ -160,7 +169,8 @@ class PlanRunner:
                  *, module_lookup: Callable[[str], nn.Module], device: torch.device,
                  owned: range | None = None, carry: dict[int, Any] | None = None,
                  pinned: bool = True, limits: Limits | None = None,
-                 frozen: frozenset[int] = frozenset()) -> None:
+                 frozen: frozenset[int] = frozenset(), host_alloc: HostAlloc | None = None,
+                 ) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -169,6 +179,7 @@ class PlanRunner:
         self.saves: dict[int, Any] = {}
         self.step = 0
         self.pinned = pinned and device.type == "cuda"
+        self.host_alloc = host_alloc  # where saves' copies go on a CPU stage (None: a clone)
         self._fired: set[int] = set()
         self._suspended = 0
         self._ran: set[tuple[int, int]] = set()
@@ -341,7 +352,7 @@ class PlanRunner:
                 raise LimitError(f"the plan has saved {total:,} bytes, over the limit "
                                  f"of {self.max_saved_bytes:,} bytes",
                                  node=node.id, op=node.op, line=node.line)
-            copy = host_copy(live, self.pinned)
+            copy = host_copy(live, self.pinned, self.host_alloc)
             if node.steps.single:
                 self.saves[node.id] = copy
             else:
