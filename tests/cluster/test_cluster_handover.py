@@ -183,6 +183,25 @@ def test_segments_made_ahead_of_time_take_the_next_request_of_the_same_sizes():
     assert not _segments({os.getpid()}, pool=True) and not _segments({os.getpid()})
 
 
+def test_pooled_segments_of_a_killed_worker_are_swept():
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = handover.SHM / f"{handover.PREFIX}{gone}-{handover.POOL_KIND}{'0' * 32}"
+    handed = handover.SHM / f"{handover.PREFIX}{gone}-{'1' * 32}"
+    for p in (left, handed):
+        p.touch(mode=0o600)
+    try:
+        handover.Segments()  # a new stage on the host
+        assert not left.exists()
+        assert handed.exists()  # handed over: its timers and the notebook free it
+    finally:
+        for p in (left, handed):
+            p.unlink(missing_ok=True)
+
+
 # -- on the cluster --------------------------------------------------------------------------
 
 

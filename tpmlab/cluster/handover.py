@@ -27,7 +27,9 @@ Every segment is freed on every path:
   request and each stage unlinks what it handed over for it (:meth:`Segments.free`);
 * the notebook is gone: each stage unlinks what it handed over once the request's
   deadline has passed (at least :data:`MIN_TTL` seconds after the hand-over), on a timer
-  of the stage's event loop, and whatever is left when its worker exits.
+  of the stage's event loop, and whatever is left (its pool too) when its worker exits;
+* the worker was killed before its exit handlers ran: the next stage made on the host
+  unlinks the pooled segments of processes that are gone (:func:`sweep_dead`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ WRITE_CHUNK = 1 << 30  # bytes per write(2) call (Linux writes at most ~2 GB at 
 MIN_TTL = 60.0  # seconds a segment may wait for the notebook past the hand-over
 #: bytes of segments a stage makes ahead of time, at most (``TPMLAB_HANDOVER_POOL_BYTES``;
 #: 0: none), and never more than this fraction of /dev/shm's free space
-POOL_BYTES = int(os.environ.get("TPMLAB_HANDOVER_POOL_BYTES", 1 << 30))
+POOL_BYTES = int(os.environ.get("TPMLAB_HANDOVER_POOL_BYTES", 512 << 20))
 POOL_SHARE = 0.25
 #: saves copied straight into segments, and segments made ahead of time (False: each large
 #: save copied into ordinary memory, then written into a new segment when packed)
@@ -111,6 +113,7 @@ class Segments:
         self._lock = threading.Lock()  # the stage's thread allocates, its event loop packs
         self._pool = _Pool()
         weakref.finalize(self, _unlink_all, self._by_request)  # also runs at exit
+        sweep_dead()
 
     def allocator(self, req: str, token: Token | None, deadline: float,
                   ) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor | None] | None:
@@ -312,6 +315,27 @@ def _from_segment(shared: Shared) -> np.ndarray:
     return np.frombuffer(m, dtype=dtype).reshape(shared.shape)
 
 
+def sweep_dead() -> int:
+    """Unlink the pooled segments of this user's processes that are gone (a worker killed
+    before its exit handlers ran); returns how many. Segments handed over are left to their
+    timers and the notebook: a process in another PID namespace may look gone from here,
+    and losing a pooled segment costs it only a fresh one (:meth:`_Pool.take`)."""
+    removed = 0
+    uid = os.getuid()
+    for path in SHM.glob(f"{PREFIX}*-{POOL_KIND}*"):
+        try:
+            pid = int(path.name.removeprefix(PREFIX).split("-", 1)[0])
+            if path.stat().st_uid != uid or pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:  # gone: no one will take its segments
+            _unlink([str(path)])
+            removed += 1
+        except (ValueError, OSError):  # not ours to judge (a name of another form, a
+            continue  # process of another user), or already gone
+    return removed
+
+
 def _unlink(paths: list[str]) -> None:
     for p in paths:
         try:
@@ -355,9 +379,9 @@ class _Pool:
         os.close(fd)
         try:
             os.replace(pooled, path)
-        except OSError:
+        except OSError:  # swept away meanwhile: a fresh segment instead
             _unlink([pooled, path])
-            raise
+            return None
         return path, flat
 
     def refill(self, sizes: list[int]) -> None:
