@@ -60,6 +60,11 @@ def trace(model: Any, ids: torch.Tensor, save: str, touch: bool) -> int:
     return sum(v.numel() * v.element_size() for v in values)
 
 
+def _rate(nbytes: int, seconds: float) -> str:
+    """GB/s, or "-" where the run's noise left no difference to divide by."""
+    return f"{nbytes / seconds / 1e9:.2f}" if seconds > 0 else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama")
@@ -116,8 +121,8 @@ def main() -> None:
         big = statistics.median(times[(way, args.save, False)])
         touched = statistics.median(times[(way, args.save, True)])
         print(f"{way:28s}{base * 1e3:13.1f} ms{big * 1e3:9.1f} ms"
-              f"{nbytes / max(big - base, 1e-9) / 1e9:7.2f}{touched * 1e3:7.1f} ms"
-              f"{nbytes / max(touched - base, 1e-9) / 1e9:7.2f}")
+              f"{_rate(nbytes, big - base):>7s}{touched * 1e3:7.1f} ms"
+              f"{_rate(nbytes, touched - base):>7s}")
     print(f"plain copy in this process: {nbytes / statistics.median(copies) / 1e9:.2f} GB/s")
     for lab in {id(lab): lab for lab in labs.values()}.values():
         lab.close()
