@@ -13,7 +13,7 @@ Lifetime: a remote value is freed when its :class:`RemoteValue` is garbage colle
 (Dask releases its future), by :meth:`RemoteValue.release`, by ``lab.release_remote()``
 and ``lab.undeploy(name)``, and when the lab closes. Each stage holds one owner's remote
 values to ``Limits.max_remote_bytes`` and ``max_remote_values``; past them the request
-fails with :class:`~tpmlab.cluster.remote_store.RemoteLimitError` and keeps nothing.
+fails with :class:`~tpmlab.cluster.errors.RemoteLimitError` and keeps nothing.
 Behind the gateway remote saves are refused (its tiers set ``max_remote_bytes`` to 0).
 
 In process (``connect("local")``) a remote value wraps the saved tensor itself, with the

@@ -29,20 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import LimitError, TpmlabError
+from .errors import RemoteLimitError, RemoteValueGone
 
 UNTAKEN_TTL = 600.0  # seconds a value waits for the notebook's take before it is dropped
-
-
-class RemoteLimitError(LimitError):
-    """A request's remote saves would take an owner past the bytes or values they may keep
-    on one stage's worker (``max_remote_bytes`` / ``max_remote_values``)."""
-
-
-class RemoteValueGone(TpmlabError):
-    """A remote value is no longer on its worker (freed, expired, or its worker restarted)."""
-
-    http_status = 410
 
 
 @dataclass(frozen=True)
