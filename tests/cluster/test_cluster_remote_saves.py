@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from distributed import wait
 
 from tpmlab import remote
 from tpmlab.cluster.remote_store import RemoteLimitError
@@ -95,14 +96,15 @@ def test_remote_values_equal_ordinary_saves_and_hugging_face(model, hf, backend)
 def test_reductions_run_on_the_workers_and_equal_the_local_ones(model, backend):
     runs = _collect(model)
     values = [r[1] for r, _ in runs]
+    wait([v.future for v in values])
+    # every chunk of the dataset lives on stage 1's worker, where the values were made
+    where = backend.client.who_has([v.future for v in values])
+    assert all(w == (model.info.stage_workers[1],) for w in map(tuple, where.values()))
     local = torch.cat([p[1] for _, p in runs]).double()
     x = remote.concatenate(values).astype(np.float64)
     mean, gram = backend.client.compute([x.mean(axis=0), x.T @ x], sync=True)
     torch.testing.assert_close(torch.from_numpy(mean), local.mean(0))
     torch.testing.assert_close(torch.from_numpy(gram), local.T @ local)
-    # every chunk of the dataset lives on stage 1's worker, where the values were made
-    where = backend.client.who_has([v.future for v in values])
-    assert all(w == (model.info.stage_workers[1],) for w in map(tuple, where.values()))
 
 
 def test_to_zarr_writes_the_same_numbers(model, tmp_path):
