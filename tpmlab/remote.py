@@ -49,6 +49,11 @@ class RemoteValue:
         self._local = local
         self._on_release = on_release  # frees the value on its worker if never taken
         self._array: Any = None
+        self._finalizer = None
+        if future is not None and on_release is not None:
+            # dropped before its take ran: the take may never run, free the value anyway
+            self._finalizer = weakref.finalize(self, _free_if_untaken, future, on_release)
+            self._finalizer.atexit = False
 
     @classmethod
     def in_process(cls, tensor: torch.Tensor) -> RemoteValue:
@@ -89,15 +94,22 @@ class RemoteValue:
         self._array = None
         self._local = None
         future, self.future = self.future, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if future is not None:
-            if self._on_release is not None and not future.done():
-                self._on_release()
+            if self._on_release is not None:
+                _free_if_untaken(future, self._on_release)
             future.release()
 
     def __repr__(self) -> str:
         where = "released" if self.released else (f"on {self.worker}" if self.worker
                                                   else "in process")
         return f"<RemoteValue {list(self.shape)} {self.dtype} {where}>"
+
+
+def _free_if_untaken(future: Any, on_release: Any) -> None:
+    if not future.done():
+        on_release()
 
 
 def concatenate(values: Iterable[RemoteValue], axis: int = 0):

@@ -171,3 +171,14 @@ def test_remote_saves_of_a_generation_are_one_value_per_step(model):
     assert isinstance(h.value, list) and len(h.value) == 3
     for r, want in zip(h.value, p.value):
         torch.testing.assert_close(r.fetch(), want, atol=0, rtol=0)
+
+
+def test_a_value_dropped_at_once_is_freed_whether_or_not_its_take_ran(model, backend):
+    owner = backend.client.id
+    _wait_usage(backend, owner, [0, 0])
+    for _ in range(3):
+        with model.trace(PROMPTS[:2]):
+            h = model.layers[0].output.save(remote=True)
+        del h  # the proxy held the only RemoteValue
+        gc.collect()
+    assert [u["bytes"] for u in _wait_usage(backend, owner, [0, 0])] == [0, 0]
