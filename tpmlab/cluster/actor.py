@@ -49,7 +49,7 @@ import torch
 
 from ..errors import ExecutionError, RequestTimeoutError
 from ..ir.model_info import START, ModelInfo
-from ..ir.plan import Plan
+from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from ..runtime import request
@@ -63,6 +63,7 @@ from ..runtime.weights import WeightGuard
 from .backward import stage_backward
 from .handover import Segments, Token
 from .partition import StageSpan
+from .remote_store import STORE, to_array
 from .stage import StageModel
 from .wire import from_wire, to_wire
 
@@ -173,6 +174,9 @@ class StageActor:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
         self._tok: Any = None  # the tokenizer, once a request needs it
+        # remote saves (:mod:`.remote_store`) are accounted under this stage's own name
+        self.store_name = f"{spec['model']} stage {self.span.index} ({os.urandom(3).hex()})"
+        self.address = _worker_address()
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -221,6 +225,7 @@ class StageActor:
         elsewhere); a ``collect`` of it arriving later returns at once."""
         self._drop(req, ExecutionError("the request was aborted"))
         self.segments.free(req)
+        STORE.free_request(req)
         if self.next is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_await_within(self.next.abort(req), time.monotonic() + 5,
@@ -266,7 +271,8 @@ class StageActor:
 
     def _new_request(self, plan: Plan, schedule: Schedule, layout: BatchLayout,
                      generate: bool, limits: Limits, *, req: str = "",
-                     handover: Token | None = None, deadline: float = 0.0) -> _Request:
+                     handover: Token | None = None, deadline: float = 0.0,
+                     owner: str | None = None) -> _Request:
         # on a CPU stage, large saves are copied straight into shared memory the client maps
         alloc = self.segments.allocator(req, handover, deadline) \
             if self.device.type == "cpu" else None
@@ -275,7 +281,8 @@ class StageActor:
                             owned=self.owned, limits=limits, frozen=self.frozen,
                             host_alloc=alloc)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
-                        cache=self.stage.new_cache() if generate else None)
+                        cache=self.stage.new_cache() if generate else None,
+                        extra={"req": req, "owner": owner or "", "limits": limits})
 
     def _forward(self, st: _Request, msg: dict[str, Any]) -> dict[str, Any]:
         """One step of this stage (runs in the stage's thread). Returns the message for the
@@ -328,10 +335,39 @@ class StageActor:
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
         grads = st.runner.gradients
-        return StageOutput(saves=to_wire(st.runner.results()),
+        return StageOutput(saves=to_wire(self._keep_remote(st, st.runner.results())),
                            node_seconds=dict(st.runner.node_seconds),
                            autograd_bytes=0 if grads is None else grads.autograd_bytes,
                            backward_seconds=0.0 if grads is None else grads.seconds)
+
+    def _keep_remote(self, st: _Request, saves: dict[int, Any]) -> dict[int, Any]:
+        """Remote saves stay in this worker's store (:mod:`.remote_store`); a handle for
+        each (one per generation step) goes back in their place."""
+        ids = [n.id for n in st.plan.nodes
+               if n.op == SAVE and n.kwargs.get("remote") and n.id in saves]
+        if not ids:
+            return saves
+        parts = [(i, v) for i in ids for v in (saves[i] if isinstance(saves[i], list)
+                                               else [saves[i]])]
+        try:
+            arrays = [to_array(v) for _, v in parts]
+        except TypeError as e:
+            raise ExecutionError(str(e)) from None
+        limits: Limits = st.extra["limits"]
+        handles = iter(STORE.put(self.store_name, st.extra["owner"], st.extra["req"], arrays,
+                                 worker=self.address or "", max_bytes=limits.max_remote_bytes,
+                                 max_values=limits.max_remote_values,
+                                 torch_dtypes=[str(v.dtype).removeprefix("torch.")
+                                               for _, v in parts]))
+        out = dict(saves)
+        for i in ids:
+            out[i] = ([next(handles) for _ in saves[i]] if isinstance(saves[i], list)
+                      else next(handles))
+        return out
+
+    async def remote_usage(self) -> dict[str, dict[str, int]]:
+        """Remote saves held on this stage: ``{owner: {"bytes", "values", "untaken"}}``."""
+        return STORE.usage(self.store_name)
 
     # -- the chain ---------------------------------------------------------------------------------
     async def _state(self, msg: dict[str, Any], deadline: float) -> _Request:
@@ -348,7 +384,7 @@ class StageActor:
             asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
         st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"],
                                                     limits, req=req, handover=slot.handover,
-                                                    deadline=deadline)
+                                                    deadline=deadline, owner=msg.get("owner"))
         return st
 
     async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -459,9 +495,10 @@ class StageActor:
 
     async def run(self, blob: bytes, req: str, timeout: float,
                   limits: dict[str, Any] | None = None,
-                  handover: Token | None = None) -> dict[str, Any]:
+                  handover: Token | None = None, owner: str | None = None) -> dict[str, Any]:
         """Stage 0 only: run a plan blob through the pipeline under the request's ``limits``
         (:func:`~tpmlab.runtime.limits.limits_to_wire`; tightened to this stage's own).
+        ``owner``: whose remote saves the request keeps (each stage accounts them per owner).
         Returns ``{"values": ..., "saves": ..., "meta": ...}``: stage 0's saves and the values
         only the driver makes (generated tokens), and the metadata, whose ``node_seconds``
         are stage 0's; later stages' outputs are collected from them by the client.
@@ -470,14 +507,15 @@ class StageActor:
         deadline = time.monotonic() + timeout
         try:
             out = await self._run(blob, req, timeout,
-                                  request_limits(self.limits, limits_from_wire(limits)), handover)
+                                  request_limits(self.limits, limits_from_wire(limits)), handover,
+                                  owner)
             return self.segments.pack(out, req, handover, deadline)
         except BaseException:
             await self.abort(req)
             raise
 
     async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits,
-                   handover: Token | None = None) -> dict[str, Any]:
+                   handover: Token | None = None, owner: str | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
         plan, limits = request.decode(blob, limits)
@@ -489,9 +527,10 @@ class StageActor:
                                      embed_dtype=self.dtype)
         generate = plan.mode != "trace"
         self.requests[req] = self._new_request(plan, schedule, layout, generate, limits, req=req,
-                                               handover=handover, deadline=deadline)
+                                               handover=handover, deadline=deadline, owner=owner)
         t_batch = time.perf_counter()
-        base = {"req": req, "layout": layout, "generate": generate, "carry": {}, "saved": 0,
+        base = {"req": req, "owner": owner, "layout": layout, "generate": generate, "carry": {},
+                "saved": 0,
                 "attention_mask": kwargs["attention_mask"],
                 "position_ids": kwargs["position_ids"]}
         values: dict[int, Any] = {}
@@ -557,6 +596,16 @@ class StageActor:
 def pad_token_id(tokenizer: Any) -> int:
     """The id rows are padded with: the tokenizer's pad token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _worker_address() -> str | None:
+    """The address of the Dask worker this runs on (``None`` outside one)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -346,13 +346,16 @@ class PlanRunner:
         if op == SAVE:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
-            self.saved_bytes += value_nbytes(live, scalar_bytes=0)
+            remote = bool(node.kwargs.get("remote"))  # kept on the stage: its store's limits
+            if not remote:
+                self.saved_bytes += value_nbytes(live, scalar_bytes=0)
             total = self.saved_bytes + self.saved_elsewhere
             if self.max_saved_bytes is not None and total > self.max_saved_bytes:
                 raise LimitError(f"the plan has saved {total:,} bytes, over the limit "
                                  f"of {self.max_saved_bytes:,} bytes",
                                  node=node.id, op=node.op, line=node.line)
-            copy = host_copy(live, self.pinned, self.host_alloc)
+            # a remote save stays in the stage's store: neither pinned nor in a hand-over segment
+            copy = host_copy(live, self.pinned and not remote, None if remote else self.host_alloc)
             if node.steps.single:
                 self.saves[node.id] = copy
             else:

@@ -36,9 +36,14 @@ class Proxy:
         object.__setattr__(self, "_value", None)
 
     # -- results --------------------------------------------------------------------------------
-    def save(self) -> Proxy:
-        """Send this value back: after the ``with`` block, read it as ``.value``."""
-        return self._tracer.record(SAVE, [self])
+    def save(self, *, remote: bool = False) -> Proxy:
+        """Send this value back: after the ``with`` block, read it as ``.value``.
+
+        ``remote=True``: keep the value (one tensor) on the worker of the stage that made
+        it; ``.value`` is then a :class:`tpmlab.remote.RemoteValue` (shape, dtype, a Dask
+        future) that the notebook reduces on the workers or writes to Zarr, fetching only
+        what it asks for (``tpmlab.remote.concatenate`` builds a ``dask.array`` of many)."""
+        return self._tracer.record(SAVE, [self], {"remote": True} if remote else None)
 
     @property
     def value(self) -> Any:
