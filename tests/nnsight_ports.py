@@ -197,14 +197,21 @@ def session_patching(model, nn_model):
 
 
 def stop_early(model, nn_model):
-    """``tracer.stop()`` after the values of interest."""
+    """``tracer.stop()`` after the values of interest: the pass ends there (a patch at
+    layer 0, read at layer 1)."""
+    v = torch.linspace(-1, 1, model.d_model)
     with model.trace(PROMPT) as tr:
-        ours = model.layers[0].output.save()
+        first = model.layers[0].output.clone().save()
+        model.layers[0].output[:, -1] += v
+        ours = [first, model.layers[1].output.save()]
         tr.stop()
+    layers = nn_layers(nn_model, model)
     with nn_model.trace(PROMPT) as tr:
-        theirs = nn_layers(nn_model, model)[0].output.save()
+        nn_first = layers[0].output.clone().save()
+        layers[0].output[:, -1] += v
+        second = layers[1].output.save()
         tr.stop()
-    return [ours.value], [theirs]
+    return [p.value for p in ours], [nn_first, second]
 
 
 def attention_patterns(model, nn_model):

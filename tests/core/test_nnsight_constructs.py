@@ -284,3 +284,41 @@ def test_a_generation_s_seed_also_seeds_its_random_values(model):
     (gen, a), (_, b) = run(), run()
     assert gen.result.meta["seed"] == 5
     torch.testing.assert_close(a, b)
+
+
+def _count_layer_calls(local_lab, model):
+    """Records which decoder layers of the deployed model run (index per call)."""
+    host = local_lab.backend.host(MODEL)
+    layers = host.model.get_submodule(model.adapter.layers)
+    calls: list[int] = []
+    handles = [layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+               for i, layer in enumerate(layers)]
+    return calls, handles
+
+
+def test_stop_ends_the_pass_after_the_last_value_the_trace_needs(local_lab, model):
+    calls, handles = _count_layer_calls(local_lab, model)
+    try:
+        with model.trace(PROMPT) as tr:
+            h = model.layers[1].output.save()
+            tr.stop()
+        assert calls == [0, 1]  # layers 2.. never ran
+        calls.clear()
+        with model.trace(PROMPT):
+            whole = model.layers[1].output.save()
+        assert calls == list(range(model.adapter.n_layers))
+        calls.clear()
+        with model.trace(PROMPT) as tr:  # nothing to read: nothing runs
+            tr.stop()
+        assert calls == [] and tr.result is not None
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(h.value, whole.value)
+
+
+def test_stop_in_a_generation_runs_the_whole_generation(model):
+    with model.generate(PROMPT, max_new_tokens=2) as gen:
+        h = model.layers[0].output.save()
+        gen.stop()
+    assert len(gen.generated_ids[0]) == 2 and h.value.shape[-1] == model.d_model

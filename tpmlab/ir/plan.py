@@ -124,6 +124,9 @@ class Plan:
     mode: str = "trace"  # "trace" | "generate"
     generate: GenerateOptions | None = None
     schema: int = SCHEMA_VERSION
+    # tracer.stop(): the forward pass ends once the last event with nodes has run, so later
+    # layers (and later pipeline stages) do no work; a trace's values are the same
+    stop: bool = False
 
     def node(self, node_id: int) -> Node:
         return self.nodes_by_id[node_id]

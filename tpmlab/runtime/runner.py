@@ -49,6 +49,16 @@ from .batching import BatchLayout, invoke_view, shared_tensors
 from .bounds import check_bounds
 
 
+class StopForward(Exception):
+    """Raised by a hook once the last event a stopping plan (``tracer.stop()``) needs has
+    run: the forward pass ends there. The engine (or pipeline stage) catches it."""
+
+
+def stopping() -> contextlib.AbstractContextManager:
+    """Around a forward pass: a :class:`StopForward` ends it without an error."""
+    return contextlib.suppress(StopForward)
+
+
 class _Cell:
     """The value of one event while its nodes run; ``replaced`` when a node set it anew."""
 
@@ -188,6 +198,11 @@ class PlanRunner:
         self.gradients = None if schedule.gradients is None else Backprop(
             self, schedule.gradients, frozen=frozen,
             max_bytes=limits.max_autograd_bytes if limits else None)
+        # tracer.stop(): the event after which nothing is left to run (START: the pass need
+        # not run at all); None: the whole pass runs (no stop, a generation, a backward)
+        self.stop_event: int | None = None
+        if plan.stop and plan.mode == "trace" and self.gradients is None:
+            self.stop_event = max(schedule.events_used(), default=START)
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -262,6 +277,13 @@ class PlanRunner:
                 self._run(node, cell)
         if self.gradients is not None:
             self.gradients.after_event(event, cell)
+        if event == self.stop_event:
+            raise StopForward()
+
+    @property
+    def stops_before_pass(self) -> bool:
+        """A stopping plan with no node at any event: the forward pass need not run."""
+        return self.stop_event == START
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:

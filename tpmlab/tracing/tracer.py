@@ -204,8 +204,10 @@ class Trace:
     # -- recording ------------------------------------------------------------------------------
     def stop(self) -> None:
         """End the trace here (nnsight's ``tracer.stop()``): values recorded so far come back
-        as usual, and recording anything after it is an error. The engine still runs the
-        whole forward pass; the values are the same."""
+        as usual, and recording anything after it is an error. The engine ends the forward
+        pass as soon as the last module value the trace reads or writes has been handled:
+        later layers, and later pipeline stages, do no work. (In a generation the whole
+        generation still runs; the values are the same.)"""
         self._stopped_at = _user_line() or "tracer.stop()"
 
     def record(self, op: str, args: list, kwargs: dict | None = None, **fields: Any) -> Proxy:
@@ -349,7 +351,7 @@ class Trace:
     def plan(self) -> Plan:
         return Plan(model=self.model.name, model_version=self.model.version, invokes=self.invokes,
                     nodes=list(self.nodes.values()), tensors=dict(self.tensors), mode=self.mode,
-                    generate=self._generate_options())
+                    generate=self._generate_options(), stop=self._stopped_at is not None)
 
     def _generate_options(self) -> GenerateOptions | None:
         return None
