@@ -214,6 +214,54 @@ def stop_early(model, nn_model):
     return [p.value for p in ours], [nn_first, second]
 
 
+def _tensors_of(kwargs: dict) -> dict:
+    """The tensors among keyword inputs (a tuple of them, as rotary embeddings: each)."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            out.update({f"{key}[{i}]": v for i, v in enumerate(value)})
+    return out
+
+
+def module_inputs(model, nn_model):
+    """``.inputs`` (``(args, kwargs)``) and ``.input`` of a layer read, saved and replaced;
+    the model's own inputs in an invoke (``model.inputs``, tpmlab also ``invoke.inputs``)."""
+    layer = model.layers[-1]  # on 2 stages: the last stage's
+    with model.trace() as tr:
+        with tr.invoke(PROMPT) as invoke:
+            root = invoke.inputs.save()
+            root_kwargs = model.inputs[1]  # the same value
+            ids = root_kwargs["input_ids"].save()
+            args, kwargs = layer.inputs
+            ours = [args[0].save(), kwargs.save(), layer.input.save()]
+            layer.inputs = ((args[0] * 2,), kwargs)
+            ours.append(layer.output.save())
+            ours.append(model.output.logits.save())
+    nn_layer = nn_layers(nn_model, model)[-1]
+    with nn_model.trace() as tr:
+        with tr.invoke(PROMPT):
+            nn_root = nn_model.inputs.save()
+            nn_args, nn_kwargs = nn_layer.inputs
+            theirs = list().save()
+            theirs.extend([nn_args[0], nn_kwargs, nn_layer.input])
+            nn_layer.inputs = ((nn_args[0] * 2,), nn_kwargs)
+            theirs.extend([nn_layer.output, nn_model.output.logits])
+    ours = [p.value for p in ours]
+    assert root.value[0] == () and nn_root[0] == ()
+    assert torch.equal(ids.value, root.value[1]["input_ids"])
+    keys = ("input_ids", "attention_mask", "position_ids")
+    mine, nn_kw = _tensors_of(ours[1]), _tensors_of(theirs[1])
+    common = sorted(set(mine) & set(nn_kw))
+    if model.adapter.family != "gpt2":
+        assert "position_embeddings[0]" in common, (sorted(mine), sorted(nn_kw))
+    return ([root.value[1][k] for k in keys if k in nn_root[1]] + [ours[0], ours[2]] + ours[3:]
+            + [mine[k] for k in common],
+            [nn_root[1][k] for k in keys if k in nn_root[1]] + [theirs[0], theirs[2]] + theirs[3:]
+            + [nn_kw[k] for k in common])
+
+
 def attention_patterns(model, nn_model):
     """Attention probabilities (nnsight: ``.source`` or ``output_attentions`` with eager
     attention), first and last layer."""
@@ -328,7 +376,7 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
-         auxiliary_modules, dry_run_shapes, session_patching, stop_early,
+         auxiliary_modules, dry_run_shapes, session_patching, stop_early, module_inputs,
          attention_patterns,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]

@@ -58,7 +58,6 @@ def _step_block_compared(m, gen):
 
 CASES = {
     # construct: (what runs, words the message must hold)
-    "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
     "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
                       [".source", "attention_probs"]),
     "if on a value": (_in_trace(_if_on_value), ["torch.where", "`if`"]),
@@ -322,3 +321,35 @@ def test_stop_in_a_generation_runs_the_whole_generation(model):
         h = model.layers[0].output.save()
         gen.stop()
     assert len(gen.generated_ids[0]) == 2 and h.value.shape[-1] == model.d_model
+
+
+def test_inputs_of_an_invoke_are_its_own_rows(model):
+    """In a batch of prompts of different lengths, each invoke's ``.inputs`` are those of
+    its prompt alone; a replacement of a whole call reaches only a module the invoke owns."""
+    short = "Hello"
+    with model.trace() as tr:
+        with tr.invoke(PROMPT):
+            pass
+        with tr.invoke(short) as inv:
+            batched = model.layers[2].inputs.save()
+            ids = inv.inputs[1]["input_ids"].save()
+    with model.trace(short):
+        alone = model.layers[2].inputs.save()
+    assert ids.value.tolist() == [model.tokenizer(short)["input_ids"]]
+    torch.testing.assert_close(batched.value[0][0], alone.value[0][0])
+    for key, value in alone.value[1].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(batched.value[1][key], value)
+
+
+def test_inputs_replaced_with_another_structure(model):
+    """``layer.inputs = (args, kwargs)`` with keyword inputs of its own: the call gets them."""
+    with model.trace(PROMPT):
+        args, kwargs = model.layers[1].inputs
+        model.layers[1].inputs = ((args[0] * 0,), {"position_embeddings": kwargs["position_embeddings"],
+                                                    "attention_mask": None})
+        out = model.layers[1].output.save()
+    assert out.value.abs().max() < 1e-6  # no residual and zero attention/MLP input (no bias)
+    with pytest.raises(TpmlabError, match="inputs are \\(args, kwargs\\)"):
+        with model.trace(PROMPT):
+            model.layers[1].inputs = model.layers[1].input

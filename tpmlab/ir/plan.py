@@ -34,7 +34,9 @@ BACKWARD = "backward"  # back-propagate a scalar (args: [loss]); see tpmlab.ir.g
 GRAD = "grad"  # the gradient of a point, a parameter (args: [node]) or a constant (args: [tensor])
 STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM, BACKWARD, GRAD)
 
-IO_KINDS = ("output", "input")
+# "inputs": every positional and keyword input of the call, ``(args, kwargs)``, read at the
+# same event as "input" (the first input)
+IO_KINDS = ("output", "input", "inputs")
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,18 @@ class Envoy:
     def input(self, value: Any) -> None:
         self._set("input", value)
 
+    @property
+    def inputs(self) -> Proxy:
+        """Every input of the module's call, ``(args, kwargs)`` as nnsight gives them:
+        ``args, kwargs = layer.inputs``; ``layer.inputs = ((h * 2,), kwargs)`` replaces them.
+        Keyword inputs that are not data (a KV cache object) are left out (and kept as they
+        are when the inputs are replaced)."""
+        return self._model.tracing.current(self.path).point(self.path, "inputs")
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        self._set("inputs", value)
+
     def _set(self, io: str, value: Any) -> None:
         self._model.tracing.current(self.path).set_point(self.path, io, value)
 
@@ -116,7 +128,7 @@ class Envoy:
         return tracer.record(CALL_MODULE, list(args), kwargs, path=self.path)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input"):
+        if name in ("output", "input", "inputs"):
             self._set(name, value)
             return
         if isinstance(value, nn.Module) and not name.startswith("_"):
@@ -126,7 +138,7 @@ class Envoy:
                 raise TpmlabError(f"{self.path} already has a submodule {name!r}")
             self._attached[name] = value
             return
-        raise TpmlabError(f"cannot set {name!r} on a module proxy (only .output, .input and "
+        raise TpmlabError(f"cannot set {name!r} on a module proxy (only .output, .input, .inputs and "
                           "your own modules: layer.sae = sae)")
 
     def __repr__(self) -> str:

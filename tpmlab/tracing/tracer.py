@@ -37,7 +37,7 @@ from ..ir.plan import (
     TensorRef,
 )
 from .passes import run_in_passes
-from .proxy import Proxy, deliver, node_of, owner
+from .proxy import PairProxy, Proxy, deliver, node_of, owner
 from .saves import SaveTracker
 from .unsupported import BARRIER, MODULE_ALTERNATIVES
 
@@ -240,8 +240,18 @@ class Trace:
         invoke = None if self._invoke == WHOLE_BATCH else self._invoke
         key = (path, io, self._invoke, self._steps)
         if key not in self._points:
-            self._points[key] = self.record("point", [], path=path, io=io, invoke=invoke)
+            proxy = self.record("point", [], path=path, io=io, invoke=invoke)
+            if io == "inputs":  # (args, kwargs): unpacks
+                proxy = self.proxies[node_of(proxy)] = PairProxy(self, node_of(proxy))
+            self._points[key] = proxy
         return self._points[key]
+
+    @property
+    def inputs(self) -> Proxy:
+        """The current invoke's inputs as the model receives them, ``(args, kwargs)``
+        (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``): the
+        invoke's own rows, without padding; the same as ``model.inputs`` in the invoke."""
+        return self.point("", "inputs")
 
     def cache(self, modules: Any = None, *, filter: Callable[[str], bool] | None = None,
               inputs: bool = False) -> dict[str, Proxy]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 # name -> what to do instead; looked up on module proxies (and so on the model itself)
 MODULE_ALTERNATIVES: dict[str, str] = {
-    "inputs": ".inputs (every positional and keyword input) is not supported: .input is the "
-              "module's first input, read and written like .output",
     "source": ".source (values inside a module's forward) is not supported: read the "
               "submodules' .output (e.g. self_attn.o_proj.input for the heads' outputs); "
               "attention probabilities are model.attention_probs(layer)",
