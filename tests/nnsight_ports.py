@@ -214,6 +214,37 @@ def stop_early(model, nn_model):
     return [p.value for p in ours], [nn_first, second]
 
 
+def cross_invoke_barrier(model, nn_model):
+    """nnsight's barrier idiom: invoke 1's layer-0 output patched into invoke 2 at the same
+    module point (two prompts of one length, so the values fit)."""
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    other = ids.flip(-1)
+    with model.trace() as tr:
+        barrier = tr.barrier(2)
+        with tr.invoke(ids):
+            h = model.layers[0].output
+            barrier()
+            clean = model.output.logits.save()
+        with tr.invoke(other):
+            barrier()
+            model.layers[0].output = h
+            ours = [model.layers[1].output.save(), model.output.logits.save()]
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace() as tr:
+        barrier = tr.barrier(2)
+        with tr.invoke(ids):
+            nn_h = layers[0].output
+            barrier()
+            nn_clean = nn_model.output.logits.save()
+        with tr.invoke(other):
+            barrier()
+            layers[0].output = nn_h
+            patched = layers[1].output.save()
+            logits = nn_model.output.logits.save()
+    torch.testing.assert_close(ours[1].value, clean.value)  # invoke 2 became invoke 1
+    return [clean.value] + [p.value for p in ours], [nn_clean, patched, logits]
+
+
 def _tensors_of(kwargs: dict) -> dict:
     """The tensors among keyword inputs (a tuple of them, as rotary embeddings: each)."""
     out = {}
@@ -377,6 +408,7 @@ def seeded_noise(model, nn_model):
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
          auxiliary_modules, dry_run_shapes, session_patching, stop_early, module_inputs,
+         cross_invoke_barrier,
          attention_patterns,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]

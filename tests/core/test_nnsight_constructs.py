@@ -64,7 +64,6 @@ CASES = {
     "loop over a value": (_in_trace(_loop_over_value), ["iterated", "range"]),
     "recording after tracer.stop()": (_in_trace(lambda m, tr: (tr.stop(), m.layers[0].output)),
                                       ["after tracer.stop()", "end of the block"]),
-    "tracer.barrier()": (_in_trace(lambda m, tr: tr.barrier()), ["barrier", "another invoke"]),
     "tracer.next()": (_in_generate(lambda m, gen: gen.next()), ["next", "gen.step"]),
     "with gen.all() as step: if step == 2": (_in_generate(_step_block_compared),
                                              ["gen.step(2)", "gen.iter"]),

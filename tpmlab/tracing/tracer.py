@@ -39,7 +39,7 @@ from ..ir.plan import (
 from .passes import run_in_passes
 from .proxy import PairProxy, Proxy, deliver, node_of, owner
 from .saves import SaveTracker
-from .unsupported import BARRIER, MODULE_ALTERNATIVES
+from .unsupported import MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
@@ -61,6 +61,20 @@ def _user_line() -> str | None:
             return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f": {code}" if code else "")
         frame = frame.f_back
     return None
+
+
+class Barrier:
+    """What :meth:`Trace.barrier` returns: calling it (once per invoke) records nothing,
+    since the invokes of a plan need no meeting point."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<barrier of {self.n} invokes: a plan needs none>"
 
 
 @dataclass
@@ -267,11 +281,18 @@ class Trace:
             paths = [m if isinstance(m, str) else m.path for m in modules]
         return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
 
+    def barrier(self, n: int) -> Barrier:
+        """nnsight's meeting point of ``n`` invokes (``barrier = tr.barrier(2)``, then
+        ``barrier()`` in each invoke). A plan needs none: a value of one invoke may be used
+        in a later invoke of the same trace, at the same module point or after it (the nodes
+        of one point run in the order they were recorded), so calling it records nothing."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise TpmlabError(f"barrier(n) takes the number of invokes that call it, got {n!r}")
+        return Barrier(n)
+
     def __getattr__(self, name: str) -> Any:
         if name == "next":
             raise NotSupportedError(MODULE_ALTERNATIVES[name])
-        if name == "barrier":
-            raise NotSupportedError(BARRIER)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def set_point(self, path: str, io: str, value: Any) -> None:

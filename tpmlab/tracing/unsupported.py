@@ -41,9 +41,6 @@ ITERATION = ("a traced value cannot be iterated while tracing (its length is not
              "Python): index it in a loop over a Python range, e.g. "
              "`for i in range(n): h[:, i]`")
 
-BARRIER = ("tracer.barrier() is not needed: a value of one invoke can be used in another "
-           "invoke of the same trace directly (it must be made earlier in the forward pass)")
-
 STEP_BLOCK = ("`with gen.all() as step:` binds the block of steps, not a step number, so "
               "`if step == 2:` cannot be recorded: write `with gen.step(2):`, or loop over the "
               "steps with `for step in gen.iter[0:n]:` (then `step` is the step's number)")
