@@ -305,6 +305,33 @@ def attention_patterns(model, nn_model):
     return [p.value for p in ours], [attentions[i] for i in layers]
 
 
+def source_values(model, nn_model):
+    """``.source`` inside the last layer: the attention function's output (the heads'
+    outputs and the attention weights, nnsight's under eager attention) and the MLP's
+    activation read; then one head zeroed through the attention function's output."""
+    layer = model.layers[-1]
+    attn = model.envoy(f"{layer.path}.{model.adapter.attn}")
+    mlp = model.envoy(f"{layer.path}.{model.adapter.mlp}")
+    act = next(name for name in mlp.module._modules if name.startswith("act"))
+    with model.trace(PROMPT):
+        both = attn.source.attention_interface_1.output.save()
+        activation = getattr(mlp.source, f"self_{act}_0").output.save()
+    with model.trace(PROMPT):
+        heads, _ = attn.source.attention_interface_1.output
+        heads[:, :, 0] = 0
+        logits = model.output.logits.save()
+    eager = nn_model_for(model, "eager")
+    nn_attn, nn_mlp = nn_path(eager, attn.path), nn_path(eager, mlp.path)
+    with eager.trace(PROMPT):
+        nn_both = nn_attn.source.attention_interface_1.output.save()
+        nn_activation = getattr(nn_mlp.source, f"self_{act}_0").output.save()
+    with eager.trace(PROMPT):
+        nn_attn.source.attention_interface_1.output[0][:, :, 0] = 0
+        nn_logits = eager.output.logits.save()
+    return ([both.value[0], both.value[1], activation.value, logits.value],
+            [nn_both[0], nn_both[1], nn_activation, nn_logits])
+
+
 def cache_modules(model, nn_model):
     """``tracer.cache(modules=...)``: many modules' outputs in one call."""
     with model.trace(PROMPT) as tr:
@@ -408,7 +435,7 @@ def seeded_noise(model, nn_model):
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
          auxiliary_modules, dry_run_shapes, session_patching, stop_early, module_inputs,
-         cross_invoke_barrier,
+         cross_invoke_barrier, source_values,
          attention_patterns,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]

@@ -58,8 +58,10 @@ def _step_block_compared(m, gen):
 
 CASES = {
     # construct: (what runs, words the message must hold)
-    "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
-                      [".source", "attention_probs"]),
+    "module.source value not offered": (
+        _in_trace(lambda m, tr: m.layers[0].self_attn.source.apply_rotary_pos_emb_0),
+        [".source.apply_rotary_pos_emb_0", "attention_interface_1", "self_q_proj_0",
+         "attention_probs"]),
     "if on a value": (_in_trace(_if_on_value), ["torch.where", "`if`"]),
     "loop over a value": (_in_trace(_loop_over_value), ["iterated", "range"]),
     "recording after tracer.stop()": (_in_trace(lambda m, tr: (tr.stop(), m.layers[0].output)),

@@ -22,6 +22,7 @@ from .unsupported import MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
+    from .source import Source
 
 
 class Envoy:
@@ -111,6 +112,16 @@ class Envoy:
 
     def _set(self, io: str, value: Any) -> None:
         self._model.tracing.current(self.path).set_point(self.path, io, value)
+
+    @property
+    def source(self) -> Source:
+        """Values inside the module's forward by nnsight's ``.source`` names: a submodule's
+        call (``mlp.source.self_act_fn_0.output``) and, on an attention block, the attention
+        function's output (``self_attn.source.attention_interface_1.output``); see
+        :mod:`tpmlab.tracing.source`."""
+        from .source import Source
+
+        return Source(self)
 
     def skip(self, value: Any) -> None:
         """Make ``value`` this module's output (nnsight's ``skip``). The module still runs and

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 # name -> what to do instead; looked up on module proxies (and so on the model itself)
 MODULE_ALTERNATIVES: dict[str, str] = {
-    "source": ".source (values inside a module's forward) is not supported: read the "
-              "submodules' .output (e.g. self_attn.o_proj.input for the heads' outputs); "
-              "attention probabilities are model.attention_probs(layer)",
     "next": ".next() is not supported: choose generation steps with `with gen.step(i):`, "
             "`with gen.steps(a, b):` or `for step in gen.iter[a:b]:`",
     "iter": ".iter belongs to the generation: `for step in gen.iter[a:b]:` on the object of "
