@@ -4,8 +4,9 @@ An :class:`Envoy` stands for one module of the real architecture, built on the
 meta device (no weights). Native Hugging Face names work (``model.model.layers[3].mlp``)
 and so do the aliases ``embed``, ``layers``, ``final_norm`` and ``unembed``.
 Inside a trace, ``.output`` and ``.input`` are proxies of the module's output and
-first input, assigning to them replaces the value, and calling an envoy applies
-the module to a value.
+first input (``.inputs``: every input, ``(args, kwargs)``), assigning to them replaces
+the value, and calling an envoy applies the module to a value; ``.source`` reaches values
+inside the module's forward (:mod:`tpmlab.tracing.source`).
 """
 
 from __future__ import annotations
