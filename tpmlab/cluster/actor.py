@@ -58,7 +58,7 @@ from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
-from ..runtime.runner import PlanRunner
+from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
 from .backward import stage_backward
 from .handover import Segments, Token
@@ -173,6 +173,7 @@ class StageActor:
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
+        self.passes = 0  # forward passes (steps) this stage ran its layers for
         self._tok: Any = None  # the tokenizer, once a request needs it
         # remote saves (:mod:`.remote_store`) are accounted under this stage's own name
         self.store_name = f"{spec['model']} stage {self.span.index} ({os.urandom(3).hex()})"
@@ -202,13 +203,14 @@ class StageActor:
         the last stage load on this worker began), stage bytes, and what loading this stage
         cost (:class:`~tpmlab.runtime.load_meter.LoadMeter`: ``load_seconds``, ``read_bytes``,
         ``disk_read_bytes``, ``rss_before``, ``resident_growth``, ``load_host_peak``,
-        ``load_cuda_peak``)."""
+        ``load_cuda_peak``); ``passes``: forward steps this stage ran its layers for (a
+        pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), **self.load, "autograd_bytes": sum(
+               "held": len(self.slots), "passes": self.passes, **self.load, "autograd_bytes": sum(
                    st.runner.gradients.autograd_bytes for st in self.requests.values()
                    if st.runner.gradients is not None)}
         if self.device.type == "cuda":
@@ -288,17 +290,23 @@ class StageActor:
         """One step of this stage (runs in the stage's thread). Returns the message for the
         next stage, or on the last stage the reply (next tokens while generating)."""
         runner, step = st.runner, msg["step"]
+        if msg.get("stopped"):  # an earlier stage ended the pass (tracer.stop()): no work here
+            return self._stopped(msg, msg.get("saved", 0))
         runner.env.update(from_wire(msg["carry"], self.device))
         # the request's saves so far, over all stages, include this stage's earlier steps
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
         grads = runner.gradients  # None: forward only, under inference_mode as ever
+        stopped = runner.stops_before_pass
         self.weights.ready()
         try:
             runner.begin_step(step)
             with (torch.inference_mode() if grads is None else grads.forward()), runner.hooks():
-                if self.span.is_first:
+                self.passes += not stopped
+                if stopped:  # a stopping plan with nothing to run at any event
+                    pass
+                elif self.span.is_first:
                     embeds = _dev(msg.get("inputs_embeds"), self.device)
                     out = self.stage.forward(attention_mask=mask, position_ids=pos, cache=st.cache,
                                              input_ids=_dev(msg.get("input_ids"), self.device),
@@ -315,11 +323,15 @@ class StageActor:
                                              logits_to_keep=1 if st.generate else 0)
             if grads is not None and not self.span.is_last:
                 st.extra["out"] = out
+        except StopForward:  # the last event the plan needs ran here: later stages do nothing
+            stopped = True
         except torch.OutOfMemoryError as e:
             raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
         saved = runner.saved_elsewhere + runner.saved_bytes
+        if stopped:
+            return self._stopped(msg, saved)
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
@@ -331,6 +343,15 @@ class StageActor:
                                                           "inputs_embeds")},
                 "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event)),
                 "saved": saved}
+
+    def _stopped(self, msg: dict[str, Any], saved: int) -> dict[str, Any]:
+        """The message for the next stage (the reply, on the last) of a pass that a stopping
+        plan ended on this stage or an earlier one: no hidden state, nothing to run."""
+        if self.span.is_last:
+            return {"saved": saved}
+        return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
+                                                          "inputs_embeds")},
+                "stopped": True, "carry": to_wire({}), "saved": saved}
 
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)

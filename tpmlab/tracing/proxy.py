@@ -146,6 +146,19 @@ class Proxy:
         return tracer.record(name, list(args), kwargs)
 
 
+class PairProxy(Proxy):
+    """A value of two parts, ``(args, kwargs)`` of a module's ``.inputs``: it unpacks
+    (``args, kwargs = layer.inputs``) into a proxy of each."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+    def __len__(self) -> int:
+        return 2
+
+
 # The seam the tracer uses (functions, not attributes: a proxy's attribute names belong to
 # the traced value, ``h.node`` records a read of a field named "node").
 def owner(proxy: Proxy) -> Trace:
