@@ -12,7 +12,9 @@ from typing import Any, Protocol
 import torch
 
 from ..ir.model_info import ModelInfo
+from ..ir.plan import SAVE
 from ..ir.validate import Limits
+from ..remote import RemoteValues, wrap_local
 from . import request
 from .engine import ModelHost
 
@@ -63,6 +65,7 @@ class LocalBackend:
         self.limits = limits
         self.hosts: dict[str, ModelHost] = {}
         self._turns: dict[str, threading.Lock] = {}  # one request at a time per model
+        self.remote = RemoteValues()  # remote saves handed out (tpmlab.remote)
 
     def deploy(self, name: str, **options: Any) -> ModelInfo:
         if name not in self.hosts:
@@ -94,7 +97,19 @@ class LocalBackend:
         host = self.host(model)
         decoded, limits = request.decode(plan, host.limits, limits)
         with self._turns[model]:
-            return host.run(decoded, limits=limits, timeout=timeout)
+            values, meta = host.run(decoded, limits=limits, timeout=timeout)
+        remote = [n.id for n in decoded.nodes if n.op == SAVE and n.kwargs.get("remote")]
+        if remote:  # in process a remote save is the tensor itself, with the same API
+            values = wrap_local(values, remote)
+            for i in remote:
+                for v in values[i] if isinstance(values.get(i), list) else [values.get(i)]:
+                    if v is not None:
+                        self.remote.add(model, v)
+        return values, meta
+
+    def release_remote(self, model: str | None = None) -> int:
+        """Release the remote values handed out (of ``model``); how many."""
+        return self.remote.release(model)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here
@@ -102,9 +117,11 @@ class LocalBackend:
         return {name: host.weights.restores for name, host in self.hosts.items()}
 
     def undeploy(self, name: str) -> None:
+        self.remote.release(name)
         self.hosts.pop(name, None)
         self._turns.pop(name, None)
 
     def close(self) -> None:
+        self.remote.release()
         self.hosts.clear()
         self._turns.clear()
