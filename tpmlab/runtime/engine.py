@@ -20,6 +20,7 @@ from ..errors import ExecutionError, PlanError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
+from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from . import request
 from .backward import run_with_backward, weight_storages
@@ -75,8 +76,18 @@ class ModelHost:
         (:func:`~tpmlab.runtime.request.result_meta`; ``node_seconds``, each plan node's own
         time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own."""
         limits = request_limits(self.limits, limits)
-        schedule = request.admit(plan, model=self.name, info=self.info, limits=limits,
-                                 meta_module=self._meta.get)
+        return self.execute(plan, self.admit(plan, limits), limits)
+
+    def admit(self, plan: Plan, limits: Limits) -> Schedule:
+        """Validate ``plan`` under ``limits`` (already the host's, tightened by the caller's):
+        its schedule, or a :class:`PlanError` naming the problem."""
+        return request.admit(plan, model=self.name, info=self.info, limits=limits,
+                             meta_module=self._meta.get)
+
+    def execute(self, plan: Plan, schedule: Schedule, limits: Limits
+                ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
+        :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
