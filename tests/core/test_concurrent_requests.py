@@ -59,9 +59,11 @@ def held_pass(backend, name: str, monkeypatch):
         release.set()
 
 
-def run_held(backend, name: str, blobs: list[bytes], monkeypatch):
+def run_held(backend, name: str, blobs: list[bytes], monkeypatch, **policy):
     """Run ``blobs`` from one thread each, all queued behind a held pass (so the next pass
-    sees them all): each one's result or exception, and the passes' groups."""
+    sees them all) under a :class:`BatchPolicy` that always merges (and ``policy``): each
+    one's result or exception, and the passes' groups."""
+    monkeypatch.setattr(backend.queues[name], "policy", BatchPolicy(adaptive=False, **policy))
     first = _blob(backend, name, "held")
     with held_pass(backend, name, monkeypatch) as (queue, started, release, groups), \
             ThreadPoolExecutor(len(blobs) + 1) as pool:
@@ -134,8 +136,7 @@ def test_a_merged_pass_gives_each_thread_the_same_batch_result(local_lab, name, 
     info = local_lab.model(name).info
     plans = data.draw(users(info))
     with monkeypatch.context() as m:
-        m.setattr(backend.queues[name], "policy", BatchPolicy(min_fill=0.0))
-        outs, groups = run_held(backend, name, [encode_plan(p) for p in plans], m)
+        outs, groups = run_held(backend, name, [encode_plan(p) for p in plans], m, min_fill=0.0)
     assert len(groups) == 1 and len(groups[0]) == len(plans)  # one pass for all of them
     group = [item.plan for item in groups[0]]
     idle = [p.replace(nodes=[]) for p in group]

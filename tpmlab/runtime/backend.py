@@ -13,7 +13,6 @@ import torch
 from ..ir.codec import encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
-from . import request
 from .engine import ModelHost
 from .shared_passes import BatchPolicy, PassQueue
 
@@ -95,9 +94,8 @@ class LocalBackend:
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
-        host = self.host(model)
-        decoded, limits = request.decode(plan, host.limits, limits)
-        return self.queues[model].run(decoded, limits)
+        self.host(model)  # deployed, or a LookupError naming those that are
+        return self.queues[model].run(plan, limits)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here

@@ -3,9 +3,9 @@ forward passes.
 
 A plan's hooks sit on the model's shared modules, so two passes at once would read each
 other's values; and one pass already uses every core (or the whole GPU). So each model
-has one *pass thread*. A request is validated in its caller's thread (its errors are
-raised there, before it waits for anything), then queued. The pass thread takes the
-oldest queued request and, if it can share a pass (:func:`~tpmlab.ir.merge.can_merge`),
+has one *pass thread*. A caller queues its plan bytes and waits; the pass thread decodes
+and validates what arrived (a refused request fails alone, its error raised in its
+caller's thread), takes the oldest admitted request and, if it can share a pass (:func:`~tpmlab.ir.merge.can_merge`),
 every later queued request compatible with it: the same
 :func:`~tpmlab.ir.merge.merge_key` (model, version, input kind) and a merged batch within
 :class:`BatchPolicy` (requests, rows, padded cells, padding). It merges them
@@ -28,6 +28,7 @@ work, not one per caller.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -56,6 +57,18 @@ class BatchPolicy:
     max_cells: int = 16_384  # rows x padded length: bounds the pass's activation memory
     min_fill: float = 0.75  # real tokens / (rows x padded length): bounds the padding computed
     idle_seconds: float = 2.0  # the pass thread ends after this long with nothing queued
+    # Before a pass, wait for as many requests as the last pass served (its callers, woken
+    # by their results, are about to queue their next ones), for at most this fraction of
+    # the last pass's time and at most ``max_linger_seconds``. One caller never waits.
+    linger: float = 0.1
+    max_linger_seconds: float = 0.05
+    # Merge only while merged passes cost no more per batch cell (row x position) than
+    # passes of one request, as measured on this model (a running average of each); while
+    # they cost more, every ``probe_every``-th chance to merge still merges, to measure again.
+    # On a GPU a merged pass costs far less per cell; on a CPU it can cost more (larger
+    # tensors, the same arithmetic per row).
+    adaptive: bool = True
+    probe_every: int = 16
 
 
 class BackendClosedError(TpmlabError):
@@ -66,19 +79,25 @@ class BackendClosedError(TpmlabError):
 
 @dataclass
 class _Queued:
-    plan: Plan
-    schedule: Schedule
-    limits: Limits
-    key: tuple | None  # merge key; None: runs alone
-    lengths: list[int]  # each row's number of positions
+    blob: bytes
+    caller_limits: Limits | None
     future: Future = field(default_factory=Future)
+    # set when the pass thread admits it:
+    plan: Plan | None = None
+    schedule: Schedule | None = None
+    limits: Limits | None = None
+    key: tuple | None = None  # merge key; None: runs alone
+    lengths: list[int] = field(default_factory=list)  # each row's number of positions
 
 
 class PassQueue:
     """The requests on one :class:`~tpmlab.runtime.engine.ModelHost`, run by its pass thread.
 
-    ``passes`` and ``requests`` count the forward passes run and the requests they served
-    (``requests / passes``: how many requests a pass merged, on average)."""
+    The caller's thread only queues the plan bytes and waits: decoding and validation run
+    in the pass thread, just before the pass, so that callers never hold the interpreter
+    while a pass runs (each of its torch calls would wait for them) and the queue fills at
+    once. ``passes`` and ``requests`` count the forward passes run and the requests they
+    served (``requests / passes``: how many requests a pass merged, on average)."""
 
     def __init__(self, host: ModelHost, policy: BatchPolicy = BatchPolicy()) -> None:
         self.host = host
@@ -86,28 +105,30 @@ class PassQueue:
         self.passes = 0
         self.requests = 0
         self._cond = threading.Condition()
-        self._queue: deque[_Queued] = deque()
+        self._incoming: deque[_Queued] = deque()  # as the callers queued them
+        self._ready: deque[_Queued] = deque()  # admitted; only the pass thread touches it
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._last = (1, 0.0)  # the last pass: requests served, seconds
+        self.cell_seconds: dict[bool, float | None] = {False: None, True: None}  # alone, merged
+        self._declined = 0  # chances to merge not taken since the last merged pass
 
     @property
     def queued(self) -> int:
         """Requests waiting for a pass."""
-        return len(self._queue)
+        return len(self._incoming) + len(self._ready)
 
-    def run(self, plan: Plan, limits: Limits) -> Result:
-        """Validate ``plan`` here, under ``limits`` (the host's, tightened by the caller's),
-        then wait for a pass to run it: its saved values and metadata, as
-        :meth:`ModelHost.run` answers them, plus ``batch_size`` (requests in its pass)."""
-        schedule = self.host.admit(plan, limits)
-        merges = can_merge(plan)
-        item = _Queued(plan, schedule, limits, merge_key(plan) if merges else None,
-                       [int(plan.tensors[t].shape[0]) for inv in plan.invokes for t in inv.tensors])
+    def run(self, blob: bytes, limits: Limits | None = None) -> Result:
+        """Run the plan in ``blob`` under the host's limits tightened by the caller's
+        ``limits``, in a pass of its own or shared: its saved values and metadata, as
+        :meth:`ModelHost.run` answers them, plus ``batch_size`` (requests in its pass).
+        Raises what running it alone would (a :class:`PlanError` naming the problem...)."""
+        item = _Queued(blob, limits)
         with self._cond:
             if self._closed:
                 raise BackendClosedError(f"model {self.host.name!r} is not deployed any more; "
                                          "deploy it again to run requests on it")
-            self._queue.append(item)
+            self._incoming.append(item)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name=f"tpmlab-passes-{self.host.name}")
@@ -119,7 +140,7 @@ class PassQueue:
         """Refuse new requests and fail the queued ones; a pass under way finishes."""
         with self._cond:
             self._closed = True
-            queued, self._queue = list(self._queue), deque()
+            queued, self._incoming = list(self._incoming), deque()
             self._cond.notify_all()
         for item in queued:
             item.future.set_exception(BackendClosedError(
@@ -129,31 +150,61 @@ class PassQueue:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._incoming and not self._ready:
                     # idle (or closed): end; a later request starts a new thread
                     if self._closed or not self._cond.wait(self.policy.idle_seconds):
-                        if not self._queue:
+                        if not self._incoming:
                             self._thread = None
                             return
-                group = self._take()
+                self._linger()
+                arrived, self._incoming = self._incoming, deque()
+            for item in arrived:
+                self._admit(item)
+            if not self._ready:
+                continue
+            group = self._take()
+            started = time.perf_counter()
             try:
                 self._serve(group)
-            finally:  # whatever happened, no caller waits forever
+            finally:
+                self._last = (len(group), time.perf_counter() - started)  # whatever happened, no caller waits forever
                 for item in group:
                     if not item.future.done():
                         item.future.set_exception(TpmlabError("the request's pass ended "
                                                               "without a result"))
 
+    def _linger(self) -> None:
+        """Give the last pass's callers a moment to queue again (under the lock)."""
+        served, seconds = self._last
+        left = min(self.policy.linger * seconds, self.policy.max_linger_seconds)
+        deadline = time.monotonic() + left
+        while len(self._incoming) + len(self._ready) < served and not self._closed and left > 0:
+            self._cond.wait(left)
+            left = deadline - time.monotonic()
+
+    def _admit(self, item: _Queued) -> None:
+        """Decode and validate a queued request; a refused one fails here, alone."""
+        try:
+            plan, limits = request.decode(item.blob, self.host.limits, item.caller_limits)
+            item.schedule = self.host.admit(plan, limits)
+        except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
+            item.future.set_exception(e)
+            return
+        item.plan, item.limits, item.blob = plan, limits, b""
+        item.key = merge_key(plan) if can_merge(plan) else None
+        item.lengths = [int(plan.tensors[t].shape[0]) for inv in plan.invokes for t in inv.tensors]
+        self._ready.append(item)
+
     def _take(self) -> list[_Queued]:
-        """The oldest request and the later ones that may share its pass (under the lock)."""
-        first = self._queue.popleft()
+        """The oldest admitted request and the later ones that may share its pass."""
+        first = self._ready.popleft()
         group = [first]
-        if first.key is None:
+        if first.key is None or not self._merging_pays():
             return group
         p = self.policy
         rows, longest, real = len(first.lengths), max(first.lengths), sum(first.lengths)
         kept: deque[_Queued] = deque()
-        for item in self._queue:
+        for item in self._ready:
             if item.key == first.key and len(group) < p.max_requests:
                 r = rows + len(item.lengths)
                 n = max(longest, *item.lengths)
@@ -163,8 +214,28 @@ class PassQueue:
                     rows, longest, real = r, n, t
                     continue
             kept.append(item)
-        self._queue = kept
+        self._ready = kept
         return group
+
+    def _merging_pays(self) -> bool:
+        alone, merged = self.cell_seconds[False], self.cell_seconds[True]
+        if not self.policy.adaptive or alone is None or merged is None or merged <= alone \
+                or not any(item.key is not None for item in self._ready):
+            return True
+        self._declined += 1
+        if self._declined >= self.policy.probe_every:
+            self._declined = 0
+            return True
+        return False
+
+    def _measured(self, group: list[_Queued], seconds: float) -> None:
+        """Fold a trace pass's seconds per batch cell into its kind's running average."""
+        if any(item.key is None for item in group):
+            return  # generation, backward...: not comparable
+        cells = sum(len(item.lengths) for item in group) * max(max(i.lengths) for i in group)
+        kind = len(group) > 1
+        old, new = self.cell_seconds[kind], seconds / max(cells, 1)
+        self.cell_seconds[kind] = new if old is None else 0.8 * old + 0.2 * new
 
     def _serve(self, group: list[_Queued]) -> None:
         self.passes += 1
@@ -173,8 +244,10 @@ class PassQueue:
             try:
                 merged, mapping = merge_plans([item.plan for item in group])
                 schedule = request.follow(merged, self.host.info)
+                started = time.perf_counter()
                 values, meta = self.host.execute(merged, schedule,
                                                  merged_limits([item.limits for item in group]))
+                self._measured(group, time.perf_counter() - started)
             except Exception:  # noqa: BLE001 - run each alone: a bad request fails only itself
                 self.passes += len(group) - 1
                 for item in group:
@@ -190,7 +263,9 @@ class PassQueue:
 
     def _alone(self, item: _Queued) -> None:
         try:
+            started = time.perf_counter()
             values, meta = self.host.execute(item.plan, item.schedule, item.limits)
+            self._measured([item], time.perf_counter() - started)
         except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
             item.future.set_exception(e)
         else:
