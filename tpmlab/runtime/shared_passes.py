@@ -136,15 +136,20 @@ class PassQueue:
             self._cond.notify()
         return item.future.result()
 
-    def close(self) -> None:
-        """Refuse new requests and fail the queued ones; a pass under way finishes."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Refuse new requests and fail the queued ones; a pass under way finishes, and the
+        pass thread ends before this returns (up to ``timeout`` seconds): a thread still in
+        torch when the interpreter exits aborts the process."""
         with self._cond:
             self._closed = True
             queued, self._incoming = list(self._incoming), deque()
+            thread = self._thread
             self._cond.notify_all()
         for item in queued:
             item.future.set_exception(BackendClosedError(
                 f"model {self.host.name!r} was undeployed before this request ran"))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     # -- the pass thread ---------------------------------------------------------------------
     def _loop(self) -> None:
