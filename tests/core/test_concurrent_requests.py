@@ -209,3 +209,30 @@ def test_requests_that_cannot_merge_run_in_turn_and_a_bad_one_fails_alone(local_
               for i in g] for g in groups]
     assert order[0] == [0, 2, 4, 0] and order[1:] == [[1], [3], [5]]
 
+
+
+def test_undeploying_fails_the_queued_requests_and_lets_the_running_pass_finish(monkeypatch):
+    from tpmlab.errors import ModelUndeployedError
+    from tpmlab.runtime.backend import LocalBackend
+
+    backend = LocalBackend(device="cpu", dtype=torch.float32)
+    backend.deploy(MODEL)
+    queue = backend.queues[MODEL]
+    with held_pass(backend, MODEL, monkeypatch) as (_, started, release, _groups), \
+            ThreadPoolExecutor(3) as pool:
+        running = pool.submit(backend.run_values, MODEL, _blob(backend, MODEL, "first"))
+        assert started.wait(60)
+        waiting = pool.submit(backend.run_values, MODEL, _blob(backend, MODEL, "second"))
+        while queue.queued < 1:
+            time.sleep(0.01)
+        closing = pool.submit(backend.undeploy, MODEL)
+        with pytest.raises(ModelUndeployedError, match="undeployed before this request ran"):
+            waiting.result(60)
+        release.set()
+        values, meta = running.result(60)
+        closing.result(60)
+    assert meta["batch_size"] == 1 and values
+    assert queue._thread is None  # the pass thread ended
+    with pytest.raises(LookupError, match="not deployed"):
+        backend.run_values(MODEL, b"{}")
+    backend.close()

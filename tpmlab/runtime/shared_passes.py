@@ -34,7 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TpmlabError
+from ..errors import ModelUndeployedError, TpmlabError
 from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.plan import Plan
 from ..ir.schedule import Schedule
@@ -69,12 +69,6 @@ class BatchPolicy:
     # tensors, the same arithmetic per row).
     adaptive: bool = True
     probe_every: int = 16
-
-
-class BackendClosedError(TpmlabError):
-    """A request was queued on a model that was undeployed (or its backend closed)."""
-
-    http_status = 503
 
 
 @dataclass
@@ -126,7 +120,7 @@ class PassQueue:
         item = _Queued(blob, limits)
         with self._cond:
             if self._closed:
-                raise BackendClosedError(f"model {self.host.name!r} is not deployed any more; "
+                raise ModelUndeployedError(f"model {self.host.name!r} is not deployed any more; "
                                          "deploy it again to run requests on it")
             self._incoming.append(item)
             if self._thread is None:
@@ -146,7 +140,7 @@ class PassQueue:
             thread = self._thread
             self._cond.notify_all()
         for item in queued:
-            item.future.set_exception(BackendClosedError(
+            item.future.set_exception(ModelUndeployedError(
                 f"model {self.host.name!r} was undeployed before this request ran"))
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
