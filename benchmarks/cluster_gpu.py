@@ -261,8 +261,23 @@ def hf_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, new: i
 # -- tpmlab --------------------------------------------------------------------------------------
 
 
+def median_phases(backend: Any, run: Any, repeats: int) -> dict[str, float]:
+    """Each phase's median (ms) over ``repeats`` runs, from ``DaskBackend.phases``: where a
+    request's fixed cost goes (the hops are what is left of ``client wait run`` and of
+    ``stage0 wait`` beyond the far end's own work)."""
+    backend.phases = []
+    try:
+        for _ in range(repeats):
+            run()
+        recorded = backend.phases
+    finally:
+        backend.phases = None
+    keys = sorted({k for p in recorded for k in p})
+    return {k: round(statistics.median(p.get(k, 0.0) for p in recorded), 3) for k in keys}
+
+
 def tpmlab_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, new: int,
-                     repeats: int, profile: bool = False) -> dict[str, Any]:
+                     repeats: int, profile: bool = False, backend: Any = None) -> dict[str, Any]:
     n = model.adapter.n_layers
 
     def trace(x):
@@ -281,6 +296,11 @@ def tpmlab_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, ne
     row = ids[0]
     out["trace"] = timed(lambda: trace(row), repeats)
     out["trace save all"] = timed(lambda: trace_saving(row), repeats)
+    if backend is not None and hasattr(backend, "phases"):
+        for name, run in (("trace", trace), ("trace save all", trace_saving)):
+            phases = median_phases(backend, lambda run=run: run(row), repeats)
+            out[f"phases: {name}"] = phases
+            print(f"phases of a {name} (median ms): {phases}", flush=True)
     out["trace save all, in stage 0's run"] = statistics.median(server[-repeats:])
     if profile:  # where the client's time goes in one such trace
         import cProfile
@@ -429,8 +449,9 @@ def main() -> None:
         print(f"tpmlab {args.model} deployed as {stages} stages "
               f"{model.info.extra['stage_layers']} on {model.info.extra['stage_devices']} in "
               f"{report['tpmlab_deploy_s']:.1f}s", flush=True)
-        tp = tpmlab_workloads(model, ids, big, args.new, args.repeats, args.profile)
-        print("tpmlab:", {k: round(v, 5) for k, v in tp.items()}, flush=True)
+        tp = tpmlab_workloads(model, ids, big, args.new, args.repeats, args.profile, lab.backend)
+        print("tpmlab:", {k: round(v, 5) for k, v in tp.items() if not isinstance(v, dict)},
+              flush=True)
         server_ms = tp["trace save all, in stage 0's run"] * 1e3
         mem = lab.backend.memory(args.model)
         report.update(hf=hf, tpmlab=tp, memory=mem, params=source.n_params)

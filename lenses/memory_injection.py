@@ -33,7 +33,7 @@ import torch
 
 from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import answer_token, first, layer_list, token_ids
-from tpmlab.lenses.contract import Axis, Bars, Cell, LensView, Metric, Option, Table
+from tpmlab.lenses.contract import Axis, Bars, Cell, LensInputError, LensView, Metric, Option, Table
 from tpmlab.lenses.result import plain, shown, token_label
 
 NAME = "memory_injection"
@@ -70,7 +70,7 @@ def memory_vector(model: Any, memory: str | Sequence[int], variant: str = "embed
     """``m`` ``[d_model]``: the sum of the memory tokens' embedding (``"embed"``) or
     unembedding (``"unembed"``) rows, gathered on the engine (only ``m`` comes back)."""
     if variant not in ("embed", "unembed"):
-        raise ValueError(f"variant must be 'embed' or 'unembed', got {variant!r}")
+        raise LensInputError(f"variant must be 'embed' or 'unembed', got {variant!r}")
     ids = (torch.tensor(model.tokenizer(memory, add_special_tokens=False)["input_ids"])
            if isinstance(memory, str) else torch.as_tensor(memory, dtype=torch.long))
     a = model.adapter
@@ -198,9 +198,9 @@ def sweep(model: Any, prompts: Sequence[str], answers: Sequence[str | int], *,
     raise to stop the sweep there).
     """
     if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        raise LensInputError(f"{len(prompts)} prompts but {len(answers)} answers")
     if isinstance(memory, str) and not memory.strip():
-        raise ValueError("give a memory: the text whose token vectors are injected")
+        raise LensInputError("give a memory: the text whose token vectors are injected")
     m = memory if isinstance(memory, torch.Tensor) else memory_vector(model, memory, variant)
     chosen = layer_list(model, layers)
     taus = [float(t) for t in taus]

@@ -39,7 +39,7 @@ import torch
 
 from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import answer_token, first, layer_list, token_ids, token_strings
-from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option
+from tpmlab.lenses.contract import Axis, Cell, LensInputError, LensView, Metric, Option
 from tpmlab.lenses.result import plain, position_labels, shown, token_label
 
 NAME = "patching"
@@ -74,7 +74,7 @@ def subject_positions(model: Any, prompt: str, subject: str) -> list[int]:
     """Token positions of ``subject`` inside ``prompt`` (by character offsets)."""
     start = prompt.find(subject)
     if start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in {prompt!r}")
+        raise LensInputError(f"subject {subject!r} does not occur in {prompt!r}")
     end = start + len(subject)
     enc = model.tokenizer(prompt, return_offsets_mapping=True)
     return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
@@ -210,9 +210,9 @@ def causal_trace(model: Any, prompt: str, *, subject: str | None = None,
     Returns ``effect`` = IE ``[L, P]`` plus ``p_clean``, ``p_corrupt``, ``noise_std`` and the
     noise itself (``noise`` ``[samples, n_subj, d]``)."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise LensInputError(f"kind must be one of {KINDS}, got {kind!r}")
     if subject is None and subject_tokens is None:
-        raise ValueError("give the subject (the part of the prompt to corrupt) or its "
+        raise LensInputError("give the subject (the part of the prompt to corrupt) or its "
                          "token positions (subject_tokens)")
     window = (1 if kind == "resid" else 10) if window is None else window
     ids = token_ids(model, prompt)
@@ -265,10 +265,10 @@ def patch_pairs(model: Any, clean: str, corrupted: str, *, answer: str | int, wr
     """Patch each clean state (layer, position) into the corrupted run; ``effect`` is the
     normalised logit difference ``[L, P]`` (prompts must have the same number of tokens)."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise LensInputError(f"kind must be one of {KINDS}, got {kind!r}")
     c_ids, x_ids = token_ids(model, clean), token_ids(model, corrupted)
     if len(c_ids) != len(x_ids):
-        raise ValueError(f"clean and corrupted prompts must have the same number of tokens "
+        raise LensInputError(f"clean and corrupted prompts must have the same number of tokens "
                          f"({len(c_ids)} vs {len(x_ids)})")
     good, bad = answer_token(model, answer), answer_token(model, wrong)
     chosen = layer_list(model, layers)

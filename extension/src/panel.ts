@@ -295,12 +295,15 @@ export class TpmlabSidebar extends Widget {
                       'jp-tpmlab-lens-notebook'
                     )
                   : null,
-                button(
-                  m.deployed ? 'Undeploy' : 'Dismiss',
-                  m.deployed ? 'Remove this model from the cluster' : 'Forget this deploy',
-                  () => void this.actions.undeploy(m.name),
-                  'jp-mod-warn jp-tpmlab-undeploy'
-                )
+                // a gateway's model belongs to the gateway: nothing to undeploy from here
+                m.gateway
+                  ? null
+                  : button(
+                      m.deployed ? 'Undeploy' : 'Dismiss',
+                      m.deployed ? 'Remove this model from the cluster' : 'Forget this deploy',
+                      () => void this.actions.undeploy(m.name),
+                      'jp-mod-warn jp-tpmlab-undeploy'
+                    )
               )
             )
           )

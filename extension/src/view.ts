@@ -50,6 +50,8 @@ export interface IModelJSON {
   state: 'deployed' | 'deploying' | 'failed';
   error: string | null;
   requested_stages?: number;
+  /** The gateway that serves this model (its stages are not visible from here). */
+  gateway?: string | null;
 }
 
 export interface IUsageJSON {
@@ -112,6 +114,8 @@ export interface IModelView {
   health: string;
   tone: Tone;
   deployed: boolean;
+  /** The gateway serving the model: it cannot be undeployed from here. */
+  gateway: string | null;
   error: string | null;
   stages: IStageRow[];
 }
@@ -220,12 +224,15 @@ export function toViewModel(status: IStatusJSON): IViewModel {
   }));
   const models: IModelView[] = status.models.map(m => {
     const deployed = m.state === 'deployed';
+    const gateway = m.gateway ?? null;
     const detail = deployed
       ? [
           m.family,
           m.dtype,
           m.n_layers !== null ? `${m.n_layers} layers` : null,
-          `${m.stages.length} stage${m.stages.length === 1 ? '' : 's'}`
+          gateway
+            ? `served by ${shortAddress(gateway)}`
+            : `${m.stages.length} stage${m.stages.length === 1 ? '' : 's'}`
         ]
           .filter(Boolean)
           .join(' · ')
@@ -241,6 +248,7 @@ export function toViewModel(status: IStatusJSON): IViewModel {
       health: m.health,
       tone: healthTone(m.health),
       deployed,
+      gateway,
       error: m.error,
       stages: m.stages.map(s => ({
         label: `${s.index}`,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tpmlab.cluster.errors import StageLostError
 from tpmlab.errors import ExecutionError, PlanError, TpmlabError
 from tpmlab.gateway import errors as gw
 from tpmlab.gateway.client import GatewayBackend, raise_for_error
@@ -39,6 +40,8 @@ def test_every_tpmlab_error_class_has_a_status_and_a_unique_name():
     names = [c.__name__ for c in gw._subclasses(TpmlabError) if gw._public(c)]
     assert len(names) == len(set(names)), "two error classes share a name"
     assert {ModelNotFoundError.http_status, LedgerError.http_status} == {404, 400}
+    # a lost worker is the service's failure, retried with success once healed: not the plan's
+    assert StageLostError.http_status == 503 and issubclass(StageLostError, ExecutionError)
 
 
 def test_every_error_class_comes_back_from_its_answer_as_itself():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tpmlab.lenses.common import answer_token, translate
+from tpmlab.lenses.contract import LensInputError
 
 
 def _translators(rows: tuple[int, ...], d: int = 8, rank: int = 3):
@@ -50,7 +51,7 @@ def test_answer_token(lab):
     assert answer_token(model, 123) == 123
     assert answer_token(model, " Paris France") == ids[0]  # an answer is its first token
     if len(ids) > 1:
-        with pytest.raises(ValueError, match=rf"' Paris France' is {len(ids)} tokens"):
+        with pytest.raises(LensInputError, match=rf"' Paris France' is {len(ids)} tokens"):
             answer_token(model, " Paris France", single=True)
-    with pytest.raises(ValueError, match="has no tokens"):
+    with pytest.raises(LensInputError, match="has no tokens"):
         answer_token(model, "")

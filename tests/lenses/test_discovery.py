@@ -191,18 +191,18 @@ def test_an_option_must_be_a_keyword_of_run():
 
 
 def test_view_refuses_what_no_dashboard_could_show():
-    with pytest.raises(ValueError, match="inputs 'three' is not one of"):
+    with pytest.raises(LensContractError, match="inputs 'three' is not one of"):
         LensView(inputs="three", rows=Axis("a"), cols=Axis("b"), metrics=(Metric("x", "x"),))
-    with pytest.raises(ValueError, match="at least one metric"):
+    with pytest.raises(LensContractError, match="at least one metric"):
         LensView(inputs="prompt", rows=Axis("a"), cols=Axis("b"), metrics=())
-    with pytest.raises(ValueError, match="metric names repeat"):
+    with pytest.raises(LensContractError, match="metric names repeat"):
         LensView(inputs="prompt", rows=Axis("a"), cols=Axis("b"),
                  metrics=(Metric("x", "x"), Metric("x", "y")))
-    with pytest.raises(ValueError, match="the axes need two names"):
+    with pytest.raises(LensContractError, match="the axes need two names"):
         LensView(inputs="prompt", rows=Axis("layer"), cols=Axis("layer"), metrics=(Metric("x", "x"),))
-    with pytest.raises(ValueError, match="kind 'complex' is not one of"):
+    with pytest.raises(LensContractError, match="kind 'complex' is not one of"):
         Option("z", "complex")
-    with pytest.raises(ValueError, match="choices go with kind 'choice'"):
+    with pytest.raises(LensContractError, match="choices go with kind 'choice'"):
         Option("z", "choice")
     assert not Option("obj", "object").shown  # an arbitrary object has no control
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tpmlab.lenses
+from tpmlab.lenses.contract import LensInputError
 
 from .conftest import hf_logits_hidden, hf_model
 
@@ -91,5 +92,5 @@ def test_batch_table_and_plot(lab, logit):
     assert isinstance(rows[0]["kl"], float)
     fig = batch[0].plot(metric="kl")
     assert fig.data[0].type == "heatmap" and len(fig.data[0].z) == 3
-    with pytest.raises(ValueError, match="unknown metric"):
+    with pytest.raises(LensInputError, match="unknown metric"):
         batch[0].plot(metric="nope")

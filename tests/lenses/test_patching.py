@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tpmlab.lenses
+from tpmlab.lenses.contract import LensInputError
 
 from .conftest import hf_model
 
@@ -118,5 +119,5 @@ def test_prompt_pairs_equal_hf(lab, patching):
         for p in range(len(c)):
             ref = (ld(x, [(path, p, clean[path][p])]) - lx) / (lc - lx)
             torch.testing.assert_close(d["effect"][i, p], ref, rtol=1e-3, atol=1e-5)
-    with pytest.raises(ValueError, match="same number of tokens"):
+    with pytest.raises(LensInputError, match="same number of tokens"):
         patching.patch_pairs(model, "one two", "one two three", answer=" a", wrong=" b")

@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 
 import tpmlab.lenses
 from tpmlab.lenses import discovery
+from tpmlab.lenses.contract import LensInputError
 
 from .conftest import hf_model
 
@@ -88,7 +89,7 @@ def test_grid_table_and_plot(lab, residual):
         [row[0] for row in cell.tables[0].rows] == ["3", "1"]
     rows = res.table()
     assert len(rows) == 20 and {"layer", "position", "norm", "update", "cos_prev", "cos_final"} <= set(rows[0])
-    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+    with pytest.raises(LensInputError, match="unknown metric 'nope'"):
         res.plot("nope")
 
 

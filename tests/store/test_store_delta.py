@@ -3,6 +3,7 @@ import torch
 from store_helpers import same_bytes, tiny_state_dict
 
 from tpmlab.store import LowRankDelta, apply_low_rank
+from tpmlab.store.errors import StoreInputError
 
 NAME = "layers.0.mlp.weight"
 
@@ -56,20 +57,20 @@ def test_state_dict_may_carry_the_edited_tensor(store):
     good = apply_low_rank(sd[NAME], u, v)
     v1 = store.commit({**sd, NAME: good}, config={}, message="", parent=v0, deltas={NAME: (u, v)})
     assert "delta" in store.manifest(v1)["tensors"][NAME]
-    with pytest.raises(ValueError, match="differs from parent"):
+    with pytest.raises(StoreInputError, match="differs from parent"):
         store.commit({**sd, NAME: good + 1}, config={}, message="", parent=v0, deltas={NAME: (u, v)})
 
 
 def test_delta_errors(store):
     sd = tiny_state_dict()
-    with pytest.raises(ValueError, match="need a parent"):
+    with pytest.raises(StoreInputError, match="need a parent"):
         store.commit(sd, config={}, message="", deltas={NAME: (torch.randn(32), torch.randn(16))})
     v0 = store.commit(sd, config={}, message="")
-    with pytest.raises(ValueError, match="U must be"):
+    with pytest.raises(StoreInputError, match="U must be"):
         store.commit(sd, config={}, message="", parent=v0, deltas={NAME: (torch.randn(16), torch.randn(32))})
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(StoreInputError, match="lacks"):
         store.commit(sd, config={}, message="", parent=v0, deltas={"nope": (torch.randn(2), torch.randn(2))})
-    with pytest.raises(ValueError, match="2-D base"):
+    with pytest.raises(StoreInputError, match="2-D base"):
         store.commit(sd, config={}, message="", parent=v0,
                      deltas={"norm.weight": (torch.randn(16), torch.randn(1))})
 

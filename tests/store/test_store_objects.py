@@ -3,6 +3,7 @@ import uuid
 import pytest
 
 from tpmlab.store import FsspecObjectStore, LocalObjectStore, open_object_store
+from tpmlab.store.errors import StoreInputError
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -39,9 +40,9 @@ def test_object_store_contract(objects):
 
 @pytest.mark.parametrize("key", ["../x", "a/b", ".hidden", "", "x" * 129])
 def test_object_store_rejects_unsafe_keys(objects, key):
-    with pytest.raises(ValueError, match="invalid"):
+    with pytest.raises(StoreInputError, match="invalid"):
         objects.put("tags", key, b"")
-    with pytest.raises(ValueError, match="unknown object kind"):
+    with pytest.raises(StoreInputError, match="unknown object kind"):
         objects.put("other", "k", b"")
 
 

@@ -3,6 +3,7 @@ import torch
 from store_helpers import tiny_state_dict
 
 from tpmlab.store import FsspecObjectStore, RefError, Store, StoreError, UnsafeRefError
+from tpmlab.store.errors import StoreInputError
 
 
 def _history(store, n=3):
@@ -37,9 +38,9 @@ def test_tags_resolve_and_move(store):
     assert [v.digest for v in store.log("stable")] == [d[1], d[0]]
     store.untag("stable")
     assert store.tags() == {}
-    with pytest.raises(ValueError, match="tag name"):
+    with pytest.raises(StoreInputError, match="tag name"):
         store.tag("a/b", d[0])
-    with pytest.raises(ValueError, match="tag name"):
+    with pytest.raises(StoreInputError, match="tag name"):
         store.tag(d[0], d[0])
 
 

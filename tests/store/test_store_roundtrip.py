@@ -8,6 +8,7 @@ from store_helpers import same_bytes, tiny_state_dict
 
 from tpmlab.store import CHUNK_SIZE, Store
 from tpmlab.store.chunking import DTYPES, chunk_digests, content_digest, split, tensor_bytes
+from tpmlab.store.errors import StoreInputError
 
 ROUND_TRIP_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64,
                      torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
@@ -74,7 +75,7 @@ def test_rejects_bad_input(store):
         store.commit({"t": torch.ones(1)}, config={"x": object()}, message="")
     with pytest.raises(TypeError, match="torch.Tensor"):
         store.commit({"t": [1.0]}, config={}, message="")
-    with pytest.raises(ValueError, match="meta"):
+    with pytest.raises(StoreInputError, match="meta"):
         store.commit({"t": torch.empty(2, device="meta")}, config={}, message="")
     with pytest.raises(TypeError, match="layout"):
         store.commit({"t": torch.eye(3).to_sparse()}, config={}, message="")

@@ -14,6 +14,7 @@ import torch
 
 import tpmlab.lenses
 from tpmlab.lenses import Cancelled, plotting
+from tpmlab.lenses.contract import LensInputError
 from tpmlab.lenses.result import token_label
 from tpmlab.widgets import dashboard, figures
 from tpmlab.widgets.jobs import Job
@@ -250,7 +251,7 @@ def test_runs_in_background_and_late_results_are_dropped(tiny):
 
 def test_errors_are_shown_not_raised(tiny):
     d = dashboard(tiny, "patching", prompt=PROMPT, subject="Louvre")
-    assert d.result is None and "ValueError" in d.status.value and "Louvre" in d.status.value
+    assert d.result is None and "LensInputError" in d.status.value and "Louvre" in d.status.value
     assert "Louvre" in d.figure_widget.layout.annotations[0].text
 
 
@@ -278,7 +279,7 @@ def test_unknown_lens():
 
 
 def test_unknown_option_is_named(tiny):
-    with pytest.raises(ValueError, match="lens 'logit' has no option 'colour'"):
+    with pytest.raises(LensInputError, match="lens 'logit' has no option 'colour'"):
         dashboard(tiny, "logit", prompt=PROMPT, colour="red")
 
 

@@ -15,8 +15,12 @@ class StageLostError(ExecutionError):
     """A stage's worker died while a request ran on it.
 
     The request failed; the deployment has already been healed (the lost stages were
-    loaded again on live workers), so running the request again works.
+    loaded again on live workers), so running the request again works. Behind the gateway
+    it is a 503 (the service could not finish it, and a retry is expected to work), not a
+    422 (a fault of the plan).
     """
+
+    http_status = 503
 
 
 class ClusterSecurityError(TpmlabError):

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import TpmlabError
+from .contract import LensInputError
 
 FORMAT = "tpmlab-lens/1"
 META_KEY = "tpmlab_lens"
@@ -39,7 +40,7 @@ def save_artifact(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict
     """Write ``tensors`` and ``meta`` (which must name ``kind``, ``model``, ``model_version``)."""
     for key in ("kind", "model", "model_version"):
         if not meta.get(key):
-            raise ValueError(f"artifact metadata needs {key!r}")
+            raise LensInputError(f"artifact metadata needs {key!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": FORMAT, **meta}

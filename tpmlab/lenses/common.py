@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .contract import LensInputError
+
 
 def token_ids(model: Any, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
     """A prompt as a 1-D ``long`` tensor of token ids (text is tokenized on the client)."""
@@ -23,7 +25,7 @@ def token_ids(model: Any, prompt: str | Sequence[int] | torch.Tensor) -> torch.T
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1:
-        raise ValueError(f"one prompt at a time: expected token ids [pos], got {tuple(ids.shape)}")
+        raise LensInputError(f"one prompt at a time: expected token ids [pos], got {tuple(ids.shape)}")
     return ids
 
 
@@ -47,9 +49,9 @@ def answer_token(model: Any, answer: str | int, *, single: bool = False) -> int:
         return answer
     ids = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"answer {answer!r} has no tokens")
+        raise LensInputError(f"answer {answer!r} has no tokens")
     if single and len(ids) != 1:
-        raise ValueError(f"{answer!r} is {len(ids)} tokens ({ids}); give one token or its id")
+        raise LensInputError(f"{answer!r} is {len(ids)} tokens ({ids}); give one token or its id")
     return ids[0]
 
 

@@ -81,6 +81,13 @@ class LensContractError(TpmlabError, TypeError):
     """A lens plugin does not keep the lens contract; the message names what is missing."""
 
 
+class LensInputError(TpmlabError, ValueError):
+    """A lens was given input it cannot use (a prompt, an answer, an option's value); the
+    message names the input and what it should be."""
+
+    http_status = 400
+
+
 @dataclass(frozen=True)
 class Option:
     """One keyword option of a lens's ``run``, as a control.
@@ -102,10 +109,10 @@ class Option:
 
     def __post_init__(self) -> None:
         if self.kind not in OPTION_KINDS:
-            raise ValueError(f"option {self.name!r}: kind {self.kind!r} is not one of "
+            raise LensContractError(f"option {self.name!r}: kind {self.kind!r} is not one of "
                              f"{sorted(OPTION_KINDS)}")
         if (self.kind == "choice") != bool(self.choices):
-            raise ValueError(f"option {self.name!r}: choices go with kind 'choice' (and only it)")
+            raise LensContractError(f"option {self.name!r}: choices go with kind 'choice' (and only it)")
         if self.kind == "object" and self.shown:
             object.__setattr__(self, "shown", False)  # no control can hold an arbitrary object
         if not self.label:
@@ -175,27 +182,27 @@ class LensView:
 
     def __post_init__(self) -> None:
         if self.inputs not in INPUTS:
-            raise ValueError(f"inputs {self.inputs!r} is not one of {sorted(INPUTS)}")
+            raise LensContractError(f"inputs {self.inputs!r} is not one of {sorted(INPUTS)}")
         if not self.metrics:
-            raise ValueError("a lens view needs at least one metric")
+            raise LensContractError("a lens view needs at least one metric")
         if self.rows.name == self.cols.name or "metric" in (self.rows.name, self.cols.name):
-            raise ValueError(f"the axes need two names other than 'metric' (they name the "
+            raise LensContractError(f"the axes need two names other than 'metric' (they name the "
                              f"dashboard's controls), got {self.rows.name!r} and {self.cols.name!r}")
         for kind, names in (("metric", [m.name for m in self.metrics]),
                             ("option", [o.name for o in self.options])):
             repeated = sorted({n for n in names if names.count(n) > 1})
             if repeated:
-                raise ValueError(f"{kind} names repeat: {repeated}")
+                raise LensContractError(f"{kind} names repeat: {repeated}")
         object.__setattr__(self, "example", MappingProxyType(dict(self.example)))
 
     def metric(self, name: str | None = None) -> Metric:
-        """The metric called ``name`` (default: the first); ``ValueError`` lists the names."""
+        """The metric called ``name`` (default: the first); :class:`LensInputError` (a ``ValueError``) lists the names."""
         if name is None:
             return self.metrics[0]
         for m in self.metrics:
             if m.name == name:
                 return m
-        raise ValueError(f"unknown metric {name!r}; choose from {[m.name for m in self.metrics]}")
+        raise LensInputError(f"unknown metric {name!r}; choose from {[m.name for m in self.metrics]}")
 
     def option(self, name: str) -> Option:
         for o in self.options:
@@ -339,12 +346,12 @@ def parse_prompts(text: str) -> tuple[list[str], list[str]]:
         if not part.strip():
             continue
         if "=>" not in part:
-            raise ValueError(f"write each prompt as 'prompt => answer', got {part.strip()!r}")
+            raise LensInputError(f"write each prompt as 'prompt => answer', got {part.strip()!r}")
         prompt, answer = part.split("=>", 1)
         prompts.append(prompt.strip())
         answers.append(" " + answer.strip())
     if not prompts:
-        raise ValueError("enter at least one line 'prompt => answer'")
+        raise LensInputError("enter at least one line 'prompt => answer'")
     return prompts, answers
 
 

@@ -120,7 +120,7 @@ class LensResult:
         raise NotImplementedError
 
     def metric(self, name: str) -> torch.Tensor:
-        """``[rows, cols]`` values of the view's metric ``name`` (``ValueError`` for another
+        """``[rows, cols]`` values of the view's metric ``name`` (``LensInputError`` for another
         name); by default ``data[name]``."""
         self.view.metric(name)
         return self.data[name].float()

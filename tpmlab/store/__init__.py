@@ -14,7 +14,14 @@ from .chunking import CHUNK_SIZE
 from .default import default_store
 from .delta import LowRankDelta, apply_low_rank
 from .diff import TensorDiff
-from .errors import RefError, StoreError, StoreIntegrityError, StoreLockedError, UnsafeRefError
+from .errors import (
+    RefError,
+    StoreError,
+    StoreInputError,
+    StoreIntegrityError,
+    StoreLockedError,
+    UnsafeRefError,
+)
 from .io import IOStats
 from .manifest import VersionInfo
 from .objects import FsspecObjectStore, LocalObjectStore, ObjectStore, open_object_store
@@ -23,7 +30,8 @@ from .store import Store
 
 __all__ = [
     "CHUNK_SIZE", "ObjectStore", "FsspecObjectStore", "GcReport", "IOStats", "LocalObjectStore",
-    "LowRankDelta", "RefError", "Store", "StoreError", "StoreIntegrityError", "StoreLockedError",
+    "LowRankDelta", "RefError", "Store", "StoreError", "StoreInputError", "StoreIntegrityError",
+    "StoreLockedError",
     "TensorDiff", "UnsafeRefError", "VerifyReport", "VersionInfo", "apply_low_rank",
     "default_store", "open_object_store",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .default import default_store
-from .errors import StoreError
+from .errors import StoreError, StoreInputError
 from .store import Store
 
 
@@ -101,7 +101,7 @@ def _cmd_tag(args: argparse.Namespace) -> int:
         for name, d in store.tags().items():
             print(f"{name}  {d[:12]}")
     elif args.ref is None:
-        raise ValueError("tag needs a version to point at: tpmlab store tag NAME REF")
+        raise StoreInputError("tag needs a version to point at: tpmlab store tag NAME REF")
     else:
         print(store.tag(args.name, args.ref, force=args.force))
     return 0

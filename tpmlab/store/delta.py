@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import StoreInputError
+
 
 @dataclass(frozen=True)
 class LowRankDelta:
@@ -42,7 +44,7 @@ class LowRankDelta:
         if v.dim() == 1:
             v = v[:, None]
         if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[1]:
-            raise ValueError(
+            raise StoreInputError(
                 f"low-rank factors must be U [out, r] and V [in, r]; got U {tuple(self.u.shape)}, "
                 f"V {tuple(self.v.shape)}"
             )
@@ -57,14 +59,14 @@ class LowRankDelta:
         return int(self.u.shape[1])
 
     def check_base(self, name: str, base_shape: tuple[int, ...], base_dtype: torch.dtype) -> None:
-        """Raise ``ValueError`` unless this delta fits a base tensor of that shape and dtype."""
+        """Raise :class:`StoreInputError` (a ``ValueError``) unless this delta fits a base tensor of that shape and dtype."""
         if len(base_shape) != 2:
-            raise ValueError(f"low-rank delta for {name!r} needs a 2-D base, got shape {base_shape}")
+            raise StoreInputError(f"low-rank delta for {name!r} needs a 2-D base, got shape {base_shape}")
         if not base_dtype.is_floating_point:
-            raise ValueError(f"low-rank delta for {name!r} needs a floating-point base, got {base_dtype}")
+            raise StoreInputError(f"low-rank delta for {name!r} needs a floating-point base, got {base_dtype}")
         want = ((base_shape[0], self.rank), (base_shape[1], self.rank))
         if (tuple(self.u.shape), tuple(self.v.shape)) != want:
-            raise ValueError(
+            raise StoreInputError(
                 f"low-rank delta for {name!r}: base is {base_shape}, so U must be {want[0]} and "
                 f"V {want[1]}; got U {tuple(self.u.shape)}, V {tuple(self.v.shape)}"
             )

@@ -15,6 +15,13 @@ class RefError(StoreError, LookupError):
     http_status = 404
 
 
+class StoreInputError(StoreError, ValueError):
+    """An argument the store cannot take (a tag or key that is not a plain name, deltas
+    without a parent, a tensor with no values); the message names it and what it must be."""
+
+    http_status = 400
+
+
 class StoreIntegrityError(StoreError):
     """Stored bytes that do not hash to the digest that names them, or that are missing.
 

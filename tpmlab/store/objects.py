@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .errors import UnsafeRefError
+from .errors import StoreInputError, UnsafeRefError
 from .locks import FileLock
 
 KINDS = ("chunks", "manifests", "tags", "locks")
@@ -30,9 +30,9 @@ _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def check_key(kind: str, key: str) -> None:
     """Reject unknown kinds and keys that are not plain names (no ``/``, no leading dot)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown object kind {kind!r}; expected one of {KINDS}")
+        raise StoreInputError(f"unknown object kind {kind!r}; expected one of {KINDS}")
     if not isinstance(key, str) or not _KEY.match(key):
-        raise ValueError(
+        raise StoreInputError(
             f"invalid {kind} key {key!r}: expected 1-128 characters of letters, digits, "
             "'.', '_' or '-', not starting with '.', '_' or '-'"
         )

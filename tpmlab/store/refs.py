@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import RefError
+from .errors import RefError, StoreInputError
 from .objects import ObjectStore, check_key
 
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -16,13 +16,13 @@ def check_tag_name(name: str) -> None:
     """Reject tag names that could be mistaken for digests or are not plain names."""
     try:
         check_key("tags", name)
-    except ValueError:
-        raise ValueError(
+    except StoreInputError:
+        raise StoreInputError(
             f"invalid tag name {name!r}: use letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         ) from None
     if DIGEST.match(name):
-        raise ValueError(f"invalid tag name {name!r}: it looks like a version digest")
+        raise StoreInputError(f"invalid tag name {name!r}: it looks like a version digest")
 
 
 def read_tag(objects: ObjectStore, name: str) -> str | None:

@@ -16,7 +16,7 @@ import torch
 from .chunking import CHUNK_SIZE, dtype_name, tensor_bytes
 from .delta import LowRankDelta, apply_low_rank, as_delta
 from .diff import TensorDiff, compare
-from .errors import RefError, StoreError, StoreIntegrityError, UnsafeRefError
+from .errors import RefError, StoreError, StoreInputError, StoreIntegrityError, UnsafeRefError
 from .io import IOStats
 from .locks import EXCLUSIVE, SHARED, StoreLock, store_lock
 from .manifest import (
@@ -262,7 +262,7 @@ class Store:
         deltas = {k: as_delta(v) for k, v in (deltas or {}).items()}
         parent_digest = self.resolve(parent) if parent is not None else None
         if deltas and parent_digest is None:
-            raise ValueError(f"deltas ({', '.join(deltas)}) need a parent version to apply to")
+            raise StoreInputError(f"deltas ({', '.join(deltas)}) need a parent version to apply to")
         tensors: dict[str, dict[str, Any]] = {}
         with self._pool() as pool:
             # Hash everything first: a version already stored costs no writes at all.
@@ -314,7 +314,7 @@ class Store:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"state_dict[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
             if t.device.type == "meta":
-                raise ValueError(f"state_dict[{name!r}] is on the meta device and has no values")
+                raise StoreInputError(f"state_dict[{name!r}] is on the meta device and has no values")
             dtype_name(t.dtype)
 
     def _delta_entries(
@@ -324,7 +324,7 @@ class Store:
         pm = self._manifest(parent)
         missing = [n for n in deltas if n not in pm["tensors"]]
         if missing:
-            raise ValueError(f"deltas name tensors the parent {parent[:12]} lacks: {missing}")
+            raise StoreInputError(f"deltas name tensors the parent {parent[:12]} lacks: {missing}")
         base_entries = {n: pm["tensors"][n] for n in deltas}
         bases = Reader(self.objects, pool, self.stats).read(base_entries)
         out = {}
@@ -337,7 +337,7 @@ class Store:
                 given.dtype != new.dtype or given.shape != new.shape
                 or tensor_bytes(given) != tensor_bytes(new)
             ):
-                raise ValueError(
+                raise StoreInputError(
                     f"state_dict[{name!r}] differs from parent + U @ V^T as tpmlab.store.delta "
                     "computes it; compute it with tpmlab.store.apply_low_rank or leave it out"
                 )

@@ -58,11 +58,3 @@ def write_chunks(
               chunks_deduplicated=len(digests) - len(written),
               bytes_deduplicated=int(entry["nbytes"]) - n_written)
 
-
-def write_tensor(
-    objects: ObjectStore, tensor: torch.Tensor, pool: Executor, stats: IOStats
-) -> dict[str, Any]:
-    """Store ``tensor``'s chunks (skipping those already stored); return its dense entry."""
-    entry = hash_tensor(tensor, pool)
-    write_chunks(objects, tensor, entry, pool, stats)
-    return entry

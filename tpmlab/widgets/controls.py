@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..lenses.contract import Option, parse_prompts
+from ..lenses.contract import LensContractError, LensInputError, Option, parse_prompts
 
 
 def layout(**kw: Any):
@@ -49,7 +49,7 @@ def make(option: Option, value: Any) -> Any:
         control = w.Dropdown(options=[("-", -1)], value=-1, layout=layout(width="220px"), **common)
         control.wanted = -1 if value is None else int(value)  # applied once the prompt is known
         return control
-    raise ValueError(f"option {option.name!r} of kind {kind!r} has no control")
+    raise LensContractError(f"option {option.name!r} of kind {kind!r} has no control")
 
 
 def read(option: Option, control: Any) -> tuple[bool, Any]:
@@ -63,7 +63,7 @@ def read(option: Option, control: Any) -> tuple[bool, Any]:
         try:
             return True, tuple(float(t) for t in value.replace(",", " ").split())
         except ValueError:
-            raise ValueError(f"{option.label}: write numbers separated by commas, got {value!r}") from None
+            raise LensInputError(f"{option.label}: write numbers separated by commas, got {value!r}") from None
     return True, value
 
 
@@ -110,5 +110,5 @@ def read_inputs(inputs: str, boxes: Sequence[Any]) -> tuple[Any, ...]:
     texts = tuple(b.value for b in boxes)
     for box, text in zip(boxes, texts):
         if not text.strip():
-            raise ValueError(f"enter {box.placeholder}")
+            raise LensInputError(f"enter {box.placeholder}")
     return texts

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 import tpmlab.lenses
+from tpmlab.lenses.contract import LensInputError
 
 from . import controls as ctl
 from . import figures
@@ -67,7 +68,7 @@ class LensDashboard:
         self.view = self.info.view
         unknown = sorted(k for k in options if not self.info.accepts(k))
         if unknown:
-            raise ValueError(f"lens {self.info.name!r} has no option {', '.join(map(repr, unknown))}; "
+            raise LensInputError(f"lens {self.info.name!r} has no option {', '.join(map(repr, unknown))}; "
                              f"its options: {[o.name for o in self.view.options]}")
         self.model = model
         self.result: Any = None

@@ -132,6 +132,18 @@ describe('toViewModel', () => {
     expect(pending.tone).toBe('busy');
   });
 
+  it("shows a gateway's model as served by it, not as a model of no stages", () => {
+    const served = {
+      name: 'smollm2-135m', version: 'abc', family: 'llama', dtype: 'bfloat16', n_layers: null,
+      stages: [], health: 'ok' as const, state: 'deployed' as const, error: null,
+      gateway: 'https://hub.example.org/services/tpmlab'
+    };
+    const [m] = toViewModel({ ...STATUS, models: [served] }).models;
+    expect(m.detail).toBe('llama · bfloat16 · served by hub.example.org/services/tpmlab');
+    expect(m.gateway).toBe('https://hub.example.org/services/tpmlab');
+    expect(vm.models[0].gateway).toBeNull();
+  });
+
   it('reports running requests and says queues need a gateway', () => {
     expect(vm.running).toEqual([{ model: 'smollm2-135m', count: 1 }]);
     expect(vm.queued).toBe('–');
