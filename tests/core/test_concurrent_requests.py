@@ -69,10 +69,12 @@ def run_held(backend, name: str, blobs: list[bytes], monkeypatch, **policy):
             ThreadPoolExecutor(len(blobs) + 1) as pool:
         holder = pool.submit(backend.run_values, name, first)
         assert started.wait(60)
-        futures = [pool.submit(backend.run_values, name, b) for b in blobs]
-        deadline = time.monotonic() + 60
-        while queue.queued < len(blobs) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        futures = []
+        for k, blob in enumerate(blobs):  # one at a time: they queue in this order
+            futures.append(pool.submit(backend.run_values, name, blob))
+            deadline = time.monotonic() + 60
+            while queue.queued < k + 1 and time.monotonic() < deadline:
+                time.sleep(0.002)
         assert queue.queued == len(blobs)
         release.set()
         holder.result()

@@ -3,8 +3,9 @@ forward passes.
 
 A plan's hooks sit on the model's shared modules, so two passes at once would read each
 other's values; and one pass already uses every core (or the whole GPU). So each model
-has one *pass thread*. A caller queues its plan bytes and waits; the pass thread decodes
-and validates what arrived (a refused request fails alone, its error raised in its
+has one pass at a time. A caller that finds no pass running and nothing queued runs its
+request itself, in its own thread; otherwise it queues its plan bytes and waits for the
+model's *pass thread*, which decodes and validates what arrived (a refused request fails alone, its error raised in its
 caller's thread), takes the oldest admitted request and, if it can share a pass (:func:`~tpmlab.ir.merge.can_merge`),
 every later queued request compatible with it: the same
 :func:`~tpmlab.ir.merge.merge_key` (model, version, input kind) and a merged batch within
@@ -71,7 +72,7 @@ class BatchPolicy:
     probe_every: int = 16
 
 
-@dataclass
+@dataclass(eq=False)
 class _Queued:
     blob: bytes
     caller_limits: Limits | None
@@ -100,10 +101,11 @@ class PassQueue:
         self.requests = 0
         self._cond = threading.Condition()
         self._incoming: deque[_Queued] = deque()  # as the callers queued them
-        self._ready: deque[_Queued] = deque()  # admitted; only the pass thread touches it
+        self._ready: deque[_Queued] = deque()  # admitted; touched only by whoever holds the pass
         self._thread: threading.Thread | None = None
         self._closed = False
         self._last = (1, 0.0)  # the last pass: requests served, seconds
+        self._busy = False  # a pass is being run (by the pass thread or a caller)
         self.cell_seconds: dict[bool, float | None] = {False: None, True: None}  # alone, merged
         self._declined = 0  # chances to merge not taken since the last merged pass
 
@@ -121,13 +123,21 @@ class PassQueue:
         with self._cond:
             if self._closed:
                 raise ModelUndeployedError(f"model {self.host.name!r} is not deployed any more; "
-                                         "deploy it again to run requests on it")
-            self._incoming.append(item)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, daemon=True,
-                                                name=f"tpmlab-passes-{self.host.name}")
-                self._thread.start()
-            self._cond.notify()
+                                           "deploy it again to run requests on it")
+            # nothing running, nothing queued: run it here, in the caller's thread, as a
+            # lone caller always has (no hand-over); requests that come meanwhile queue
+            mine = not self._busy and not self._incoming and not self._ready
+            if mine:
+                self._busy = True
+            else:
+                self._incoming.append(item)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                    name=f"tpmlab-passes-{self.host.name}")
+                    self._thread.start()
+                self._cond.notify_all()
+        if mine:
+            self._run_group([item], [])
         return item.future.result()
 
     def close(self, timeout: float = 60.0) -> None:
@@ -149,28 +159,46 @@ class PassQueue:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._incoming and not self._ready:
-                    # idle (or closed): end; a later request starts a new thread
-                    if self._closed or not self._cond.wait(self.policy.idle_seconds):
-                        if not self._incoming:
-                            self._thread = None
-                            return
+                while self._busy or not (self._incoming or self._ready):
+                    idle = not (self._incoming or self._ready)
+                    if idle and self._closed:
+                        self._thread = None
+                        return
+                    # idle this long: end; a later request starts a new thread
+                    if not self._cond.wait(self.policy.idle_seconds) and not self._busy \
+                            and not (self._incoming or self._ready):
+                        self._thread = None
+                        return
+                self._busy = True  # callers queue until this pass is done
                 self._linger()
                 arrived, self._incoming = self._incoming, deque()
-            for item in arrived:
-                self._admit(item)
-            if not self._ready:
-                continue
-            group = self._take()
-            started = time.perf_counter()
-            try:
+            self._run_group(arrived, None)
+
+    def _run_group(self, arrived: list[_Queued], group: list[_Queued] | None) -> None:
+        """Admit ``arrived``, then serve ``group`` (``None``: the next group of the admitted
+        requests); the caller holds the pass (``_busy``), released here."""
+        started = time.perf_counter()
+        served = 0
+        try:
+            admitted = [item for item in arrived if self._admit(item)]
+            if group is None:
+                self._ready.extend(admitted)
+                group = self._take() if self._ready else []
+            else:  # the caller's own request
+                group = admitted
+            served = len(group)
+            if group:
                 self._serve(group)
-            finally:
-                self._last = (len(group), time.perf_counter() - started)  # whatever happened, no caller waits forever
-                for item in group:
-                    if not item.future.done():
-                        item.future.set_exception(TpmlabError("the request's pass ended "
-                                                              "without a result"))
+        finally:
+            for item in group or ():  # whatever happened, no caller waits forever
+                if not item.future.done():
+                    item.future.set_exception(TpmlabError("the request's pass ended "
+                                                          "without a result"))
+            with self._cond:
+                if served:
+                    self._last = (served, time.perf_counter() - started)
+                self._busy = False
+                self._cond.notify_all()
 
     def _linger(self) -> None:
         """Give the last pass's callers a moment to queue again (under the lock)."""
@@ -181,18 +209,18 @@ class PassQueue:
             self._cond.wait(left)
             left = deadline - time.monotonic()
 
-    def _admit(self, item: _Queued) -> None:
+    def _admit(self, item: _Queued) -> bool:
         """Decode and validate a queued request; a refused one fails here, alone."""
         try:
             plan, limits = request.decode(item.blob, self.host.limits, item.caller_limits)
             item.schedule = self.host.admit(plan, limits)
         except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
             item.future.set_exception(e)
-            return
+            return False
         item.plan, item.limits, item.blob = plan, limits, b""
         item.key = merge_key(plan) if can_merge(plan) else None
         item.lengths = [int(plan.tensors[t].shape[0]) for inv in plan.invokes for t in inv.tensors]
-        self._ready.append(item)
+        return True
 
     def _take(self) -> list[_Queued]:
         """The oldest admitted request and the later ones that may share its pass."""
