@@ -1,6 +1,9 @@
 """Saved values reaching the notebook from pipeline stages on this host: through shared
 memory (:mod:`tpmlab.cluster.handover`, the default) against Dask's comms (TLS, as the
-embedded cluster speaks), on the same deployment, requests alternating.
+embedded cluster speaks), on the same deployment, requests alternating. ``shared memory,
+copy + write`` is the hand-over as it was before saves were copied straight into segments
+(``handover.DIRECT = False`` on the workers for those requests: each large save cloned,
+then written into a new segment).
 
 A trace saving a large value (``--save logits``: the last stage's logits
 ``[batch, pos, vocab]``; ``--save layers``: every layer's output, from every stage) is timed
@@ -34,6 +37,12 @@ def start(device: str) -> Any:
     return start_local_cluster(n_workers=2)
 
 
+def _direct(flag: bool) -> None:
+    from tpmlab.cluster import handover
+
+    handover.DIRECT = flag
+
+
 def trace(model: Any, ids: torch.Tensor, save: str, touch: bool) -> int:
     """Run one trace; returns the bytes saved."""
     with model.trace(ids):
@@ -49,6 +58,11 @@ def trace(model: Any, ids: torch.Tensor, save: str, touch: bool) -> int:
         for v in values:
             v.max()
     return sum(v.numel() * v.element_size() for v in values)
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    """GB/s, or "-" where the run's noise left no difference to divide by."""
+    return f"{nbytes / seconds / 1e9:.2f}" if seconds > 0 else "-"
 
 
 def main() -> None:
@@ -68,11 +82,13 @@ def main() -> None:
 
     cluster = start(args.device)
     client = Client(cluster)
-    labs = {"shared memory": Lab(DaskBackend(client=client, handover=True)),
+    shared = Lab(DaskBackend(client=client, handover=True))
+    labs = {"shared memory": shared, "shared memory, copy + write": shared,
             "dask comms": Lab(DaskBackend(client=client, handover=False))}
     models = {}
-    for name, lab in labs.items():  # the second attaches to the first's deployment
+    for name, lab in labs.items():  # the others attach to the first's deployment
         models[name] = lab.model(args.model, stages=args.stages, dtype=args.dtype)
+    direct = {way: way != "shared memory, copy + write" for way in labs}
     rows, pos = (int(x) for x in args.shape.split("x"))
     vocab = models["shared memory"].info.vocab_size
     ids = torch.randint(0, vocab, (rows, pos), generator=torch.Generator().manual_seed(0))
@@ -81,9 +97,11 @@ def main() -> None:
     times: dict[tuple[str, str, bool], list[float]] = {c: [] for c in cases}
     nbytes = 0
     for c in cases:  # warm-up
+        client.run(_direct, direct[c[0]])
         trace(models[c[0]], ids, c[1], c[2])
     for r in range(args.repeats):
         for c in cases if r % 2 == 0 else cases[::-1]:
+            client.run(_direct, direct[c[0]])
             t = time.perf_counter()
             n = trace(models[c[0]], ids, c[1], c[2])
             times[c].append(time.perf_counter() - t)
@@ -96,17 +114,17 @@ def main() -> None:
         copies.append(time.perf_counter() - t)
     print(f"{args.model} {args.stages} stages on {args.device}, {args.shape}, saving {args.save}: "
           f"{nbytes / 1e6:.0f} MB, median of {args.repeats}")
-    print(f"{'':16s}{'trace, 1 token':>16s}{'with saves':>12s}{'GB/s':>7s}"
+    print(f"{'':28s}{'trace, 1 token':>16s}{'with saves':>12s}{'GB/s':>7s}"
           f"{'+ touch':>10s}{'GB/s':>7s}")
     for way in labs:
         base = statistics.median(times[(way, "token", False)])
         big = statistics.median(times[(way, args.save, False)])
         touched = statistics.median(times[(way, args.save, True)])
-        print(f"{way:16s}{base * 1e3:13.1f} ms{big * 1e3:9.1f} ms"
-              f"{nbytes / max(big - base, 1e-9) / 1e9:7.2f}{touched * 1e3:7.1f} ms"
-              f"{nbytes / max(touched - base, 1e-9) / 1e9:7.2f}")
+        print(f"{way:28s}{base * 1e3:13.1f} ms{big * 1e3:9.1f} ms"
+              f"{_rate(nbytes, big - base):>7s}{touched * 1e3:7.1f} ms"
+              f"{_rate(nbytes, touched - base):>7s}")
     print(f"plain copy in this process: {nbytes / statistics.median(copies) / 1e9:.2f} GB/s")
-    for lab in labs.values():
+    for lab in {id(lab): lab for lab in labs.values()}.values():
         lab.close()
     client.close()
     cluster.close()

@@ -35,6 +35,8 @@ PAGES: list[tuple[str, str, str, list[str] | None]] = [
     ("proxy", "Traced values: `Proxy`", "tpmlab.tracing.proxy", ["Proxy", "ValueNotReady"]),
     ("errors", "Errors", "tpmlab.errors", None),
     ("cluster", "The Dask engine: `DaskBackend`", "tpmlab.cluster.backend", ["DaskBackend"]),
+    ("remote", "Remote values: `tpmlab.remote`", "tpmlab.remote",
+     ["RemoteValue", "concatenate", "stack"]),
     ("deployments", "Deployments on the scheduler: `tpmlab.cluster.deployments`",
      "tpmlab.cluster.deployments", None),
     ("gateway-errors", "Errors as HTTP answers: `tpmlab.gateway.errors`", "tpmlab.gateway.errors",

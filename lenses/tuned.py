@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: N812
 
 import tpmlab.lenses
 from tpmlab.lenses import Option, Progress
-from tpmlab.lenses.artifact import check_model, load_artifact, save_artifact
+from tpmlab.lenses.artifact import ArtifactMismatchError, check_model, load_artifact, save_artifact
 from tpmlab.lenses.common import nonnegative, translate
 from tpmlab.lenses.contract import Steps
 
@@ -333,9 +333,16 @@ def load(model: Any, path: str | Path | None = None, *, train_if_missing: bool =
     nothing."""
     if path is not None:
         return TunedLens.load(path, model)
-    for candidate in (cache_path(model), shipped_path(model)):
+    here = cache_path(model)
+    # lenses cached under a version of an older digest scheme are named by that version
+    older = sorted(p for p in here.parent.glob(f"{model.name}-*.safetensors") if p != here)
+    for candidate in (here, *older, shipped_path(model)):
         if candidate.is_file():
-            return TunedLens.load(candidate, model)
+            try:
+                return TunedLens.load(candidate, model)
+            except ArtifactMismatchError:
+                if candidate not in older:  # another version's cached lens: not this one
+                    raise
     if not train_if_missing:
         raise FileNotFoundError(
             f"no tuned lens for {model.name} ({model.version}) in {cache_path(model).parent} or "

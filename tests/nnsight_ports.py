@@ -197,14 +197,100 @@ def session_patching(model, nn_model):
 
 
 def stop_early(model, nn_model):
-    """``tracer.stop()`` after the values of interest."""
+    """``tracer.stop()`` after the values of interest: the pass ends there (a patch at
+    layer 0, read at layer 1)."""
+    v = torch.linspace(-1, 1, model.d_model)
     with model.trace(PROMPT) as tr:
-        ours = model.layers[0].output.save()
+        first = model.layers[0].output.clone().save()
+        model.layers[0].output[:, -1] += v
+        ours = [first, model.layers[1].output.save()]
         tr.stop()
+    layers = nn_layers(nn_model, model)
     with nn_model.trace(PROMPT) as tr:
-        theirs = nn_layers(nn_model, model)[0].output.save()
+        nn_first = layers[0].output.clone().save()
+        layers[0].output[:, -1] += v
+        second = layers[1].output.save()
         tr.stop()
-    return [ours.value], [theirs]
+    return [p.value for p in ours], [nn_first, second]
+
+
+def cross_invoke_barrier(model, nn_model):
+    """nnsight's barrier idiom: invoke 1's layer-0 output patched into invoke 2 at the same
+    module point (two prompts of one length, so the values fit)."""
+    ids = torch.tensor([model.tokenizer(PROMPT)["input_ids"]])
+    other = ids.flip(-1)
+    with model.trace() as tr:
+        barrier = tr.barrier(2)
+        with tr.invoke(ids):
+            h = model.layers[0].output
+            barrier()
+            clean = model.output.logits.save()
+        with tr.invoke(other):
+            barrier()
+            model.layers[0].output = h
+            ours = [model.layers[1].output.save(), model.output.logits.save()]
+    layers = nn_layers(nn_model, model)
+    with nn_model.trace() as tr:
+        barrier = tr.barrier(2)
+        with tr.invoke(ids):
+            nn_h = layers[0].output
+            barrier()
+            nn_clean = nn_model.output.logits.save()
+        with tr.invoke(other):
+            barrier()
+            layers[0].output = nn_h
+            patched = layers[1].output.save()
+            logits = nn_model.output.logits.save()
+    torch.testing.assert_close(ours[1].value, clean.value)  # invoke 2 became invoke 1
+    return [clean.value] + [p.value for p in ours], [nn_clean, patched, logits]
+
+
+def _tensors_of(kwargs: dict) -> dict:
+    """The tensors among keyword inputs (a tuple of them, as rotary embeddings: each)."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            out.update({f"{key}[{i}]": v for i, v in enumerate(value)})
+    return out
+
+
+def module_inputs(model, nn_model):
+    """``.inputs`` (``(args, kwargs)``) and ``.input`` of a layer read, saved and replaced;
+    the model's own inputs in an invoke (``model.inputs``, tpmlab also ``invoke.inputs``)."""
+    layer = model.layers[-1]  # on 2 stages: the last stage's
+    with model.trace() as tr:
+        with tr.invoke(PROMPT) as invoke:
+            root = invoke.inputs.save()
+            root_kwargs = model.inputs[1]  # the same value
+            ids = root_kwargs["input_ids"].save()
+            args, kwargs = layer.inputs
+            ours = [args[0].save(), kwargs.save(), layer.input.save()]
+            layer.inputs = ((args[0] * 2,), kwargs)
+            ours.append(layer.output.save())
+            ours.append(model.output.logits.save())
+    nn_layer = nn_layers(nn_model, model)[-1]
+    with nn_model.trace() as tr:
+        with tr.invoke(PROMPT):
+            nn_root = nn_model.inputs.save()
+            nn_args, nn_kwargs = nn_layer.inputs
+            theirs = list().save()
+            theirs.extend([nn_args[0], nn_kwargs, nn_layer.input])
+            nn_layer.inputs = ((nn_args[0] * 2,), nn_kwargs)
+            theirs.extend([nn_layer.output, nn_model.output.logits])
+    ours = [p.value for p in ours]
+    assert root.value[0] == () and nn_root[0] == ()
+    assert torch.equal(ids.value, root.value[1]["input_ids"])
+    keys = ("input_ids", "attention_mask", "position_ids")
+    mine, nn_kw = _tensors_of(ours[1]), _tensors_of(theirs[1])
+    common = sorted(set(mine) & set(nn_kw))
+    if model.adapter.family != "gpt2":
+        assert "position_embeddings[0]" in common, (sorted(mine), sorted(nn_kw))
+    return ([root.value[1][k] for k in keys if k in nn_root[1]] + [ours[0], ours[2]] + ours[3:]
+            + [mine[k] for k in common],
+            [nn_root[1][k] for k in keys if k in nn_root[1]] + [theirs[0], theirs[2]] + theirs[3:]
+            + [nn_kw[k] for k in common])
 
 
 def attention_patterns(model, nn_model):
@@ -217,6 +303,33 @@ def attention_patterns(model, nn_model):
     with eager.trace(PROMPT, output_attentions=True):
         attentions = eager.output.attentions.save()
     return [p.value for p in ours], [attentions[i] for i in layers]
+
+
+def source_values(model, nn_model):
+    """``.source`` inside the last layer: the attention function's output (the heads'
+    outputs and the attention weights, nnsight's under eager attention) and the MLP's
+    activation read; then one head zeroed through the attention function's output."""
+    layer = model.layers[-1]
+    attn = model.envoy(f"{layer.path}.{model.adapter.attn}")
+    mlp = model.envoy(f"{layer.path}.{model.adapter.mlp}")
+    act = next(name for name in mlp.module._modules if name.startswith("act"))
+    with model.trace(PROMPT):
+        both = attn.source.attention_interface_1.output.save()
+        activation = getattr(mlp.source, f"self_{act}_0").output.save()
+    with model.trace(PROMPT):
+        heads, _ = attn.source.attention_interface_1.output
+        heads[:, :, 0] = 0
+        logits = model.output.logits.save()
+    eager = nn_model_for(model, "eager")
+    nn_attn, nn_mlp = nn_path(eager, attn.path), nn_path(eager, mlp.path)
+    with eager.trace(PROMPT):
+        nn_both = nn_attn.source.attention_interface_1.output.save()
+        nn_activation = getattr(nn_mlp.source, f"self_{act}_0").output.save()
+    with eager.trace(PROMPT):
+        nn_attn.source.attention_interface_1.output[0][:, :, 0] = 0
+        nn_logits = eager.output.logits.save()
+    return ([both.value[0], both.value[1], activation.value, logits.value],
+            [nn_both[0], nn_both[1], nn_activation, nn_logits])
 
 
 def cache_modules(model, nn_model):
@@ -321,7 +434,8 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
-         auxiliary_modules, dry_run_shapes, session_patching, stop_early,
+         auxiliary_modules, dry_run_shapes, session_patching, stop_early, module_inputs,
+         cross_invoke_barrier, source_values,
          attention_patterns,
          cache_modules, whole_batch_invoke,
          generation_steps, many_invokes, seeded_noise]

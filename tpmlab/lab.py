@@ -41,6 +41,12 @@ class Lab:
         """Run a plan; saved values and provenance (in-process backends skip the result codec)."""
         return self.backend.run_values(model, plan, timeout=timeout, limits=limits)
 
+    def release_remote(self, model: str | None = None) -> int:
+        """Free the remote values (``.save(remote=True)``) this lab handed out, of ``model``
+        or of every model; how many were freed (see :mod:`tpmlab.remote`)."""
+        release = getattr(self.backend, "release_remote", None)
+        return release(model) if release is not None else 0
+
     def undeploy(self, name: str) -> None:
         self.models.pop(name, None)
         self.backend.undeploy(name)

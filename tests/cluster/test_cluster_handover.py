@@ -22,8 +22,10 @@ MODEL = "tiny-llama"
 PROMPTS = ["The Eiffel Tower is located in the city of", "Hello"]
 
 
-def _segments(pids=None) -> list[Path]:
-    found = sorted(handover.SHM.glob(f"{handover.PREFIX}*"))
+def _segments(pids=None, pool: bool = False) -> list[Path]:
+    """Segments (handed over, or with ``pool`` those of the stages' pools) of ``pids``."""
+    found = sorted(p for p in handover.SHM.glob(f"{handover.PREFIX}*")
+                   if (handover.POOL_KIND in p.name) == pool)
     if pids is None:
         return found
     return [p for p in found if int(p.name.split("-")[1]) in pids]
@@ -91,6 +93,115 @@ def _failing_second(to_segment):
     return wrapped
 
 
+def test_a_save_copied_into_a_segment_is_handed_over_without_another_copy(monkeypatch):
+    """The runner's copy of a large save goes straight into a segment (``allocator``); the
+    reply names that segment: no other segment is made, nothing is written again."""
+    from tpmlab.runtime.runner import host_copy
+
+    segments = handover.Segments()
+    alloc = segments.allocator("r6", handover.local_token(), deadline=0.0)
+    live = {"a": torch.randn(700, 600), "b": torch.randn(1024, 1024).bfloat16(),
+            "small": torch.randn(3, 3), "part": torch.randn(4, 600, 700)}
+    saved = host_copy({**live, "part": live["part"]}, False, alloc)
+    mine = _segments({os.getpid()})
+    assert len(mine) == 3  # a, b, part: each copy made in a segment; small: ordinary memory
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in mine)
+    for k in live:
+        assert torch.equal(saved[k], live[k]) and saved[k].dtype == live[k].dtype
+    before = live["a"].clone()
+    live["a"].add_(1)  # a later write to the live value does not reach the save
+    assert not torch.equal(saved["a"], live["a"])
+    wire = to_wire({**saved, "part": saved["part"][1]})  # a part of a segment: written anew
+
+    def no_writes(array, made):
+        if array.nbytes >= handover.THRESHOLD and array.nbytes != 600 * 700 * 4:
+            raise AssertionError("a value already in a segment was copied again")
+        return to_segment(array, made)
+
+    to_segment = handover._to_segment
+    monkeypatch.setattr(handover, "_to_segment", no_writes)
+    packed = segments.pack(wire, "r6", handover.local_token(), deadline=0.0)
+    assert {packed["a"].path, packed["b"].data.path} <= {str(p) for p in mine}
+    # the part's own segment is new; the whole it came from was never handed over: freed
+    assert len(_segments({os.getpid()})) == 3 and packed["part"].path not in map(str, mine)
+    got = from_wire(handover.unpack(packed))
+    del saved, wire
+    assert not _segments({os.getpid()})
+    assert torch.equal(got["a"], before) and torch.equal(got["b"], live["b"])
+    assert torch.equal(got["part"], live["part"][1]) and torch.equal(got["small"], live["small"])
+    assert segments.held() == 0
+
+
+def test_segments_allocated_for_a_failed_request_are_freed(monkeypatch):
+    segments = handover.Segments()
+    alloc = segments.allocator("r7", handover.local_token(), deadline=0.0)
+    kept = alloc((512, 1024), torch.float32)
+    assert kept is not None and segments.held() == 1
+    assert alloc((10,), torch.float32) is None  # small: ordinary memory
+    segments.free("r7")  # the request failed before its reply was packed
+    assert not _segments({os.getpid()}) and segments.held() == 0
+    kept.fill_(1.0)  # the stage's mapping stays valid until its tensor goes
+    assert segments.allocator("r8", {**handover.local_token(), "boot": "x"}, 0.0) is None
+
+    def full(nbytes):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(handover, "_new_segment", full)
+    alloc = segments.allocator("r9", handover.local_token(), deadline=0.0)
+    assert alloc((512, 1024), torch.float32) is None  # /dev/shm full: an ordinary copy
+
+
+def test_segments_made_ahead_of_time_take_the_next_request_of_the_same_sizes():
+    segments = handover.Segments()
+    alloc = segments.allocator("r10", handover.local_token(), deadline=0.0)
+    first = alloc((512, 1024), torch.float32).fill_(1.0)
+    packed = segments.pack(to_wire({1: first}), "r10", handover.local_token(), deadline=0.0)
+    del first
+    deadline = time.monotonic() + 10
+    while segments.pooled() < 2 << 20 and time.monotonic() < deadline:
+        time.sleep(0.02)  # refilled on a background thread
+    (pooled,) = _segments({os.getpid()}, pool=True)
+    assert stat.S_IMODE(pooled.stat().st_mode) == 0o600 and pooled.stat().st_size == 2 << 20
+    assert torch.equal(from_wire(handover.unpack(packed))[1], torch.ones(512, 1024))
+    alloc = segments.allocator("r11", handover.local_token(), deadline=0.0)
+    again = alloc((1024, 512), torch.float32)  # the same size: the pooled segment, renamed
+    assert not _segments({os.getpid()}, pool=True)
+    (taken,) = _segments({os.getpid()})
+    again.fill_(2.0)
+    packed = segments.pack(to_wire({1: again}), "r11", handover.local_token(), deadline=0.0)
+    assert packed[1].path == str(taken)
+    assert torch.equal(from_wire(handover.unpack(packed))[1], torch.full((1024, 512), 2.0))
+    del again
+    deadline = time.monotonic() + 10
+    while segments.pooled() < 2 << 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _segments({os.getpid()}, pool=True)
+    del segments, alloc  # the pool is unlinked with its stage
+    import gc
+
+    gc.collect()
+    assert not _segments({os.getpid()}, pool=True) and not _segments({os.getpid()})
+
+
+def test_pooled_segments_of_a_killed_worker_are_swept():
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = handover.SHM / f"{handover.PREFIX}{gone}-{handover.POOL_KIND}{'0' * 32}"
+    handed = handover.SHM / f"{handover.PREFIX}{gone}-{'1' * 32}"
+    for p in (left, handed):
+        p.touch(mode=0o600)
+    try:
+        handover.Segments()  # a new stage on the host
+        assert not left.exists()
+        assert handed.exists()  # handed over: its timers and the notebook free it
+    finally:
+        for p in (left, handed):
+            p.unlink(missing_ok=True)
+
+
 # -- on the cluster --------------------------------------------------------------------------
 
 
@@ -122,6 +233,30 @@ def test_saves_through_shared_memory_equal_the_local_executor(staged):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not _segments(pids)
+
+
+@pytest.mark.slow
+def test_a_request_failing_after_its_saves_leaves_no_segments(staged, backend):
+    """Saves copied into segments during the run, then a limit stops the request on the
+    last stage: every stage frees what it made."""
+    from tests.plan_strategies import recording
+    from tpmlab.errors import LimitError
+    from tpmlab.ir.codec import encode_plan
+    from tpmlab.ir.validate import Limits
+
+    model, _, pids = staged
+    last = model.adapter.n_layers - 1
+    with recording(model, model.generate("The Eiffel Tower is in", max_new_tokens=3)) as gen:
+        with gen.all():
+            first = model.layers[0].output.save()
+            model.layers[last].output.save()
+    blob = encode_plan(gen.plan())
+    values, _ = backend.run_values(MODEL, blob)
+    per_stage = sum(v.numel() * v.element_size() for v in values[first._node])
+    assert not _clean_within(pids)  # taken by the client
+    with pytest.raises(LimitError):  # the last stage crosses the limit, stage 0 has saved
+        backend.run_values(MODEL, blob, limits=Limits(max_saved_bytes=int(per_stage * 1.5)))
+    assert not _clean_within(pids)
 
 
 @pytest.mark.slow

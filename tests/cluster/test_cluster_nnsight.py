@@ -31,3 +31,19 @@ def test_port_on_two_stages(pair, port):
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_stop_leaves_the_later_stage_idle(backend, pair):
+    """A ``tracer.stop()`` after a value of stage 0: stage 1 runs no layers (its pass count
+    stays put), and the value is the one of a whole pass."""
+    model, _ = pair
+    stage1 = backend.deployment(model.name).actors[1]
+    before = stage1.memory().result()["passes"]
+    with model.trace("The Eiffel Tower is") as tr:
+        h = model.layers[0].output.save()
+        tr.stop()
+    assert stage1.memory().result()["passes"] == before
+    with model.trace("The Eiffel Tower is"):
+        whole = model.layers[0].output.save()
+    assert stage1.memory().result()["passes"] == before + 1
+    torch.testing.assert_close(h.value, whole.value)

@@ -58,14 +58,14 @@ def _step_block_compared(m, gen):
 
 CASES = {
     # construct: (what runs, words the message must hold)
-    "module.inputs": (_in_trace(lambda m, tr: m.layers[0].inputs), [".inputs", ".input"]),
-    "module.source": (_in_trace(lambda m, tr: m.layers[0].self_attn.source),
-                      [".source", "attention_probs"]),
+    "module.source value not offered": (
+        _in_trace(lambda m, tr: m.layers[0].self_attn.source.apply_rotary_pos_emb_0),
+        [".source.apply_rotary_pos_emb_0", "attention_interface_1", "self_q_proj_0",
+         "attention_probs"]),
     "if on a value": (_in_trace(_if_on_value), ["torch.where", "`if`"]),
     "loop over a value": (_in_trace(_loop_over_value), ["iterated", "range"]),
     "recording after tracer.stop()": (_in_trace(lambda m, tr: (tr.stop(), m.layers[0].output)),
                                       ["after tracer.stop()", "end of the block"]),
-    "tracer.barrier()": (_in_trace(lambda m, tr: tr.barrier()), ["barrier", "another invoke"]),
     "tracer.next()": (_in_generate(lambda m, gen: gen.next()), ["next", "gen.step"]),
     "with gen.all() as step: if step == 2": (_in_generate(_step_block_compared),
                                              ["gen.step(2)", "gen.iter"]),
@@ -284,3 +284,73 @@ def test_a_generation_s_seed_also_seeds_its_random_values(model):
     (gen, a), (_, b) = run(), run()
     assert gen.result.meta["seed"] == 5
     torch.testing.assert_close(a, b)
+
+
+def _count_layer_calls(local_lab, model):
+    """Records which decoder layers of the deployed model run (index per call)."""
+    host = local_lab.backend.host(MODEL)
+    layers = host.model.get_submodule(model.adapter.layers)
+    calls: list[int] = []
+    handles = [layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+               for i, layer in enumerate(layers)]
+    return calls, handles
+
+
+def test_stop_ends_the_pass_after_the_last_value_the_trace_needs(local_lab, model):
+    calls, handles = _count_layer_calls(local_lab, model)
+    try:
+        with model.trace(PROMPT) as tr:
+            h = model.layers[1].output.save()
+            tr.stop()
+        assert calls == [0, 1]  # layers 2.. never ran
+        calls.clear()
+        with model.trace(PROMPT):
+            whole = model.layers[1].output.save()
+        assert calls == list(range(model.adapter.n_layers))
+        calls.clear()
+        with model.trace(PROMPT) as tr:  # nothing to read: nothing runs
+            tr.stop()
+        assert calls == [] and tr.result is not None
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(h.value, whole.value)
+
+
+def test_stop_in_a_generation_runs_the_whole_generation(model):
+    with model.generate(PROMPT, max_new_tokens=2) as gen:
+        h = model.layers[0].output.save()
+        gen.stop()
+    assert len(gen.generated_ids[0]) == 2 and h.value.shape[-1] == model.d_model
+
+
+def test_inputs_of_an_invoke_are_its_own_rows(model):
+    """In a batch of prompts of different lengths, each invoke's ``.inputs`` are those of
+    its prompt alone; a replacement of a whole call reaches only a module the invoke owns."""
+    short = "Hello"
+    with model.trace() as tr:
+        with tr.invoke(PROMPT):
+            pass
+        with tr.invoke(short) as inv:
+            batched = model.layers[2].inputs.save()
+            ids = inv.inputs[1]["input_ids"].save()
+    with model.trace(short):
+        alone = model.layers[2].inputs.save()
+    assert ids.value.tolist() == [model.tokenizer(short)["input_ids"]]
+    torch.testing.assert_close(batched.value[0][0], alone.value[0][0])
+    for key, value in alone.value[1].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(batched.value[1][key], value)
+
+
+def test_inputs_replaced_with_another_structure(model):
+    """``layer.inputs = (args, kwargs)`` with keyword inputs of its own: the call gets them."""
+    with model.trace(PROMPT):
+        args, kwargs = model.layers[1].inputs
+        model.layers[1].inputs = ((args[0] * 0,), {"position_embeddings": kwargs["position_embeddings"],
+                                                    "attention_mask": None})
+        out = model.layers[1].output.save()
+    assert out.value.abs().max() < 1e-6  # no residual and zero attention/MLP input (no bias)
+    with pytest.raises(TpmlabError, match="inputs are \\(args, kwargs\\)"):
+        with model.trace(PROMPT):
+            model.layers[1].inputs = model.layers[1].input

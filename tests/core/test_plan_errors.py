@@ -178,7 +178,7 @@ def test_unknown_fields_and_markers_are_refused(model):
 def test_result_records_provenance(model):
     with model.trace(PROMPT) as tr:
         model.layers[0].output.save()
-    assert tr.result.model_version == model.version and model.version.startswith("sha256:")
+    assert tr.result.model_version == model.version and model.version.startswith("v2:")
     assert tr.result.plan_digest.startswith("sha256:")
     assert tr.result.tpmlab_version == tpmlab.__version__
 

@@ -84,3 +84,14 @@ def test_merged_run_gives_each_plan_its_solo_tensors(engine_backend):
         assert set(part) == set(alone)
         torch.testing.assert_close(part[h], alone[h], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(part[lg], alone[lg], atol=1e-4, rtol=1e-4)
+
+
+def test_a_merged_pass_stops_early_only_if_every_plan_stops():
+    nodes = [Node(0, "point", path="model.layers.0", io="output", invoke=0),
+             Node(1, "save", [Ref(0)])]
+    stop, full = _plan([1, 2], nodes, stop=True), _plan([3], nodes)
+    assert merge_plans([stop, stop])[0].stop
+    assert not merge_plans([stop, full])[0].stop
+    from tpmlab.ir.codec import decode_plan
+
+    assert decode_plan(encode_plan(stop)).stop and not decode_plan(encode_plan(full)).stop

@@ -103,17 +103,18 @@ def test_store_reference_without_store(monkeypatch):
         resolve("my-model@v2")
 
 
-def test_weights_digest_covers_name_dtype_shape_and_bytes():
+@pytest.mark.parametrize("scheme", ["v2", "sha256"])
+def test_weights_digest_covers_name_dtype_shape_and_bytes(scheme):
     t = torch.arange(6, dtype=torch.float32)
-    base = weights_digest([("a", t)])
-    assert weights_digest([("a", t.clone())]) == base
-    assert weights_digest([("b", t)]) != base
-    assert weights_digest([("a", t.double())]) != base
-    assert weights_digest([("a", t.reshape(2, 3))]) != base
-    assert weights_digest([("a", t + 1)]) != base
-    assert weights_digest([("a", t.bfloat16())]).startswith("sha256:")
+    base = weights_digest([("a", t)], scheme)
+    assert weights_digest([("a", t.clone())], scheme) == base
+    assert weights_digest([("b", t)], scheme) != base
+    assert weights_digest([("a", t.double())], scheme) != base
+    assert weights_digest([("a", t.reshape(2, 3))], scheme) != base
+    assert weights_digest([("a", t + 1)], scheme) != base
+    assert weights_digest([("a", t.bfloat16())], scheme).startswith(f"{scheme}:")
     with pytest.raises(ValueError, match="sorted"):
-        weights_digest([("b", t), ("a", t)])
+        weights_digest([("b", t), ("a", t)], scheme)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        weights_digest([("s", torch.tensor(1.0))])  # 0-d tensors too
+        weights_digest([("s", torch.tensor(1.0))], scheme)  # 0-d tensors too

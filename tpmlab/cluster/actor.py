@@ -49,7 +49,7 @@ import torch
 
 from ..errors import ExecutionError, RequestTimeoutError
 from ..ir.model_info import START, ModelInfo
-from ..ir.plan import Plan
+from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from ..runtime import request
@@ -58,11 +58,12 @@ from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
-from ..runtime.runner import PlanRunner
+from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
 from .backward import stage_backward
 from .handover import Segments, Token
 from .partition import StageSpan
+from .remote_store import STORE, to_array
 from .stage import StageModel
 from .wire import from_wire, to_wire
 
@@ -98,11 +99,12 @@ class _Slot:
     last step or ``finish``).
     Each is a future whose value may be an exception (raised by the reader)."""
 
-    __slots__ = ("deadline", "plan", "output")
+    __slots__ = ("deadline", "plan", "output", "handover")
 
     def __init__(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         self.deadline = deadline
+        self.handover: Token | None = None  # the client's, with the plan: who maps the saves
         self.plan: asyncio.Future = loop.create_future()
         self.output: asyncio.Future = loop.create_future()
 
@@ -171,7 +173,11 @@ class StageActor:
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
+        self.passes = 0  # forward passes (steps) this stage ran its layers for
         self._tok: Any = None  # the tokenizer, once a request needs it
+        # remote saves (:mod:`.remote_store`) are accounted under this stage's own name
+        self.store_name = f"{spec['model']} stage {self.span.index} ({os.urandom(3).hex()})"
+        self.address = _worker_address()
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -197,13 +203,14 @@ class StageActor:
         the last stage load on this worker began), stage bytes, and what loading this stage
         cost (:class:`~tpmlab.runtime.load_meter.LoadMeter`: ``load_seconds``, ``read_bytes``,
         ``disk_read_bytes``, ``rss_before``, ``resident_growth``, ``load_host_peak``,
-        ``load_cuda_peak``)."""
+        ``load_cuda_peak``); ``passes``: forward steps this stage ran its layers for (a
+        pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), **self.load, "autograd_bytes": sum(
+               "held": len(self.slots), "passes": self.passes, **self.load, "autograd_bytes": sum(
                    st.runner.gradients.autograd_bytes for st in self.requests.values()
                    if st.runner.gradients is not None)}
         if self.device.type == "cuda":
@@ -220,6 +227,7 @@ class StageActor:
         elsewhere); a ``collect`` of it arriving later returns at once."""
         self._drop(req, ExecutionError("the request was aborted"))
         self.segments.free(req)
+        STORE.free_request(req)
         if self.next is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_await_within(self.next.abort(req), time.monotonic() + 5,
@@ -264,28 +272,41 @@ class StageActor:
         return self._meta
 
     def _new_request(self, plan: Plan, schedule: Schedule, layout: BatchLayout,
-                     generate: bool, limits: Limits) -> _Request:
+                     generate: bool, limits: Limits, *, req: str = "",
+                     handover: Token | None = None, deadline: float = 0.0,
+                     owner: str | None = None) -> _Request:
+        # on a CPU stage, large saves are copied straight into shared memory the client maps
+        alloc = self.segments.allocator(req, handover, deadline) \
+            if self.device.type == "cpu" else None
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
-                            owned=self.owned, limits=limits, frozen=self.frozen)
+                            owned=self.owned, limits=limits, frozen=self.frozen,
+                            host_alloc=alloc)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
-                        cache=self.stage.new_cache() if generate else None)
+                        cache=self.stage.new_cache() if generate else None,
+                        extra={"req": req, "owner": owner or "", "limits": limits})
 
     def _forward(self, st: _Request, msg: dict[str, Any]) -> dict[str, Any]:
         """One step of this stage (runs in the stage's thread). Returns the message for the
         next stage, or on the last stage the reply (next tokens while generating)."""
         runner, step = st.runner, msg["step"]
+        if msg.get("stopped"):  # an earlier stage ended the pass (tracer.stop()): no work here
+            return self._stopped(msg, msg.get("saved", 0))
         runner.env.update(from_wire(msg["carry"], self.device))
         # the request's saves so far, over all stages, include this stage's earlier steps
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
         grads = runner.gradients  # None: forward only, under inference_mode as ever
+        stopped = runner.stops_before_pass
         self.weights.ready()
         try:
             runner.begin_step(step)
             with (torch.inference_mode() if grads is None else grads.forward()), runner.hooks():
-                if self.span.is_first:
+                self.passes += not stopped
+                if stopped:  # a stopping plan with nothing to run at any event
+                    pass
+                elif self.span.is_first:
                     embeds = _dev(msg.get("inputs_embeds"), self.device)
                     out = self.stage.forward(attention_mask=mask, position_ids=pos, cache=st.cache,
                                              input_ids=_dev(msg.get("input_ids"), self.device),
@@ -302,11 +323,15 @@ class StageActor:
                                              logits_to_keep=1 if st.generate else 0)
             if grads is not None and not self.span.is_last:
                 st.extra["out"] = out
+        except StopForward:  # the last event the plan needs ran here: later stages do nothing
+            stopped = True
         except torch.OutOfMemoryError as e:
             raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
         saved = runner.saved_elsewhere + runner.saved_bytes
+        if stopped:
+            return self._stopped(msg, saved)
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
@@ -319,13 +344,51 @@ class StageActor:
                 "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event)),
                 "saved": saved}
 
+    def _stopped(self, msg: dict[str, Any], saved: int) -> dict[str, Any]:
+        """The message for the next stage (the reply, on the last) of a pass that a stopping
+        plan ended on this stage or an earlier one: no hidden state, nothing to run."""
+        if self.span.is_last:
+            return {"saved": saved}
+        return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
+                                                          "inputs_embeds")},
+                "stopped": True, "carry": to_wire({}), "saved": saved}
+
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
         grads = st.runner.gradients
-        return StageOutput(saves=to_wire(st.runner.results()),
+        return StageOutput(saves=to_wire(self._keep_remote(st, st.runner.results())),
                            node_seconds=dict(st.runner.node_seconds),
                            autograd_bytes=0 if grads is None else grads.autograd_bytes,
                            backward_seconds=0.0 if grads is None else grads.seconds)
+
+    def _keep_remote(self, st: _Request, saves: dict[int, Any]) -> dict[int, Any]:
+        """Remote saves stay in this worker's store (:mod:`.remote_store`); a handle for
+        each (one per generation step) goes back in their place."""
+        ids = [n.id for n in st.plan.nodes
+               if n.op == SAVE and n.kwargs.get("remote") and n.id in saves]
+        if not ids:
+            return saves
+        parts = [(i, v) for i in ids for v in (saves[i] if isinstance(saves[i], list)
+                                               else [saves[i]])]
+        try:
+            arrays = [to_array(v) for _, v in parts]
+        except TypeError as e:
+            raise ExecutionError(str(e)) from None
+        limits: Limits = st.extra["limits"]
+        handles = iter(STORE.put(self.store_name, st.extra["owner"], st.extra["req"], arrays,
+                                 worker=self.address or "", max_bytes=limits.max_remote_bytes,
+                                 max_values=limits.max_remote_values,
+                                 torch_dtypes=[str(v.dtype).removeprefix("torch.")
+                                               for _, v in parts]))
+        out = dict(saves)
+        for i in ids:
+            out[i] = ([next(handles) for _ in saves[i]] if isinstance(saves[i], list)
+                      else next(handles))
+        return out
+
+    async def remote_usage(self) -> dict[str, dict[str, int]]:
+        """Remote saves held on this stage: ``{owner: {"bytes", "values", "untaken"}}``."""
+        return STORE.usage(self.store_name)
 
     # -- the chain ---------------------------------------------------------------------------------
     async def _state(self, msg: dict[str, Any], deadline: float) -> _Request:
@@ -341,7 +404,8 @@ class StageActor:
         plan, schedule, limits = _raise_if_error(await _await_within(
             asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
         st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"],
-                                                    limits)
+                                                    limits, req=req, handover=slot.handover,
+                                                    deadline=deadline, owner=msg.get("owner"))
         return st
 
     async def step(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -436,6 +500,7 @@ class StageActor:
         slot = self._slot(req, deadline)
         try:
             if not slot.plan.done():
+                slot.handover = handover
                 try:
                     plan, held = request.decode(blob, self.limits, limits_from_wire(limits))
                     slot.plan.set_result((plan, request.follow(plan, self.info), held))
@@ -451,9 +516,10 @@ class StageActor:
 
     async def run(self, blob: bytes, req: str, timeout: float,
                   limits: dict[str, Any] | None = None,
-                  handover: Token | None = None) -> dict[str, Any]:
+                  handover: Token | None = None, owner: str | None = None) -> dict[str, Any]:
         """Stage 0 only: run a plan blob through the pipeline under the request's ``limits``
         (:func:`~tpmlab.runtime.limits.limits_to_wire`; tightened to this stage's own).
+        ``owner``: whose remote saves the request keeps (each stage accounts them per owner).
         Returns ``{"values": ..., "saves": ..., "meta": ...}``: stage 0's saves and the values
         only the driver makes (generated tokens), and the metadata, whose ``node_seconds``
         are stage 0's; later stages' outputs are collected from them by the client.
@@ -462,13 +528,15 @@ class StageActor:
         deadline = time.monotonic() + timeout
         try:
             out = await self._run(blob, req, timeout,
-                                  request_limits(self.limits, limits_from_wire(limits)))
+                                  request_limits(self.limits, limits_from_wire(limits)), handover,
+                                  owner)
             return self.segments.pack(out, req, handover, deadline)
         except BaseException:
             await self.abort(req)
             raise
 
-    async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits) -> dict[str, Any]:
+    async def _run(self, blob: bytes, req: str, timeout: float, limits: Limits,
+                   handover: Token | None = None, owner: str | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
         plan, limits = request.decode(blob, limits)
@@ -479,9 +547,11 @@ class StageActor:
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
         generate = plan.mode != "trace"
-        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits)
+        self.requests[req] = self._new_request(plan, schedule, layout, generate, limits, req=req,
+                                               handover=handover, deadline=deadline, owner=owner)
         t_batch = time.perf_counter()
-        base = {"req": req, "layout": layout, "generate": generate, "carry": {}, "saved": 0,
+        base = {"req": req, "owner": owner, "layout": layout, "generate": generate, "carry": {},
+                "saved": 0,
                 "attention_mask": kwargs["attention_mask"],
                 "position_ids": kwargs["position_ids"]}
         values: dict[int, Any] = {}
@@ -547,6 +617,16 @@ class StageActor:
 def pad_token_id(tokenizer: Any) -> int:
     """The id rows are padded with: the tokenizer's pad token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _worker_address() -> str | None:
+    """The address of the Dask worker this runs on (``None`` outside one)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

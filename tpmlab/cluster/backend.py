@@ -14,6 +14,10 @@ pipeline stages held by Dask workers.
 * A request's ``limits`` travel with both calls; each stage holds its own nodes to them,
   and the bytes saved so far travel along the chain, so the request's total over all
   stages and steps stays within ``max_saved_bytes`` (:mod:`.actor`).
+* Remote saves (``.save(remote=True)``) stay on their stage's worker (:mod:`.remote_store`);
+  the result carries a handle for each, which ``run_values`` turns into a
+  :class:`~tpmlab.remote.RemoteValue` over a Dask future pinned to that worker. Each
+  stage accounts them under this client's id; :meth:`DaskBackend.remote_usage` reads it.
 * Faults: if a stage's worker dies during a request, the request fails with
   :class:`StageLostError` (it is not retried: a plan may have side effects the user
   wants to see once, and a retry would hide a flapping worker); before raising, the
@@ -24,6 +28,7 @@ pipeline stages held by Dask workers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 import uuid
@@ -33,13 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from distributed import Client, Future
+from distributed import Client, Future, fire_and_forget
 from distributed.security import Security
 
 from ..errors import ExecutionError, PlanError, RequestTimeoutError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
 from ..ir.validate import Limits
+from ..remote import RemoteValue, RemoteValues
 from ..runtime.limits import limits_to_wire
 from . import cleanup, deployments
 from .actor import StageActor, pad_token_id
@@ -49,6 +55,9 @@ from .errors import DeploymentError, StageLostError
 from .handover import local_token, unpack
 from .partition import StageSpan, part_bytes, split_layers
 from .placement import Placement, gpu_count, place_stages
+from .remote_store import RemoteHandle
+from .remote_store import free as free_remote
+from .remote_store import take as take_remote
 from .wire import from_wire
 
 SETUP_TIMEOUT = 300.0  # seconds to load one stage's weights and answer
@@ -105,6 +114,7 @@ class DaskBackend:
         self.handover = local_token() if handover else None  # who may receive shared memory
         self.deployments: dict[str, Deployment] = {}
         self.phases: list[dict[str, float]] | None = None  # a list: each request's phases (ms)
+        self.remote = RemoteValues()  # remote saves handed to the notebook, by model
 
     # -- cluster facts -----------------------------------------------------------------------------
     def workers(self) -> dict[str, dict[str, Any]]:
@@ -252,6 +262,7 @@ class DaskBackend:
         before it is raised) or :class:`RequestTimeoutError` after ``timeout`` seconds.
         """
         values, meta = self.run_values(model, plan, timeout=timeout, limits=limits)
+        values = {k: _fetched(v) for k, v in values.items()}  # bytes carry no futures
         start = time.perf_counter()
         blob = encode_result(values, meta)
         if self.phases is not None and self.phases:
@@ -271,7 +282,8 @@ class DaskBackend:
         try:
             # the plan goes to every stage at once: stage 0 runs it, later stages decode it
             # meanwhile and hand over their saves as soon as they have them
-            futures = [dep.actors[0].run(plan, req, timeout, wire_limits, self.handover)]
+            futures = [dep.actors[0].run(plan, req, timeout, wire_limits, self.handover,
+                                         self.client.id)]
             futures += [a.collect(plan, req, timeout, wire_limits, self.handover)
                         for a in dep.actors[1:]]
         except RuntimeError as e:  # "Worker holding Actor was lost"
@@ -297,12 +309,45 @@ class DaskBackend:
             self._abort(dep, req)
             raise
         meta["node_seconds"] = node_seconds
+        values = {k: self._remote_values(model, v) for k, v in values.items()}
         t3 = time.perf_counter()
         if self.phases is not None:
             self.phases.append({**head["phases"], "client send": (t1 - t0) * 1e3,
                                 "client wait run": (t2 - t1) * 1e3,
                                 "client collect": (t3 - t2) * 1e3})
         return values, meta
+
+    def _remote_values(self, model: str, value: Any) -> Any:
+        """A remote save's handle (or list of them, per generation step) as a
+        :class:`RemoteValue`: a future of a task that takes the array from the stage's store
+        into its worker's memory, where Dask keeps it while the notebook holds the future."""
+        if isinstance(value, list) and value and isinstance(value[0], RemoteHandle):
+            return [self._remote_values(model, v) for v in value]
+        if not isinstance(value, RemoteHandle):
+            return value
+        where = {"workers": [value.worker], "allow_other_workers": False, "pure": False}
+        future = self.client.submit(take_remote, value.key, key=f"tpmlab-remote-{value.key}",
+                                    **where)
+        client, key = self.client, value.key
+
+        def free_untaken() -> None:  # the take may never run once its future is released
+            with contextlib.suppress(Exception):
+                fire_and_forget(client.submit(free_remote, [key], **where))
+
+        out = RemoteValue(shape=value.shape, dtype=value.dtype, nbytes=value.nbytes,
+                          worker=value.worker, future=future, on_release=free_untaken)
+        self.remote.add(model, out)
+        return out
+
+    def remote_usage(self, name: str) -> list[dict[str, dict[str, int]]]:
+        """Per stage of ``name``: the remote saves its worker holds, ``{owner (a client id):
+        {"bytes", "values", "untaken"}}`` (``untaken``: not yet moved into Dask's memory)."""
+        dep = self.deployment(name)
+        return [_result(a.remote_usage(), 60, f"stage {k}") for k, a in enumerate(dep.actors)]
+
+    def release_remote(self, model: str | None = None) -> int:
+        """Free every remote value this client holds (of ``model``); how many."""
+        return self.remote.release(model)
 
     def _wait(self, dep: Deployment, req: str, future: Any, deadline: float, model: str,
               timeout: float) -> Any:
@@ -408,6 +453,7 @@ class DaskBackend:
     def undeploy(self, name: str) -> None:
         """Drop this client's hold on ``name``; the owner also removes it from the cluster
         (its actors, and their memory, go once no client holds them)."""
+        self.remote.release(name)
         dep = self.deployments.pop(name, None)
         if dep is None:
             return
@@ -424,6 +470,7 @@ class DaskBackend:
         gc.collect()
 
     def close(self) -> None:
+        self.remote.release()
         for name in list(self.deployments):
             try:
                 self.undeploy(name)
@@ -434,6 +481,17 @@ class DaskBackend:
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+
+
+def _fetched(value: Any) -> Any:
+    if isinstance(value, RemoteValue):
+        try:
+            return value.fetch()
+        finally:
+            value.release()
+    if isinstance(value, list):
+        return [_fetched(v) for v in value]
+    return value
 
 
 def _result(future: Any, timeout: float, what: str) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import ExecutionError, TpmlabError
+from ..errors import ExecutionError, LimitError, TpmlabError
 
 
 class DeploymentError(TpmlabError):
@@ -25,3 +25,14 @@ class StageLostError(ExecutionError):
 
 class ClusterSecurityError(TpmlabError):
     """A cluster's credentials are missing, unreadable or not private to their owner."""
+
+
+class RemoteLimitError(LimitError):
+    """A request's remote saves would take an owner past the bytes or values they may keep
+    on one stage's worker (``max_remote_bytes`` / ``max_remote_values``)."""
+
+
+class RemoteValueGone(TpmlabError):
+    """A remote value is no longer on its worker (freed, expired, or its worker restarted)."""
+
+    http_status = 410

@@ -1,12 +1,24 @@
 """Saved values handed from a stage to the notebook through shared memory.
 
 When the notebook's process and a stage's worker share a host (the same kernel, the same
-``/dev/shm`` mount, the same user), each large array among a stage's saves is copied once
-into a file of its own in ``/dev/shm`` (mode 0600) and only its name, dtype and shape
-travel with the reply. The notebook maps the file (copy-on-write: a plan's or the user's
-writes never reach the file) and removes its name at once, so the memory lives exactly
-as long as the tensor over it. Other hosts, other users and small arrays travel inline
-as before, as numpy frames (:mod:`.wire`).
+``/dev/shm`` mount, the same user), each large array among a stage's saves lives in a
+file of its own in ``/dev/shm`` (mode 0600) and only its name, dtype and shape travel
+with the reply. The notebook maps the file (copy-on-write: a plan's or the user's writes
+never reach the file) and removes its name at once, so the memory lives exactly as long
+as the tensor over it. Other hosts, other users and small arrays travel inline as before,
+as numpy frames (:mod:`.wire`).
+
+The save's own copy is the hand-over: a CPU stage's runner copies each large saved value
+straight into a new segment (:meth:`Segments.allocator`), so nothing is copied again on
+the way to the notebook. A value that did not start in a segment of its own (a GPU
+stage's pinned copy, a part of a larger value) is written into one when the reply is
+packed, one copy.
+
+New memory is what costs here (a copy into pages never touched runs at ≈ 1 GB/s on a VM,
+into pages already mapped at ≈ 10): each stage keeps a small pool of segments made ahead
+of time, off the request's path, with their pages allocated and mapped (:class:`_Pool`),
+of the sizes its last request handed over. A save of such a size takes one and is copied
+into it at memory speed; the pool is refilled in the background after each hand-over.
 
 Every segment is freed on every path:
 
@@ -15,14 +27,18 @@ Every segment is freed on every path:
   request and each stage unlinks what it handed over for it (:meth:`Segments.free`);
 * the notebook is gone: each stage unlinks what it handed over once the request's
   deadline has passed (at least :data:`MIN_TTL` seconds after the hand-over), on a timer
-  of the stage's event loop, and whatever is left when its worker exits.
+  of the stage's event loop, and whatever is left (its pool too) when its worker exits;
+* the worker was killed before its exit handlers ran: the next stage made on the host
+  unlinks the pooled segments of processes that are gone (:func:`sweep_dead`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import mmap
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -31,6 +47,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
+import torch
 
 from .wire import _Typed, _Viewed
 
@@ -39,6 +56,15 @@ PREFIX = "tpmlab-"
 THRESHOLD = 1 << 20  # bytes: smaller arrays travel inline with the reply
 WRITE_CHUNK = 1 << 30  # bytes per write(2) call (Linux writes at most ~2 GB at once)
 MIN_TTL = 60.0  # seconds a segment may wait for the notebook past the hand-over
+#: bytes of segments a stage makes ahead of time, at most (``TPMLAB_HANDOVER_POOL_BYTES``;
+#: 0: none), and never more than this fraction of /dev/shm's free space
+POOL_BYTES = int(os.environ.get("TPMLAB_HANDOVER_POOL_BYTES", 512 << 20))
+POOL_SHARE = 0.25
+#: saves copied straight into segments, and segments made ahead of time (False: each large
+#: save copied into ordinary memory, then written into a new segment when packed)
+DIRECT = True
+POOL_KIND = "pool-"  # in the names of segments made ahead of time, until taken
+MADV_POPULATE_WRITE = 23  # Linux 5.14: allocate and map a range's pages now, errors returned
 
 
 class Token(TypedDict):
@@ -82,43 +108,120 @@ class Segments:
 
     def __init__(self) -> None:
         self._by_request: dict[str, list[str]] = {}
+        # segments a runner allocated and filled, by request: {address: (path, nbytes)}
+        self._allocated: dict[str, dict[int, tuple[str, int]]] = {}
+        self._lock = threading.Lock()  # the stage's thread allocates, its event loop packs
+        self._pool = _Pool()
         weakref.finalize(self, _unlink_all, self._by_request)  # also runs at exit
+        sweep_dead()
+
+    def allocator(self, req: str, token: Token | None, deadline: float,
+                  ) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor | None] | None:
+        """Where request ``req``'s runner puts its saves' copies, if the notebook holding
+        ``token`` shares this host (else ``None``): ``alloc(shape, dtype)`` gives an empty
+        tensor over a new segment for a value of at least :data:`THRESHOLD` bytes (``None``
+        for a smaller one, or when ``/dev/shm`` is full), which :meth:`pack` then hands over
+        without copying it again. Call it on the event loop; ``alloc`` runs on any thread.
+        Each segment is this request's from the moment it exists: freed by :meth:`free`, at
+        the request's deadline (monotonic seconds; at least :data:`MIN_TTL` from the first
+        segment) if the notebook has not taken it, or at exit."""
+        if not _same_host(token) or not DIRECT:
+            return None
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (used outside a stage): freed by free()/exit
+            loop = None
+
+        def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes < THRESHOLD:
+                return None
+            try:
+                path, flat = self._pool.take(nbytes) or _new_segment(nbytes)
+            except OSError:  # /dev/shm full or gone: an ordinary copy, handed over inline
+                return None
+            with self._lock:
+                first = req not in self._by_request
+                self._by_request.setdefault(req, []).append(path)
+                self._allocated.setdefault(req, {})[flat.data_ptr()] = (path, nbytes)
+            if first and loop is not None:
+                ttl = max(deadline - time.monotonic(), MIN_TTL)
+                loop.call_soon_threadsafe(loop.call_later, ttl, self.free, req)
+            return flat.view(dtype).reshape(shape)
+
+        return alloc
 
     def pack(self, values: Any, req: str, token: Token | None, deadline: float) -> Any:
         """``values`` (wire form) with every array of at least :data:`THRESHOLD` bytes put in
         shared memory, if the notebook holding ``token`` shares this host; else unchanged.
         The segments are freed at the request's deadline (monotonic seconds) if the
         notebook has not taken them."""
+        with self._lock:
+            allocated = self._allocated.pop(req, {})
         if not _same_host(token):
             return values
         made: list[str] = []
+        used: set[str] = set()
+        sizes = [n for _, n in allocated.values()]  # what this request took: made again
+
+        def place(array: np.ndarray) -> Any:
+            owned = allocated.get(array.__array_interface__["data"][0])
+            if owned is not None and owned[1] == array.nbytes and array.flags.c_contiguous \
+                    and owned[0] not in used:
+                used.add(owned[0])
+                return Shared(owned[0], array.dtype.str, tuple(array.shape))  # already there
+            pooled = self._pool.take(array.nbytes) if DIRECT and array.nbytes >= THRESHOLD \
+                and not array.dtype.hasobject else None
+            if pooled is not None:  # a copy into pages already mapped
+                made.append(pooled[0])
+                sizes.append(array.nbytes)
+                pooled[1].numpy()[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+                return Shared(pooled[0], array.dtype.str, tuple(array.shape))
+            placed = _to_segment(array, made)
+            if isinstance(placed, Shared):
+                sizes.append(array.nbytes)
+            return placed
+
         try:
-            out = _walk(values, lambda a: _to_segment(a, made))
+            out = _walk(values, place)
         except OSError:  # /dev/shm full or gone: the values travel inline instead
             _unlink(made)
+            self.free(req)
             return values
         except BaseException:
             _unlink(made)
             raise
+        unused = [path for path, _ in allocated.values() if path not in used]
+        if unused:  # filled, but not handed over as a whole: no one will map them
+            self.free(req, unused)
         if made:
-            self._by_request.setdefault(req, []).extend(made)
+            with self._lock:
+                self._by_request.setdefault(req, []).extend(made)
             ttl = max(deadline - time.monotonic(), MIN_TTL)
             try:
                 asyncio.get_running_loop().call_later(ttl, self.free, req, made)
             except RuntimeError:  # no event loop (used outside a stage): freed by free()/exit
                 pass
+        self._pool.refill(sizes)  # for the next request: segments of these sizes, ready
         return out
 
     def free(self, req: str, only: list[str] | None = None) -> None:
         """Unlink what was handed over for ``req`` (``only`` those) and the notebook did not
         take."""
-        paths = self._by_request.pop(req, [])
-        if only is not None:
-            keep = [p for p in paths if p not in only]
-            if keep:
-                self._by_request[req] = keep
-            paths = [p for p in paths if p in only]
+        with self._lock:
+            paths = self._by_request.pop(req, [])
+            if only is None:
+                self._allocated.pop(req, None)
+            else:
+                keep = [p for p in paths if p not in only]
+                if keep:
+                    self._by_request[req] = keep
+                paths = [p for p in paths if p in only]
         _unlink(paths)
+
+    def pooled(self) -> int:
+        """Bytes of segments made ahead of time and ready to take."""
+        return self._pool.ready_bytes()
 
     def held(self) -> int:
         """Segments handed over and not yet freed here (the notebook may have taken them)."""
@@ -151,11 +254,40 @@ def _walk(value: Any, on_array: Callable[[np.ndarray], Any] | None,
     return value
 
 
+def _create(kind: str = "") -> tuple[str, int]:
+    """A new segment's path (unguessable) and an open descriptor; the file is 0600 and new.
+    ``kind`` ``"pool-"`` names a segment of the pool, not handed over yet."""
+    path = str(SHM / f"{PREFIX}{os.getpid()}-{kind}{uuid.uuid4().hex}")
+    return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def _new_segment(nbytes: int, populate: bool = False, kind: str = "") -> tuple[str, torch.Tensor]:
+    """A new segment of ``nbytes`` and a flat uint8 tensor over it (shared mapping: what is
+    written into the tensor is in the file). The mapping lives as long as the tensor.
+    ``populate``: map every page now, so that writes into it run at memory speed."""
+    path, fd = _create(kind)
+    try:
+        # allocated now, in the kernel: a full /dev/shm fails here (OSError), not later
+        # with SIGBUS on a write through the mapping
+        os.posix_fallocate(fd, 0, nbytes)
+        m = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if populate:
+            try:
+                m.madvise(MADV_POPULATE_WRITE)
+            except OSError:  # an older kernel: touch each page instead
+                np.frombuffer(m, dtype=np.uint8)[::mmap.PAGESIZE] = 0
+    except BaseException:
+        os.close(fd)
+        _unlink([path])
+        raise
+    os.close(fd)
+    return path, torch.from_numpy(np.frombuffer(m, dtype=np.uint8))  # holds the map
+
+
 def _to_segment(array: np.ndarray, made: list[str]) -> Any:
     if array.nbytes < THRESHOLD or array.dtype.hasobject:
         return array
-    path = str(SHM / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    path, fd = _create()
     made.append(path)
     try:
         # write(2) fills tmpfs pages faster than faulting them in through a mapping
@@ -183,6 +315,27 @@ def _from_segment(shared: Shared) -> np.ndarray:
     return np.frombuffer(m, dtype=dtype).reshape(shared.shape)
 
 
+def sweep_dead() -> int:
+    """Unlink the pooled segments of this user's processes that are gone (a worker killed
+    before its exit handlers ran); returns how many. Segments handed over are left to their
+    timers and the notebook: a process in another PID namespace may look gone from here,
+    and losing a pooled segment costs it only a fresh one (:meth:`_Pool.take`)."""
+    removed = 0
+    uid = os.getuid()
+    for path in SHM.glob(f"{PREFIX}*-{POOL_KIND}*"):
+        try:
+            pid = int(path.name.removeprefix(PREFIX).split("-", 1)[0])
+            if path.stat().st_uid != uid or pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:  # gone: no one will take its segments
+            _unlink([str(path)])
+            removed += 1
+        except (ValueError, OSError):  # not ours to judge (a name of another form, a
+            continue  # process of another user), or already gone
+    return removed
+
+
 def _unlink(paths: list[str]) -> None:
     for p in paths:
         try:
@@ -195,3 +348,71 @@ def _unlink_all(by_request: dict[str, list[str]]) -> None:
     for paths in by_request.values():
         _unlink(paths)
     by_request.clear()
+
+
+class _Pool:
+    """Segments made ahead of time by one stage, by size, their pages allocated and mapped.
+
+    :meth:`take` hands one over (it is the caller's from then on); :meth:`refill` makes
+    segments of the given sizes on a background thread, up to :data:`POOL_BYTES` in all and
+    :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._filling = False
+        weakref.finalize(self, _unlink_pooled, self._free)
+
+    def ready_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def take(self, nbytes: int) -> tuple[str, torch.Tensor] | None:
+        with self._lock:
+            ready = self._free.get(nbytes)
+            if not ready:
+                return None
+            self._bytes -= nbytes
+            pooled, flat = ready.pop()
+        path, fd = _create()  # a fresh name, as any segment's: the pool's name is gone
+        os.close(fd)
+        try:
+            os.replace(pooled, path)
+        except OSError:  # swept away meanwhile: a fresh segment instead
+            _unlink([pooled, path])
+            return None
+        return path, flat
+
+    def refill(self, sizes: list[int]) -> None:
+        if not sizes or POOL_BYTES <= 0 or not DIRECT:
+            return
+        with self._lock:
+            if self._filling:
+                return
+            self._filling = True
+        threading.Thread(target=self._fill, args=(sizes,), daemon=True,
+                         name="tpmlab-handover-pool").start()
+
+    def _fill(self, sizes: list[int]) -> None:
+        try:
+            st = os.statvfs(SHM)
+            budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
+            for nbytes in sizes:
+                with self._lock:
+                    if self._bytes + nbytes > budget:
+                        return
+                path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
+                with self._lock:
+                    self._free.setdefault(nbytes, []).append((path, flat))
+                    self._bytes += nbytes
+        except OSError:  # /dev/shm full: no pool, segments are made when needed
+            pass
+        finally:
+            with self._lock:
+                self._filling = False
+
+
+def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
+    _unlink([path for ready in free.values() for path, _ in ready])
+    free.clear()

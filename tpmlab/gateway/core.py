@@ -170,7 +170,10 @@ class Gateway:
         return self.models[model]
 
     def limits_for(self, user: UserView) -> Limits:
-        return self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
+        limits = self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
+        if limits.max_remote_bytes or limits.max_remote_values:  # never kept here (tiers.py)
+            limits = dataclasses.replace(limits, max_remote_bytes=0, max_remote_values=0)
+        return limits
 
     async def admit(self, user: UserView, model: str,
                     read_body: Callable[[int], Awaitable[bytes]]) -> Request:

@@ -21,6 +21,7 @@ plan did and which tier would allow it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..ir.plan import BACKWARD, CALL_MODULE, PARAM, POINT, SET_POINT, Plan
@@ -57,6 +58,10 @@ TIER_LIMITS: dict[str, Limits] = {
                         max_tokens_per_row=8192, max_intermediate_bytes=4 * 2**30,
                         max_autograd_bytes=4 * 2**30),
 }
+# Remote saves (``.save(remote=True)``, values kept on the stages' workers) are refused
+# behind the gateway: a user's values would outlive their request on shared workers.
+TIER_LIMITS = {name: dataclasses.replace(limits, max_remote_bytes=0, max_remote_values=0)
+               for name, limits in TIER_LIMITS.items()}
 TIER_LIMITS["admin"] = TIER_LIMITS["gradients"]
 
 

@@ -199,6 +199,8 @@ def plan_to_doc(plan: Plan) -> tuple[dict, dict[str, torch.Tensor]]:
     }
     if plan.generate is not None:
         doc["generate"] = {k: v for k, v in vars(plan.generate).items() if v is not None}
+    if plan.stop:  # absent when false: plans without it keep their digests
+        doc["stop"] = True
     return doc, tensors
 
 
@@ -254,9 +256,12 @@ def _plan_from_doc(doc: Any, tensors: dict[str, torch.Tensor]) -> Plan:
         for key in ("model", "model_version"):
             if not isinstance(doc.get(key, ""), str):
                 raise SchemaError(f"plan field {key!r} must be a string")
+        stop = doc.get("stop", False)
+        if not isinstance(stop, bool):
+            raise SchemaError("plan field 'stop' must be true or false")
         return Plan(model=doc.get("model", ""), model_version=doc.get("model_version", ""),
                     invokes=invokes, nodes=nodes, tensors=tensors, mode=mode, generate=options,
-                    schema=schema)
+                    schema=schema, stop=stop)
     except (TypeError, ValueError, AttributeError) as e:
         raise SchemaError(f"malformed plan: {e}") from None
 

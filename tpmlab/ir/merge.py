@@ -100,7 +100,8 @@ def merge_plans(plans: list[Plan]) -> tuple[Plan, MergeMap]:
         id_maps.append(ids)
     first = plans[0]
     merged = Plan(model=first.model, model_version=first.model_version, invokes=invokes,
-                  nodes=nodes, tensors=tensors, mode="trace", generate=None, schema=first.schema)
+                  nodes=nodes, tensors=tensors, mode="trace", generate=None, schema=first.schema,
+                  stop=all(plan.stop for plan in plans))  # the pass ends early only if all agree
     return merged, MergeMap(id_maps)
 
 

@@ -52,7 +52,8 @@ class ModelInfo:
         return path in self._with_params
 
     def event_index(self, path: str, io: str) -> int | None:
-        return self._index.get(event_key(path, io))
+        # a module's whole inputs ``(args, kwargs)`` are there when its first input is
+        return self._index.get(event_key(path, "input" if io == "inputs" else io))
 
     def has_module(self, path: str) -> bool:
         return path in self._modules

@@ -34,7 +34,9 @@ BACKWARD = "backward"  # back-propagate a scalar (args: [loss]); see tpmlab.ir.g
 GRAD = "grad"  # the gradient of a point, a parameter (args: [node]) or a constant (args: [tensor])
 STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM, BACKWARD, GRAD)
 
-IO_KINDS = ("output", "input")
+# "inputs": every positional and keyword input of the call, ``(args, kwargs)``, read at the
+# same event as "input" (the first input)
+IO_KINDS = ("output", "input", "inputs")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class Plan:
     mode: str = "trace"  # "trace" | "generate"
     generate: GenerateOptions | None = None
     schema: int = SCHEMA_VERSION
+    # tracer.stop(): the forward pass ends once the last event with nodes has run, so later
+    # layers (and later pipeline stages) do no work; a trace's values are the same
+    stop: bool = False
 
     def node(self, node_id: int) -> Node:
         return self.nodes_by_id[node_id]

@@ -61,6 +61,10 @@ class Limits:
     max_tokens_per_row: int = 32_768
     max_intermediate_bytes: int = 16 * 2**30  # any one value a plan computes, saved or not
     max_autograd_bytes: int = 8 * 2**30  # what autograd keeps for a backward, per stage
+    # remote saves (``.save(remote=True)``): bytes and values one owner may keep on one
+    # stage's worker at once, over all their requests; 0 refuses remote saves
+    max_remote_bytes: int = 8 * 2**30
+    max_remote_values: int = 100_000
 
     @property
     def max_plan_bytes(self) -> int:
@@ -214,8 +218,8 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             name = node.args[0] if len(node.args) == 1 else None
             if not isinstance(name, str) or f"{node.path}.{name}".lstrip(".") not in info.params:
                 raise PathError(f"module {node.path!r} has no parameter {name!r}", **where)
-        if node.op == SAVE and len(node.args) != 1:
-            raise SchemaError("save takes one value", **where)
+        if node.op == SAVE:
+            _check_save(node, limits, where)
         if node.op == "getattr":
             name = node.args[1] if len(node.args) == 2 else None
             if not isinstance(name, str) or name.startswith("_"):
@@ -228,6 +232,21 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             raise SchemaError(f"generation steps {node.steps.start}..{node.steps.stop} are outside "
                               f"0..{n_steps - 1}", **where)
         seen.add(node.id)
+
+
+def _check_save(node: Any, limits: Limits, where: dict) -> None:
+    """A save takes one value and, optionally, ``remote`` (a bool): a remote save stays on its
+    stage's worker, which the request's limits may refuse (``max_remote_bytes`` 0)."""
+    if len(node.args) != 1:
+        raise SchemaError("save takes one value", **where)
+    extra = set(node.kwargs) - {"remote"}
+    if extra or not isinstance(node.kwargs.get("remote", False), bool):
+        raise SchemaError("save takes only the keyword remote= (True or False), got "
+                          f"{sorted(node.kwargs)}", **where)
+    if node.kwargs.get("remote") and limits.max_remote_bytes <= 0:
+        raise LimitError("remote saves are not kept here (max_remote_bytes is 0 for this "
+                         "request, as behind the gateway): use .save() and reduce the value "
+                         "inside the trace, or connect to a cluster directly", **where)
 
 
 def _check_token_ids(t: torch.Tensor, invoke: int, info: ModelInfo) -> None:
@@ -412,7 +431,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
     memo: dict[Any, Any] = {}
     dtype = getattr(torch, info.dtype, torch.float32)
     n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
-    saved = 0
+    saved = remote = 0
     for node in plan.nodes:
         where = {"node": node.id, "op": node.op, "line": node.line}
         prefill_only = node.steps.single and node.steps.start == 0
@@ -446,7 +465,17 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
         if node.op == SAVE:
             value = args[0]
             steps = (node.steps.stop or n_steps) - node.steps.start
-            saved += value_nbytes(value) * steps
+            if node.kwargs.get("remote"):  # kept on the stage: held to the owner's limits there
+                if not isinstance(value, torch.Tensor):
+                    raise ShapeError("a remote save keeps one tensor, not a "
+                                     f"{type(value).__name__}: save its parts", **where)
+                remote += value_nbytes(value) * steps
+                if remote > limits.max_remote_bytes:
+                    raise LimitError(f"the plan keeps {remote:,} bytes of remote saves, over "
+                                     f"the limit of {limits.max_remote_bytes:,} bytes",
+                                     **where)
+            else:
+                saved += value_nbytes(value) * steps
             env[node.id] = value
             continue
         if node.op == SET_POINT:

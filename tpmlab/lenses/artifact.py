@@ -65,7 +65,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_artifact(path: str | Path, *, kind: str, model: Any = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata of an artifact, checked against ``kind`` and, if given,
-    ``model`` (its ``version`` must equal the artifact's ``model_version``)."""
+    ``model`` (its weights must be those the artifact's ``model_version`` names)."""
     meta = read_meta(path)
     if meta.get("kind") != kind:
         raise ArtifactMismatchError(f"{path} holds a {meta.get('kind')!r} lens, not a {kind!r} lens")
@@ -77,8 +77,13 @@ def load_artifact(path: str | Path, *, kind: str, model: Any = None,
 
 
 def check_model(meta: dict[str, Any], model: Any, *, where: str = "the artifact") -> None:
-    """Raise :class:`ArtifactMismatchError` unless ``meta`` was made for ``model``'s weights."""
-    if meta.get("model_version") != model.version:
+    """Raise :class:`ArtifactMismatchError` unless ``meta`` was made for ``model``'s weights.
+
+    A ``model_version`` of another digest scheme (an artifact made before version digests
+    became ``v2:``) is verified in its own scheme (:func:`~tpmlab.models.digest.same_weights`)."""
+    from tpmlab.models.digest import same_weights
+
+    if not same_weights(str(meta.get("model_version") or ""), model):
         raise ArtifactMismatchError(
             f"{where} was trained on {meta.get('model')!r} version {meta.get('model_version')}, "
             f"but this model is {model.name!r} version {model.version}: a lens only fits the "

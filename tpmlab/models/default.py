@@ -34,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from tpmlab.home import tpmlab_home
 from tpmlab.models._fs import publish_dir, write_json_atomic
-from tpmlab.models.digest import META_FILE, weights_digest
+from tpmlab.models.digest import LEGACY, META_FILE, weights_digest
 from tpmlab.models.errors import ModelNotFoundError
 from tpmlab.models.materialize import tie_groups
 from tpmlab.models.tokenization import load_tokenizer
@@ -140,7 +140,9 @@ def _write_model(out: Path, home: Path | None = None) -> None:
     _plain_config(model.config).save_pretrained(str(out))
     for f in ensure_tokenizer(home).iterdir():
         shutil.copy2(f, out / f.name)
-    version = weights_digest(sorted(state.items()))
+    # The default model keeps the version it was published with (the shipped tuned lens and
+    # the tutorials record it): every install, converted before v2 or after, agrees on it.
+    version = weights_digest(sorted(state.items()), LEGACY)
     write_json_atomic(
         out / META_FILE,
         {"version": version, "converted_from": f"{PACKAGE}/{GGUF_FILE}", "name": DEFAULT_NAME},

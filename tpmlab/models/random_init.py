@@ -32,7 +32,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from tpmlab.models.digest import cached_digest, json_digest, store_digest, weights_digest
+from tpmlab.models.digest import (
+    CURRENT,
+    cache_key,
+    cached_digest,
+    json_digest,
+    store_digest,
+    weights_digest,
+)
 from tpmlab.models.materialize import tie_groups
 from tpmlab.models.sources import ModelSource
 
@@ -161,14 +168,20 @@ class RandomInitSource(ModelSource):
             yield name, self._draw(name, self._shapes[name], where, draw_dtype)
 
     def _compute_version(self) -> str:
-        key = json_digest(self.describe())
         if not self.digest_by_weights:
-            return key
+            return json_digest(self.describe())
+        return self._digest_in(CURRENT)
+
+    def _digest_in(self, scheme: str) -> str:
+        if not self.digest_by_weights:  # named by what makes the weights, not by them
+            raise NotImplementedError("large random-init models are named by their recipe")
+        key = cache_key(self.describe(), scheme)
         version = cached_digest(key)
         if version is None:
             canonical = sorted(set(tie_groups(self._skeleton).values()) & set(self._shapes))
             cpu = torch.device("cpu")
-            version = weights_digest((n, self._draw(n, self._shapes[n], cpu)) for n in canonical)
+            version = weights_digest(((n, self._draw(n, self._shapes[n], cpu)) for n in canonical),
+                                     scheme)
             store_digest(key, version, name=self.name)
         return version
 

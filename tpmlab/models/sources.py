@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -18,9 +19,21 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tpmlab.models.adapters import Adapter, adapter_for
-from tpmlab.models.digest import META_FILE, PREFIX, cached_digest, json_digest, store_digest
-from tpmlab.models.materialize import KeyFilter, build, meta_model
-from tpmlab.models.tensor_files import TensorEntry, TensorReader, read_header
+from tpmlab.models.digest import (
+    CURRENT,
+    LEGACY,
+    META_FILE,
+    PREFIX,
+    PieceHasher,
+    cache_key,
+    cached_digest,
+    scheme_of,
+    store_digest,
+    tree_version,
+    weights_digest,
+)
+from tpmlab.models.materialize import KeyFilter, build, meta_model, tie_groups
+from tpmlab.models.tensor_files import TensorEntry, TensorReader, pread_into, read_header
 from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
 
 #: model_type -> (current prefix, prefix in checkpoints written before transformers 5)
@@ -93,6 +106,14 @@ class ModelSource(ABC):
     def _compute_version(self) -> str:
         """The weights' content digest (may be slow; called at most once)."""
 
+    def _digest_in(self, scheme: str) -> str:
+        """The weights' digest in ``scheme``, however the version was made: by default, every
+        tensor read on the CPU, one at a time (sources that can do better override this)."""
+        tree = self.meta_model()
+        stored = set(tree.state_dict())
+        names = sorted({c for n, c in tie_groups(tree).items() if n in stored})  # tied: once
+        return weights_digest(self._tensors(names, torch.device("cpu"), None), scheme)
+
     @abstractmethod
     def _load_tokenizer(self) -> PreTrainedTokenizerBase: ...
 
@@ -113,6 +134,13 @@ class ModelSource(ABC):
         if self._version is None:
             self._version = self._compute_version()
         return self._version
+
+    def version_in(self, scheme: str) -> str:
+        """The weights' digest in digest ``scheme`` (``"v2"``, or ``"sha256"`` to verify a
+        version recorded before v2: :func:`tpmlab.models.digest.same_weights`)."""
+        if scheme_of(self.version) == scheme:
+            return self.version
+        return self._digest_in(scheme)
 
     def assume_version(self, version: str) -> None:
         """Take the version from whoever computed it (the client that deployed a stage):
@@ -219,22 +247,32 @@ class FolderSource(ModelSource):
             for name, key in found:
                 yield name, reader.read(index[key])
 
-    def _compute_version(self) -> str:
+    def _recorded_version(self) -> str | None:
+        """The version a converter wrote next to the weights (any scheme), if any."""
         meta = self.folder() / META_FILE
         if meta.is_file():
-            version = json.loads(meta.read_text()).get("version")
-            if version:
-                return version
+            return json.loads(meta.read_text()).get("version") or None
+        return None
+
+    def _compute_version(self) -> str:
+        # A recorded version keeps its meaning (and its scheme); else the current scheme.
+        return self._recorded_version() or self._digest_in(CURRENT)
+
+    def _digest_in(self, scheme: str) -> str:
+        recorded = self._recorded_version()
+        if recorded and scheme_of(recorded) == scheme:
+            return recorded
         files = self.weight_files()
-        key = json_digest(
+        key = cache_key(
             {
                 "folder": str(self.folder()),
                 "files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-            }
+            },
+            scheme,
         )
         version = cached_digest(key)
         if version is None:
-            version = folder_weights_digest(files)
+            version = folder_weights_digest(files, scheme)
             store_digest(key, version, folder=str(self.folder()))
         return version
 
@@ -250,12 +288,40 @@ class FolderSource(ModelSource):
         return default_tokenizer()
 
 
-def folder_weights_digest(files: list[Path]) -> str:
-    """:func:`~tpmlab.models.digest.weights_digest` of safetensors files, streamed from the
-    files' bytes: the process holds one staging buffer, not the checkpoint."""
+def folder_weights_digest(files: list[Path], scheme: str = CURRENT,
+                          threads: int | None = None) -> str:
+    """:func:`~tpmlab.models.digest.weights_digest` of safetensors files in ``scheme``, read
+    from the files' bytes with positioned reads: the process holds one piece buffer per
+    thread (``v2``, pieces hashed on ``threads`` threads, all cores unless told) or one
+    staging buffer (``sha256``), never the checkpoint."""
     entries: dict[str, TensorEntry] = {}
     for path in files:
         entries.update(read_header(path))
+    if scheme == LEGACY:
+        return _legacy_folder_digest(entries)
+    scheme_of(scheme + ":")  # an unknown scheme is refused here, not after the reads
+    contents: dict[str, str] = {}
+    with PieceHasher(threads) as hasher:
+        for path in files:  # one file's pieces at a time, in file order: reads stay local
+            own = sorted((e.offset, n) for n, e in entries.items() if e.path == path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                reads = [(entries[n].nbytes, _piece_reader(fd, entries[n])) for _, n in own]
+                contents.update(zip((n for _, n in own), hasher.contents(reads)))
+            finally:
+                os.close(fd)
+    return tree_version((n, str(entries[n].dtype).removeprefix("torch."), entries[n].shape,
+                         contents[n]) for n in sorted(entries))
+
+
+def _piece_reader(fd: int, entry: TensorEntry):
+    def read(start: int, buffer: memoryview) -> memoryview:
+        pread_into(fd, buffer, entry.offset + start, entry.path)
+        return buffer
+    return read
+
+
+def _legacy_folder_digest(entries: dict[str, TensorEntry]) -> str:
     h = hashlib.sha256()
     with TensorReader(torch.device("cpu")) as reader:
         for name in sorted(entries):

@@ -12,6 +12,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from tpmlab.models.default import default_tokenizer
+from tpmlab.models.digest import TREE, tree_version
+from tpmlab.models.materialize import tie_groups
 from tpmlab.models.sources import ModelSource
 from tpmlab.models.tokenization import has_tokenizer, load_tokenizer
 from tpmlab.store import Store, default_store
@@ -52,8 +54,20 @@ class StoreSource(ModelSource):
         return self.store.load(self.digest, keys=wanted, device=target)
 
     def _compute_version(self) -> str:
-        # The same "sha256:<hex>" form as every other model version, so results compare.
+        # "sha256:" + the store's digest of the version (weights and config), the form store
+        # versions have always had: results that recorded it keep naming it.
         return f"sha256:{self.digest}"
+
+    def _digest_in(self, scheme: str) -> str:
+        # v2 from the manifest alone: the store records each tensor's content digest, which
+        # is v2's digest of the tensor's bytes, so no tensor is read.
+        if scheme != TREE:
+            return super()._digest_in(scheme)
+        tensors = self.store.manifest(self.digest)["tensors"]
+        canonical = tie_groups(self.meta_model())
+        names = sorted(n for n in tensors if canonical.get(n, n) == n)
+        return tree_version((n, tensors[n]["dtype"], tensors[n]["shape"], tensors[n]["content"])
+                            for n in names)
 
     def _load_tokenizer(self) -> PreTrainedTokenizerBase:
         folder = self._config_dict.get("_name_or_path")

@@ -73,7 +73,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return out
 
 
-def _pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+def pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(buffer):
         n = os.preadv(fd, [buffer[done:]], offset + done)
@@ -127,7 +127,7 @@ class TensorReader:
         fd = self._fd(entry.path)
         if self.device.type == "cpu" and target == entry.dtype:
             if entry.nbytes:
-                _pread_into(fd, _as_bytes(out), entry.offset, entry.path)
+                pread_into(fd, _as_bytes(out), entry.offset, entry.path)
             return out
         flat = out.view(-1)
         itemsize = entry.dtype.itemsize
@@ -135,7 +135,7 @@ class TensorReader:
         for start in range(0, flat.numel(), per_chunk):
             n = min(per_chunk, flat.numel() - start)
             chunk = self._buffer(n * itemsize)
-            _pread_into(fd, memoryview(chunk.numpy()), entry.offset + start * itemsize, entry.path)
+            pread_into(fd, memoryview(chunk.numpy()), entry.offset + start * itemsize, entry.path)
             # a blocking copy converts on the host, so the device holds no temporary
             flat[start:start + n].copy_(chunk.view(entry.dtype))
         return out
@@ -148,5 +148,5 @@ class TensorReader:
             n = min(STAGING_BYTES, entry.nbytes - start)
             chunk = self._buffer(n)
             view = memoryview(chunk.numpy())
-            _pread_into(fd, view, entry.offset + start, entry.path)
+            pread_into(fd, view, entry.offset + start, entry.path)
             yield view

@@ -12,7 +12,9 @@ import torch
 
 from ..ir.codec import encode_result
 from ..ir.model_info import ModelInfo
+from ..ir.plan import SAVE
 from ..ir.validate import Limits
+from ..remote import RemoteValues, wrap_local
 from .engine import ModelHost
 from .shared_passes import BatchPolicy, PassQueue
 
@@ -67,6 +69,7 @@ class LocalBackend:
         self.hosts: dict[str, ModelHost] = {}
         self.batching = batching or BatchPolicy()
         self.queues: dict[str, PassQueue] = {}  # by model: its requests, one pass at a time
+        self.remote = RemoteValues()  # remote saves handed out (tpmlab.remote)
 
     def deploy(self, name: str, **options: Any) -> ModelInfo:
         if name not in self.hosts:
@@ -95,7 +98,19 @@ class LocalBackend:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         self.host(model)  # deployed, or a LookupError naming those that are
-        return self.queues[model].run(plan, limits)
+        values, meta, decoded = self.queues[model].run_plan(plan, limits)
+        remote = [n.id for n in decoded.nodes if n.op == SAVE and n.kwargs.get("remote")]
+        if remote:  # in process a remote save is the tensor itself, with the same API
+            values = wrap_local(values, remote)
+            for i in remote:
+                for v in values[i] if isinstance(values.get(i), list) else [values.get(i)]:
+                    if v is not None:
+                        self.remote.add(model, v)
+        return values, meta
+
+    def release_remote(self, model: str | None = None) -> int:
+        """Release the remote values handed out (of ``model``); how many."""
+        return self.remote.release(model)
 
     def weight_restores(self) -> dict[str, int]:
         """By model: requests that wrote into the deployed weights since it was deployed here
@@ -103,11 +118,13 @@ class LocalBackend:
         return {name: host.weights.restores for name, host in self.hosts.items()}
 
     def undeploy(self, name: str) -> None:
+        self.remote.release(name)
         self.hosts.pop(name, None)
         queue = self.queues.pop(name, None)
         if queue is not None:
             queue.close()
 
     def close(self) -> None:
+        self.remote.release()
         for name in list(self.hosts):
             self.undeploy(name)

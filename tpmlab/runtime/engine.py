@@ -28,7 +28,7 @@ from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
 from .limits import request_limits
 from .probe import probe_causal_lm
-from .runner import PlanRunner
+from .runner import PlanRunner, stopping
 from .weights import WeightGuard
 
 
@@ -102,8 +102,9 @@ class ModelHost:
                 with torch.inference_mode():
                     if plan.mode == "trace":
                         runner.begin_step(0)
-                        with runner.hooks():
-                            self.model(**kwargs, use_cache=False)
+                        if not runner.stops_before_pass:
+                            with runner.hooks(), stopping():
+                                self.model(**kwargs, use_cache=False)
                         runner.check_complete(1)
                     else:
                         values[request.GENERATED] = self._generate(plan, kwargs, layout, runner)

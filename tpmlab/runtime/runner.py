@@ -49,35 +49,95 @@ from .batching import BatchLayout, invoke_view, shared_tensors
 from .bounds import check_bounds
 
 
+class StopForward(Exception):
+    """Raised by a hook once the last event a stopping plan (``tracer.stop()``) needs has
+    run: the forward pass ends there. The engine (or pipeline stage) catches it."""
+
+
+def stopping() -> contextlib.AbstractContextManager:
+    """Around a forward pass: a :class:`StopForward` ends it without an error."""
+    return contextlib.suppress(StopForward)
+
+
 class _Cell:
-    """The value of one event while its nodes run; ``replaced`` when a node set it anew."""
+    """The value of one event while its nodes run; ``replaced`` when a node set it anew.
+    At an input event, ``call`` is the call's ``(args, kwargs)`` (``value`` is its first)."""
 
-    __slots__ = ("value", "replaced")
+    __slots__ = ("value", "replaced", "call")
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, call: tuple[tuple, dict] | None = None) -> None:
         self.value = value
         self.replaced = False
+        self.call = call
+
+    def inputs(self) -> tuple[tuple, dict]:
+        """The call's inputs as a plan sees them (``.inputs``): positional arguments and the
+        keyword arguments that are data (a KV cache object is left out, and kept as it is)."""
+        args, kwargs = self._current()
+        return tuple(args), {k: v for k, v in kwargs.items() if _is_data(v)}
+
+    def set_inputs(self, new: Any) -> None:
+        """Replace the whole call (``module.inputs = (args, kwargs)``)."""
+        if not (isinstance(new, (tuple, list)) and len(new) == 2
+                and isinstance(new[0], (tuple, list)) and isinstance(new[1], dict)):
+            raise TypeError(f"a module's inputs are (args, kwargs), not {_describe(new)}")
+        args, kwargs = tuple(new[0]), dict(new[1])
+        if not args and not kwargs:
+            raise TypeError("a module's inputs cannot be empty")
+        _, old = self.call
+        kwargs.update({k: v for k, v in old.items() if not _is_data(v) and k not in kwargs})
+        self.call = (args, kwargs)
+        self.value = args[0] if args else next(iter(kwargs.values()))
+        self.replaced = True
+
+    def _current(self) -> tuple[tuple, dict]:
+        """The call with its first input as it stands now (``.input`` may have been set)."""
+        args, kwargs = self.call
+        if args:
+            return (self.value, *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: self.value}
 
 
-def host_copy(value: Any, pinned: bool) -> Any:
+def _is_data(value: Any) -> bool:
+    """Whether a plan can hold ``value``: tensors, numbers, strings, None, and containers."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(_is_data(v) for v in value.values())
+    return False
+
+
+#: where a CPU stage puts a save's copy: an empty tensor of that shape and dtype, or
+#: ``None`` for ordinary memory (:meth:`tpmlab.cluster.handover.Segments.allocator`)
+HostAlloc = Callable[[tuple[int, ...], torch.dtype], "torch.Tensor | None"]
+
+
+def host_copy(value: Any, pinned: bool, alloc: HostAlloc | None = None) -> Any:
     """A copy of a saved value that later writes cannot change.
 
     On a GPU the copy goes to pinned host memory without blocking the stream
-    (call :func:`torch.cuda.synchronize` before reading it); on the CPU it is a clone.
+    (call :func:`torch.cuda.synchronize` before reading it); on the CPU it is a clone,
+    into memory from ``alloc`` where it gives some (shared memory the notebook maps).
     """
     if isinstance(value, torch.Tensor):
         if value.device.type == "cuda":
             out = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
             out.copy_(value, non_blocking=pinned)
             return out
-        return value.detach().clone()
+        out = alloc(tuple(value.shape), value.dtype) if alloc is not None else None
+        if out is None:
+            return value.detach().clone()
+        return out.copy_(value.detach())
     if isinstance(value, dict):
-        return {k: host_copy(v, pinned) for k, v in value.items()}
+        return {k: host_copy(v, pinned, alloc) for k, v in value.items()}
     if named_fields(value):
-        items = [host_copy(v, pinned) for v in value]
+        items = [host_copy(v, pinned, alloc) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, (list, tuple)):
-        return type(value)(host_copy(v, pinned) for v in value)
+        return type(value)(host_copy(v, pinned, alloc) for v in value)
     return value
 
 
@@ -160,7 +220,8 @@ class PlanRunner:
                  *, module_lookup: Callable[[str], nn.Module], device: torch.device,
                  owned: range | None = None, carry: dict[int, Any] | None = None,
                  pinned: bool = True, limits: Limits | None = None,
-                 frozen: frozenset[int] = frozenset()) -> None:
+                 frozen: frozenset[int] = frozenset(), host_alloc: HostAlloc | None = None,
+                 ) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -169,6 +230,7 @@ class PlanRunner:
         self.saves: dict[int, Any] = {}
         self.step = 0
         self.pinned = pinned and device.type == "cuda"
+        self.host_alloc = host_alloc  # where saves' copies go on a CPU stage (None: a clone)
         self._fired: set[int] = set()
         self._suspended = 0
         self._ran: set[tuple[int, int]] = set()
@@ -188,6 +250,11 @@ class PlanRunner:
         self.gradients = None if schedule.gradients is None else Backprop(
             self, schedule.gradients, frozen=frozen,
             max_bytes=limits.max_autograd_bytes if limits else None)
+        # tracer.stop(): the event after which nothing is left to run (START: the pass need
+        # not run at all); None: the whole pass runs (no stop, a generation, a backward)
+        self.stop_event: int | None = None
+        if plan.stop and plan.mode == "trace" and self.gradients is None:
+            self.stop_event = max(schedule.events_used(), default=START)
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -241,17 +308,11 @@ class PlanRunner:
             if self._suspended or event in self._fired:
                 return None
             self._fired.add(event)
-            if args:
-                cell = _Cell(args[0])
-            else:
-                key = next(iter(kwargs))
-                cell = _Cell(kwargs[key])
+            cell = _Cell(args[0] if args else next(iter(kwargs.values())), (args, kwargs))
             self._run_event(event, cell)
             if not cell.replaced:
                 return None
-            if args:
-                return (cell.value, *args[1:]), kwargs
-            return args, {**kwargs, key: cell.value}
+            return cell._current()
         return hook
 
     def _run_event(self, event: int, cell: _Cell) -> None:
@@ -262,6 +323,13 @@ class PlanRunner:
                 self._run(node, cell)
         if self.gradients is not None:
             self.gradients.after_event(event, cell)
+        if event == self.stop_event:
+            raise StopForward()
+
+    @property
+    def stops_before_pass(self) -> bool:
+        """A stopping plan with no node at any event: the forward pass need not run."""
+        return self.stop_event == START
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:
@@ -327,6 +395,8 @@ class PlanRunner:
     def _execute(self, node: Node, cell: _Cell | None) -> None:
         op = node.op
         if op == POINT:
+            if node.io == "inputs":  # the whole call: a view of it, as of .input
+                cell = _Cell(cell.inputs())
             self.env[node.id] = self._point_view(node, cell)
             return
         if op == SET_POINT:
@@ -335,13 +405,16 @@ class PlanRunner:
         if op == SAVE:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
-            self.saved_bytes += value_nbytes(live, scalar_bytes=0)
+            remote = bool(node.kwargs.get("remote"))  # kept on the stage: its store's limits
+            if not remote:
+                self.saved_bytes += value_nbytes(live, scalar_bytes=0)
             total = self.saved_bytes + self.saved_elsewhere
             if self.max_saved_bytes is not None and total > self.max_saved_bytes:
                 raise LimitError(f"the plan has saved {total:,} bytes, over the limit "
                                  f"of {self.max_saved_bytes:,} bytes",
                                  node=node.id, op=node.op, line=node.line)
-            copy = host_copy(live, self.pinned)
+            # a remote save stays in the stage's store: neither pinned nor in a hand-over segment
+            copy = host_copy(live, self.pinned and not remote, None if remote else self.host_alloc)
             if node.steps.single:
                 self.saves[node.id] = copy
             else:
@@ -383,12 +456,21 @@ class PlanRunner:
         if not _write_into(current, new):
             whole = point.invoke is None or self.layout.owns_all(point.invoke,
                                                                  prompt_pass=self.step == 0)
-            if not (whole and cell is not None and current is cell.value):
+            inputs = point.io == "inputs" and cell is not None and cell.call is not None
+            if not (whole and cell is not None and (inputs or current is cell.value)):
                 raise ExecutionError(
                     f"{node.describe()} cannot write a {_describe(new)} into "
                     f"{point.path or '<model>'}.{point.io}, a {_describe(current)}",
                     node=node.id, op=node.op, line=node.line)
-            cell.value, cell.replaced, current = new, True, new
+            if inputs:
+                try:
+                    cell.set_inputs(new)
+                except TypeError as e:
+                    raise ExecutionError(f"{node.describe()}: {e}", node=node.id, op=node.op,
+                                         line=node.line) from None
+            else:
+                cell.value, cell.replaced = new, True
+            current = new
         self.env[point.id] = current
         self.env[node.id] = current
 

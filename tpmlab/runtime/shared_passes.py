@@ -114,11 +114,9 @@ class PassQueue:
         """Requests waiting for a pass."""
         return len(self._incoming) + len(self._ready)
 
-    def run(self, blob: bytes, limits: Limits | None = None) -> Result:
-        """Run the plan in ``blob`` under the host's limits tightened by the caller's
-        ``limits``, in a pass of its own or shared: its saved values and metadata, as
-        :meth:`ModelHost.run` answers them, plus ``batch_size`` (requests in its pass).
-        Raises what running it alone would (a :class:`PlanError` naming the problem...)."""
+    def run_plan(self, blob: bytes, limits: Limits | None = None
+                 ) -> tuple[dict[int, Any], dict[str, Any], Plan]:
+        """:meth:`run`, and the plan it decoded from ``blob``."""
         item = _Queued(blob, limits)
         with self._cond:
             if self._closed:
@@ -139,6 +137,14 @@ class PassQueue:
         if mine:
             self._run_group([item], [])
         return item.future.result()
+
+    def run(self, blob: bytes, limits: Limits | None = None) -> Result:
+        """Run the plan in ``blob`` under the host's limits tightened by the caller's
+        ``limits``, in a pass of its own or shared: its saved values and metadata, as
+        :meth:`ModelHost.run` answers them, plus ``batch_size`` (requests in its pass).
+        Raises what running it alone would (a :class:`PlanError` naming the problem...)."""
+        values, meta, _ = self.run_plan(blob, limits)
+        return values, meta
 
     def close(self, timeout: float = 60.0) -> None:
         """Refuse new requests and fail the queued ones; a pass under way finishes, and the
@@ -284,7 +290,7 @@ class PassQueue:
             for item, part, own in zip(group, split_values(values, mapping), seconds):
                 item.future.set_result((part, dict(
                     meta, plan_digest=request.plan_digest(item.plan), node_seconds=own,
-                    batch_size=len(group))))
+                    batch_size=len(group)), item.plan))
             return
         self._alone(group[0])
 
@@ -296,4 +302,4 @@ class PassQueue:
         except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
             item.future.set_exception(e)
         else:
-            item.future.set_result((values, dict(meta, batch_size=1)))
+            item.future.set_result((values, dict(meta, batch_size=1), item.plan))

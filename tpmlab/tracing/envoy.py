@@ -4,8 +4,9 @@ An :class:`Envoy` stands for one module of the real architecture, built on the
 meta device (no weights). Native Hugging Face names work (``model.model.layers[3].mlp``)
 and so do the aliases ``embed``, ``layers``, ``final_norm`` and ``unembed``.
 Inside a trace, ``.output`` and ``.input`` are proxies of the module's output and
-first input, assigning to them replaces the value, and calling an envoy applies
-the module to a value.
+first input (``.inputs``: every input, ``(args, kwargs)``), assigning to them replaces
+the value, and calling an envoy applies the module to a value; ``.source`` reaches values
+inside the module's forward (:mod:`tpmlab.tracing.source`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .unsupported import MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
+    from .source import Source
 
 
 class Envoy:
@@ -97,8 +99,30 @@ class Envoy:
     def input(self, value: Any) -> None:
         self._set("input", value)
 
+    @property
+    def inputs(self) -> Proxy:
+        """Every input of the module's call, ``(args, kwargs)`` as nnsight gives them:
+        ``args, kwargs = layer.inputs``; ``layer.inputs = ((h * 2,), kwargs)`` replaces them.
+        Keyword inputs that are not data (a KV cache object) are left out (and kept as they
+        are when the inputs are replaced)."""
+        return self._model.tracing.current(self.path).point(self.path, "inputs")
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        self._set("inputs", value)
+
     def _set(self, io: str, value: Any) -> None:
         self._model.tracing.current(self.path).set_point(self.path, io, value)
+
+    @property
+    def source(self) -> Source:
+        """Values inside the module's forward by nnsight's ``.source`` names: a submodule's
+        call (``mlp.source.self_act_fn_0.output``) and, on an attention block, the attention
+        function's output (``self_attn.source.attention_interface_1.output``); see
+        :mod:`tpmlab.tracing.source`."""
+        from .source import Source
+
+        return Source(self)
 
     def skip(self, value: Any) -> None:
         """Make ``value`` this module's output (nnsight's ``skip``). The module still runs and
@@ -116,7 +140,7 @@ class Envoy:
         return tracer.record(CALL_MODULE, list(args), kwargs, path=self.path)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input"):
+        if name in ("output", "input", "inputs"):
             self._set(name, value)
             return
         if isinstance(value, nn.Module) and not name.startswith("_"):
@@ -126,7 +150,7 @@ class Envoy:
                 raise TpmlabError(f"{self.path} already has a submodule {name!r}")
             self._attached[name] = value
             return
-        raise TpmlabError(f"cannot set {name!r} on a module proxy (only .output, .input and "
+        raise TpmlabError(f"cannot set {name!r} on a module proxy (only .output, .input, .inputs and "
                           "your own modules: layer.sae = sae)")
 
     def __repr__(self) -> str:

@@ -36,9 +36,14 @@ class Proxy:
         object.__setattr__(self, "_value", None)
 
     # -- results --------------------------------------------------------------------------------
-    def save(self) -> Proxy:
-        """Send this value back: after the ``with`` block, read it as ``.value``."""
-        return self._tracer.record(SAVE, [self])
+    def save(self, *, remote: bool = False) -> Proxy:
+        """Send this value back: after the ``with`` block, read it as ``.value``.
+
+        ``remote=True``: keep the value (one tensor) on the worker of the stage that made
+        it; ``.value`` is then a :class:`tpmlab.remote.RemoteValue` (shape, dtype, a Dask
+        future) that the notebook reduces on the workers or writes to Zarr, fetching only
+        what it asks for (``tpmlab.remote.concatenate`` builds a ``dask.array`` of many)."""
+        return self._tracer.record(SAVE, [self], {"remote": True} if remote else None)
 
     @property
     def value(self) -> Any:
@@ -139,6 +144,19 @@ class Proxy:
             del kwargs["inplace"]
         tracer = _find_tracer(args) or _find_tracer(list(kwargs.values()))
         return tracer.record(name, list(args), kwargs)
+
+
+class PairProxy(Proxy):
+    """A value of two parts, ``(args, kwargs)`` of a module's ``.inputs``: it unpacks
+    (``args, kwargs = layer.inputs``) into a proxy of each."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+    def __len__(self) -> int:
+        return 2
 
 
 # The seam the tracer uses (functions, not attributes: a proxy's attribute names belong to

@@ -9,10 +9,22 @@ projections as the eager attention of the family computes them::
                                      (Llama, GPT-NeoX: on a leading part of each head)
 
 Within an invoke every position is a real token, so the mask is causal alone.
+
+:class:`Source`: ``module.source``, nnsight's names for values inside a module's forward,
+each mapped to module values (no code travels, nothing is re-run):
+
+* ``self_<submodule>_0``: a submodule called in the forward (``mlp.source.self_act_fn_0``,
+  the MLP's activation; ``self_attn.source.self_o_proj_0``): that submodule's
+  ``.output`` / ``.input`` / ``.inputs``;
+* ``attention_interface_<n>`` on the attention of a decoder layer: the attention
+  function's output ``(attn_output, attn_weights)``: ``attn_output`` ``[rows, pos, heads,
+  head_dim]`` is the output projection's input, unflattened (a view: writes reach it),
+  ``attn_weights`` the layer's :func:`attention_probs`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +32,7 @@ import torch
 from ..errors import NotSupportedError
 
 if TYPE_CHECKING:
+    from .envoy import Envoy
     from .model import LabModel
     from .proxy import Proxy
 
@@ -80,3 +93,110 @@ def _rotate(x: Any, cos: Any, sin: Any, dims: int, head_dim: int) -> Any:
     rotated = torch.cat([-turned[..., half:], turned[..., :half]], dim=-1)
     out = turned * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
     return out if dims == head_dim else torch.cat([out, rest], dim=-1)
+
+
+_SUBMODULE = re.compile(r"self_(\w+?)_(\d+)$")
+_INTERFACE = re.compile(r"attention_interface(_\d+)?$")
+
+
+class Source:
+    """``module.source``: values inside the module's forward, by nnsight's names (see the
+    module docstring for those offered)."""
+
+    def __init__(self, envoy: Envoy) -> None:
+        object.__setattr__(self, "_envoy", envoy)
+
+    def __getattr__(self, name: str) -> Any:
+        envoy = self._envoy
+        match = _SUBMODULE.match(name)
+        if match and match.group(1) in envoy.module._modules:
+            if match.group(2) != "0":
+                raise NotSupportedError(f".source.{name}: {match.group(1)} is read once per "
+                                        f"forward here; use .source.self_{match.group(1)}_0")
+            return getattr(envoy, match.group(1))
+        if _INTERFACE.match(name) and _layer_of_attention(envoy) is not None:
+            return AttentionInterface(envoy)
+        offered = [f"self_{m}_0" for m in envoy.module._modules]
+        if _layer_of_attention(envoy) is not None:
+            offered.insert(0, "attention_interface_1")
+        raise NotSupportedError(
+            f"{envoy.path}.source.{name} is not offered: a plan reads values inside a forward "
+            f"only where module values give them ({', '.join(offered) or 'none here'}); "
+            "otherwise compute it from the submodules' .input/.output (attention "
+            "probabilities: model.attention_probs(layer))")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise NotSupportedError(f".source.{name} cannot be assigned: set its .output")
+
+    def __repr__(self) -> str:
+        return f"<source of {self._envoy.path}>"
+
+
+def _layer_of_attention(envoy: Envoy) -> int | None:
+    """The layer index when ``envoy`` is the attention block of a decoder layer."""
+    model = envoy._model
+    prefix = model.adapter.layers + "."
+    rest = envoy.path[len(prefix):] if envoy.path.startswith(prefix) else ""
+    index, _, sub = rest.partition(".")
+    return int(index) if index.isdigit() and sub == model.adapter.attn else None
+
+
+class AttentionInterface:
+    """``self_attn.source.attention_interface_1``: the attention function's call."""
+
+    def __init__(self, envoy: Envoy) -> None:
+        self._envoy = envoy
+
+    @property
+    def output(self) -> InterfaceOutput:
+        """``(attn_output, attn_weights)``: index, unpack or ``.save()`` it."""
+        return InterfaceOutput(self._envoy)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        """``attention_interface_1.output = (attn_output, attn_weights)``: the output
+        projection reads the new ``attn_output`` (the weights are not read after the call)."""
+        heads = value[0] if isinstance(value, (tuple, list)) else value
+        _projection(self._envoy).input = heads.flatten(-2)
+
+
+class InterfaceOutput:
+    """The attention function's output: ``[0]`` the heads' outputs ``[rows, pos, heads,
+    head_dim]`` (a view of the output projection's input), ``[1]`` the attention
+    probabilities ``[rows, heads, query pos, key pos]``; each recorded when first read."""
+
+    def __init__(self, envoy: Envoy) -> None:
+        self._envoy = envoy
+        self._parts: dict[int, Proxy] = {}
+
+    def __getitem__(self, index: int) -> Proxy:
+        if index not in (0, 1, -1, -2):
+            raise IndexError(f"the attention function's output has two parts, not {index}")
+        index %= 2
+        if index not in self._parts:
+            envoy = self._envoy
+            if index == 0:
+                adapter = envoy._model.adapter
+                heads = _projection(envoy).input
+                self._parts[0] = heads.unflatten(-1, (adapter.n_heads, adapter.head_dim))
+            else:
+                self._parts[1] = attention_probs(envoy._model, _layer_of_attention(envoy))
+        return self._parts[index]
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+    def __len__(self) -> int:
+        return 2
+
+    def save(self) -> Proxy:
+        """Save both parts (a tuple after the block)."""
+        tracer = self._envoy._model.tracing.current(self._envoy.path)
+        return tracer.record("make_tuple", [self[0], self[1]]).save()
+
+
+def _projection(attention: Envoy) -> Envoy:
+    """The attention's output projection (its input is the heads' outputs, concatenated)."""
+    model = attention._model
+    layer_path = attention.path[:-len(model.adapter.attn) - 1]
+    return model.envoy(f"{layer_path}.{model.adapter.o_proj}")

@@ -37,9 +37,9 @@ from ..ir.plan import (
     TensorRef,
 )
 from .passes import run_in_passes
-from .proxy import Proxy, deliver, node_of, owner
+from .proxy import PairProxy, Proxy, deliver, node_of, owner
 from .saves import SaveTracker
-from .unsupported import BARRIER, MODULE_ALTERNATIVES
+from .unsupported import MODULE_ALTERNATIVES
 
 if TYPE_CHECKING:
     from .model import LabModel
@@ -61,6 +61,20 @@ def _user_line() -> str | None:
             return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f": {code}" if code else "")
         frame = frame.f_back
     return None
+
+
+class Barrier:
+    """What :meth:`Trace.barrier` returns: calling it (once per invoke) records nothing,
+    since the invokes of a plan need no meeting point."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"<barrier of {self.n} invokes: a plan needs none>"
 
 
 @dataclass
@@ -204,8 +218,10 @@ class Trace:
     # -- recording ------------------------------------------------------------------------------
     def stop(self) -> None:
         """End the trace here (nnsight's ``tracer.stop()``): values recorded so far come back
-        as usual, and recording anything after it is an error. The engine still runs the
-        whole forward pass; the values are the same."""
+        as usual, and recording anything after it is an error. The engine ends the forward
+        pass as soon as the last module value the trace reads or writes has been handled:
+        later layers, and later pipeline stages, do no work. (In a generation the whole
+        generation still runs; the values are the same.)"""
         self._stopped_at = _user_line() or "tracer.stop()"
 
     def record(self, op: str, args: list, kwargs: dict | None = None, **fields: Any) -> Proxy:
@@ -238,8 +254,18 @@ class Trace:
         invoke = None if self._invoke == WHOLE_BATCH else self._invoke
         key = (path, io, self._invoke, self._steps)
         if key not in self._points:
-            self._points[key] = self.record("point", [], path=path, io=io, invoke=invoke)
+            proxy = self.record("point", [], path=path, io=io, invoke=invoke)
+            if io == "inputs":  # (args, kwargs): unpacks
+                proxy = self.proxies[node_of(proxy)] = PairProxy(self, node_of(proxy))
+            self._points[key] = proxy
         return self._points[key]
+
+    @property
+    def inputs(self) -> Proxy:
+        """The current invoke's inputs as the model receives them, ``(args, kwargs)``
+        (``input_ids`` or ``inputs_embeds``, ``attention_mask``, ``position_ids``): the
+        invoke's own rows, without padding; the same as ``model.inputs`` in the invoke."""
+        return self.point("", "inputs")
 
     def cache(self, modules: Any = None, *, filter: Callable[[str], bool] | None = None,
               inputs: bool = False) -> dict[str, Proxy]:
@@ -255,11 +281,18 @@ class Trace:
             paths = [m if isinstance(m, str) else m.path for m in modules]
         return {p: self.point(p, io).save() for p in paths if filter is None or filter(p)}
 
+    def barrier(self, n: int) -> Barrier:
+        """nnsight's meeting point of ``n`` invokes (``barrier = tr.barrier(2)``, then
+        ``barrier()`` in each invoke). A plan needs none: a value of one invoke may be used
+        in a later invoke of the same trace, at the same module point or after it (the nodes
+        of one point run in the order they were recorded), so calling it records nothing."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise TpmlabError(f"barrier(n) takes the number of invokes that call it, got {n!r}")
+        return Barrier(n)
+
     def __getattr__(self, name: str) -> Any:
         if name == "next":
             raise NotSupportedError(MODULE_ALTERNATIVES[name])
-        if name == "barrier":
-            raise NotSupportedError(BARRIER)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def set_point(self, path: str, io: str, value: Any) -> None:
@@ -349,7 +382,7 @@ class Trace:
     def plan(self) -> Plan:
         return Plan(model=self.model.name, model_version=self.model.version, invokes=self.invokes,
                     nodes=list(self.nodes.values()), tensors=dict(self.tensors), mode=self.mode,
-                    generate=self._generate_options())
+                    generate=self._generate_options(), stop=self._stopped_at is not None)
 
     def _generate_options(self) -> GenerateOptions | None:
         return None

@@ -9,11 +9,6 @@ from __future__ import annotations
 
 # name -> what to do instead; looked up on module proxies (and so on the model itself)
 MODULE_ALTERNATIVES: dict[str, str] = {
-    "inputs": ".inputs (every positional and keyword input) is not supported: .input is the "
-              "module's first input, read and written like .output",
-    "source": ".source (values inside a module's forward) is not supported: read the "
-              "submodules' .output (e.g. self_attn.o_proj.input for the heads' outputs); "
-              "attention probabilities are model.attention_probs(layer)",
     "next": ".next() is not supported: choose generation steps with `with gen.step(i):`, "
             "`with gen.steps(a, b):` or `for step in gen.iter[a:b]:`",
     "iter": ".iter belongs to the generation: `for step in gen.iter[a:b]:` on the object of "
@@ -42,9 +37,6 @@ CONTROL_FLOW = (
 ITERATION = ("a traced value cannot be iterated while tracing (its length is not known to "
              "Python): index it in a loop over a Python range, e.g. "
              "`for i in range(n): h[:, i]`")
-
-BARRIER = ("tracer.barrier() is not needed: a value of one invoke can be used in another "
-           "invoke of the same trace directly (it must be made earlier in the forward pass)")
 
 STEP_BLOCK = ("`with gen.all() as step:` binds the block of steps, not a step number, so "
               "`if step == 2:` cannot be recorded: write `with gen.step(2):`, or loop over the "
