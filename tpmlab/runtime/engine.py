@@ -20,6 +20,7 @@ from ..errors import ExecutionError, PlanError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
+from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from . import request
 from .backward import held, registry, run_with_backward, weight_storages
@@ -84,8 +85,20 @@ class ModelHost:
         ``timeout``: seconds a request with a backward may run (its backward stops past them);
         a forward-only request runs to its end."""
         limits = request_limits(self.limits, limits)
-        schedule = request.admit(plan, model=self.name, info=self.info, limits=limits,
-                                 meta_module=self._meta.get)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.execute(plan, self.admit(plan, limits), limits, deadline=deadline)
+
+    def admit(self, plan: Plan, limits: Limits) -> Schedule:
+        """Validate ``plan`` under ``limits`` (already the host's, tightened by the caller's):
+        its schedule, or a :class:`PlanError` naming the problem."""
+        return request.admit(plan, model=self.name, info=self.info, limits=limits,
+                             meta_module=self._meta.get)
+
+    def execute(self, plan: Plan, schedule: Schedule, limits: Limits, *,
+                deadline: float | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
+        :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. ``deadline``
+        (:func:`time.monotonic`): where a backward stops."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
@@ -94,8 +107,7 @@ class ModelHost:
         values: dict[int, Any] = {}
         if runner.gradients is not None:
             self._backprops.add(runner.gradients)
-            if timeout is not None:
-                runner.gradients.deadline = time.monotonic() + timeout
+            runner.gradients.deadline = deadline
         self.weights.ready()
         try:
             if runner.gradients is not None:
