@@ -130,9 +130,9 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def start_cluster(n: int, device: str) -> Any:
-    """``n`` worker processes with the environment tpmlab's own clusters give them (idle
-    stages' OpenMP threads sleep instead of spinning on the cores the busy stage computes
-    on); on a GPU all see GPU 0 (two workers share one GPU)."""
+    """``n`` worker processes with the environment tpmlab's own clusters give them (how an
+    idle stage's OpenMP threads wait, so that they do not take the cores the busy stage
+    computes on); on a GPU all see GPU 0 (two workers share one GPU)."""
     import psutil
     from distributed import Nanny, Scheduler, SpecCluster
 
