@@ -32,7 +32,7 @@ from collections import Counter as Tally
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -172,7 +172,7 @@ class Gateway:
     def limits_for(self, user: UserView) -> Limits:
         limits = self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
         if limits.max_remote_bytes or limits.max_remote_values:  # never kept here (tiers.py)
-            limits = dataclasses.replace(limits, max_remote_bytes=0, max_remote_values=0)
+            limits = replace(limits, max_remote_bytes=0, max_remote_values=0)
         return limits
 
     async def admit(self, user: UserView, model: str,
