@@ -51,6 +51,7 @@ from ..errors import ExecutionError, RequestTimeoutError
 from ..ir.model_info import START, ModelInfo
 from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
+from ..ir.session import MAX_TRACES, check_session, decode_session, imports_of
 from ..ir.validate import Limits
 from ..runtime import request
 from ..runtime.backward import weight_storages
@@ -468,6 +469,8 @@ class StageActor:
                                         "wait": t3 - t2, "backward": time.perf_counter() - t3})
             if output is not None and self.span.is_first:
                 reply["output"] = output
+            if st.runner.kept and msg.get("final"):  # a session's values go up the chain
+                reply["kept"] = {**reply.get("kept", {}), **to_wire(st.runner.kept)}
             return reply
         except BaseException as e:
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
@@ -580,6 +583,71 @@ class StageActor:
             phases.update({f"stage{k} {name}": v for name, v in t.items()})
         return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
+
+    async def run_session(self, blob: bytes, req: str, timeout: float,
+                          limits: dict[str, Any] | None = None,
+                          handover: Token | None = None, owner: str | None = None
+                          ) -> list[dict[str, Any]]:
+        """Stage 0 only: run a session envelope (:mod:`tpmlab.ir.session`) as one request,
+        validated as a whole first. Trace ``k`` runs as request ``f"{req}.{k}"`` (later stages
+        hand its saves to the client's ``collect`` of that id). The values a trace keeps come
+        up the chain in the replies to this stage and stay in this coroutine's store until a
+        later trace's ``from_trace`` nodes read them here (they travel down with the hidden
+        state where needed); the store is dropped when the session ends or fails. Returns
+        each trace's ``{"values", "saves", "meta"}`` as :meth:`run`."""
+        self._sweep()
+        deadline = time.monotonic() + timeout
+        subs = [f"{req}.{k}" for k in range(MAX_TRACES)]
+        try:
+            limits_ = request_limits(self.limits, limits_from_wire(limits))
+            plans = decode_session(blob, max_bytes=limits_.max_plan_bytes)
+            subs = subs[:len(plans)]
+            schedules = check_session(plans, self.info, model=self.spec["model"], limits=limits_,
+                                      meta_module=self._meta_modules().get)
+            store: dict[tuple[int, int], Any] = {}
+            outs = []
+            for k, (plan, schedule) in enumerate(zip(plans, schedules)):
+                imports = {i: store[src] for i, src in imports_of(plans, k).items()}
+                out, kept = await self._run_trace(plan, schedule, subs[k], deadline, limits_,
+                                                  handover, owner, imports)
+                store.update({(k, i): v for i, v in kept.items()})
+                outs.append(self.segments.pack(out, subs[k], handover, deadline))
+            return outs
+        except BaseException:
+            for sub in subs:
+                await self.abort(sub)
+            raise
+
+    async def _run_trace(self, plan: Plan, schedule: Schedule, req: str, deadline: float,
+                         limits: Limits, handover: Token | None, owner: str | None,
+                         imports: dict[int, Any]) -> tuple[dict[str, Any], dict[int, Any]]:
+        """One validated trace of a session through the pipeline (as :meth:`_run`); its
+        output and the values it keeps (gathered from every stage)."""
+        start = time.perf_counter()
+        if plan.mode != "trace":
+            raise ExecutionError("a generation cannot be part of a session on pipeline stages "
+                                 "yet: run it on its own")
+        kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
+                                     embed_dtype=self.dtype)
+        st = self.requests[req] = self._new_request(plan, schedule, layout, False, limits,
+                                                    req=req, handover=handover,
+                                                    deadline=deadline, owner=owner)
+        st.runner.imports = imports
+        msg = {"req": req, "owner": owner, "layout": layout, "generate": False, "carry": {},
+               "saved": 0, "attention_mask": kwargs["attention_mask"],
+               "position_ids": kwargs["position_ids"], "step": 0, "final": True,
+               "timeout": deadline - time.monotonic(), "input_ids": kwargs.get("input_ids"),
+               "inputs_embeds": kwargs.get("inputs_embeds")}
+        reply = await self.step(msg)
+        output = reply["output"]
+        meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
+                                   node_seconds=output["node_seconds"], device=self.device,
+                                   stages=self.span.n_stages)
+        if schedule.gradients is not None:
+            meta["autograd_bytes"] = [output["autograd_bytes"]]
+            meta["backward_seconds"] = output["backward_seconds"]
+        kept = from_wire(reply.get("kept", {}), self.device)
+        return {"values": to_wire({}), "saves": output["saves"], "meta": meta}, kept
 
     def _tokenizer(self) -> Any:
         """The model's tokenizer, loaded on first use (stop strings need it; most requests

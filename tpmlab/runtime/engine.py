@@ -20,6 +20,8 @@ from ..errors import ExecutionError, PlanError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
+from ..ir.schedule import Schedule
+from ..ir.session import check_session, imports_of
 from ..ir.validate import Limits
 from . import request
 from .backward import run_with_backward, weight_storages
@@ -77,11 +79,37 @@ class ModelHost:
         limits = request_limits(self.limits, limits)
         schedule = request.admit(plan, model=self.name, info=self.info, limits=limits,
                                  meta_module=self._meta.get)
+        values, meta, _ = self._run_admitted(plan, schedule, limits)
+        return values, meta
+
+    def run_session(self, plans: list[Plan], *, limits: Limits | None = None
+                    ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """Validate a session's plans as a whole (:func:`~tpmlab.ir.session.check_session`),
+        then run them in order: the values a trace keeps (``save(keep=True)``) stay here and
+        fill later traces' ``from_trace`` nodes; each trace's saved values and metadata. The
+        kept values are dropped when this returns or raises."""
+        limits = request_limits(self.limits, limits)
+        schedules = check_session(plans, self.info, model=self.name, limits=limits,
+                                  meta_module=self._meta.get)
+        store: dict[tuple[int, int], Any] = {}  # (trace, save node id) -> kept value
+        out = []
+        for k, (plan, schedule) in enumerate(zip(plans, schedules)):
+            imports = {i: store[src] for i, src in imports_of(plans, k).items()}
+            values, meta, kept = self._run_admitted(plan, schedule, limits, imports)
+            store.update({(k, i): v for i, v in kept.items()})
+            out.append((values, meta))
+        return out
+
+    def _run_admitted(self, plan: Plan, schedule: Schedule, limits: Limits,
+                      imports: dict[int, Any] | None = None
+                      ) -> tuple[dict[int, Any], dict[str, Any], dict[int, Any]]:
+        """Run a validated plan: its saves, metadata and the values it keeps for later traces."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
-                            device=self.device, limits=limits, frozen=self._frozen())
+                            device=self.device, limits=limits, frozen=self._frozen(),
+                            imports=imports)
         values: dict[int, Any] = {}
         self.weights.ready()
         try:
@@ -109,7 +137,7 @@ class ModelHost:
         if runner.gradients is not None:
             meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
             meta["backward_seconds"] = backward_seconds
-        return values, meta
+        return values, meta, runner.kept
 
     def _frozen(self) -> frozenset[int]:
         if self.__dict__.get("_weight_storages") is None:
