@@ -170,6 +170,7 @@ class StageActor:
         self.requests: dict[str, _Request] = {}
         self.slots: dict[str, _Slot] = {}
         self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
+        self.kept: dict[str, dict[int, Any]] = {}  # stage 0: a session trace's kept values
         self.segments = Segments()  # saves handed over in shared memory, until taken
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
@@ -211,7 +212,7 @@ class StageActor:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), "passes": self.passes, **self.load, "autograd_bytes": sum(
+               "held": len(self.slots), "kept": len(self.kept), "passes": self.passes, **self.load, "autograd_bytes": sum(
                    st.runner.gradients.autograd_bytes for st in self.requests.values()
                    if st.runner.gradients is not None)}
         if self.device.type == "cuda":
@@ -237,6 +238,7 @@ class StageActor:
     # -- request bookkeeping -----------------------------------------------------------------------
     def _drop(self, req: str, error: BaseException) -> None:
         self.requests.pop(req, None)
+        self.kept.pop(req, None)
         slot = self.slots.pop(req, None)
         if slot is not None:
             slot.fail(error)
@@ -469,8 +471,11 @@ class StageActor:
                                         "wait": t3 - t2, "backward": time.perf_counter() - t3})
             if output is not None and self.span.is_first:
                 reply["output"] = output
-            if st.runner.kept and msg.get("final"):  # a session's values go up the chain
+            if st.runner.kept:  # values a session's later trace reads go up the chain
                 reply["kept"] = {**reply.get("kept", {}), **to_wire(st.runner.kept)}
+                st.runner.kept = {}
+            if self.span.is_first and "kept" in reply:  # held for the session's driver
+                self.kept.setdefault(req, {}).update(reply.pop("kept"))
             return reply
         except BaseException as e:
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
@@ -624,30 +629,37 @@ class StageActor:
         """One validated trace of a session through the pipeline (as :meth:`_run`); its
         output and the values it keeps (gathered from every stage)."""
         start = time.perf_counter()
-        if plan.mode != "trace":
-            raise ExecutionError("a generation cannot be part of a session on pipeline stages "
-                                 "yet: run it on its own")
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
-        st = self.requests[req] = self._new_request(plan, schedule, layout, False, limits,
+        generate = plan.mode != "trace"
+        st = self.requests[req] = self._new_request(plan, schedule, layout, generate, limits,
                                                     req=req, handover=handover,
                                                     deadline=deadline, owner=owner)
         st.runner.imports = imports
-        msg = {"req": req, "owner": owner, "layout": layout, "generate": False, "carry": {},
-               "saved": 0, "attention_mask": kwargs["attention_mask"],
-               "position_ids": kwargs["position_ids"], "step": 0, "final": True,
-               "timeout": deadline - time.monotonic(), "input_ids": kwargs.get("input_ids"),
-               "inputs_embeds": kwargs.get("inputs_embeds")}
-        reply = await self.step(msg)
-        output = reply["output"]
+        base = {"req": req, "owner": owner, "layout": layout, "generate": generate, "carry": {},
+                "saved": 0, "attention_mask": kwargs["attention_mask"],
+                "position_ids": kwargs["position_ids"]}
+        values: dict[int, Any] = {}
+
+        def left() -> float:
+            return deadline - time.monotonic()
+
+        if not generate:
+            reply = await self.step({**base, "step": 0, "final": True, "timeout": left(),
+                                     "input_ids": kwargs.get("input_ids"),
+                                     "inputs_embeds": kwargs.get("inputs_embeds")})
+            output = reply["output"]
+        else:
+            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
+                                                                     left)
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
                                    stages=self.span.n_stages)
         if schedule.gradients is not None:
             meta["autograd_bytes"] = [output["autograd_bytes"]]
             meta["backward_seconds"] = output["backward_seconds"]
-        kept = from_wire(reply.get("kept", {}), self.device)
-        return {"values": to_wire({}), "saves": output["saves"], "meta": meta}, kept
+        kept = from_wire(self.kept.pop(req, {}), self.device)
+        return {"values": to_wire(values), "saves": output["saves"], "meta": meta}, kept
 
     def _tokenizer(self) -> Any:
         """The model's tokenizer, loaded on first use (stop strings need it; most requests

@@ -96,6 +96,8 @@ def imports_of(plans: list[Plan], k: int) -> dict[int, tuple[int, int]]:
         if node.op != FROM_TRACE:
             continue
         where = {"node": node.id, "op": node.op, "line": node.line}
+        if len(node.args) != 2 or not all(type(a) is int and a >= 0 for a in node.args):
+            raise SchemaError("from_trace takes [trace index, save node id]", **where)
         trace, save = node.args
         if not 0 <= trace < k:
             raise SchemaError(f"{node.describe()} of trace {k} reads a value of trace {trace}: "

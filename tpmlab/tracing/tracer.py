@@ -350,6 +350,10 @@ class Trace:
     def keep_later(self, value: Proxy) -> Proxy:
         """Keep ``value`` on the engine for a later trace of the session (once per value)."""
         node = node_of(value)
+        if not self.nodes[node].steps.single:
+            raise NotSupportedError("a value used in a later trace of a session must be one "
+                                    "tensor, not a list (a value of several generation steps "
+                                    "is a list: index a step)")
         if node not in self._kept:
             stopped, self._stopped_at = self._stopped_at, None  # after tracer.stop() too
             try:
