@@ -252,8 +252,8 @@ def _check_save(node: Any, limits: Limits, where: dict) -> None:
         raise SchemaError("save takes one value", **where)
     extra = set(node.kwargs) - {"remote", "keep"}
     if extra or not all(isinstance(node.kwargs.get(k, False), bool) for k in ("remote", "keep")):
-        raise SchemaError("save takes only the keywords remote= and keep= (True or False), got "
-                          f"{sorted(node.kwargs)}", **where)
+        raise SchemaError("save takes only the keyword remote= (True or False; in a session "
+                          f"also keep=), got {sorted(node.kwargs)}", **where)
     if node.kwargs.get("remote") and node.kwargs.get("keep"):
         raise SchemaError("a save is either remote or kept for a later trace, not both", **where)
     if node.kwargs.get("keep") and not node.steps.single:
