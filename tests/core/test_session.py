@@ -170,3 +170,20 @@ def test_a_malformed_envelope_is_a_schema_error(model):
         with pytest.raises(SchemaError):
             decode_session(bad)
     assert [len(p.nodes) for p in decode_session(blob)] == [len(p1.nodes), len(p2.nodes)]
+
+
+def test_a_later_trace_s_backward_reads_a_kept_value(model):
+    def run(m):
+        last = m.adapter.n_layers - 1
+        with m.session():
+            with m.trace(CLEAN):
+                h = m.layers[last].output[:, -1]
+            with m.trace(CORRUPT):
+                layer = m.layers[1].output
+                (m.layers[2].output[:, -1] * h).sum().backward()
+                grad = layer.grad.save()
+        return grad.value
+
+    handle = model.handle()
+    handle.run_session = None  # the value as a constant, through the notebook
+    torch.testing.assert_close(run(model), run(handle), atol=0, rtol=0)

@@ -424,8 +424,11 @@ class PlanRunner:
                 raise ExecutionError(f"{node.describe()}: the value of trace {node.args[0]} "
                                      "is not held here", node=node.id, op=op, line=node.line)
             value = self.imports[node.id]
-            self.env[node.id] = value.to(self.device) if isinstance(value, torch.Tensor) \
-                else value
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_inference() and not torch.is_inference_mode_enabled():
+                    value = value.clone()  # a tensor autograd may save (this trace's backward)
+            self.env[node.id] = value
             return
         if op == SAVE:
             live = self._arg(node.args[0])
