@@ -77,10 +77,13 @@ class ModelHost:
         (:func:`~tpmlab.runtime.request.result_meta`; ``node_seconds``, each plan node's own
         time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own."""
         limits = request_limits(self.limits, limits)
-        schedule = request.admit(plan, model=self.name, info=self.info, limits=limits,
-                                 meta_module=self._meta.get)
-        values, meta, _ = self._run_admitted(plan, schedule, limits)
-        return values, meta
+        return self.execute(plan, self.admit(plan, limits), limits)
+
+    def admit(self, plan: Plan, limits: Limits) -> Schedule:
+        """Validate ``plan`` under ``limits`` (already the host's, tightened by the caller's):
+        its schedule, or a :class:`PlanError` naming the problem."""
+        return request.admit(plan, model=self.name, info=self.info, limits=limits,
+                             meta_module=self._meta.get)
 
     def run_session(self, plans: list[Plan], *, limits: Limits | None = None
                     ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
@@ -95,15 +98,17 @@ class ModelHost:
         out = []
         for k, (plan, schedule) in enumerate(zip(plans, schedules)):
             imports = {i: store[src] for i, src in imports_of(plans, k).items()}
-            values, meta, kept = self._run_admitted(plan, schedule, limits, imports)
+            kept: dict[int, Any] = {}
+            out.append(self.execute(plan, schedule, limits, imports=imports, kept=kept))
             store.update({(k, i): v for i, v in kept.items()})
-            out.append((values, meta))
         return out
 
-    def _run_admitted(self, plan: Plan, schedule: Schedule, limits: Limits,
-                      imports: dict[int, Any] | None = None
-                      ) -> tuple[dict[int, Any], dict[str, Any], dict[int, Any]]:
-        """Run a validated plan: its saves, metadata and the values it keeps for later traces."""
+    def execute(self, plan: Plan, schedule: Schedule, limits: Limits, *,
+                imports: dict[int, Any] | None = None, kept: dict[int, Any] | None = None
+                ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
+        :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. In a session,
+        ``imports`` fill its ``from_trace`` nodes and ``kept`` receives the values it keeps."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
@@ -137,7 +142,9 @@ class ModelHost:
         if runner.gradients is not None:
             meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
             meta["backward_seconds"] = backward_seconds
-        return values, meta, runner.kept
+        if kept is not None:
+            kept.update(runner.kept)
+        return values, meta
 
     def _frozen(self) -> frozenset[int]:
         if self.__dict__.get("_weight_storages") is None:
