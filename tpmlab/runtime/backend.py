@@ -100,7 +100,7 @@ class LocalBackend:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
         self.host(model)  # deployed, or a LookupError naming those that are
-        values, meta, decoded = self.queues[model].run_plan(plan, limits)
+        values, meta, decoded = self.queues[model].run_plan(plan, limits, timeout)
         remote = [n.id for n in decoded.nodes if n.op == SAVE and n.kwargs.get("remote")]
         if remote:  # in process a remote save is the tensor itself, with the same API
             values = wrap_local(values, remote)

@@ -24,7 +24,7 @@ from ..ir.schedule import Schedule
 from ..ir.session import check_session, imports_of
 from ..ir.validate import Limits
 from . import request
-from .backward import run_with_backward, weight_storages
+from .backward import held, registry, run_with_backward, weight_storages
 from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
 from .limits import request_limits
@@ -65,19 +65,29 @@ class ModelHost:
         self._meta = dict(meta_model.named_modules()) if meta_model is not None else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.weights = WeightGuard(model, source, dtype=self.dtype)
+        self._backprops = registry()  # requests' gradient state, for autograd_held()
 
-    def run_blob(self, blob: bytes, *, limits: Limits | None = None) -> bytes:
+    def run_blob(self, blob: bytes, *, limits: Limits | None = None,
+                 timeout: float | None = None) -> bytes:
         plan, limits = request.decode(blob, self.limits, limits)
-        values, meta = self.run(plan, limits=limits)
+        values, meta = self.run(plan, limits=limits, timeout=timeout)
         return encode_result(values, meta)
 
-    def run(self, plan: Plan, *, limits: Limits | None = None
+    def autograd_held(self) -> dict[str, int]:
+        """Gradient state requests still hold here (:func:`~tpmlab.runtime.backward.held`):
+        zeros whenever no request with a backward is running."""
+        return held(self._backprops)
+
+    def run(self, plan: Plan, *, limits: Limits | None = None, timeout: float | None = None
             ) -> tuple[dict[int, Any], dict[str, Any]]:
         """Validate and run ``plan``: its saved values by node id, and the result's metadata
         (:func:`~tpmlab.runtime.request.result_meta`; ``node_seconds``, each plan node's own
-        time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own."""
+        time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own.
+        ``timeout``: seconds a request with a backward may run (its backward stops past them);
+        a forward-only request runs to its end."""
         limits = request_limits(self.limits, limits)
-        return self.execute(plan, self.admit(plan, limits), limits)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.execute(plan, self.admit(plan, limits), limits, deadline=deadline)
 
     def admit(self, plan: Plan, limits: Limits) -> Schedule:
         """Validate ``plan`` under ``limits`` (already the host's, tightened by the caller's):
@@ -85,8 +95,8 @@ class ModelHost:
         return request.admit(plan, model=self.name, info=self.info, limits=limits,
                              meta_module=self._meta.get)
 
-    def run_session(self, plans: list[Plan], *, limits: Limits | None = None
-                    ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+    def run_session(self, plans: list[Plan], *, limits: Limits | None = None,
+                    deadline: float | None = None) -> list[tuple[dict[int, Any], dict[str, Any]]]:
         """Validate a session's plans as a whole (:func:`~tpmlab.ir.session.check_session`),
         then run them in order: the values a trace keeps (``save(keep=True)``) stay here and
         fill later traces' ``from_trace`` nodes; each trace's saved values and metadata. The
@@ -99,16 +109,18 @@ class ModelHost:
         for k, (plan, schedule) in enumerate(zip(plans, schedules)):
             imports = {i: store[src] for i, src in imports_of(plans, k).items()}
             kept: dict[int, Any] = {}
-            out.append(self.execute(plan, schedule, limits, imports=imports, kept=kept))
+            out.append(self.execute(plan, schedule, limits, deadline=deadline, imports=imports,
+                                    kept=kept))
             store.update({(k, i): v for i, v in kept.items()})
         return out
 
     def execute(self, plan: Plan, schedule: Schedule, limits: Limits, *,
-                imports: dict[int, Any] | None = None, kept: dict[int, Any] | None = None
-                ) -> tuple[dict[int, Any], dict[str, Any]]:
+                deadline: float | None = None, imports: dict[int, Any] | None = None,
+                kept: dict[int, Any] | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
-        :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. In a session,
-        ``imports`` fill its ``from_trace`` nodes and ``kept`` receives the values it keeps."""
+        :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. ``deadline``
+        (:func:`time.monotonic`): where a backward stops. In a session, ``imports`` fill its
+        ``from_trace`` nodes and ``kept`` receives the values it keeps."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
@@ -116,6 +128,9 @@ class ModelHost:
                             device=self.device, limits=limits, frozen=self._frozen(),
                             imports=imports)
         values: dict[int, Any] = {}
+        if runner.gradients is not None:
+            self._backprops.add(runner.gradients)
+            runner.gradients.deadline = deadline
         self.weights.ready()
         try:
             if runner.gradients is not None:
@@ -136,6 +151,8 @@ class ModelHost:
             raise ExecutionError(f"out of memory running the plan: {e}") from None
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
+            if runner.gradients is not None:
+                runner.gradients.release()  # the graph goes, whatever happened
         values.update(runner.results())
         meta = request.result_meta(plan, model=self.name, info=self.info, started=start,
                                    node_seconds=runner.node_seconds, device=self.device)

@@ -83,6 +83,7 @@ class _Queued:
     schedule: Schedule | None = None
     limits: Limits | None = None
     key: tuple | None = None  # merge key; None: runs alone
+    deadline: float | None = None  # time.monotonic() where its backward stops (if it has one)
     lengths: list[int] = field(default_factory=list)  # each row's number of positions
 
 
@@ -115,10 +116,12 @@ class PassQueue:
         """Requests waiting for a pass."""
         return len(self._incoming) + len(self._ready)
 
-    def run_plan(self, blob: bytes, limits: Limits | None = None
+    def run_plan(self, blob: bytes, limits: Limits | None = None, timeout: float | None = None
                  ) -> tuple[dict[int, Any], dict[str, Any], Plan]:
-        """:meth:`run`, and the plan it decoded from ``blob``."""
-        item = _Queued(blob, limits)
+        """:meth:`run`, and the plan it decoded from ``blob``. ``timeout``: seconds, from now,
+        after which a request's backward stops (a plan with a backward runs alone)."""
+        item = _Queued(blob, limits,
+                       deadline=None if timeout is None else time.monotonic() + timeout)
         with self._cond:
             if self._closed:
                 raise ModelUndeployedError(f"model {self.host.name!r} is not deployed any more; "
@@ -315,7 +318,8 @@ class PassQueue:
     def _alone(self, item: _Queued) -> None:
         try:
             started = time.perf_counter()
-            values, meta = self.host.execute(item.plan, item.schedule, item.limits)
+            values, meta = self.host.execute(item.plan, item.schedule, item.limits,
+                                             deadline=item.deadline)
             self._measured([item], time.perf_counter() - started)
         except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
             item.future.set_exception(e)
