@@ -196,6 +196,39 @@ def session_patching(model, nn_model):
     return [ours.value], [theirs]
 
 
+def session_patching_across_layers(model, nn_model):
+    """Two-pass activation patching in a session, the value kept on the engine: a clean
+    activation of the last layer patched into the first layer of a corrupted run, and one of
+    the first layer into the last (on 2 stages each crosses stages, both ways). Only what is
+    saved comes back: the clean activations are in no result."""
+    clean, corrupt = "The Colosseum is in the city of", PROMPT
+    last = model.adapter.n_layers - 1
+    with model.session():
+        with model.trace(clean) as first:
+            early = model.layers[0].output[:, 2]
+            late = model.layers[last].output[:, -1]
+        with model.trace(corrupt) as second:
+            model.layers[0].output[:, -1] = late
+            ours = [model.output.logits[:, -1].save()]
+        with model.trace(corrupt) as third:
+            model.layers[last].output[:, 2] = early * 0.5
+            ours.append(model.output.logits[:, -1].save())
+    assert first.result.values == {}  # the kept values never came back
+    assert len(second.result.values) == len(third.result.values) == 1
+    layers = nn_layers(nn_model, model)
+    with nn_model.session():
+        with nn_model.trace(clean):
+            nn_early = layers[0].output[:, 2]
+            nn_late = layers[last].output[:, -1]
+        with nn_model.trace(corrupt):
+            layers[0].output[:, -1] = nn_late
+            a = nn_model.output.logits[:, -1].save()
+        with nn_model.trace(corrupt):
+            layers[last].output[:, 2] = nn_early * 0.5
+            b = nn_model.output.logits[:, -1].save()
+    return [p.value for p in ours], [a, b]
+
+
 def stop_early(model, nn_model):
     """``tracer.stop()`` after the values of interest: the pass ends there (a patch at
     layer 0, read at layer 1)."""
@@ -434,7 +467,8 @@ def seeded_noise(model, nn_model):
 
 
 PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, persistent_edit,
-         auxiliary_modules, dry_run_shapes, session_patching, stop_early, module_inputs,
+         auxiliary_modules, dry_run_shapes, session_patching, session_patching_across_layers,
+         stop_early, module_inputs,
          cross_invoke_barrier, source_values,
          attention_patterns,
          cache_modules, whole_batch_invoke,

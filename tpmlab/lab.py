@@ -28,7 +28,9 @@ class Lab:
             info = self.backend.deploy(name, **options)
             self.models[name] = LabModel(
                 name, info, source, lab=self, limits=getattr(self.backend, "limits", None),
-                run_plan=lambda blob, timeout: self.run_values(name, blob, timeout=timeout))
+                run_plan=lambda blob, timeout: self.run_values(name, blob, timeout=timeout),
+                run_session=(lambda blob, timeout: self.run_session(name, blob, timeout=timeout))
+                if hasattr(self.backend, "run_session_values") else None)
         return self.models[name]
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
@@ -40,6 +42,12 @@ class Lab:
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Run a plan; saved values and provenance (in-process backends skip the result codec)."""
         return self.backend.run_values(model, plan, timeout=timeout, limits=limits)
+
+    def run_session(self, model: str, session: bytes, *, timeout: float | None = None,
+                    limits: Limits | None = None) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """Run a session envelope (:mod:`tpmlab.ir.session`) as one request; each trace's
+        saved values and provenance, in order."""
+        return self.backend.run_session_values(model, session, timeout=timeout, limits=limits)
 
     def release_remote(self, model: str | None = None) -> int:
         """Free the remote values (``.save(remote=True)``) this lab handed out, of ``model``

@@ -52,6 +52,7 @@ from ..errors import ExecutionError, RequestTimeoutError
 from ..ir.model_info import START, ModelInfo
 from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
+from ..ir.session import MAX_TRACES, check_session, decode_session, imports_of
 from ..ir.validate import Limits
 from ..runtime import request
 from ..runtime.backward import held, registry, weight_storages
@@ -171,6 +172,7 @@ class StageActor:
         self.requests: dict[str, _Request] = {}
         self.slots: dict[str, _Slot] = {}
         self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
+        self.kept: dict[str, dict[int, Any]] = {}  # stage 0: a session trace's kept values
         self.segments = Segments()  # saves handed over in shared memory, until taken
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
@@ -212,7 +214,8 @@ class StageActor:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), "passes": self.passes, **self.load, **held(self.backprops)}
+               "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
+               **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
@@ -236,6 +239,7 @@ class StageActor:
     # -- request bookkeeping -----------------------------------------------------------------------
     def _drop(self, req: str, error: BaseException, st: _Request | None = None) -> None:
         self._let_go(req, st)
+        self.kept.pop(req, None)
         slot = self.slots.pop(req, None)
         if slot is not None:
             slot.fail(error)
@@ -480,6 +484,11 @@ class StageActor:
                                         "wait": t3 - t2, "backward": time.perf_counter() - t3})
             if output is not None and self.span.is_first:
                 reply["output"] = output
+            if st.runner.kept:  # values a session's later trace reads go up the chain
+                reply["kept"] = {**reply.get("kept", {}), **to_wire(st.runner.kept)}
+                st.runner.kept = {}
+            if self.span.is_first and "kept" in reply:  # held for the session's driver
+                self.kept.setdefault(req, {}).update(reply.pop("kept"))
             return reply
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
@@ -593,6 +602,78 @@ class StageActor:
             phases.update({f"stage{k} {name}": v for name, v in t.items()})
         return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
+
+    async def run_session(self, blob: bytes, req: str, timeout: float,
+                          limits: dict[str, Any] | None = None,
+                          handover: Token | None = None, owner: str | None = None
+                          ) -> list[dict[str, Any]]:
+        """Stage 0 only: run a session envelope (:mod:`tpmlab.ir.session`) as one request,
+        validated as a whole first. Trace ``k`` runs as request ``f"{req}.{k}"`` (later stages
+        hand its saves to the client's ``collect`` of that id). The values a trace keeps come
+        up the chain in the replies to this stage and stay in this coroutine's store until a
+        later trace's ``from_trace`` nodes read them here (they travel down with the hidden
+        state where needed); the store is dropped when the session ends or fails. Returns
+        each trace's ``{"values", "saves", "meta"}`` as :meth:`run`."""
+        self._sweep()
+        deadline = time.monotonic() + timeout
+        subs = [f"{req}.{k}" for k in range(MAX_TRACES)]
+        try:
+            limits_ = request_limits(self.limits, limits_from_wire(limits))
+            plans = decode_session(blob, max_bytes=limits_.max_plan_bytes)
+            subs = subs[:len(plans)]
+            schedules = check_session(plans, self.info, model=self.spec["model"], limits=limits_,
+                                      meta_module=self._meta_modules().get)
+            store: dict[tuple[int, int], Any] = {}
+            outs = []
+            for k, (plan, schedule) in enumerate(zip(plans, schedules)):
+                imports = {i: store[src] for i, src in imports_of(plans, k).items()}
+                out, kept = await self._run_trace(plan, schedule, subs[k], deadline, limits_,
+                                                  handover, owner, imports)
+                store.update({(k, i): v for i, v in kept.items()})
+                outs.append(self.segments.pack(out, subs[k], handover, deadline))
+            return outs
+        except BaseException:
+            for sub in subs:
+                await self.abort(sub)
+            raise
+
+    async def _run_trace(self, plan: Plan, schedule: Schedule, req: str, deadline: float,
+                         limits: Limits, handover: Token | None, owner: str | None,
+                         imports: dict[int, Any]) -> tuple[dict[str, Any], dict[int, Any]]:
+        """One validated trace of a session through the pipeline (as :meth:`_run`); its
+        output and the values it keeps (gathered from every stage)."""
+        start = time.perf_counter()
+        kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
+                                     embed_dtype=self.dtype)
+        generate = plan.mode != "trace"
+        st = self.requests[req] = self._new_request(plan, schedule, layout, generate, limits,
+                                                    req=req, handover=handover,
+                                                    deadline=deadline, owner=owner)
+        st.runner.imports = imports
+        base = {"req": req, "owner": owner, "layout": layout, "generate": generate, "carry": {},
+                "saved": 0, "attention_mask": kwargs["attention_mask"],
+                "position_ids": kwargs["position_ids"]}
+        values: dict[int, Any] = {}
+
+        def left() -> float:
+            return deadline - time.monotonic()
+
+        if not generate:
+            reply = await self.step({**base, "step": 0, "final": True, "timeout": left(),
+                                     "input_ids": kwargs.get("input_ids"),
+                                     "inputs_embeds": kwargs.get("inputs_embeds")})
+            output = reply["output"]
+        else:
+            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
+                                                                     left)
+        meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
+                                   node_seconds=output["node_seconds"], device=self.device,
+                                   stages=self.span.n_stages)
+        if schedule.gradients is not None:
+            meta["autograd_bytes"] = [output["autograd_bytes"]]
+            meta["backward_seconds"] = output["backward_seconds"]
+        kept = from_wire(self.kept.pop(req, {}), self.device)
+        return {"values": to_wire(values), "saves": output["saves"], "meta": meta}, kept
 
     def _tokenizer(self) -> Any:
         """The model's tokenizer, loaded on first use (stop strings need it; most requests

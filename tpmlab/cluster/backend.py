@@ -44,6 +44,7 @@ from distributed.security import Security
 from ..errors import ExecutionError, PlanError, RequestTimeoutError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import START, ModelInfo
+from ..ir.session import split_session
 from ..ir.validate import Limits
 from ..remote import RemoteValue, RemoteValues
 from ..runtime.limits import limits_to_wire
@@ -317,6 +318,49 @@ class DaskBackend:
                                 "client collect": (t3 - t2) * 1e3})
         return values, meta
 
+    def run_session_values(self, model: str, session: bytes, *, timeout: float | None = None,
+                           limits: Limits | None = None
+                           ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """Run a session envelope (:mod:`tpmlab.ir.session`) as one request: stage 0 validates
+        it as a whole and drives its traces in order (:meth:`StageActor.run_session`); the
+        values traces keep for each other stay on the stages; each later stage hands each
+        trace's saves to the client as for :meth:`run_values`. Each trace's saved values
+        and metadata, in order."""
+        dep = self.deployment(model)
+        timeout = timeout or self.timeout
+        req = uuid.uuid4().hex
+        blobs = split_session(session)
+        subs = [f"{req}.{k}" for k in range(len(blobs))]
+        wire_limits = limits_to_wire(limits)
+        deadline = time.monotonic() + timeout
+        try:
+            head_future = dep.actors[0].run_session(session, req, timeout, wire_limits,
+                                                    self.handover, self.client.id)
+            later = [[a.collect(blob, sub, timeout, wire_limits, self.handover)
+                      for a in dep.actors[1:]] for blob, sub in zip(blobs, subs)]
+        except RuntimeError as e:  # "Worker holding Actor was lost"
+            self._fail_lost(dep, e)
+        out = []
+        try:
+            heads = self._wait(dep, req, head_future, deadline, model, timeout)
+            for head, futures in zip(heads, later):
+                values = from_wire(unpack(head["values"]))
+                values.update(from_wire(unpack(head["saves"])))
+                meta = head["meta"]
+                node_seconds = dict(meta["node_seconds"])
+                for f in futures:
+                    output = self._wait(dep, req, f, deadline, model, timeout)
+                    values.update(from_wire(unpack(output["saves"])))
+                    for node, seconds in output["node_seconds"].items():
+                        node_seconds[node] = node_seconds.get(node, 0.0) + seconds
+                meta["node_seconds"] = node_seconds
+                out.append(({k: self._remote_values(model, v) for k, v in values.items()}, meta))
+        except BaseException:
+            for sub in subs:  # the stages free what the session held
+                self._abort(dep, sub)
+            raise
+        return out
+
     def _remote_values(self, model: str, value: Any) -> Any:
         """A remote save's handle (or list of them, per generation step) as a
         :class:`RemoteValue`: a future of a task that takes the array from the stage's store
@@ -439,7 +483,7 @@ class DaskBackend:
         (:mod:`tpmlab.runtime.load_meter`): ``load_seconds``, ``read_bytes`` (bytes read
         through ``read``, page cache or disk), ``disk_read_bytes``, ``rss_before``,
         ``resident_growth``, ``load_host_peak`` and ``load_cuda_peak``; requests in flight
-        (``requests``, ``held``) and the gradient state they still hold
+        (``requests``, ``held``; ``kept``: sessions holding values for a later trace) and the gradient state they still hold
         (:func:`~tpmlab.runtime.backward.held`: ``autograd_states``, ``autograd_bytes``)."""
         dep = self.deployment(name)
         return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.placements[k].worker}

@@ -32,7 +32,10 @@ SAVE = "save"  # send a value back to the client
 PARAM = "param"  # read a module's parameter (args: [name]), e.g. an attention output weight
 BACKWARD = "backward"  # back-propagate a scalar (args: [loss]); see tpmlab.ir.gradients
 GRAD = "grad"  # the gradient of a point, a parameter (args: [node]) or a constant (args: [tensor])
-STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM, BACKWARD, GRAD)
+# a value an earlier trace of the same session kept on the engine (args: [trace, its save
+# node]; that save has ``keep=True``); see tpmlab.ir.session
+FROM_TRACE = "from_trace"
+STRUCTURAL_OPS = (POINT, SET_POINT, CALL_MODULE, SAVE, PARAM, BACKWARD, GRAD, FROM_TRACE)
 
 # "inputs": every positional and keyword input of the call, ``(args, kwargs)``, read at the
 # same event as "input" (the first input)

@@ -33,6 +33,7 @@ from .ops import OPS, WRITE_KEYWORDS
 from .plan import (
     BACKWARD,
     CALL_MODULE,
+    FROM_TRACE,
     GRAD,
     IO_KINDS,
     PARAM,
@@ -80,17 +81,19 @@ UNKNOWN = _Unknown()
 
 
 def inspect_plan(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
-                 meta_module: Callable[[str], torch.nn.Module | None] | None = None
+                 meta_module: Callable[[str], torch.nn.Module | None] | None = None,
+                 imports: dict[int, Any] | None = None, env: dict[int, Any] | None = None
                  ) -> tuple[Schedule, int]:
     """Every check of :func:`validate` but the saved-bytes limit; returns the schedule and the
     bytes the plan will save where shapes are known (a save of unknown size counts nothing
     here and is held to the run-time limit instead), for callers that price or limit saves
-    themselves."""
+    themselves. ``imports``: the meta value of each ``from_trace`` node (a session's later
+    trace, :mod:`tpmlab.ir.session`); ``env`` receives every node's meta value."""
     try:
         _check_structure(plan, info, limits)
         schedule = build_schedule(plan, info)
         check_row_ownership(plan, info, schedule)  # an invoke writes only its own rows
-        return schedule, _check_shapes(plan, info, limits, meta_module)
+        return schedule, _check_shapes(plan, info, limits, meta_module, env, imports)
     except PlanError:
         raise
     except Exception as e:  # the boundary: whatever a plan holds, the answer is a PlanError
@@ -113,9 +116,13 @@ UNEXPECTED = "the plan could not be validated (an unexpected failure of the vali
 
 
 def validate(plan: Plan, info: ModelInfo, *, limits: Limits = Limits(),
-             meta_module: Callable[[str], torch.nn.Module | None] | None = None) -> Schedule:
-    """Check ``plan`` against ``info``; return its :class:`Schedule` or raise a :class:`PlanError`."""
-    schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module)
+             meta_module: Callable[[str], torch.nn.Module | None] | None = None,
+             imports: dict[int, Any] | None = None, env: dict[int, Any] | None = None
+             ) -> Schedule:
+    """Check ``plan`` against ``info``; return its :class:`Schedule` or raise a :class:`PlanError`.
+    ``imports``/``env``: as for :func:`inspect_plan`."""
+    schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module,
+                                   imports=imports, env=env)
     if saved > limits.max_saved_bytes:
         raise LimitError(f"the plan saves {saved:,} bytes, over the limit of "
                          f"{limits.max_saved_bytes:,} bytes")
@@ -220,6 +227,10 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
                 raise PathError(f"module {node.path!r} has no parameter {name!r}", **where)
         if node.op == SAVE:
             _check_save(node, limits, where)
+        if node.op == FROM_TRACE and not (len(node.args) == 2 and not node.kwargs and all(
+                isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= INT_MAX
+                for a in node.args)):
+            raise SchemaError("from_trace takes [trace index, save node id]", **where)
         if node.op == "getattr":
             name = node.args[1] if len(node.args) == 2 else None
             if not isinstance(name, str) or name.startswith("_"):
@@ -239,10 +250,16 @@ def _check_save(node: Any, limits: Limits, where: dict) -> None:
     stage's worker, which the request's limits may refuse (``max_remote_bytes`` 0)."""
     if len(node.args) != 1:
         raise SchemaError("save takes one value", **where)
-    extra = set(node.kwargs) - {"remote"}
-    if extra or not isinstance(node.kwargs.get("remote", False), bool):
-        raise SchemaError("save takes only the keyword remote= (True or False), got "
-                          f"{sorted(node.kwargs)}", **where)
+    extra = set(node.kwargs) - {"remote", "keep"}
+    if extra or not all(isinstance(node.kwargs.get(k, False), bool) for k in ("remote", "keep")):
+        raise SchemaError("save takes only the keyword remote= (True or False; in a session "
+                          f"also keep=), got {sorted(node.kwargs)}", **where)
+    if node.kwargs.get("remote") and node.kwargs.get("keep"):
+        raise SchemaError("a save is either remote or kept for a later trace, not both", **where)
+    if node.kwargs.get("keep") and not node.steps.single:
+        raise SchemaError("a value kept for a later trace of a session is made at one "
+                          f"generation step, not {node.steps.start}..{node.steps.stop}: "
+                          "index a step", **where)
     if node.kwargs.get("remote") and limits.max_remote_bytes <= 0:
         raise LimitError("remote saves are not kept here (max_remote_bytes is 0 for this "
                          "request, as behind the gateway): use .save() and reduce the value "
@@ -419,7 +436,8 @@ def _signature(value: Any) -> Any:
 
 def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
                   meta_module: Callable[[str], torch.nn.Module | None] | None,
-                  env: dict[int, Any] | None = None) -> int:
+                  env: dict[int, Any] | None = None,
+                  imports: dict[int, Any] | None = None) -> int:
     """Propagate meta tensors through the plan (into ``env``: node id -> meta value, or
     :data:`UNKNOWN`); return the bytes it saves.
 
@@ -443,6 +461,12 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             template = info.shapes.get(event_key(node.path, node.io))
             env[node.id] = _meta_from_template(template, rows, length, dtype) \
                 if template is not None else UNKNOWN
+            continue
+        if node.op == FROM_TRACE:
+            if imports is None or node.id not in imports:
+                raise SchemaError(f"{node.describe()} reads a value of another trace: send "
+                                  "the traces together, as one session", **where)
+            env[node.id] = imports[node.id]
             continue
         args = _materialize(node.args, env, plan)
         kwargs = _materialize(node.kwargs, env, plan)

@@ -13,9 +13,11 @@ import torch
 from ..ir.codec import encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import SAVE
+from ..ir.session import decode_session
 from ..ir.validate import Limits
 from ..remote import RemoteValues, wrap_local
 from .engine import ModelHost
+from .limits import request_limits
 from .shared_passes import BatchPolicy, PassQueue
 
 
@@ -107,6 +109,28 @@ class LocalBackend:
                     if v is not None:
                         self.remote.add(model, v)
         return values, meta
+
+    def run_session_values(self, model: str, session: bytes, *, timeout: float | None = None,
+                           limits: Limits | None = None
+                           ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """Run a session envelope (:mod:`tpmlab.ir.session`) as one request: its traces in
+        order, the values they keep for each other held in this process meanwhile; each
+        trace's saved values and metadata, as :meth:`run_values` gives them."""
+        host = self.host(model)
+        limits = request_limits(host.limits, limits)
+        plans = decode_session(session, max_bytes=limits.max_plan_bytes)
+        results = self.queues[model].run_alone(lambda: host.run_session(plans, limits=limits))
+        out = []
+        for plan, (values, meta) in zip(plans, results):
+            remote = [n.id for n in plan.nodes if n.op == SAVE and n.kwargs.get("remote")]
+            if remote:
+                values = wrap_local(values, remote)
+                for i in remote:
+                    for v in values[i] if isinstance(values.get(i), list) else [values.get(i)]:
+                        if v is not None:
+                            self.remote.add(model, v)
+            out.append((values, meta))
+        return out
 
     def release_remote(self, model: str | None = None) -> int:
         """Release the remote values handed out (of ``model``); how many."""

@@ -21,6 +21,7 @@ from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
 from ..ir.schedule import Schedule
+from ..ir.session import check_session, imports_of
 from ..ir.validate import Limits
 from . import request
 from .backward import held, registry, run_with_backward, weight_storages
@@ -94,16 +95,38 @@ class ModelHost:
         return request.admit(plan, model=self.name, info=self.info, limits=limits,
                              meta_module=self._meta.get)
 
+    def run_session(self, plans: list[Plan], *, limits: Limits | None = None,
+                    deadline: float | None = None) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """Validate a session's plans as a whole (:func:`~tpmlab.ir.session.check_session`),
+        then run them in order: the values a trace keeps (``save(keep=True)``) stay here and
+        fill later traces' ``from_trace`` nodes; each trace's saved values and metadata. The
+        kept values are dropped when this returns or raises."""
+        limits = request_limits(self.limits, limits)
+        schedules = check_session(plans, self.info, model=self.name, limits=limits,
+                                  meta_module=self._meta.get)
+        store: dict[tuple[int, int], Any] = {}  # (trace, save node id) -> kept value
+        out = []
+        for k, (plan, schedule) in enumerate(zip(plans, schedules)):
+            imports = {i: store[src] for i, src in imports_of(plans, k).items()}
+            kept: dict[int, Any] = {}
+            out.append(self.execute(plan, schedule, limits, deadline=deadline, imports=imports,
+                                    kept=kept))
+            store.update({(k, i): v for i, v in kept.items()})
+        return out
+
     def execute(self, plan: Plan, schedule: Schedule, limits: Limits, *,
-                deadline: float | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+                deadline: float | None = None, imports: dict[int, Any] | None = None,
+                kept: dict[int, Any] | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
         :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. ``deadline``
-        (:func:`time.monotonic`): where a backward stops."""
+        (:func:`time.monotonic`): where a backward stops. In a session, ``imports`` fill its
+        ``from_trace`` nodes and ``kept`` receives the values it keeps."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
-                            device=self.device, limits=limits, frozen=self._frozen())
+                            device=self.device, limits=limits, frozen=self._frozen(),
+                            imports=imports)
         values: dict[int, Any] = {}
         if runner.gradients is not None:
             self._backprops.add(runner.gradients)
@@ -136,6 +159,8 @@ class ModelHost:
         if runner.gradients is not None:
             meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
             meta["backward_seconds"] = backward_seconds
+        if kept is not None:
+            kept.update(runner.kept)
         return values, meta
 
     def _frozen(self) -> frozenset[int]:

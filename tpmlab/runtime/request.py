@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..errors import PlanError
+from ..errors import PlanError, SchemaError
 from ..ir.codec import decode_plan, plan_to_doc
 from ..ir.model_info import ModelInfo
-from ..ir.plan import Plan
+from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule, build_schedule
 from ..ir.validate import Limits, validate
 from .limits import request_limits
@@ -64,6 +64,11 @@ def admit(plan: Plan, *, model: str, info: ModelInfo, limits: Limits,
     problem, or the plan's :class:`~tpmlab.ir.schedule.Schedule`."""
     if plan.model != model:
         raise PlanError(f"the plan is for model {plan.model!r}, this engine holds {model!r}")
+    for node in plan.nodes:
+        if node.op == SAVE and node.kwargs.get("keep"):
+            raise SchemaError(f"{node.describe()} keeps a value for a later trace of a "
+                              "session: send the traces together, as one session",
+                              node=node.id, op=node.op, line=node.line)
     return validate(plan, info, limits=limits, meta_module=meta_module)
 
 

@@ -31,6 +31,7 @@ from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
     CALL_MODULE,
+    FROM_TRACE,
     GRAD,
     PARAM,
     POINT,
@@ -141,6 +142,18 @@ def host_copy(value: Any, pinned: bool, alloc: HostAlloc | None = None) -> Any:
     return value
 
 
+def _kept_copy(value: Any) -> Any:
+    """A copy of a value kept for a later trace of a session, where it is (later writes in
+    this trace cannot change it)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _kept_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not named_fields(value):
+        return type(value)(_kept_copy(v) for v in value)
+    return value
+
+
 def _write_into(current: Any, new: Any) -> bool:
     """Copy ``new`` into ``current`` in place (tensors broadcast and cast as in ``x[...] = v``;
     containers item by item, their other items equal). False, with nothing written, where
@@ -221,13 +234,17 @@ class PlanRunner:
                  owned: range | None = None, carry: dict[int, Any] | None = None,
                  pinned: bool = True, limits: Limits | None = None,
                  frozen: frozenset[int] = frozenset(), host_alloc: HostAlloc | None = None,
-                 ) -> None:
+                 imports: dict[int, Any] | None = None) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
         self.owned = owned
         self.env: dict[int, Any] = dict(carry or {})
         self.saves: dict[int, Any] = {}
+        # a session (tpmlab.ir.session): values of earlier traces by this plan's from_trace
+        # node ids, and the values this plan keeps for later ones (never sent back)
+        self.imports: dict[int, Any] = dict(imports or {})
+        self.kept: dict[int, Any] = {}
         self.step = 0
         self.pinned = pinned and device.type == "cuda"
         self.host_alloc = host_alloc  # where saves' copies go on a CPU stage (None: a clone)
@@ -402,9 +419,23 @@ class PlanRunner:
         if op == SET_POINT:
             self._set_point(node, cell)
             return
+        if op == FROM_TRACE:
+            if node.id not in self.imports:
+                raise ExecutionError(f"{node.describe()}: the value of trace {node.args[0]} "
+                                     "is not held here", node=node.id, op=op, line=node.line)
+            value = self.imports[node.id]
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_inference() and not torch.is_inference_mode_enabled():
+                    value = value.clone()  # a tensor autograd may save (this trace's backward)
+            self.env[node.id] = value
+            return
         if op == SAVE:
             live = self._arg(node.args[0])
             self.env[node.id] = live  # later nodes compute with the live value, on its device
+            if node.kwargs.get("keep"):  # for a later trace: stays here, on the device
+                self.kept[node.id] = _kept_copy(live)
+                return
             remote = bool(node.kwargs.get("remote"))  # kept on the stage: its store's limits
             if not remote:
                 self.saved_bytes += value_nbytes(live, scalar_bytes=0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -148,6 +149,23 @@ class PassQueue:
         Raises what running it alone would (a :class:`PlanError` naming the problem...)."""
         values, meta, _ = self.run_plan(blob, limits)
         return values, meta
+
+    def run_alone(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` in this thread while it holds the model's pass: nothing else runs on the
+        model meanwhile (a session's traces, one after another, :meth:`ModelHost.run_session`)."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+            if self._closed:
+                raise ModelUndeployedError(f"model {self.host.name!r} is not deployed any more; "
+                                           "deploy it again to run requests on it")
+            self._busy = True
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
     def close(self, timeout: float = 60.0) -> None:
         """Refuse new requests and fail the queued ones; a pass under way finishes, and the

@@ -18,6 +18,9 @@ from .tracer import Trace
 
 # Runs plan bytes on the engine: ``run_plan(blob, timeout)`` -> (saved values by node id, meta).
 RunPlan = Callable[[bytes, "float | None"], "tuple[dict[int, Any], dict[str, Any]]"]
+# Runs a session envelope as one request: ``run_session(blob, timeout)`` -> each trace's
+# (saved values by node id, meta), in order (tpmlab.ir.session).
+RunSession = Callable[[bytes, "float | None"], "list[tuple[dict[int, Any], dict[str, Any]]]"]
 
 
 class TraceStack:
@@ -51,8 +54,11 @@ class LabModel:
     """
 
     def __init__(self, name: str, info: ModelInfo, source: Any, *, run_plan: RunPlan,
-                 limits: Limits | None = None, lab: Any = None) -> None:
+                 limits: Limits | None = None, lab: Any = None,
+                 run_session: RunSession | None = None) -> None:
         self.run_plan = run_plan  # the one way a trace reaches the engine
+        # a session as one request, where the engine runs them (None: trace by trace)
+        self.run_session = run_session
         self.lab = lab  # the connection this handle came from (for the user; never called here)
         self.limits = limits or Limits()  # the engine's: a trace splits its invokes to fit
         self.name = name
@@ -102,10 +108,10 @@ class LabModel:
         return Trace(self, inputs, **kwargs)
 
     def session(self) -> Session:
-        """Several traces as one unit: ``with model.session(): with model.trace(a): h = ...;
-        with model.trace(b): ... = h``. The traces run one after another when the block
-        ends; a value of an earlier trace used in a later one needs no ``.save()`` (it
-        passes through the notebook between them)."""
+        """Several traces as one request: ``with model.session(): with model.trace(a): h = ...;
+        with model.trace(b): ... = h``. When the block ends the traces run in order on the
+        engine; a value of an earlier trace used in a later one needs no ``.save()`` and stays
+        on the engine (see :mod:`tpmlab.tracing.session`)."""
         return Session(self)
 
     def scan(self, inputs: Any = None, **kwargs: Any) -> Scan:
@@ -163,7 +169,7 @@ class LabModel:
     def handle(self) -> LabModel:
         """Another handle on the same deployment, with this one's edits."""
         other = LabModel(self.name, self.info, self.source, run_plan=self.run_plan,
-                         limits=self.limits, lab=self.lab)
+                         limits=self.limits, lab=self.lab, run_session=self.run_session)
         other._tokenizer, other.edits = self._tokenizer, self.edits
         return other
 

@@ -76,7 +76,7 @@ class Proxy:
 
     # -- recording ------------------------------------------------------------------------------
     def _op(self, name: str, *args: Any, **kwargs: Any) -> Proxy:
-        return self._tracer.record(name, list(args), kwargs)
+        return _recorder(self._tracer).record(name, list(args), kwargs)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -161,6 +161,18 @@ class PairProxy(Proxy):
 
 # The seam the tracer uses (functions, not attributes: a proxy's attribute names belong to
 # the traced value, ``h.node`` records a read of a field named "node").
+def _recorder(tracer: Trace) -> Trace:
+    """Where an op on a value of ``tracer`` is recorded: in the trace being recorded when the
+    value comes from an earlier trace of the same session (the value is read there, from
+    the engine), else in ``tracer`` itself."""
+    stack = tracer.model.tracing._stack
+    current = stack[-1] if stack else None
+    if current is not None and current is not tracer and current.session is not None \
+            and current.session is tracer.session:
+        return current
+    return tracer
+
+
 def owner(proxy: Proxy) -> Trace:
     """The trace that recorded ``proxy``."""
     return proxy._tracer

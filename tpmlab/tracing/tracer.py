@@ -25,6 +25,7 @@ from ..ir.args import from_native
 from ..ir.codec import encode_plan
 from ..ir.ops import RANDOM_OPS
 from ..ir.plan import (
+    FROM_TRACE,
     GRAD,
     SAVE,
     SET_POINT,
@@ -126,6 +127,8 @@ class Trace:
         self.session = model.tracing.session  # a session runs the trace when it ends
         self._stopped_at: str | None = None  # the user's line of tracer.stop()
         self._carried: dict[str, Proxy] = {}  # constants filled from earlier traces' saves
+        self._kept: dict[int, Proxy] = {}  # node id -> its save kept for a later trace
+        self._from: dict[tuple, Proxy] = {}  # (trace, save node, steps) -> its from_trace node
         model.edits.replay_into(self)  # a persistent edit of the handle comes first
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
@@ -228,11 +231,12 @@ class Trace:
         if self._stopped_at is not None:
             raise NotSupportedError(f"nothing can be recorded after tracer.stop() (at "
                                     f"{self._stopped_at}): move it to the end of the block")
-        node_id = len(self.nodes)
         kwargs = dict(kwargs or {})
         if op in RANDOM_OPS:
             kwargs = self._seeded(op, kwargs)
-        node = Node(id=node_id, op=op, args=self._arg(args), kwargs=self._arg(kwargs),
+        args, kwargs = self._arg(args), self._arg(kwargs)  # may record a session's from_trace
+        node_id = len(self.nodes)
+        node = Node(id=node_id, op=op, args=args, kwargs=kwargs,
                     steps=self._steps, line=_user_line(), **fields)
         self.nodes[node_id] = node
         self._saves.observe(node)
@@ -320,21 +324,49 @@ class Trace:
             return int(value)
         raise TpmlabError(f"a value of type {type(value).__name__} cannot be part of a plan")
 
-    def _carry(self, value: Proxy) -> TensorRef:
-        """A value of an earlier trace of the same session: that trace saves it, this one
-        carries it as a constant filled in before it runs."""
-        if self.session is None or owner(value).session is not self.session:
+    def _carry(self, value: Proxy) -> Ref | TensorRef:
+        """A value of an earlier trace of the same session. Where the engine runs sessions,
+        that trace keeps it on the engine (``save(keep=True)``) and this one reads it with a
+        ``from_trace`` node; otherwise that trace saves it and this one carries it as a
+        constant filled in before it runs (through the notebook)."""
+        source = owner(value)
+        if self.session is None or source.session is not self.session:
             raise TpmlabError("a value from another trace cannot be used here: save it and "
                               "pass its .value, or record both traces in `with model.session():`")
+        if self.session.on_engine:
+            if source not in self.session.traces:
+                raise TpmlabError("a value of a trace is used in another trace once its block "
+                                  "has ended: record the traces one after the other")
+            trace = self.session.traces.index(source)
+            save = node_of(source.keep_later(value))
+            key = (trace, save, self._steps)
+            if key not in self._from:
+                self._from[key] = self.record(FROM_TRACE, [trace, save])
+            return Ref(node_of(self._from[key]))
         name = f"s{len(self._carried)}"
         self._carried[name] = owner(value).save_later(value)
         return TensorRef(name)
 
-    def save_later(self, value: Proxy) -> Proxy:
+    def keep_later(self, value: Proxy) -> Proxy:
+        """Keep ``value`` on the engine for a later trace of the session (once per value)."""
+        node = node_of(value)
+        if not self.nodes[node].steps.single:
+            raise NotSupportedError("a value used in a later trace of a session must be one "
+                                    "tensor, not a list (a value of several generation steps "
+                                    "is a list: index a step)")
+        if node not in self._kept:
+            stopped, self._stopped_at = self._stopped_at, None  # after tracer.stop() too
+            try:
+                self._kept[node] = self.save_later(value, keep=True)
+            finally:
+                self._stopped_at = stopped
+        return self._kept[node]
+
+    def save_later(self, value: Proxy, **kwargs: Any) -> Proxy:
         """Save ``value`` after this trace's block has ended (at the steps it is made at)."""
         previous, self._steps = self._steps, self.nodes[node_of(value)].steps
         try:
-            return self.record(SAVE, [value])
+            return self.record(SAVE, [value], kwargs)
         finally:
             self._steps = previous
 
@@ -391,13 +423,20 @@ class Trace:
         """Send the plan to the engine (in several passes where its invokes exceed the
         engine's limit per pass, see :mod:`tpmlab.tracing.passes`); saved proxies get their
         values."""
+        return self.deliver(*self.execute(self.final_plan()))
+
+    def final_plan(self) -> Plan:
+        """The plan to send, with the values carried from earlier traces filled in."""
         for name, saved in self._carried.items():
             if not isinstance(saved.value, torch.Tensor):
                 raise NotSupportedError("a value used in a later trace of a session must be one "
                                         f"tensor, not a {type(saved.value).__name__} (a value "
                                         "of several generation steps is a list: index a step)")
             self.tensors[name] = saved.value.detach().cpu().contiguous()
-        values, meta = self.execute(self.plan())
+        return self.plan()
+
+    def deliver(self, values: dict[int, Any], meta: dict[str, Any]) -> TraceResult:
+        """Hand the engine's answer to the saved proxies; the trace's result."""
         if self._random_nodes:
             meta = {**meta, "seed": self.seed}
         for node_id, value in values.items():
