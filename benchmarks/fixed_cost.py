@@ -74,7 +74,8 @@ def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool)
                 recorded, lab.backend.phases = lab.backend.phases, None
                 ph = {k: statistics.median(p.get(k, 0.0) for p in recorded)
                       for k in recorded[0]}
-                hops = hop_times(ph)
+                per = [hop_times(p) for p in recorded]  # per request, then the median
+                hops = {k: statistics.median(h[k] for h in per) for k in per[0]}
                 local = (f", in process {base[m, n]:.2f} ms ({total / base[m, n]:.2f}x)"
                          if base else "")
                 print(f"\n{m}, trace {n} tok: 2 stages {total:.2f} ms{local}")
