@@ -4,7 +4,8 @@
 in this process) and the default model split into 2 and 3 stages on the embedded cluster
 (worker processes, TLS: what ``tpmlab.connect()`` starts); times a trace (all 30 layer
 outputs saved: nothing but what is saved comes back) at 16 and 128 tokens and a short
-greedy generation, and prints each as a ratio to local. Also prints where a 16-token
+greedy generation, local and staged requests alternating (the local executor in a process of its own, as
+a notebook has it), and prints each as a ratio to local. Also prints where a 16-token
 trace's time goes (median per phase: stage 0's decode/validate/batch, each stage's
 forward, the saves' host copies, the hop to the stage's thread, the wait on the next
 stage, the client's send/wait/collect/encode) and each stage worker's memory.
@@ -36,7 +37,61 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
-def workloads(model, repeats: int) -> dict[str, float]:
+def interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median seconds of each of ``fns``, run in turn (the order swapped every round) so that
+    the load other jobs put on a shared machine falls on all of them alike. A function that
+    returns a float has timed itself (seconds)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats):
+        for k in list(fns) if i % 2 == 0 else list(fns)[::-1]:
+            t = time.perf_counter()
+            took = fns[k]()
+            out[k].append(took if isinstance(took, float) else time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def _local_server(conn, model_name: str) -> None:
+    """The in-process executor in a process of its own (as a notebook has it: no Dask
+    scheduler or client threads beside it): runs the named workload, answers its seconds."""
+    import tpmlab
+
+    local = tpmlab.connect("local", device="cpu")
+    work = workloads(local.model(model_name))
+    conn.send(list(work))
+    while (name := conn.recv()) is not None:
+        t = time.perf_counter()
+        work[name]()
+        conn.send(time.perf_counter() - t)
+    local.close()
+
+
+class LocalProcess:
+    """A :func:`_local_server` process; :meth:`workload` gives a function that runs one."""
+
+    def __init__(self, model_name: str) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_local_server, args=(child, model_name), daemon=True)
+        self.process.start()
+        self.names = self.conn.recv()
+
+    def workload(self, name: str):
+        def go() -> float:
+            self.conn.send(name)
+            return self.conn.recv()
+        return go
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(60)
+
+
+def workloads(model) -> dict[str, object]:
+    """The timed requests, by name: traces saving all layer outputs, a short generation."""
     tok = model.tokenizer
     base = tok.decode(tok("The quick brown fox jumps over the lazy dog. " * 20)["input_ids"][:128])
 
@@ -58,9 +113,7 @@ def workloads(model, repeats: int) -> dict[str, float]:
         with model.generate(input_ids=prompt(16), max_new_tokens=8):
             pass
 
-    return {"trace 16 tok": timed(trace(16), repeats),
-            "trace 128 tok": timed(trace(128), repeats),
-            "generate 16+8 tok": timed(generate, max(2, repeats // 3))}
+    return {"trace 16 tok": trace(16), "trace 128 tok": trace(128), "generate 16+8 tok": generate}
 
 
 def workloads_trace16(model):
@@ -127,11 +180,12 @@ def tls_cost(model_name: str, workers: int, repeats: int) -> None:
 
     from tpmlab.cluster import DaskBackend
     from tpmlab.cluster.embedded import start_local_cluster
+    from tpmlab.cluster.warm_start import WORKER_ENV
     from tpmlab.lab import Lab
 
     options = {"n_workers": workers, "threads_per_worker": 1, "processes": True,
                "host": "127.0.0.1", "dashboard_address": None, "silence_logs": logging.ERROR,
-               "env": {"OMP_WAIT_POLICY": "PASSIVE"}}
+               "env": dict(WORKER_ENV)}
     clusters = {"tcp": LocalCluster(protocol="tcp://", **options),
                 "tls": start_local_cluster(workers, dashboard_address=None)}
     labs = {k: Lab(DaskBackend(client=Client(c))) for k, c in clusters.items()}
@@ -221,6 +275,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--stage-threads", type=int, default=None,
+                        help="torch threads per stage (default: the stage's own choice)")
+    parser.add_argument("--stage-counts", default="2,3", help="main: the deployments to time")
+    parser.add_argument("--worker-env", default="",
+                        help="main: KEY=VALUE,... on top of the workers' environment "
+                             "(e.g. GOMP_SPINCOUNT=0, which sleeps at once, as a passive wait)")
     parser.add_argument("--sections", default="main,tls",
                         help="comma-separated: main (stages vs local), tls (TLS vs plain TCP)")
     parser.add_argument("--tls-model", default=None, help="model of the tls section (default: --model)")
@@ -233,24 +293,32 @@ def main() -> None:
 
 
 def stages_vs_local(args: argparse.Namespace) -> None:
+    """Each workload on N stages against the in-process executor, requests alternating
+    between the two. The in-process executor runs in a process of its own: in this one the
+    cluster's scheduler and the client's threads would compete with it for the GIL."""
     from distributed import Client
 
-    import tpmlab
     from tpmlab.cluster import DaskBackend
     from tpmlab.cluster.embedded import start_local_cluster
     from tpmlab.lab import Lab
 
-    local = tpmlab.connect("local", device="cpu")
-    rows = {"local": workloads(local.model(args.model), args.repeats)}
-    local.close()
-    with start_local_cluster(args.workers, dashboard_address=":0") as cluster, \
+    local = LocalProcess(args.model)
+    local_work = {name: local.workload(name) for name in local.names}
+    rows: dict[str, dict[str, tuple[float, float]]] = {}  # stages -> workload -> (local, staged)
+    env = dict(kv.split("=", 1) for kv in args.worker_env.split(",") if kv)
+    with start_local_cluster(args.workers, dashboard_address=":0", env=env) as cluster, \
             Client(cluster) as client:
-        lab = Lab(DaskBackend(client=client))
+        lab = Lab(DaskBackend(client=client, threads=args.stage_threads))
         memory, phases = {}, {}
-        for stages in (2, 3):
+        for stages in (int(n) for n in args.stage_counts.split(",")):
             lab.undeploy(args.model)
             model = lab.model(args.model, stages=stages)
-            rows[f"{stages} stages"] = workloads(model, args.repeats)
+            staged = workloads(model)
+            rows[f"{stages} stages"] = {}
+            for name in staged:
+                reps = args.repeats if name.startswith("trace") else max(2, args.repeats // 3)
+                got = interleaved({"local": local_work[name], "staged": staged[name]}, reps)
+                rows[f"{stages} stages"][name] = (got["local"], got["staged"])
             lab.backend.phases = []
             timed(workloads_trace16(model), args.repeats)
             recorded, lab.backend.phases = lab.backend.phases, None
@@ -258,12 +326,17 @@ def stages_vs_local(args: argparse.Namespace) -> None:
                               for k in recorded[0]}
             memory[stages] = lab.backend.memory(args.model)
         lab.close()
+    local.close()
 
-    names = list(rows["local"])
-    print(f"\n{args.model}, median of {args.repeats} (ms; ratio to local)")
-    print(f"{'':10}" + "".join(f"{n:>26}" for n in names))
+    names = list(local_work)
+    print(f"\n{args.model}, median of {args.repeats} per trace, local and staged requests "
+          f"alternating (ms: local / staged (ratio)); stage torch threads: "
+          f"{args.stage_threads or 'all cores'}; worker environment: "
+          f"{args.worker_env or 'the default'}")
+    print(f"{'':10}" + "".join(f"{n:>30}" for n in names))
     for key, row in rows.items():
-        cells = "".join(f"{row[n] * 1e3:>17.1f} ({row[n] / rows['local'][n]:4.2f}x)" for n in names)
+        cells = "".join(f"{row[n][0] * 1e3:>10.1f} /{row[n][1] * 1e3:>8.1f} ({row[n][1] / row[n][0]:4.2f}x)"
+                        for n in names)
         print(f"{key:10}{cells}")
     for stages, ph in phases.items():
         print(f"\n{stages} stages, trace 16 tok, median phases (ms):")

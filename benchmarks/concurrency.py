@@ -1,11 +1,17 @@
-"""Threads sharing one in-process model (``tpmlab.connect("local")``): the throughput of N
-threads each tracing against one thread tracing the same requests one after another.
+"""Concurrent requests on one model: the throughput of N threads each tracing against one
+thread tracing the same requests one after another.
 
-``at once`` is what the local backend does: each model serves one request at a time,
-in the calling thread, under a lock; ``in turn`` queues every request onto one thread
-(one OpenMP team, one CUDA stream), a candidate for more.
+``in process`` (default): threads sharing one in-process model (``tpmlab.connect("local")``).
+Requests queued while a pass runs share the next forward pass
+(:mod:`tpmlab.runtime.shared_passes`); prints how many requests a pass served on average.
+
+``--stages S``: the model split into S stages on the embedded cluster: K requests in flight
+(``--threads K``) pipeline across the stages, against one request at a time.
+``--stage-threads T`` sets each stage's torch threads (default: the machine's cores, what
+one request at a time wants; ``cores / S`` gives each stage its own cores).
 
     python -m benchmarks.concurrency --threads 8
+    python -m benchmarks.concurrency --model tiny-llama --shape 8x256 --stages 2 --threads 8
     python -m benchmarks.concurrency --device cuda --model llama-3-8b-shape --shape 1x128
 """
 
@@ -28,55 +34,69 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--requests", type=int, default=16, help="requests per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--stages", type=int, default=0, help="0: in process")
+    parser.add_argument("--stage-threads", type=int, default=None)
     args = parser.parse_args()
     import tpmlab
     from tpmlab.ir.codec import encode_plan
 
-    lab = tpmlab.connect("local", device=args.device)
-    model = lab.model(args.model)
+    if args.stages:
+        from tpmlab.cluster import DaskBackend
+        from tpmlab.lab import Lab
+
+        lab = Lab(DaskBackend(n_workers=args.stages, threads=args.stage_threads))
+        model = lab.model(args.model, stages=args.stages)
+        where = f"{args.stages} stages ({args.stage_threads or 'all'} torch threads each)"
+    else:
+        lab = tpmlab.connect("local", device=args.device)
+        model = lab.model(args.model)
+        where = "in process"
     rows, pos = (int(x) for x in args.shape.split("x"))
-    ids = torch.randint(0, model.info.vocab_size, (rows, pos),
-                        generator=torch.Generator().manual_seed(0))
-    with model.trace(ids) as tr:
-        model.layers[len(model.layers) // 2].output[:, -1].save()
-        model.unembed.output[:, -1].argmax(-1).save()
-    blob = encode_plan(tr.plan())
+    gen = torch.Generator().manual_seed(0)
+    blobs = []
+    for _ in range(args.requests):  # distinct prompts: merging must not lean on equal inputs
+        ids = torch.randint(0, model.info.vocab_size, (rows, pos), generator=gen)
+        with model.trace(ids) as tr:
+            model.layers[len(model.layers) // 2].output[:, -1].save()
+            model.unembed.output[:, -1].argmax(-1).save()
+        blobs.append(encode_plan(tr.plan()))
     backend = lab.backend
-    turn = ThreadPoolExecutor(1)
 
-    def at_once() -> Any:
-        return backend.run_values(args.model, blob)
-
-    def in_turn() -> Any:
-        return turn.submit(at_once).result()
+    def run(i: int) -> Any:
+        return backend.run_values(args.model, blobs[i])
 
     def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def throughput(fn: Any, threads: int) -> float:
+    def throughput(threads: int) -> float:
         sync()
         t = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda _: fn(), range(args.requests)))
+            list(pool.map(run, range(args.requests)))
         sync()
         return args.requests / (time.perf_counter() - t)
 
-    for fn in (at_once, in_turn):
-        fn()  # warm-up
-    rates: dict[str, list[float]] = {"one thread": [], "at once": [], "in turn": []}
-    for _ in range(args.repeats):
-        rates["one thread"].append(throughput(at_once, 1))
-        rates["at once"].append(throughput(at_once, args.threads))
-        rates["in turn"].append(throughput(in_turn, args.threads))
-    base = statistics.median(rates["one thread"])
-    print(f"{args.model} on {args.device}, {args.shape}, {args.requests} requests, "
+    run(0)  # warm-up
+    queue = getattr(backend, "queues", {}).get(args.model)
+    rates: dict[str, list[float]] = {"one": [], "many": []}
+    passes = requests = 0
+    for i in range(args.repeats):  # alternate which goes first: load falls on both alike
+        for key in ("one", "many") if i % 2 == 0 else ("many", "one"):
+            if queue is not None and key == "many":
+                p0, r0 = queue.passes, queue.requests
+            rates[key].append(throughput(1 if key == "one" else args.threads))
+            if queue is not None and key == "many":
+                passes, requests = passes + queue.passes - p0, requests + queue.requests - r0
+    base = statistics.median(rates["one"])
+    print(f"{args.model} on {args.device}, {where}, {args.shape}, {args.requests} requests, "
           f"median of {args.repeats}")
-    for name, r in rates.items():
-        m = statistics.median(r)
-        label = name if name == "one thread" else f"{args.threads} threads, {name}"
-        print(f"{label:24s}{m:8.2f} req/s{m / base:8.2f}x")
-    turn.shutdown()
+    for key, label in (("one", "one at a time"), ("many", f"{args.threads} threads")):
+        m = statistics.median(rates[key])
+        print(f"{label:24s}{m:8.2f} req/s{m / base:8.2f}x  "
+              f"(runs: {', '.join(f'{r:.2f}' for r in rates[key])})")
+    if passes:
+        print(f"{args.threads} threads: {requests / passes:.1f} requests per forward pass")
     lab.close()
 
 

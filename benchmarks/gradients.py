@@ -8,7 +8,10 @@ output (the embedding's output a leaf, so the graph starts there, as tpmlab's do
 copies each gradient to host memory (pinned and asynchronous on a GPU), as tpmlab's saves
 do. Targets: at most 1.2x in process, at most 1.5x on 2 stages. On a GPU the 2 stages are
 two worker processes sharing one GPU (standing in for two GPUs); the reference is plain
-PyTorch on that GPU. Reports each stage's memory peak and what autograd kept there.
+PyTorch on that GPU. Reports each stage's memory peak and what autograd kept there, and
+where the time goes: in process the engine's own time, autograd's, the plan nodes' and the
+client's; on stages each phase (forward, saves, wait on the next stage, backward, the
+client's send and collect).
 
 Random weights drawn on the device: no download, only torch + transformers.
 
@@ -90,6 +93,36 @@ def tpmlab_run(model: Any, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict[
     return [p.value for p in saved], tr.result.meta
 
 
+def breakdown(model: Any, ids: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Where an in-process request's time goes (medians, ms): ``engine`` (the engine's own
+    time, ``compute_seconds``), of it ``autograd`` (the backward's own time, its plan nodes
+    apart) and ``plan nodes`` (every plan node: the gradient reads and their saves), and
+    ``client`` (recording, encoding and decoding the plan, outside the engine)."""
+    rows = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, meta = tpmlab_run(model, ids)
+        total = time.perf_counter() - start
+        rows.append({"engine": meta["compute_seconds"], "autograd": meta["backward_seconds"],
+                     "plan nodes": sum(meta["node_seconds"].values()),
+                     "client": total - meta["compute_seconds"]})
+    return {k: round(statistics.median(r[k] for r in rows) * 1e3, 2) for k in rows[0]}
+
+
+def stage_phases(backend: Any, model: Any, ids: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Each phase's median (ms) on the stages (``DaskBackend.phases``: per stage its state,
+    forward, saves, wait on the next stage, backward; the client's send and collect)."""
+    backend.phases = []
+    try:
+        for _ in range(repeats):
+            tpmlab_run(model, ids)
+        recorded = backend.phases
+    finally:
+        backend.phases = None
+    keys = {k for r in recorded for k in r}
+    return {k: round(statistics.median(r.get(k, 0.0) for r in recorded), 2) for k in sorted(keys)}
+
+
 def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """The largest relative difference over all layers' gradients."""
     return max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
@@ -97,16 +130,20 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def start_cluster(n: int, device: str) -> Any:
-    """``n`` worker processes; on a GPU all see GPU 0 (two workers share one GPU)."""
+    """``n`` worker processes with the environment tpmlab's own clusters give them (how an
+    idle stage's OpenMP threads wait, so that they do not take the cores the busy stage
+    computes on); on a GPU all see GPU 0 (two workers share one GPU)."""
     import psutil
     from distributed import Nanny, Scheduler, SpecCluster
 
+    from tpmlab.cluster.warm_start import WORKER_ENV
+
     workers = {}
     for i in range(n):
-        options: dict[str, Any] = {"nthreads": 1,
+        options: dict[str, Any] = {"nthreads": 1, "env": dict(WORKER_ENV),
                                    "memory_limit": psutil.virtual_memory().total // n}
         if device == "cuda":
-            options["env"] = {"CUDA_VISIBLE_DEVICES": "0"}
+            options["env"]["CUDA_VISIBLE_DEVICES"] = "0"
             options["resources"] = {"GPU": 1}
         workers[f"w{i}"] = {"cls": Nanny, "options": options}
     return SpecCluster(workers=workers, scheduler={"cls": Scheduler,
@@ -149,6 +186,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         tpmlab_run(model, ids)
         report["in process peak bytes"] = torch.cuda.max_memory_allocated()
+    report["in process breakdown ms"] = breakdown(model, ids, args.repeats)
     report.update({"plain ms": plain * 1e3, "in process ms": ours * 1e3,
                    "in process ratio": ours / plain,
                    "in process autograd bytes": meta["autograd_bytes"],
@@ -157,6 +195,7 @@ def main() -> None:
           f"{model.adapter.n_layers} layers: forward + backward, every layer's gradient saved")
     print(f"  plain PyTorch autograd      {plain * 1e3:9.1f} ms")
     print(f"  tpmlab in process           {ours * 1e3:9.1f} ms  {ours / plain:5.2f}x  (target <= 1.2x)")
+    print(f"    where it goes (median ms): {report['in process breakdown ms']}")
     if not args.skip_stages:
         from distributed import Client
 
@@ -172,6 +211,8 @@ def main() -> None:
             sgrads, smeta = tpmlab_run(staged, ids)
             memory = lab.backend.memory(args.model)
             peak_key = "cuda_peak" if args.device == "cuda" else "peak_rss"
+            report[f"{args.stages} stages phases ms"] = stage_phases(lab.backend, staged, ids,
+                                                                    args.repeats)
             report.update({f"{args.stages} stages ms": t * 1e3,
                            f"{args.stages} stages ratio": t / plain,
                            "stage peak bytes": [m.get(peak_key) for m in memory],
@@ -179,6 +220,7 @@ def main() -> None:
                            f"{args.stages} stages max rel diff vs in process": compare(sgrads, grads)})
             print(f"  tpmlab {args.stages} stages            {t * 1e3:9.1f} ms  {t / plain:5.2f}x"
                   f"  (target <= 1.5x)")
+            print(f"    phases (median ms): {report[f'{args.stages} stages phases ms']}")
             print(f"  per stage: peak {[f'{(m or 0) / 2**20:.0f} MiB' for m in report['stage peak bytes']]}"
                   f" ({peak_key}), autograd kept "
                   f"{[f'{b / 2**20:.1f} MiB' for b in smeta['autograd_bytes']]}")

@@ -35,7 +35,7 @@ import torch
 from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import answer_token, layer_list, token_ids, token_strings
 from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
-from tpmlab.lenses.result import plain, position_labels, shown, token_label
+from tpmlab.lenses.result import grid_table, position_labels, shown, token_label
 
 NAME = "attribution"
 TITLE = "attribution patching"
@@ -73,10 +73,7 @@ class AttributionResult(LensResult):
     view = VIEW
 
     def table(self) -> list[dict[str, Any]]:
-        d = self.data
-        return [{"layer": layer, "position": p, "token": t,
-                 **{k: plain(d[k][i, p]) for k in KINDS}}
-                for i, layer in enumerate(self.layers) for p, t in enumerate(self.tokens)]
+        return grid_table(self.layers, self.tokens, self.data, KINDS)
 
     def row_labels(self) -> list[str]:
         return [str(x) for x in self.layers]

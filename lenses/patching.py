@@ -40,7 +40,7 @@ import torch
 from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import answer_token, first, layer_list, token_ids, token_strings
 from tpmlab.lenses.contract import Axis, Cell, LensInputError, LensView, Metric, Option
-from tpmlab.lenses.result import plain, position_labels, shown, token_label
+from tpmlab.lenses.result import grid_table, plain, position_labels, shown, token_label
 
 NAME = "patching"
 TITLE = "causal tracing"
@@ -108,9 +108,7 @@ class PatchingResult(LensResult):
     view = VIEW
 
     def table(self) -> list[dict[str, Any]]:
-        e = self.data["effect"]
-        return [{"layer": layer, "position": p, "token": t, "effect": plain(e[i, p])}
-                for i, layer in enumerate(self.layers) for p, t in enumerate(self.tokens)]
+        return grid_table(self.layers, self.tokens, self.data, ("effect",))
 
     def peak(self) -> dict[str, Any]:
         """The (layer, position) with the largest effect."""

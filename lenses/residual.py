@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: N812
 from tpmlab.lenses import LensResult, Progress, Provenance
 from tpmlab.lenses.common import layer_list, token_ids, token_strings
 from tpmlab.lenses.contract import Axis, Cell, LensView, Metric, Option, Table
-from tpmlab.lenses.result import plain, position_labels, shown, token_label
+from tpmlab.lenses.result import grid_table, position_labels, shown, token_label
 
 NAME = "residual"
 TITLE = "residual stream geometry"
@@ -76,10 +76,7 @@ class ResidualResult(LensResult):
     view = VIEW
 
     def table(self) -> list[dict[str, Any]]:
-        d = self.data
-        return [{"layer": row, "position": p, "token": tok,
-                 **{q: plain(d[q][r, p]) for q in QUANTITIES}}
-                for r, row in enumerate(self.rows) for p, tok in enumerate(self.tokens)]
+        return grid_table(self.rows, self.tokens, self.data, QUANTITIES)
 
     # -- the grid: rows x positions --------------------------------------------------------------
     def row_labels(self) -> list[str]:

@@ -100,3 +100,10 @@ class NotSupportedError(TpmlabError):
     not offer yet: the message names it and the form to use instead."""
 
     http_status = 400
+
+
+class ModelUndeployedError(TpmlabError):
+    """A request waited on a model that was undeployed (or its backend closed) before it
+    ran: deploy the model again and resend it."""
+
+    http_status = 503

@@ -29,7 +29,7 @@ def pair(request, lab, ref_lab):
 
 
 def _held(model) -> list[int]:
-    return [s["requests"] + s["held"] + s["autograd_bytes"]
+    return [s["requests"] + s["held"] + s["autograd_states"] + s["autograd_bytes"]
             for s in model.lab.backend.memory(model.name)]
 
 

@@ -161,18 +161,24 @@ def test_workers_ignore_sigint(secure_cluster):
     assert client.run(os.getpid) == before  # same workers, same processes, still answering
 
 
-def _worker_start_state() -> tuple[bool, str | None]:
-    return "transformers.modeling_utils" in sys.modules, os.environ.get("OMP_WAIT_POLICY")
+def _worker_start_state() -> tuple[bool, dict[str, str]]:
+    from tpmlab.cluster.warm_start import LOAD_TIME_PREFIXES
+
+    return "transformers.modeling_utils" in sys.modules, \
+        {k: v for k, v in os.environ.items() if k.startswith(LOAD_TIME_PREFIXES)
+         and k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
 @pytest.mark.slow
 def test_workers_start_with_the_stage_modules_already_imported(secure_cluster):
     """Workers are forked from a server that imported torch and transformers once (the
     embedded cluster's start-up): none imports them again, and each keeps the OpenMP wait
-    policy the stages need."""
+    settings the stages need (read when torch loaded, so they must be the server's)."""
+    from tpmlab.cluster.warm_start import WORKER_ENV
+
     _, client = secure_cluster
     states = list(client.run(_worker_start_state).values())
-    assert states == [(True, "PASSIVE")] * 2
+    assert states == [(True, WORKER_ENV)] * 2
 
 
 @pytest.mark.slow

@@ -51,3 +51,16 @@ def torch_grads(hf, adapter, ids: torch.Tensor | None = None, *,
     return {"loss": loss.detach().cpu(), "layers": [outs[i].grad.cpu() for i in range(len(layers))],
             "embeds": x.grad.cpu(), "add": None if v is None else v.grad.cpu(),
             "params": {n: p.grad.cpu() for n, p in leaves.items()}}
+
+
+def slow_backward(model, prompt: str, *, timeout: float, matmuls: int = 300, size: int = 1500):
+    """A trace whose backward spends long in plan nodes at the last layer's gradient (a chain
+    of ``size`` x ``size`` matmuls, 0.05-0.2 s each on two CPU cores: 15 s or more), so that
+    a ``timeout`` of a second or two passes in the middle of the backward."""
+    w = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) / size ** 0.5
+    with model.trace(prompt, timeout=timeout):
+        metric(model.output.logits).backward()
+        y = model.layers[model.adapter.n_layers - 1].output.grad.sum() * w
+        for _ in range(matmuls):
+            y = y @ w
+        y.sum().save()

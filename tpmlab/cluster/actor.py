@@ -41,6 +41,7 @@ import contextvars
 import os
 import resource
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -53,7 +54,7 @@ from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from ..runtime import request
-from ..runtime.backward import weight_storages
+from ..runtime.backward import held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
@@ -172,6 +173,7 @@ class StageActor:
             self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
         self.load = meter.figures  # what loading this stage cost its worker process
         self.frozen = weight_storages(self.stage.model)  # not autograd's memory
+        self.backprops = registry()  # requests' gradient state here (memory() reports it)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
         self.info: ModelInfo | None = None
@@ -222,9 +224,7 @@ class StageActor:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
-               "held": len(self.slots), "passes": self.passes, **self.load, "autograd_bytes": sum(
-                   st.runner.gradients.autograd_bytes for st in self.requests.values()
-                   if st.runner.gradients is not None)}
+               "held": len(self.slots), "passes": self.passes, **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
@@ -246,12 +246,19 @@ class StageActor:
                                                      "the next stage"), 6)
 
     # -- request bookkeeping -----------------------------------------------------------------------
-    def _drop(self, req: str, error: BaseException) -> None:
-        self.requests.pop(req, None)
+    def _drop(self, req: str, error: BaseException, st: _Request | None = None) -> None:
+        self._let_go(req, st)
         slot = self.slots.pop(req, None)
         if slot is not None:
             slot.fail(error)
         self.ended[req] = time.monotonic() + ENDED_TTL
+
+    def _let_go(self, req: str, st: _Request | None = None) -> None:
+        """Forget a request's state here; its gradient state (``st``'s, or the one held under
+        ``req``) is released in the stage's thread, after whatever of it still runs there."""
+        st = self.requests.pop(req, None) or st
+        if st is not None and st.runner.gradients is not None:
+            self._pool.submit(_release, st)
 
     def _sweep(self) -> None:
         """Drop what requests left behind past their deadline (a client that never came back)."""
@@ -294,6 +301,10 @@ class StageActor:
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
                             owned=self.owned, limits=limits, frozen=self.frozen,
                             host_alloc=alloc)
+        if runner.gradients is not None:
+            if deadline:  # the backward stops past the request's deadline
+                runner.gradients.deadline = deadline
+            self.backprops.add(runner.gradients)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None,
                         extra={"req": req, "owner": owner or "", "limits": limits})
@@ -430,6 +441,7 @@ class StageActor:
         req = msg["req"]
         t0, arrived = time.perf_counter(), time.time()
         deadline = time.monotonic() + msg["timeout"]
+        st = None
         try:
             st = await self._state(msg, deadline)
             t1 = time.perf_counter()
@@ -499,7 +511,8 @@ class StageActor:
             reply["timings"][0]["left"] = time.time()
             return reply
         except BaseException as e:
-            self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"))
+            traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
+            self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"), st)
             raise
 
     async def finish(self, req: str, steps_run: int, timeout: float) -> StageOutput | None:
@@ -546,7 +559,7 @@ class StageActor:
         finally:
             if self.slots.get(req) is slot:
                 del self.slots[req]
-            self.requests.pop(req, None)
+            self._let_go(req)
 
     async def run(self, blob: bytes, req: str, timeout: float,
                   limits: dict[str, Any] | None = None,
@@ -663,6 +676,12 @@ class StageActor:
 def pad_token_id(tokenizer: Any) -> int:
     """The id rows are padded with: the tokenizer's pad token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _release(st: _Request) -> None:
+    """Drop a request's gradient state (the graph's ends), in the stage's thread."""
+    st.runner.gradients.release()
+    st.extra.clear()
 
 
 def _worker_address() -> str | None:

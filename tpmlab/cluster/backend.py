@@ -441,7 +441,9 @@ class DaskBackend:
         GPU), and what loading the stage cost that worker, measured there
         (:mod:`tpmlab.runtime.load_meter`): ``load_seconds``, ``read_bytes`` (bytes read
         through ``read``, page cache or disk), ``disk_read_bytes``, ``rss_before``,
-        ``resident_growth``, ``load_host_peak`` and ``load_cuda_peak``."""
+        ``resident_growth``, ``load_host_peak`` and ``load_cuda_peak``; requests in flight
+        (``requests``, ``held``) and the gradient state they still hold
+        (:func:`~tpmlab.runtime.backward.held`: ``autograd_states``, ``autograd_bytes``)."""
         dep = self.deployment(name)
         return [_result(a.memory(), 60, f"stage {k}") | {"worker": dep.placements[k].worker}
                 for k, a in enumerate(dep.actors)]

@@ -41,18 +41,21 @@ def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
         roots.append((out, from_wire(g_out, device)))
     actor.weights.ready()
     try:
-        grads.backward(roots, incoming)
-    except torch.OutOfMemoryError as e:
-        raise ExecutionError(f"out of memory in the backward on stage {actor.span.index}: {e}") \
-            from None
-    finally:
-        actor.weights.check()
-    back: dict[str, Any] = {"grad": None, "constant_grads": {}, "carry_back": {}}
-    if not actor.span.is_first:
-        hidden = st.extra.get("hidden_in")
-        back["grad"] = None if hidden is None or hidden.grad is None else to_wire(hidden.grad)
-        back["constant_grads"] = to_wire(grads.outgoing())
-        back["carry_back"] = to_wire(grads.carry_back(actor.owned.start))
-    output = actor._finish(st, 1)
-    st.extra.clear()  # the graph's ends: released now, not when the state is dropped
+        try:
+            grads.backward(roots, incoming)
+        except torch.OutOfMemoryError as e:
+            raise ExecutionError(f"out of memory in the backward on stage {actor.span.index}: "
+                                 f"{e}") from None
+        finally:
+            actor.weights.check()
+        back: dict[str, Any] = {"grad": None, "constant_grads": {}, "carry_back": {}}
+        if not actor.span.is_first:
+            hidden = st.extra.get("hidden_in")
+            back["grad"] = None if hidden is None or hidden.grad is None else to_wire(hidden.grad)
+            back["constant_grads"] = to_wire(grads.outgoing())
+            back["carry_back"] = to_wire(grads.carry_back(actor.owned.start))
+        output = actor._finish(st, 1)
+    finally:  # the graph's ends: released now, ended or failed, not when the state is dropped
+        grads.release()
+        st.extra.clear()
     return back, output

@@ -41,7 +41,11 @@ def default_workers() -> int:
 def start_local_cluster(n_workers: int | None = None, *, security: Security | None = None,
                         warm_start: bool = True, **options: Any) -> LocalCluster:
     """Start a LocalCluster of ``n_workers`` single-threaded processes (stage compute runs in
-    its own thread and uses all cores; the stages of a request run one after another),
+    its own thread and uses all cores: torch threads are the stage's ``threads``, default
+    the machine's cores, since the stages of a request run one after another; the
+    ``OMP_NUM_THREADS=1`` Dask puts in a worker's environment comes after torch loaded in
+    the forkserver, and a stage sets its threads itself; idle stages' OpenMP threads sleep
+    after a short spin, :data:`~.warm_start.WORKER_ENV`),
     speaking TLS under ``security`` (default: :func:`~.security.new_security`, made for
     this cluster; ``cluster.security`` holds it). ``dashboard_address``: ``None`` (default)
     or a port, served on 127.0.0.1 (give a host to bind another interface).

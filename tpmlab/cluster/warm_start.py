@@ -29,9 +29,14 @@ from collections.abc import Iterator, Mapping
 PRELOAD = ("distributed", "tpmlab.cluster.worker_preload")
 
 #: the environment worker processes start with; OpenMP reads it when torch loads.
-#: Stages of one request run one after another on shared cores: idle workers' OpenMP
-#: threads must sleep, not spin, or they steal the cores the busy stage computes on.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: Stages of one request run one after another on shared cores, each with every core: an
+#: idle stage's OpenMP threads must soon sleep, or they steal the cores the busy stage
+#: computes on (GNU OpenMP, torch's on Linux, spins ≈ 300,000 times, milliseconds, before it
+#: sleeps). A passive policy (``OMP_WAIT_POLICY=PASSIVE``: sleep at once) costs a wake-up
+#: at every parallel region of a forward: 1.3-1.4x the stage's forward on this 2-core CPU.
+#: A short spin keeps a forward's threads awake between its ops and lets them sleep
+#: within about a millisecond of its end (benchmarks/README.md, CPU stages).
+WORKER_ENV = {"GOMP_SPINCOUNT": "20000"}
 #: variables read when torch's libraries load, so fixed in a running server
 LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "MKL_", "GOMP_")
 _server_env: dict[str, str] | None = None  # those the running server was started with

@@ -25,7 +25,6 @@ A request's life (:meth:`Gateway.admit`):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -50,6 +49,7 @@ from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.model_info import ModelInfo
 from ..ir.validate import Limits
 from ..runtime.backend import Backend
+from ..runtime.limits import merged_limits
 from ..runtime.request import plan_digest
 from .errors import (
     BadRequestError,
@@ -114,23 +114,6 @@ class Deployed:
     paths: OutputPaths
     meta_modules: dict[str, Any]
     cost: CostModel
-
-
-# How the limits of several users' plans combine for one merged run: what adds up across
-# plans is summed, bounds on one value the strictest of them; the rest (per row, per
-# generation) were checked for each plan at admission, so the largest does.
-_SUMMED = ("max_nodes", "max_constant_bytes", "max_saved_bytes", "max_invokes")
-_STRICTEST = ("max_intermediate_bytes",)
-
-
-def merged_limits(parts: list[Limits]) -> Limits:
-    """The :class:`Limits` a merged run of plans admitted under ``parts`` runs with."""
-    values = {}
-    for f in dataclasses.fields(Limits):
-        got = [getattr(p, f.name) for p in parts]
-        values[f.name] = sum(got) if f.name in _SUMMED else \
-            min(got) if f.name in _STRICTEST else max(got)
-    return Limits(**values)
 
 
 @dataclass

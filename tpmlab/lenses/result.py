@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -242,6 +243,14 @@ def token_label(tok: str, width: int = 10) -> str:
     if s.startswith(" "):
         s = "\u2423" + s[1:]  # open box: a leading space
     return s if len(s) <= width else s[: width - 1] + "\u2026"
+
+
+def grid_table(rows: Sequence[Any], tokens: Sequence[str], data: dict[str, torch.Tensor],
+               keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of :meth:`LensResult.table` for a layer x position grid: one per cell, with
+    its ``layer`` (``rows[r]``), ``position``, ``token`` and ``data[k][r, p]`` for each key."""
+    return [{"layer": row, "position": p, "token": tok, **{k: plain(data[k][r, p]) for k in keys}}
+            for r, row in enumerate(rows) for p, tok in enumerate(tokens)]
 
 
 def position_labels(tokens: list[str]) -> list[str]:

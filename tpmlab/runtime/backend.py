@@ -6,17 +6,17 @@ so the in-process path is the same data path a Dask cluster or a gateway uses.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Protocol
 
 import torch
 
+from ..ir.codec import encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import SAVE
 from ..ir.validate import Limits
 from ..remote import RemoteValues, wrap_local
-from . import request
 from .engine import ModelHost
+from .shared_passes import BatchPolicy, PassQueue
 
 
 class Backend(Protocol):
@@ -53,18 +53,22 @@ def default_device() -> torch.device:
 class LocalBackend:
     """Runs plans on whole models loaded into this process (no cluster).
 
-    Requests on one model from several threads run one at a time, in turn: a plan's hooks
-    sit on the model's shared modules, so two passes at once would read each other's
-    values; and a forward pass already uses every core (or the whole GPU).
+    Requests on one model from several threads are queued and run by the model's pass
+    thread, never two passes at once (a plan's hooks sit on the model's shared modules);
+    requests queued while a pass runs share the next forward pass where they can, each
+    caller getting exactly its own values (:mod:`tpmlab.runtime.shared_passes`; ``batching``
+    bounds how far a pass grows). Each result's metadata says how many requests its pass
+    ran (``batch_size``); its ``compute_seconds`` are the pass's.
     """
 
     def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), batching: BatchPolicy | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.limits = limits
         self.hosts: dict[str, ModelHost] = {}
-        self._turns: dict[str, threading.Lock] = {}  # one request at a time per model
+        self.batching = batching or BatchPolicy()
+        self.queues: dict[str, PassQueue] = {}  # by model: its requests, one pass at a time
         self.remote = RemoteValues()  # remote saves handed out (tpmlab.remote)
 
     def deploy(self, name: str, **options: Any) -> ModelInfo:
@@ -76,7 +80,7 @@ class LocalBackend:
             self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
                                          loaded.adapter.family, source=source,
                                          limits=self.limits, meta_model=source.meta_model())
-            self._turns[name] = threading.Lock()
+            self.queues[name] = PassQueue(self.hosts[name], self.batching)
         return self.hosts[name].info
 
     def host(self, name: str) -> ModelHost:
@@ -86,18 +90,15 @@ class LocalBackend:
 
     def run(self, model: str, plan: bytes, *, timeout: float | None = None,
             limits: Limits | None = None) -> bytes:
-        host = self.host(model)
-        with self._turns[model]:
-            return host.run_blob(plan, limits=limits)
+        values, meta = self.run_values(model, plan, timeout=timeout, limits=limits)
+        return encode_result(values, meta)
 
     def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
         """Like :meth:`run`, but hands the saved tensors back as they are: in one process
         there is nothing to serialize, and copying gigabytes of saves would dominate."""
-        host = self.host(model)
-        decoded, limits = request.decode(plan, host.limits, limits)
-        with self._turns[model]:
-            values, meta = host.run(decoded, limits=limits)
+        self.host(model)  # deployed, or a LookupError naming those that are
+        values, meta, decoded = self.queues[model].run_plan(plan, limits, timeout)
         remote = [n.id for n in decoded.nodes if n.op == SAVE and n.kwargs.get("remote")]
         if remote:  # in process a remote save is the tensor itself, with the same API
             values = wrap_local(values, remote)
@@ -119,9 +120,11 @@ class LocalBackend:
     def undeploy(self, name: str) -> None:
         self.remote.release(name)
         self.hosts.pop(name, None)
-        self._turns.pop(name, None)
+        queue = self.queues.pop(name, None)
+        if queue is not None:
+            queue.close()
 
     def close(self) -> None:
         self.remote.release()
-        self.hosts.clear()
-        self._turns.clear()
+        for name in list(self.hosts):
+            self.undeploy(name)

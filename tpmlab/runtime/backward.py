@@ -20,19 +20,25 @@ During the forward (:meth:`Backprop.forward`, under ``torch.enable_grad``):
 :meth:`Backprop.backward` runs autograd from this runner's roots (the loss, or the
 stage's output with the gradient the next stage sent back), fills with zeros the
 gradients that did not reach a tracked point, then runs the late nodes (gradients of
-parameters and constants). Everything is released with the request.
+parameters and constants). Everything is released with the request: :meth:`Backprop.release`
+drops the graph's ends (the runner's values, the leaves, the tensor hooks) whether the
+request finished, failed or ran past its deadline, and :func:`held` is what an engine
+reports of the gradient state it still holds. A request with a ``deadline`` stops its
+backward at the first tracked point or plan node past it (:class:`RequestTimeoutError`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..errors import LimitError
+from ..errors import ExecutionError, LimitError, RequestTimeoutError
 from ..ir.gradients import GradientSchedule
 from ..ir.plan import Node
 from .batching import invoke_view
@@ -46,12 +52,15 @@ class Backprop:
 
     ``frozen``: storage pointers of the weights (never counted as autograd memory).
     ``max_bytes``: the most bytes autograd may keep for this request here.
+    ``deadline``: :func:`time.monotonic` past which the backward stops (set by the engine).
     """
 
     def __init__(self, runner: PlanRunner, grads: GradientSchedule, *,
                  frozen: frozenset[int] = frozenset(), max_bytes: int | None = None) -> None:
         self.runner, self.g = runner, grads
         self.frozen, self.max_bytes = frozen, max_bytes
+        self.deadline: float | None = None
+        self.released = False
         self.fired: dict[int, torch.Tensor] = {}  # event -> the batch's gradient there
         self.like: dict[int, tuple[torch.Size, torch.dtype]] = {}  # event -> its value's shape
         self.params: dict[int, torch.Tensor] = {}  # grad node -> its parameter's leaf
@@ -60,6 +69,8 @@ class Backprop:
         self.autograd_bytes = 0  # bytes autograd keeps for the backward, weights excluded
         self.seconds = 0.0  # the backward's own time here, the plan's nodes not included
         self._storages: set[int] = set()
+        self._kept: list[tuple[StorageWeakRef, int, int]] = []  # what autograd kept, weakly
+        self._slots: list[list[torch.Tensor]] = []  # autograd's saved tensors (see _pack)
         self._handles: list[Any] = []
         names = set(grads.constants.values())
         for name in names & set(runner._constants):
@@ -84,19 +95,28 @@ class Backprop:
         rows = {n for inv in self.runner.plan.invokes if inv.kind == "embeds" for n in inv.tensors}
         return [name for name in self.g.constants.values() if name in rows]
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """What autograd keeps of ``t``: a slot :meth:`release` empties (so the request's
+        saved tensors go with it even where something still holds the graph's nodes)."""
         try:
-            ptr = t.untyped_storage().data_ptr()
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
         except (RuntimeError, NotImplementedError):
-            return t
-        if ptr not in self.frozen and ptr not in self._storages:
+            return [t]
+        if ptr in self.frozen:
+            return [t]
+        slot = [t]
+        self._slots.append(slot)
+        if ptr not in self._storages:
             self._storages.add(ptr)
-            self.autograd_bytes += t.untyped_storage().nbytes()
+            nbytes = storage.nbytes()
+            self.autograd_bytes += nbytes
+            self._kept.append((StorageWeakRef(storage), nbytes, ptr))
             if self.max_bytes is not None and self.autograd_bytes > self.max_bytes:
                 raise LimitError(f"the backward would keep {self.autograd_bytes:,} bytes on this "
                                  f"stage, over the limit of {self.max_bytes:,} bytes: use fewer "
                                  "or shorter prompts per request")
-        return t
+        return slot
 
     @contextlib.contextmanager
     def _parameter_leaves(self) -> Iterator[None]:
@@ -138,6 +158,7 @@ class Backprop:
         def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if event in self.fired:  # a value used twice in the graph: once is enough
                 return None
+            self.check_deadline()
             g = grad.clone() if written else grad
             self.fired[event] = g
             self._run_nodes(self.g.by_event.get(event, []))
@@ -172,7 +193,38 @@ class Backprop:
     def _run_nodes(self, nodes: list[Node]) -> None:
         for node in nodes:
             if self.runner._owns(self.runner.schedule.anchor[node.id]):
+                self.check_deadline()
                 self.runner._run(node, None)
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RequestTimeoutError("the request ran past its deadline in the backward pass "
+                                      "(pass a larger timeout= to trace, or save fewer "
+                                      "gradients)")
+
+    def release(self) -> None:
+        """Drop what autograd keeps for this request here (idempotent): the tensor hooks, the
+        leaves, the gradients, the runner's values (which hold the graph). Saves are host
+        copies and stay with the runner."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for slot in self._slots:
+            slot.clear()
+        self._slots.clear()
+        self.fired.clear()
+        self.params.clear()
+        self.incoming.clear()
+        self.embeds = None
+        self.runner.env.clear()
+        for name in set(self.g.constants.values()) & set(self.runner._constants):
+            self.runner._constants[name] = self.runner._constants[name].detach()
+        self.released = True
+
+    def alive_bytes(self) -> int:
+        """Bytes of what autograd kept for this request that are still in memory (0 once the
+        graph is gone: the proof that :meth:`release` freed it)."""
+        return sum(n for ref, n, _ in self._kept if not ref.expired())
 
     def value(self, node: Node) -> torch.Tensor:
         """The gradient a ``grad`` node reads (zeros where none reached its target)."""
@@ -233,8 +285,26 @@ class Backprop:
         return out
 
 
-def _unpack(t: torch.Tensor) -> torch.Tensor:
-    return t
+def _unpack(slot: list[torch.Tensor]) -> torch.Tensor:
+    if not slot:
+        raise ExecutionError("the request's backward state was released (it failed or ran "
+                             "past its deadline)")
+    return slot[0]
+
+
+def held(states: Iterable[Backprop]) -> dict[str, int]:
+    """What an engine still holds for backward passes, from its (weak) set of the
+    :class:`Backprop` objects it made: ``autograd_states``, those not yet released, and
+    ``autograd_bytes``, the bytes autograd kept for them that are still in memory."""
+    states = list(states)
+    return {"autograd_states": sum(not b.released for b in states),
+            "autograd_bytes": sum(b.alive_bytes() for b in states)}
+
+
+def registry() -> weakref.WeakSet[Backprop]:
+    """A set an engine keeps its requests' :class:`Backprop` objects in, for :func:`held`
+    (weak: a collected request leaves it by itself)."""
+    return weakref.WeakSet()
 
 
 def weight_storages(model: torch.nn.Module) -> frozenset[int]:

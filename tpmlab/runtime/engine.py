@@ -20,9 +20,10 @@ from ..errors import ExecutionError, PlanError
 from ..ir.codec import dtype_name, encode_result
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
+from ..ir.schedule import Schedule
 from ..ir.validate import Limits
 from . import request
-from .backward import run_with_backward, weight_storages
+from .backward import held, registry, run_with_backward, weight_storages
 from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
 from .limits import request_limits
@@ -63,26 +64,50 @@ class ModelHost:
         self._meta = dict(meta_model.named_modules()) if meta_model is not None else {}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.weights = WeightGuard(model, source, dtype=self.dtype)
+        self._backprops = registry()  # requests' gradient state, for autograd_held()
 
-    def run_blob(self, blob: bytes, *, limits: Limits | None = None) -> bytes:
+    def run_blob(self, blob: bytes, *, limits: Limits | None = None,
+                 timeout: float | None = None) -> bytes:
         plan, limits = request.decode(blob, self.limits, limits)
-        values, meta = self.run(plan, limits=limits)
+        values, meta = self.run(plan, limits=limits, timeout=timeout)
         return encode_result(values, meta)
 
-    def run(self, plan: Plan, *, limits: Limits | None = None
+    def autograd_held(self) -> dict[str, int]:
+        """Gradient state requests still hold here (:func:`~tpmlab.runtime.backward.held`):
+        zeros whenever no request with a backward is running."""
+        return held(self._backprops)
+
+    def run(self, plan: Plan, *, limits: Limits | None = None, timeout: float | None = None
             ) -> tuple[dict[int, Any], dict[str, Any]]:
         """Validate and run ``plan``: its saved values by node id, and the result's metadata
         (:func:`~tpmlab.runtime.request.result_meta`; ``node_seconds``, each plan node's own
-        time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own."""
+        time, see :attr:`PlanRunner.node_seconds`). ``limits`` tighten the host's own.
+        ``timeout``: seconds a request with a backward may run (its backward stops past them);
+        a forward-only request runs to its end."""
         limits = request_limits(self.limits, limits)
-        schedule = request.admit(plan, model=self.name, info=self.info, limits=limits,
-                                 meta_module=self._meta.get)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.execute(plan, self.admit(plan, limits), limits, deadline=deadline)
+
+    def admit(self, plan: Plan, limits: Limits) -> Schedule:
+        """Validate ``plan`` under ``limits`` (already the host's, tightened by the caller's):
+        its schedule, or a :class:`PlanError` naming the problem."""
+        return request.admit(plan, model=self.name, info=self.info, limits=limits,
+                             meta_module=self._meta.get)
+
+    def execute(self, plan: Plan, schedule: Schedule, limits: Limits, *,
+                deadline: float | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
+        :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. ``deadline``
+        (:func:`time.monotonic`): where a backward stops."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
                             device=self.device, limits=limits, frozen=self._frozen())
         values: dict[int, Any] = {}
+        if runner.gradients is not None:
+            self._backprops.add(runner.gradients)
+            runner.gradients.deadline = deadline
         self.weights.ready()
         try:
             if runner.gradients is not None:
@@ -103,6 +128,8 @@ class ModelHost:
             raise ExecutionError(f"out of memory running the plan: {e}") from None
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
+            if runner.gradients is not None:
+                runner.gradients.release()  # the graph goes, whatever happened
         values.update(runner.results())
         meta = request.result_meta(plan, model=self.name, info=self.info, started=start,
                                    node_seconds=runner.node_seconds, device=self.device)

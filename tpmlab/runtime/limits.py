@@ -23,6 +23,23 @@ def request_limits(engine: Limits, request: Limits | None) -> Limits:
                      for f in dataclasses.fields(Limits)})
 
 
+# How the limits of several plans combine for one merged run: what adds up across plans is
+# summed, bounds on one value the strictest of them; the rest (per row, per generation) were
+# checked for each plan when it was admitted, so the largest does.
+_SUMMED = ("max_nodes", "max_constant_bytes", "max_saved_bytes", "max_invokes")
+_STRICTEST = ("max_intermediate_bytes",)
+
+
+def merged_limits(parts: list[Limits]) -> Limits:
+    """The :class:`Limits` a merged run of plans admitted under ``parts`` runs with."""
+    values = {}
+    for f in dataclasses.fields(Limits):
+        got = [getattr(p, f.name) for p in parts]
+        values[f.name] = sum(got) if f.name in _SUMMED else \
+            min(got) if f.name in _STRICTEST else max(got)
+    return Limits(**values)
+
+
 def limits_to_wire(limits: Limits | None) -> dict[str, int] | None:
     """Plain ``{field: value}`` for a message between processes."""
     return None if limits is None else dataclasses.asdict(limits)
