@@ -9,7 +9,9 @@ driver needs (while generating, the next tokens), never saved values.
   later stage's :meth:`StageActor.collect`, each with the plan bytes: so the plan
   travels once to every stage, each later stage decodes it while stage 0 works,
   and only stage 0 validates it (:mod:`tpmlab.runtime.request`: ``admit`` there,
-  ``follow`` on the others).
+  ``follow`` on the others). Each stage keeps what it learned from a plan's bytes
+  (:class:`~tpmlab.runtime.plan_cache.PlanCache`): a repeated plan is not decoded or
+  validated again.
 * Stage 0's ``run`` validates the plan, builds the padded batch and drives the steps
   (one for a trace; for a generation the decoding loop of :mod:`tpmlab.runtime.decoding`,
   one step per token, the last stage picking the tokens, then a :meth:`finish` down the
