@@ -9,7 +9,9 @@ driver needs (while generating, the next tokens), never saved values.
   later stage's :meth:`StageActor.collect`, each with the plan bytes: so the plan
   travels once to every stage, each later stage decodes it while stage 0 works,
   and only stage 0 validates it (:mod:`tpmlab.runtime.request`: ``admit`` there,
-  ``follow`` on the others).
+  ``follow`` on the others). Each stage keeps what it learned from a plan's bytes
+  (:class:`~tpmlab.runtime.plan_cache.PlanCache`): a repeated plan is not decoded or
+  validated again.
 * Stage 0's ``run`` validates the plan, builds the padded batch and drives the steps
   (one for a trace; for a generation the decoding loop of :mod:`tpmlab.runtime.decoding`,
   one step per token, the last stage picking the tokens, then a :meth:`finish` down the
@@ -60,6 +62,7 @@ from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
+from ..runtime.plan_cache import PlanCache
 from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
 from .backward import stage_backward
@@ -123,16 +126,25 @@ def _raise_if_error(value: Any) -> Any:
 
 
 async def _await_within(awaitable: Any, deadline: float, what: str) -> Any:
-    """Await ``awaitable`` until the monotonic ``deadline``; past it, a RequestTimeoutError."""
-
-    async def wait() -> Any:
-        return await awaitable
-
-    left = deadline - time.monotonic()
+    """Await ``awaitable`` until the monotonic ``deadline``; past it, a RequestTimeoutError.
+    A future already done is read at once; otherwise the wait runs in the awaiting task
+    (``asyncio.timeout``), not in a task of its own: each stage hop awaits this, and a task
+    more costs event-loop turns on the request's critical path."""
+    if isinstance(awaitable, asyncio.Future) and awaitable.done():
+        return awaitable.result()
+    left = max(deadline - time.monotonic(), 0.001)
     try:
-        return await asyncio.wait_for(wait(), timeout=max(left, 0.001))
+        if _timeout is None:  # Python 3.10
+            async def wait() -> Any:
+                return await awaitable
+            return await asyncio.wait_for(wait(), timeout=left)
+        async with _timeout(left):
+            return await awaitable
     except asyncio.TimeoutError:
         raise RequestTimeoutError(f"{what} did not answer before the request's deadline") from None
+
+
+_timeout = getattr(asyncio, "timeout", None)
 
 
 class StageActor:
@@ -174,6 +186,7 @@ class StageActor:
         self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
         self.kept: dict[str, dict[int, Any]] = {}  # stage 0: a session trace's kept values
         self.segments = Segments()  # saves handed over in shared memory, until taken
+        self.plans = PlanCache()  # decoded, validated plans by their bytes: a repeat skips both
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
@@ -194,6 +207,7 @@ class StageActor:
         """Set the next stage's actor (``None`` on the last stage) and the model's info."""
         self.next = next_stage
         self.info = ModelInfo.from_dict(info)
+        self.plans.clear()  # schedules depend on the model's info
         # the deploying client read the tokenizer (≈ 1 s) while the stages loaded
         pad = self.info.extra.get("pad_id")
         self.pad_id = int(pad) if pad is not None else pad_token_id(self.source.tokenizer())
@@ -417,7 +431,8 @@ class StageActor:
         # the plan comes with the client's collect call, usually already decoded by now
         slot = self._slot(req, deadline)
         plan, schedule, limits = _raise_if_error(await _await_within(
-            asyncio.shield(slot.plan), deadline, f"the plan for stage {self.span.index}"))
+            slot.plan if slot.plan.done() else asyncio.shield(slot.plan), deadline,
+            f"the plan for stage {self.span.index}"))
         st = self.requests[req] = self._new_request(plan, schedule, msg["layout"], msg["generate"],
                                                     limits, req=req, handover=slot.handover,
                                                     deadline=deadline, owner=msg.get("owner"))
@@ -430,7 +445,7 @@ class StageActor:
         client's ``collect`` (stage 0: returned in ``reply["output"]``) as soon as its own
         layers ran."""
         req = msg["req"]
-        t0 = time.perf_counter()
+        t0, arrived = time.perf_counter(), time.time()
         deadline = time.monotonic() + msg["timeout"]
         st = None
         try:
@@ -440,7 +455,11 @@ class StageActor:
             sent = loop.create_future() if self.next is not None else None
             context = contextvars.copy_context()  # Dask finds its worker through a context variable
 
+            sent_at = 0.0
+
             def send(out: dict[str, Any]) -> None:  # on the event loop
+                nonlocal sent_at
+                sent_at = time.time()
                 try:
                     sent.set_result(self.next.step(out))
                 except BaseException as e:  # noqa: BLE001 - raised by the awaiting coroutine
@@ -463,11 +482,21 @@ class StageActor:
             t2 = time.perf_counter()
             if output is not None:
                 self.requests.pop(req, None)
-                if not self.span.is_first:
-                    self._hand_over(req, output)
+                if sent is not None and not self.span.is_first:
+                    self._hand_over(req, output)  # its saves travel while later stages compute
+                elif sent is None and not self.span.is_first:
+                    # the last stage's reply is on the request's critical path and its output
+                    # is not: the reply is written (as this coroutine returns) before the
+                    # client's collect wakes up
+                    loop.call_soon(self._hand_over, req, output)
+            hops = {}
             if sent is not None:
                 pending = await sent
                 reply = await _await_within(pending, deadline, f"stage {self.span.index + 1}")
+                # one-way times to the next stage and back (wall clocks: exact on one host)
+                nxt = reply["timings"][0]
+                hops = {"hop out": nxt.pop("arrived") - sent_at,
+                        "hop back": time.time() - nxt.pop("left")}
             else:
                 reply = {**out, "timings": []}
             t3 = time.perf_counter()
@@ -481,7 +510,8 @@ class StageActor:
                     self._hand_over(req, output)
             reply["timings"].insert(0, {"state": t1 - t0, "forward": t_fwd, "saves": t_saves,
                                         "thread": (t2 - t1) - t_fwd - t_saves,
-                                        "wait": t3 - t2, "backward": time.perf_counter() - t3})
+                                        "wait": t3 - t2, "backward": time.perf_counter() - t3,
+                                        **hops, "arrived": arrived})
             if output is not None and self.span.is_first:
                 reply["output"] = output
             if st.runner.kept:  # values a session's later trace reads go up the chain
@@ -489,6 +519,7 @@ class StageActor:
                 st.runner.kept = {}
             if self.span.is_first and "kept" in reply:  # held for the session's driver
                 self.kept.setdefault(req, {}).update(reply.pop("kept"))
+            reply["timings"][0]["left"] = time.time()
             return reply
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
@@ -524,8 +555,13 @@ class StageActor:
             if not slot.plan.done():
                 slot.handover = handover
                 try:
-                    plan, held = request.decode(blob, self.limits, limits_from_wire(limits))
-                    slot.plan.set_result((plan, request.follow(plan, self.info), held))
+                    held = request_limits(self.limits, limits_from_wire(limits))
+
+                    def follow() -> tuple[Plan, Schedule]:
+                        plan = request.decode(blob, held)[0]
+                        return plan, request.follow(plan, self.info)
+
+                    slot.plan.set_result((*self.plans.get(blob, ("follow", held), follow), held))
                 except Exception as e:  # stage 0 rejects the plan with the same error
                     slot.plan.set_result(e)
             output = _raise_if_error(await _await_within(
@@ -546,13 +582,16 @@ class StageActor:
         only the driver makes (generated tokens), and the metadata, whose ``node_seconds``
         are stage 0's; later stages' outputs are collected from them by the client.
         Large values go in shared memory as in :meth:`collect`."""
+        arrived = time.time()
         self._sweep()
         deadline = time.monotonic() + timeout
         try:
             out = await self._run(blob, req, timeout,
                                   request_limits(self.limits, limits_from_wire(limits)), handover,
                                   owner)
-            return self.segments.pack(out, req, handover, deadline)
+            out = self.segments.pack(out, req, handover, deadline)
+            out["stamps"] = (arrived, time.time())  # the client's one-way hop times
+            return out
         except BaseException:
             await self.abort(req)
             raise
@@ -561,10 +600,17 @@ class StageActor:
                    handover: Token | None = None, owner: str | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout
-        plan, limits = request.decode(blob, limits)
-        t_decode = time.perf_counter()
-        schedule = request.admit(plan, model=self.spec["model"], info=self.info, limits=limits,
-                                 meta_module=self._meta_modules().get)
+        t_decode = start
+
+        def admit() -> tuple[Plan, tuple[Schedule, str]]:  # a plan seen before skips this
+            nonlocal t_decode
+            plan = request.decode(blob, limits)[0]
+            t_decode = time.perf_counter()
+            schedule = request.admit(plan, model=self.spec["model"], info=self.info,
+                                     limits=limits, meta_module=self._meta_modules().get)
+            return plan, (schedule, request.plan_digest(plan))
+
+        plan, (schedule, digest) = self.plans.get(blob, ("admit", limits), admit)
         t_validate = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=torch.device("cpu"),
                                      embed_dtype=self.dtype)
@@ -586,13 +632,15 @@ class StageActor:
                    "input_ids": kwargs.get("input_ids"), "inputs_embeds": kwargs.get("inputs_embeds")}
             reply = await self.step(msg)
             output, timings = reply["output"], reply["timings"]
+            for t in timings[:1]:
+                t.pop("arrived"), t.pop("left")
         else:
             values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
                                                                      left)
             timings = []
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
-                                   stages=self.span.n_stages)
+                                   digest=digest, stages=self.span.n_stages)
         if schedule.gradients is not None:
             meta["autograd_bytes"] = [output["autograd_bytes"]]  # per stage; later ones added
             meta["backward_seconds"] = output["backward_seconds"]  # later stages' added

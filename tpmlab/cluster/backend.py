@@ -278,7 +278,7 @@ class DaskBackend:
         timeout = timeout or self.timeout
         req = uuid.uuid4().hex
         wire_limits = limits_to_wire(limits)
-        t0 = time.perf_counter()
+        t0, sent_at = time.perf_counter(), time.time()
         deadline = time.monotonic() + timeout
         try:
             # the plan goes to every stage at once: stage 0 runs it, later stages decode it
@@ -292,7 +292,7 @@ class DaskBackend:
         t1 = time.perf_counter()
         try:
             head = self._wait(dep, req, futures[0], deadline, model, timeout)
-            t2 = time.perf_counter()
+            t2, received_at = time.perf_counter(), time.time()
             values = from_wire(unpack(head["values"]))
             values.update(from_wire(unpack(head["saves"])))
             meta = head["meta"]
@@ -313,9 +313,12 @@ class DaskBackend:
         values = {k: self._remote_values(model, v) for k, v in values.items()}
         t3 = time.perf_counter()
         if self.phases is not None:
+            arrived, left = head.get("stamps", (sent_at, received_at))
             self.phases.append({**head["phases"], "client send": (t1 - t0) * 1e3,
                                 "client wait run": (t2 - t1) * 1e3,
-                                "client collect": (t3 - t2) * 1e3})
+                                "client collect": (t3 - t2) * 1e3,
+                                "hop client -> stage0": (arrived - sent_at) * 1e3,
+                                "hop stage0 -> client": (received_at - left) * 1e3})
         return values, meta
 
     def run_session_values(self, model: str, session: bytes, *, timeout: float | None = None,

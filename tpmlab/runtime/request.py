@@ -79,10 +79,13 @@ def follow(plan: Plan, info: ModelInfo) -> Schedule:
 
 
 def result_meta(plan: Plan, *, model: str, info: ModelInfo, started: float,
-                node_seconds: dict[int, float], device: Any, **extra: Any) -> dict[str, Any]:
-    """A result's metadata: what reproduces it (``model_version``, ``plan_digest``,
-    ``tpmlab_version``), ``compute_seconds`` since ``started`` (:func:`time.perf_counter`),
-    ``node_seconds`` (each plan node's own time) and where it ran; ``extra`` adds fields."""
-    return {"model": model, "model_version": info.version, "plan_digest": plan_digest(plan),
+                node_seconds: dict[int, float], device: Any, digest: str | None = None,
+                **extra: Any) -> dict[str, Any]:
+    """A result's metadata: what reproduces it (``model_version``, ``plan_digest``: ``digest``
+    if the engine has it already, ``tpmlab_version``), ``compute_seconds`` since ``started``
+    (:func:`time.perf_counter`), ``node_seconds`` (each plan node's own time) and where it
+    ran; ``extra`` adds fields."""
+    return {"model": model, "model_version": info.version,
+            "plan_digest": digest or plan_digest(plan),
             "tpmlab_version": __version__, "compute_seconds": time.perf_counter() - started,
             "node_seconds": node_seconds, "device": str(device), **extra}

@@ -1,0 +1,183 @@
+"""The fixed cost of a request on Dask stages: where a short trace's time goes besides the
+layers, and what a bare actor round trip costs next to a leaner channel.
+
+``trace``: each ``--models`` model deployed as 2 stages on the embedded cluster (2 worker
+processes, TLS: what ``tpmlab.connect()`` starts), a trace with no intervention but the
+last position's argmax saved (what ``cluster_gpu.py`` calls "trace") at each ``--tokens``
+length, against the same trace in process; prints the median total, each phase's median
+(``DaskBackend.phases``) and the two hops (:func:`cluster_cpu.hop_times`).
+
+``channels``: a hidden state of each size sent worker A -> worker B and back, by a Dask actor
+call (what a stage hop is today) and by Dask's comm ``rpc`` to a handler registered on the
+worker (the leaner channel a stage could use for the hidden state), and a client -> actor
+round trip; on the same TLS cluster, interleaved.
+
+    python benchmarks/fixed_cost.py [--models tiny-llama,smollm2-135m] [--tokens 16,128]
+        [--repeats 30] [--sections trace,channels] [--local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from benchmarks.cluster_cpu import hop_times
+
+
+def median_ms(fn: Any, repeats: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out) * 1e3
+
+
+def trace_fn(model: Any, n: int) -> Any:
+    import torch
+
+    ids = torch.arange(1, n + 1) % 100 + 1
+
+    def go() -> None:
+        with model.trace(input_ids=ids):
+            model.output.logits[:, -1].argmax(-1).save()
+    return go
+
+
+def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool) -> None:
+    from distributed import Client
+
+    import tpmlab
+    from tpmlab.cluster import DaskBackend
+    from tpmlab.cluster.embedded import start_local_cluster
+    from tpmlab.lab import Lab
+
+    base = {}
+    if with_local:
+        local = tpmlab.connect("local", device="cpu")
+        base = {(m, n): median_ms(trace_fn(local.model(m), n), repeats)
+                for m in models for n in tokens}
+        local.close()
+    with start_local_cluster(2, dashboard_address=":0") as cluster, Client(cluster) as client:
+        lab = Lab(DaskBackend(client=client))
+        for m in models:
+            model = lab.model(m, stages=2)
+            for n in tokens:
+                go = trace_fn(model, n)
+                total = median_ms(go, repeats)
+                lab.backend.phases = []
+                for _ in range(repeats):
+                    go()
+                recorded, lab.backend.phases = lab.backend.phases, None
+                ph = {k: statistics.median(p.get(k, 0.0) for p in recorded)
+                      for k in recorded[0]}
+                per = [hop_times(p) for p in recorded]  # per request, then the median
+                hops = {k: statistics.median(h[k] for h in per) for k in per[0]}
+                local = (f", in process {base[m, n]:.2f} ms ({total / base[m, n]:.2f}x)"
+                         if base else "")
+                print(f"\n{m}, trace {n} tok: 2 stages {total:.2f} ms{local}")
+                print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+                print("  hops: " + ", ".join(f"{k} {v:.2f}" for k, v in hops.items()),
+                      flush=True)
+            lab.undeploy(m)
+        lab.close()
+
+
+class Relay:
+    """An actor that forwards what it gets to a peer actor (a stage hop from a worker)."""
+
+    def __init__(self) -> None:
+        self.peer: Any = None
+
+    async def link(self, peer: Any) -> None:
+        self.peer = peer
+
+    async def echo(self, x: Any) -> Any:
+        return x
+
+    async def via_actor(self, x: Any, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await self.peer.echo(x)
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    async def via_rpc(self, x: Any, address: str, n: int) -> list[float]:
+        from distributed import get_worker
+        from distributed.protocol import to_serialize
+
+        worker = get_worker()
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await worker.rpc(address).tpmlab_echo(x=to_serialize(x))
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+
+def _register_echo(dask_worker: Any) -> None:
+    async def tpmlab_echo(comm: Any = None, x: Any = None) -> Any:
+        from distributed.protocol import to_serialize
+
+        return {"x": to_serialize(x)}
+    dask_worker.handlers["tpmlab_echo"] = tpmlab_echo
+
+
+def channels(repeats: int) -> None:
+    import numpy as np
+    from distributed import Client
+
+    from tpmlab.cluster.embedded import start_local_cluster
+
+    sizes = {"[1, 16, 576] fp32 (37 KB)": (1, 16, 576),
+             "[1, 128, 576] fp32 (295 KB)": (1, 128, 576),
+             "[1, 128, 4096] bf16 (1 MB)": (1, 128, 2048)}
+    with start_local_cluster(2, dashboard_address=":0") as cluster, Client(cluster) as client:
+        a, b = sorted(client.scheduler_info()["workers"])
+        client.run(_register_echo)
+        ra = client.submit(Relay, actor=True, workers=[a], pure=False).result()
+        rb = client.submit(Relay, actor=True, workers=[b], pure=False).result()
+        ra.link(rb).result()
+        print("\nround trip carrying a value (median / p10 ms)")
+        for name, shape in sizes.items():
+            x = np.random.rand(*shape).astype(np.float32)
+            rows = {"client -> actor": [], "worker A -> actor on B": [],
+                    "worker A -> rpc handler on B": []}
+            for i in range(repeats + 3):
+                t = time.perf_counter()
+                ra.echo(x).result()
+                if i >= 3:
+                    rows["client -> actor"].append((time.perf_counter() - t) * 1e3)
+            rows["worker A -> actor on B"] = ra.via_actor(x, repeats + 3).result()[3:]
+            rows["worker A -> rpc handler on B"] = ra.via_rpc(x, b, repeats + 3).result()[3:]
+            for k, v in rows.items():
+                v = sorted(v)
+                print(f"  {name:28} {k:30} {statistics.median(v):6.2f} / "
+                      f"{v[len(v) // 10]:6.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny-llama,smollm2-135m")
+    parser.add_argument("--tokens", default="16,128")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--sections", default="trace,channels")
+    parser.add_argument("--local", action="store_true", help="also time the trace in process")
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if "trace" in sections:
+        traces(args.models.split(","), [int(t) for t in args.tokens.split(",")], args.repeats,
+               args.local)
+    if "channels" in sections:
+        channels(args.repeats)
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    main()
