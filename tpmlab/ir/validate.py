@@ -561,13 +561,7 @@ def _meta_unsupported(e: Exception) -> bool:
 
 
 def _has_tensor(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_has_tensor(v) for v in value)
-    if isinstance(value, dict):
-        return any(_has_tensor(v) for v in value.values())
-    return False
+    return any(isinstance(v, torch.Tensor) for v in leaves(value))
 
 
 _SEQUENCES = (list, tuple, str)

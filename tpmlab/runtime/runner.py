@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ExecutionError, LimitError, PlanError
-from ..ir.args import rebuild
+from ..ir.args import SCALARS, leaves, rebuild
 from ..ir.model_info import START, ModelInfo, event_key
 from ..ir.ops import OPS, named_fields
 from ..ir.plan import (
@@ -102,13 +102,7 @@ class _Cell:
 
 def _is_data(value: Any) -> bool:
     """Whether a plan can hold ``value``: tensors, numbers, strings, None, and containers."""
-    if value is None or isinstance(value, (torch.Tensor, bool, int, float, str)):
-        return True
-    if isinstance(value, (tuple, list)):
-        return all(_is_data(v) for v in value)
-    if isinstance(value, dict):
-        return all(_is_data(v) for v in value.values())
-    return False
+    return all(v is None or isinstance(v, (torch.Tensor, *SCALARS)) for v in leaves(value))
 
 
 #: where a CPU stage puts a save's copy: an empty tensor of that shape and dtype, or
