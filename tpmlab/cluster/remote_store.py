@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import RemoteLimitError, RemoteValueGone
+from .wire import NUMPY_LACKS
 
 UNTAKEN_TTL = 600.0  # seconds a value waits for the notebook's take before it is dropped
 
@@ -70,7 +71,7 @@ def to_array(value: Any) -> np.ndarray:
     t = value.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+    if t.dtype in NUMPY_LACKS:
         t = t.float()
     return np.ascontiguousarray(t.numpy())
 

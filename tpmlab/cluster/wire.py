@@ -16,6 +16,7 @@ import torch
 
 _VIEWS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8,
           torch.float8_e5m2: torch.uint8}
+NUMPY_LACKS = frozenset(_VIEWS)  #: torch dtypes with no numpy type of their own
 
 
 class _Viewed:
