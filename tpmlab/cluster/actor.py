@@ -368,19 +368,15 @@ class StageActor:
                                               out.logits[:, -1, :], step).cpu()
             return reply
         last_event = self.owned.stop - 1
-        return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
-                                                          "inputs_embeds")},
-                "hidden": to_wire(out), "carry": to_wire(runner.carry_out(last_event)),
-                "saved": saved}
+        return {**_passed_on(msg), "hidden": to_wire(out),
+                "carry": to_wire(runner.carry_out(last_event)), "saved": saved}
 
     def _stopped(self, msg: dict[str, Any], saved: int) -> dict[str, Any]:
         """The message for the next stage (the reply, on the last) of a pass that a stopping
         plan ended on this stage or an earlier one: no hidden state, nothing to run."""
         if self.span.is_last:
             return {"saved": saved}
-        return {**{k: v for k, v in msg.items() if k not in ("hidden", "carry", "input_ids",
-                                                          "inputs_embeds")},
-                "stopped": True, "carry": to_wire({}), "saved": saved}
+        return {**_passed_on(msg), "stopped": True, "carry": to_wire({}), "saved": saved}
 
     def _finish(self, st: _Request, steps_run: int) -> StageOutput:
         st.runner.check_complete(steps_run)
@@ -759,6 +755,15 @@ class StageActor:
 def pad_token_id(tokenizer: Any) -> int:
     """The id rows are padded with: the tokenizer's pad token, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+#: what a stage's message carries for this stage alone: the next one gets its own
+_STAGE_OWN = ("hidden", "carry", "input_ids", "inputs_embeds")
+
+
+def _passed_on(msg: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a stage's message that travel on unchanged to the next stage."""
+    return {k: v for k, v in msg.items() if k not in _STAGE_OWN}
 
 
 def _release(st: _Request) -> None:
