@@ -293,24 +293,11 @@ class DaskBackend:
         try:
             head = self._wait(dep, req, futures[0], deadline, model, timeout)
             t2, received_at = time.perf_counter(), time.time()
-            values = from_wire(unpack(head["values"]))
-            values.update(from_wire(unpack(head["saves"])))
-            meta = head["meta"]
-            node_seconds = dict(meta["node_seconds"])
-            for f in futures[1:]:
-                output = self._wait(dep, req, f, deadline, model, timeout)
-                values.update(from_wire(unpack(output["saves"])))
-                if "autograd_bytes" in meta:
-                    meta["autograd_bytes"].append(output.get("autograd_bytes", 0))
-                    meta["backward_seconds"] += output.get("backward_seconds", 0.0)
-                for node, seconds in output["node_seconds"].items():
-                    node_seconds[node] = node_seconds.get(node, 0.0) + seconds
+            values, meta = self._gather(dep, req, head, futures[1:], deadline, model, timeout)
         except (KeyboardInterrupt, OSError):
             # interrupted (failed waits abort in _wait): the stages free what they handed over
             self._abort(dep, req)
             raise
-        meta["node_seconds"] = node_seconds
-        values = {k: self._remote_values(model, v) for k, v in values.items()}
         t3 = time.perf_counter()
         if self.phases is not None:
             arrived, left = head.get("stamps", (sent_at, received_at))
@@ -347,22 +334,33 @@ class DaskBackend:
         try:
             heads = self._wait(dep, req, head_future, deadline, model, timeout)
             for head, futures in zip(heads, later):
-                values = from_wire(unpack(head["values"]))
-                values.update(from_wire(unpack(head["saves"])))
-                meta = head["meta"]
-                node_seconds = dict(meta["node_seconds"])
-                for f in futures:
-                    output = self._wait(dep, req, f, deadline, model, timeout)
-                    values.update(from_wire(unpack(output["saves"])))
-                    for node, seconds in output["node_seconds"].items():
-                        node_seconds[node] = node_seconds.get(node, 0.0) + seconds
-                meta["node_seconds"] = node_seconds
-                out.append(({k: self._remote_values(model, v) for k, v in values.items()}, meta))
+                out.append(self._gather(dep, req, head, futures, deadline, model, timeout))
         except BaseException:
             for sub in subs:  # the stages free what the session held
                 self._abort(dep, sub)
             raise
         return out
+
+    def _gather(self, dep: Deployment, req: str, head: dict[str, Any], later: list[Any],
+                deadline: float, model: str, timeout: float
+                ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """One trace's saved values and metadata: stage 0's answer ``head`` joined with what
+        each later stage's ``collect`` (``later``) hands over (saves, node times, and what a
+        backward kept there)."""
+        values = from_wire(unpack(head["values"]))
+        values.update(from_wire(unpack(head["saves"])))
+        meta = head["meta"]
+        node_seconds = dict(meta["node_seconds"])
+        for f in later:
+            output = self._wait(dep, req, f, deadline, model, timeout)
+            values.update(from_wire(unpack(output["saves"])))
+            if "autograd_bytes" in meta:
+                meta["autograd_bytes"].append(output.get("autograd_bytes", 0))
+                meta["backward_seconds"] += output.get("backward_seconds", 0.0)
+            for node, seconds in output["node_seconds"].items():
+                node_seconds[node] = node_seconds.get(node, 0.0) + seconds
+        meta["node_seconds"] = node_seconds
+        return {k: self._remote_values(model, v) for k, v in values.items()}, meta
 
     def _remote_values(self, model: str, value: Any) -> Any:
         """A remote save's handle (or list of them, per generation step) as a
