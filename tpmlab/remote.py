@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cluster.wire import NUMPY_LACKS
 from .errors import RemoteValueError
 
 #: The reductions a remote value runs where it is (:meth:`RemoteValue.reduce`), by name:
@@ -48,6 +49,12 @@ REDUCTIONS = ("sum", "mean", "min", "max", "std", "var", "gram")
 REDUCE_DTYPES = ("float32", "float64")
 
 Index = tuple[int | slice, ...]
+
+
+def kept_nbytes(value: torch.Tensor) -> int:
+    """Bytes a remote value of ``value``'s shape and dtype takes where it is kept (dtypes
+    numpy lacks are kept as float32)."""
+    return value.numel() * (4 if value.dtype in NUMPY_LACKS else value.element_size())
 
 
 def check_index(shape: tuple[int, ...], index: Any) -> tuple[Index, tuple[int, ...]]:
@@ -135,6 +142,18 @@ def check_reduction(shape: tuple[int, ...], op: str, dims: Any = None, keepdim: 
     return tuple(out), kept
 
 
+DESCRIPTION = "tpmlab_remote_value"  # the key of a remote value's description in a result
+
+
+def described(value: Any) -> dict[str, Any] | None:
+    """The description of a remote value kept behind a gateway (handle, model, shape,
+    dtype, nbytes), as its request's decoded result carries it; None for any other value."""
+    if isinstance(value, dict) and set(value) == {DESCRIPTION} \
+            and isinstance(value[DESCRIPTION], dict):
+        return value[DESCRIPTION]
+    return None
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -172,7 +191,7 @@ class RemoteValue:
     @classmethod
     def in_process(cls, tensor: torch.Tensor) -> RemoteValue:
         t = tensor.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        if t.dtype in NUMPY_LACKS:
             t = t.float()
         return cls(shape=tuple(t.shape), dtype=str(t.numpy().dtype),
                    nbytes=t.numel() * t.element_size(), local=t)
