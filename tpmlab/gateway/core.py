@@ -571,7 +571,7 @@ class Gateway:
         lease = self.config.hold_lease_seconds
         while True:
             live = [r.id for r in self.records.in_flight() if r.held]
-            live += list(self.remote_values.in_flight)  # reads of remote values
+            live += self.remote_values.reads()  # reads of remote values running now
             try:
                 await run_in_threadpool(self.ledger.renew, self.instance, live, lease)
                 await run_in_threadpool(self.ledger.expire)

@@ -53,6 +53,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from ..cluster.errors import RemoteLimitError
@@ -67,7 +68,7 @@ from ..remote import (
     index_from_wire,
 )
 from .auth import User
-from .errors import NotFoundError, QuotaError
+from .errors import NotFoundError, QuotaError, UpstreamError
 from .ledger import UserView
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class RemoteValueTable:
         self._lock = threading.Lock()
         self._held: dict[str, Held] = {}
         self._reserved: dict[str, tuple[int, int, int]] = {}  # request: user, bytes, values
-        self.in_flight: set[str] = set()  # ledger holds of reads running now
+        self._reads: set[str] = set()  # ledger holds of reads running now
 
     # -- accounting -----------------------------------------------------------------------------
     def usage(self, user_id: int) -> tuple[int, int]:
@@ -153,6 +154,15 @@ class RemoteValueTable:
     def unreserve(self, request_id: str) -> None:
         with self._lock:
             self._reserved.pop(request_id, None)
+
+    def reads(self) -> list[str]:
+        """The ledger holds of reads running now (the gateway renews them)."""
+        with self._lock:
+            return list(self._reads)
+
+    def _reading(self, op_id: str, running: bool) -> None:
+        with self._lock:
+            (self._reads.add if running else self._reads.discard)(op_id)
 
     # -- keeping --------------------------------------------------------------------------------
     def keep(self, req: GatewayRequest, values: dict[int, Any], model_version: str
@@ -269,13 +279,18 @@ def read(gateway: Gateway, user: UserView, held: Held, kind: str, out_shape: tup
     seconds = held.value.nbytes / cfg.remote_bytes_per_second + extra_seconds
     worst = cfg.pricing.units(seconds, nbytes)
     op_id = uuid.uuid4().hex
-    got = gateway.ledger.reserve(user.id, op_id, worst, gateway=gateway.instance,
-                                 lease=cfg.hold_lease_seconds)
+    table = gateway.remote_values
+    try:
+        got = gateway.ledger.reserve(user.id, op_id, worst, gateway=gateway.instance,
+                                     lease=cfg.hold_lease_seconds)
+    except SQLAlchemyError as e:
+        raise UpstreamError(f"the ledger database cannot be reached: {type(e).__name__}") \
+            from None
     if not got.admitted:
         raise QuotaError(f"this {kind} holds {worst:.3f} service units until it ends, and your "
                          f"available balance is {got.available:.3f}; ask an administrator for a "
                          "larger allocation", estimate=worst, balance=got.balance, held=got.held)
-    gateway.remote_values.in_flight.add(op_id)
+    table._reading(op_id, True)
     try:
         start = time.perf_counter()
         try:
@@ -285,14 +300,17 @@ def read(gateway: Gateway, user: UserView, held: Held, kind: str, out_shape: tup
             raise
         took = time.perf_counter() - start
         returned = tensor.numel() * tensor.element_size()
-        charged = gateway.ledger.settle([{
-            "request_id": op_id, "user_id": user.id, "model": held.model,
-            "model_version": held.model_version, "plan_digest": held.plan_digest,
-            "mode": f"remote-{kind}", "tokens": 0, "bytes_returned": returned,
-            "compute_seconds": took, "measured_seconds": took, "batch_size": 1,
-            "units": cfg.pricing.units(took, returned)}])[op_id]
+        try:
+            charged = gateway.ledger.settle([{
+                "request_id": op_id, "user_id": user.id, "model": held.model,
+                "model_version": held.model_version, "plan_digest": held.plan_digest,
+                "mode": f"remote-{kind}", "tokens": 0, "bytes_returned": returned,
+                "compute_seconds": took, "measured_seconds": took, "batch_size": 1,
+                "units": cfg.pricing.units(took, returned)}])[op_id]
+        except SQLAlchemyError as e:  # not charged: not delivered (the hold expires)
+            raise UpstreamError(f"could not record the charge: {type(e).__name__}") from None
     finally:
-        gateway.remote_values.in_flight.discard(op_id)
+        table._reading(op_id, False)
     return tensor, {"request_id": op_id, "handle": held.handle, "charged_units": charged,
                     "compute_seconds": took, "model_version": held.model_version,
                     "plan_digest": held.plan_digest, "held_units": worst}
