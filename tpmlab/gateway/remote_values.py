@@ -99,6 +99,15 @@ class Held:
                 "expires_in": round(max(self.expires - time.monotonic(), 0.0), 3)}
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """What a request in flight will keep: for ``user_id``, ``nbytes`` and ``values``."""
+
+    user_id: int
+    nbytes: int
+    values: int
+
+
 def describe(held: Held) -> dict[str, Any]:
     """What stands for a kept value in its request's result (:func:`tpmlab.remote.described`
     reads it)."""
@@ -114,7 +123,7 @@ class RemoteValueTable:
         self.ttl = ttl
         self._lock = threading.Lock()
         self._held: dict[str, Held] = {}
-        self._reserved: dict[str, tuple[int, int, int]] = {}  # request: user, bytes, values
+        self._reserved: dict[str, Reservation] = {}  # by request id
         self._reads: set[str] = set()  # ledger holds of reads running now
 
     # -- accounting -----------------------------------------------------------------------------
@@ -125,8 +134,9 @@ class RemoteValueTable:
 
     def _usage(self, user_id: int) -> tuple[int, int]:
         held = [h.value.nbytes for h in self._held.values() if h.user_id == user_id]
-        res = [(b, n) for u, b, n in self._reserved.values() if u == user_id]
-        return sum(held) + sum(b for b, _ in res), len(held) + sum(n for _, n in res)
+        res = [r for r in self._reserved.values() if r.user_id == user_id]
+        return (sum(held) + sum(r.nbytes for r in res),
+                len(held) + sum(r.values for r in res))
 
     def reserve(self, request_id: str, user_id: int, nbytes: int | None, count: int,
                 limits: Limits) -> None:
@@ -149,7 +159,8 @@ class RemoteValueTable:
                     f"remote saves: this request keeps {count} values and you hold {values} "
                     f"already, of your tier's limit of {limits.max_remote_values} "
                     "(max_remote_values): release values you no longer need")
-            self._reserved[request_id] = (user_id, room if nbytes is None else nbytes, count)
+            self._reserved[request_id] = Reservation(user_id, room if nbytes is None else nbytes,
+                                                     count)
 
     def unreserve(self, request_id: str) -> None:
         with self._lock:
@@ -175,7 +186,8 @@ class RemoteValueTable:
         found = {k: v for k, v in values.items() if _remote_in(v)}
         kept = [x for v in found.values() for x in (v if isinstance(v, list) else [v])]
         with self._lock:
-            _, reserved, _ = self._reserved.pop(req.id, (0, 0, 0))
+            got = self._reserved.pop(req.id, None)
+            reserved = got.nbytes if got is not None else 0
             nbytes = sum(v.nbytes for v in kept)
             if nbytes > reserved:
                 for v in kept:
