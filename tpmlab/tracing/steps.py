@@ -33,9 +33,10 @@ class StepIter:
     """``gen.iter[a:b]`` / ``gen.iter[i]``: the loop runs its body once per step."""
 
     def __init__(self, steps: Callable[[int, int | None], AbstractContextManager],
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, *, stopped: Callable[[], bool] = lambda: False) -> None:
         self._steps = steps
         self._n = max_new_tokens
+        self._stopped = stopped  # tracer.stop() was called: the loop ends
 
     def __getitem__(self, index: int | slice) -> Iterator[int]:
         if isinstance(index, int):
@@ -50,3 +51,5 @@ class StepIter:
         for i in indices:
             with self._steps(i, i + 1):
                 yield i
+            if self._stopped():  # as in nnsight, a tracer.stop() in the body ends the loop
+                return
