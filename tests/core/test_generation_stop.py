@@ -129,3 +129,18 @@ def test_a_persistent_edit_applies_until_the_stop(model):
     assert len(hs) == 2 and calls[1] == 2 and calls["unembed"] == 1
     for a, b in zip(hs, whole):
         torch.testing.assert_close(a.value, b.value, atol=0, rtol=0)
+
+
+def test_a_stopped_generation_is_billed_the_steps_it_ran(model):
+    """No tokens come back, so the gateway reads the steps from the stop's step."""
+    from tpmlab.gateway.units import steps_run
+
+    with model.generate(PROMPT, max_new_tokens=STEPS) as gen:
+        for step in gen.iter[0:STEPS]:
+            model.layers[0].output.save()
+            if step == 2:
+                gen.stop()
+    assert steps_run(gen.plan(), gen.result.values) == 2
+    with model.generate(PROMPT, max_new_tokens=STEPS, eos_token_id=[]) as gen:
+        model.layers[0].output.save()
+    assert steps_run(gen.plan(), gen.result.values) == STEPS

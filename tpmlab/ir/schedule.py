@@ -62,7 +62,7 @@ class Schedule:
         (a persistent edit's) do not place the stop: they run until it."""
         nodes = [n for at_event in self.by_event.values() for n in at_event
                  if n.steps.stop is not None]
-        step = max((n.steps.stop - 1 for n in nodes), default=0)
+        step = stop_step(nodes)
         return step, max((self.anchor[n.id] for n in nodes if n.steps.contains(step)),
                          default=START)
 
@@ -70,6 +70,12 @@ class Schedule:
     def write_target(self) -> dict[int, int]:
         """Writing node id -> the first point node it may change (all of them: :attr:`writes`)."""
         return {n: min(targets) for n, targets in self.writes.items()}
+
+
+def stop_step(nodes: Iterable[Node]) -> int:
+    """The generation step a stopping plan ends in (:meth:`Schedule.stop_point`): the latest
+    step a node runs at, over the nodes that do not run at every step to the end; 0 if none."""
+    return max((n.steps.stop - 1 for n in nodes if n.steps.stop is not None), default=0)
 
 
 def _point_event(node: Node, info: ModelInfo) -> int:
