@@ -113,6 +113,23 @@ def test_a_stop_after_a_block_of_every_step_is_never_reached(model):
     assert calls["unembed"] == STEPS
 
 
+def test_a_stop_after_a_loop_past_the_last_step_is_never_reached(model):
+    """nnsight's ``for step in tracer.iter[:]`` waits for a step past the last: the stop
+    after it never comes. A loop that ends within the steps is followed by its stop."""
+    with layer_calls(model) as calls:
+        with model.generate(PROMPT, max_new_tokens=STEPS, eos_token_id=[]) as gen:
+            hs = [model.layers[0].output.save() for _ in gen.iter[:]]
+            gen.stop()
+    assert len(hs) == STEPS and len(gen.generated_ids[0]) == STEPS
+    assert calls["unembed"] == STEPS
+    with layer_calls(model) as calls:
+        with model.generate(PROMPT, max_new_tokens=STEPS, eos_token_id=[]) as gen:
+            hs = [model.layers[0].output.save() for _ in gen.iter[0:STEPS]]
+            gen.stop()
+    assert len(hs) == STEPS and gen.output_ids == []
+    assert calls["unembed"] == STEPS - 1 and calls[0] == STEPS and calls[1] == STEPS - 1
+
+
 def test_a_persistent_edit_applies_until_the_stop(model):
     v = torch.linspace(-1, 1, model.d_model)
     with model.edit() as (_, edited):
