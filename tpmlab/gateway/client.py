@@ -16,6 +16,7 @@ import httpx
 from ..errors import RequestTimeoutError
 from ..ir.codec import decode_result
 from ..ir.model_info import ModelInfo
+from ..ir.session import decode_session_result
 from ..ir.validate import Limits
 from ..tokens import gateway_token, token_sources
 from . import errors as gw_errors
@@ -69,9 +70,29 @@ class GatewayBackend:
             limits: Limits | None = None) -> bytes:
         """POST the plan; result bytes. ``limits`` is ignored: the gateway holds every
         request to its user's tier limits."""
+        return self._post(f"/v1/models/{model}/run", plan, timeout)
+
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+        """:meth:`run`, decoded: saved values by node id and the result's metadata."""
+        return decode_result(self.run(model, plan, timeout=timeout, limits=limits))
+
+    def run_session_values(self, model: str, session: bytes, *, timeout: float | None = None,
+                           limits: Limits | None = None
+                           ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """POST a session envelope (:mod:`tpmlab.ir.session`): the gateway validates it as a
+        whole, runs it as one request (the values its traces keep for each other stay on
+        the engine) and charges it once. Each trace's saved values and metadata, in order;
+        ``last_charge`` is the whole session's. ``limits`` is ignored, as for :meth:`run`."""
+        return decode_session_result(self._post(f"/v1/models/{model}/sessions", session,
+                                                timeout))
+
+    def _post(self, path: str, body: bytes, timeout: float | None) -> bytes:
+        """POST ``body`` to ``path`` and wait up to ``timeout`` seconds (the client's own
+        where None) for the result bytes; notes the charge in :attr:`last_charge`."""
         wait = timeout or self.timeout
         try:
-            r = self.http.post(f"/v1/models/{model}/run", content=plan,
+            r = self.http.post(path, content=body,
                                params={"timeout": wait},
                                headers={"Content-Type": "application/octet-stream"},
                                timeout=httpx.Timeout(wait + 30.0, connect=10.0))
@@ -83,11 +104,6 @@ class GatewayBackend:
                             "units": float(r.headers.get("x-tpmlab-units", "nan")),
                             "batch_size": int(r.headers.get("x-tpmlab-batch-size", "0"))}
         return r.content
-
-    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
-                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
-        """:meth:`run`, decoded: saved values by node id and the result's metadata."""
-        return decode_result(self.run(model, plan, timeout=timeout, limits=limits))
 
     @property
     def limits(self) -> Limits:
