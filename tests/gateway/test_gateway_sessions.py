@@ -251,3 +251,32 @@ def test_limit_errors_reach_the_notebook_as_their_class(served, lab_model):
     with pytest.raises(LimitError, match="traces"):
         lab.backend.run_session_values(MODEL, encode_session(_plans(lab_model, 17)))
     lab.close()
+
+
+def test_remote_saves_of_a_session_are_kept_as_a_plan_s(served, engine_backend):
+    def run(model):
+        last = model.adapter.n_layers - 1
+        with model.session():
+            with model.trace(CLEAN):
+                late = model.layers[last].output[:, -1]
+            with model.trace(CORRUPT):
+                model.layers[0].output[:, -1] = late
+                kept = model.layers[1].output.save(remote=True)
+        return kept.value
+
+    lab = served.lab("inspect")
+    with pytest.raises(TierError, match="trace 1 of this session writes"):
+        run(lab.model(MODEL))
+    lab.close()
+    lab = served.lab("intervene")
+    value = run(lab.model(MODEL))
+    assert value.handle.startswith("rv_")
+    local = tpmlab.Lab(engine_backend)
+    want = run(local.model(MODEL))
+    torch.testing.assert_close(value.fetch(), want.fetch(), atol=0, rtol=0)
+    with served.client("intervene") as c:
+        held = c.get("/v1/remote-values").json()["values"]
+    assert [v["handle"] for v in held] == [value.handle]
+    assert lab.release_remote() == 1
+    local.release_remote()
+    lab.close()

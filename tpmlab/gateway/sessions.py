@@ -8,7 +8,9 @@ queue, and runs on the same worker, alone (never merged with other plans), as on
 the backend's ``run_session_values``: the values its traces keep for each other
 (``save(keep=True)`` read by ``from_trace``) stay on the engine. It is charged once,
 for what its traces used together (:mod:`.units`), and can be waited for, fetched and
-cancelled by its owner only, as any request.
+cancelled by its owner only, as any request. Remote saves of its traces are reserved
+together against the user's remote-value limits and kept as a plan's are
+(:mod:`.remote_values`).
 
 Before anything runs, :func:`prepare_session` validates the whole session:
 
@@ -95,10 +97,13 @@ def prepare_session(gateway: Gateway, user: UserView, model: str, blob: bytes
         gateway.check_tier(user, need, f"trace {k} of this session")
     holds = [gateway.worst_case(dep, p, c, limits) for p, c in zip(plans, checked)]
     check_sums(plans, checked, holds, limits, cfg)
+    remote = [c.remote_bytes for c in checked]
     return SessionRequest(id=uuid.uuid4().hex, user=user, model=model, mode="session",
                           plan=None, blob=blob, digest=session_digest(plans),
                           tokens=sum(plan_tokens(p) for p in plans),
-                          hold=combined(holds, cfg.pricing), mergeable=False, plans=plans)
+                          hold=combined(holds, cfg.pricing), mergeable=False, plans=plans,
+                          remote_bytes=None if None in remote else sum(remote),
+                          remote_values=sum(c.remote_values for c in checked))
 
 
 def check_counts(plans: list[Plan], cfg: GatewayConfig) -> None:

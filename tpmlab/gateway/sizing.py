@@ -1,5 +1,6 @@
-"""Validation for the gateway: the plan's checks, the bytes it saves, and whether that
-count is complete.
+"""Validation for the gateway: the plan's checks, the bytes it saves, whether that count is
+complete, and what its remote saves keep on the engine (:mod:`.remote_values` accounts
+those per user).
 
 :func:`tpmlab.ir.validate.inspect_plan` sizes every save it can on meta tensors and
 leaves the rest to the engine's run-time limit. The gateway must know whether it sized
@@ -29,7 +30,8 @@ from ..errors import LimitError
 from ..ir.model_info import ModelInfo, event_key
 from ..ir.plan import POINT, SAVE, Plan
 from ..ir.schedule import Schedule
-from ..ir.validate import Limits, contains_unknown, inspect_plan
+from ..ir.validate import Limits, contains_unknown, inspect_plan, remote_saves
+from ..remote import kept_nbytes
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Checked:
     schedule: Schedule
     saved_bytes: int  # what validation sized
     sized: bool  # whether that is every save
+    remote_bytes: int | None = 0  # what its remote saves keep (None: not known before it runs)
+    remote_values: int = 0  # how many values its remote saves keep (generation steps counted)
 
 
 class _MetaFailures(TorchDispatchMode):
@@ -76,6 +80,7 @@ def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
     ``imports``/``env``: as for :func:`~tpmlab.ir.validate.inspect_plan` (a session's
     traces, :func:`~tpmlab.ir.session.check_session`)."""
     probe = _MetaFailures()
+    env = {} if env is None else env
     with probe:
         schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module,
                                        imports=imports, env=env)
@@ -87,5 +92,6 @@ def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
     templates = all(_static(info.shapes.get(event_key(n.path, n.io)))
                     for n in plan.nodes if n.op == POINT)
     unknown_imports = contains_unknown(list((imports or {}).values()))
+    remote_bytes, remote_values = remote_saves(plan, env, kept_nbytes)
     return Checked(schedule, saved, not (later_steps or not templates or probe.failed
-                                         or unknown_imports))
+                                         or unknown_imports), remote_bytes, remote_values)
