@@ -16,11 +16,16 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .tiers import TIERS
 
+if TYPE_CHECKING:
+    from .core import GatewayConfig
+
 DEFAULT_DB = "sqlite:///tpmlab-gateway.db"
+# GatewayConfig's limits on one session request, each a flag (--max-session-traces, ...)
+SESSION_LIMITS = ("max_session_traces", "max_session_invokes", "max_session_rows")
 
 
 def register(subparsers: Any) -> None:
@@ -60,6 +65,12 @@ def register(subparsers: Any) -> None:
                    "released by the others")
     p.add_argument("--plan-compute-factor", type=float, default=8.0,
                    help="a plan's own compute held before it runs, in forward passes")
+    p.add_argument("--max-session-traces", type=int, default=None,
+                   help="traces in one session request (model.session()) (default: GatewayConfig's)")
+    p.add_argument("--max-session-invokes", type=int, default=None,
+                   help="invokes over all the traces of one session (default: GatewayConfig's)")
+    p.add_argument("--max-session-rows", type=int, default=None,
+                   help="prompt rows over all the traces of one session (default: GatewayConfig's)")
     p.add_argument("--remote-value-ttl", type=float, default=3600.0,
                    help="seconds a user's remote values (.save(remote=True)) are kept after "
                         "their request, unless released before")
@@ -119,17 +130,10 @@ def make_backend(args: argparse.Namespace) -> Any:
     return DaskBackend(client=Client(args.backend, security=security))
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    from .app import create_app
-    from .auth import HubSettings
-    from .core import Gateway, GatewayConfig
-    from .ledger import Ledger
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    """The :class:`~tpmlab.gateway.core.GatewayConfig` that ``tpmlab gateway``'s flags say."""
+    from .core import GatewayConfig
 
-    ledger = Ledger(args.db)
-    if args.admin:
-        ledger.ensure_user(args.admin, tier="admin", units=0.0)
-        print(f"tpmlab gateway: API key for admin {args.admin!r}: {ledger.create_key(args.admin)}",
-              flush=True)
     models = args.models or ["smollm2-135m"]
     costs = {}
     if args.cost_model:
@@ -137,13 +141,29 @@ def serve_command(args: argparse.Namespace) -> int:
 
         fixed, per_token = (float(x) for x in args.cost_model.split(","))
         costs = {m: CostModel(fixed, per_token) for m in models}
-    config = GatewayConfig(models=models, batching=not args.no_batching,
-                           batch_window=args.batch_window_ms / 1000.0,
-                           max_concurrent_per_user=args.max_concurrent,
-                           request_timeout=args.timeout, cost_models=costs,
-                           hold_lease_seconds=args.hold_lease,
-                           plan_compute_factor=args.plan_compute_factor,
-                           remote_value_ttl=args.remote_value_ttl)
+    return GatewayConfig(models=models, batching=not args.no_batching,
+                         batch_window=args.batch_window_ms / 1000.0,
+                         max_concurrent_per_user=args.max_concurrent,
+                         request_timeout=args.timeout, cost_models=costs,
+                         hold_lease_seconds=args.hold_lease,
+                         plan_compute_factor=args.plan_compute_factor,
+                         remote_value_ttl=args.remote_value_ttl,
+                         **{k: v for k in SESSION_LIMITS
+                            if (v := getattr(args, k)) is not None})
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .auth import HubSettings
+    from .core import Gateway
+    from .ledger import Ledger
+
+    ledger = Ledger(args.db)
+    if args.admin:
+        ledger.ensure_user(args.admin, tier="admin", units=0.0)
+        print(f"tpmlab gateway: API key for admin {args.admin!r}: {ledger.create_key(args.admin)}",
+              flush=True)
+    config = config_from_args(args)
     print(f"tpmlab gateway: deploying {config.models} on {args.backend} ...", flush=True)
     gateway = Gateway(make_backend(args), ledger, config)
     hub = HubSettings(args.hub_api, args.hub_tier, args.hub_units,

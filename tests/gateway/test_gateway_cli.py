@@ -1,0 +1,24 @@
+"""``tpmlab gateway``'s flags reach the gateway's configuration."""
+
+from __future__ import annotations
+
+from tpmlab.cli import build_parser
+from tpmlab.gateway.cli import config_from_args
+from tpmlab.gateway.core import GatewayConfig
+
+
+def test_session_limit_flags_reach_the_config():
+    args = build_parser().parse_args(["gateway", "--max-session-traces", "3",
+                                      "--max-session-invokes", "7",
+                                      "--max-session-rows", "11"])
+    config = config_from_args(args)
+    assert (config.max_session_traces, config.max_session_invokes,
+            config.max_session_rows) == (3, 7, 11)
+
+
+def test_without_flags_the_config_keeps_its_defaults():
+    config = config_from_args(build_parser().parse_args(["gateway", "--cost-model", "0.01,0.001"]))
+    default = GatewayConfig()
+    assert (config.max_session_traces, config.max_session_invokes, config.max_session_rows) == \
+        (default.max_session_traces, default.max_session_invokes, default.max_session_rows)
+    assert config.cost_models["smollm2-135m"].seconds_per_token == 0.001
