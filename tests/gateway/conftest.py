@@ -42,6 +42,7 @@ def make_gateway(backend, db_url, cost_model, **config):
     from tpmlab.gateway.core import Gateway, GatewayConfig
     from tpmlab.gateway.ledger import Ledger
 
+    config.setdefault("learn_costs", False)  # the tests' numbers are priced by cost_model
     cfg = GatewayConfig(models=[MODEL], cost_models={MODEL: cost_model}, **config)
     return Gateway(backend, Ledger(db_url), cfg)
 

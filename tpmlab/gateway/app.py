@@ -87,7 +87,10 @@ class ModelEntry(BaseModel):
     family: str
     dtype: str
     n_stages: int
-    cost_model: dict[str, float]
+    cost_model: dict[str, float] = Field(description="what holds and charges use now")
+    cost_learning: dict[str, Any] = Field(
+        description="the calibrated fit, the scale learned from solo runs (cost_model = "
+                    "calibrated * scale), how many solo runs were seen, whether it learns")
 
 
 class ModelDetail(ModelEntry):
@@ -252,7 +255,7 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
         info = dep.info
         return {"name": name, "version": info.version, "family": info.family,
                 "dtype": info.dtype, "n_stages": info.n_stages,
-                "cost_model": dep.cost.to_dict()}
+                "cost_model": dep.cost.to_dict(), "cost_learning": dep.learned.to_dict()}
 
     # -- open endpoints ------------------------------------------------------------------------
     @app.get("/health", response_model=Health)

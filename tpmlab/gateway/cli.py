@@ -60,6 +60,9 @@ def register(subparsers: Any) -> None:
                    help="pin each model's cost model (seconds of a forward pass: fixed, per "
                    "token) instead of calibrating it at start, so prices do not move between "
                    "restarts or gateways")
+    p.add_argument("--no-cost-learning", action="store_true",
+                   help="keep the calibrated cost model (else the fastest solo runs lower it; "
+                        "a --cost-model is pinned, never learned)")
     p.add_argument("--hold-lease", type=float, default=60.0,
                    help="seconds after which the holds of a gateway that stopped (crashed) are "
                    "released by the others")
@@ -145,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
                          batch_window=args.batch_window_ms / 1000.0,
                          max_concurrent_per_user=args.max_concurrent,
                          request_timeout=args.timeout, cost_models=costs,
+                         learn_costs=not (args.cost_model or args.no_cost_learning),
                          hold_lease_seconds=args.hold_lease,
                          plan_compute_factor=args.plan_compute_factor,
                          remote_value_ttl=args.remote_value_ttl,

@@ -77,6 +77,7 @@ from .tiers import TIER_LIMITS, Need, OutputPaths, allows, required_tier
 from .units import (
     CostModel,
     Hold,
+    LearnedCost,
     Pricing,
     calibrate,
     hold,
@@ -112,6 +113,9 @@ class GatewayConfig:
     max_kept_bytes_per_user: int = 256 * 2**20  # finished requests' results and records
     pricing: Pricing = field(default_factory=Pricing)
     cost_models: dict[str, CostModel] = field(default_factory=dict)  # else calibrated at start
+    # learn each cost model down from the requests that run alone (units.LearnedCost); off:
+    # the cost models stay as given or calibrated (gateways sharing a ledger price alike)
+    learn_costs: bool = True
     tier_limits: dict[str, Limits] = field(default_factory=lambda: dict(TIER_LIMITS))
     plan_compute_factor: float = 8.0  # a plan's own compute held, in forward passes (units.py)
     hold_lease_seconds: float = 60.0  # a crashed gateway's holds are released after this
@@ -132,7 +136,12 @@ class Deployed:
     info: ModelInfo
     paths: OutputPaths
     meta_modules: dict[str, Any]
-    cost: CostModel
+    learned: LearnedCost
+
+    @property
+    def cost(self) -> CostModel:
+        """The cost model holds and charges use now (:class:`~.units.LearnedCost`)."""
+        return self.learned.model
 
 
 @dataclass
@@ -166,7 +175,8 @@ class Gateway:
                 lambda blob, name=name: self._run_values(name, blob, None)[1]["compute_seconds"],
                 info)
             self.models[name] = Deployed(info, paths, dict(source.meta_model().named_modules()),
-                                         cost)
+                                         LearnedCost(cost, learn=self.config.learn_costs))
+            self.metrics.cost_scale.labels(name).set(1.0)
         self.records = RequestTable(keep_seconds=self.config.keep_results_seconds,
                                     max_bytes_per_user=self.config.max_kept_bytes_per_user)
         self.remote_values = RemoteValueTable(self.config.remote_value_ttl)
@@ -489,6 +499,7 @@ class Gateway:
             try:
                 self._keep_remote(req, out)
                 row = self._charge(req, out)
+                self._learn(req, out)
                 req.units = from_micro(min(to_micro(row["units"]), to_micro(req.hold.units)))
                 req.result = self._encode(req, out)
                 charges.append(row)
@@ -563,6 +574,24 @@ class Gateway:
                 "plan_digest": req.digest, "mode": req.mode, "tokens": req.tokens,
                 "bytes_returned": nbytes, "compute_seconds": forward + own,
                 "measured_seconds": measured, "batch_size": req.batch_size, "units": units}
+
+    def _learn(self, req: Request, outs: list[_Ran]) -> None:
+        """Teach the model's cost model (:class:`~.units.LearnedCost`) what ``req``'s forward
+        passes took, if it ran alone: the engine's compute seconds less its plan's own nodes
+        and backward, against the calibrated fit's prediction for its tokens, rows and steps
+        (a session's traces added up). A merged run's seconds are the batch's: not used."""
+        if req.batch_size != 1:
+            return
+        learned = self.models[req.model].learned
+        predicted, measured = 0.0, 0.0
+        for plan, out in zip(req.traces(), outs):
+            predicted += learned.fit.forward_seconds(plan_tokens(plan), plan_rows(plan),
+                                                     steps_run(plan, out.values))
+            measured += float(out.meta.get("compute_seconds", 0.0)) \
+                - own_node_seconds(out.meta.get("node_seconds"), out.ids) \
+                - float(out.meta.get("backward_seconds", 0.0))
+        if learned.observe(predicted, measured):
+            self.metrics.cost_scale.labels(req.model).set(learned.scale)
 
     def _complete(self, batch: list[Request]) -> None:
         for req in batch:

@@ -21,6 +21,10 @@ class Metrics:
             "tpmlab_gateway_uncharged_units",
             "Service units requests used beyond their hold (the hold is the cap)",
             ["model"], registry=r)
+        self.cost_scale = Gauge(
+            "tpmlab_gateway_cost_scale",
+            "The cost model now, as a fraction of its calibrated fit (learned from solo runs)",
+            ["model"], registry=r)
         self.requests = Counter("tpmlab_gateway_requests", "Requests answered, by outcome",
                                 ["model", "outcome"], registry=r)
         self.batch_size = Histogram("tpmlab_gateway_batch_size", "Requests per forward pass",

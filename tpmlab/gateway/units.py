@@ -18,7 +18,9 @@ shared a forward pass with other users' plans:
 
   where ``passes`` is 1 for a trace and ``1 + steps`` for a generation of ``steps`` new
   tokens, and ``tokens`` counts every real (unpadded) token that went through the model:
-  the prompt's and ``rows`` per generated step;
+  the prompt's and ``rows`` per generated step. The fit is then learned from the
+  requests that run alone (:class:`LearnedCost`): a calibration on a busy machine comes out
+  slow, and the fastest solo runs seen since bring it down (never up);
 * plus its plan's own nodes, as the engine measured them (``meta["node_seconds"]``, by
   plan node id: in a merged batch each request is charged only its own nodes);
 * plus, for a plan with a backward (the ``gradients`` tier; such plans always run
@@ -44,6 +46,7 @@ allowance) is counted in the gateway's metrics.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -90,6 +93,53 @@ class CostModel:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: the lowest a learned cost model goes, as a fraction of its calibrated fit...
+MIN_COST_SCALE = 1 / 100
+#: ...and the most one solo run lowers it (one odd run cannot collapse it)
+MAX_COST_DROP = 4.0
+
+
+class LearnedCost:
+    """A model's cost model as the gateway learns it from the requests it runs:
+    ``model = fit * scale``, ``scale`` the **lower envelope** of ``measured / predicted``
+    forward seconds over the solo runs seen (``predicted`` by the calibrated ``fit``):
+
+        scale <- min(scale, max(measured / predicted, scale / MAX_COST_DROP, MIN_COST_SCALE))
+
+    It starts at 1 and never rises: a slow run (a busy machine) never raises a hold, and the
+    fastest runs show what the engine's forward really costs. Only runs of one request
+    alone count: a merged run's compute is the batch's. Thread-safe (runs are observed in
+    the gateway's post thread; holds read :attr:`model` anywhere)."""
+
+    def __init__(self, fit: CostModel, *, learn: bool = True) -> None:
+        self.fit = fit
+        self.learn = learn
+        self.scale = 1.0
+        self.runs = 0  # solo runs observed
+        self.model = fit  # swapped whole: readers never see half an update
+        self._lock = threading.Lock()
+
+    def observe(self, predicted: float, measured: float) -> bool:
+        """A solo run whose forward passes the fit predicts ``predicted`` seconds took
+        ``measured`` (the engine's compute seconds less the plan's own nodes and backward);
+        whether it lowered the model."""
+        if not self.learn or predicted <= 0.0 or not measured > 0.0:
+            return False
+        with self._lock:
+            self.runs += 1
+            ratio = max(measured / predicted, self.scale / MAX_COST_DROP, MIN_COST_SCALE)
+            if ratio >= self.scale:
+                return False
+            self.scale = ratio
+            self.model = CostModel(self.fit.fixed_seconds * ratio,
+                                   self.fit.seconds_per_token * ratio)
+            return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calibrated": self.fit.to_dict(), "scale": self.scale, "solo_runs": self.runs,
+                "learning": self.learn}
 
 
 @dataclass(frozen=True)
@@ -184,20 +234,28 @@ def own_node_seconds(node_seconds: Mapping[Any, float] | None, ids: Mapping[int,
 
 
 def calibrate(run_seconds, info: ModelInfo, *, lengths: tuple[int, int] = (8, 64),
-              repeats: int = 3) -> CostModel:
+              repeats: tuple[int, int] = (9, 3)) -> CostModel:
     """Fit a :class:`CostModel` from solo traces of two prompt lengths.
 
     ``run_seconds(plan_bytes) -> float`` runs a plan alone and returns its
-    ``meta["compute_seconds"]``. The fastest of ``repeats`` runs per length is used (the least disturbed by other load)."""
-    medians = []
+    ``meta["compute_seconds"]``. After a warm-up of each, the lengths run in turns
+    (``repeats[i]`` runs of ``lengths[i]``; the short one more: it fixes ``fixed_seconds``,
+    what every request pays), so a burst of other load falls on both, and the fastest run of
+    each is used (the least disturbed). Still slow on a busy machine: the gateway learns it
+    down from the requests it runs (:class:`LearnedCost`)."""
+    blobs = []
     for n in lengths:
         ids = torch.arange(1, n + 1, dtype=torch.long) % 100 + 1
         plan = Plan(model=info.name, model_version=info.version,
                     invokes=[Invoke("tokens", ["in0"])], nodes=[], tensors={"in0": ids})
-        blob = encode_plan(plan)
-        run_seconds(blob)  # warm-up
-        medians.append(min(run_seconds(blob) for _ in range(repeats)))  # least disturbed run
-    (n0, t0), (n1, t1) = zip(lengths, medians)
+        blobs.append(encode_plan(plan))
+        run_seconds(blobs[-1])  # warm-up
+    fastest = [float("inf")] * len(lengths)
+    for turn in range(max(repeats)):
+        for i, blob in enumerate(blobs):
+            if turn < repeats[i]:
+                fastest[i] = min(fastest[i], run_seconds(blob))
+    (n0, t0), (n1, t1) = zip(lengths, fastest)
     per_token = max((t1 - t0) / (n1 - n0), 0.0)
     fixed = max(t0 - per_token * n0, 0.0)
     if per_token == 0.0:
