@@ -110,6 +110,12 @@ class RemoteValueError(TpmlabError):
     http_status = 400
 
 
+class RemoteReadLimitError(LimitError):
+    """A read of several remote values at once (:func:`tpmlab.remote.reduce_all`,
+    :func:`tpmlab.remote.fetch_all` behind a gateway) asks for more values, or would return
+    more bytes, than one read may: the message names the limit; read fewer at a time."""
+
+
 class ModelUndeployedError(TpmlabError):
     """A request waited on a model that was undeployed (or its backend closed) before it
     ran: deploy the model again and resend it."""

@@ -13,8 +13,9 @@ One value is also read where it is: :meth:`RemoteValue.fetch` takes an index (in
 slices, bounds checked) and brings only what it selects; :meth:`RemoteValue.reduce` runs
 one of the whitelisted reductions (:data:`REDUCTIONS`: ``sum``, ``mean``, ``min``,
 ``max``, ``std``, ``var`` over dims, and ``gram``, ``XᵀX``) on the value's worker and
-brings only the result. Both are the same code on every engine; behind the gateway they
-are requests to it (:mod:`tpmlab.gateway.remote_values`), held to the tier's limits and
+brings only the result. :func:`reduce_all` and :func:`fetch_all` read many values in
+one call of the engine (one Dask computation; behind the gateway one request, priced
+once). All are the same code on every engine; behind the gateway they are requests to it (:mod:`tpmlab.gateway.remote_values`), held to the tier's limits and
 priced in its ledger.
 
 Lifetime: a remote value is freed when its :class:`RemoteValue` is garbage collected
@@ -234,14 +235,59 @@ class RemoteValue:
         size 1 with ``keepdim``, in ``dtype`` (``float32``/``float64``; ``None``: the
         value's). ``gram``: ``XᵀX [d, d]`` of the value as rows ``X [-1, d]``, ``d`` its
         last dim (what a probe or a PCA needs)."""
+        return self._compute(self._reduction(op, dims, keepdim, dtype))
+
+    def _reduction(self, op: str, dims: Any, keepdim: bool, dtype: str | None) -> Any:
+        """The reduction, checked, as a dask computation (not run yet)."""
         axes = check_reduction(self.shape, op, dims, keepdim, dtype)[0]
         x = self.to_dask_array()
         if dtype is not None:
             x = x.astype(dtype)
         if op == "gram":
             x = x.reshape(-1, self.shape[-1])
-            return self._compute(x.T @ x)
-        return self._compute(getattr(x, op)(axis=axes, keepdims=keepdim))
+            return x.T @ x
+        return getattr(x, op)(axis=axes, keepdims=keepdim)
+
+    # -- many values at once (reduce_all, fetch_all): one call of the engine per group ------
+    def _group(self) -> Any:
+        """What values read together share: the Dask client of their futures (in process:
+        none)."""
+        return ("dask", id(client)) if (client := getattr(self.future, "client", None)) \
+            else ("local",)
+
+    @staticmethod
+    def _reduce_group(values: list[RemoteValue], op: str, dims: Any, keepdim: bool,
+                      dtype: str | None) -> list[torch.Tensor]:
+        return values[0]._compute_all([v._reduction(op, dims, keepdim, dtype) for v in values])
+
+    @staticmethod
+    def _fetch_group(values: list[RemoteValue]) -> list[torch.Tensor]:
+        if any(v.released for v in values):
+            raise ValueError("a remote value was released")
+        futures = [v.future for v in values if v._local is None]
+        client = getattr(futures[0], "client", None) if futures else None
+        got = iter(client.gather(futures) if client is not None else
+                   [f.result() for f in futures])
+        return [v._local if v._local is not None else
+                torch.from_numpy(np.asarray(next(got)).copy()) for v in values]
+
+    @staticmethod
+    def _group_arrays(values: list[RemoteValue]) -> list[Any]:
+        """The values as ``dask.array`` chunks, where they are (:func:`concatenate`)."""
+        return [v.to_dask_array() for v in values]
+
+    @staticmethod
+    def _fetch_all(values: list[RemoteValue]) -> list[torch.Tensor]:
+        return fetch_all(values)
+
+    def _compute_all(self, xs: list[Any]) -> list[torch.Tensor]:
+        """Several dask computations over values of this one's group, in one call."""
+        import dask
+
+        client = getattr(self.future, "client", None)
+        outs = client.compute(xs, sync=True) if client is not None else \
+            dask.compute(*xs, scheduler="sync")
+        return [torch.from_numpy(np.array(out, copy=True)) for out in outs]
 
     def _compute(self, x: Any) -> torch.Tensor:
         """A dask computation over this value: on its worker (the future's client) or, in
@@ -276,17 +322,57 @@ def _free_if_untaken(future: Any, on_release: Any) -> None:
 
 def concatenate(values: Iterable[RemoteValue], axis: int = 0):
     """One ``dask.array`` of many remote values joined along ``axis``; its chunks stay on
-    their workers (e.g. a residual dataset ``[prompts, d_model]`` over many traces)."""
+    their workers (e.g. a residual dataset ``[prompts, d_model]`` over many traces). Behind a
+    gateway the chunks are fetched when it is computed, in one request (reduce each with
+    :func:`reduce_all` to bring back less)."""
     import dask.array as da
 
-    return da.concatenate([v.to_dask_array() for v in values], axis=axis)
+    return da.concatenate(_arrays(values), axis=axis)
+
+
+def reduce_all(values: Iterable[RemoteValue], op: str, dims: Any = None, *,
+               keepdim: bool = False, dtype: str | None = None) -> list[torch.Tensor]:
+    """:meth:`RemoteValue.reduce` of every value (same ``op``, ``dims``, ``keepdim``,
+    ``dtype``), the same numbers as one by one, in as few calls of the engine as it allows:
+    on Dask, one computation of all of them; behind a gateway, one request per model (of
+    at most the gateway's ``max_read_values`` values; priced once). E.g. the mean residual
+    over many traces: ``sum(reduce_all(vs, "sum", [0, 1])) / rows``, and its Gram matrix:
+    ``sum(reduce_all(vs, "gram"))``."""
+    values = list(values)
+    for v in values:
+        check_reduction(v.shape, op, dims, keepdim, dtype)  # refused before anything runs
+    return _by_group(values, lambda group: group[0]._reduce_group(group, op, dims, keepdim,
+                                                                  dtype))
+
+
+def fetch_all(values: Iterable[RemoteValue]) -> list[torch.Tensor]:
+    """:meth:`RemoteValue.fetch` of every whole value, in as few calls of the engine as it
+    allows (behind a gateway, one request per model, priced once)."""
+    return _by_group(list(values), lambda group: group[0]._fetch_group(group))
+
+
+def _arrays(values: Iterable[RemoteValue]) -> list[Any]:
+    """Each value as a ``dask.array``, read together by group (behind a gateway, computing
+    them is one request per model, not one per value)."""
+    return _by_group(list(values), lambda group: type(group[0])._group_arrays(group))
+
+
+def _by_group(values: list[RemoteValue], read: Any) -> list[Any]:
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(v._group(), []).append(i)
+    out: list[Any] = [None] * len(values)
+    for idx in groups.values():
+        for i, t in zip(idx, read([values[i] for i in idx])):
+            out[i] = t
+    return out
 
 
 def stack(values: Iterable[RemoteValue], axis: int = 0):
     """One ``dask.array`` of many same-shaped remote values stacked along a new ``axis``."""
     import dask.array as da
 
-    return da.stack([v.to_dask_array() for v in values], axis=axis)
+    return da.stack(_arrays(values), axis=axis)
 
 
 class RemoteValues:

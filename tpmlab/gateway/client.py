@@ -69,6 +69,7 @@ class GatewayBackend:
         self.last_charge: dict[str, Any] = {}
         self.remote = RemoteValues()  # the remote values this client handed out, by model
         self._dropped: list[str] = []  # handles of values collected here, released next call
+        self._max_read_values: int | None = None  # the gateway's, asked when first needed
 
     def _get(self, path: str, **params: Any) -> Any:
         return self._call("GET", path, params=params or None).json()
@@ -163,6 +164,23 @@ class GatewayBackend:
         self.last_charge = {"request_id": meta.get("request_id"),
                             "units": float(meta.get("charged_units", "nan")), "batch_size": 1}
         return values[0]
+
+    def _read_many(self, values: list[GatewayRemoteValue], what: str,
+                   body: dict[str, Any]) -> list[torch.Tensor]:
+        """One request per ``max_read_values`` values (of one model) reading them all
+        (``POST /v1/remote-values/{what}``); ``last_charge`` is the last request's."""
+        if self._max_read_values is None:
+            self._max_read_values = int(self.remote_values()["max_read_values"])
+        step, out = self._max_read_values, []
+        for i in range(0, len(values), step):
+            handles = [v.handle for v in values[i:i + step]]
+            r = self._call("POST", f"/v1/remote-values/{what}", json=dict(body, handles=handles))
+            got, meta = decode_result(r.content)
+            self.last_charge = {"request_id": meta.get("request_id"),
+                                "units": float(meta.get("charged_units", "nan")),
+                                "batch_size": len(handles)}
+            out.extend(got[k] for k in range(len(handles)))
+        return out
 
     def _release(self, handle: str) -> None:
         try:
@@ -263,6 +281,31 @@ class GatewayRemoteValue(RemoteValue):
         return backend._read(self.handle, "reduce", {
             "op": op, "dims": None if axes is None else list(axes), "keepdim": keepdim,
             "dtype": dtype})
+
+    def _group(self) -> Any:
+        return ("gateway", id(self._live()), self.model)
+
+    @staticmethod
+    def _reduce_group(values: list[RemoteValue], op: str, dims: Any, keepdim: bool,
+                      dtype: str | None) -> list[torch.Tensor]:
+        wire = dims if dims is None or isinstance(dims, int) else [int(d) for d in dims]
+        return values[0]._live()._read_many(values, "reduce", {  # checked per value there
+            "op": op, "dims": wire, "keepdim": keepdim, "dtype": dtype})
+
+    @staticmethod
+    def _fetch_group(values: list[RemoteValue]) -> list[torch.Tensor]:
+        return values[0]._live()._read_many(values, "fetch", {})
+
+    @staticmethod
+    def _group_arrays(values: list[RemoteValue]) -> list[Any]:
+        """The values as ``dask.array`` chunks fetched together, in one request, when the
+        array they join (:func:`~tpmlab.remote.concatenate`) is computed."""
+        import dask
+        import dask.array as da
+
+        fetched = dask.delayed(lambda: [t.numpy() for t in RemoteValue._fetch_all(values)])()
+        return [da.from_delayed(fetched[i], shape=v.shape, dtype=np.dtype(v.dtype))
+                for i, v in enumerate(values)]
 
     def release(self) -> None:
         backend, self._backend = self._backend, None

@@ -129,6 +129,7 @@ class GatewayConfig:
     # this rate) before it runs; charged what it took
     remote_bytes_per_second: float = 256 * 2**20
     remote_flops_per_second: float = 1e9
+    max_read_values: int = 1024  # values one read of several takes (remote_values.py)
 
 
 @dataclass

@@ -20,6 +20,14 @@ compute, plus ``2 rows d² / remote_flops_per_second`` for ``gram``), then is ch
 seconds it took and the bytes it returned (ledger mode ``remote-fetch`` /
 ``remote-reduce``). What it returns is held to the tier's ``max_saved_bytes``.
 
+Many values are read in one request (``POST /v1/remote-values/fetch`` and ``/reduce`` with
+``"handles"``; :func:`tpmlab.remote.fetch_all`, :func:`tpmlab.remote.reduce_all`): one call of
+the engine, priced once (the hold is the values' worst cases added up, the charge what the
+whole read took and returned, one ledger row with ``batch_size`` the number of values).
+Every handle must be the user's (else 404, and nothing is read or charged) and of one
+model; at most ``GatewayConfig.max_read_values`` handles, and what it returns is held to
+``max_saved_bytes`` in all (else :class:`~tpmlab.errors.RemoteReadLimitError`, 413).
+
 A value is released when its owner releases it (one, or all of theirs), when it expires
 (``GatewayConfig.remote_value_ttl`` seconds after its request finished; the gateway's
 housekeeping sweeps), and when the gateway closes; releasing frees its accounting.
@@ -30,6 +38,8 @@ GET      /v1/remote-values                     your values (handle, model, shape
 GET      /v1/remote-values/{handle}            one of them
 POST     /v1/remote-values/{handle}/fetch      ``{"index": [...]}`` in (optional); the tensor out
 POST     /v1/remote-values/{handle}/reduce     ``{"op", "dims", "keepdim", "dtype"}``; the result
+POST     /v1/remote-values/fetch               ``{"handles": [...]}``: those whole values, in order
+POST     /v1/remote-values/reduce              ``{"handles": [...], "op", ...}``: each one's result
 DELETE   /v1/remote-values/{handle}            release one
 DELETE   /v1/remote-values                     release all of yours (``?model=`` one model's)
 =======  ====================================  =================================================
@@ -57,7 +67,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from ..cluster.errors import RemoteLimitError
-from ..errors import LimitError, TpmlabError
+from ..errors import LimitError, RemoteReadLimitError, TpmlabError
 from ..ir.codec import encode_result
 from ..ir.validate import Limits
 from ..remote import (
@@ -65,10 +75,12 @@ from ..remote import (
     RemoteValue,
     check_index,
     check_reduction,
+    fetch_all,
     index_from_wire,
+    reduce_all,
 )
 from .auth import User
-from .errors import NotFoundError, QuotaError, UpstreamError
+from .errors import BadRequestError, NotFoundError, QuotaError, UpstreamError
 from .ledger import UserView
 
 if TYPE_CHECKING:
@@ -281,20 +293,22 @@ def _bytes(nbytes: int | None) -> str:
 
 
 # -- reads, priced ----------------------------------------------------------------------------------
-def read(gateway: Gateway, user: UserView, held: Held, kind: str, out_shape: tuple[int, ...],
-         out_dtype: str, extra_seconds: float, work: Any) -> tuple[Any, dict[str, Any]]:
-    """Run ``work()`` (a read of ``held``'s value returning a tensor of ``out_shape``) priced
-    like a run: refuse past the tier's ``max_saved_bytes``, hold the worst case in the
-    ledger (else 402), run it, charge what it took. Returns the tensor and its metadata."""
+def read(gateway: Gateway, user: UserView, helds: list[Held], kind: str, out_nbytes: int,
+         extra_seconds: float, work: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Run ``work()`` (a read of the values of ``helds``, all of one model, returning a list
+    of tensors of ``out_nbytes`` bytes in all) priced like a run, once for them all: refuse
+    past the tier's ``max_saved_bytes``, hold the worst case in the ledger (else 402), run
+    it, charge what it took. Returns the tensors and their metadata."""
     cfg = gateway.config
     limits = gateway.limits_for(user)
-    nbytes = math.prod(out_shape) * np.dtype(out_dtype).itemsize
-    if nbytes > limits.max_saved_bytes:
-        raise LimitError(f"this {kind} returns {nbytes:,} bytes, over your tier's limit of "
-                         f"{limits.max_saved_bytes:,} bytes (max_saved_bytes): fetch a slice or "
-                         "reduce the value first")
-    seconds = held.value.nbytes / cfg.remote_bytes_per_second + extra_seconds
-    worst = cfg.pricing.units(seconds, nbytes)
+    if out_nbytes > limits.max_saved_bytes:
+        error = RemoteReadLimitError if len(helds) > 1 else LimitError
+        raise error(f"this {kind} returns {out_nbytes:,} bytes, over your tier's limit of "
+                    f"{limits.max_saved_bytes:,} bytes (max_saved_bytes): "
+                    + ("read fewer values at a time, " if len(helds) > 1 else "")
+                    + "fetch a slice or reduce the value first")
+    seconds = sum(h.value.nbytes for h in helds) / cfg.remote_bytes_per_second + extra_seconds
+    worst = cfg.pricing.units(seconds, out_nbytes)
     op_id = uuid.uuid4().hex
     table = gateway.remote_values
     try:
@@ -307,30 +321,43 @@ def read(gateway: Gateway, user: UserView, held: Held, kind: str, out_shape: tup
         raise QuotaError(f"this {kind} holds {worst:.3f} service units until it ends, and your "
                          f"available balance is {got.available:.3f}; ask an administrator for a "
                          "larger allocation", estimate=worst, balance=got.balance, held=got.held)
+    first = helds[0]
+    digest = first.plan_digest if all(h.plan_digest == first.plan_digest for h in helds) \
+        else ""  # values of several plans
     table._reading(op_id, True)
     try:
         start = time.perf_counter()
         try:
-            tensor = work()
+            tensors = work()
         except Exception:
             gateway.ledger.release([op_id])
             raise
         took = time.perf_counter() - start
-        returned = tensor.numel() * tensor.element_size()
+        returned = sum(t.numel() * t.element_size() for t in tensors)
         try:
             charged = gateway.ledger.settle([{
-                "request_id": op_id, "user_id": user.id, "model": held.model,
-                "model_version": held.model_version, "plan_digest": held.plan_digest,
+                "request_id": op_id, "user_id": user.id, "model": first.model,
+                "model_version": first.model_version, "plan_digest": digest,
                 "mode": f"remote-{kind}", "tokens": 0, "bytes_returned": returned,
-                "compute_seconds": took, "measured_seconds": took, "batch_size": 1,
+                "compute_seconds": took, "measured_seconds": took, "batch_size": len(helds),
                 "units": cfg.pricing.units(took, returned)}])[op_id]
         except SQLAlchemyError as e:  # not charged: not delivered (the hold expires)
             raise UpstreamError(f"could not record the charge: {type(e).__name__}") from None
     finally:
         table._reading(op_id, False)
-    return tensor, {"request_id": op_id, "handle": held.handle, "charged_units": charged,
-                    "compute_seconds": took, "model_version": held.model_version,
-                    "plan_digest": held.plan_digest, "held_units": worst}
+    meta = {"request_id": op_id, "charged_units": charged, "compute_seconds": took,
+            "model_version": first.model_version, "plan_digest": digest, "held_units": worst}
+    meta.update({"handle": first.handle} if len(helds) == 1 else
+                {"handles": [h.handle for h in helds]})
+    return tensors, meta
+
+
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _gram_flops(v: RemoteValue, op: str) -> float:
+    return 2.0 * math.prod(v.shape[:-1]) * v.shape[-1] ** 2 if op == "gram" else 0.0
 
 
 def fetch(gateway: Gateway, user: UserView, handle: str, index: list[Any] | None
@@ -339,8 +366,9 @@ def fetch(gateway: Gateway, user: UserView, handle: str, index: list[Any] | None
     held = gateway.remote_values.owned(user.id, handle)
     v = held.value
     idx, shape = check_index(v.shape, index_from_wire(index)) if index else ((), v.shape)
-    return read(gateway, user, held, "fetch", shape, v.dtype, 0.0,
-                lambda: v.fetch(idx if idx else None))
+    tensors, meta = read(gateway, user, [held], "fetch", _nbytes(shape, v.dtype), 0.0,
+                         lambda: [v.fetch(idx if idx else None)])
+    return tensors[0], meta
 
 
 def reduce(gateway: Gateway, user: UserView, handle: str, op: str, dims: Any, keepdim: bool,
@@ -349,10 +377,53 @@ def reduce(gateway: Gateway, user: UserView, handle: str, op: str, dims: Any, ke
     held = gateway.remote_values.owned(user.id, handle)
     v = held.value
     _, shape = check_reduction(v.shape, op, dims, keepdim, dtype)
-    flops = 2.0 * math.prod(v.shape[:-1]) * v.shape[-1] ** 2 if op == "gram" else 0.0
-    return read(gateway, user, held, "reduce", shape, dtype or v.dtype,
+    tensors, meta = read(gateway, user, [held], "reduce", _nbytes(shape, dtype or v.dtype),
+                         _gram_flops(v, op) / gateway.config.remote_flops_per_second,
+                         lambda: [v.reduce(op, dims, keepdim=keepdim, dtype=dtype)])
+    return tensors[0], meta
+
+
+def owned_all(gateway: Gateway, user: UserView, handles: list[str]) -> list[Held]:
+    """The values of ``handles``, every one ``user``'s and of one model, checked before
+    anything runs or is held: past ``GatewayConfig.max_read_values``
+    :class:`RemoteReadLimitError`; a handle that is not theirs answers as an unknown one
+    (404), and nothing is read or charged."""
+    most = gateway.config.max_read_values
+    if not handles:
+        raise BadRequestError("a read of several values needs at least one handle")
+    if len(handles) > most:
+        raise RemoteReadLimitError(f"this read names {len(handles)} values; one read takes at "
+                                   f"most {most} (the gateway's max_read_values): read fewer "
+                                   "at a time")
+    helds = [gateway.remote_values.owned(user.id, h) for h in handles]
+    models = sorted({h.model for h in helds})
+    if len(models) > 1:
+        raise BadRequestError(f"one read takes values of one model; these are of {models}")
+    return helds
+
+
+def fetch_many(gateway: Gateway, user: UserView, handles: list[str]
+               ) -> tuple[list[Any], dict[str, Any]]:
+    """The whole values of ``handles``, in one call of the engine, priced once."""
+    helds = owned_all(gateway, user, handles)
+    values = [h.value for h in helds]
+    return read(gateway, user, helds, "fetch", sum(_nbytes(v.shape, v.dtype) for v in values),
+                0.0, lambda: fetch_all(values))
+
+
+def reduce_many(gateway: Gateway, user: UserView, handles: list[str], op: str, dims: Any,
+                keepdim: bool, dtype: str | None) -> tuple[list[Any], dict[str, Any]]:
+    """The same whitelisted reduction of each value of ``handles`` on the engine, in one call
+    of it (:func:`tpmlab.remote.reduce_all`), priced once: the hold is their worst cases
+    added up."""
+    helds = owned_all(gateway, user, handles)
+    values = [h.value for h in helds]
+    out = sum(_nbytes(check_reduction(v.shape, op, dims, keepdim, dtype)[1], dtype or v.dtype)
+              for v in values)
+    flops = sum(_gram_flops(v, op) for v in values)
+    return read(gateway, user, helds, "reduce", out,
                 flops / gateway.config.remote_flops_per_second,
-                lambda: v.reduce(op, dims, keepdim=keepdim, dtype=dtype))
+                lambda: reduce_all(values, op, dims, keepdim=keepdim, dtype=dtype))
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -372,6 +443,7 @@ class ValuesOut(BaseModel):
     count: int
     max_bytes: int = Field(description="your tier's max_remote_bytes")
     max_values: int = Field(description="your tier's max_remote_values")
+    max_read_values: int = Field(description="values one read of several takes")
 
 
 IndexItem = int | Annotated[list[int | None], Field(min_length=3, max_length=3)]
@@ -392,6 +464,19 @@ class ReduceBody(BaseModel):
                               description="float32 or float64 (null: the value's own)")
 
 
+Handles = Annotated[list[Annotated[str, Field(max_length=200)]],
+                    Field(min_length=1, max_length=10_000,
+                          description="handles of your values, all of one model")]
+
+
+class FetchManyBody(BaseModel):
+    handles: Handles
+
+
+class ReduceManyBody(ReduceBody):
+    handles: Handles
+
+
 class Released(BaseModel):
     released: int
 
@@ -404,7 +489,11 @@ def _gateway(request: Request) -> Gateway:
 
 
 def _answer(tensor: Any, meta: dict[str, Any]) -> Response:
-    return Response(encode_result({0: tensor}, meta), media_type=OCTET,
+    return _answer_all([tensor], meta)
+
+
+def _answer_all(tensors: list[Any], meta: dict[str, Any]) -> Response:
+    return Response(encode_result(dict(enumerate(tensors)), meta), media_type=OCTET,
                     headers={"X-Tpmlab-Request-Id": meta["request_id"],
                              "X-Tpmlab-Units": f"{meta['charged_units']:.6f}"})
 
@@ -417,7 +506,23 @@ def list_values(request: Request, user: User,
     nbytes, count = gw.remote_values.usage(user.id)
     return {"values": [h.info() for h in gw.remote_values.of(user.id, model)],
             "bytes": nbytes, "count": count, "max_bytes": limits.max_remote_bytes,
-            "max_values": limits.max_remote_values}
+            "max_values": limits.max_remote_values,
+            "max_read_values": gw.config.max_read_values}
+
+
+@router.post("/fetch", response_class=Response, responses={200: {"content": {OCTET: {}}}})
+async def fetch_values(body: FetchManyBody, request: Request, user: User) -> Response:
+    gw = _gateway(request)
+    return _answer_all(*await run_in_threadpool(_engine_errors, fetch_many, gw, user,
+                                                body.handles))
+
+
+@router.post("/reduce", response_class=Response, responses={200: {"content": {OCTET: {}}}})
+async def reduce_values(body: ReduceManyBody, request: Request, user: User) -> Response:
+    gw = _gateway(request)
+    return _answer_all(*await run_in_threadpool(_engine_errors, reduce_many, gw, user,
+                                                body.handles, body.op, body.dims, body.keepdim,
+                                                body.dtype))
 
 
 @router.get("/{handle}", response_model=ValueOut)
