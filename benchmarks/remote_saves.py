@@ -10,7 +10,9 @@ and the ratio of each way to the ordinary one, of the whole. The results must ag
 With ``--gateway`` a third way runs the same traces as a user of a gateway on loopback
 over the same deployment: the remote values stay on the workers under the user's handles,
 each is reduced there through the gateway (its sum over rows and its Gram matrix, in
-float64), and the notebook adds up the per-value results.
+float64), and the notebook adds up the per-value results; once with a request per value
+(``RemoteValue.reduce``), once with a request per layer and reduction for all the traces'
+values (``remote.reduce_all``).
 
     python -m benchmarks.remote_saves                                 # tiny-llama, CPU
     python -m benchmarks.remote_saves --gateway                       # and behind a gateway
@@ -79,9 +81,14 @@ def remote_saves(model: Any, inputs: list[torch.Tensor]) -> tuple[list, float, f
     return list(out), t1 - t0, t2 - t1, nbytes
 
 
-def gateway_saves(model: Any, inputs: list[torch.Tensor]) -> tuple[list, float, float, int]:
-    """Remote saves behind a gateway: each value reduced on its worker through the gateway
-    (``RemoteValue.reduce``), the per-value results added up here."""
+def gateway_saves(model: Any, inputs: list[torch.Tensor], *, together: bool = False
+                  ) -> tuple[list, float, float, int]:
+    """Remote saves behind a gateway: each value reduced on its worker through the gateway,
+    one request per value (``RemoteValue.reduce``) or, ``together``, one request per layer
+    and reduction for all the traces' values (``remote.reduce_all``); the per-value results
+    added up here."""
+    from tpmlab import remote
+
     t0 = time.perf_counter()
     kept: list[list[Any]] = [[] for _ in model.layers]
     for ids in inputs:
@@ -93,8 +100,13 @@ def gateway_saves(model: Any, inputs: list[torch.Tensor]) -> tuple[list, float, 
     out, nbytes = [], 0
     for values in kept:
         rows = sum(int(np.prod(v.shape[:-1])) for v in values)
-        sums = [v.reduce("sum", list(range(len(v.shape) - 1)), dtype="float64") for v in values]
-        grams = [v.reduce("gram", dtype="float64") for v in values]
+        dims = list(range(len(values[0].shape) - 1))
+        if together:
+            sums = remote.reduce_all(values, "sum", dims, dtype="float64")
+            grams = remote.reduce_all(values, "gram", dtype="float64")
+        else:
+            sums = [v.reduce("sum", dims, dtype="float64") for v in values]
+            grams = [v.reduce("gram", dtype="float64") for v in values]
         nbytes += sum(t.numel() * t.element_size() for t in sums + grams)
         out.append(((sum(sums) / rows).numpy(), sum(grams).numpy()))
     t2 = time.perf_counter()
@@ -174,6 +186,9 @@ def main() -> None:
                     user.release_remote()
                     rows["remote saves behind the gateway, reduced per value"] = \
                         gateway_saves(gmodel, inputs)
+                    user.release_remote()
+                    rows["remote saves behind the gateway, reduced together"] = \
+                        gateway_saves(gmodel, inputs, together=True)
                     user.release_remote()
                 finally:
                     user.close()
