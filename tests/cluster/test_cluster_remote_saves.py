@@ -201,6 +201,20 @@ def test_a_value_is_sliced_and_reduced_on_its_worker_as_in_process(model):
     value.release()
 
 
+def test_many_values_on_two_workers_are_read_in_one_computation(model):
+    """reduce_all and fetch_all over values of both stages: the numbers of one by one."""
+    values = [v for kept, _ in _collect(model) for v in kept]
+    assert len({v.worker for v in values}) == 2
+    for op, dims, dtype in [("sum", 0, "float64"), ("max", -1, None), ("gram", None, None)]:
+        for a, b in zip(remote.reduce_all(values, op, dims, dtype=dtype),
+                        [v.reduce(op, dims, dtype=dtype) for v in values]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(remote.fetch_all(values), [v.fetch() for v in values]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for v in values:
+        v.release()
+
+
 def test_behind_a_gateway_values_stay_on_the_workers_per_user(model, backend, tmp_path):
     """The gateway is one Dask client: its users' values are its futures on the stages'
     workers, kept under each user's handles, reduced there, freed when released."""
