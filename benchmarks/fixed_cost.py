@@ -12,8 +12,16 @@ call (what a stage hop is today) and by Dask's comm ``rpc`` to a handler registe
 worker (the leaner channel a stage could use for the hidden state), and a client -> actor
 round trip; on the same TLS cluster, interleaved.
 
+``--gpu``: the stages on two GPU workers (``cluster_gpu.py``'s, sharing one GPU if there is
+one); ``--cuda-ipc on|off|both`` (``--no-cuda-ipc``: off): hidden states and gradients
+between the stages through CUDA IPC or host memory, ``both`` a paired run on one cluster;
+after each model, whether each hop used it. ``--workloads trace,grad``: ``grad`` adds a
+backward, so a gradient crosses each hop back.
+
     python benchmarks/fixed_cost.py [--models tiny-llama,smollm2-135m] [--tokens 16,128]
         [--repeats 30] [--sections trace,channels] [--local]
+    python benchmarks/fixed_cost.py --gpu --models llama-3-8b-shape --dtype bfloat16 \\
+        --tokens 128 --sections trace --workloads trace,grad --cuda-ipc both
 """
 
 from __future__ import annotations
@@ -36,52 +44,85 @@ def median_ms(fn: Any, repeats: int) -> float:
     return statistics.median(out) * 1e3
 
 
-def trace_fn(model: Any, n: int) -> Any:
+def trace_fn(model: Any, n: int, grad: bool = False) -> Any:
+    """A trace of ``n`` tokens saving the last position's argmax; ``grad``: with a backward
+    from a logit difference, saving the argmax of the first layer's output gradient there
+    (the gradient crosses every stage hop back)."""
     import torch
 
     ids = torch.arange(1, n + 1) % 100 + 1
 
     def go() -> None:
         with model.trace(input_ids=ids):
-            model.output.logits[:, -1].argmax(-1).save()
+            if grad:
+                h = model.layers[0].output
+                logits = model.output.logits
+                (logits[:, -1, 7] - logits[:, -1, 11]).sum().backward()
+                h.grad[:, -1].argmax(-1).save()
+            else:
+                model.output.logits[:, -1].argmax(-1).save()
     return go
 
 
-def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool) -> None:
+def _switch_ipc(on: bool, dask_worker: Any = None) -> None:
+    import os
+
+    os.environ["TPMLAB_CUDA_IPC"] = "1" if on else "0"
+
+
+def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool,
+           gpu: bool = False, dtype: str | None = None, ipc_modes: tuple[bool, ...] = (True,),
+           workloads: tuple[str, ...] = ("trace",)) -> None:
+    """``gpu``: two workers with a GPU each (sharing one if there is one), as
+    ``cluster_gpu.py`` starts them; else the embedded cluster. ``ipc_modes``: deploy with
+    CUDA IPC between the stages on / off, in this order (``(True, False)``: a paired run)."""
     from distributed import Client
 
     import tpmlab
+    from benchmarks.cluster_gpu import ipc_hops, start_gpu_cluster
     from tpmlab.cluster import DaskBackend
     from tpmlab.cluster.embedded import start_local_cluster
     from tpmlab.lab import Lab
 
+    device = "cuda" if gpu else "cpu"
+    kw = {"dtype": dtype} if dtype else {}
     base = {}
     if with_local:
-        local = tpmlab.connect("local", device="cpu")
-        base = {(m, n): median_ms(trace_fn(local.model(m), n), repeats)
-                for m in models for n in tokens}
+        import torch
+
+        local = tpmlab.connect("local", device=device,
+                               **({"dtype": getattr(torch, dtype)} if dtype else {}))
+        base = {(m, n, w): median_ms(trace_fn(local.model(m), n, w == "grad"), repeats)
+                for m in models for n in tokens for w in workloads}
         local.close()
-    with start_local_cluster(2, dashboard_address=":0") as cluster, Client(cluster) as client:
-        lab = Lab(DaskBackend(client=client))
+    cluster = start_gpu_cluster(2) if gpu else start_local_cluster(2, dashboard_address=":0")
+    with cluster, Client(cluster) as client:
+        lab = Lab(DaskBackend(client=client, timeout=600))
         for m in models:
-            model = lab.model(m, stages=2)
-            for n in tokens:
-                go = trace_fn(model, n)
-                total = median_ms(go, repeats)
-                lab.backend.phases = []
-                for _ in range(repeats):
-                    go()
-                recorded, lab.backend.phases = lab.backend.phases, None
-                ph = {k: statistics.median(p.get(k, 0.0) for p in recorded)
-                      for k in recorded[0]}
-                per = [hop_times(p) for p in recorded]  # per request, then the median
-                hops = {k: statistics.median(h[k] for h in per) for k in per[0]}
-                local = (f", in process {base[m, n]:.2f} ms ({total / base[m, n]:.2f}x)"
-                         if base else "")
-                print(f"\n{m}, trace {n} tok: 2 stages {total:.2f} ms{local}")
-                print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-                print("  hops: " + ", ".join(f"{k} {v:.2f}" for k, v in hops.items()),
-                      flush=True)
+            for on in ipc_modes:
+                client.run(_switch_ipc, on)
+                lab.undeploy(m)
+                model = lab.model(m, stages=2, **kw)
+                for n in tokens:
+                    for w in workloads:
+                        go = trace_fn(model, n, w == "grad")
+                        total = median_ms(go, repeats)
+                        lab.backend.phases = []
+                        for _ in range(repeats):
+                            go()
+                        recorded, lab.backend.phases = lab.backend.phases, None
+                        ph = {k: statistics.median(p.get(k, 0.0) for p in recorded)
+                              for k in recorded[0]}
+                        per = [hop_times(p) for p in recorded]  # per request, then the median
+                        hops = {k: statistics.median(h[k] for h in per) for k in per[0]}
+                        b = base.get((m, n, w))
+                        local = (f", in process {b:.2f} ms ({total / b:.2f}x)" if b else "")
+                        print(f"\n{m}, {w} {n} tok, CUDA IPC {'on' if on else 'off'}: "
+                              f"2 stages {total:.2f} ms{local}")
+                        print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+                        print("  hops: " + ", ".join(f"{k} {v:.2f}" for k, v in hops.items()),
+                              flush=True)
+                print("\n".join(ipc_hops(lab.backend.memory(m))), flush=True)
             lab.undeploy(m)
         lab.close()
 
@@ -167,11 +208,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--sections", default="trace,channels")
     parser.add_argument("--local", action="store_true", help="also time the trace in process")
+    parser.add_argument("--gpu", action="store_true",
+                        help="stages on two GPU workers (sharing one GPU if there is one)")
+    parser.add_argument("--dtype", default=None, help="the stages' dtype, e.g. bfloat16")
+    parser.add_argument("--workloads", default="trace", help="trace,grad")
+    parser.add_argument("--cuda-ipc", default="on", choices=["on", "off", "both"],
+                        help="hidden states between GPU stages through CUDA IPC; both: a paired "
+                             "run, on then off on the same cluster")
+    parser.add_argument("--no-cuda-ipc", action="store_true", help="the same as --cuda-ipc off")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    mode = "off" if args.no_cuda_ipc else args.cuda_ipc
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[mode]
     if "trace" in sections:
         traces(args.models.split(","), [int(t) for t in args.tokens.split(",")], args.repeats,
-               args.local)
+               args.local, gpu=args.gpu, dtype=args.dtype, ipc_modes=modes,
+               workloads=tuple(args.workloads.split(",")))
     if "channels" in sections:
         channels(args.repeats)
 

@@ -142,10 +142,11 @@ class CudaLayer:
             event = torch.cuda.Event(interprocess=True)
             event.record()
             share = buffer.untyped_storage()._share_cuda_()
-            return (share[1:], bytes(event.ipc_handle())), event
+            return (share[1:], bytes(event.ipc_handle())), (event, buffer.device)
 
     def signal(self, signal: Any) -> None:
-        signal.record()
+        event, device = signal
+        event.record(torch.cuda.current_stream(device))
 
     def open(self, handle: Any, index: int) -> tuple[torch.Tensor, Any]:
         share, event_handle = handle
