@@ -9,13 +9,14 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 DEVICE = "fake-host-memory"
-PREFIX = "tpmlab-test-ipc-"
+PREFIX = "fake-ipc-"  # not handover's prefix: its tests count those files
 
 
 class SharedFileLayer:
@@ -24,6 +25,7 @@ class SharedFileLayer:
 
     def __init__(self) -> None:
         self.paths: dict[int, str] = {}  # buffer address -> its file
+        self.files: list[str] = []  # every file made (an address may be reused)
         self.fail_open = False
         self.opens = 0
 
@@ -37,6 +39,7 @@ class SharedFileLayer:
         path = f"/dev/shm/{PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         flat = _map(path, nbytes, create=True)
         self.paths[flat.data_ptr()] = path
+        self.files.append(path)
         return flat
 
     def export(self, buffer: torch.Tensor) -> tuple[Any, Any]:
@@ -65,12 +68,13 @@ class SharedFileLayer:
         pass
 
     def cleanup(self) -> None:
-        for path in self.paths.values():
+        for path in self.files:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         self.paths.clear()
+        self.files.clear()
 
 
 def _map(path: str, nbytes: int, create: bool = False) -> torch.Tensor:
@@ -88,7 +92,7 @@ def install(fail_open: bool = False, dask_worker: Any = None) -> None:
     """Hand-overs in this process through a :class:`SharedFileLayer` from now on."""
     from tpmlab.cluster import cuda_ipc
 
-    layer = cuda_ipc.LAYER if isinstance(cuda_ipc.LAYER, SharedFileLayer) else SharedFileLayer()
+    layer = cuda_ipc.LAYER if hasattr(cuda_ipc.LAYER, "cleanup") else SharedFileLayer()
     layer.fail_open = fail_open
     cuda_ipc.use_layer(layer)
 
@@ -97,9 +101,15 @@ def uninstall(dask_worker: Any = None) -> None:
     """Back to CUDA's layer; the stand-in's files are removed."""
     from tpmlab.cluster import cuda_ipc
 
-    if isinstance(cuda_ipc.LAYER, SharedFileLayer):
-        cuda_ipc.LAYER.cleanup()
+    cleanup = getattr(cuda_ipc.LAYER, "cleanup", None)  # a stand-in, whichever copy of it
+    if cleanup is not None:
+        cleanup()
     cuda_ipc.use_layer(None)
+
+
+def leftovers() -> list[str]:
+    """The stand-in's files still in /dev/shm."""
+    return sorted(str(p) for p in Path("/dev/shm").glob(f"{PREFIX}*"))
 
 
 def set_env(value: str | None, dask_worker: Any = None) -> None:

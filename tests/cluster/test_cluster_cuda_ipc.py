@@ -173,6 +173,7 @@ def ipc_workers(backend):
     yield client
     client.run(fake_ipc.set_env, None)
     client.run(fake_ipc.uninstall)
+    assert fake_ipc.leftovers() == []
 
 
 @pytest.fixture(scope="module")
