@@ -121,10 +121,13 @@ class CudaLayer:
         self._devices: list[str] | None = None
 
     def devices(self) -> list[str]:
+        # none in a process that has not started CUDA (a CPU stage): asking would start it,
+        # and a CUDA context costs device memory
         if self._devices is None:
-            self._devices = ([str(torch.cuda.get_device_properties(i).uuid)
-                              for i in range(torch.cuda.device_count())]
-                             if torch.cuda.is_available() else [])
+            if not torch.cuda.is_initialized():
+                return []
+            self._devices = [str(torch.cuda.get_device_properties(i).uuid)
+                             for i in range(torch.cuda.device_count())]
         return self._devices
 
     def device_of(self, t: torch.Tensor) -> str | None:
@@ -250,13 +253,17 @@ class Sender:
         self.counts = {"sent": 0, "ordinary": 0, "refused": 0, "pool_full": 0}
 
     def link(self, peer: Identity | None) -> None:
-        """A new neighbour (a relink): buffers the old one opened are dropped."""
+        """A new neighbour (a relink): the buffers made so far are dropped (the same
+        neighbour is told to close them with the next value)."""
         with self._lock:
+            same = self.peer is not None and peer is not None \
+                and self.peer.get("stage") == peer.get("stage")
+            dropped = [*self._free, *(i for h in self._held.values() for i in h)]
             self.peer = peer if linkable(peer) else None
             self.broken = False
             self._free.clear()
             self._held.clear()
-            self._retired.clear()
+            self._retired = [*self._retired, *dropped] if same else []
             self._bytes = 0
 
     @property
