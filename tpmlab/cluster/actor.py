@@ -379,7 +379,7 @@ class StageActor:
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
         grads = runner.gradients  # None: forward only, under inference_mode as ever
-        stopped = runner.stops_before_pass
+        stopped = runner.stops_before(step)
         self.weights.ready()
         try:
             runner.begin_step(step)
@@ -732,8 +732,9 @@ class StageActor:
             for t in timings[:1]:
                 t.pop("arrived"), t.pop("left")
         else:
-            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
-                                                                     left)
+            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            if generated is not None:
+                values[request.GENERATED] = generated
             timings = []
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
@@ -809,8 +810,9 @@ class StageActor:
                                      "inputs_embeds": kwargs.get("inputs_embeds")})
             output = reply["output"]
         else:
-            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
-                                                                     left)
+            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            if generated is not None:
+                values[request.GENERATED] = generated
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
                                    stages=self.span.n_stages)
@@ -828,10 +830,14 @@ class StageActor:
         return self._tok
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
-                        layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], StageOutput]:
+                        layout: BatchLayout, left: Any
+                        ) -> tuple[list[torch.Tensor] | None, StageOutput]:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
         each step goes down the chain, each stage's KV cache stays on its worker, and the
-        last stage picks the next tokens from its logits."""
+        last stage picks the next tokens from its logits. Each row's tokens (``None`` where
+        the plan's ``tracer.stop()`` ended the generation: the step it was reached in came
+        back without tokens, later stages did no work in it and no later step ran) and
+        stage 0's output."""
         opts = plan.generate
         eos = eos_ids(opts, self.stage.model.generation_config)
         decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
@@ -848,8 +854,13 @@ class StageActor:
                 msg["ids"] = decoding.ids
             reply = await self.step(msg)
             saved = reply["saved"]
-            decoding.advance(reply["tokens"])
-        output = await self.finish(base["req"], decoding.step, left())
+            if "tokens" in reply:
+                decoding.advance(reply["tokens"])
+            else:  # a stopped pass (tracer.stop()): no later step runs
+                decoding.halt()
+        output = await self.finish(base["req"], decoding.steps_run, left())
+        if decoding.halted:
+            return None, output
         return decoding.outputs([n for ls in layout.lengths for n in ls]), output
 
 

@@ -13,6 +13,8 @@ GET      /v1/requests/{id}/result              its result bytes (waits up to ``t
 DELETE   /v1/requests/{id}                     cancel one of your queued requests
 GET      /v1/me                                your tier and balance
 GET      /v1/me/usage                          your balance and recent charges
+...      /v1/remote-values[...]                your remote saves: list, fetch, reduce, release
+                                               (:mod:`tpmlab.gateway.remote_values`)
 admin    /v1/admin/users[...]                  users, keys, tiers, allocations (admin tier)
 =======  ====================================  =================================================
 
@@ -30,7 +32,7 @@ import contextlib
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from ..errors import TpmlabError
-from .auth import Authenticator, HubSettings
+from .auth import Authenticator, HubSettings, User, current_user
 from .core import Gateway
 from .errors import (
     BadRequestError,
@@ -51,6 +53,7 @@ from .errors import (
     http_status,
 )
 from .ledger import USER_NAME_PATTERN, UserView
+from .remote_values import router as remote_values_router
 from .throttle import FailureThrottle, retry_after_header
 from .tiers import TIERS
 
@@ -149,14 +152,6 @@ class TierChange(BaseModel):
 
 
 # -- authentication (dependencies) --------------------------------------------------------------
-async def current_user(request: Request,
-                       authorization: Annotated[str | None, Header()] = None) -> UserView:
-    """The caller, from an API key or a JupyterHub token; 401 without a valid one, 429
-    while the client's address has failed too often."""
-    address = request.client.host if request.client else ""
-    return await request.app.state.auth.user(authorization, address)
-
-
 async def admin_user(user: Annotated[UserView, Depends(current_user)]) -> UserView:
     if user.tier != "admin":
         raise TierError("managing users needs the 'admin' tier, and your tier is "
@@ -164,7 +159,6 @@ async def admin_user(user: Annotated[UserView, Depends(current_user)]) -> UserVi
     return user
 
 
-User = Annotated[UserView, Depends(current_user)]
 Admin = Annotated[UserView, Depends(admin_user)]
 
 
@@ -318,6 +312,8 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
                 **gateway.ledger.totals(user.name),
                 "max_invokes": gateway.limits_for(user).max_invokes,
                 "charges": gateway.ledger.charges(user.name, limit)}
+
+    app.include_router(remote_values_router)
 
     # -- administration ------------------------------------------------------------------------
     def user_out(name: str) -> dict:

@@ -67,6 +67,7 @@ from .errors import (
 from .ledger import Ledger, UserView, from_micro, to_micro
 from .metrics import Metrics
 from .records import FINISHED, Request, RequestTable
+from .remote_values import RemoteValueTable
 from .sizing import check_plan
 from .tiers import TIER_LIMITS, OutputPaths, allows, required_tier
 from .units import (
@@ -82,6 +83,7 @@ from .units import (
 )
 
 log = logging.getLogger("tpmlab.gateway")
+UNBOUNDED = 2**62  # a limit the gateway leaves to the engine's own
 
 
 @dataclass
@@ -106,6 +108,12 @@ class GatewayConfig:
     max_validations_waiting: int = 64  # beyond this many plans waiting to be validated: 503
     auth_failure_burst: int = 20  # failed authentications per address before 429...
     auth_failure_rate: float = 0.5  # ...and how many more per second after that
+    # remote saves (.remote_values): kept this long after their request, then released...
+    remote_value_ttl: float = 3600.0
+    # ...and reading them is held as a scan at this speed (plus gram's multiply-adds at
+    # this rate) before it runs; charged what it took
+    remote_bytes_per_second: float = 256 * 2**20
+    remote_flops_per_second: float = 1e9
 
 
 @dataclass
@@ -150,6 +158,7 @@ class Gateway:
                                          cost)
         self.records = RequestTable(keep_seconds=self.config.keep_results_seconds,
                                     max_bytes_per_user=self.config.max_kept_bytes_per_user)
+        self.remote_values = RemoteValueTable(self.config.remote_value_ttl)
         self._inflight: dict[int, int] = {}
         self._queued: Tally[str] = Tally()
         self._validating = 0
@@ -170,10 +179,15 @@ class Gateway:
         return self.models[model]
 
     def limits_for(self, user: UserView) -> Limits:
-        limits = self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
-        if limits.max_remote_bytes or limits.max_remote_values:  # never kept here (tiers.py)
-            limits = replace(limits, max_remote_bytes=0, max_remote_values=0)
-        return limits
+        return self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
+
+    def engine_limits(self, user: UserView) -> Limits:
+        """What a request of ``user`` runs under on the engine: the tier's limits, but for
+        remote saves, which the tier bounds per user over all their requests and
+        :attr:`remote_values` accounts: there the engine's own (per stage, for the gateway
+        as one owner) apply."""
+        return replace(self.limits_for(user), max_remote_bytes=UNBOUNDED,
+                       max_remote_values=UNBOUNDED)
 
     async def admit(self, user: UserView, model: str,
                     read_body: Callable[[int], Awaitable[bytes]]) -> Request:
@@ -182,11 +196,17 @@ class Gateway:
         :class:`PlanError` or :class:`GatewayError` naming the problem."""
         self.deployed(model)
         self._take_slot(user)
+        reserved = None
         try:
             blob = await read_body(self.limits_for(user).max_plan_bytes)
             req = await self._prepare_bounded(user, model, blob)
+            reserved = req.id
+            self.remote_values.reserve(req.id, user.id, req.remote_bytes, req.remote_values,
+                                       self.limits_for(user))
             await self._hold(req)
         except BaseException as e:
+            if reserved is not None:
+                self.remote_values.unreserve(reserved)
             self._give_slot(user)
             if isinstance(e, GatewayError | PlanError):
                 self.metrics.refused.labels(type(e).__name__).inc()
@@ -222,7 +242,8 @@ class Gateway:
                      plan_compute_factor=cfg.plan_compute_factor)
         return Request(id=uuid.uuid4().hex, user=user, model=model, mode=plan.mode, plan=plan,
                        blob=blob, digest=plan_digest(plan), tokens=plan_tokens(plan),
-                       hold=worst, mergeable=cfg.batching and checked.sized and can_merge(plan))
+                       hold=worst, mergeable=cfg.batching and checked.sized and can_merge(plan),
+                       remote_bytes=checked.remote_bytes, remote_values=checked.remote_values)
 
     async def _prepare_bounded(self, user: UserView, model: str, blob: bytes) -> Request:
         cfg = self.config
@@ -399,7 +420,7 @@ class Gateway:
 
     def _run_one(self, model: str, req: Request) -> _Ran | Exception:
         try:
-            values, meta = self._run_values(model, req.blob, self.limits_for(req.user))
+            values, meta = self._run_values(model, req.blob, self.engine_limits(req.user))
         except Exception as e:  # noqa: BLE001 - reported to the request's owner
             return e
         return _Ran(values, meta, {n.id: n.id for n in req.plan.nodes})
@@ -409,7 +430,7 @@ class Gateway:
             return [self._run_one(model, batch[0])]
         try:
             merged, mapping = merge_plans([r.plan for r in batch])
-            limits = merged_limits([self.limits_for(r.user) for r in batch])
+            limits = merged_limits([self.engine_limits(r.user) for r in batch])
             values, meta = self._run_values(model, encode_plan(merged), limits)
         except Exception:  # noqa: BLE001 - run each alone: one bad plan fails only itself
             for req in batch:
@@ -428,6 +449,7 @@ class Gateway:
                 req.error = _as_error(out)
                 continue
             try:
+                self._keep_remote(req, out)
                 row = self._charge(req, out)
                 req.units = from_micro(min(to_micro(row["units"]), to_micro(req.hold.units)))
                 req.result = self._encode(req, out)
@@ -437,6 +459,8 @@ class Gateway:
                 req.error, req.result = _as_error(e), None
         for req in batch:
             req.drop_plan()  # it has run: its constants are not needed any more
+            if req.error is not None:  # what it reserved or kept on the engine goes
+                self.remote_values.drop_request(req.id)
         try:
             charged = self.ledger.settle(charges) if charges else {}
             failed = [r.id for r in batch if r.error is not None and r.held]
@@ -447,12 +471,21 @@ class Gateway:
             for req, _ in done:
                 req.error = UpstreamError(f"could not record the charge: {type(e).__name__}")
                 req.result = None
+                self.remote_values.drop_request(req.id)
             done = []
         for req, out in done:
             if charged[req.id] != req.units:  # the hold had expired: charged what was free
                 req.units = charged[req.id]
                 req.result = self._encode(req, out)
         loop.call_soon_threadsafe(self._complete, batch)
+
+    def _keep_remote(self, req: Request, out: _Ran) -> None:
+        """Keep the request's remote values under its user's handles; the result carries
+        their descriptions (:mod:`.remote_values`)."""
+        if req.remote_values:
+            out.values, ids = self.remote_values.keep(req, out.values,
+                                                      str(out.meta.get("model_version", "")))
+            out.meta = dict(out.meta, remote_saves=ids)
 
     def _encode(self, req: Request, out: _Ran) -> bytes:
         meta = dict(out.meta, plan_digest=req.digest, request_id=req.id,
@@ -501,6 +534,7 @@ class Gateway:
             self._queued[req.model] -= 1
         if state == "cancelled":
             req.error = error
+            self.remote_values.unreserve(req.id)
             if req.held:
                 asyncio.get_running_loop().run_in_executor(self._post, self._release_quietly,
                                                            [req.id])
@@ -537,12 +571,14 @@ class Gateway:
         lease = self.config.hold_lease_seconds
         while True:
             live = [r.id for r in self.records.in_flight() if r.held]
+            live += self.remote_values.reads()  # reads of remote values running now
             try:
                 await run_in_threadpool(self.ledger.renew, self.instance, live, lease)
                 await run_in_threadpool(self.ledger.expire)
             except Exception:  # noqa: BLE001 - try again at the next round
                 log.exception("could not renew or expire holds")
             self.records.prune()  # every user's finished requests past their time
+            await run_in_threadpool(self.remote_values.expire)  # remote values past theirs
             await asyncio.sleep(lease / 4)
 
     async def close(self) -> None:
@@ -553,6 +589,10 @@ class Gateway:
             ex.shutdown(wait=False, cancel_futures=True)
         self._validators.shutdown(wait=False, cancel_futures=True)
         self._post.shutdown(wait=False)
+        try:  # what users kept on the engine goes with the gateway
+            await run_in_threadpool(self.remote_values.close)
+        except Exception:  # noqa: BLE001 - the engine frees them when it closes
+            log.exception("could not release the remote values kept here")
         try:  # requests still queued here will not run: give their holds back
             await run_in_threadpool(self.ledger.release_gateway, self.instance)
         except Exception:  # noqa: BLE001 - they expire by themselves

@@ -51,6 +51,8 @@ class Request:
     cost: dict[str, float] = field(default_factory=dict)  # what it used (units.py), once run
     readers: int = 0  # waiters about to read its result (never dropped under them)
     future: asyncio.Future | None = None
+    remote_bytes: int | None = 0  # what its remote saves keep (None: known once it has run)
+    remote_values: int = 0  # how many values they keep
 
     @property
     def estimate(self) -> float:

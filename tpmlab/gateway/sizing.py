@@ -1,5 +1,6 @@
-"""Validation for the gateway: the plan's checks, the bytes it saves, and whether that
-count is complete.
+"""Validation for the gateway: the plan's checks, the bytes it saves, whether that count is
+complete, and what its remote saves keep on the engine (:mod:`.remote_values` accounts
+those per user).
 
 :func:`tpmlab.ir.validate.inspect_plan` sizes every save it can on meta tensors and
 leaves the rest to the engine's run-time limit. The gateway must know whether it sized
@@ -27,7 +28,8 @@ from ..errors import LimitError
 from ..ir.model_info import ModelInfo, event_key
 from ..ir.plan import POINT, SAVE, Plan
 from ..ir.schedule import Schedule
-from ..ir.validate import Limits, inspect_plan
+from ..ir.validate import Limits, inspect_plan, remote_saves
+from ..remote import kept_nbytes
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Checked:
     schedule: Schedule
     saved_bytes: int  # what validation sized
     sized: bool  # whether that is every save
+    remote_bytes: int | None = 0  # what its remote saves keep (None: not known before it runs)
+    remote_values: int = 0  # how many values its remote saves keep (generation steps counted)
 
 
 class _MetaFailures(TorchDispatchMode):
@@ -70,8 +74,10 @@ def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
     """Validate ``plan`` with ``limits`` (raises a :class:`~tpmlab.errors.PlanError`); the
     saved bytes validation sized, over the limit of the tier is a :class:`LimitError`."""
     probe = _MetaFailures()
+    env: dict[int, Any] = {}
     with probe:
-        schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module)
+        schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module,
+                                       env=env)
     if saved > limits.max_saved_bytes:
         raise LimitError(f"the plan saves {saved:,} bytes, over your tier's limit of "
                          f"{limits.max_saved_bytes:,} bytes")
@@ -79,4 +85,6 @@ def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
         n.op == SAVE and not (n.steps.single and n.steps.start == 0) for n in plan.nodes)
     templates = all(_static(info.shapes.get(event_key(n.path, n.io)))
                     for n in plan.nodes if n.op == POINT)
-    return Checked(schedule, saved, not (later_steps or not templates or probe.failed))
+    remote_bytes, remote_values = remote_saves(plan, env, kept_nbytes)
+    return Checked(schedule, saved, not (later_steps or not templates or probe.failed),
+                   remote_bytes, remote_values)

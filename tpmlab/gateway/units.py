@@ -51,6 +51,7 @@ import torch
 from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.plan import BACKWARD, POINT, Invoke, Plan
+from ..ir.schedule import stop_step
 from ..ir.validate import value_nbytes
 from ..runtime.request import GENERATED
 
@@ -148,9 +149,12 @@ def hold(plan: Plan, cost: CostModel, pricing: Pricing, *, saved_bytes: int, siz
 
 
 def steps_run(plan: Plan, values: Mapping[int, Any]) -> int:
-    """Generation steps a finished request ran (0 for a trace), from its generated ids."""
+    """Generation steps a finished request ran (0 for a trace), from its generated ids; a
+    generation its ``tracer.stop()`` ended returns none, and ran up to its stop's step."""
     if plan.mode != "generate":
         return 0
+    if plan.stop and GENERATED not in values:
+        return stop_step(plan.nodes)
     rows = values.get(GENERATED) or []
     lengths = [int(plan.tensors[n].shape[0]) for inv in plan.invokes for n in inv.tensors]
     prompt = lengths if plan.invokes and plan.invokes[0].kind == "tokens" else [0] * len(lengths)
