@@ -12,8 +12,9 @@ call (what a stage hop is today) and by Dask's comm ``rpc`` to a handler registe
 worker (the leaner channel a stage could use for the hidden state), and a client -> actor
 round trip; on the same TLS cluster, interleaved.
 
-``--gpu``: the stages on two GPU workers (``cluster_gpu.py``'s, sharing one GPU if there is
-one); ``--cuda-ipc on|off|both`` (``--no-cuda-ipc``: off): hidden states and gradients
+``--gpu``: the workers are ``cluster_gpu.py``'s (one GPU each, sharing one if there is
+one); channels also hand a bf16 tensor from A's GPU to B's, through host memory (a stage
+hop's ordinary way) and through CUDA IPC. ``--cuda-ipc on|off|both`` (``--no-cuda-ipc``: off): hidden states and gradients
 between the stages through CUDA IPC or host memory, ``both`` a paired run on one cluster;
 after each model, whether each hop used it. ``--workloads trace,grad``: ``grad`` adds a
 backward, so a gradient crosses each hop back.
@@ -22,6 +23,7 @@ backward, so a gradient crosses each hop back.
         [--repeats 30] [--sections trace,channels] [--local]
     python benchmarks/fixed_cost.py --gpu --models llama-3-8b-shape --dtype bfloat16 \\
         --tokens 128 --sections trace --workloads trace,grad --cuda-ipc both
+    python benchmarks/fixed_cost.py --gpu --sections channels
 """
 
 from __future__ import annotations
@@ -160,6 +162,53 @@ class Relay:
         return out
 
 
+    # -- a hidden state on the GPU (``--gpu``) ----------------------------------------------------
+    async def hello(self, prev: Any) -> Any:
+        """The far end of a device hop: this worker's :class:`~tpmlab.cluster.cuda_ipc.Identity`."""
+        import torch
+
+        from tpmlab.cluster import cuda_ipc
+
+        torch.cuda.init()
+        self.rx = cuda_ipc.Receiver()
+        return cuda_ipc.identity("bench-b")
+
+    async def land(self, x: Any) -> None:
+        """The value on this worker's GPU, the copy complete (what a stage needs of its input)."""
+        import torch
+
+        from tpmlab.cluster import cuda_ipc, wire
+
+        if isinstance(x, cuda_ipc.IpcTensor):
+            self.rx.take(x, "bench", torch.device("cuda"))
+            self.rx.settle("bench")
+        else:
+            wire.from_wire(x, "cuda")
+            torch.cuda.synchronize()
+
+    async def via_device(self, shape: tuple[int, ...], n: int, ipc: bool) -> list[float]:
+        """Round trips (ms) handing a bf16 device tensor of ``shape`` to the peer, as a stage
+        hop does: through host memory (``to_wire``) or, ``ipc``, through CUDA IPC."""
+        import torch
+
+        from tpmlab.cluster import cuda_ipc, wire
+
+        x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        sender = cuda_ipc.Sender("bench-a>")
+        if ipc:
+            sender.link(await self.peer.hello(None))
+            if not sender.active:
+                return []
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            given = sender.give(x, "bench", time.monotonic() + 60) if ipc else None
+            await self.peer.land(given if given is not None else wire.to_wire(x))
+            sender.release("bench")
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+
 def _register_echo(dask_worker: Any) -> None:
     async def tpmlab_echo(comm: Any = None, x: Any = None) -> Any:
         from distributed.protocol import to_serialize
@@ -168,16 +217,18 @@ def _register_echo(dask_worker: Any) -> None:
     dask_worker.handlers["tpmlab_echo"] = tpmlab_echo
 
 
-def channels(repeats: int) -> None:
+def channels(repeats: int, gpu: bool = False) -> None:
     import numpy as np
     from distributed import Client
 
+    from benchmarks.cluster_gpu import start_gpu_cluster
     from tpmlab.cluster.embedded import start_local_cluster
 
     sizes = {"[1, 16, 576] fp32 (37 KB)": (1, 16, 576),
              "[1, 128, 576] fp32 (295 KB)": (1, 128, 576),
              "[1, 128, 4096] bf16 (1 MB)": (1, 128, 2048)}
-    with start_local_cluster(2, dashboard_address=":0") as cluster, Client(cluster) as client:
+    cluster = start_gpu_cluster(2) if gpu else start_local_cluster(2, dashboard_address=":0")
+    with cluster, Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
         client.run(_register_echo)
         ra = client.submit(Relay, actor=True, workers=[a], pure=False).result()
@@ -198,6 +249,18 @@ def channels(repeats: int) -> None:
             for k, v in rows.items():
                 v = sorted(v)
                 print(f"  {name:28} {k:30} {statistics.median(v):6.2f} / "
+                      f"{v[len(v) // 10]:6.2f}", flush=True)
+        if not gpu:
+            return
+        print("\nworker A -> actor on B, a bf16 tensor on A's GPU landing on B's (median / p10 ms)")
+        for shape in ((1, 1, 4096), (1, 128, 4096), (8, 512, 4096)):
+            name = f"{list(shape)} bf16 ({np.prod(shape) * 2 / 1e6:.2g} MB)"
+            for label, ipc in (("through host memory", False), ("through CUDA IPC", True)):
+                v = sorted(ra.via_device(shape, repeats + 3, ipc).result()[3:])
+                if not v:
+                    print(f"  {name:28} {label:30} not eligible here", flush=True)
+                    continue
+                print(f"  {name:28} {label:30} {statistics.median(v):6.2f} / "
                       f"{v[len(v) // 10]:6.2f}", flush=True)
 
 
@@ -225,7 +288,7 @@ def main() -> None:
                args.local, gpu=args.gpu, dtype=args.dtype, ipc_modes=modes,
                workloads=tuple(args.workloads.split(",")))
     if "channels" in sections:
-        channels(args.repeats)
+        channels(args.repeats, gpu=args.gpu)
 
 
 if __name__ == "__main__":
