@@ -8,6 +8,8 @@ GET      /v1/models                            served models
 GET      /v1/models/{model}                    the model's ModelInfo (what ``lab.model`` needs)
 POST     /v1/models/{model}/run                plan bytes in, result bytes out (waits)
 POST     /v1/models/{model}/requests           plan bytes in, 202 + request id (does not wait)
+POST     /v1/models/{model}/sessions           session bytes in, session result bytes out (waits)
+POST     /v1/models/{model}/sessions/requests  session bytes in, 202 + request id (does not wait)
 GET      /v1/requests/{id}                     status of one of your requests
 GET      /v1/requests/{id}/result              its result bytes (waits up to ``timeout``)
 DELETE   /v1/requests/{id}                     cancel one of your queued requests
@@ -19,8 +21,11 @@ admin    /v1/admin/users[...]                  users, keys, tiers, allocations (
 =======  ====================================  =================================================
 
 Plans and results are ``application/octet-stream`` (:mod:`tpmlab.ir.codec`: JSON +
-safetensors, never pickles). Errors are JSON ``{"error": <class>, "message": ...}`` with
-the status their class states (``http_status``: plan errors 400, size limits 413, failures
+safetensors, never pickles). A session (the traces of ``model.session()``) is one
+envelope of plans in and one envelope of results out (:mod:`tpmlab.ir.session`); it is
+validated as a whole, runs as one request and is charged once (:mod:`.sessions`), and its
+status, result and cancellation are those of any request (``/v1/requests/{id}``).
+Errors are JSON ``{"error": <class>, "message": ...}`` with the status their class states (``http_status``: plan errors 400, size limits 413, failures
 while running 422, the gateway's own errors theirs), read in one place
 (:func:`tpmlab.gateway.errors.http_status`). A request is authenticated (failures throttled per client address)
 and counted against the user's in-flight limit before its body is read.
@@ -29,6 +34,7 @@ and counted against the user's in-flight limit before its body is read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Annotated, Any
 
@@ -54,6 +60,7 @@ from .errors import (
 )
 from .ledger import USER_NAME_PATTERN, UserView
 from .remote_values import router as remote_values_router
+from .sessions import prepare_session
 from .throttle import FailureThrottle, retry_after_header
 from .tiers import TIERS
 
@@ -222,14 +229,14 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
         ``Limits.max_plan_bytes``)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"a plan of {int(declared):,} bytes exceeds your tier's "
-                                       f"limit of {limit:,} bytes")
+            raise PayloadTooLargeError(f"a body of {int(declared):,} bytes exceeds your tier's "
+                                       f"limit of {limit:,} bytes for a plan or session")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLargeError(f"the plan exceeds your tier's limit of {limit:,} "
-                                           "bytes")
+                raise PayloadTooLargeError(f"the body exceeds your tier's limit of {limit:,} "
+                                           "bytes for a plan or session")
             chunks.append(chunk)
         if not size:
             raise BadRequestError("empty body: send the plan bytes (application/octet-stream)")
@@ -266,23 +273,37 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
     async def model_detail(model: str, user: User) -> dict:
         return {**model_entry(model), "info": gateway.deployed(model).info.to_dict()}
 
-    async def admit(user: UserView, model: str, request: Request):
-        check_content_type(request)
-        return await gateway.admit(user, model, lambda limit: read_plan(request, limit))
+    def serve_requests(run_path: str, submit_path: str, prepare: Any, what: str) -> None:
+        """POST ``run_path``: ``what`` bytes in, its result out once it ran (waits up to
+        ``timeout``); POST ``submit_path``: 202 and the request's status (does not wait).
+        ``prepare``: what admits the body (:meth:`Gateway.admit`)."""
 
-    @app.post("/v1/models/{model}/run", response_class=Response,
-              responses={200: {"content": {OCTET: {}}}, 402: {"model": ErrorBody},
-                         403: {"model": ErrorBody}, 429: {"model": ErrorBody}})
-    async def run(model: str, request: Request, user: User,
-                  timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
-        req = await admit(user, model, request)
-        blob = await gateway.wait(req, timeout)
-        return Response(blob, media_type=OCTET, headers=_charge_headers(req))
+        async def admit(user: UserView, model: str, request: Request):
+            check_content_type(request)
+            return await gateway.admit(user, model, lambda limit: read_plan(request, limit),
+                                       prepare)
 
-    @app.post("/v1/models/{model}/requests", status_code=202, response_model=RequestStatus)
-    async def submit(model: str, request: Request, user: User) -> dict:
-        req = await admit(user, model, request)
-        return req.status()
+        async def run(model: str, request: Request, user: User,
+                      timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
+            req = await admit(user, model, request)
+            blob = await gateway.wait(req, timeout)
+            return Response(blob, media_type=OCTET, headers=_charge_headers(req))
+
+        async def submit(model: str, request: Request, user: User) -> dict:
+            req = await admit(user, model, request)
+            return req.status()
+
+        app.add_api_route(run_path, run, methods=["POST"], response_class=Response,
+                          name=f"run {what}", summary=f"run a {what} (waits)",
+                          responses={200: {"content": {OCTET: {}}}, 402: {"model": ErrorBody},
+                                     403: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+        app.add_api_route(submit_path, submit, methods=["POST"], status_code=202,
+                          response_model=RequestStatus, name=f"submit {what}",
+                          summary=f"submit a {what} (does not wait)")
+
+    serve_requests("/v1/models/{model}/run", "/v1/models/{model}/requests", None, "plan")
+    serve_requests("/v1/models/{model}/sessions", "/v1/models/{model}/sessions/requests",
+                   functools.partial(prepare_session, gateway), "session")
 
     @app.get("/v1/requests/{request_id}", response_model=RequestStatus)
     async def request_status(request_id: str, user: User) -> dict:

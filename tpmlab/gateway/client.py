@@ -23,6 +23,7 @@ import torch
 from ..errors import RequestTimeoutError
 from ..ir.codec import decode_result
 from ..ir.model_info import ModelInfo
+from ..ir.session import decode_session_result
 from ..ir.validate import Limits
 from ..remote import (
     RemoteValue,
@@ -90,10 +91,32 @@ class GatewayBackend:
             limits: Limits | None = None) -> bytes:
         """POST the plan; result bytes. ``limits`` is ignored: the gateway holds every
         request to its user's tier limits."""
+        return self._post(f"/v1/models/{model}/run", plan, timeout)
+
+    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
+                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+        """:meth:`run`, decoded: saved values by node id and the result's metadata (remote
+        saves as :class:`GatewayRemoteValue`)."""
+        return self._with_remote(*decode_result(self.run(model, plan, timeout=timeout,
+                                                         limits=limits)))
+
+    def run_session_values(self, model: str, session: bytes, *, timeout: float | None = None,
+                           limits: Limits | None = None
+                           ) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+        """POST a session envelope (:mod:`tpmlab.ir.session`): the gateway validates it as a
+        whole, runs it as one request (the values its traces keep for each other stay on
+        the engine) and charges it once. Each trace's saved values and metadata, in order;
+        ``last_charge`` is the whole session's. ``limits`` is ignored, as for :meth:`run`."""
+        blob = self._post(f"/v1/models/{model}/sessions", session, timeout)
+        return [self._with_remote(values, meta) for values, meta in decode_session_result(blob)]
+
+    def _post(self, path: str, body: bytes, timeout: float | None) -> bytes:
+        """POST ``body`` to ``path`` and wait up to ``timeout`` seconds (the client's own
+        where None) for the result bytes; notes the charge in :attr:`last_charge`."""
         wait = timeout or self.timeout
         self._release_dropped()
         try:
-            r = self.http.post(f"/v1/models/{model}/run", content=plan,
+            r = self.http.post(path, content=body,
                                params={"timeout": wait},
                                headers={"Content-Type": "application/octet-stream"},
                                timeout=httpx.Timeout(wait + 30.0, connect=10.0))
@@ -106,18 +129,16 @@ class GatewayBackend:
                             "batch_size": int(r.headers.get("x-tpmlab-batch-size", "0"))}
         return r.content
 
-    def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
-                   limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
-        """:meth:`run`, decoded: saved values by node id and the result's metadata (remote
-        saves as :class:`GatewayRemoteValue`)."""
-        values, meta = decode_result(self.run(model, plan, timeout=timeout, limits=limits))
+    # -- remote values ----------------------------------------------------------------------------
+    def _with_remote(self, values: dict[int, Any], meta: dict[str, Any]
+                     ) -> tuple[dict[int, Any], dict[str, Any]]:
+        """A result's values with its remote saves as :class:`GatewayRemoteValue`."""
         for k in meta.get("remote_saves", ()):
             v = values[k]
             values[k] = [self._remote_value(x) for x in v] if isinstance(v, list) \
                 else self._remote_value(v)
         return values, meta
 
-    # -- remote values ----------------------------------------------------------------------------
     def _remote_value(self, value: Any) -> GatewayRemoteValue:
         info = described(value)
         if info is None:

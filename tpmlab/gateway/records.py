@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..ir.plan import Plan
 from .ledger import UserView
@@ -53,6 +53,11 @@ class Request:
     future: asyncio.Future | None = None
     remote_bytes: int | None = 0  # what its remote saves keep (None: known once it has run)
     remote_values: int = 0  # how many values they keep
+    session: ClassVar[bool] = False  # a session's traces, run as one request (.sessions)
+
+    def traces(self) -> list[Plan]:
+        """The plans it runs, in order: its one plan (none once dropped)."""
+        return [self.plan] if self.plan is not None else []
 
     @property
     def estimate(self) -> float:

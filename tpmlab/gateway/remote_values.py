@@ -176,15 +176,17 @@ class RemoteValueTable:
             (self._reads.add if running else self._reads.discard)(op_id)
 
     # -- keeping --------------------------------------------------------------------------------
-    def keep(self, req: GatewayRequest, values: dict[int, Any], model_version: str
-             ) -> tuple[dict[int, Any], list[int]]:
-        """Keep the :class:`RemoteValue` objects among a finished request's ``values`` (one
-        per node, or a list per generation step) under new handles; the values with each
-        replaced by its description, and the node ids that held them. Past the
-        reservation (a save validation could not size) nothing is kept:
+    def keep(self, req: GatewayRequest, parts: list[dict[int, Any]], model_version: str
+             ) -> list[tuple[dict[int, Any], list[int]]]:
+        """Keep the :class:`RemoteValue` objects among a finished request's values (``parts``:
+        its values by node, one dict per trace: one for a plan, one per trace of a session;
+        a value per node, or a list per generation step) under new handles; per part, the
+        values with each replaced by its description, and the node ids that held them. Past
+        the reservation (a save validation could not size) nothing is kept:
         :class:`RemoteLimitError`."""
-        found = {k: v for k, v in values.items() if _remote_in(v)}
-        kept = [x for v in found.values() for x in (v if isinstance(v, list) else [v])]
+        found = [{k: v for k, v in values.items() if _remote_in(v)} for values in parts]
+        kept = [x for part in found for v in part.values()
+                for x in (v if isinstance(v, list) else [v])]
         with self._lock:
             got = self._reserved.pop(req.id, None)
             reserved = got.nbytes if got is not None else 0
@@ -197,7 +199,6 @@ class RemoteValueTable:
                     f"{reserved:,} bytes left of your tier's max_remote_bytes; nothing was "
                     "kept: release values you no longer need or save less")
             expires = time.monotonic() + self.ttl
-            out = dict(values)
 
             def hold(v: RemoteValue) -> dict[str, Any]:
                 held = Held(HANDLE_PREFIX + secrets.token_urlsafe(32), req.user.id, req.model,
@@ -205,9 +206,13 @@ class RemoteValueTable:
                 self._held[held.handle] = held
                 return describe(held)
 
-            for k, v in found.items():
-                out[k] = [hold(x) for x in v] if isinstance(v, list) else hold(v)
-        return out, sorted(found)
+            out = []
+            for values, part in zip(parts, found):
+                described = dict(values)
+                for k, v in part.items():
+                    described[k] = [hold(x) for x in v] if isinstance(v, list) else hold(v)
+                out.append((described, sorted(part)))
+        return out
 
     def drop_request(self, request_id: str) -> int:
         """Release what a request kept (its result could not be delivered)."""

@@ -12,7 +12,9 @@ count is incomplete when
 * a module point's shape template is not fixed by batch and length, or
 * some op could not run on meta tensors (data-dependent shapes such as boolean-mask
   indexing, values read as numbers): validation then treats its result as unknown.
-  :class:`_MetaFailures` watches the validator's meta computations for such failures.
+  :class:`_MetaFailures` watches the validator's meta computations for such failures, or
+* a session's trace reads a value of an earlier trace whose shape validation could not
+  know (``from_trace``, :mod:`tpmlab.ir.session`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..errors import LimitError
 from ..ir.model_info import ModelInfo, event_key
 from ..ir.plan import POINT, SAVE, Plan
 from ..ir.schedule import Schedule
-from ..ir.validate import Limits, inspect_plan, remote_saves
+from ..ir.validate import Limits, contains_unknown, inspect_plan, remote_saves
 from ..remote import kept_nbytes
 
 
@@ -70,14 +72,18 @@ def _static(template: Any) -> bool:
 
 
 def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
-               meta_module: Callable[[str], torch.nn.Module | None] | None) -> Checked:
+               meta_module: Callable[[str], torch.nn.Module | None] | None, *,
+               imports: dict[int, Any] | None = None, env: dict[int, Any] | None = None
+               ) -> Checked:
     """Validate ``plan`` with ``limits`` (raises a :class:`~tpmlab.errors.PlanError`); the
-    saved bytes validation sized, over the limit of the tier is a :class:`LimitError`."""
+    saved bytes validation sized, over the limit of the tier is a :class:`LimitError`.
+    ``imports``/``env``: as for :func:`~tpmlab.ir.validate.inspect_plan` (a session's
+    traces, :func:`~tpmlab.ir.session.check_session`)."""
     probe = _MetaFailures()
-    env: dict[int, Any] = {}
+    env = {} if env is None else env
     with probe:
         schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module,
-                                       env=env)
+                                       imports=imports, env=env)
     if saved > limits.max_saved_bytes:
         raise LimitError(f"the plan saves {saved:,} bytes, over your tier's limit of "
                          f"{limits.max_saved_bytes:,} bytes")
@@ -85,6 +91,7 @@ def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
         n.op == SAVE and not (n.steps.single and n.steps.start == 0) for n in plan.nodes)
     templates = all(_static(info.shapes.get(event_key(n.path, n.io)))
                     for n in plan.nodes if n.op == POINT)
+    unknown_imports = contains_unknown(list((imports or {}).values()))
     remote_bytes, remote_values = remote_saves(plan, env, kept_nbytes)
-    return Checked(schedule, saved, not (later_steps or not templates or probe.failed),
-                   remote_bytes, remote_values)
+    return Checked(schedule, saved, not (later_steps or not templates or probe.failed
+                                         or unknown_imports), remote_bytes, remote_values)

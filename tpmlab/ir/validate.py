@@ -371,15 +371,16 @@ def _meta_from_template(template: Any, rows: int, length: int, dtype: torch.dtyp
     return UNKNOWN
 
 
-def _contains_unknown(value: Any) -> bool:
+def contains_unknown(value: Any) -> bool:
+    """Whether ``value`` is, or holds, a value validation cannot know (:data:`UNKNOWN`)."""
     if value is UNKNOWN:
         return True
     if isinstance(value, slice):
         return any(v is UNKNOWN for v in (value.start, value.stop, value.step))
     if isinstance(value, (list, tuple)):
-        return any(_contains_unknown(v) for v in value)
+        return any(contains_unknown(v) for v in value)
     if isinstance(value, dict):
-        return any(_contains_unknown(v) for v in value.values())
+        return any(contains_unknown(v) for v in value.values())
     return False
 
 
@@ -470,7 +471,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             continue
         args = _materialize(node.args, env, plan)
         kwargs = _materialize(node.kwargs, env, plan)
-        if _contains_unknown(args) or _contains_unknown(kwargs):
+        if contains_unknown(args) or contains_unknown(kwargs):
             env[node.id] = UNKNOWN  # a save of unknown size is left to the run-time limit
             continue
         if node.op == GRAD:  # shaped like what it differentiates
