@@ -65,6 +65,7 @@ from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
 from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
+from . import cuda_ipc
 from .backward import stage_backward
 from .handover import Segments, Token
 from .partition import StageSpan
@@ -195,6 +196,13 @@ class StageActor:
         # remote saves (:mod:`.remote_store`) are accounted under this stage's own name
         self.store_name = f"{spec['model']} stage {self.span.index} ({os.urandom(3).hex()})"
         self.address = _worker_address()
+        # hidden states to the next stage and gradients to the previous one in device memory,
+        # where both stages can open it (:mod:`.cuda_ipc`)
+        self.ipc_id = os.urandom(4).hex()
+        self.ipc_next = cuda_ipc.Sender(f"{self.ipc_id}>")
+        self.ipc_prev = cuda_ipc.Sender(f"{self.ipc_id}<")
+        self.ipc_in = cuda_ipc.Receiver()
+        self._acks: set[asyncio.Task] = set()  # acknowledgements on their way
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -204,8 +212,18 @@ class StageActor:
                 "family": self.source.adapter.family}
 
     async def link(self, next_stage: Any, info: dict[str, Any]) -> None:
-        """Set the next stage's actor (``None`` on the last stage) and the model's info."""
+        """Set the next stage's actor (``None`` on the last stage) and the model's info; the
+        two stages tell each other where their tensors live (:mod:`.cuda_ipc`)."""
         self.next = next_stage
+        peer = None
+        if next_stage is not None:
+            try:
+                peer = await asyncio.wait_for(
+                    _await_within(next_stage.ipc_hello(cuda_ipc.identity(self.ipc_id)),
+                                  time.monotonic() + 30, "the next stage"), 31)
+            except Exception:  # noqa: BLE001 - an older or unreachable peer: host memory
+                peer = None
+        self.ipc_next.link(peer)
         self.info = ModelInfo.from_dict(info)
         self.plans.clear()  # schedules depend on the model's info
         # the deploying client read the tokenizer (≈ 1 s) while the stages loaded
@@ -216,12 +234,38 @@ class StageActor:
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
 
+    async def ipc_hello(self, prev: cuda_ipc.Identity) -> cuda_ipc.Identity:
+        """The previous stage's :class:`~.cuda_ipc.Identity` in, this one's out (at link time)."""
+        self.ipc_prev.link(prev)
+        return cuda_ipc.identity(self.ipc_id)
+
+    async def ipc_ack(self, req: str, buffers: list[int]) -> None:
+        """The previous stage has copied what request ``req`` handed it in these buffers."""
+        self.ipc_prev.release(req, buffers)
+
+    async def ipc_fetch(self, req: str, value: cuda_ipc.IpcTensor) -> Any:
+        """The previous stage could not open ``value``: the value itself, the ordinary way."""
+        return to_wire(await self._compute(self.ipc_prev.refused, value, req))
+
+    async def ipc(self) -> dict[str, Any]:
+        """What the device hand-overs did here (:mod:`.cuda_ipc`): per direction, whether the
+        link uses them (``next``/``prev``), values ``sent`` through them or the ``ordinary``
+        way, ``refused`` by the peer, ``pool_full``, buffers ``held`` now and kept; and values
+        ``received`` and buffers ``opened`` here."""
+        out: dict[str, Any] = {}
+        for name, sender in (("next", self.ipc_next), ("prev", self.ipc_prev)):
+            out[name] = {"active": sender.active, **sender.counts, "held": sender.held(),
+                         "buffers": sender.buffers()}
+        out["in"] = {**self.ipc_in.counts, "cached": self.ipc_in.opened()}
+        return out
+
     async def memory(self) -> dict[str, Any]:
         """This worker process's memory: resident and peak resident bytes (the peak since
         the last stage load on this worker began), stage bytes, and what loading this stage
         cost (:class:`~tpmlab.runtime.load_meter.LoadMeter`: ``load_seconds``, ``read_bytes``,
         ``disk_read_bytes``, ``rss_before``, ``resident_growth``, ``load_host_peak``,
-        ``load_cuda_peak``); ``passes``: forward steps this stage ran its layers for (a
+        ``load_cuda_peak``); ``ipc_held``: device buffers handed to a neighbour and not yet
+        acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``passes``: forward steps this stage ran its layers for (a
         pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
@@ -229,6 +273,7 @@ class StageActor:
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
                "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
+               "ipc_held": self.ipc_next.held() + self.ipc_prev.held(), "ipc": await self.ipc(),
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
@@ -244,6 +289,8 @@ class StageActor:
         elsewhere); a ``collect`` of it arriving later returns at once."""
         self._drop(req, ExecutionError("the request was aborted"))
         self.segments.free(req)
+        self.ipc_next.release(req)
+        self.ipc_prev.release(req)
         STORE.free_request(req)
         if self.next is not None:
             with contextlib.suppress(Exception):
@@ -273,6 +320,8 @@ class StageActor:
             self._drop(req, RequestTimeoutError("the request ran past its deadline"))
         for req in [r for r, t in self.ended.items() if t < now]:
             del self.ended[req]
+        self.ipc_next.sweep(GRACE)
+        self.ipc_prev.sweep(GRACE)
 
     def _slot(self, req: str, deadline: float) -> _Slot:
         slot = self.slots.get(req)
@@ -321,6 +370,9 @@ class StageActor:
         runner, step = st.runner, msg["step"]
         if msg.get("stopped"):  # an earlier stage ended the pass (tracer.stop()): no work here
             return self._stopped(msg, msg.get("saved", 0))
+        # first, before the request's state changes: a buffer that cannot be opened here
+        # (cuda_ipc.Refused) has the previous stage send the value again
+        hidden = None if self.span.is_first else self._received(msg["hidden"], msg["req"])
         runner.env.update(from_wire(msg["carry"], self.device))
         # the request's saves so far, over all stages, include this stage's earlier steps
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
@@ -343,7 +395,6 @@ class StageActor:
                                              else grads.input_leaf(embeds),
                                              logits_to_keep=1 if st.generate else 0)
                 else:
-                    hidden = from_wire(msg["hidden"], self.device)
                     if grads is not None:  # its gradient goes back to the previous stage
                         st.extra["hidden_in"] = hidden.requires_grad_()
                         hidden = hidden.clone()  # a plan may write the stage's input in place
@@ -368,8 +419,32 @@ class StageActor:
                                               out.logits[:, -1, :], step).cpu()
             return reply
         last_event = self.owned.stop - 1
-        return {**_passed_on(msg), "hidden": to_wire(out),
+        hidden_out = self._given(self.ipc_next, out, msg["req"], time.monotonic() + msg["timeout"])
+        return {**_passed_on(msg), "hidden": hidden_out,
                 "carry": to_wire(runner.carry_out(last_event)), "saved": saved}
+
+    def _received(self, value: Any, req: str) -> Any:
+        """A value from a neighbour on this stage's device (the copy out of a device buffer
+        queued on this thread's stream: :meth:`~.cuda_ipc.Receiver.settle` it before the
+        acknowledgement)."""
+        if isinstance(value, cuda_ipc.IpcTensor):
+            return self.ipc_in.take(value, req, self.device)
+        return from_wire(value, self.device)
+
+    def _given(self, sender: cuda_ipc.Sender, value: Any, req: str, deadline: float) -> Any:
+        """``value`` for a neighbour: in one of ``sender``'s device buffers, held by ``req``
+        until acknowledged, or the ordinary way (:func:`~.wire.to_wire`)."""
+        given = sender.give(value, req, deadline)
+        return given if given is not None else to_wire(value)
+
+    def _ack(self, req: str, value: Any) -> None:
+        """Tell the next stage it may reuse the buffer behind ``value`` (a gradient it handed
+        here), without waiting for its answer."""
+        if not isinstance(value, cuda_ipc.IpcTensor) or self.next is None:
+            return
+        task = asyncio.ensure_future(_quietly(self.next.ipc_ack(req, [value.buffer])))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     def _stopped(self, msg: dict[str, Any], saved: int) -> dict[str, Any]:
         """The message for the next stage (the reply, on the last) of a pass that a stopping
@@ -464,15 +539,18 @@ class StageActor:
             def work() -> tuple[dict[str, Any], Any, float, float]:
                 # one hop to the stage's thread: the layers, then (once the hidden state is on
                 # its way to the next stage) this stage's saves
-                t = time.perf_counter()
-                out = self._forward(st, msg)
-                t_fwd = time.perf_counter() - t
-                if sent is not None:
-                    out["timeout"] = deadline - time.monotonic()
-                    loop.call_soon_threadsafe(send, out, context=context)
-                backward = st.runner.gradients is not None
-                output = self._finish(st, 1) if msg.get("final") and not backward else None
-                return out, output, t_fwd, time.perf_counter() - t - t_fwd
+                try:
+                    t = time.perf_counter()
+                    out = self._forward(st, msg)
+                    t_fwd = time.perf_counter() - t
+                    if sent is not None:
+                        out["timeout"] = deadline - time.monotonic()
+                        loop.call_soon_threadsafe(send, out, context=context)
+                    backward = st.runner.gradients is not None
+                    output = self._finish(st, 1) if msg.get("final") and not backward else None
+                    return out, output, t_fwd, time.perf_counter() - t - t_fwd
+                finally:  # the reply (or error) acknowledges the hidden state's buffer
+                    self.ipc_in.settle(req)
 
             out, output, t_fwd, t_saves = await self._compute(work)
             t2 = time.perf_counter()
@@ -489,6 +567,13 @@ class StageActor:
             if sent is not None:
                 pending = await sent
                 reply = await _await_within(pending, deadline, f"stage {self.span.index + 1}")
+                if reply.get("ipc_refused"):  # the hidden state again, through host memory
+                    out = {**out, "timeout": deadline - time.monotonic(),
+                           "hidden": to_wire(await self._compute(self.ipc_next.refused,
+                                                                 out["hidden"], req))}
+                    reply = await _await_within(self.next.step(out), deadline,
+                                                f"stage {self.span.index + 1}")
+                self.ipc_next.release(req)  # the reply acknowledged the hidden state
                 # one-way times to the next stage and back (wall clocks: exact on one host)
                 nxt = reply["timings"][0]
                 hops = {"hop out": nxt.pop("arrived") - sent_at,
@@ -499,7 +584,18 @@ class StageActor:
             if st.runner.gradients is not None and msg.get("final"):
                 # the next stage's reply brought the gradient of our output: backward here,
                 # then hand the gradient of our input to the previous stage with the reply
-                back, output = await self._compute(stage_backward, self, st, reply)
+                grad = reply.get("grad")
+                try:
+                    back, output = await self._compute(stage_backward, self, st, reply)
+                except cuda_ipc.Refused:  # the gradient again, through host memory
+                    reply = {**reply, "grad": await _await_within(
+                        self.next.ipc_fetch(req, grad), deadline, f"stage {self.span.index + 1}")}
+                    back, output = await self._compute(stage_backward, self, st, reply)
+                finally:
+                    self._ack(req, grad)
+                if isinstance(back.get("grad"), cuda_ipc.IpcTensor):  # held until acknowledged
+                    loop.call_later(max(deadline - time.monotonic(), 0) + GRACE,
+                                    self.ipc_prev.release, req)
                 reply = {**reply, **back}
                 self.requests.pop(req, None)
                 if not self.span.is_first:
@@ -517,10 +613,15 @@ class StageActor:
                 self.kept.setdefault(req, {}).update(reply.pop("kept"))
             reply["timings"][0]["left"] = time.time()
             return reply
+        except cuda_ipc.Refused:  # nothing ran: the previous stage sends the value again
+            return {"ipc_refused": True}
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"), st)
+            self.ipc_prev.release(req)  # a gradient handed back that no one will take
             raise
+        finally:
+            self.ipc_next.release(req)  # answered or failed: the hidden state's buffer is free
 
     async def finish(self, req: str, steps_run: int, timeout: float) -> StageOutput | None:
         """End a generation: check every node ran, set this stage's output aside for the
@@ -791,6 +892,12 @@ def _worker_address() -> str | None:
         return get_worker().address
     except (ImportError, ValueError):
         return None
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Await ``awaitable`` for its effect alone (an acknowledgement: a lost one is swept)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(awaitable, 30)
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
