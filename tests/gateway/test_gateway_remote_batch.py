@@ -5,6 +5,7 @@ numbers as one by one, priced once, every handle checked for its owner, bounded.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -143,14 +144,22 @@ def test_a_batch_is_bounded_in_values_and_bytes_by_named_errors(small):
     assert r.status_code == 413 and r.json()["error"] == "RemoteReadLimitError", r.text
     assert "one read takes at most 3" in r.json()["message"]
     assert "max_read_values" in r.json()["message"]
-    with pytest.raises(RemoteReadLimitError, match=r"returns 3,072 bytes.*max_saved_bytes"):
-        remote.fetch_all(values[:2])  # two whole values: over the bytes one read returns
+    r = c.post("/v1/remote-values/fetch", json={"handles": [v.handle for v in values[:2]]})
+    assert r.status_code == 413 and r.json()["error"] == "RemoteReadLimitError", r.text
+    assert re.search(r"returns 3,072 bytes.*max_saved_bytes", r.json()["message"])
     assert len(_charges(lab)) == charges and lab.backend.me()["held"] == 0
-    # the client reads at most max_read_values at a time: 4 values are 2 requests
+    # the client reads at most max_read_values values and max_saved_bytes at a time: 4
+    # sums are 2 requests, 4 whole values 4
     sums = remote.reduce_all(values, "sum", [0, 1])
     assert len(_charges(lab)) == charges + 2
     for v, s in zip(values, sums):
         torch.testing.assert_close(s, v.reduce("sum", [0, 1]), atol=0, rtol=0)
+    charges = len(_charges(lab))
+    for v, t in zip(values, remote.fetch_all(values)):
+        torch.testing.assert_close(t, v.fetch(), atol=0, rtol=0)
+    assert len(_charges(lab)) == charges + 4 + 4  # 4 together, then 4 one by one
+    with pytest.raises(RemoteReadLimitError, match="max_saved_bytes"):  # one value too large
+        remote.reduce_all(values[:1], "gram", dtype="float64")  # [64, 64] float64: 32 KiB
     r = c.post("/v1/remote-values/fetch", json={"handles": []})
     assert r.status_code == 422
     lab.close()

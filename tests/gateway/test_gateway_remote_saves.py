@@ -204,7 +204,8 @@ def test_limits_refuse_before_running_and_release_frees_the_accounting(small):
     assert _held(small, "inspect") | {"values": None} == {
         "values": None, "bytes": b.nbytes, "count": 1,
         "max_bytes": 3 * a.nbytes, "max_values": 2,
-        "max_read_values": small.gateway.config.max_read_values}
+        "max_read_values": small.gateway.config.max_read_values,
+        "max_read_bytes": a.nbytes}
     c, _ = _keep(lab, 3)  # admitted again
     del c
     gc.collect()  # a value dropped here is released at this client's next call

@@ -13,6 +13,7 @@ API of :class:`~tpmlab.remote.RemoteValue`, each read a request to the gateway
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -69,7 +70,8 @@ class GatewayBackend:
         self.last_charge: dict[str, Any] = {}
         self.remote = RemoteValues()  # the remote values this client handed out, by model
         self._dropped: list[str] = []  # handles of values collected here, released next call
-        self._max_read_values: int | None = None  # the gateway's, asked when first needed
+        # values and bytes one read of several takes there, asked when first needed
+        self._read_limits: tuple[int, int] | None = None
 
     def _get(self, path: str, **params: Any) -> Any:
         return self._call("GET", path, params=params or None).json()
@@ -165,15 +167,27 @@ class GatewayBackend:
                             "units": float(meta.get("charged_units", "nan")), "batch_size": 1}
         return values[0]
 
-    def _read_many(self, values: list[GatewayRemoteValue], what: str,
-                   body: dict[str, Any]) -> list[torch.Tensor]:
-        """One request per ``max_read_values`` values (of one model) reading them all
-        (``POST /v1/remote-values/{what}``); ``last_charge`` is the last request's."""
-        if self._max_read_values is None:
-            self._max_read_values = int(self.remote_values()["max_read_values"])
-        step, out = self._max_read_values, []
-        for i in range(0, len(values), step):
-            handles = [v.handle for v in values[i:i + step]]
+    def _read_many(self, values: list[GatewayRemoteValue], what: str, body: dict[str, Any],
+                   nbytes: list[int]) -> list[torch.Tensor]:
+        """Read ``values`` (of one model; ``nbytes``: what each returns) with as few requests
+        as the gateway's limits allow (``POST /v1/remote-values/{what}``; each at most
+        ``max_read_values`` values and ``max_read_bytes``, a value over that alone is sent
+        alone, to be refused naming the limit); ``last_charge`` is the last request's."""
+        if self._read_limits is None:
+            held = self.remote_values()
+            self._read_limits = (int(held["max_read_values"]), int(held["max_read_bytes"]))
+        most, most_bytes = self._read_limits
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for i, n in enumerate(nbytes):
+            if chunks[-1] and (len(chunks[-1]) >= most or size + n > most_bytes):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += n
+        out: list[torch.Tensor] = []
+        for chunk in chunks:
+            handles = [values[i].handle for i in chunk]
             r = self._call("POST", f"/v1/remote-values/{what}", json=dict(body, handles=handles))
             got, meta = decode_result(r.content)
             self.last_charge = {"request_id": meta.get("request_id"),
@@ -289,12 +303,14 @@ class GatewayRemoteValue(RemoteValue):
     def _reduce_group(values: list[RemoteValue], op: str, dims: Any, keepdim: bool,
                       dtype: str | None) -> list[torch.Tensor]:
         wire = dims if dims is None or isinstance(dims, int) else [int(d) for d in dims]
+        nbytes = [math.prod(check_reduction(v.shape, op, dims, keepdim, dtype)[1])
+                  * np.dtype(dtype or v.dtype).itemsize for v in values]
         return values[0]._live()._read_many(values, "reduce", {  # checked per value there
-            "op": op, "dims": wire, "keepdim": keepdim, "dtype": dtype})
+            "op": op, "dims": wire, "keepdim": keepdim, "dtype": dtype}, nbytes)
 
     @staticmethod
     def _fetch_group(values: list[RemoteValue]) -> list[torch.Tensor]:
-        return values[0]._live()._read_many(values, "fetch", {})
+        return values[0]._live()._read_many(values, "fetch", {}, [v.nbytes for v in values])
 
     @staticmethod
     def _group_arrays(values: list[RemoteValue]) -> list[Any]:

@@ -294,15 +294,17 @@ def _bytes(nbytes: int | None) -> str:
 
 # -- reads, priced ----------------------------------------------------------------------------------
 def read(gateway: Gateway, user: UserView, helds: list[Held], kind: str, out_nbytes: int,
-         extra_seconds: float, work: Any) -> tuple[list[Any], dict[str, Any]]:
+         extra_seconds: float, work: Any, *, many: bool = False
+         ) -> tuple[list[Any], dict[str, Any]]:
     """Run ``work()`` (a read of the values of ``helds``, all of one model, returning a list
     of tensors of ``out_nbytes`` bytes in all) priced like a run, once for them all: refuse
     past the tier's ``max_saved_bytes``, hold the worst case in the ledger (else 402), run
-    it, charge what it took. Returns the tensors and their metadata."""
+    it, charge what it took. Returns the tensors and their metadata. ``many``: a read of
+    several values (its errors say so: :class:`RemoteReadLimitError`)."""
     cfg = gateway.config
     limits = gateway.limits_for(user)
     if out_nbytes > limits.max_saved_bytes:
-        error = RemoteReadLimitError if len(helds) > 1 else LimitError
+        error = RemoteReadLimitError if many else LimitError
         raise error(f"this {kind} returns {out_nbytes:,} bytes, over your tier's limit of "
                     f"{limits.max_saved_bytes:,} bytes (max_saved_bytes): "
                     + ("read fewer values at a time, " if len(helds) > 1 else "")
@@ -347,8 +349,7 @@ def read(gateway: Gateway, user: UserView, helds: list[Held], kind: str, out_nby
         table._reading(op_id, False)
     meta = {"request_id": op_id, "charged_units": charged, "compute_seconds": took,
             "model_version": first.model_version, "plan_digest": digest, "held_units": worst}
-    meta.update({"handle": first.handle} if len(helds) == 1 else
-                {"handles": [h.handle for h in helds]})
+    meta.update({"handles": [h.handle for h in helds]} if many else {"handle": first.handle})
     return tensors, meta
 
 
@@ -408,7 +409,7 @@ def fetch_many(gateway: Gateway, user: UserView, handles: list[str]
     helds = owned_all(gateway, user, handles)
     values = [h.value for h in helds]
     return read(gateway, user, helds, "fetch", sum(_nbytes(v.shape, v.dtype) for v in values),
-                0.0, lambda: fetch_all(values))
+                0.0, lambda: fetch_all(values), many=True)
 
 
 def reduce_many(gateway: Gateway, user: UserView, handles: list[str], op: str, dims: Any,
@@ -423,7 +424,7 @@ def reduce_many(gateway: Gateway, user: UserView, handles: list[str], op: str, d
     flops = sum(_gram_flops(v, op) for v in values)
     return read(gateway, user, helds, "reduce", out,
                 flops / gateway.config.remote_flops_per_second,
-                lambda: reduce_all(values, op, dims, keepdim=keepdim, dtype=dtype))
+                lambda: reduce_all(values, op, dims, keepdim=keepdim, dtype=dtype), many=True)
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -444,6 +445,8 @@ class ValuesOut(BaseModel):
     max_bytes: int = Field(description="your tier's max_remote_bytes")
     max_values: int = Field(description="your tier's max_remote_values")
     max_read_values: int = Field(description="values one read of several takes")
+    max_read_bytes: int = Field(description="bytes one read returns: your tier's "
+                                            "max_saved_bytes")
 
 
 IndexItem = int | Annotated[list[int | None], Field(min_length=3, max_length=3)]
@@ -507,7 +510,8 @@ def list_values(request: Request, user: User,
     return {"values": [h.info() for h in gw.remote_values.of(user.id, model)],
             "bytes": nbytes, "count": count, "max_bytes": limits.max_remote_bytes,
             "max_values": limits.max_remote_values,
-            "max_read_values": gw.config.max_read_values}
+            "max_read_values": gw.config.max_read_values,
+            "max_read_bytes": limits.max_saved_bytes}
 
 
 @router.post("/fetch", response_class=Response, responses={200: {"content": {OCTET: {}}}})
