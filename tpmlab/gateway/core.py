@@ -500,13 +500,14 @@ class Gateway:
             try:
                 self._keep_remote(req, out)
                 row = self._charge(req, out)
-                self._learn(req, out)
                 req.units = from_micro(min(to_micro(row["units"]), to_micro(req.hold.units)))
                 req.result = self._encode(req, out)
                 charges.append(row)
                 done.append((req, out))
             except Exception as e:  # noqa: BLE001 - reported to the request's owner
                 req.error, req.result = _as_error(e), None
+        for req, out in done:
+            self._learn(req, out)
         for req in batch:
             req.drop_plan()  # it has run: its constants are not needed any more
             if req.error is not None:  # what it reserved or kept on the engine goes
@@ -584,15 +585,18 @@ class Gateway:
         if req.batch_size != 1:
             return
         learned = self.models[req.model].learned
-        predicted, measured = 0.0, 0.0
-        for plan, out in zip(req.traces(), outs):
-            predicted += learned.fit.forward_seconds(plan_tokens(plan), plan_rows(plan),
-                                                     steps_run(plan, out.values))
-            measured += float(out.meta.get("compute_seconds", 0.0)) \
-                - own_node_seconds(out.meta.get("node_seconds"), out.ids) \
-                - float(out.meta.get("backward_seconds", 0.0))
-        if learned.observe(predicted, measured):
-            self.metrics.cost_scale.labels(req.model).set(learned.scale)
+        try:
+            predicted, measured = 0.0, 0.0
+            for plan, out in zip(req.traces(), outs):
+                predicted += learned.fit.forward_seconds(plan_tokens(plan), plan_rows(plan),
+                                                         steps_run(plan, out.values))
+                measured += float(out.meta.get("compute_seconds", 0.0)) \
+                    - own_node_seconds(out.meta.get("node_seconds"), out.ids) \
+                    - float(out.meta.get("backward_seconds", 0.0))
+            if learned.observe(predicted, measured):
+                self.metrics.cost_scale.labels(req.model).set(learned.scale)
+        except Exception:  # noqa: BLE001 - the request is answered all the same
+            log.exception("could not learn from request %s", req.id)
 
     def _complete(self, batch: list[Request]) -> None:
         for req in batch:
