@@ -10,10 +10,12 @@ from tpmlab.gateway.core import GatewayConfig
 def test_session_limit_flags_reach_the_config():
     args = build_parser().parse_args(["gateway", "--max-session-traces", "3",
                                       "--max-session-invokes", "7",
-                                      "--max-session-rows", "11"])
+                                      "--max-session-rows", "11",
+                                      "--max-read-values", "5", "--no-cost-learning"])
     config = config_from_args(args)
     assert (config.max_session_traces, config.max_session_invokes,
             config.max_session_rows) == (3, 7, 11)
+    assert config.max_read_values == 5 and not config.learn_costs
 
 
 def test_without_flags_the_config_keeps_its_defaults():
@@ -22,3 +24,6 @@ def test_without_flags_the_config_keeps_its_defaults():
     assert (config.max_session_traces, config.max_session_invokes, config.max_session_rows) == \
         (default.max_session_traces, default.max_session_invokes, default.max_session_rows)
     assert config.cost_models["smollm2-135m"].seconds_per_token == 0.001
+    assert config.max_read_values == default.max_read_values
+    assert not config.learn_costs  # a pinned cost model is not learned
+    assert config_from_args(build_parser().parse_args(["gateway"])).learn_costs

@@ -15,7 +15,8 @@ GET      /v1/requests/{id}/result              its result bytes (waits up to ``t
 DELETE   /v1/requests/{id}                     cancel one of your queued requests
 GET      /v1/me                                your tier and balance
 GET      /v1/me/usage                          your balance and recent charges
-...      /v1/remote-values[...]                your remote saves: list, fetch, reduce, release
+...      /v1/remote-values[...]                your remote saves: list, fetch, reduce (one, or
+                                               many in one request), release
                                                (:mod:`tpmlab.gateway.remote_values`)
 admin    /v1/admin/users[...]                  users, keys, tiers, allocations (admin tier)
 =======  ====================================  =================================================

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 DEFAULT_DB = "sqlite:///tpmlab-gateway.db"
 # GatewayConfig's limits on one session request, each a flag (--max-session-traces, ...)
 SESSION_LIMITS = ("max_session_traces", "max_session_invokes", "max_session_rows")
+# ...and other GatewayConfig fields a flag of the same name sets, its default GatewayConfig's
+OPTIONAL = (*SESSION_LIMITS, "max_read_values")
 
 
 def register(subparsers: Any) -> None:
@@ -77,6 +79,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--remote-value-ttl", type=float, default=3600.0,
                    help="seconds a user's remote values (.save(remote=True)) are kept after "
                         "their request, unless released before")
+    p.add_argument("--max-read-values", type=int, default=None,
+                   help="remote values one read of several takes (default: GatewayConfig's)")
     p.add_argument("--tls-ca-file", default=None, help="CA of the Dask cluster's certificates")
     p.add_argument("--tls-cert", default=None, help="the gateway's certificate for Dask")
     p.add_argument("--tls-key", default=None, help="the gateway's private key for Dask")
@@ -152,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
                          hold_lease_seconds=args.hold_lease,
                          plan_compute_factor=args.plan_compute_factor,
                          remote_value_ttl=args.remote_value_ttl,
-                         **{k: v for k in SESSION_LIMITS
+                         **{k: v for k in OPTIONAL
                             if (v := getattr(args, k)) is not None})
 
 
