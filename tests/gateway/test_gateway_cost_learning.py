@@ -211,3 +211,19 @@ def test_merged_runs_teach_it_nothing(slow_start, lab_model):
     assert learned.runs == alone  # only a run alone is observed
     if not alone:
         assert learned.scale == 1.0
+
+
+def test_a_session_runs_alone_and_teaches_it_once(slow_start):
+    s, _ = slow_start
+    learned = s.gateway.models[MODEL].learned
+    lab = s.lab("intervene")
+    model = lab.model(MODEL)
+    with model.session():
+        with model.trace("The Eiffel Tower is in"):
+            h = model.layers[0].output[:, -1]
+        with model.trace("Hello there"):
+            model.layers[0].output[:, -1] = h
+            model.output.logits[:, -1].save()
+    assert learned.runs == 1 and learned.scale < 1.0
+    assert lab.backend.last_charge["batch_size"] == 1
+    lab.close()
