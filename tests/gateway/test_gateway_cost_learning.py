@@ -227,3 +227,19 @@ def test_a_session_runs_alone_and_teaches_it_once(slow_start):
     assert learned.runs == 1 and learned.scale < 1.0
     assert lab.backend.last_charge["batch_size"] == 1
     lab.close()
+
+
+def test_a_stopped_trace_teaches_it_nothing(slow_start, lab_model):
+    """``tracer.stop()`` ends the pass after layer 0: faster than any whole pass, so it
+    says nothing about what a pass costs."""
+    s, _ = slow_start
+    learned = s.gateway.models[MODEL].learned
+    tr = lab_model.trace("The Eiffel Tower is in")
+    with tr.recording():
+        lab_model.layers[0].output.save()
+        tr.stop()
+    plan = tr.plan()
+    assert plan.stop
+    with s.client("admin") as c:
+        _run(c, encode_plan(plan))
+    assert learned.runs == 0 and learned.scale == 1.0

@@ -581,9 +581,10 @@ class Gateway:
         """Teach the model's cost model (:class:`~.units.LearnedCost`) what ``req``'s forward
         passes took, if it ran alone: the engine's compute seconds less its plan's own nodes
         and backward, against the calibrated fit's prediction for its tokens, rows and steps
-        (a session's traces added up). A merged run's seconds are the batch's: not used."""
-        if req.batch_size != 1:
-            return
+        (a session's traces added up). A merged run's seconds are the batch's, and a stopped
+        plan's (``tracer.stop()``) are of part of a pass: neither is used."""
+        if req.batch_size != 1 or any(plan.stop for plan in req.traces()):
+            return  # tracer.stop(): its pass ended early, faster than any whole pass
         learned = self.models[req.model].learned
         try:
             predicted, measured = 0.0, 0.0
