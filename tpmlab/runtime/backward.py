@@ -68,6 +68,7 @@ class Backprop:
         self.incoming: dict[str, torch.Tensor] = {}  # constants' gradients from later stages
         self.autograd_bytes = 0  # bytes autograd keeps for the backward, weights excluded
         self.seconds = 0.0  # the backward's own time here, the plan's nodes not included
+        self.forward_seconds = 0.0  # the forward's time here, with its nodes (in process)
         self._storages: set[int] = set()
         self._kept: list[tuple[StorageWeakRef, int, int]] = []  # what autograd kept, weakly
         self._slots: list[list[torch.Tensor]] = []  # autograd's saved tensors (see _pack)
@@ -323,8 +324,10 @@ def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: Pl
     if "inputs_embeds" in kwargs:
         kwargs = {**kwargs, "inputs_embeds": grads.input_leaf(kwargs["inputs_embeds"])}
     runner.begin_step(0)
+    start = time.perf_counter()
     with grads.forward(), runner.hooks():
         model(**kwargs, use_cache=False)
+    grads.forward_seconds = time.perf_counter() - start
     grads.backward([(runner.env.get(grads.g.loss), None)])
     runner.check_complete(1)
     return grads.seconds
