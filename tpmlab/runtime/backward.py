@@ -57,7 +57,11 @@ class Backprop:
 
     def __init__(self, runner: PlanRunner, grads: GradientSchedule, *,
                  frozen: frozenset[int] = frozenset(), max_bytes: int | None = None) -> None:
-        self.runner, self.g = runner, grads
+        # the runner owns this state (runner.gradients); a strong reference back would make
+        # a cycle that kept the request's saves (pinned host memory on a GPU) until the
+        # garbage collector ran
+        self._runner = weakref.ref(runner)
+        self.g = grads
         self.frozen, self.max_bytes = frozen, max_bytes
         self.deadline: float | None = None
         self.released = False
@@ -76,6 +80,13 @@ class Backprop:
         names = set(grads.constants.values())
         for name in names & set(runner._constants):
             runner._constants[name] = runner._constants[name].detach().requires_grad_()
+
+    @property
+    def runner(self) -> PlanRunner:
+        runner = self._runner()
+        if runner is None:
+            raise ExecutionError("the request's runner is gone (its backward state outlived it)")
+        return runner
 
     # -- the forward -------------------------------------------------------------------------------
     @contextlib.contextmanager

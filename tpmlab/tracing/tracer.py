@@ -446,8 +446,12 @@ class Trace:
         self._after_run(values)
         # Proxies point at the trace; dropping the trace's references back breaks the cycle,
         # so saved tensors (pinned host memory on a GPU) are freed as soon as the user lets go.
+        # The gradient reads' proxies too: a trace with a backward otherwise kept its saved
+        # gradients (pinned host memory on a GPU) until the garbage collector found the cycle,
+        # and each request pinned new memory meanwhile.
         self.proxies.clear()
         self._points.clear()
+        self._grads.clear()
         return self.result
 
     def execute(self, plan: Plan) -> tuple[dict[int, Any], dict[str, Any]]:
