@@ -14,6 +14,7 @@ request's state when it ends, fails or passes its deadline.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,9 +29,14 @@ if TYPE_CHECKING:
 def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
                    ) -> tuple[dict[str, Any], StageOutput]:
     """Run this stage's backward (in its thread) from the next stage's ``reply``; return the
-    reply's fields for the previous stage and this stage's output for the client."""
+    reply's fields for the previous stage and this stage's output for the client. Its parts'
+    seconds go to ``st.times``: ``backward in`` (the reply's values onto the device),
+    ``backward run`` (autograd and the plan's backward nodes; on a GPU, launching them),
+    ``backward to host`` (the input's gradient for the previous stage: on a GPU, the wait for
+    the backward, then the copy) and ``backward finish`` (the saves, once copied)."""
     runner, device = st.runner, actor.device
     grads = runner.gradients
+    start = time.perf_counter()
     runner.env.update(from_wire(reply.get("carry_back") or {}, device))
     incoming = from_wire(reply.get("constant_grads") or {}, device)
     roots: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
@@ -40,6 +46,7 @@ def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
     if out is not None and g_out is not None:
         roots.append((out, from_wire(g_out, device)))
     actor.weights.ready()
+    t_in = time.perf_counter()
     try:
         try:
             grads.backward(roots, incoming)
@@ -48,13 +55,18 @@ def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
                                  f"{e}") from None
         finally:
             actor.weights.check()
+        t_back = time.perf_counter()
         back: dict[str, Any] = {"grad": None, "constant_grads": {}, "carry_back": {}}
         if not actor.span.is_first:
             hidden = st.extra.get("hidden_in")
             back["grad"] = None if hidden is None or hidden.grad is None else to_wire(hidden.grad)
             back["constant_grads"] = to_wire(grads.outgoing())
             back["carry_back"] = to_wire(grads.carry_back(actor.owned.start))
+        t_host = time.perf_counter()
         output = actor._finish(st, 1)
+        st.times.update({"backward in": t_in - start, "backward run": t_back - t_in,
+                         "backward to host": t_host - t_back,
+                         "backward finish": time.perf_counter() - t_host})
     finally:  # the graph's ends: released now, ended or failed, not when the state is dropped
         grads.release()
         st.extra.clear()
