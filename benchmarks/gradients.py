@@ -179,10 +179,14 @@ def stage_phases(backend: Any, model: Any, ids: torch.Tensor, repeats: int) -> d
 def print_stage_phases(phases: dict[str, float], stages: int) -> None:
     """One line per stage (its forward, backward, hops...), then the client's and stage 0's
     own phases."""
+    order = ["state", "forward", "forward to host", "saves", "thread", "hop out", "wait",
+             "hop back", "backward", "backward in", "backward run", "backward to host",
+             "backward finish"]
     for k in range(stages):
         own = {name.split(" ", 1)[1]: v for name, v in phases.items()
                if name.startswith(f"stage{k} ")}
-        print(f"    stage {k}: " + ", ".join(f"{n} {v:.2f}" for n, v in own.items()))
+        names = [n for n in order if n in own] + sorted(set(own) - set(order))
+        print(f"    stage {k}: " + ", ".join(f"{n} {own[n]:.2f}" for n in names))
     rest = {n: v for n, v in phases.items() if not n.startswith("stage")}
     print("    client and stage 0's request: " + ", ".join(f"{n} {v:.2f}" for n, v in rest.items()))
 
