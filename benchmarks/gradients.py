@@ -141,7 +141,11 @@ def profile(hf: Any, model: Any, ids: torch.Tensor, folder: str, steps: int = 3)
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    from torch.autograd.profiler_util import FunctionEventAvg
+
+    device_key = ("self_device_time_total" if hasattr(FunctionEventAvg(), "self_device_time_total")
+                  else "self_cuda_time_total")  # the older name, before torch 2.4
+    sort = device_key if torch.cuda.is_available() else "self_cpu_time_total"
     written = []
     for name, fn in (("tpmlab", lambda: tpmlab_run(model, ids)),
                      ("plain", lambda: plain_torch(hf, model.adapter, ids))):
@@ -156,7 +160,10 @@ def profile(hf: Any, model: Any, ids: torch.Tensor, folder: str, steps: int = 3)
         prof.export_chrome_trace(trace)
         table = os.path.join(folder, f"gradients_{name}_ops.txt")
         with open(table, "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
+            try:
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
+            except Exception as e:  # noqa: BLE001 - the trace above is what matters
+                f.write(f"no table ({type(e).__name__}: {e})\n")
         written += [trace, table]
     return written
 
