@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--skip-stages", action="store_true")
+    parser.add_argument("--stage-threads", type=int, default=None,
+                        help="torch threads per stage (default: the stage's own, all cores)")
     parser.add_argument("--out", default="")
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="write torch.profiler chrome traces of a few in-process requests "
@@ -289,7 +291,7 @@ def main() -> None:
 
         cluster = start_cluster(args.stages, args.device)
         client = Client(cluster)
-        lab = Lab(DaskBackend(client=client, timeout=600))
+        lab = Lab(DaskBackend(client=client, timeout=600, threads=args.stage_threads))
         try:
             staged = lab.model(args.model, stages=args.stages, dtype=args.dtype)
             t = timed(lambda: tpmlab_run(staged, ids), args.repeats)
