@@ -41,11 +41,13 @@ import torch
 # -- the cluster ---------------------------------------------------------------------------------
 
 
-def start_gpu_cluster(n: int, gpu: bool = True) -> Any:
+def start_gpu_cluster(n: int, gpu: bool = True, cuda_ipc: bool = True) -> Any:
     """A Dask cluster of ``n`` worker processes, worker ``i`` seeing only GPU ``i`` and
     advertising ``GPU=1`` (one stage each); with fewer GPUs than workers, workers share them
     (worker ``i`` sees GPU ``i mod gpus``: two workers on one GPU stand in for two GPUs when
-    measuring hops and hand-overs). ``gpu=False``: plain CPU workers (dry runs)."""
+    measuring hops and hand-overs). ``gpu=False``: plain CPU workers (dry runs).
+    ``cuda_ipc=False``: the workers' stages never hand values over through CUDA IPC
+    (``TPMLAB_CUDA_IPC=0``), for a comparison."""
     import psutil
     from distributed import Nanny, Scheduler, SpecCluster
 
@@ -59,6 +61,8 @@ def start_gpu_cluster(n: int, gpu: bool = True) -> Any:
         if gpu:
             options["env"] = {"CUDA_VISIBLE_DEVICES": str(i % max(1, torch.cuda.device_count()))}
             options["resources"] = {"GPU": 1}
+        if not cuda_ipc:
+            options.setdefault("env", {})["TPMLAB_CUDA_IPC"] = "0"
         workers[f"gpu{i}" if gpu else f"cpu{i}"] = {"cls": Nanny, "options": options}
     scheduler = {"cls": Scheduler, "options": {"dashboard": False}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
@@ -71,6 +75,28 @@ def free_worker_cache(client: Any) -> None:
             torch.cuda.empty_cache()
 
     client.run(_free)
+
+
+def ipc_hops(memory: list[dict[str, Any]]) -> list[str]:
+    """One line per stage hop, from each stage's ``memory()``: whether the hidden states
+    (forward) and the gradients (backward) crossed it through CUDA IPC
+    (:mod:`tpmlab.cluster.cuda_ipc`) or the ordinary way (host copy + Dask), and how often."""
+    def say(c: dict[str, Any]) -> str:
+        other = c["ordinary"] + c["pool_full"] + c["refused"]
+        if not c["active"] and not c["sent"]:
+            return f"host copy + Dask (no IPC on this link{', refused' if c['refused'] else ''})"
+        if not c["sent"] and not other:
+            return "none sent"
+        return (f"CUDA IPC {c['sent']}x" + (f", ordinary way {other}x (pool full "
+                                             f"{c['pool_full']}, refused {c['refused']})"
+                                             if other else ""))
+
+    lines = []
+    for k in range(len(memory) - 1):
+        fwd, bwd = memory[k]["ipc"]["next"], memory[k + 1]["ipc"]["prev"]
+        lines.append(f"  hop stage {k} -> {k + 1}, hidden states: {say(fwd)}; "
+                     f"gradients back: {say(bwd)}")
+    return lines
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -375,6 +401,9 @@ def main() -> None:
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="print where the client's time goes in one trace saving every layer")
+    parser.add_argument("--no-cuda-ipc", action="store_true",
+                        help="stages hand hidden states over through host memory and Dask only "
+                             "(TPMLAB_CUDA_IPC=0 in the workers), for a paired comparison")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     stages = args.stages or args.gpus
@@ -394,7 +423,7 @@ def main() -> None:
         report["gpus"] = [torch.cuda.get_device_name(i) for i in range(min(args.gpus, torch.cuda.device_count()))]
     print(json.dumps({"gpus": report.get("gpus"), "torch": torch.__version__}), flush=True)
     t0 = time.perf_counter()
-    cluster = start_gpu_cluster(args.gpus, gpu)
+    cluster = start_gpu_cluster(args.gpus, gpu, cuda_ipc=not args.no_cuda_ipc)
     client = Client(cluster)
     lab = Lab(DaskBackend(client=client, timeout=600))
     import os
@@ -454,7 +483,10 @@ def main() -> None:
               flush=True)
         server_ms = tp["trace save all, in stage 0's run"] * 1e3
         mem = lab.backend.memory(args.model)
-        report.update(hf=hf, tpmlab=tp, memory=mem, params=source.n_params)
+        hops = ipc_hops(mem)
+        print("stage hops (CUDA IPC " + ("off" if args.no_cuda_ipc else "on") + "):\n"
+              + "\n".join(hops), flush=True)
+        report.update(hf=hf, tpmlab=tp, memory=mem, params=source.n_params, ipc_hops=hops)
         lines = table(hf, tp, f"{args.model} ({source.n_params / 1e9:.1f}B params, {args.dtype}), "
                       f"{stages} stages on {args.gpus} {'GPUs' if gpu else 'CPU workers'}",
                       tuple(ids.shape), args.new, tuple(big.shape) if big is not None else None)
@@ -462,6 +494,7 @@ def main() -> None:
                      "stage 0's run of the plan)")
         lines.append("per-stage: weights GB / CUDA peak GB: " + ", ".join(
             f"[{m['stage_bytes'] / 1e9:.1f} / {m.get('cuda_peak', 0) / 1e9:.1f}]" for m in mem))
+        lines += hops
         report["table"] = lines
         print("\n".join(lines), flush=True)
     finally:

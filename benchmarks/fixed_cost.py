@@ -12,8 +12,18 @@ call (what a stage hop is today) and by Dask's comm ``rpc`` to a handler registe
 worker (the leaner channel a stage could use for the hidden state), and a client -> actor
 round trip; on the same TLS cluster, interleaved.
 
+``--gpu``: the workers are ``cluster_gpu.py``'s (one GPU each, sharing one if there is
+one); channels also hand a bf16 tensor from A's GPU to B's, through host memory (a stage
+hop's ordinary way) and through CUDA IPC. ``--cuda-ipc on|off|both`` (``--no-cuda-ipc``: off): hidden states and gradients
+between the stages through CUDA IPC or host memory, ``both`` a paired run on one cluster;
+after each model, whether each hop used it. ``--workloads trace,grad``: ``grad`` adds a
+backward, so a gradient crosses each hop back.
+
     python benchmarks/fixed_cost.py [--models tiny-llama,smollm2-135m] [--tokens 16,128]
         [--repeats 30] [--sections trace,channels] [--local]
+    python benchmarks/fixed_cost.py --gpu --models llama-3-8b-shape --dtype bfloat16 \\
+        --tokens 128 --sections trace --workloads trace,grad --cuda-ipc both
+    python benchmarks/fixed_cost.py --gpu --sections channels
 """
 
 from __future__ import annotations
@@ -36,52 +46,85 @@ def median_ms(fn: Any, repeats: int) -> float:
     return statistics.median(out) * 1e3
 
 
-def trace_fn(model: Any, n: int) -> Any:
+def trace_fn(model: Any, n: int, grad: bool = False) -> Any:
+    """A trace of ``n`` tokens saving the last position's argmax; ``grad``: with a backward
+    from a logit difference, saving the argmax of the first layer's output gradient there
+    (the gradient crosses every stage hop back)."""
     import torch
 
     ids = torch.arange(1, n + 1) % 100 + 1
 
     def go() -> None:
         with model.trace(input_ids=ids):
-            model.output.logits[:, -1].argmax(-1).save()
+            if grad:
+                h = model.layers[0].output
+                logits = model.output.logits
+                (logits[:, -1, 7] - logits[:, -1, 11]).sum().backward()
+                h.grad[:, -1].argmax(-1).save()
+            else:
+                model.output.logits[:, -1].argmax(-1).save()
     return go
 
 
-def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool) -> None:
+def _switch_ipc(on: bool, dask_worker: Any = None) -> None:
+    import os
+
+    os.environ["TPMLAB_CUDA_IPC"] = "1" if on else "0"
+
+
+def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool,
+           gpu: bool = False, dtype: str | None = None, ipc_modes: tuple[bool, ...] = (True,),
+           workloads: tuple[str, ...] = ("trace",)) -> None:
+    """``gpu``: two workers with a GPU each (sharing one if there is one), as
+    ``cluster_gpu.py`` starts them; else the embedded cluster. ``ipc_modes``: deploy with
+    CUDA IPC between the stages on / off, in this order (``(True, False)``: a paired run)."""
     from distributed import Client
 
     import tpmlab
+    from benchmarks.cluster_gpu import ipc_hops, start_gpu_cluster
     from tpmlab.cluster import DaskBackend
     from tpmlab.cluster.embedded import start_local_cluster
     from tpmlab.lab import Lab
 
+    device = "cuda" if gpu else "cpu"
+    kw = {"dtype": dtype} if dtype else {}
     base = {}
     if with_local:
-        local = tpmlab.connect("local", device="cpu")
-        base = {(m, n): median_ms(trace_fn(local.model(m), n), repeats)
-                for m in models for n in tokens}
+        import torch
+
+        local = tpmlab.connect("local", device=device,
+                               **({"dtype": getattr(torch, dtype)} if dtype else {}))
+        base = {(m, n, w): median_ms(trace_fn(local.model(m), n, w == "grad"), repeats)
+                for m in models for n in tokens for w in workloads}
         local.close()
-    with start_local_cluster(2, dashboard_address=":0") as cluster, Client(cluster) as client:
-        lab = Lab(DaskBackend(client=client))
+    cluster = start_gpu_cluster(2) if gpu else start_local_cluster(2, dashboard_address=":0")
+    with cluster, Client(cluster) as client:
+        lab = Lab(DaskBackend(client=client, timeout=600))
         for m in models:
-            model = lab.model(m, stages=2)
-            for n in tokens:
-                go = trace_fn(model, n)
-                total = median_ms(go, repeats)
-                lab.backend.phases = []
-                for _ in range(repeats):
-                    go()
-                recorded, lab.backend.phases = lab.backend.phases, None
-                ph = {k: statistics.median(p.get(k, 0.0) for p in recorded)
-                      for k in recorded[0]}
-                per = [hop_times(p) for p in recorded]  # per request, then the median
-                hops = {k: statistics.median(h[k] for h in per) for k in per[0]}
-                local = (f", in process {base[m, n]:.2f} ms ({total / base[m, n]:.2f}x)"
-                         if base else "")
-                print(f"\n{m}, trace {n} tok: 2 stages {total:.2f} ms{local}")
-                print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
-                print("  hops: " + ", ".join(f"{k} {v:.2f}" for k, v in hops.items()),
-                      flush=True)
+            for on in ipc_modes:
+                client.run(_switch_ipc, on)
+                lab.undeploy(m)
+                model = lab.model(m, stages=2, **kw)
+                for n in tokens:
+                    for w in workloads:
+                        go = trace_fn(model, n, w == "grad")
+                        total = median_ms(go, repeats)
+                        lab.backend.phases = []
+                        for _ in range(repeats):
+                            go()
+                        recorded, lab.backend.phases = lab.backend.phases, None
+                        ph = {k: statistics.median(p.get(k, 0.0) for p in recorded)
+                              for k in recorded[0]}
+                        per = [hop_times(p) for p in recorded]  # per request, then the median
+                        hops = {k: statistics.median(h[k] for h in per) for k in per[0]}
+                        b = base.get((m, n, w))
+                        local = (f", in process {b:.2f} ms ({total / b:.2f}x)" if b else "")
+                        print(f"\n{m}, {w} {n} tok, CUDA IPC {'on' if on else 'off'}: "
+                              f"2 stages {total:.2f} ms{local}")
+                        print("  phases: " + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()))
+                        print("  hops: " + ", ".join(f"{k} {v:.2f}" for k, v in hops.items()),
+                              flush=True)
+                print("\n".join(ipc_hops(lab.backend.memory(m))), flush=True)
             lab.undeploy(m)
         lab.close()
 
@@ -119,6 +162,53 @@ class Relay:
         return out
 
 
+    # -- a hidden state on the GPU (``--gpu``) ----------------------------------------------------
+    async def hello(self, prev: Any) -> Any:
+        """The far end of a device hop: this worker's :class:`~tpmlab.cluster.cuda_ipc.Identity`."""
+        import torch
+
+        from tpmlab.cluster import cuda_ipc
+
+        torch.cuda.init()
+        self.rx = cuda_ipc.Receiver()
+        return cuda_ipc.identity("bench-b")
+
+    async def land(self, x: Any) -> None:
+        """The value on this worker's GPU, the copy complete (what a stage needs of its input)."""
+        import torch
+
+        from tpmlab.cluster import cuda_ipc, wire
+
+        if isinstance(x, cuda_ipc.IpcTensor):
+            self.rx.take(x, "bench", torch.device("cuda"))
+            self.rx.settle("bench")
+        else:
+            wire.from_wire(x, "cuda")
+            torch.cuda.synchronize()
+
+    async def via_device(self, shape: tuple[int, ...], n: int, ipc: bool) -> list[float]:
+        """Round trips (ms) handing a bf16 device tensor of ``shape`` to the peer, as a stage
+        hop does: through host memory (``to_wire``) or, ``ipc``, through CUDA IPC."""
+        import torch
+
+        from tpmlab.cluster import cuda_ipc, wire
+
+        x = torch.randn(shape, device="cuda").to(torch.bfloat16)
+        sender = cuda_ipc.Sender("bench-a>")
+        if ipc:
+            sender.link(await self.peer.hello(None))
+            if not sender.active:
+                return []
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            given = sender.give(x, "bench", time.monotonic() + 60) if ipc else None
+            await self.peer.land(given if given is not None else wire.to_wire(x))
+            sender.release("bench")
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+
+
 def _register_echo(dask_worker: Any) -> None:
     async def tpmlab_echo(comm: Any = None, x: Any = None) -> Any:
         from distributed.protocol import to_serialize
@@ -127,16 +217,18 @@ def _register_echo(dask_worker: Any) -> None:
     dask_worker.handlers["tpmlab_echo"] = tpmlab_echo
 
 
-def channels(repeats: int) -> None:
+def channels(repeats: int, gpu: bool = False) -> None:
     import numpy as np
     from distributed import Client
 
+    from benchmarks.cluster_gpu import start_gpu_cluster
     from tpmlab.cluster.embedded import start_local_cluster
 
     sizes = {"[1, 16, 576] fp32 (37 KB)": (1, 16, 576),
              "[1, 128, 576] fp32 (295 KB)": (1, 128, 576),
              "[1, 128, 4096] bf16 (1 MB)": (1, 128, 2048)}
-    with start_local_cluster(2, dashboard_address=":0") as cluster, Client(cluster) as client:
+    cluster = start_gpu_cluster(2) if gpu else start_local_cluster(2, dashboard_address=":0")
+    with cluster, Client(cluster) as client:
         a, b = sorted(client.scheduler_info()["workers"])
         client.run(_register_echo)
         ra = client.submit(Relay, actor=True, workers=[a], pure=False).result()
@@ -158,6 +250,18 @@ def channels(repeats: int) -> None:
                 v = sorted(v)
                 print(f"  {name:28} {k:30} {statistics.median(v):6.2f} / "
                       f"{v[len(v) // 10]:6.2f}", flush=True)
+        if not gpu:
+            return
+        print("\nworker A -> actor on B, a bf16 tensor on A's GPU landing on B's (median / p10 ms)")
+        for shape in ((1, 1, 4096), (1, 128, 4096), (8, 512, 4096)):
+            name = f"{list(shape)} bf16 ({np.prod(shape) * 2 / 1e6:.2g} MB)"
+            for label, ipc in (("through host memory", False), ("through CUDA IPC", True)):
+                v = sorted(ra.via_device(shape, repeats + 3, ipc).result()[3:])
+                if not v:
+                    print(f"  {name:28} {label:30} not eligible here", flush=True)
+                    continue
+                print(f"  {name:28} {label:30} {statistics.median(v):6.2f} / "
+                      f"{v[len(v) // 10]:6.2f}", flush=True)
 
 
 def main() -> None:
@@ -167,13 +271,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--sections", default="trace,channels")
     parser.add_argument("--local", action="store_true", help="also time the trace in process")
+    parser.add_argument("--gpu", action="store_true",
+                        help="stages on two GPU workers (sharing one GPU if there is one)")
+    parser.add_argument("--dtype", default=None, help="the stages' dtype, e.g. bfloat16")
+    parser.add_argument("--workloads", default="trace", help="trace,grad")
+    parser.add_argument("--cuda-ipc", default="on", choices=["on", "off", "both"],
+                        help="hidden states between GPU stages through CUDA IPC; both: a paired "
+                             "run, on then off on the same cluster")
+    parser.add_argument("--no-cuda-ipc", action="store_true", help="the same as --cuda-ipc off")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
+    mode = "off" if args.no_cuda_ipc else args.cuda_ipc
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[mode]
     if "trace" in sections:
         traces(args.models.split(","), [int(t) for t in args.tokens.split(",")], args.repeats,
-               args.local)
+               args.local, gpu=args.gpu, dtype=args.dtype, ipc_modes=modes,
+               workloads=tuple(args.workloads.split(",")))
     if "channels" in sections:
-        channels(args.repeats)
+        channels(args.repeats, gpu=args.gpu)
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ def stage_phases(backend: Any, model: Any, ids: torch.Tensor, repeats: int) -> d
 def print_stage_phases(phases: dict[str, float], stages: int) -> None:
     """One line per stage (its forward, backward, hops...), then the client's and stage 0's
     own phases."""
-    order = ["state", "forward", "forward to host", "saves", "thread", "hop out", "wait",
-             "hop back", "backward", "backward in", "backward run", "backward to host",
+    order = ["state", "forward", "forward out", "saves", "thread", "hop out", "wait",
+             "hop back", "backward", "backward in", "backward run", "backward out",
              "backward finish"]
     for k in range(stages):
         own = {name.split(" ", 1)[1]: v for name, v in phases.items()

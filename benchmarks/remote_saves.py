@@ -5,9 +5,15 @@ Each of ``--traces`` traces saves every layer's output ``[batch, tokens, d_model
 same inputs both ways); the reduction is the mean residual vector of each layer over all
 rows and positions, and its Gram matrix ``XᵀX`` (what a probe or a PCA needs). Reported:
 the seconds of the traces, of the reduction, and of both; the bytes that reach the notebook;
-and the ratio remote / ordinary of the whole. The two results must agree.
+and the ratio of each way to the ordinary one, of the whole. The results must agree.
+
+With ``--gateway`` a third way runs the same traces as a user of a gateway on loopback
+over the same deployment: the remote values stay on the workers under the user's handles,
+each is reduced there through the gateway (its sum over rows and its Gram matrix, in
+float64), and the notebook adds up the per-value results.
 
     python -m benchmarks.remote_saves                                 # tiny-llama, CPU
+    python -m benchmarks.remote_saves --gateway                       # and behind a gateway
     python -m benchmarks.remote_saves --device cuda --model llama-3-8b-shape \\
         --shape 8x512 --traces 16 --dtype bfloat16                    # 2 workers, 1 GPU
 """
@@ -73,6 +79,49 @@ def remote_saves(model: Any, inputs: list[torch.Tensor]) -> tuple[list, float, f
     return list(out), t1 - t0, t2 - t1, nbytes
 
 
+def gateway_saves(model: Any, inputs: list[torch.Tensor]) -> tuple[list, float, float, int]:
+    """Remote saves behind a gateway: each value reduced on its worker through the gateway
+    (``RemoteValue.reduce``), the per-value results added up here."""
+    t0 = time.perf_counter()
+    kept: list[list[Any]] = [[] for _ in model.layers]
+    for ids in inputs:
+        with model.trace(ids):
+            saved = [layer.output.save(remote=True) for layer in model.layers]
+        for k, s in enumerate(saved):
+            kept[k].append(s.value)
+    t1 = time.perf_counter()
+    out, nbytes = [], 0
+    for values in kept:
+        rows = sum(int(np.prod(v.shape[:-1])) for v in values)
+        sums = [v.reduce("sum", list(range(len(v.shape) - 1)), dtype="float64") for v in values]
+        grams = [v.reduce("gram", dtype="float64") for v in values]
+        nbytes += sum(t.numel() * t.element_size() for t in sums + grams)
+        out.append(((sum(sums) / rows).numpy(), sum(grams).numpy()))
+    t2 = time.perf_counter()
+    return out, t1 - t0, t2 - t1, nbytes
+
+
+def serve_gateway(backend: Any, model: str, folder: str) -> tuple[Any, str]:
+    """A gateway on loopback over ``backend`` and one user of the inspect tier whose remote
+    limits are the engine's own (what the benchmark keeps); its server and that user's key."""
+    import dataclasses
+
+    from tpmlab.gateway.app import create_app
+    from tpmlab.gateway.core import Gateway, GatewayConfig
+    from tpmlab.gateway.ledger import Ledger
+    from tpmlab.gateway.server import ServerThread
+    from tpmlab.gateway.tiers import TIER_LIMITS
+    from tpmlab.ir.validate import Limits
+
+    engine = Limits()
+    inspect = dataclasses.replace(TIER_LIMITS["inspect"], max_remote_bytes=64 * 2**30,
+                                  max_remote_values=engine.max_remote_values)
+    gw = Gateway(backend, Ledger(f"sqlite:///{folder}/ledger.db"),
+                 GatewayConfig(models=[model], tier_limits=dict(TIER_LIMITS, inspect=inspect)))
+    gw.ledger.create_user("bench", "inspect", units=1e12)
+    return ServerThread(create_app(gw)).start(), gw.ledger.create_key("bench")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama")
@@ -81,6 +130,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--shape", default="8x128", help="batch x tokens")
     parser.add_argument("--traces", type=int, default=16)
+    parser.add_argument("--gateway", action="store_true",
+                        help="also as a user of a gateway on loopback")
     args = parser.parse_args()
 
     from distributed import Client
@@ -109,10 +160,29 @@ def main() -> None:
                          ("remote saves, reduced on the workers", remote_saves)):
             rows[name] = fn(model, inputs)
             lab.release_remote()
-        (want, *a), (got, *b) = rows.values()
-        for (m1, g1), (m2, g2) in zip(want, got):
-            np.testing.assert_allclose(m1, m2, rtol=1e-6, atol=1e-9)
-            np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-6)
+        if args.gateway:
+            import tempfile
+
+            import tpmlab
+
+            with tempfile.TemporaryDirectory() as folder:
+                server, key = serve_gateway(lab.backend, args.model, folder)
+                user = tpmlab.connect(gateway=server.url, token=key)
+                try:
+                    gmodel = user.model(args.model)
+                    gateway_saves(gmodel, inputs[:1])  # warm
+                    user.release_remote()
+                    rows["remote saves behind the gateway, reduced per value"] = \
+                        gateway_saves(gmodel, inputs)
+                    user.release_remote()
+                finally:
+                    user.close()
+                    server.stop()
+        (want, *a), *others = rows.values()
+        for got, *_ in others:
+            for (m1, g1), (m2, g2) in zip(want, got):
+                np.testing.assert_allclose(m1, m2, rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-6)
         print(f"{args.model}, {args.stages} stages, {args.traces} traces of {batch}x{tokens}, "
               f"every layer ({len(model.layers)}) saved; the results agree")
         print("| way | traces s | reduction s | total s | bytes to the notebook |")
@@ -120,7 +190,8 @@ def main() -> None:
         for name, (_, traces, reduce, nbytes) in rows.items():
             print(f"| {name} | {traces:.2f} | {reduce:.2f} | {traces + reduce:.2f} | "
                   f"{nbytes / 2**20:,.1f} MiB |")
-        print(f"remote / ordinary, total: {(b[0] + b[1]) / (a[0] + a[1]):.2f}x")
+        for name, (_, traces, reduce, _) in list(rows.items())[1:]:
+            print(f"{name} / ordinary, total: {(traces + reduce) / (a[0] + a[1]):.2f}x")
     finally:
         lab.close()
         client.close()

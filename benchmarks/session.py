@@ -1,5 +1,5 @@
 """A session as one request vs the same traces run one after another, the value passing
-through the notebook (what a gateway still does), on 2 Dask stages on this machine.
+through the notebook (an engine without sessions), on 2 Dask stages on this machine.
 
 Two-pass activation patching: trace 1 reads a whole late-layer output (stage 1),
 trace 2 writes it into an early layer (stage 0) and saves the last position's logits.

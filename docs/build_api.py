@@ -36,7 +36,7 @@ PAGES: list[tuple[str, str, str, list[str] | None]] = [
     ("errors", "Errors", "tpmlab.errors", None),
     ("cluster", "The Dask engine: `DaskBackend`", "tpmlab.cluster.backend", ["DaskBackend"]),
     ("remote", "Remote values: `tpmlab.remote`", "tpmlab.remote",
-     ["RemoteValue", "concatenate", "stack"]),
+     ["RemoteValue", "concatenate", "stack", "check_index", "check_reduction"]),
     ("deployments", "Deployments on the scheduler: `tpmlab.cluster.deployments`",
      "tpmlab.cluster.deployments", None),
     ("gateway-errors", "Errors as HTTP answers: `tpmlab.gateway.errors`", "tpmlab.gateway.errors",

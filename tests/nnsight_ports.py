@@ -421,6 +421,46 @@ def generation_steps(model, nn_model):
     return [p.value for p in ours], list(theirs)
 
 
+def stop_in_generation(model, nn_model):
+    """``tracer.stop()`` inside a generation: in ``for step in tracer.iter[...]`` (a patch at
+    step 1, a stop at step 2) the loop and the generation end there; in a ``with`` block of
+    every step (nnsight's block form) the block runs once, at step 0. No tokens come back."""
+    v = torch.full((model.d_model,), 2.0)
+    with model.generate(PROMPT, max_new_tokens=4) as gen:
+        ours = []
+        for step in gen.iter[0:4]:
+            if step == 1:
+                model.layers[0].output[:, -1] += v
+            ours.append(model.layers[1].output.save())
+            if step == 2:
+                gen.stop()
+    assert len(ours) == 3 and gen.output_ids == [] and gen.text == []
+    with model.generate(PROMPT, max_new_tokens=4) as gen:
+        with gen.all():
+            ours.append(model.layers[1].output.save())
+            gen.stop()
+    assert gen.output_ids == []
+    layers = nn_layers(nn_model, model)
+    with nn_model.generate(PROMPT, max_new_tokens=4, do_sample=False) as tracer:
+        theirs = list().save()
+        for step in tracer.iter[0:4]:
+            if step == 1:
+                layers[0].output[:, -1] += v
+            theirs.append(layers[1].output.clone())
+            if step == 2:
+                tracer.stop()
+    assert len(theirs) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nnsight's block form is deprecated, and still runs
+        with nn_model.generate(PROMPT, max_new_tokens=4, do_sample=False) as tracer:
+            once = list().save()  # the block runs in its own scope: a name set there is lost
+            with tracer.all():
+                once.append(layers[1].output.clone())
+                tracer.stop()
+    assert len(once) == 1
+    return [p.value for p in ours], [*theirs, *once]
+
+
 def many_invokes(model, nn_model, per_pass: int = 2):
     """More invokes than one pass takes: split into passes, the same numbers as one batch."""
     saved_limits = model.limits
@@ -472,6 +512,6 @@ PORTS = [reflected_and_function_forms, skip_module, tuple_output_replacement, pe
          cross_invoke_barrier, source_values,
          attention_patterns,
          cache_modules, whole_batch_invoke,
-         generation_steps, many_invokes, seeded_noise]
+         generation_steps, stop_in_generation, many_invokes, seeded_noise]
 
 __all__ = ["PORTS", "Limits", "nn_model_for"]

@@ -102,6 +102,14 @@ class NotSupportedError(TpmlabError):
     http_status = 400
 
 
+class RemoteValueError(TpmlabError):
+    """An operation a remote value cannot do: a reduction outside the whitelist
+    (:data:`tpmlab.remote.REDUCTIONS`), a dim or an index outside the value's shape; the
+    message names what was asked and what the value allows."""
+
+    http_status = 400
+
+
 class ModelUndeployedError(TpmlabError):
     """A request waited on a model that was undeployed (or its backend closed) before it
     ran: deploy the model again and resend it."""

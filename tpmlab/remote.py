@@ -9,15 +9,24 @@ gigabytes of activations there (``x.mean(0)``, ``x.T @ x``) and ``.compute()`` f
 the result, or writes them to Zarr in parallel from the workers
 (``dask.array.to_zarr(x, path)``; the workers must reach ``path``).
 
+One value is also read where it is: :meth:`RemoteValue.fetch` takes an index (ints and
+slices, bounds checked) and brings only what it selects; :meth:`RemoteValue.reduce` runs
+one of the whitelisted reductions (:data:`REDUCTIONS`: ``sum``, ``mean``, ``min``,
+``max``, ``std``, ``var`` over dims, and ``gram``, ``XᵀX``) on the value's worker and
+brings only the result. Both are the same code on every engine; behind the gateway they
+are requests to it (:mod:`tpmlab.gateway.remote_values`), held to the tier's limits and
+priced in its ledger.
+
 Lifetime: a remote value is freed when its :class:`RemoteValue` is garbage collected
 (Dask releases its future), by :meth:`RemoteValue.release`, by ``lab.release_remote()``
 and ``lab.undeploy(name)``, and when the lab closes. Each stage holds one owner's remote
 values to ``Limits.max_remote_bytes`` and ``max_remote_values``; past them the request
 fails with :class:`~tpmlab.cluster.errors.RemoteLimitError` and keeps nothing.
-Behind the gateway remote saves are refused (its tiers set ``max_remote_bytes`` to 0).
+Behind the gateway each user's values are held to their tier's limits, over all stages
+and models, and also expire after the gateway's ``remote_value_ttl``.
 
 In process (``connect("local")``) a remote value wraps the saved tensor itself, with the
-same API: a notebook runs unchanged on either engine.
+same API: a notebook runs unchanged on any engine.
 """
 
 from __future__ import annotations
@@ -28,6 +37,130 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .cluster.wire import NUMPY_LACKS
+from .errors import RemoteValueError
+
+#: The reductions a remote value runs where it is (:meth:`RemoteValue.reduce`), by name:
+#: numpy's (``std`` and ``var`` are the population ones, ``ddof=0``) over ``dims`` (all when
+#: ``None``), and ``gram``: the value as rows ``X [-1, last dim]``, ``XᵀX [last, last]``.
+REDUCTIONS = ("sum", "mean", "min", "max", "std", "var", "gram")
+#: dtypes a reduction may compute in (``None``: the value's own)
+REDUCE_DTYPES = ("float32", "float64")
+
+Index = tuple[int | slice, ...]
+
+
+def kept_nbytes(value: torch.Tensor) -> int:
+    """Bytes a remote value of ``value``'s shape and dtype takes where it is kept (dtypes
+    numpy lacks are kept as float32)."""
+    return value.numel() * (4 if value.dtype in NUMPY_LACKS else value.element_size())
+
+
+def check_index(shape: tuple[int, ...], index: Any) -> tuple[Index, tuple[int, ...]]:
+    """``index`` (an int, a slice, or a tuple of them: one per leading dim) checked against
+    ``shape``; returns it as a tuple of plain ints and slices, and the shape it selects.
+    Ints must lie in ``[-n, n)``, slice bounds in ``[-n, n]`` and steps be positive, else
+    :class:`~tpmlab.errors.RemoteValueError` names the dim."""
+    items = index if isinstance(index, tuple) else (index,)
+    if len(items) > len(shape):
+        raise RemoteValueError(f"an index of {len(items)} items for a value of {len(shape)} "
+                               f"dims {list(shape)}")
+    out: list[int | slice] = []
+    dims: list[int] = []
+    for d, (item, n) in enumerate(zip(items, shape)):
+        if isinstance(item, slice):
+            parts = (item.start, item.stop, item.step)
+            if not all(p is None or _is_int(p) for p in parts):
+                raise RemoteValueError(f"the slice of dim {d} has bounds that are not ints: "
+                                       f"{_show(item)}")
+            start, stop, step = (None if p is None else int(p) for p in parts)
+            if step is not None and step <= 0:
+                raise RemoteValueError(f"the slice of dim {d} has step {step}: steps must be "
+                                       "positive")
+            for bound in (start, stop):
+                if bound is not None and not -n <= bound <= n:
+                    raise RemoteValueError(f"the slice {_show(item)} of dim {d} is out of "
+                                           f"bounds for its size {n}")
+            s = slice(start, stop, step)
+            out.append(s)
+            dims.append(len(range(n)[s]))
+        elif _is_int(item):
+            if not -n <= int(item) < n:
+                raise RemoteValueError(f"index {int(item)} is out of bounds for dim {d} of "
+                                       f"size {n}")
+            out.append(int(item))
+        else:
+            raise RemoteValueError(f"dim {d} is indexed by {type(item).__name__} {item!r:.80}: "
+                                   "a remote value takes ints and slices")
+    return tuple(out), tuple(dims) + tuple(shape[len(items):])
+
+
+def index_to_wire(index: Index) -> list[Any]:
+    """A checked index as JSON: an int, or ``[start, stop, step]`` for a slice."""
+    return [[i.start, i.stop, i.step] if isinstance(i, slice) else i for i in index]
+
+
+def index_from_wire(items: list[Any]) -> tuple[int | slice, ...]:
+    """Inverse of :func:`index_to_wire` (still to be checked with :func:`check_index`)."""
+    return tuple(slice(*i) if isinstance(i, list) and len(i) == 3 else i for i in items)
+
+
+def check_reduction(shape: tuple[int, ...], op: str, dims: Any = None, keepdim: bool = False,
+                    dtype: str | None = None) -> tuple[tuple[int, ...] | None, tuple[int, ...]]:
+    """A reduction checked against a value of ``shape``: its dims (non-negative, ``None``
+    for all) and the shape of its result. Raises
+    :class:`~tpmlab.errors.RemoteValueError` naming what is not allowed."""
+    if op not in REDUCTIONS:
+        raise RemoteValueError(f"{str(op)[:80]!r} is not a reduction a remote value runs; "
+                               f"they are {', '.join(REDUCTIONS)}")
+    if dtype is not None and dtype not in REDUCE_DTYPES:
+        raise RemoteValueError(f"a reduction computes in {' or '.join(REDUCE_DTYPES)} (or the "
+                               f"value's own dtype), not {str(dtype)[:40]!r}")
+    if op == "gram":
+        if dims is not None or keepdim:
+            raise RemoteValueError("gram takes no dims: it is XᵀX of the value as rows "
+                                   "[-1, last dim]")
+        if not shape:
+            raise RemoteValueError("gram needs a value of at least one dim, not a scalar")
+        return None, (shape[-1], shape[-1])
+    if dims is None:
+        return None, tuple(1 for _ in shape) if keepdim else ()
+    items = (dims,) if _is_int(dims) else dims
+    if not isinstance(items, (list, tuple)) or not all(_is_int(d) for d in items):
+        raise RemoteValueError(f"dims must be ints, got {dims!r:.80}")
+    out = []
+    for d in items:
+        if not -len(shape) <= int(d) < len(shape):
+            raise RemoteValueError(f"dim {int(d)} is out of range for a value of {len(shape)} "
+                                   f"dims {list(shape)}")
+        out.append(int(d) % len(shape))
+    if len(set(out)) != len(out):
+        raise RemoteValueError(f"dims {list(items)} name a dim twice")
+    kept = tuple(1 if k in out else n for k, n in enumerate(shape)) if keepdim else \
+        tuple(n for k, n in enumerate(shape) if k not in out)
+    return tuple(out), kept
+
+
+DESCRIPTION = "tpmlab_remote_value"  # the key of a remote value's description in a result
+
+
+def described(value: Any) -> dict[str, Any] | None:
+    """The description of a remote value kept behind a gateway (handle, model, shape,
+    dtype, nbytes), as its request's decoded result carries it; None for any other value."""
+    if isinstance(value, dict) and set(value) == {DESCRIPTION} \
+            and isinstance(value[DESCRIPTION], dict):
+        return value[DESCRIPTION]
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _show(s: slice) -> str:
+    return ":".join("" if p is None else str(p) for p in (s.start, s.stop, s.step)).rstrip(":") \
+        or ":"
 
 
 class RemoteValue:
@@ -58,7 +191,7 @@ class RemoteValue:
     @classmethod
     def in_process(cls, tensor: torch.Tensor) -> RemoteValue:
         t = tensor.detach().cpu()
-        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        if t.dtype in NUMPY_LACKS:
             t = t.float()
         return cls(shape=tuple(t.shape), dtype=str(t.numpy().dtype),
                    nbytes=t.numel() * t.element_size(), local=t)
@@ -81,13 +214,42 @@ class RemoteValue:
                                               dtype=np.dtype(self.dtype))
         return self._array
 
-    def fetch(self) -> torch.Tensor:
-        """Bring the whole value to the notebook as a tensor (what a plain save returns)."""
+    def fetch(self, index: Any = None) -> torch.Tensor:
+        """Bring the value to the notebook as a tensor (what a plain save returns); with
+        ``index`` (ints and slices, e.g. ``np.s_[:, -1]``; see :func:`check_index`) only the
+        part it selects, cut on the worker."""
+        idx = check_index(self.shape, index)[0] if index is not None else ()
         if self._local is not None:
-            return self._local
+            return self._local[idx].clone() if idx else self._local
         if self.future is None:
             raise ValueError("this remote value was released")
+        if idx:
+            return self._compute(self.to_dask_array()[idx])
         return torch.from_numpy(np.asarray(self.future.result()).copy())
+
+    def reduce(self, op: str, dims: Any = None, *, keepdim: bool = False,
+               dtype: str | None = None) -> torch.Tensor:
+        """One of :data:`REDUCTIONS` computed where the value is, only the result brought
+        back: ``op`` over ``dims`` (an int or a list; ``None``: every dim), keeping them as
+        size 1 with ``keepdim``, in ``dtype`` (``float32``/``float64``; ``None``: the
+        value's). ``gram``: ``XᵀX [d, d]`` of the value as rows ``X [-1, d]``, ``d`` its
+        last dim (what a probe or a PCA needs)."""
+        axes = check_reduction(self.shape, op, dims, keepdim, dtype)[0]
+        x = self.to_dask_array()
+        if dtype is not None:
+            x = x.astype(dtype)
+        if op == "gram":
+            x = x.reshape(-1, self.shape[-1])
+            return self._compute(x.T @ x)
+        return self._compute(getattr(x, op)(axis=axes, keepdims=keepdim))
+
+    def _compute(self, x: Any) -> torch.Tensor:
+        """A dask computation over this value: on its worker (the future's client) or, in
+        process, here in this thread."""
+        client = getattr(self.future, "client", None)
+        out = client.compute(x, sync=True) if client is not None else \
+            x.compute(scheduler="sync")
+        return torch.from_numpy(np.array(out, copy=True))
 
     def release(self) -> None:
         """Free the value on its worker now (dropping the object does the same, later)."""

@@ -182,3 +182,58 @@ def test_a_value_dropped_at_once_is_freed_whether_or_not_its_take_ran(model, bac
         del h  # the proxy held the only RemoteValue
         gc.collect()
     assert [u["bytes"] for u in _wait_usage(backend, owner, [0, 0])] == [0, 0]
+
+
+def test_a_value_is_sliced_and_reduced_on_its_worker_as_in_process(model):
+    a, b = _layers(model)
+    with model.trace(PROMPTS[:3]):
+        kept = model.layers[b].output.save(remote=True)
+        plain = model.layers[b].output.save()
+    value, local = kept.value, remote.RemoteValue.in_process(plain.value)
+    assert value.future is not None
+    torch.testing.assert_close(value.fetch(np.s_[:, -1]), plain.value[:, -1], atol=0, rtol=0)
+    torch.testing.assert_close(value.fetch((1, slice(0, 4, 2))), plain.value[1, 0:4:2],
+                               atol=0, rtol=0)
+    for op, dims, dtype in [("mean", 0, None), ("sum", [0, 1], "float64"), ("max", -1, None),
+                            ("var", None, None), ("gram", None, "float64")]:
+        torch.testing.assert_close(value.reduce(op, dims, dtype=dtype),
+                                   local.reduce(op, dims, dtype=dtype), atol=0, rtol=0)
+    value.release()
+
+
+def test_behind_a_gateway_values_stay_on_the_workers_per_user(model, backend, tmp_path):
+    """The gateway is one Dask client: its users' values are its futures on the stages'
+    workers, kept under each user's handles, reduced there, freed when released."""
+    from tests.gateway.conftest import make_gateway, serve
+    from tpmlab.gateway.units import CostModel
+
+    owner = backend.client.id
+    _wait_usage(backend, owner, [0, 0])
+    a, b = _layers(model)
+    gw = make_gateway(backend, f"sqlite:///{tmp_path / 'ledger.db'}",
+                      CostModel(fixed_seconds=0.01, seconds_per_token=0.001))
+    s = serve(gw)
+    try:
+        glab = s.lab("inspect")
+        gm = glab.model(MODEL)
+        with gm.trace(PROMPTS[:3]):
+            kept = [gm.layers[k].output[:, -1].save(remote=True) for k in (a, b)]
+        with model.trace(PROMPTS[:3]):
+            plain = [model.layers[k].output[:, -1].save() for k in (a, b)]
+        rows = 3 * model.d_model * 4
+        assert [u["bytes"] for u in _wait_usage(backend, owner, [rows, rows])] == [rows, rows]
+        for h, p in zip(kept, plain):
+            local = remote.RemoteValue.in_process(p.value)
+            torch.testing.assert_close(h.value.reduce("gram", dtype="float64"),
+                                       local.reduce("gram", dtype="float64"), atol=0, rtol=0)
+            torch.testing.assert_close(h.value.fetch(1), p.value[1], atol=0, rtol=0)
+        assert s.client("intervene").post(f"/v1/remote-values/{kept[0].value.handle}/fetch",
+                                          json={}).status_code == 404
+        assert glab.release_remote() == 2
+        assert [u["bytes"] for u in _wait_usage(backend, owner, [0, 0])] == [0, 0]
+        with gm.trace(PROMPTS[:3]):
+            gm.layers[a].output[:, -1].save(remote=True)
+        assert [u["bytes"] for u in _wait_usage(backend, owner, [rows, 0])] == [rows, 0]
+    finally:
+        s.server.stop()  # the gateway closes: its users' values go with it
+    assert [u["bytes"] for u in _wait_usage(backend, owner, [0, 0])] == [0, 0]

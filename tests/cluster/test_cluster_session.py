@@ -102,3 +102,27 @@ def test_a_generation_in_a_session_on_stages(pair):
         out.append((gen.generated_ids[0], logits.value))
     assert torch.equal(out[0][0], out[1][0])
     torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-5)
+
+
+def test_behind_a_gateway_a_session_is_one_request_on_the_stages(backend, pair, calls, tmp_path):
+    """A gateway over the Dask stages runs a session as one request too: the same numbers
+    as the session sent to the stages directly, one ledger row, nothing left on a stage."""
+    from tests.gateway.conftest import make_gateway, serve
+    from tpmlab.gateway.units import CostModel
+
+    model, _ = pair
+    s = serve(make_gateway(backend, f"sqlite:///{tmp_path / 'ledger.db'}",
+                           CostModel(fixed_seconds=0.01, seconds_per_token=0.001)))
+    try:
+        lab = s.lab("intervene")
+        first, ours = _both_ways(lab.model(MODEL))
+        assert calls == ["session"]  # three traces, one request to the stages
+        assert first.result.values == {}
+        assert [c["mode"] for c in lab.backend.usage()["charges"]] == ["session"]
+        lab.close()
+    finally:
+        s.server.stop()
+    _, theirs = _both_ways(model)
+    for x, y in zip(ours, theirs):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    _idle(backend, model)

@@ -1,10 +1,9 @@
 """Remote saves without a cluster: the plan's flag (recorded, encoded, validated), the
-in-process form with the cluster's API, the worker store's accounting and limits, and the
-gateway's refusal."""
+in-process form with the cluster's API (a checked index, whitelisted reductions), the worker
+store's accounting and limits, and the gateway's tier limits."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 
@@ -17,7 +16,7 @@ from tests.plan_strategies import recording
 from tpmlab import remote
 from tpmlab.cluster import remote_store
 from tpmlab.cluster.remote_store import RemoteLimitError, RemoteStore, RemoteValueGone
-from tpmlab.errors import LimitError, SchemaError, ShapeError
+from tpmlab.errors import LimitError, RemoteValueError, SchemaError, ShapeError
 from tpmlab.gateway.tiers import TIER_LIMITS
 from tpmlab.ir.codec import decode_plan, encode_plan
 from tpmlab.ir.plan import SAVE
@@ -80,13 +79,15 @@ def test_a_remote_save_keeps_one_tensor(model):
         validate(plan, model.info)
 
 
-def test_the_gateway_tiers_refuse_remote_saves(model):
+def test_the_gateway_query_tier_refuses_remote_saves_and_the_others_bound_them(model):
     plan = _plan(model, lambda: model.output.logits[:, -1].save(remote=True))
-    for tier, limits in TIER_LIMITS.items():
-        assert limits.max_remote_bytes == 0 and limits.max_remote_values == 0, tier
-        with pytest.raises(LimitError, match="as behind the gateway"):
-            validate(plan, model.info, limits=limits)
-    assert dataclasses.replace(TIER_LIMITS["query"], max_remote_bytes=0) == TIER_LIMITS["query"]
+    with pytest.raises(LimitError, match="as for a gateway's query tier"):
+        validate(plan, model.info, limits=TIER_LIMITS["query"])
+    for tier in ("embed", "inspect", "intervene", "gradients", "admin"):
+        limits = TIER_LIMITS[tier]
+        assert 0 < limits.max_remote_bytes <= Limits().max_remote_bytes, tier
+        assert 0 < limits.max_remote_values <= Limits().max_remote_values, tier
+        validate(plan, model.info, limits=limits)
 
 
 # -- in process -------------------------------------------------------------------------------
@@ -108,6 +109,33 @@ def test_in_process_a_remote_save_has_the_clusters_api(local_lab, model):
     assert value.released and "released" in repr(value)
     with pytest.raises(ValueError, match="released"):
         value.to_dask_array()
+
+
+def test_in_process_a_remote_value_is_sliced_and_reduced_where_it_is(model):
+    with model.trace(PROMPTS):
+        r = model.layers[2].output.save(remote=True)
+        p = model.layers[2].output.save()
+    value, x = r.value, p.value.numpy()
+    torch.testing.assert_close(value.fetch(np.s_[:, -1]), p.value[:, -1], atol=0, rtol=0)
+    torch.testing.assert_close(value.fetch(-1), p.value[-1], atol=0, rtol=0)
+    np.testing.assert_array_equal(value.reduce("mean", 0).numpy(), x.mean(axis=0))
+    np.testing.assert_array_equal(value.reduce("sum", [0, -1], keepdim=True).numpy(),
+                                  x.sum(axis=(0, 2), keepdims=True))
+    np.testing.assert_array_equal(value.reduce("var", dtype="float64").numpy(),
+                                  x.astype(np.float64).var())
+    rows = x.reshape(-1, x.shape[-1])
+    np.testing.assert_allclose(value.reduce("gram").numpy(), rows.T @ rows, rtol=1e-5)
+    for call, message in [(lambda: value.reduce("exp"), "not a reduction"),
+                          (lambda: value.reduce("mean", 3), "dim 3 is out of range"),
+                          (lambda: value.reduce("gram", 0), "gram takes no dims"),
+                          (lambda: value.fetch(2), "index 2 is out of bounds for dim 0"),
+                          (lambda: value.fetch(np.s_[:, 0:99]), "slice 0:99 of dim 1"),
+                          (lambda: value.fetch(np.s_[::-1]), "steps must be positive"),
+                          (lambda: value.fetch(1.5), "takes ints and slices")]:
+        with pytest.raises(RemoteValueError, match=message):
+            call()
+    assert RemoteValueError.http_status == 400
+    value.release()
 
 
 def test_in_process_a_bfloat16_value_is_kept_as_float32():

@@ -1,6 +1,7 @@
 """``model.session()`` as one request in process: values between traces stay on the engine
 (only saves come back), the session envelope is validated as a whole with errors naming
-node and line, and engines without sessions (a gateway) still run it trace by trace.
+node and line, and an engine without sessions still runs it trace by trace (a gateway's
+sessions: tests/gateway/test_gateway_sessions.py).
 nnsight parity of the two-pass patching is in tests/nnsight_ports.py (session ports)."""
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def test_a_session_is_one_request_and_only_saves_come_back(model, calls):
 
 def test_without_engine_sessions_the_value_passes_through_the_notebook(model, calls):
     handle = model.handle()
-    handle.run_session = None  # as behind a gateway
+    handle.run_session = None  # an engine without sessions
     _, _, ours = _two_pass(model)
     _, second, theirs = _two_pass(handle)
     assert calls == [("session", 2), ("run", 1), ("run", 1)]

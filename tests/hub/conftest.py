@@ -195,6 +195,10 @@ def hub(tmp_path_factory, alice_cluster):
     fragment = render(HubConfig(
         public_url=public, port=ports["gateway"], db=ledger, models=[MODEL],
         command=[sys.executable, "-m", "tpmlab.cli"],
+        # A request holds its worst case, sized from the gateway's calibration at start; a
+        # busy machine inflates that (a CPU-bound neighbour made one short trace hold 1,536
+        # SU, over the default first allocation of 1,000): room for that, usage still shows.
+        hub_units=1_000_000.0,
         environment={"TPMLAB_HOME": os.environ["TPMLAB_HOME"]},
         grants=["access:services!service=dask-gateway"]))
     cluster, credentials = alice_cluster

@@ -65,6 +65,7 @@ from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
 from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
+from . import cuda_ipc
 from .backward import stage_backward
 from .handover import Segments, Token
 from .partition import StageSpan
@@ -198,6 +199,13 @@ class StageActor:
         # remote saves (:mod:`.remote_store`) are accounted under this stage's own name
         self.store_name = f"{spec['model']} stage {self.span.index} ({os.urandom(3).hex()})"
         self.address = _worker_address()
+        # hidden states to the next stage and gradients to the previous one in device memory,
+        # where both stages can open it (:mod:`.cuda_ipc`)
+        self.ipc_id = os.urandom(4).hex()
+        self.ipc_next = cuda_ipc.Sender(f"{self.ipc_id}>")
+        self.ipc_prev = cuda_ipc.Sender(f"{self.ipc_id}<")
+        self.ipc_in = cuda_ipc.Receiver()
+        self._acks: set[asyncio.Task] = set()  # acknowledgements on their way
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:
@@ -207,8 +215,18 @@ class StageActor:
                 "family": self.source.adapter.family}
 
     async def link(self, next_stage: Any, info: dict[str, Any]) -> None:
-        """Set the next stage's actor (``None`` on the last stage) and the model's info."""
+        """Set the next stage's actor (``None`` on the last stage) and the model's info; the
+        two stages tell each other where their tensors live (:mod:`.cuda_ipc`)."""
         self.next = next_stage
+        peer = None
+        if next_stage is not None:
+            try:
+                peer = await asyncio.wait_for(
+                    _await_within(next_stage.ipc_hello(cuda_ipc.identity(self.ipc_id)),
+                                  time.monotonic() + 30, "the next stage"), 31)
+            except Exception:  # noqa: BLE001 - an older or unreachable peer: host memory
+                peer = None
+        self.ipc_next.link(peer)
         self.info = ModelInfo.from_dict(info)
         self.plans.clear()  # schedules depend on the model's info
         # the deploying client read the tokenizer (≈ 1 s) while the stages loaded
@@ -219,12 +237,38 @@ class StageActor:
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
 
+    async def ipc_hello(self, prev: cuda_ipc.Identity) -> cuda_ipc.Identity:
+        """The previous stage's :class:`~.cuda_ipc.Identity` in, this one's out (at link time)."""
+        self.ipc_prev.link(prev)
+        return cuda_ipc.identity(self.ipc_id)
+
+    async def ipc_ack(self, req: str, buffers: list[int]) -> None:
+        """The previous stage has copied what request ``req`` handed it in these buffers."""
+        self.ipc_prev.release(req, buffers)
+
+    async def ipc_fetch(self, req: str, value: cuda_ipc.IpcTensor) -> Any:
+        """The previous stage could not open ``value``: the value itself, the ordinary way."""
+        return to_wire(await self._compute(self.ipc_prev.refused, value, req))
+
+    async def ipc(self) -> dict[str, Any]:
+        """What the device hand-overs did here (:mod:`.cuda_ipc`): per direction, whether the
+        link uses them (``next``/``prev``), values ``sent`` through them or the ``ordinary``
+        way, ``refused`` by the peer, ``pool_full``, buffers ``held`` now and kept; and values
+        ``received`` and buffers ``opened`` here."""
+        out: dict[str, Any] = {}
+        for name, sender in (("next", self.ipc_next), ("prev", self.ipc_prev)):
+            out[name] = {"active": sender.active, **sender.counts, "held": sender.held(),
+                         "buffers": sender.buffers()}
+        out["in"] = {**self.ipc_in.counts, "cached": self.ipc_in.opened()}
+        return out
+
     async def memory(self) -> dict[str, Any]:
         """This worker process's memory: resident and peak resident bytes (the peak since
         the last stage load on this worker began), stage bytes, and what loading this stage
         cost (:class:`~tpmlab.runtime.load_meter.LoadMeter`: ``load_seconds``, ``read_bytes``,
         ``disk_read_bytes``, ``rss_before``, ``resident_growth``, ``load_host_peak``,
-        ``load_cuda_peak``); ``passes``: forward steps this stage ran its layers for (a
+        ``load_cuda_peak``); ``ipc_held``: device buffers handed to a neighbour and not yet
+        acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``passes``: forward steps this stage ran its layers for (a
         pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
@@ -232,6 +276,7 @@ class StageActor:
         out = {"rss": psutil.Process().memory_info().rss, "peak_rss": peak,
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
                "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
+               "ipc_held": self.ipc_next.held() + self.ipc_prev.held(), "ipc": await self.ipc(),
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
@@ -247,6 +292,8 @@ class StageActor:
         elsewhere); a ``collect`` of it arriving later returns at once."""
         self._drop(req, ExecutionError("the request was aborted"))
         self.segments.free(req)
+        self.ipc_next.release(req)
+        self.ipc_prev.release(req)
         STORE.free_request(req)
         if self.next is not None:
             with contextlib.suppress(Exception):
@@ -276,6 +323,8 @@ class StageActor:
             self._drop(req, RequestTimeoutError("the request ran past its deadline"))
         for req in [r for r, t in self.ended.items() if t < now]:
             del self.ended[req]
+        self.ipc_next.sweep(GRACE)
+        self.ipc_prev.sweep(GRACE)
 
     def _slot(self, req: str, deadline: float) -> _Slot:
         slot = self.slots.get(req)
@@ -324,13 +373,16 @@ class StageActor:
         runner, step = st.runner, msg["step"]
         if msg.get("stopped"):  # an earlier stage ended the pass (tracer.stop()): no work here
             return self._stopped(msg, msg.get("saved", 0))
+        # first, before the request's state changes: a buffer that cannot be opened here
+        # (cuda_ipc.Refused) has the previous stage send the value again
+        hidden = None if self.span.is_first else self._received(msg["hidden"], msg["req"])
         runner.env.update(from_wire(msg["carry"], self.device))
         # the request's saves so far, over all stages, include this stage's earlier steps
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
         mask = msg["attention_mask"].to(self.device)
         pos = msg["position_ids"].to(self.device)
         grads = runner.gradients  # None: forward only, under inference_mode as ever
-        stopped = runner.stops_before_pass
+        stopped = runner.stops_before(step)
         self.weights.ready()
         try:
             runner.begin_step(step)
@@ -346,7 +398,6 @@ class StageActor:
                                              else grads.input_leaf(embeds),
                                              logits_to_keep=1 if st.generate else 0)
                 else:
-                    hidden = from_wire(msg["hidden"], self.device)
                     if grads is not None:  # its gradient goes back to the previous stage
                         st.extra["hidden_in"] = hidden.requires_grad_()
                         hidden = hidden.clone()  # a plan may write the stage's input in place
@@ -371,11 +422,34 @@ class StageActor:
                                               out.logits[:, -1, :], step).cpu()
             return reply
         last_event = self.owned.stop - 1
-        start = time.perf_counter()
-        hidden = to_wire(out)  # on a GPU: waits for the stage's forward, then copies
-        st.times["forward to host"] = time.perf_counter() - start
-        return {**_passed_on(msg), "hidden": hidden,
+        start = time.perf_counter()  # on a GPU: waits for the stage's forward, then copies
+        hidden_out = self._given(self.ipc_next, out, msg["req"], time.monotonic() + msg["timeout"])
+        st.times["forward out"] = time.perf_counter() - start
+        return {**_passed_on(msg), "hidden": hidden_out,
                 "carry": to_wire(runner.carry_out(last_event)), "saved": saved}
+
+    def _received(self, value: Any, req: str) -> Any:
+        """A value from a neighbour on this stage's device (the copy out of a device buffer
+        queued on this thread's stream: :meth:`~.cuda_ipc.Receiver.settle` it before the
+        acknowledgement)."""
+        if isinstance(value, cuda_ipc.IpcTensor):
+            return self.ipc_in.take(value, req, self.device)
+        return from_wire(value, self.device)
+
+    def _given(self, sender: cuda_ipc.Sender, value: Any, req: str, deadline: float) -> Any:
+        """``value`` for a neighbour: in one of ``sender``'s device buffers, held by ``req``
+        until acknowledged, or the ordinary way (:func:`~.wire.to_wire`)."""
+        given = sender.give(value, req, deadline)
+        return given if given is not None else to_wire(value)
+
+    def _ack(self, req: str, value: Any) -> None:
+        """Tell the next stage it may reuse the buffer behind ``value`` (a gradient it handed
+        here), without waiting for its answer."""
+        if not isinstance(value, cuda_ipc.IpcTensor) or self.next is None:
+            return
+        task = asyncio.ensure_future(_quietly(self.next.ipc_ack(req, [value.buffer])))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     def _stopped(self, msg: dict[str, Any], saved: int) -> dict[str, Any]:
         """The message for the next stage (the reply, on the last) of a pass that a stopping
@@ -471,23 +545,27 @@ class StageActor:
                 # one hop to the stage's thread: the layers, then (once the hidden state is on
                 # its way to the next stage) this stage's saves; on the last stage of a
                 # backward, its backward too (it has nothing to wait for)
-                t = time.perf_counter()
-                out = self._forward(st, msg)
-                t_fwd = time.perf_counter() - t
-                if sent is not None:
-                    out["timeout"] = deadline - time.monotonic()
-                    loop.call_soon_threadsafe(send, out, context=context)
-                backward = st.runner.gradients is not None and msg.get("final")
-                if backward and sent is None:
+                try:
                     t = time.perf_counter()
-                    back, output = stage_backward(self, st, {})
-                    return out, output, t_fwd, 0.0, (back, time.perf_counter() - t)
-                output = self._finish(st, 1) if msg.get("final") and not backward else None
-                return out, output, t_fwd, time.perf_counter() - t - t_fwd, None
+                    out = self._forward(st, msg)
+                    t_fwd = time.perf_counter() - t
+                    if sent is not None:
+                        out["timeout"] = deadline - time.monotonic()
+                        loop.call_soon_threadsafe(send, out, context=context)
+                    backward = st.runner.gradients is not None and msg.get("final")
+                    if backward and sent is None:
+                        self.ipc_in.settle(req)  # the hidden state's copy is done
+                        t = time.perf_counter()
+                        back, output = stage_backward(self, st, {})
+                        return out, output, t_fwd, 0.0, (back, time.perf_counter() - t)
+                    output = self._finish(st, 1) if msg.get("final") and not backward else None
+                    return out, output, t_fwd, time.perf_counter() - t - t_fwd, None
+                finally:  # the reply (or error) acknowledges the hidden state's buffer
+                    self.ipc_in.settle(req)
 
             out, output, t_fwd, t_saves, done = await self._compute(work)
             t2 = time.perf_counter()
-            t_back = 0.0
+            t_back, back = 0.0, None
             if done is not None:  # the last stage ran its backward in the same hop
                 back, t_back = done
                 t_fwd_hop = t2 - t1 - t_back
@@ -507,6 +585,13 @@ class StageActor:
             if sent is not None:
                 pending = await sent
                 reply = await _await_within(pending, deadline, f"stage {self.span.index + 1}")
+                if reply.get("ipc_refused"):  # the hidden state again, through host memory
+                    out = {**out, "timeout": deadline - time.monotonic(),
+                           "hidden": to_wire(await self._compute(self.ipc_next.refused,
+                                                                 out["hidden"], req))}
+                    reply = await _await_within(self.next.step(out), deadline,
+                                                f"stage {self.span.index + 1}")
+                self.ipc_next.release(req)  # the reply acknowledged the hidden state
                 # one-way times to the next stage and back (wall clocks: exact on one host)
                 nxt = reply["timings"][0]
                 hops = {"hop out": nxt.pop("arrived") - sent_at,
@@ -515,7 +600,7 @@ class StageActor:
                 reply = {**out, "timings": []}
             t3 = time.perf_counter()
             if done is not None:
-                reply = {**reply, **done[0]}
+                reply = {**reply, **back}
                 t_hop = t_fwd_hop - t_fwd - t_saves
             else:
                 t_hop = (t2 - t1) - t_fwd - t_saves
@@ -524,12 +609,25 @@ class StageActor:
                     # here, then hand the gradient of our input to the previous stage with
                     # the reply
                     t = time.perf_counter()
-                    back, output = await self._compute(stage_backward, self, st, reply)
+                    grad = reply.get("grad")
+                    try:
+                        back, output = await self._compute(stage_backward, self, st, reply)
+                    except cuda_ipc.Refused:  # the gradient again, through host memory
+                        reply = {**reply, "grad": await _await_within(
+                            self.next.ipc_fetch(req, grad), deadline,
+                            f"stage {self.span.index + 1}")}
+                        back, output = await self._compute(stage_backward, self, st, reply)
+                    finally:
+                        self._ack(req, grad)
                     reply = {**reply, **back}
                     self.requests.pop(req, None)
                     if not self.span.is_first:
                         self._hand_over(req, output)
                     t_back = time.perf_counter() - t
+            if back is not None and isinstance(back.get("grad"), cuda_ipc.IpcTensor):
+                # our input's gradient, held in a device buffer until acknowledged
+                loop.call_later(max(deadline - time.monotonic(), 0) + GRACE,
+                                self.ipc_prev.release, req)
             parts, st.times = st.times, {}
             reply["timings"].insert(0, {"state": t1 - t0, "forward": t_fwd, "saves": t_saves,
                                         "thread": t_hop, "wait": t3 - t2, "backward": t_back,
@@ -543,10 +641,15 @@ class StageActor:
                 self.kept.setdefault(req, {}).update(reply.pop("kept"))
             reply["timings"][0]["left"] = time.time()
             return reply
+        except cuda_ipc.Refused:  # nothing ran: the previous stage sends the value again
+            return {"ipc_refused": True}
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"), st)
+            self.ipc_prev.release(req)  # a gradient handed back that no one will take
             raise
+        finally:
+            self.ipc_next.release(req)  # answered or failed: the hidden state's buffer is free
 
     async def finish(self, req: str, steps_run: int, timeout: float) -> StageOutput | None:
         """End a generation: check every node ran, set this stage's output aside for the
@@ -657,8 +760,9 @@ class StageActor:
             for t in timings[:1]:
                 t.pop("arrived"), t.pop("left")
         else:
-            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
-                                                                     left)
+            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            if generated is not None:
+                values[request.GENERATED] = generated
             timings = []
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
@@ -734,8 +838,9 @@ class StageActor:
                                      "inputs_embeds": kwargs.get("inputs_embeds")})
             output = reply["output"]
         else:
-            values[request.GENERATED], output = await self._generate(plan, base, kwargs, layout,
-                                                                     left)
+            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            if generated is not None:
+                values[request.GENERATED] = generated
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
                                    node_seconds=output["node_seconds"], device=self.device,
                                    stages=self.span.n_stages)
@@ -753,10 +858,14 @@ class StageActor:
         return self._tok
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
-                        layout: BatchLayout, left: Any) -> tuple[list[torch.Tensor], StageOutput]:
+                        layout: BatchLayout, left: Any
+                        ) -> tuple[list[torch.Tensor] | None, StageOutput]:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
         each step goes down the chain, each stage's KV cache stays on its worker, and the
-        last stage picks the next tokens from its logits."""
+        last stage picks the next tokens from its logits. Each row's tokens (``None`` where
+        the plan's ``tracer.stop()`` ended the generation: the step it was reached in came
+        back without tokens, later stages did no work in it and no later step ran) and
+        stage 0's output."""
         opts = plan.generate
         eos = eos_ids(opts, self.stage.model.generation_config)
         decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
@@ -773,8 +882,13 @@ class StageActor:
                 msg["ids"] = decoding.ids
             reply = await self.step(msg)
             saved = reply["saved"]
-            decoding.advance(reply["tokens"])
-        output = await self.finish(base["req"], decoding.step, left())
+            if "tokens" in reply:
+                decoding.advance(reply["tokens"])
+            else:  # a stopped pass (tracer.stop()): no later step runs
+                decoding.halt()
+        output = await self.finish(base["req"], decoding.steps_run, left())
+        if decoding.halted:
+            return None, output
         return decoding.outputs([n for ls in layout.lengths for n in ls]), output
 
 
@@ -806,6 +920,12 @@ def _worker_address() -> str | None:
         return get_worker().address
     except (ImportError, ValueError):
         return None
+
+
+async def _quietly(awaitable: Any) -> None:
+    """Await ``awaitable`` for its effect alone (an acknowledgement: a lost one is swept)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(awaitable, 30)
 
 
 def _dev(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -7,7 +7,9 @@ backward nodes need from later stages, and the constants' gradients summed so fa
 Stage ``k`` back-propagates from its roots (the loss, if the plan's ``backward`` is
 anchored here, and its output with that gradient), runs the nodes that waited for
 gradients, and returns the gradient of its own input in its reply to stage ``k - 1``:
-worker to worker, never through the notebook. What autograd kept (the request's
+worker to worker, never through the notebook (in device memory where both stages can open
+it, :mod:`.cuda_ipc`: the gradient's buffer is held until this stage's previous stage
+acknowledges its copy). What autograd kept (the request's
 :class:`~tpmlab.runtime.backward.Backprop`, its leaves and graph) goes with the
 request's state when it ends, fails or passes its deadline.
 """
@@ -32,19 +34,33 @@ def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
     reply's fields for the previous stage and this stage's output for the client. Its parts'
     seconds go to ``st.times``: ``backward in`` (the reply's values onto the device),
     ``backward run`` (autograd and the plan's backward nodes; on a GPU, launching them),
-    ``backward to host`` (the input's gradient for the previous stage: on a GPU, the wait for
+    ``backward out`` (the input's gradient for the previous stage: on a GPU, the wait for
     the backward, then the copy) and ``backward finish`` (the saves, once copied)."""
+    start = time.perf_counter()
+    req = st.extra.get("req", "")
+    # first, before anything changes: a buffer that cannot be opened here raises
+    # cuda_ipc.Refused, and the step asks the next stage for the gradient itself
+    g_out = reply.get("grad")
+    g_out = None if g_out is None else actor._received(g_out, req)
+    try:
+        return _backward(actor, st, reply, g_out, start)
+    finally:  # the gradient's copy is done: it may be acknowledged
+        actor.ipc_in.settle(req)
+
+
+def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any,
+              start: float) -> tuple[dict[str, Any], StageOutput]:
     runner, device = st.runner, actor.device
     grads = runner.gradients
-    start = time.perf_counter()
+    req = st.extra.get("req", "")
     runner.env.update(from_wire(reply.get("carry_back") or {}, device))
     incoming = from_wire(reply.get("constant_grads") or {}, device)
     roots: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
     if runner._owns(runner.schedule.anchor[grads.g.backward]):
         roots.append((runner.env.get(grads.g.loss), None))
-    out, g_out = st.extra.get("out"), reply.get("grad")
+    out = st.extra.get("out")
     if out is not None and g_out is not None:
-        roots.append((out, from_wire(g_out, device)))
+        roots.append((out, g_out))
     actor.weights.ready()
     t_in = time.perf_counter()
     try:
@@ -59,13 +75,15 @@ def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
         back: dict[str, Any] = {"grad": None, "constant_grads": {}, "carry_back": {}}
         if not actor.span.is_first:
             hidden = st.extra.get("hidden_in")
-            back["grad"] = None if hidden is None or hidden.grad is None else to_wire(hidden.grad)
+            if hidden is not None and hidden.grad is not None:
+                deadline = getattr(grads, "deadline", 0.0) or time.monotonic() + 60.0
+                back["grad"] = actor._given(actor.ipc_prev, hidden.grad, req, deadline)
             back["constant_grads"] = to_wire(grads.outgoing())
             back["carry_back"] = to_wire(grads.carry_back(actor.owned.start))
         t_host = time.perf_counter()
         output = actor._finish(st, 1)
         st.times.update({"backward in": t_in - start, "backward run": t_back - t_in,
-                         "backward to host": t_host - t_back,
+                         "backward out": t_host - t_back,
                          "backward finish": time.perf_counter() - t_host})
     finally:  # the graph's ends: released now, ended or failed, not when the state is dropped
         grads.release()

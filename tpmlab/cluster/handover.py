@@ -99,7 +99,10 @@ def local_token() -> Token | None:
     return Token(boot=boot, shm=[st.st_dev, st.st_ino], uid=os.getuid())
 
 
-def _same_host(token: Token | None) -> bool:
+def same_host(token: Token | None) -> bool:
+    """Whether the process that made ``token`` (:func:`local_token`) shares this one's host,
+    /dev/shm mount and user: who may map this process's segments, or open its device memory
+    (:mod:`.cuda_ipc`)."""
     return token is not None and token == local_token()
 
 
@@ -125,7 +128,7 @@ class Segments:
         Each segment is this request's from the moment it exists: freed by :meth:`free`, at
         the request's deadline (monotonic seconds; at least :data:`MIN_TTL` from the first
         segment) if the notebook has not taken it, or at exit."""
-        if not _same_host(token) or not DIRECT:
+        if not same_host(token) or not DIRECT:
             return None
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -158,7 +161,7 @@ class Segments:
         notebook has not taken them."""
         with self._lock:
             allocated = self._allocated.pop(req, {})
-        if not _same_host(token):
+        if not same_host(token):
             return values
         made: list[str] = []
         used: set[str] = set()

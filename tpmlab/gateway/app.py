@@ -8,17 +8,24 @@ GET      /v1/models                            served models
 GET      /v1/models/{model}                    the model's ModelInfo (what ``lab.model`` needs)
 POST     /v1/models/{model}/run                plan bytes in, result bytes out (waits)
 POST     /v1/models/{model}/requests           plan bytes in, 202 + request id (does not wait)
+POST     /v1/models/{model}/sessions           session bytes in, session result bytes out (waits)
+POST     /v1/models/{model}/sessions/requests  session bytes in, 202 + request id (does not wait)
 GET      /v1/requests/{id}                     status of one of your requests
 GET      /v1/requests/{id}/result              its result bytes (waits up to ``timeout``)
 DELETE   /v1/requests/{id}                     cancel one of your queued requests
 GET      /v1/me                                your tier and balance
 GET      /v1/me/usage                          your balance and recent charges
+...      /v1/remote-values[...]                your remote saves: list, fetch, reduce, release
+                                               (:mod:`tpmlab.gateway.remote_values`)
 admin    /v1/admin/users[...]                  users, keys, tiers, allocations (admin tier)
 =======  ====================================  =================================================
 
 Plans and results are ``application/octet-stream`` (:mod:`tpmlab.ir.codec`: JSON +
-safetensors, never pickles). Errors are JSON ``{"error": <class>, "message": ...}`` with
-the status their class states (``http_status``: plan errors 400, size limits 413, failures
+safetensors, never pickles). A session (the traces of ``model.session()``) is one
+envelope of plans in and one envelope of results out (:mod:`tpmlab.ir.session`); it is
+validated as a whole, runs as one request and is charged once (:mod:`.sessions`), and its
+status, result and cancellation are those of any request (``/v1/requests/{id}``).
+Errors are JSON ``{"error": <class>, "message": ...}`` with the status their class states (``http_status``: plan errors 400, size limits 413, failures
 while running 422, the gateway's own errors theirs), read in one place
 (:func:`tpmlab.gateway.errors.http_status`). A request is authenticated (failures throttled per client address)
 and counted against the user's in-flight limit before its body is read.
@@ -27,10 +34,11 @@ and counted against the user's in-flight limit before its body is read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._version import __version__
 from ..errors import TpmlabError
-from .auth import Authenticator, HubSettings
+from .auth import Authenticator, HubSettings, User, current_user
 from .core import Gateway
 from .errors import (
     BadRequestError,
@@ -51,6 +59,8 @@ from .errors import (
     http_status,
 )
 from .ledger import USER_NAME_PATTERN, UserView
+from .remote_values import router as remote_values_router
+from .sessions import prepare_session
 from .throttle import FailureThrottle, retry_after_header
 from .tiers import TIERS
 
@@ -149,14 +159,6 @@ class TierChange(BaseModel):
 
 
 # -- authentication (dependencies) --------------------------------------------------------------
-async def current_user(request: Request,
-                       authorization: Annotated[str | None, Header()] = None) -> UserView:
-    """The caller, from an API key or a JupyterHub token; 401 without a valid one, 429
-    while the client's address has failed too often."""
-    address = request.client.host if request.client else ""
-    return await request.app.state.auth.user(authorization, address)
-
-
 async def admin_user(user: Annotated[UserView, Depends(current_user)]) -> UserView:
     if user.tier != "admin":
         raise TierError("managing users needs the 'admin' tier, and your tier is "
@@ -164,7 +166,6 @@ async def admin_user(user: Annotated[UserView, Depends(current_user)]) -> UserVi
     return user
 
 
-User = Annotated[UserView, Depends(current_user)]
 Admin = Annotated[UserView, Depends(admin_user)]
 
 
@@ -228,14 +229,14 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
         ``Limits.max_plan_bytes``)."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"a plan of {int(declared):,} bytes exceeds your tier's "
-                                       f"limit of {limit:,} bytes")
+            raise PayloadTooLargeError(f"a body of {int(declared):,} bytes exceeds your tier's "
+                                       f"limit of {limit:,} bytes for a plan or session")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLargeError(f"the plan exceeds your tier's limit of {limit:,} "
-                                           "bytes")
+                raise PayloadTooLargeError(f"the body exceeds your tier's limit of {limit:,} "
+                                           "bytes for a plan or session")
             chunks.append(chunk)
         if not size:
             raise BadRequestError("empty body: send the plan bytes (application/octet-stream)")
@@ -272,23 +273,37 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
     async def model_detail(model: str, user: User) -> dict:
         return {**model_entry(model), "info": gateway.deployed(model).info.to_dict()}
 
-    async def admit(user: UserView, model: str, request: Request):
-        check_content_type(request)
-        return await gateway.admit(user, model, lambda limit: read_plan(request, limit))
+    def serve_requests(run_path: str, submit_path: str, prepare: Any, what: str) -> None:
+        """POST ``run_path``: ``what`` bytes in, its result out once it ran (waits up to
+        ``timeout``); POST ``submit_path``: 202 and the request's status (does not wait).
+        ``prepare``: what admits the body (:meth:`Gateway.admit`)."""
 
-    @app.post("/v1/models/{model}/run", response_class=Response,
-              responses={200: {"content": {OCTET: {}}}, 402: {"model": ErrorBody},
-                         403: {"model": ErrorBody}, 429: {"model": ErrorBody}})
-    async def run(model: str, request: Request, user: User,
-                  timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
-        req = await admit(user, model, request)
-        blob = await gateway.wait(req, timeout)
-        return Response(blob, media_type=OCTET, headers=_charge_headers(req))
+        async def admit(user: UserView, model: str, request: Request):
+            check_content_type(request)
+            return await gateway.admit(user, model, lambda limit: read_plan(request, limit),
+                                       prepare)
 
-    @app.post("/v1/models/{model}/requests", status_code=202, response_model=RequestStatus)
-    async def submit(model: str, request: Request, user: User) -> dict:
-        req = await admit(user, model, request)
-        return req.status()
+        async def run(model: str, request: Request, user: User,
+                      timeout: Annotated[float | None, Query(gt=0)] = None) -> Response:
+            req = await admit(user, model, request)
+            blob = await gateway.wait(req, timeout)
+            return Response(blob, media_type=OCTET, headers=_charge_headers(req))
+
+        async def submit(model: str, request: Request, user: User) -> dict:
+            req = await admit(user, model, request)
+            return req.status()
+
+        app.add_api_route(run_path, run, methods=["POST"], response_class=Response,
+                          name=f"run {what}", summary=f"run a {what} (waits)",
+                          responses={200: {"content": {OCTET: {}}}, 402: {"model": ErrorBody},
+                                     403: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+        app.add_api_route(submit_path, submit, methods=["POST"], status_code=202,
+                          response_model=RequestStatus, name=f"submit {what}",
+                          summary=f"submit a {what} (does not wait)")
+
+    serve_requests("/v1/models/{model}/run", "/v1/models/{model}/requests", None, "plan")
+    serve_requests("/v1/models/{model}/sessions", "/v1/models/{model}/sessions/requests",
+                   functools.partial(prepare_session, gateway), "session")
 
     @app.get("/v1/requests/{request_id}", response_model=RequestStatus)
     async def request_status(request_id: str, user: User) -> dict:
@@ -318,6 +333,8 @@ def create_app(gateway: Gateway, *, hub: HubSettings | None = None) -> FastAPI:
                 **gateway.ledger.totals(user.name),
                 "max_invokes": gateway.limits_for(user).max_invokes,
                 "charges": gateway.ledger.charges(user.name, limit)}
+
+    app.include_router(remote_values_router)
 
     # -- administration ------------------------------------------------------------------------
     def user_out(name: str) -> dict:

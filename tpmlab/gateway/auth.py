@@ -18,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import httpx
+from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
 from .errors import AuthenticationError, RateLimitError, UpstreamError
@@ -133,3 +135,15 @@ class Authenticator:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+
+async def current_user(request: Request,
+                       authorization: Annotated[str | None, Header()] = None) -> UserView:
+    """The caller, from an API key or a JupyterHub token (a FastAPI dependency: the app's
+    ``state.auth`` checks it); 401 without a valid one, 429 while the client's address has
+    failed too often."""
+    address = request.client.host if request.client else ""
+    return await request.app.state.auth.user(authorization, address)
+
+
+User = Annotated[UserView, Depends(current_user)]  # an endpoint's authenticated caller

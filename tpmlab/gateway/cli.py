@@ -60,6 +60,9 @@ def register(subparsers: Any) -> None:
                    "released by the others")
     p.add_argument("--plan-compute-factor", type=float, default=8.0,
                    help="a plan's own compute held before it runs, in forward passes")
+    p.add_argument("--remote-value-ttl", type=float, default=3600.0,
+                   help="seconds a user's remote values (.save(remote=True)) are kept after "
+                        "their request, unless released before")
     p.add_argument("--tls-ca-file", default=None, help="CA of the Dask cluster's certificates")
     p.add_argument("--tls-cert", default=None, help="the gateway's certificate for Dask")
     p.add_argument("--tls-key", default=None, help="the gateway's private key for Dask")
@@ -139,7 +142,8 @@ def serve_command(args: argparse.Namespace) -> int:
                            max_concurrent_per_user=args.max_concurrent,
                            request_timeout=args.timeout, cost_models=costs,
                            hold_lease_seconds=args.hold_lease,
-                           plan_compute_factor=args.plan_compute_factor)
+                           plan_compute_factor=args.plan_compute_factor,
+                           remote_value_ttl=args.remote_value_ttl)
     print(f"tpmlab gateway: deploying {config.models} on {args.backend} ...", flush=True)
     gateway = Gateway(make_backend(args), ledger, config)
     hub = HubSettings(args.hub_api, args.hub_tier, args.hub_units,

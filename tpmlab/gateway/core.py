@@ -15,7 +15,9 @@ A request's life (:meth:`Gateway.admit`):
    and input kind, every save sized, up to ``max_batch_requests`` and
    ``max_batch_rows``) as one merged plan (:mod:`tpmlab.ir.merge`), each on its own
    rows, under the users' limits (:func:`merged_limits`). If a merged run fails, each
-   request of it runs again alone, so one bad plan never fails another user's;
+   request of it runs again alone, so one bad plan never fails another user's. A
+   session (the traces of ``model.session()``, :mod:`.sessions`), admitted the same way
+   and validated as a whole, runs alone, as one call of the engine;
 5. results are split per request, re-encoded with the request's own plan digest, and
    each hold becomes a charge of what the request used, at most its hold, in a second
    thread while the engine goes on. The plan's constants are dropped once it has run;
@@ -33,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +49,8 @@ from ..errors import (
 from ..ir.codec import decode_plan, encode_plan, encode_result
 from ..ir.merge import can_merge, merge_key, merge_plans, split_values
 from ..ir.model_info import ModelInfo
+from ..ir.plan import Plan
+from ..ir.session import encode_session_result
 from ..ir.validate import Limits
 from ..runtime.backend import Backend
 from ..runtime.limits import merged_limits
@@ -67,10 +71,12 @@ from .errors import (
 from .ledger import Ledger, UserView, from_micro, to_micro
 from .metrics import Metrics
 from .records import FINISHED, Request, RequestTable
-from .sizing import check_plan
-from .tiers import TIER_LIMITS, OutputPaths, allows, required_tier
+from .remote_values import RemoteValueTable
+from .sizing import Checked, check_plan
+from .tiers import TIER_LIMITS, Need, OutputPaths, allows, required_tier
 from .units import (
     CostModel,
+    Hold,
     Pricing,
     calibrate,
     hold,
@@ -82,6 +88,10 @@ from .units import (
 )
 
 log = logging.getLogger("tpmlab.gateway")
+T = TypeVar("T")
+# what turns a request body into a queued request: (user, model, body) -> Request
+Prepare = Callable[[UserView, str, bytes], Request]
+UNBOUNDED = 2**62  # a limit the gateway leaves to the engine's own
 
 
 @dataclass
@@ -94,6 +104,9 @@ class GatewayConfig:
     max_batch_requests: int = 32
     max_batch_rows: int = 64
     max_concurrent_per_user: int = 8
+    max_session_traces: int = 16  # traces in one session request (sessions.py)
+    max_session_invokes: int = 256  # invokes over all the traces of one session
+    max_session_rows: int = 512  # prompt rows over all the traces of one session
     request_timeout: float = 300.0
     keep_results_seconds: float = 600.0
     max_kept_bytes_per_user: int = 256 * 2**20  # finished requests' results and records
@@ -106,6 +119,12 @@ class GatewayConfig:
     max_validations_waiting: int = 64  # beyond this many plans waiting to be validated: 503
     auth_failure_burst: int = 20  # failed authentications per address before 429...
     auth_failure_rate: float = 0.5  # ...and how many more per second after that
+    # remote saves (.remote_values): kept this long after their request, then released...
+    remote_value_ttl: float = 3600.0
+    # ...and reading them is held as a scan at this speed (plus gram's multiply-adds at
+    # this rate) before it runs; charged what it took
+    remote_bytes_per_second: float = 256 * 2**20
+    remote_flops_per_second: float = 1e9
 
 
 @dataclass
@@ -150,6 +169,7 @@ class Gateway:
                                          cost)
         self.records = RequestTable(keep_seconds=self.config.keep_results_seconds,
                                     max_bytes_per_user=self.config.max_kept_bytes_per_user)
+        self.remote_values = RemoteValueTable(self.config.remote_value_ttl)
         self._inflight: dict[int, int] = {}
         self._queued: Tally[str] = Tally()
         self._validating = 0
@@ -170,23 +190,37 @@ class Gateway:
         return self.models[model]
 
     def limits_for(self, user: UserView) -> Limits:
-        limits = self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
-        if limits.max_remote_bytes or limits.max_remote_values:  # never kept here (tiers.py)
-            limits = replace(limits, max_remote_bytes=0, max_remote_values=0)
-        return limits
+        return self.config.tier_limits.get(user.tier) or TIER_LIMITS["query"]
+
+    def engine_limits(self, user: UserView) -> Limits:
+        """What a request of ``user`` runs under on the engine: the tier's limits, but for
+        remote saves, which the tier bounds per user over all their requests and
+        :attr:`remote_values` accounts: there the engine's own (per stage, for the gateway
+        as one owner) apply."""
+        return replace(self.limits_for(user), max_remote_bytes=UNBOUNDED,
+                       max_remote_values=UNBOUNDED)
 
     async def admit(self, user: UserView, model: str,
-                    read_body: Callable[[int], Awaitable[bytes]]) -> Request:
+                    read_body: Callable[[int], Awaitable[bytes]],
+                    prepare: Prepare | None = None) -> Request:
         """Admit one plan of ``user``: ``read_body(max_bytes)`` reads it (called only once the
         user may have another request in flight). Returns the queued request, or raises a
-        :class:`PlanError` or :class:`GatewayError` naming the problem."""
+        :class:`PlanError` or :class:`GatewayError` naming the problem. ``prepare``: what
+        turns the body into a request (:meth:`prepare`; a session's,
+        :func:`tpmlab.gateway.sessions.prepare_session`)."""
         self.deployed(model)
         self._take_slot(user)
+        reserved = None
         try:
             blob = await read_body(self.limits_for(user).max_plan_bytes)
-            req = await self._prepare_bounded(user, model, blob)
+            req = await self._prepare_bounded(prepare or self.prepare, user, model, blob)
+            reserved = req.id
+            self.remote_values.reserve(req.id, user.id, req.remote_bytes, req.remote_values,
+                                       self.limits_for(user))
             await self._hold(req)
         except BaseException as e:
+            if reserved is not None:
+                self.remote_values.unreserve(reserved)
             self._give_slot(user)
             if isinstance(e, GatewayError | PlanError):
                 self.metrics.refused.labels(type(e).__name__).inc()
@@ -199,13 +233,28 @@ class Gateway:
         Raises a :class:`PlanError` or :class:`GatewayError` naming the problem."""
         dep = self.deployed(model)
         limits = self.limits_for(user)
-        try:
+
+        def check() -> tuple[Plan, Checked, Need]:
             plan = decode_plan(blob, max_bytes=limits.max_plan_bytes)
             if plan.model != model:
                 raise BadRequestError(f"the plan is for model {plan.model!r} but was sent to "
                                       f"{model!r}")
             checked = check_plan(plan, dep.info, limits, dep.meta_modules.get)
-            need = required_tier(plan, checked.schedule, dep.paths)
+            return plan, checked, required_tier(plan, checked.schedule, dep.paths)
+
+        plan, checked, need = self.validated(user, check)
+        self.check_tier(user, need, "this plan")
+        return Request(id=uuid.uuid4().hex, user=user, model=model, mode=plan.mode, plan=plan,
+                       blob=blob, digest=plan_digest(plan), tokens=plan_tokens(plan),
+                       hold=self.worst_case(dep, plan, checked, limits),
+                       mergeable=self.config.batching and checked.sized and can_merge(plan),
+                       remote_bytes=checked.remote_bytes, remote_values=checked.remote_values)
+
+    def validated(self, user: UserView, check: Callable[[], T]) -> T:
+        """``check()``, which decodes and validates a body: a :class:`TpmlabError` it raises
+        stands; anything else is the validator's own bug, answered as a bad request."""
+        try:
+            return check()
         except TpmlabError:
             raise
         except Exception as e:  # noqa: BLE001 - validation's own bug, triggered by this plan
@@ -213,18 +262,24 @@ class Gateway:
             log.exception("validation raised %s on a plan of %s", type(e).__name__, user.name)
             raise BadRequestError(f"the plan could not be validated: {type(e).__name__}: "
                                   f"{str(e)[:300]}") from None
-        if not allows(user.tier, need.tier):
-            raise TierError(f"this plan {need.reason}: that needs the {need.tier!r} tier, and "
-                            f"your tier is {user.tier!r}", needed=need.tier, tier=user.tier)
-        cfg = self.config
-        worst = hold(plan, dep.cost, cfg.pricing, saved_bytes=checked.saved_bytes,
-                     sized=checked.sized, max_saved_bytes=limits.max_saved_bytes,
-                     plan_compute_factor=cfg.plan_compute_factor)
-        return Request(id=uuid.uuid4().hex, user=user, model=model, mode=plan.mode, plan=plan,
-                       blob=blob, digest=plan_digest(plan), tokens=plan_tokens(plan),
-                       hold=worst, mergeable=cfg.batching and checked.sized and can_merge(plan))
 
-    async def _prepare_bounded(self, user: UserView, model: str, blob: bytes) -> Request:
+    @staticmethod
+    def check_tier(user: UserView, need: Need, what: str) -> None:
+        """Refuse (:class:`TierError`) what needs a higher tier than ``user``'s; ``what``
+        names it in the message ("this plan")."""
+        if not allows(user.tier, need.tier):
+            raise TierError(f"{what} {need.reason}: that needs the {need.tier!r} tier, and "
+                            f"your tier is {user.tier!r}", needed=need.tier, tier=user.tier)
+
+    def worst_case(self, dep: Deployed, plan: Plan, checked: Checked, limits: Limits) -> Hold:
+        """What ``plan`` (validated into ``checked`` under ``limits``) holds (:func:`hold`)."""
+        cfg = self.config
+        return hold(plan, dep.cost, cfg.pricing, saved_bytes=checked.saved_bytes,
+                    sized=checked.sized, max_saved_bytes=limits.max_saved_bytes,
+                    plan_compute_factor=cfg.plan_compute_factor)
+
+    async def _prepare_bounded(self, prepare: Prepare, user: UserView, model: str,
+                               blob: bytes) -> Request:
         cfg = self.config
         if self._validating >= cfg.validation_threads + cfg.max_validations_waiting:
             raise BusyError(f"the gateway is validating {self._validating} plans; try again "
@@ -232,7 +287,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._validating += 1
         # counted until the thread is done with it, even if its client has gone meanwhile
-        work = self._validators.submit(self.prepare, user, model, blob)
+        work = self._validators.submit(prepare, user, model, blob)
         work.add_done_callback(lambda _: _call_soon(loop, self._validated))
         return await asyncio.wrap_future(work)
 
@@ -387,38 +442,42 @@ class Gateway:
                 outs = [e] * len(batch)
             loop.run_in_executor(self._post, self._finish_all, batch, outs, loop)
 
-    def _run_values(self, model: str, blob: bytes, limits: Limits | None
-                    ) -> tuple[dict[int, Any], dict[str, Any]]:
-        """Run a plan on the engine under ``limits`` (the engine's own where None)."""
+    def _run_values(self, model: str, blob: bytes, limits: Limits | None, *,
+                    session: bool = False) -> Any:
+        """Run a plan on the engine under ``limits`` (the engine's own where None): its values
+        and metadata; a session's (``session``), each trace's, in order."""
         timeout = self.config.request_timeout
+        run = self.backend.run_session_values if session else self.backend.run_values
         try:
-            return self.backend.run_values(model, blob, timeout=timeout, limits=limits)
+            return run(model, blob, timeout=timeout, limits=limits)
         except WeightsChangedError:
             self.metrics.weight_restores.labels(model).inc()
             raise
 
-    def _run_one(self, model: str, req: Request) -> _Ran | Exception:
+    def _run_one(self, model: str, req: Request) -> list[_Ran] | Exception:
         try:
-            values, meta = self._run_values(model, req.blob, self.limits_for(req.user))
+            got = self._run_values(model, req.blob, self.engine_limits(req.user),
+                                   session=req.session)
         except Exception as e:  # noqa: BLE001 - reported to the request's owner
             return e
-        return _Ran(values, meta, {n.id: n.id for n in req.plan.nodes})
+        return [_Ran(values, meta, {n.id: n.id for n in plan.nodes})
+                for plan, (values, meta) in zip(req.traces(), got if req.session else [got])]
 
-    def _run_batch(self, model: str, batch: list[Request]) -> list[_Ran | Exception]:
+    def _run_batch(self, model: str, batch: list[Request]) -> list[list[_Ran] | Exception]:
         if len(batch) == 1:
             return [self._run_one(model, batch[0])]
         try:
             merged, mapping = merge_plans([r.plan for r in batch])
-            limits = merged_limits([self.limits_for(r.user) for r in batch])
+            limits = merged_limits([self.engine_limits(r.user) for r in batch])
             values, meta = self._run_values(model, encode_plan(merged), limits)
         except Exception:  # noqa: BLE001 - run each alone: one bad plan fails only itself
             for req in batch:
                 req.batch_size = 1
             return [self._run_one(model, r) for r in batch]
-        return [_Ran(part, meta, ids)
+        return [[_Ran(part, meta, ids)]
                 for part, ids in zip(split_values(values, mapping), mapping.ids)]
 
-    def _finish_all(self, batch: list[Request], outs: list[_Ran | Exception],
+    def _finish_all(self, batch: list[Request], outs: list[list[_Ran] | Exception],
                     loop: asyncio.AbstractEventLoop) -> None:
         """Charge each request what it used (at most its hold) and encode its result, then
         settle the holds in one transaction (in the post thread, while the engine goes on)."""
@@ -428,6 +487,7 @@ class Gateway:
                 req.error = _as_error(out)
                 continue
             try:
+                self._keep_remote(req, out)
                 row = self._charge(req, out)
                 req.units = from_micro(min(to_micro(row["units"]), to_micro(req.hold.units)))
                 req.result = self._encode(req, out)
@@ -437,6 +497,8 @@ class Gateway:
                 req.error, req.result = _as_error(e), None
         for req in batch:
             req.drop_plan()  # it has run: its constants are not needed any more
+            if req.error is not None:  # what it reserved or kept on the engine goes
+                self.remote_values.drop_request(req.id)
         try:
             charged = self.ledger.settle(charges) if charges else {}
             failed = [r.id for r in batch if r.error is not None and r.held]
@@ -447,6 +509,7 @@ class Gateway:
             for req, _ in done:
                 req.error = UpstreamError(f"could not record the charge: {type(e).__name__}")
                 req.result = None
+                self.remote_values.drop_request(req.id)
             done = []
         for req, out in done:
             if charged[req.id] != req.units:  # the hold had expired: charged what was free
@@ -454,23 +517,41 @@ class Gateway:
                 req.result = self._encode(req, out)
         loop.call_soon_threadsafe(self._complete, batch)
 
-    def _encode(self, req: Request, out: _Ran) -> bytes:
-        meta = dict(out.meta, plan_digest=req.digest, request_id=req.id,
-                    batch_size=req.batch_size, **req.cost, charged_units=req.units)
-        meta.pop("node_seconds", None)  # of the whole run: other users' nodes too
-        return encode_result(out.values, meta)
+    def _keep_remote(self, req: Request, outs: list[_Ran]) -> None:
+        """Keep the request's remote values under its user's handles; the result carries
+        their descriptions (:mod:`.remote_values`)."""
+        if req.remote_values:
+            version = str(outs[0].meta.get("model_version", ""))
+            kept = self.remote_values.keep(req, [out.values for out in outs], version)
+            for out, (values, ids) in zip(outs, kept):
+                out.values, out.meta = values, dict(out.meta, remote_saves=ids)
 
-    def _charge(self, req: Request, out: _Ran) -> dict[str, Any]:
-        """What ``req`` used (see :mod:`.units`), as a charge row for the ledger."""
+    def _encode(self, req: Request, outs: list[_Ran]) -> bytes:
+        """The result bytes of ``req``; a session's: each trace's, in one envelope, each with
+        the request's id and the charge of the whole session."""
+        blobs = []
+        for out in outs:
+            meta = dict(out.meta, request_id=req.id, batch_size=req.batch_size, **req.cost,
+                        charged_units=req.units)
+            if not req.session:  # a merged run's digest is not the user's plan's
+                meta["plan_digest"] = req.digest
+            meta.pop("node_seconds", None)  # of the whole run: other users' nodes too
+            blobs.append(encode_result(out.values, meta))
+        return encode_session_result(blobs) if req.session else blobs[0]
+
+    def _charge(self, req: Request, outs: list[_Ran]) -> dict[str, Any]:
+        """What ``req`` used (see :mod:`.units`), as a charge row for the ledger: a
+        session's is the sum over its traces, charged once."""
         dep = self.models[req.model]
-        plan = req.plan
-        nbytes = sum(saved_nbytes(v) for v in out.values.values())
-        forward = dep.cost.forward_seconds(req.tokens, plan_rows(plan),
-                                           steps_run(plan, out.values))
-        # the plan's own nodes and, for a backward (never merged), its measured seconds
-        own = own_node_seconds(out.meta.get("node_seconds"), out.ids) \
-            + float(out.meta.get("backward_seconds", 0.0))
-        measured = float(out.meta.get("compute_seconds", 0.0))
+        nbytes, forward, own, measured = 0, 0.0, 0.0, 0.0
+        for plan, out in zip(req.traces(), outs):
+            nbytes += sum(saved_nbytes(v) for v in out.values.values())
+            forward += dep.cost.forward_seconds(plan_tokens(plan), plan_rows(plan),
+                                                steps_run(plan, out.values))
+            # the plan's own nodes and, for a backward (never merged), its measured seconds
+            own += own_node_seconds(out.meta.get("node_seconds"), out.ids) \
+                + float(out.meta.get("backward_seconds", 0.0))
+            measured += float(out.meta.get("compute_seconds", 0.0))
         units = self.config.pricing.units(forward + own, nbytes)
         req.cost = {"measured_seconds": measured, "forward_seconds": forward,
                     "plan_seconds": own, "charged_seconds": forward + own,
@@ -478,7 +559,7 @@ class Gateway:
         if units > req.hold.units:
             self.metrics.uncharged.labels(req.model).inc(units - req.hold.units)
         return {"request_id": req.id, "user_id": req.user.id, "model": req.model,
-                "model_version": str(out.meta.get("model_version", "")),
+                "model_version": str(outs[0].meta.get("model_version", "")),
                 "plan_digest": req.digest, "mode": req.mode, "tokens": req.tokens,
                 "bytes_returned": nbytes, "compute_seconds": forward + own,
                 "measured_seconds": measured, "batch_size": req.batch_size, "units": units}
@@ -501,6 +582,7 @@ class Gateway:
             self._queued[req.model] -= 1
         if state == "cancelled":
             req.error = error
+            self.remote_values.unreserve(req.id)
             if req.held:
                 asyncio.get_running_loop().run_in_executor(self._post, self._release_quietly,
                                                            [req.id])
@@ -537,12 +619,14 @@ class Gateway:
         lease = self.config.hold_lease_seconds
         while True:
             live = [r.id for r in self.records.in_flight() if r.held]
+            live += self.remote_values.reads()  # reads of remote values running now
             try:
                 await run_in_threadpool(self.ledger.renew, self.instance, live, lease)
                 await run_in_threadpool(self.ledger.expire)
             except Exception:  # noqa: BLE001 - try again at the next round
                 log.exception("could not renew or expire holds")
             self.records.prune()  # every user's finished requests past their time
+            await run_in_threadpool(self.remote_values.expire)  # remote values past theirs
             await asyncio.sleep(lease / 4)
 
     async def close(self) -> None:
@@ -553,6 +637,10 @@ class Gateway:
             ex.shutdown(wait=False, cancel_futures=True)
         self._validators.shutdown(wait=False, cancel_futures=True)
         self._post.shutdown(wait=False)
+        try:  # what users kept on the engine goes with the gateway
+            await run_in_threadpool(self.remote_values.close)
+        except Exception:  # noqa: BLE001 - the engine frees them when it closes
+            log.exception("could not release the remote values kept here")
         try:  # requests still queued here will not run: give their holds back
             await run_in_threadpool(self.ledger.release_gateway, self.instance)
         except Exception:  # noqa: BLE001 - they expire by themselves

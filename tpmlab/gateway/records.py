@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..ir.plan import Plan
 from .ledger import UserView
@@ -51,6 +51,13 @@ class Request:
     cost: dict[str, float] = field(default_factory=dict)  # what it used (units.py), once run
     readers: int = 0  # waiters about to read its result (never dropped under them)
     future: asyncio.Future | None = None
+    remote_bytes: int | None = 0  # what its remote saves keep (None: known once it has run)
+    remote_values: int = 0  # how many values they keep
+    session: ClassVar[bool] = False  # a session's traces, run as one request (.sessions)
+
+    def traces(self) -> list[Plan]:
+        """The plans it runs, in order: its one plan (none once dropped)."""
+        return [self.plan] if self.plan is not None else []
 
     @property
     def estimate(self) -> float:

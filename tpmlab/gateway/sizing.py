@@ -1,5 +1,6 @@
-"""Validation for the gateway: the plan's checks, the bytes it saves, and whether that
-count is complete.
+"""Validation for the gateway: the plan's checks, the bytes it saves, whether that count is
+complete, and what its remote saves keep on the engine (:mod:`.remote_values` accounts
+those per user).
 
 :func:`tpmlab.ir.validate.inspect_plan` sizes every save it can on meta tensors and
 leaves the rest to the engine's run-time limit. The gateway must know whether it sized
@@ -11,7 +12,9 @@ count is incomplete when
 * a module point's shape template is not fixed by batch and length, or
 * some op could not run on meta tensors (data-dependent shapes such as boolean-mask
   indexing, values read as numbers): validation then treats its result as unknown.
-  :class:`_MetaFailures` watches the validator's meta computations for such failures.
+  :class:`_MetaFailures` watches the validator's meta computations for such failures, or
+* a session's trace reads a value of an earlier trace whose shape validation could not
+  know (``from_trace``, :mod:`tpmlab.ir.session`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from ..errors import LimitError
 from ..ir.model_info import ModelInfo, event_key
 from ..ir.plan import POINT, SAVE, Plan
 from ..ir.schedule import Schedule
-from ..ir.validate import Limits, inspect_plan
+from ..ir.validate import Limits, contains_unknown, inspect_plan, remote_saves
+from ..remote import kept_nbytes
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class Checked:
     schedule: Schedule
     saved_bytes: int  # what validation sized
     sized: bool  # whether that is every save
+    remote_bytes: int | None = 0  # what its remote saves keep (None: not known before it runs)
+    remote_values: int = 0  # how many values its remote saves keep (generation steps counted)
 
 
 class _MetaFailures(TorchDispatchMode):
@@ -66,12 +72,18 @@ def _static(template: Any) -> bool:
 
 
 def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
-               meta_module: Callable[[str], torch.nn.Module | None] | None) -> Checked:
+               meta_module: Callable[[str], torch.nn.Module | None] | None, *,
+               imports: dict[int, Any] | None = None, env: dict[int, Any] | None = None
+               ) -> Checked:
     """Validate ``plan`` with ``limits`` (raises a :class:`~tpmlab.errors.PlanError`); the
-    saved bytes validation sized, over the limit of the tier is a :class:`LimitError`."""
+    saved bytes validation sized, over the limit of the tier is a :class:`LimitError`.
+    ``imports``/``env``: as for :func:`~tpmlab.ir.validate.inspect_plan` (a session's
+    traces, :func:`~tpmlab.ir.session.check_session`)."""
     probe = _MetaFailures()
+    env = {} if env is None else env
     with probe:
-        schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module)
+        schedule, saved = inspect_plan(plan, info, limits=limits, meta_module=meta_module,
+                                       imports=imports, env=env)
     if saved > limits.max_saved_bytes:
         raise LimitError(f"the plan saves {saved:,} bytes, over your tier's limit of "
                          f"{limits.max_saved_bytes:,} bytes")
@@ -79,4 +91,7 @@ def check_plan(plan: Plan, info: ModelInfo, limits: Limits,
         n.op == SAVE and not (n.steps.single and n.steps.start == 0) for n in plan.nodes)
     templates = all(_static(info.shapes.get(event_key(n.path, n.io)))
                     for n in plan.nodes if n.op == POINT)
-    return Checked(schedule, saved, not (later_steps or not templates or probe.failed))
+    unknown_imports = contains_unknown(list((imports or {}).values()))
+    remote_bytes, remote_values = remote_saves(plan, env, kept_nbytes)
+    return Checked(schedule, saved, not (later_steps or not templates or probe.failed
+                                         or unknown_imports), remote_bytes, remote_values)

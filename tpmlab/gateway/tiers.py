@@ -14,6 +14,13 @@ gradients  also back-propagate: ``loss.backward()`` and ``.grad`` of module valu
 admin      also manage users, keys and allocations
 =========  ====================================================================
 
+Each tier's :class:`~tpmlab.ir.validate.Limits` (:data:`TIER_LIMITS`) bound what one request
+may do; ``max_remote_bytes`` and ``max_remote_values`` bound instead what one *user* keeps
+on the engine through remote saves (``.save(remote=True)``) at once, over all their
+requests, stages and models, until they release them or the values expire
+(:mod:`tpmlab.gateway.remote_values`): none for ``query``, 512 MiB and 1,000 values for
+``embed``, 2 GiB and 10,000 for ``inspect``, 4 GiB and 20,000 above.
+
 Each tier includes the ones above it. :func:`required_tier` names the first thing
 a plan does that needs more than the lowest tier, so a refusal can say what the
 plan did and which tier would allow it.
@@ -58,9 +65,19 @@ TIER_LIMITS: dict[str, Limits] = {
                         max_tokens_per_row=8192, max_intermediate_bytes=4 * 2**30,
                         max_autograd_bytes=4 * 2**30),
 }
-# Remote saves (``.save(remote=True)``, values kept on the stages' workers) are refused
-# behind the gateway: a user's values would outlive their request on shared workers.
-TIER_LIMITS = {name: dataclasses.replace(limits, max_remote_bytes=0, max_remote_values=0)
+# Remote saves (``.save(remote=True)``): what one user may keep on the engine at once, over
+# all their requests, stages and models (``max_remote_bytes``, ``max_remote_values``; the
+# gateway accounts them, :mod:`.remote_values`). The query tier, which only reads final
+# logits, keeps none; the others as much as two of their largest saves.
+REMOTE_LIMITS: dict[str, tuple[int, int]] = {
+    "query": (0, 0),
+    "embed": (512 * 2**20, 1_000),
+    "inspect": (2 * 2**30, 10_000),
+    "intervene": (4 * 2**30, 20_000),
+    "gradients": (4 * 2**30, 20_000),
+}
+TIER_LIMITS = {name: dataclasses.replace(limits, max_remote_bytes=REMOTE_LIMITS[name][0],
+                                         max_remote_values=REMOTE_LIMITS[name][1])
                for name, limits in TIER_LIMITS.items()}
 TIER_LIMITS["admin"] = TIER_LIMITS["gradients"]
 

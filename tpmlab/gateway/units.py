@@ -35,9 +35,11 @@ those passes (none for a plan without nodes of its own), and the bytes it may
 save: exactly what validation sized, or the tier's ``max_saved_bytes`` (which the engine
 enforces while running) when validation cannot size a save (later generation steps,
 data-dependent shapes). The hold must fit the user's balance minus their other holds,
-else 402. **The hold is the cap**: a request is charged what it used, never more than
-its hold, so no balance goes below zero; what a request used beyond its hold (a plan
-whose own compute outgrew the allowance) is counted in the gateway's metrics.
+else 402. A session's traces run as one request: its hold is theirs added up and priced
+as one request's (:func:`combined`), and so is its charge. **The hold is the cap**: a
+request is charged what it used, never more than its hold, so no balance goes below
+zero; what a request used beyond its hold (a plan whose own compute outgrew the
+allowance) is counted in the gateway's metrics.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch
 from ..ir.codec import encode_plan
 from ..ir.model_info import ModelInfo
 from ..ir.plan import BACKWARD, POINT, Invoke, Plan
+from ..ir.schedule import stop_step
 from ..ir.validate import value_nbytes
 from ..runtime.request import GENERATED
 
@@ -147,10 +150,23 @@ def hold(plan: Plan, cost: CostModel, pricing: Pricing, *, saved_bytes: int, siz
     return Hold(forward, own, nbytes, sized, pricing.units(forward + own, nbytes))
 
 
+def combined(holds: list[Hold], pricing: Pricing) -> Hold:
+    """The hold of several plans run as one request (a session's traces): their seconds
+    and bytes added, priced once (one ``su_per_request``)."""
+    forward = sum(h.forward_seconds for h in holds)
+    own = sum(h.plan_seconds for h in holds)
+    nbytes = sum(h.saved_bytes for h in holds)
+    return Hold(forward, own, nbytes, all(h.sized for h in holds),
+                pricing.units(forward + own, nbytes))
+
+
 def steps_run(plan: Plan, values: Mapping[int, Any]) -> int:
-    """Generation steps a finished request ran (0 for a trace), from its generated ids."""
+    """Generation steps a finished request ran (0 for a trace), from its generated ids; a
+    generation its ``tracer.stop()`` ended returns none, and ran up to its stop's step."""
     if plan.mode != "generate":
         return 0
+    if plan.stop and GENERATED not in values:
+        return stop_step(plan.nodes)
     rows = values.get(GENERATED) or []
     lengths = [int(plan.tensors[n].shape[0]) for inv in plan.invokes for n in inv.tensors]
     prompt = lengths if plan.invokes and plan.invokes[0].kind == "tokens" else [0] * len(lengths)

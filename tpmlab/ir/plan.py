@@ -129,8 +129,9 @@ class Plan:
     mode: str = "trace"  # "trace" | "generate"
     generate: GenerateOptions | None = None
     schema: int = SCHEMA_VERSION
-    # tracer.stop(): the forward pass ends once the last event with nodes has run, so later
-    # layers (and later pipeline stages) do no work; a trace's values are the same
+    # tracer.stop(): the run ends once the last event with nodes of the last step with nodes
+    # has run (Schedule.stop_point), so later layers, pipeline stages and generation steps do
+    # no work; the values saved are the same, and a stopped generation returns no tokens
     stop: bool = False
 
     def node(self, node_id: int) -> Node:

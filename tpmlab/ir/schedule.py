@@ -54,10 +54,28 @@ class Schedule:
     def events_used(self) -> list[int]:
         return sorted(e for e in self.by_event if e != START)
 
+    def stop_point(self) -> tuple[int, int]:
+        """Where a stopping plan (``tracer.stop()``) ends its run, as in nnsight, right after
+        the last value it asks for: ``(step, event)``, the latest generation step a node
+        runs at and, at that step, the latest event with nodes (``START``: that step's pass
+        does not run at all). A trace's step is 0. Nodes that run at every step to the end
+        (a persistent edit's) do not place the stop: they run until it."""
+        nodes = [n for at_event in self.by_event.values() for n in at_event
+                 if n.steps.stop is not None]
+        step = stop_step(nodes)
+        return step, max((self.anchor[n.id] for n in nodes if n.steps.contains(step)),
+                         default=START)
+
     @property
     def write_target(self) -> dict[int, int]:
         """Writing node id -> the first point node it may change (all of them: :attr:`writes`)."""
         return {n: min(targets) for n, targets in self.writes.items()}
+
+
+def stop_step(nodes: Iterable[Node]) -> int:
+    """The generation step a stopping plan ends in (:meth:`Schedule.stop_point`): the latest
+    step a node runs at, over the nodes that do not run at every step to the end; 0 if none."""
+    return max((n.steps.stop - 1 for n in nodes if n.steps.stop is not None), default=0)
 
 
 def _point_event(node: Node, info: ModelInfo) -> int:

@@ -10,46 +10,54 @@ On the wire a session is one safetensors file (no pickle) holding each plan's ow
 (:func:`~tpmlab.ir.codec.encode_plan`) as a ``uint8`` tensor, in order. It is validated
 as a whole (:func:`check_session`) before any plan runs: every cross-trace reference
 names an earlier trace's kept save, and its shape flows into the later plan's validation
-like any value's.
+like any value's. Where the answer travels as bytes (behind a gateway) it is the same kind
+of envelope holding each trace's result blob (:func:`~tpmlab.ir.codec.encode_result`), in
+order (:func:`encode_session_result`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import LimitError, SchemaError
-from .codec import decode_plan, encode_plan
+from .codec import decode_plan, decode_result, encode_plan
 from .model_info import ModelInfo
 from .plan import FROM_TRACE, SAVE, Plan
-from .schedule import Schedule
 from .validate import UNKNOWN, Limits, validate
+
+T = TypeVar("T")
 
 SESSION_SCHEMA = 1
 MAX_TRACES = 64  # traces in one session request
 
 
+PLANS, RESULTS = "tpmlab_session", "tpmlab_session_result"  # the envelopes' metadata keys
+
+
 def encode_session(plans: list[Plan]) -> bytes:
     """The session envelope: each plan's blob, in order."""
-    flat = {f"plan{k}": torch.frombuffer(bytearray(encode_plan(p)), dtype=torch.uint8)
-            for k, p in enumerate(plans)}
-    doc = {"session": SESSION_SCHEMA, "traces": len(plans)}
-    return st_save(flat, metadata={"tpmlab_session": json.dumps(doc)})
+    return _envelope([encode_plan(p) for p in plans], PLANS)
+
+
+def encode_session_result(results: list[bytes]) -> bytes:
+    """The answer to a session sent as bytes: each trace's result blob, in order."""
+    return _envelope(results, RESULTS)
+
+
+def decode_session_result(blob: bytes) -> list[tuple[dict[int, Any], dict[str, Any]]]:
+    """Each trace's saved values and metadata, in order, from :func:`encode_session_result`."""
+    return [decode_result(b) for b in _open(blob, RESULTS, "session result")]
 
 
 def is_session(blob: bytes) -> bool:
     """Whether ``blob`` is a session envelope (not one plan)."""
-    try:
-        header_len = int.from_bytes(bytes(blob[:8]), "little")
-        header = json.loads(bytes(blob[8:8 + header_len]))
-        return "tpmlab_session" in (header.get("__metadata__") or {})
-    except Exception:  # noqa: BLE001 - anything else is not an envelope
-        return False
+    return _kind(blob) == PLANS
 
 
 def decode_session(blob: bytes, *, max_bytes: int | None = None) -> list[Plan]:
@@ -60,18 +68,41 @@ def decode_session(blob: bytes, *, max_bytes: int | None = None) -> list[Plan]:
 
 def split_session(blob: bytes, *, max_bytes: int | None = None) -> list[bytes]:
     """Each trace's plan blob, in order, not yet decoded."""
-    if not is_session(blob):
-        raise SchemaError("the payload is not a tpmlab session")
     if max_bytes is not None and len(blob) > max_bytes * MAX_TRACES:
         raise LimitError(f"a session of {len(blob):,} bytes is over the limit")
+    return _open(blob, PLANS, "session")
+
+
+def _envelope(blobs: list[bytes], key: str) -> bytes:
+    flat = {f"plan{k}": torch.frombuffer(bytearray(b), dtype=torch.uint8)
+            for k, b in enumerate(blobs)}
+    doc = {"session": SESSION_SCHEMA, "traces": len(blobs)}
+    return st_save(flat, metadata={key: json.dumps(doc)})
+
+
+def _kind(blob: bytes) -> str | None:
+    """Which envelope ``blob`` is (:data:`PLANS` or :data:`RESULTS`), or None."""
+    try:
+        header_len = int.from_bytes(bytes(blob[:8]), "little")
+        header = json.loads(bytes(blob[8:8 + header_len]))
+        meta = header.get("__metadata__") or {}
+    except Exception:  # noqa: BLE001 - anything else is not an envelope
+        return None
+    return next((k for k in (PLANS, RESULTS) if k in meta), None)
+
+
+def _open(blob: bytes, key: str, what: str) -> list[bytes]:
+    """The blobs of envelope ``blob`` of kind ``key``, in order (:class:`SchemaError` on
+    anything malformed, naming ``what`` it should have been)."""
+    if _kind(blob) != key:
+        raise SchemaError(f"the payload is not a tpmlab {what}")
     try:
         tensors = st_load(bytes(blob))
         header_len = int.from_bytes(bytes(blob[:8]), "little")
-        doc = json.loads(json.loads(bytes(blob[8:8 + header_len]))["__metadata__"]
-                         ["tpmlab_session"])
+        doc = json.loads(json.loads(bytes(blob[8:8 + header_len]))["__metadata__"][key])
         n = doc["traces"]
     except Exception as e:  # noqa: BLE001 - a malformed payload, never a crash
-        raise SchemaError(f"the session payload is malformed: {type(e).__name__}") from None
+        raise SchemaError(f"the {what} payload is malformed: {type(e).__name__}") from None
     if doc.get("session") != SESSION_SCHEMA:
         raise SchemaError(f"session schema {doc.get('session')!r} is not supported "
                           f"(this engine speaks {SESSION_SCHEMA})")
@@ -79,7 +110,7 @@ def split_session(blob: bytes, *, max_bytes: int | None = None) -> list[bytes]:
         raise LimitError(f"a session holds 1 to {MAX_TRACES} traces, got {n!r}")
     if set(tensors) != {f"plan{k}" for k in range(n)} or any(
             t.dtype != torch.uint8 or t.dim() != 1 for t in tensors.values()):
-        raise SchemaError("the session payload does not hold its traces' plans")
+        raise SchemaError(f"the {what} payload does not hold its traces' blobs")
     return [tensors[f"plan{k}"].numpy().tobytes() for k in range(n)]
 
 
@@ -113,21 +144,23 @@ def imports_of(plans: list[Plan], k: int) -> dict[int, tuple[int, int]]:
 
 
 def check_session(plans: list[Plan], info: ModelInfo, *, model: str, limits: Limits,
-                  meta_module: Callable[[str], torch.nn.Module | None] | None = None
-                  ) -> list[Schedule]:
+                  meta_module: Callable[[str], torch.nn.Module | None] | None = None,
+                  check: Callable[..., T] = validate) -> list[T]:
     """Validate every plan of a session, in order (each plan's ``from_trace`` values shaped
-    like the kept saves they read); their schedules, or the first :class:`PlanError`."""
+    like the kept saves they read); their schedules, or the first :class:`PlanError`.
+    ``check``: what validates one plan, called as :func:`~tpmlab.ir.validate.validate` is
+    (a gateway's also sizes the saves); what it returns is returned per plan."""
     if not plans:
         raise SchemaError("a session needs at least one trace")
     metas: dict[tuple[int, int], Any] = {}
-    schedules = []
+    checked = []
     for k, plan in enumerate(plans):
         if plan.model != model:
             raise SchemaError(f"trace {k} of the session is for model {plan.model!r}, this "
                               f"engine holds {model!r}")
         imports = {i: metas.get(src, UNKNOWN) for i, src in imports_of(plans, k).items()}
         env: dict[int, Any] = {}
-        schedules.append(validate(plan, info, limits=limits, meta_module=meta_module,
-                                  imports=imports, env=env))
+        checked.append(check(plan, info, limits=limits, meta_module=meta_module,
+                             imports=imports, env=env))
         metas.update({(k, i): env.get(i, UNKNOWN) for i in kept(plan)})
-    return schedules
+    return checked

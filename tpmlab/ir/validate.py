@@ -175,7 +175,7 @@ def _check_structure(plan: Plan, info: ModelInfo, limits: Limits) -> None:
             raise LimitError(f"max_new_tokens={plan.generate.max_new_tokens} exceeds the limit "
                              f"of {limits.max_new_tokens}")
         _check_sampling(plan, info.vocab_size)
-    n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
+    n_steps = plan_steps(plan)
 
     seen: set[int] = set()
     for node in plan.nodes:
@@ -262,8 +262,9 @@ def _check_save(node: Any, limits: Limits, where: dict) -> None:
                           "index a step", **where)
     if node.kwargs.get("remote") and limits.max_remote_bytes <= 0:
         raise LimitError("remote saves are not kept here (max_remote_bytes is 0 for this "
-                         "request, as behind the gateway): use .save() and reduce the value "
-                         "inside the trace, or connect to a cluster directly", **where)
+                         "request, as for a gateway's query tier): use .save() and reduce the "
+                         "value inside the trace, or ask for a tier that keeps remote values",
+                         **where)
 
 
 def _check_token_ids(t: torch.Tensor, invoke: int, info: ModelInfo) -> None:
@@ -370,15 +371,16 @@ def _meta_from_template(template: Any, rows: int, length: int, dtype: torch.dtyp
     return UNKNOWN
 
 
-def _contains_unknown(value: Any) -> bool:
+def contains_unknown(value: Any) -> bool:
+    """Whether ``value`` is, or holds, a value validation cannot know (:data:`UNKNOWN`)."""
     if value is UNKNOWN:
         return True
     if isinstance(value, slice):
         return any(v is UNKNOWN for v in (value.start, value.stop, value.step))
     if isinstance(value, (list, tuple)):
-        return any(_contains_unknown(v) for v in value)
+        return any(contains_unknown(v) for v in value)
     if isinstance(value, dict):
-        return any(_contains_unknown(v) for v in value.values())
+        return any(contains_unknown(v) for v in value.values())
     return False
 
 
@@ -448,7 +450,6 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
     env = {} if env is None else env
     memo: dict[Any, Any] = {}
     dtype = getattr(torch, info.dtype, torch.float32)
-    n_steps = plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
     saved = remote = 0
     for node in plan.nodes:
         where = {"node": node.id, "op": node.op, "line": node.line}
@@ -470,7 +471,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             continue
         args = _materialize(node.args, env, plan)
         kwargs = _materialize(node.kwargs, env, plan)
-        if _contains_unknown(args) or _contains_unknown(kwargs):
+        if contains_unknown(args) or contains_unknown(kwargs):
             env[node.id] = UNKNOWN  # a save of unknown size is left to the run-time limit
             continue
         if node.op == GRAD:  # shaped like what it differentiates
@@ -488,7 +489,7 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
             continue
         if node.op == SAVE:
             value = args[0]
-            steps = (node.steps.stop or n_steps) - node.steps.start
+            steps = save_steps(plan, node)
             if node.kwargs.get("remote"):  # kept on the stage: held to the owner's limits there
                 if not isinstance(value, torch.Tensor):
                     raise ShapeError("a remote save keeps one tensor, not a "
@@ -549,6 +550,36 @@ def _check_shapes(plan: Plan, info: ModelInfo, limits: Limits,
                 memo[key] = env[node.id]
         _check_value(env[node.id], (args, kwargs), limits, where)
     return saved
+
+
+def plan_steps(plan: Plan) -> int:
+    """Forward passes a plan may run: ``max_new_tokens`` for a generation, 1 for a trace."""
+    return plan.generate.max_new_tokens if plan.mode == "generate" and plan.generate else 1
+
+
+def save_steps(plan: Plan, node: Any) -> int:
+    """Values a save node makes: one per generation step it saves at (1 for a trace)."""
+    return (node.steps.stop or plan_steps(plan)) - node.steps.start
+
+
+def remote_saves(plan: Plan, env: dict[int, Any],
+                 nbytes_of: Callable[[torch.Tensor], int] = value_nbytes
+                 ) -> tuple[int | None, int]:
+    """The bytes (``nbytes_of`` each meta value) and the number of values a plan's remote
+    saves keep (``env``: the meta values :func:`inspect_plan` put there); bytes ``None``
+    when some save's size is not known before the plan runs."""
+    nbytes: int | None = 0
+    count = 0
+    for node in plan.nodes:
+        if node.op == SAVE and node.kwargs.get("remote"):
+            steps = save_steps(plan, node)
+            count += steps
+            value = env.get(node.id, UNKNOWN)
+            if nbytes is not None and isinstance(value, torch.Tensor):
+                nbytes += nbytes_of(value) * steps
+            else:
+                nbytes = None
+    return nbytes, count
 
 
 def _meta_unsupported(e: Exception) -> bool:

@@ -29,7 +29,9 @@ class Backend(Protocol):
     ``model_version``, ``plan_digest``, ``compute_seconds``, ``node_seconds``:
     ``{node id: seconds}`` of each plan node that is not a module point, over all steps
     and stages, ...), without a round trip through bytes where the backend can hand the
-    values over as they are. ``limits``: the caller's
+    values over as they are. ``run_session_values`` runs a session envelope
+    (:mod:`tpmlab.ir.session`) as one request: each trace's ``run_values``, in order.
+    ``limits``: the caller's
     limits for this request (a gateway's tier limits); the engine validates and runs the
     plan under the field-by-field minimum of them and its own
     (:func:`tpmlab.runtime.limits.request_limits`).
@@ -42,6 +44,10 @@ class Backend(Protocol):
 
     def run_values(self, model: str, plan: bytes, *, timeout: float | None = None,
                    limits: Limits | None = None) -> tuple[dict[int, Any], dict[str, Any]]: ...
+
+    def run_session_values(self, model: str, session: bytes, *, timeout: float | None = None,
+                           limits: Limits | None = None
+                           ) -> list[tuple[dict[int, Any], dict[str, Any]]]: ...
 
     def undeploy(self, name: str) -> None: ...
 

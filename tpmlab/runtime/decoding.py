@@ -24,7 +24,11 @@ options and seed give the same tokens:
 4. a row finishes at an end-of-sequence token (the plan's ``eos_token_id``, else the
    model's) or when its text so far ends
    in one of the stop strings (Hugging Face's ``StopStringCriteria``); decoding ends when
-   every row has finished or after ``max_new_tokens`` steps.
+   every row has finished or after ``max_new_tokens`` steps;
+5. a plan's ``tracer.stop()`` ends decoding in the pass where it is reached (the engine
+   calls :meth:`Decoding.halt` instead of :meth:`Decoding.advance`): that step chooses no
+   tokens, no later step runs, and, as nnsight's ``generate`` returns nothing once stopped,
+   no tokens come back.
 
 Options the plan does not give take Hugging Face's library defaults (sampling keeps the
 top 50 tokens unless ``top_k`` says otherwise, ``top_k=0`` keeps all; the others are
@@ -125,6 +129,7 @@ class Decoding:
         self.pad_id = pad_id
         self.step = 0
         self.new: list[torch.Tensor] = []
+        self.halted = False  # tracer.stop() ended decoding: no tokens come back
         self._stop = None
         if options.stop:
             from transformers import StopStringCriteria
@@ -160,6 +165,17 @@ class Decoding:
         self._feed = Feed(self.step, tokens[:, None].to(mask.device), mask,
                           last.position_ids[:, -1:] + 1)
         return True
+
+    def halt(self) -> None:
+        """End decoding in the current step's pass (``tracer.stop()`` was reached in it):
+        the step chooses no tokens and no later step runs."""
+        self.halted = True
+        self._feed = None
+
+    @property
+    def steps_run(self) -> int:
+        """Steps whose pass ran: whole, or (a halted step) up to its stop."""
+        return self.step + self.halted
 
     def outputs(self, lengths: list[int]) -> list[torch.Tensor]:
         """Each row's tokens ``[n + new]``: its prompt without padding (``lengths``: each row's

@@ -158,12 +158,14 @@ class ModelHost:
                 with torch.inference_mode():
                     if plan.mode == "trace":
                         runner.begin_step(0)
-                        if not runner.stops_before_pass:
+                        if not runner.stops_before(0):
                             with runner.hooks(), stopping():
                                 self.model(**kwargs, use_cache=False)
                         runner.check_complete(1)
                     else:
-                        values[request.GENERATED] = self._generate(plan, kwargs, layout, runner)
+                        generated = self._generate(plan, kwargs, layout, runner)
+                        if generated is not None:
+                            values[request.GENERATED] = generated
         except (PlanError, ExecutionError):
             raise
         except torch.OutOfMemoryError as e:
@@ -193,9 +195,10 @@ class ModelHost:
         return self._weight_storages
 
     def _generate(self, plan: Plan, kwargs: dict[str, torch.Tensor], layout: BatchLayout,
-                  runner: PlanRunner) -> list[torch.Tensor]:
+                  runner: PlanRunner) -> list[torch.Tensor] | None:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) on the whole model,
-        its KV cache in this process."""
+        its KV cache in this process: each row's tokens, or ``None`` where the plan's
+        ``tracer.stop()`` ended the generation (no later layer or step ran)."""
         eos = eos_ids(plan.generate, self.model.generation_config)
         decoding = Decoding(plan.generate, kwargs.get("input_ids"), kwargs["attention_mask"],
                             kwargs["position_ids"], eos=eos, pad_id=self.pad_id,
@@ -206,10 +209,18 @@ class ModelHost:
                 inputs = ({"input_ids": feed.input_ids} if feed.input_ids is not None
                           else {"inputs_embeds": kwargs["inputs_embeds"]})
                 runner.begin_step(feed.step)
-                out = self.model(**inputs, attention_mask=feed.attention_mask,
-                                 position_ids=feed.position_ids, cache=cache,
-                                 use_cache=True, logits_to_keep=1)
+                out = None
+                if not runner.stops_before(feed.step):
+                    with stopping():
+                        out = self.model(**inputs, attention_mask=feed.attention_mask,
+                                         position_ids=feed.position_ids, cache=cache,
+                                         use_cache=True, logits_to_keep=1)
+                if out is None:  # tracer.stop() was reached in this step's pass
+                    decoding.halt()
+                    continue
                 decoding.advance(next_tokens(plan.generate, decoding.ids, out.logits[:, -1, :],
                                              feed.step))
-        runner.check_complete(decoding.step)
+        runner.check_complete(decoding.steps_run)
+        if decoding.halted:
+            return None
         return decoding.outputs([n for lengths in layout.lengths for n in lengths])

@@ -265,11 +265,12 @@ class PlanRunner:
         self.gradients = None if schedule.gradients is None else Backprop(
             self, schedule.gradients, frozen=frozen,
             max_bytes=limits.max_autograd_bytes if limits else None)
-        # tracer.stop(): the event after which nothing is left to run (START: the pass need
-        # not run at all); None: the whole pass runs (no stop, a generation, a backward)
-        self.stop_event: int | None = None
-        if plan.stop and plan.mode == "trace" and self.gradients is None:
-            self.stop_event = max(schedule.events_used(), default=START)
+        # tracer.stop(): the (step, event) after which nothing is left to run (event START:
+        # that step's pass need not run at all); None: every pass runs whole (no stop, a
+        # backward)
+        self.stop_at: tuple[int, int] | None = None
+        if plan.stop and self.gradients is None:
+            self.stop_at = schedule.stop_point()
 
     # -- which events ---------------------------------------------------------------------------
     def _owns(self, event: int) -> bool:
@@ -338,13 +339,13 @@ class PlanRunner:
                 self._run(node, cell)
         if self.gradients is not None:
             self.gradients.after_event(event, cell)
-        if event == self.stop_event:
+        if self.stop_at == (self.step, event):
             raise StopForward()
 
-    @property
-    def stops_before_pass(self) -> bool:
-        """A stopping plan with no node at any event: the forward pass need not run."""
-        return self.stop_event == START
+    def stops_before(self, step: int) -> bool:
+        """Whether a stopping plan ends before the first event of step ``step``'s pass (no
+        node at any event of that step): the pass need not run, and no later step does."""
+        return self.stop_at == (step, START)
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:

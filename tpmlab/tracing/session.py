@@ -1,20 +1,24 @@
 """``with model.session():`` several traces recorded together and sent as one request when
 the block ends (nnsight's session).
 
-A value of an earlier trace may be used in a later one without saving it. Where the engine
-runs sessions (in process and on Dask stages), the earlier trace keeps it on the engine
-(``save(keep=True)``), the later one reads it with a ``from_trace`` node, and the whole
-session is one request (:mod:`tpmlab.ir.session`): the value never comes back to the
-notebook, only what the traces ``.save()`` does, and it is dropped when the request ends,
-fails or passes its deadline. On Dask stages a kept value is sent from the stage that made
-it up the chain (in the replies, stage to stage) to the first stage, and down the chain
-with the hidden state to the stage that reads it. ``timeout=`` of the traces adds up to the
-session's deadline.
+A value of an earlier trace may be used in a later one without saving it. Every engine
+runs sessions (in process, on Dask stages, behind a gateway): the earlier trace keeps the
+value on the engine (``save(keep=True)``), the later one reads it with a ``from_trace``
+node, and the whole session is one request (:mod:`tpmlab.ir.session`): the value never
+comes back to the notebook, only what the traces ``.save()`` does, and it is dropped when
+the request ends, fails or passes its deadline. On Dask stages a kept value is sent from
+the stage that made it up the chain (in the replies, stage to stage) to the first stage,
+and down the chain with the hidden state to the stage that reads it. Behind a gateway the
+session is validated as a whole, waits in the queue and is charged once, as one request
+(:mod:`tpmlab.gateway.sessions`). ``timeout=`` of the traces adds up to the session's
+deadline.
 
-Behind a gateway the traces run one after another: the earlier trace saves the value and
-the later one carries it as a constant, filled in just before it runs (through the
-notebook). A session with a trace of more invokes than the engine takes in one pass runs
-that way too where no value crosses traces.
+Two cases run the traces one after another instead, each its own request: a dry run
+(``model.scan``), and a session with a trace of more invokes than the engine (or the
+user's tier) takes in one pass; either is refused where a value crosses traces. An engine
+without sessions (``run_session`` None) runs them that way too: the earlier trace saves
+the value and the later one carries it as a constant, filled in just before it runs
+(through the notebook).
 """
 
 from __future__ import annotations

@@ -138,10 +138,12 @@ class Trace:
         self._parameters: dict[int, tuple[torch.nn.Parameter, str]] = {}  # constants by identity
         self.session = model.tracing.session  # a session runs the trace when it ends
         self._stopped_at: str | None = None  # the user's line of tracer.stop()
+        self._edit_nodes = 0  # nodes of the handle's persistent edit (ids from 0)
         self._carried: dict[str, Proxy] = {}  # constants filled from earlier traces' saves
         self._kept: dict[int, Proxy] = {}  # node id -> its save kept for a later trace
         self._from: dict[tuple, Proxy] = {}  # (trace, save node, steps) -> its from_trace node
         model.edits.replay_into(self)  # a persistent edit of the handle comes first
+        self._edit_nodes = len(self.nodes)
         if inputs is not None or input_kwargs:
             self._invoke = self._add_invoke(inputs, **input_kwargs)
 
@@ -235,8 +237,8 @@ class Trace:
         """End the trace here (nnsight's ``tracer.stop()``): values recorded so far come back
         as usual, and recording anything after it is an error. The engine ends the forward
         pass as soon as the last module value the trace reads or writes has been handled:
-        later layers, and later pipeline stages, do no work. (In a generation the whole
-        generation still runs; the values are the same.)"""
+        later layers, and later pipeline stages, do no work. (In a generation: see
+        :meth:`tpmlab.tracing.generate.Generate.stop`.)"""
         self._stopped_at = _user_line() or "tracer.stop()"
 
     def record(self, op: str, args: list, kwargs: dict | None = None, **fields: Any) -> Proxy:
@@ -426,10 +428,14 @@ class Trace:
     def plan(self) -> Plan:
         return Plan(model=self.model.name, model_version=self.model.version, invokes=self.invokes,
                     nodes=list(self.nodes.values()), tensors=dict(self.tensors), mode=self.mode,
-                    generate=self._generate_options(), stop=self._stopped_at is not None)
+                    generate=self._generate_options(), stop=self._stops())
 
     def _generate_options(self) -> GenerateOptions | None:
         return None
+
+    def _stops(self) -> bool:
+        """Whether the engine ends the run at the stop (:meth:`stop`)."""
+        return self._stopped_at is not None
 
     def run(self) -> TraceResult:
         """Send the plan to the engine (in several passes where its invokes exceed the
