@@ -4,20 +4,26 @@ PyTorch autograd on the same weights and device: in process, and on 2 Dask stage
 The workload: a trace of ``--batch`` x ``--tokens`` token ids, the loss a logit difference
 at the last position, ``loss.backward()``, and ``layers[i].output.grad.save()`` for every
 layer. Plain PyTorch does the same with forward hooks that ``retain_grad()`` each layer's
-output (the embedding's output a leaf, so the graph starts there, as tpmlab's does), then
-copies each gradient to host memory (pinned and asynchronous on a GPU), as tpmlab's saves
-do. Targets: at most 1.2x in process, at most 1.5x on 2 stages. On a GPU the 2 stages are
-two worker processes sharing one GPU (standing in for two GPUs); the reference is plain
-PyTorch on that GPU. Reports each stage's memory peak and what autograd kept there, and
-where the time goes: in process the engine's own time, autograd's, the plan nodes' and the
-client's; on stages each phase (forward, saves, wait on the next stage, backward, the
-client's send and collect).
+output (the embedding's output a leaf; tpmlab's graph starts at the first layer's output,
+the first point whose gradient is read, so plain PyTorch also back-propagates through the
+first layer), then copies each gradient to host memory (pinned and asynchronous on a GPU),
+as tpmlab's saves do. Targets: at most 1.2x in process, at most 1.5x on 2 stages. On a GPU
+the 2 stages are two worker processes sharing one GPU (standing in for two GPUs); the
+reference is plain PyTorch on that GPU. Reports each stage's memory peak and what autograd
+kept there, and where the time goes: in process the forward, the backward, the plan nodes
+(of them the copies to host), the wait for the device, the engine's other time and the
+client's (:func:`breakdown`); on stages, per stage its forward, saves, wait on the next
+stage, backward and the one-way hops, and the client's send and collect.
+``--profile DIR`` writes torch.profiler chrome traces of a few in-process requests and of
+plain PyTorch, with a table of ops by their own time (CUDA time on a GPU).
 
 Random weights drawn on the device: no download, only torch + transformers.
 
     python benchmarks/gradients.py --device cpu --model tiny-llama
     python benchmarks/gradients.py --device cpu --model smollm2-135m --tokens 32
     python benchmarks/gradients.py --device cuda --model llama-3-8b-shape --dtype bfloat16
+    python benchmarks/gradients.py --device cuda --model llama-3-8b-shape --dtype bfloat16 \
+        --skip-stages --profile /tmp/gradients-profile
 """
 
 from __future__ import annotations
@@ -94,24 +100,78 @@ def tpmlab_run(model: Any, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict[
 
 
 def breakdown(model: Any, ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Where an in-process request's time goes (medians, ms): ``engine`` (the engine's own
-    time, ``compute_seconds``), of it ``autograd`` (the backward's own time, its plan nodes
-    apart) and ``plan nodes`` (every plan node: the gradient reads and their saves), and
-    ``client`` (recording, encoding and decoding the plan, outside the engine)."""
+    """Where an in-process request's time goes (medians, ms), from the result's metadata:
+    ``forward`` (the model's forward with the plan's hooks and autograd's saved-tensor
+    hooks), ``backward`` (autograd's own time, its plan nodes apart), ``plan nodes`` (every
+    plan node: the gradient reads and their saves, the loss), of them ``copies to host``
+    (launching the saves' copies into pinned memory), ``device wait`` (the wait for the
+    device's queued work once the backward is launched: on a GPU, what the CPU-side phases
+    did not cover), ``engine other`` (the rest of ``compute_seconds``: the batch, the
+    runner, releasing the graph, the metadata) and ``client`` (recording, encoding the plan,
+    decoding and validating it, outside the engine). On a GPU every phase but ``device
+    wait`` is the CPU's time to launch the work."""
     rows = []
     for _ in range(repeats):
         start = time.perf_counter()
         _, meta = tpmlab_run(model, ids)
         total = time.perf_counter() - start
-        rows.append({"engine": meta["compute_seconds"], "autograd": meta["backward_seconds"],
-                     "plan nodes": sum(meta["node_seconds"].values()),
-                     "client": total - meta["compute_seconds"]})
+        phases = meta.get("phase_seconds", {})
+        row = {"forward": phases.get("forward", 0.0), "backward": meta["backward_seconds"],
+               "plan nodes": sum(meta["node_seconds"].values()),
+               "copies to host": phases.get("copies to host", 0.0),
+               "device wait": phases.get("device wait", 0.0)}
+        row["engine other"] = meta["compute_seconds"] - (row["forward"] + row["backward"]
+                                                         + row["plan nodes"] + row["device wait"])
+        row["client"] = total - meta["compute_seconds"]
+        row["total"] = total
+        rows.append(row)
     return {k: round(statistics.median(r[k] for r in rows) * 1e3, 2) for k in rows[0]}
+
+
+def profile(hf: Any, model: Any, ids: torch.Tensor, folder: str, steps: int = 3) -> list[str]:
+    """Chrome traces (``chrome://tracing`` or https://ui.perfetto.dev) of ``steps`` in-process
+    requests and of as many plain PyTorch runs, with the CUDA kernels on a GPU, in
+    ``folder``; each with a table of the ops by their own time. Returns the files written."""
+    import os
+
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    from torch.autograd.profiler_util import FunctionEventAvg
+
+    device_key = ("self_device_time_total" if hasattr(FunctionEventAvg(), "self_device_time_total")
+                  else "self_cuda_time_total")  # the older name, before torch 2.4
+    sort = device_key if torch.cuda.is_available() else "self_cpu_time_total"
+    written = []
+    for name, fn in (("tpmlab", lambda: tpmlab_run(model, ids)),
+                     ("plain", lambda: plain_torch(hf, model.adapter, ids))):
+        fn()
+        sync()
+        with torch_profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+            for i in range(steps):
+                with record_function(f"{name} request {i}"):
+                    fn()
+                sync()
+        trace = os.path.join(folder, f"gradients_{name}.json")
+        prof.export_chrome_trace(trace)
+        table = os.path.join(folder, f"gradients_{name}_ops.txt")
+        with open(table, "w") as f:
+            try:
+                f.write(prof.key_averages().table(sort_by=sort, row_limit=60))
+            except Exception as e:  # noqa: BLE001 - the trace above is what matters
+                f.write(f"no table ({type(e).__name__}: {e})\n")
+        written += [trace, table]
+    return written
 
 
 def stage_phases(backend: Any, model: Any, ids: torch.Tensor, repeats: int) -> dict[str, float]:
     """Each phase's median (ms) on the stages (``DaskBackend.phases``: per stage its state,
-    forward, saves, wait on the next stage, backward; the client's send and collect)."""
+    forward, saves, wait on the next stage, backward, the one-way hops to the next stage and
+    back; the client's send and collect)."""
     backend.phases = []
     try:
         for _ in range(repeats):
@@ -121,6 +181,21 @@ def stage_phases(backend: Any, model: Any, ids: torch.Tensor, repeats: int) -> d
         backend.phases = None
     keys = {k for r in recorded for k in r}
     return {k: round(statistics.median(r.get(k, 0.0) for r in recorded), 2) for k in sorted(keys)}
+
+
+def print_stage_phases(phases: dict[str, float], stages: int) -> None:
+    """One line per stage (its forward, backward, hops...), then the client's and stage 0's
+    own phases."""
+    order = ["state", "forward", "forward out", "saves", "thread", "hop out", "wait",
+             "hop back", "backward", "backward in", "backward run", "backward out",
+             "backward finish"]
+    for k in range(stages):
+        own = {name.split(" ", 1)[1]: v for name, v in phases.items()
+               if name.startswith(f"stage{k} ")}
+        names = [n for n in order if n in own] + sorted(set(own) - set(order))
+        print(f"    stage {k}: " + ", ".join(f"{n} {own[n]:.2f}" for n in names))
+    rest = {n: v for n, v in phases.items() if not n.startswith("stage")}
+    print("    client and stage 0's request: " + ", ".join(f"{n} {v:.2f}" for n, v in rest.items()))
 
 
 def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -161,7 +236,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--skip-stages", action="store_true")
+    parser.add_argument("--stage-threads", type=int, default=None,
+                        help="torch threads per stage (default: the stage's own, all cores)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="write torch.profiler chrome traces of a few in-process requests "
+                             "(and of plain PyTorch) into DIR")
     args = parser.parse_args()
     import tpmlab
 
@@ -195,7 +275,14 @@ def main() -> None:
           f"{model.adapter.n_layers} layers: forward + backward, every layer's gradient saved")
     print(f"  plain PyTorch autograd      {plain * 1e3:9.1f} ms")
     print(f"  tpmlab in process           {ours * 1e3:9.1f} ms  {ours / plain:5.2f}x  (target <= 1.2x)")
-    print(f"    where it goes (median ms): {report['in process breakdown ms']}")
+    print("    where it goes (median ms): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in report["in process breakdown ms"].items()))
+    if device.type == "cuda":
+        print(f"  CUDA peak: plain {report['plain peak bytes'] / 2**20:.0f} MiB, in process "
+              f"{report['in process peak bytes'] / 2**20:.0f} MiB")
+    if args.profile:
+        for path in profile(hf, model, ids, args.profile):
+            print(f"  profile: {path}")
     if not args.skip_stages:
         from distributed import Client
 
@@ -204,7 +291,7 @@ def main() -> None:
 
         cluster = start_cluster(args.stages, args.device)
         client = Client(cluster)
-        lab = Lab(DaskBackend(client=client, timeout=600))
+        lab = Lab(DaskBackend(client=client, timeout=600, threads=args.stage_threads))
         try:
             staged = lab.model(args.model, stages=args.stages, dtype=args.dtype)
             t = timed(lambda: tpmlab_run(staged, ids), args.repeats)
@@ -220,7 +307,8 @@ def main() -> None:
                            f"{args.stages} stages max rel diff vs in process": compare(sgrads, grads)})
             print(f"  tpmlab {args.stages} stages            {t * 1e3:9.1f} ms  {t / plain:5.2f}x"
                   f"  (target <= 1.5x)")
-            print(f"    phases (median ms): {report[f'{args.stages} stages phases ms']}")
+            print("    phases (median ms):")
+            print_stage_phases(report[f"{args.stages} stages phases ms"], args.stages)
             print(f"  per stage: peak {[f'{(m or 0) / 2**20:.0f} MiB' for m in report['stage peak bytes']]}"
                   f" ({peak_key}), autograd kept "
                   f"{[f'{b / 2**20:.1f} MiB' for b in smeta['autograd_bytes']]}")

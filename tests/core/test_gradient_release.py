@@ -4,7 +4,9 @@ serving (gradients equal to plain PyTorch after each)."""
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import pytest
 import torch
@@ -43,6 +45,23 @@ def test_a_finished_request_holds_nothing(llama):
         llama.layers[0].output.grad.save()
     assert tr.result.meta["autograd_bytes"][0] > 0  # it did keep something while it ran
     assert _host(llama).autograd_held() == NOTHING
+
+
+def test_saved_gradients_go_as_soon_as_the_user_lets_go(llama):
+    """No reference cycle holds a request's saves (pinned host memory on a GPU): they are
+    freed when the last user reference goes, not when the garbage collector runs."""
+    gc.collect()
+    gc.disable()
+    try:
+        with llama.trace(PROMPT) as tr:
+            metric(llama.output.logits).backward()
+            saved = [llama.layers[i].output.grad.save() for i in range(2)]
+        refs = [weakref.ref(s.value) for s in saved]
+        assert all(r() is not None for r in refs)
+        del tr, saved
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_a_failure_mid_backward_holds_nothing(llama):

@@ -64,3 +64,21 @@ def test_refusals_are_not_kept_and_size_is_bounded():
     for k in range(4):
         cache.get(bytes([k]), "c", lambda: (Plan("m", "", [], []), None))
     assert len(cache._entries) == 2
+
+
+def test_an_in_process_repeat_skips_decode_and_validation(model):
+    """The in-process engine keeps what it learned from a plan's bytes, as a first stage does:
+    a repeated request gives the same values and the same digest, without a second admit."""
+    host = model.lab.backend.host(model.name)
+
+    def run():
+        with model.trace(torch.tensor([5, 6, 7, 8])) as tr:
+            model.layers[0].output[:, -1] += torch.full((1,), 2.0)
+            out = model.layers[1].output.save()
+        return out.value, tr.result.meta
+
+    v1, m1 = run()
+    hits = host.plans.hits
+    v2, m2 = run()
+    assert host.plans.hits == hits + 1
+    assert torch.equal(v1, v2) and m1["plan_digest"] == m2["plan_digest"]

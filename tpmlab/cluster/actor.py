@@ -84,6 +84,9 @@ class _Request:
     generate: bool
     cache: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # parts of this step's phases measured inside them (seconds), added to its timings:
+    # the hidden state's copy to host, the backward's parts (:func:`.backward.stage_backward`)
+    times: dict[str, float] = field(default_factory=dict)
 
 
 class StageOutput(TypedDict):
@@ -419,7 +422,9 @@ class StageActor:
                                               out.logits[:, -1, :], step).cpu()
             return reply
         last_event = self.owned.stop - 1
+        start = time.perf_counter()  # on a GPU: waits for the stage's forward, then copies
         hidden_out = self._given(self.ipc_next, out, msg["req"], time.monotonic() + msg["timeout"])
+        st.times["forward out"] = time.perf_counter() - start
         return {**_passed_on(msg), "hidden": hidden_out,
                 "carry": to_wire(runner.carry_out(last_event)), "saved": saved}
 
@@ -536,9 +541,10 @@ class StageActor:
                 except BaseException as e:  # noqa: BLE001 - raised by the awaiting coroutine
                     sent.set_exception(e)
 
-            def work() -> tuple[dict[str, Any], Any, float, float]:
+            def work() -> tuple[dict[str, Any], Any, float, float, Any]:
                 # one hop to the stage's thread: the layers, then (once the hidden state is on
-                # its way to the next stage) this stage's saves
+                # its way to the next stage) this stage's saves; on the last stage of a
+                # backward, its backward too (it has nothing to wait for)
                 try:
                     t = time.perf_counter()
                     out = self._forward(st, msg)
@@ -546,15 +552,27 @@ class StageActor:
                     if sent is not None:
                         out["timeout"] = deadline - time.monotonic()
                         loop.call_soon_threadsafe(send, out, context=context)
-                    backward = st.runner.gradients is not None
+                    backward = st.runner.gradients is not None and msg.get("final")
+                    if backward and sent is None:
+                        self.ipc_in.settle(req)  # the hidden state's copy is done
+                        t = time.perf_counter()
+                        back, output = stage_backward(self, st, {})
+                        return out, output, t_fwd, 0.0, (back, time.perf_counter() - t)
                     output = self._finish(st, 1) if msg.get("final") and not backward else None
-                    return out, output, t_fwd, time.perf_counter() - t - t_fwd
+                    return out, output, t_fwd, time.perf_counter() - t - t_fwd, None
                 finally:  # the reply (or error) acknowledges the hidden state's buffer
                     self.ipc_in.settle(req)
 
-            out, output, t_fwd, t_saves = await self._compute(work)
+            out, output, t_fwd, t_saves, done = await self._compute(work)
             t2 = time.perf_counter()
-            if output is not None:
+            t_back, back = 0.0, None
+            if done is not None:  # the last stage ran its backward in the same hop
+                back, t_back = done
+                t_fwd_hop = t2 - t1 - t_back
+                self.requests.pop(req, None)
+                if not self.span.is_first:  # as a forward's: the reply first
+                    loop.call_soon(self._hand_over, req, output)
+            elif output is not None:
                 self.requests.pop(req, None)
                 if sent is not None and not self.span.is_first:
                     self._hand_over(req, output)  # its saves travel while later stages compute
@@ -581,29 +599,39 @@ class StageActor:
             else:
                 reply = {**out, "timings": []}
             t3 = time.perf_counter()
-            if st.runner.gradients is not None and msg.get("final"):
-                # the next stage's reply brought the gradient of our output: backward here,
-                # then hand the gradient of our input to the previous stage with the reply
-                grad = reply.get("grad")
-                try:
-                    back, output = await self._compute(stage_backward, self, st, reply)
-                except cuda_ipc.Refused:  # the gradient again, through host memory
-                    reply = {**reply, "grad": await _await_within(
-                        self.next.ipc_fetch(req, grad), deadline, f"stage {self.span.index + 1}")}
-                    back, output = await self._compute(stage_backward, self, st, reply)
-                finally:
-                    self._ack(req, grad)
-                if isinstance(back.get("grad"), cuda_ipc.IpcTensor):  # held until acknowledged
-                    loop.call_later(max(deadline - time.monotonic(), 0) + GRACE,
-                                    self.ipc_prev.release, req)
+            if done is not None:
                 reply = {**reply, **back}
-                self.requests.pop(req, None)
-                if not self.span.is_first:
-                    self._hand_over(req, output)
+                t_hop = t_fwd_hop - t_fwd - t_saves
+            else:
+                t_hop = (t2 - t1) - t_fwd - t_saves
+                if st.runner.gradients is not None and msg.get("final"):
+                    # the next stage's reply brought the gradient of our output: backward
+                    # here, then hand the gradient of our input to the previous stage with
+                    # the reply
+                    t = time.perf_counter()
+                    grad = reply.get("grad")
+                    try:
+                        back, output = await self._compute(stage_backward, self, st, reply)
+                    except cuda_ipc.Refused:  # the gradient again, through host memory
+                        reply = {**reply, "grad": await _await_within(
+                            self.next.ipc_fetch(req, grad), deadline,
+                            f"stage {self.span.index + 1}")}
+                        back, output = await self._compute(stage_backward, self, st, reply)
+                    finally:
+                        self._ack(req, grad)
+                    reply = {**reply, **back}
+                    self.requests.pop(req, None)
+                    if not self.span.is_first:
+                        self._hand_over(req, output)
+                    t_back = time.perf_counter() - t
+            if back is not None and isinstance(back.get("grad"), cuda_ipc.IpcTensor):
+                # our input's gradient, held in a device buffer until acknowledged
+                loop.call_later(max(deadline - time.monotonic(), 0) + GRACE,
+                                self.ipc_prev.release, req)
+            parts, st.times = st.times, {}
             reply["timings"].insert(0, {"state": t1 - t0, "forward": t_fwd, "saves": t_saves,
-                                        "thread": (t2 - t1) - t_fwd - t_saves,
-                                        "wait": t3 - t2, "backward": time.perf_counter() - t3,
-                                        **hops, "arrived": arrived})
+                                        "thread": t_hop, "wait": t3 - t2, "backward": t_back,
+                                        **parts, **hops, "arrived": arrived})
             if output is not None and self.span.is_first:
                 reply["output"] = output
             if st.runner.kept:  # values a session's later trace reads go up the chain

@@ -31,20 +31,25 @@ if TYPE_CHECKING:
 def stage_backward(actor: StageActor, st: _Request, reply: dict[str, Any]
                    ) -> tuple[dict[str, Any], StageOutput]:
     """Run this stage's backward (in its thread) from the next stage's ``reply``; return the
-    reply's fields for the previous stage and this stage's output for the client."""
+    reply's fields for the previous stage and this stage's output for the client. Its parts'
+    seconds go to ``st.times``: ``backward in`` (the reply's values onto the device),
+    ``backward run`` (autograd and the plan's backward nodes; on a GPU, launching them),
+    ``backward out`` (the input's gradient for the previous stage: on a GPU, the wait for
+    the backward, then the copy) and ``backward finish`` (the saves, once copied)."""
+    start = time.perf_counter()
     req = st.extra.get("req", "")
     # first, before anything changes: a buffer that cannot be opened here raises
     # cuda_ipc.Refused, and the step asks the next stage for the gradient itself
     g_out = reply.get("grad")
     g_out = None if g_out is None else actor._received(g_out, req)
     try:
-        return _backward(actor, st, reply, g_out)
+        return _backward(actor, st, reply, g_out, start)
     finally:  # the gradient's copy is done: it may be acknowledged
         actor.ipc_in.settle(req)
 
 
-def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any
-              ) -> tuple[dict[str, Any], StageOutput]:
+def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any,
+              start: float) -> tuple[dict[str, Any], StageOutput]:
     runner, device = st.runner, actor.device
     grads = runner.gradients
     req = st.extra.get("req", "")
@@ -57,6 +62,7 @@ def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any
     if out is not None and g_out is not None:
         roots.append((out, g_out))
     actor.weights.ready()
+    t_in = time.perf_counter()
     try:
         try:
             grads.backward(roots, incoming)
@@ -65,6 +71,7 @@ def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any
                                  f"{e}") from None
         finally:
             actor.weights.check()
+        t_back = time.perf_counter()
         back: dict[str, Any] = {"grad": None, "constant_grads": {}, "carry_back": {}}
         if not actor.span.is_first:
             hidden = st.extra.get("hidden_in")
@@ -73,7 +80,11 @@ def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any
                 back["grad"] = actor._given(actor.ipc_prev, hidden.grad, req, deadline)
             back["constant_grads"] = to_wire(grads.outgoing())
             back["carry_back"] = to_wire(grads.carry_back(actor.owned.start))
+        t_host = time.perf_counter()
         output = actor._finish(st, 1)
+        st.times.update({"backward in": t_in - start, "backward run": t_back - t_in,
+                         "backward out": t_host - t_back,
+                         "backward finish": time.perf_counter() - t_host})
     finally:  # the graph's ends: released now, ended or failed, not when the state is dropped
         grads.release()
         st.extra.clear()

@@ -57,7 +57,11 @@ class Backprop:
 
     def __init__(self, runner: PlanRunner, grads: GradientSchedule, *,
                  frozen: frozenset[int] = frozenset(), max_bytes: int | None = None) -> None:
-        self.runner, self.g = runner, grads
+        # the runner owns this state (runner.gradients); a strong reference back would make
+        # a cycle that kept the request's saves (pinned host memory on a GPU) until the
+        # garbage collector ran
+        self._runner = weakref.ref(runner)
+        self.g = grads
         self.frozen, self.max_bytes = frozen, max_bytes
         self.deadline: float | None = None
         self.released = False
@@ -68,6 +72,7 @@ class Backprop:
         self.incoming: dict[str, torch.Tensor] = {}  # constants' gradients from later stages
         self.autograd_bytes = 0  # bytes autograd keeps for the backward, weights excluded
         self.seconds = 0.0  # the backward's own time here, the plan's nodes not included
+        self.forward_seconds = 0.0  # the forward's time here, with its nodes (in process)
         self._storages: set[int] = set()
         self._kept: list[tuple[StorageWeakRef, int, int]] = []  # what autograd kept, weakly
         self._slots: list[list[torch.Tensor]] = []  # autograd's saved tensors (see _pack)
@@ -75,6 +80,13 @@ class Backprop:
         names = set(grads.constants.values())
         for name in names & set(runner._constants):
             runner._constants[name] = runner._constants[name].detach().requires_grad_()
+
+    @property
+    def runner(self) -> PlanRunner:
+        runner = self._runner()
+        if runner is None:
+            raise ExecutionError("the request's runner is gone (its backward state outlived it)")
+        return runner
 
     # -- the forward -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -323,8 +335,10 @@ def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: Pl
     if "inputs_embeds" in kwargs:
         kwargs = {**kwargs, "inputs_embeds": grads.input_leaf(kwargs["inputs_embeds"])}
     runner.begin_step(0)
+    start = time.perf_counter()
     with grads.forward(), runner.hooks():
         model(**kwargs, use_cache=False)
+    grads.forward_seconds = time.perf_counter() - start
     grads.backward([(runner.env.get(grads.g.loss), None)])
     runner.check_complete(1)
     return grads.seconds

@@ -28,6 +28,7 @@ from .backward import held, registry, run_with_backward, weight_storages
 from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
 from .limits import request_limits
+from .plan_cache import PlanCache
 from .probe import probe_causal_lm
 from .runner import PlanRunner, stopping
 from .weights import WeightGuard
@@ -66,6 +67,7 @@ class ModelHost:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.weights = WeightGuard(model, source, dtype=self.dtype)
         self._backprops = registry()  # requests' gradient state, for autograd_held()
+        self.plans = PlanCache()  # decoded, validated plans by their bytes: a repeat skips both
 
     def run_blob(self, blob: bytes, *, limits: Limits | None = None,
                  timeout: float | None = None) -> bytes:
@@ -95,6 +97,21 @@ class ModelHost:
         return request.admit(plan, model=self.name, info=self.info, limits=limits,
                              meta_module=self._meta.get)
 
+    def admit_blob(self, blob: bytes, caller: Limits | None = None
+                   ) -> tuple[Plan, Limits, Schedule, str]:
+        """Decode and :meth:`admit` plan bytes under the host's limits tightened by the
+        ``caller``'s: the plan, those limits, its schedule and its digest. The same bytes
+        under the same limits again are neither decoded nor validated again
+        (:class:`~tpmlab.runtime.plan_cache.PlanCache`, as a pipeline's first stage does)."""
+        limits = request_limits(self.limits, caller)
+
+        def admit() -> tuple[Plan, tuple[Schedule, str]]:
+            plan = request.decode(blob, limits)[0]
+            return plan, (self.admit(plan, limits), request.plan_digest(plan))
+
+        plan, (schedule, digest) = self.plans.get(blob, ("admit", limits), admit)
+        return plan, limits, schedule, digest
+
     def run_session(self, plans: list[Plan], *, limits: Limits | None = None,
                     deadline: float | None = None) -> list[tuple[dict[int, Any], dict[str, Any]]]:
         """Validate a session's plans as a whole (:func:`~tpmlab.ir.session.check_session`),
@@ -116,11 +133,13 @@ class ModelHost:
 
     def execute(self, plan: Plan, schedule: Schedule, limits: Limits, *,
                 deadline: float | None = None, imports: dict[int, Any] | None = None,
-                kept: dict[int, Any] | None = None) -> tuple[dict[int, Any], dict[str, Any]]:
+                kept: dict[int, Any] | None = None, digest: str | None = None
+                ) -> tuple[dict[int, Any], dict[str, Any]]:
         """Run a plan that :meth:`admit` let in (or a merge of such plans, with the schedule of
         :func:`~tpmlab.runtime.request.follow`): what :meth:`run` answers. ``deadline``
         (:func:`time.monotonic`): where a backward stops. In a session, ``imports`` fill its
-        ``from_trace`` nodes and ``kept`` receives the values it keeps."""
+        ``from_trace`` nodes and ``kept`` receives the values it keeps. ``digest``: the
+        plan's digest where the caller has it already."""
         start = time.perf_counter()
         kwargs, layout = build_batch(plan, pad_id=self.pad_id, device=self.device,
                                      embed_dtype=self.dtype)
@@ -157,10 +176,15 @@ class ModelHost:
                 runner.gradients.release()  # the graph goes, whatever happened
         values.update(runner.results())
         meta = request.result_meta(plan, model=self.name, info=self.info, started=start,
-                                   node_seconds=runner.node_seconds, device=self.device)
+                                   node_seconds=runner.node_seconds, device=self.device,
+                                   digest=digest)
         if runner.gradients is not None:
             meta["autograd_bytes"] = [runner.gradients.autograd_bytes]  # per stage: one here
             meta["backward_seconds"] = backward_seconds
+            # where an in-process backward request's time went (benchmarks/gradients.py)
+            meta["phase_seconds"] = {"forward": runner.gradients.forward_seconds,
+                                     "copies to host": runner.copy_seconds,
+                                     "device wait": runner.sync_seconds}
         if kept is not None:
             kept.update(runner.kept)
         return values, meta

@@ -253,6 +253,10 @@ class PlanRunner:
         self.saved_bytes = 0  # saved by this runner, over all steps
         self.saved_elsewhere = 0  # saved by the request on other pipeline stages (set by them)
         self.node_seconds: dict[int, float] = {}
+        # of the save nodes' time, copying to host memory (on a GPU: launching the copies);
+        # and how long :meth:`results` waited for the device (all its queued work, on a GPU)
+        self.copy_seconds = 0.0
+        self.sync_seconds = 0.0
         # the event template of each point, and the points the plan writes (with the writers)
         self._templates = {n.id: info.shapes.get(event_key(n.path or "", n.io or "output"))
                            for n in plan.nodes if n.op == POINT}
@@ -440,7 +444,9 @@ class PlanRunner:
                                  f"of {self.max_saved_bytes:,} bytes",
                                  node=node.id, op=node.op, line=node.line)
             # a remote save stays in the stage's store: neither pinned nor in a hand-over segment
+            start = time.perf_counter()
             copy = host_copy(live, self.pinned and not remote, None if remote else self.host_alloc)
+            self.copy_seconds += time.perf_counter() - start
             if node.steps.single:
                 self.saves[node.id] = copy
             else:
@@ -525,6 +531,10 @@ class PlanRunner:
         return out
 
     def results(self) -> dict[int, Any]:
+        """The saved values (host copies), once the device's copies into pinned memory are
+        done (:attr:`sync_seconds`: how long that wait took)."""
         if self.pinned:
+            start = time.perf_counter()
             torch.cuda.synchronize(self.device)
+            self.sync_seconds = time.perf_counter() - start
         return self.saves

@@ -82,6 +82,7 @@ class _Queued:
     plan: Plan | None = None
     schedule: Schedule | None = None
     limits: Limits | None = None
+    digest: str | None = None  # the plan's digest (:func:`~tpmlab.runtime.request.plan_digest`)
     key: tuple | None = None  # merge key; None: runs alone
     deadline: float | None = None  # time.monotonic() where its backward stops (if it has one)
     lengths: list[int] = field(default_factory=list)  # each row's number of positions
@@ -237,10 +238,11 @@ class PassQueue:
             left = deadline - time.monotonic()
 
     def _admit(self, item: _Queued) -> bool:
-        """Decode and validate a queued request; a refused one fails here, alone."""
+        """Decode and validate a queued request (a repeated plan: neither, see
+        :meth:`ModelHost.admit_blob`); a refused one fails here, alone."""
         try:
-            plan, limits = request.decode(item.blob, self.host.limits, item.caller_limits)
-            item.schedule = self.host.admit(plan, limits)
+            plan, limits, item.schedule, item.digest = self.host.admit_blob(
+                item.blob, item.caller_limits)
         except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
             item.future.set_exception(e)
             return False
@@ -310,7 +312,8 @@ class PassQueue:
             seconds = split_values(meta.get("node_seconds", {}), mapping)
             for item, part, own in zip(group, split_values(values, mapping), seconds):
                 item.future.set_result((part, dict(
-                    meta, plan_digest=request.plan_digest(item.plan), node_seconds=own,
+                    meta, plan_digest=item.digest or request.plan_digest(item.plan),
+                    node_seconds=own,
                     batch_size=len(group)), item.plan))
             return
         self._alone(group[0])
@@ -319,7 +322,7 @@ class PassQueue:
         try:
             started = time.perf_counter()
             values, meta = self.host.execute(item.plan, item.schedule, item.limits,
-                                             deadline=item.deadline)
+                                             deadline=item.deadline, digest=item.digest)
             self._measured([item], time.perf_counter() - started)
         except BaseException as e:  # noqa: BLE001 - the caller's error, raised in its thread
             item.future.set_exception(e)

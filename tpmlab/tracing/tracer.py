@@ -10,6 +10,7 @@ their values. Nothing runs if the block raised.
 from __future__ import annotations
 
 import contextlib
+import functools
 import linecache
 import os
 import secrets
@@ -52,12 +53,23 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
+def _is_ours(filename: str) -> bool:
+    """Whether code of ``filename`` is tpmlab's or torch's (not the user's)."""
+    if not os.path.isabs(filename):  # relative to the working directory, which may change
+        return os.path.abspath(filename).startswith((_PACKAGE_DIR, _TORCH_DIR))
+    return _is_ours_absolute(filename)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_ours_absolute(filename: str) -> bool:
+    return os.path.normpath(filename).startswith((_PACKAGE_DIR, _TORCH_DIR))
+
+
 def _user_line() -> str | None:
     """``file:line: code`` of the first caller outside tpmlab and torch (the user's line)."""
     frame = sys._getframe(2)
     while frame is not None:
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        if not _is_ours(frame.f_code.co_filename):
             code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
             return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f": {code}" if code else "")
         frame = frame.f_back
@@ -452,8 +464,12 @@ class Trace:
         self._after_run(values)
         # Proxies point at the trace; dropping the trace's references back breaks the cycle,
         # so saved tensors (pinned host memory on a GPU) are freed as soon as the user lets go.
+        # The gradient reads' proxies too: a trace with a backward otherwise kept its saved
+        # gradients (pinned host memory on a GPU) until the garbage collector found the cycle,
+        # and each request pinned new memory meanwhile.
         self.proxies.clear()
         self._points.clear()
+        self._grads.clear()
         return self.result
 
     def execute(self, plan: Plan) -> tuple[dict[int, Any], dict[str, Any]]:
