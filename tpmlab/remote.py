@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cluster.wire import NUMPY_LACKS
 from .errors import RemoteValueError
+from .ir.dtypes import NUMPY_LACKS
 
 #: The reductions a remote value runs where it is (:meth:`RemoteValue.reduce`), by name:
 #: numpy's (``std`` and ``var`` are the population ones, ``ddof=0``) over ``dims`` (all when

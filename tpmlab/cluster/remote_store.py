@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ir.dtypes import NUMPY_LACKS
 from .errors import RemoteLimitError, RemoteValueGone
-from .wire import NUMPY_LACKS
 
 UNTAKEN_TTL = 600.0  # seconds a value waits for the notebook's take before it is dropped
 

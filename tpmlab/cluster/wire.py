@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_VIEWS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8,
-          torch.float8_e5m2: torch.uint8}
-NUMPY_LACKS = frozenset(_VIEWS)  #: torch dtypes with no numpy type of their own
+from ..ir.dtypes import INTEGER_VIEWS as _VIEWS
 
 
 class _Viewed:
