@@ -323,8 +323,8 @@ def _free_if_untaken(future: Any, on_release: Any) -> None:
 def concatenate(values: Iterable[RemoteValue], axis: int = 0):
     """One ``dask.array`` of many remote values joined along ``axis``; its chunks stay on
     their workers (e.g. a residual dataset ``[prompts, d_model]`` over many traces). Behind a
-    gateway the chunks are fetched when it is computed, in one request (reduce each with
-    :func:`reduce_all` to bring back less)."""
+    gateway the chunks are fetched when it is built, in one request, into the notebook
+    (reduce each with :func:`reduce_all` to bring back less)."""
     import dask.array as da
 
     return da.concatenate(_arrays(values), axis=axis)

@@ -81,8 +81,8 @@ def test_concatenate_behind_the_gateway_fetches_in_one_request(gw):
     lab = gw.lab("inspect")
     values, plain = _keep(lab)
     layer0 = values[::len(values) // 2]  # layer 0 of each trace: [1, tokens, d]
-    x = remote.concatenate(layer0, axis=1)
     before = len(_charges(lab))
+    x = remote.concatenate(layer0, axis=1)  # fetched now, in the notebook
     got = x.mean(axis=1).compute()
     assert len(_charges(lab)) == before + 1
     want = torch.cat(plain[::len(plain) // 2], dim=1).mean(1).numpy()

@@ -252,3 +252,20 @@ def test_a_generation_keeps_one_value_per_step(gw):
     assert _held(gw, "inspect")["bytes"] == sum(r.nbytes for r in h.value)
     assert lab.release_remote() == 3
     lab.close()
+
+
+def test_dask_arrays_of_gateway_values_compute_on_a_dask_cluster_the_notebook_uses(gw):
+    """A notebook may also hold a Dask client (its own cluster: the default scheduler then).
+    A gateway value's dask array carries its data, fetched in the notebook, not the
+    gateway's connection (which cannot be sent to the cluster's workers)."""
+    from distributed import Client, LocalCluster
+
+    lab = gw.lab("inspect")
+    value, plain = _keep(lab)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        assert client.scheduler_info()["workers"]  # the default scheduler now
+        got = remote.concatenate([value, value]).sum(axis=0).compute()
+        np.testing.assert_allclose(got, 2 * plain.float().sum(0).numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(value.to_dask_array().compute(), plain.numpy())
+    lab.close()

@@ -248,7 +248,7 @@ class GatewayRemoteValue(RemoteValue):
     :class:`~tpmlab.remote.RemoteValue`: ``shape``, ``dtype``, ``nbytes``, ``fetch(index)``,
     ``reduce(op, dims)``, ``to_dask_array()``, ``release()``. Each read is a request to
     the gateway, held to your tier's limits and priced in its ledger (``lab.backend.
-    last_charge``); ``to_dask_array()`` fetches the whole value when computed. ``handle``
+    last_charge``); ``to_dask_array()`` fetches the whole value when called. ``handle``
     names it there (only you can use it); ``worker`` and ``future`` are ``None``. Dropping
     the object releases it at this client's next request; it also expires on the gateway."""
 
@@ -271,15 +271,14 @@ class GatewayRemoteValue(RemoteValue):
         return self._backend
 
     def to_dask_array(self):
-        """The value as a one-chunk ``dask.array`` that fetches it from the gateway when
-        computed (reduce with :meth:`reduce` to bring back less)."""
-        import dask
+        """The value as a one-chunk ``dask.array``, fetched from the gateway now, in the
+        notebook (reduce with :meth:`reduce`, or read part with :meth:`fetch`, to bring back
+        less). Not at compute time: a computation may run on a Dask cluster the notebook
+        also uses (the default scheduler), and the gateway's connection cannot go there."""
         import dask.array as da
 
         if self._array is None:
-            self._live()
-            self._array = da.from_delayed(dask.delayed(lambda: self.fetch().numpy())(),
-                                          shape=self.shape, dtype=np.dtype(self.dtype))
+            self._array = da.from_array(self.fetch().numpy(), chunks=-1)
         return self._array
 
     def fetch(self, index: Any = None) -> torch.Tensor:
@@ -314,14 +313,11 @@ class GatewayRemoteValue(RemoteValue):
 
     @staticmethod
     def _group_arrays(values: list[RemoteValue]) -> list[Any]:
-        """The values as ``dask.array`` chunks fetched together, in one request, when the
-        array they join (:func:`~tpmlab.remote.concatenate`) is computed."""
-        import dask
+        """The values as ``dask.array`` chunks fetched together, in one request, now (as
+        :meth:`to_dask_array` does: in the notebook, whatever scheduler computes them)."""
         import dask.array as da
 
-        fetched = dask.delayed(lambda: [t.numpy() for t in RemoteValue._fetch_all(values)])()
-        return [da.from_delayed(fetched[i], shape=v.shape, dtype=np.dtype(v.dtype))
-                for i, v in enumerate(values)]
+        return [da.from_array(t.numpy(), chunks=-1) for t in RemoteValue._fetch_all(values)]
 
     def release(self) -> None:
         backend, self._backend = self._backend, None
