@@ -41,7 +41,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import (
-    ExecutionError,
     PlanError,
     TpmlabError,
     WeightsChangedError,
@@ -67,6 +66,7 @@ from .errors import (
     ResultGoneError,
     TierError,
     UpstreamError,
+    as_gateway_error,
 )
 from .ledger import Ledger, UserView, from_micro, to_micro
 from .metrics import Metrics
@@ -495,7 +495,7 @@ class Gateway:
         charges, done = [], []
         for req, out in zip(batch, outs):
             if isinstance(out, Exception):
-                req.error = _as_error(out)
+                req.error = as_gateway_error(out)
                 continue
             try:
                 self._keep_remote(req, out)
@@ -505,7 +505,7 @@ class Gateway:
                 charges.append(row)
                 done.append((req, out))
             except Exception as e:  # noqa: BLE001 - reported to the request's owner
-                req.error, req.result = _as_error(e), None
+                req.error, req.result = as_gateway_error(e), None
         for req, out in done:
             self._learn(req, out)
         for req in batch:
@@ -689,9 +689,3 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
         pass
 
 
-def _as_error(e: Exception) -> Exception:
-    if isinstance(e, TpmlabError):  # deliberate: it carries its own status
-        return e
-    if isinstance(e, LookupError):
-        return NotFoundError(str(e))
-    return ExecutionError(f"the engine failed: {type(e).__name__}: {e}")

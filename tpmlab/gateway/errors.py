@@ -194,3 +194,13 @@ def error_from_answer(status: int, body: Any, text: str = "") -> TpmlabError:
         cls = class_for_status(status)
     extra = {k: v for k, v in body.items() if k not in ("error", "message")}
     return cls(f"{message} (HTTP {status})", **extra)
+
+
+def as_gateway_error(e: Exception) -> Exception:
+    """An engine's failure as the gateway answers it: a tpmlab error as it is (it carries its
+    own status), a lookup that failed as not found, anything else as the engine's failure."""
+    if isinstance(e, TpmlabError):
+        return e
+    if isinstance(e, LookupError):
+        return NotFoundError(str(e))
+    return ExecutionError(f"the engine failed: {type(e).__name__}: {e}")

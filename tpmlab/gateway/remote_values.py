@@ -80,7 +80,7 @@ from ..remote import (
     reduce_all,
 )
 from .auth import User
-from .errors import BadRequestError, NotFoundError, QuotaError, UpstreamError
+from .errors import BadRequestError, NotFoundError, QuotaError, UpstreamError, as_gateway_error
 from .ledger import UserView
 
 if TYPE_CHECKING:
@@ -564,11 +564,9 @@ def release_values(request: Request, user: User,
 
 def _engine_errors(fn: Any, *args: Any) -> Any:
     """``fn(*args)``; a failure of the engine (not a tpmlab error) as the gateway's."""
-    from .core import _as_error
-
     try:
         return fn(*args)
     except TpmlabError:
         raise
     except Exception as e:  # noqa: BLE001 - a worker lost, a value gone
-        raise _as_error(e) from None
+        raise as_gateway_error(e) from None
