@@ -14,6 +14,7 @@ lab: setup
 
 lint:
 	$(VENV)/bin/ruff check tpmlab lenses tests benchmarks
+	$(PY) docs/build_api.py --check
 
 test: setup
 	bash scripts/test.sh
