@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import os
 import resource
+import statistics
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -760,7 +761,7 @@ class StageActor:
             for t in timings[:1]:
                 t.pop("arrived"), t.pop("left")
         else:
-            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            generated, output, per_step = await self._generate(plan, base, kwargs, layout, left)
             if generated is not None:
                 values[request.GENERATED] = generated
             timings = []
@@ -774,6 +775,8 @@ class StageActor:
                   "batch+state": t_batch - t_validate}
         for k, t in enumerate(timings):
             phases.update({f"stage{k} {name}": v for name, v in t.items()})
+        if generate:
+            phases.update({f"step {name}": v for name, v in per_step.items()})
         return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
 
@@ -838,7 +841,7 @@ class StageActor:
                                      "inputs_embeds": kwargs.get("inputs_embeds")})
             output = reply["output"]
         else:
-            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            generated, output, _ = await self._generate(plan, base, kwargs, layout, left)
             if generated is not None:
                 values[request.GENERATED] = generated
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
@@ -859,13 +862,14 @@ class StageActor:
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
                         layout: BatchLayout, left: Any
-                        ) -> tuple[list[torch.Tensor] | None, StageOutput]:
+                        ) -> tuple[list[torch.Tensor] | None, StageOutput, dict[str, float]]:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
         each step goes down the chain, each stage's KV cache stays on its worker, and the
         last stage picks the next tokens from its logits. Each row's tokens (``None`` where
         the plan's ``tracer.stop()`` ended the generation: the step it was reached in came
         back without tokens, later stages did no work in it and no later step ran) and
-        stage 0's output."""
+        stage 0's output, and the median of each phase over the decode steps (seconds:
+        :func:`_step_timings`)."""
         opts = plan.generate
         eos = eos_ids(opts, self.stage.model.generation_config)
         decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
@@ -873,23 +877,30 @@ class StageActor:
                             tokenizer=self._tokenizer() if opts.stop else None)
         history = needs_history(opts)  # the last stage reads the sequences so far
         saved = 0
+        steps: list[dict[str, float]] = []  # each decode step's timings (seconds)
         for feed in decoding:
+            t0 = time.perf_counter()
             msg = {**base, "step": feed.step, "final": False, "timeout": left(), "saved": saved,
                    "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
                    "input_ids": feed.input_ids,
                    "inputs_embeds": kwargs.get("inputs_embeds") if feed.step == 0 else None}
             if history:
                 msg["ids"] = decoding.ids
+            t1 = time.perf_counter()
             reply = await self.step(msg)
+            t2 = time.perf_counter()
             saved = reply["saved"]
             if "tokens" in reply:
                 decoding.advance(reply["tokens"])
             else:  # a stopped pass (tracer.stop()): no later step runs
                 decoding.halt()
+            if feed.step:  # the prompt pass is not a decode step
+                steps.append(_step_timings(reply["timings"], t0, t1, t2))
         output = await self.finish(base["req"], decoding.steps_run, left())
+        timings = _medians(steps)
         if decoding.halted:
-            return None, output
-        return decoding.outputs([n for ls in layout.lengths for n in ls]), output
+            return None, output, timings
+        return decoding.outputs([n for ls in layout.lengths for n in ls]), output, timings
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -904,6 +915,26 @@ _STAGE_OWN = ("hidden", "carry", "input_ids", "inputs_embeds")
 def _passed_on(msg: dict[str, Any]) -> dict[str, Any]:
     """The fields of a stage's message that travel on unchanged to the next stage."""
     return {k: v for k, v in msg.items() if k not in _STAGE_OWN}
+
+
+def _step_timings(timings: list[dict[str, float]], t0: float, t1: float, t2: float
+                  ) -> dict[str, float]:
+    """One decode step's timings (seconds): ``message`` (stage 0 building it), ``step`` (its
+    trip down the chain and back), each stage's own (``stage{k} ...``: see
+    :meth:`StageActor.step`) and ``driver`` (picking up the reply: the tokens' bookkeeping)."""
+    out = {"message": t1 - t0, "step": t2 - t1, "driver": time.perf_counter() - t2}
+    for k, t in enumerate(timings):
+        out.update({f"stage{k} {name}": v for name, v in t.items()
+                    if name not in ("arrived", "left")})
+    return out
+
+
+def _medians(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's median over ``steps`` (a key missing in a step counts as 0)."""
+    if not steps:
+        return {}
+    keys = list(dict.fromkeys(k for s in steps for k in s))
+    return {k: statistics.median(s.get(k, 0.0) for s in steps) for k in keys}
 
 
 def _release(st: _Request) -> None:
