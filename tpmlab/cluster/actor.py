@@ -60,7 +60,7 @@ from ..ir.validate import Limits
 from ..runtime import request
 from ..runtime.backward import held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
-from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
+from ..runtime.decoding import Decoding, eos_ids, needs_history, next_step_inputs, next_tokens
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
@@ -84,6 +84,12 @@ class _Request:
     layout: BatchLayout
     generate: bool
     cache: Any = None
+    # while generating: the last step's attention mask and position ids on the stage's device
+    # (a decode step's message carries neither: :meth:`StageActor._step_inputs`), and on the
+    # last stage the sequences so far where choosing a token reads them
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # parts of this step's phases measured inside them (seconds), added to its timings:
     # the hidden state's copy to host, the backward's parts (:func:`.backward.stage_backward`)
@@ -380,8 +386,7 @@ class StageActor:
         runner.env.update(from_wire(msg["carry"], self.device))
         # the request's saves so far, over all stages, include this stage's earlier steps
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
-        mask = msg["attention_mask"].to(self.device)
-        pos = msg["position_ids"].to(self.device)
+        mask, pos = self._step_inputs(st, msg)
         grads = runner.gradients  # None: forward only, under inference_mode as ever
         stopped = runner.stops_before(step)
         self.weights.ready()
@@ -419,8 +424,9 @@ class StageActor:
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
-                reply["tokens"] = next_tokens(st.plan.generate, msg.get("ids"),
-                                              out.logits[:, -1, :], step).cpu()
+                # a list of ints: the driver rebuilds the tensor; cheaper to send than a tensor
+                reply["tokens"] = next_tokens(st.plan.generate, self._history(st, msg),
+                                              out.logits[:, -1, :], step).tolist()
             return reply
         last_event = self.owned.stop - 1
         start = time.perf_counter()  # on a GPU: waits for the stage's forward, then copies
@@ -428,6 +434,34 @@ class StageActor:
         st.times["forward out"] = time.perf_counter() - start
         return {**_passed_on(msg), "hidden": hidden_out,
                 "carry": to_wire(runner.carry_out(last_event)), "saved": saved}
+
+    def _step_inputs(self, st: _Request, msg: dict[str, Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's attention mask and position ids on this stage's device: the message's
+        (a request's first step), else (a decode step) the last step's extended by one
+        position (:func:`~tpmlab.runtime.decoding.next_step_inputs`, the driver's rule), so
+        they do not travel with every token."""
+        if "attention_mask" in msg:
+            mask = msg["attention_mask"].to(self.device)
+            pos = msg["position_ids"].to(self.device)
+        elif st.mask is None:
+            raise ExecutionError(f"stage {self.span.index}: step {msg['step']} came without "
+                                 "its attention mask and no earlier step left one")
+        else:
+            mask, pos = next_step_inputs(st.mask, st.positions)
+        if st.generate:
+            st.mask, st.positions = mask, pos
+        return mask, pos
+
+    def _history(self, st: _Request, msg: dict[str, Any]) -> torch.Tensor | None:
+        """The last stage: the sequences so far ``[rows, length]`` where choosing a token
+        reads them (:func:`~tpmlab.runtime.decoding.needs_history`), kept here: a step's
+        message carries the whole prompt at step 0, then only the tokens the driver
+        appended since."""
+        new = msg.get("ids")
+        if new is not None:
+            st.ids = new if st.ids is None or msg["step"] == 0 else torch.cat([st.ids, new], -1)
+        return st.ids
 
     def _received(self, value: Any, req: str) -> Any:
         """A value from a neighbour on this stage's device (the copy out of a device buffer
@@ -542,6 +576,12 @@ class StageActor:
                 except BaseException as e:  # noqa: BLE001 - raised by the awaiting coroutine
                     sent.set_exception(e)
 
+            # a trace's last step and a backward have work left in the stage's thread after the
+            # hidden state is on its way (saves, the backward): the thread sends it; a decode
+            # step has none, and is sent from here once the thread is done (one wake-up of the
+            # event loop per step instead of two)
+            send_early = bool(msg.get("final")) or st.runner.gradients is not None
+
             def work() -> tuple[dict[str, Any], Any, float, float, Any]:
                 # one hop to the stage's thread: the layers, then (once the hidden state is on
                 # its way to the next stage) this stage's saves; on the last stage of a
@@ -552,7 +592,8 @@ class StageActor:
                     t_fwd = time.perf_counter() - t
                     if sent is not None:
                         out["timeout"] = deadline - time.monotonic()
-                        loop.call_soon_threadsafe(send, out, context=context)
+                        if send_early:
+                            loop.call_soon_threadsafe(send, out, context=context)
                     backward = st.runner.gradients is not None and msg.get("final")
                     if backward and sent is None:
                         self.ipc_in.settle(req)  # the hidden state's copy is done
@@ -566,6 +607,8 @@ class StageActor:
 
             out, output, t_fwd, t_saves, done = await self._compute(work)
             t2 = time.perf_counter()
+            if sent is not None and not send_early:
+                send(out)
             t_back, back = 0.0, None
             if done is not None:  # the last stage ran its backward in the same hop
                 back, t_back = done
@@ -880,18 +923,22 @@ class StageActor:
         steps: list[dict[str, float]] = []  # each decode step's timings (seconds)
         for feed in decoding:
             t0 = time.perf_counter()
-            msg = {**base, "step": feed.step, "final": False, "timeout": left(), "saved": saved,
-                   "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
-                   "input_ids": feed.input_ids,
-                   "inputs_embeds": kwargs.get("inputs_embeds") if feed.step == 0 else None}
-            if history:
-                msg["ids"] = decoding.ids
+            if feed.step == 0:
+                msg = {**base, "step": 0, "final": False, "timeout": left(), "saved": saved,
+                       "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
+                       "input_ids": feed.input_ids, "inputs_embeds": kwargs.get("inputs_embeds")}
+            else:  # each stage extends its own mask and positions (_step_inputs)
+                msg = {"req": base["req"], "step": feed.step, "final": False,
+                       "timeout": left(), "saved": saved, "carry": {},
+                       "input_ids": feed.input_ids}
+            if history:  # the prompt, then the tokens appended since (_history)
+                msg["ids"] = decoding.ids if feed.step == 0 else decoding.ids[:, -1:]
             t1 = time.perf_counter()
             reply = await self.step(msg)
             t2 = time.perf_counter()
             saved = reply["saved"]
             if "tokens" in reply:
-                decoding.advance(reply["tokens"])
+                decoding.advance(torch.tensor(reply["tokens"], dtype=torch.long))
             else:  # a stopped pass (tracer.stop()): no later step runs
                 decoding.halt()
             if feed.step:  # the prompt pass is not a decode step
