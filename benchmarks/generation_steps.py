@@ -10,12 +10,18 @@ Prints each one's median milliseconds per generated token (the whole request div
 (``DaskBackend.phases``: ``step ...`` keys, the medians over a request's steps, then over
 requests).
 
+``--device cuda``: the stages on ``cluster_gpu.py``'s workers (one per GPU, sharing one if
+there is one; hidden states through CUDA IPC on one host) and the in-process executor on
+``cuda:0``, in ``--dtype``.
+
 ``--pause S``: after the timed runs, keep generating for ``S`` seconds and print the worker
 processes' ids first, so that a sampling profiler can attach to them, e.g.
 ``py-spy record --pid PID --duration 20 --format speedscope --threads``.
 
-    python benchmarks/generation_steps.py [--model tiny-llama] [--prompt 16] [--new 64]
+    python -m benchmarks.generation_steps [--model tiny-llama] [--prompt 16] [--new 64]
         [--repeats 15] [--stages 2] [--pause 0]
+    python -m benchmarks.generation_steps --device cuda --model llama-3-8b-shape \
+        --dtype bfloat16 --prompt 128 --new 32 --repeats 10
 """
 
 from __future__ import annotations
@@ -46,10 +52,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--pause", type=float, default=0.0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the model's)")
     args = parser.parse_args()
 
     import os
 
+    import torch
     from distributed import Client
 
     import tpmlab
@@ -57,12 +66,20 @@ def main() -> None:
     from tpmlab.cluster.embedded import start_local_cluster
     from tpmlab.lab import Lab
 
-    local = tpmlab.connect("local", device="cpu")
+    gpu = args.device == "cuda"
+    dtype = {"dtype": args.dtype} if args.dtype else {}
+    local = tpmlab.connect("local", device=args.device,
+                           **({"dtype": getattr(torch, args.dtype)} if args.dtype else {}))
     run_local, local_tokens = generation(local.model(args.model), args.prompt, args.new)
-    cluster = start_local_cluster(args.stages, dashboard_address=":0")
+    if gpu:
+        from benchmarks.cluster_gpu import start_gpu_cluster
+
+        cluster = start_gpu_cluster(args.stages)
+    else:
+        cluster = start_local_cluster(args.stages, dashboard_address=":0")
     with cluster, Client(cluster) as client:
         lab = Lab(DaskBackend(client=client, timeout=600))
-        model = lab.model(args.model, stages=args.stages)
+        model = lab.model(args.model, stages=args.stages, **dtype)
         run_staged, staged_tokens = generation(model, args.prompt, args.new)
         for fn in (run_local, run_staged, run_local, run_staged):  # warm-up
             fn()
