@@ -424,9 +424,13 @@ class StageActor:
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
-                # a list of ints: the driver rebuilds the tensor; cheaper to send than a tensor
+                # a list of ints: the driver rebuilds the tensor; cheaper to send than a tensor.
+                # On a GPU, reading them waits for the stage's queued work: "tokens" is that wait
+                # and the choice, a part of "forward" (the rest: queueing the layers)
+                start = time.perf_counter()
                 reply["tokens"] = next_tokens(st.plan.generate, self._history(st, msg),
                                               out.logits[:, -1, :], step).tolist()
+                st.times["tokens"] = time.perf_counter() - start
             return reply
         last_event = self.owned.stop - 1
         start = time.perf_counter()  # on a GPU: waits for the stage's forward, then copies
