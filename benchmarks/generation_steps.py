@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the model's)")
+    parser.add_argument("--stage-threads", type=int, default=None,
+                        help="each stage's torch threads (default: the machine's cores)")
     args = parser.parse_args()
 
     import os
@@ -78,7 +80,7 @@ def main() -> None:
     else:
         cluster = start_local_cluster(args.stages, dashboard_address=":0")
     with cluster, Client(cluster) as client:
-        lab = Lab(DaskBackend(client=client, timeout=600))
+        lab = Lab(DaskBackend(client=client, timeout=600, threads=args.stage_threads))
         model = lab.model(args.model, stages=args.stages, **dtype)
         run_staged, staged_tokens = generation(model, args.prompt, args.new)
         for fn in (run_local, run_staged, run_local, run_staged):  # warm-up
