@@ -49,6 +49,8 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
+from . import pinned_segments
+from .pinned_segments import Pinning
 from .wire import _Typed, _Viewed
 
 SHM = Path("/dev/shm")
@@ -107,14 +109,24 @@ def same_host(token: Token | None) -> bool:
 
 
 class Segments:
-    """The segments one stage handed over, by request, until the notebook took them."""
+    """The segments one stage handed over, by request, until the notebook took them.
 
-    def __init__(self) -> None:
+    ``pinning``: a GPU stage's registration of segments with CUDA
+    (:mod:`.pinned_segments`): its pool registers the segments it makes, and its runner
+    copies saves from the device into them (:meth:`allocator`)."""
+
+    def __init__(self, pinning: Pinning | None = None) -> None:
         self._by_request: dict[str, list[str]] = {}
-        # segments a runner allocated and filled, by request: {address: (path, nbytes)}
-        self._allocated: dict[str, dict[int, tuple[str, int]]] = {}
+        # segments a runner allocated and filled, by request: {address: (path, nbytes,
+        # registered)}
+        self._allocated: dict[str, dict[int, tuple[str, int, bool]]] = {}
+        # registered segments each request took, until released (unregistered)
+        self._pinned: dict[str, list[torch.Tensor]] = {}
         self._lock = threading.Lock()  # the stage's thread allocates, its event loop packs
-        self._pool = _Pool()
+        self.pinning = pinning
+        self._pool = _Pool(pinning)
+        # saves handed over in registered segments; saves that found none ready (a pinned copy)
+        self._counts = {"pinned": 0, "unpinned": 0}
         weakref.finalize(self, _unlink_all, self._by_request)  # also runs at exit
         sweep_dead()
 
@@ -127,8 +139,16 @@ class Segments:
         without copying it again. Call it on the event loop; ``alloc`` runs on any thread.
         Each segment is this request's from the moment it exists: freed by :meth:`free`, at
         the request's deadline (monotonic seconds; at least :data:`MIN_TTL` from the first
-        segment) if the notebook has not taken it, or at exit."""
+        segment) if the notebook has not taken it, or at exit.
+
+        On a stage with a :attr:`pinning` (a GPU stage), ``alloc`` gives only a segment made
+        ahead of time and registered with CUDA, which the device copies into (``None`` when
+        none of the size is ready: the runner makes a pinned copy, as without registration);
+        each is unregistered when the request's reply is packed or the request is freed."""
         if not same_host(token) or not DIRECT:
+            return None
+        pinned = self.pinning is not None
+        if pinned and not pinned_segments.ACTIVE:
             return None
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -139,14 +159,24 @@ class Segments:
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes < THRESHOLD:
                 return None
-            try:
-                path, flat = self._pool.take(nbytes) or _new_segment(nbytes)
-            except OSError:  # /dev/shm full or gone: an ordinary copy, handed over inline
-                return None
+            if pinned:  # never registered here: only what the pool registered ahead of time
+                taken = self._pool.take(nbytes, pinned=True)
+                if taken is None:
+                    with self._lock:
+                        self._counts["unpinned"] += 1
+                    return None
+            else:
+                try:
+                    taken = self._pool.take(nbytes) or (*_new_segment(nbytes), False)
+                except OSError:  # /dev/shm full or gone: an ordinary copy, handed over inline
+                    return None
+            path, flat, registered = taken
             with self._lock:
                 first = req not in self._by_request
                 self._by_request.setdefault(req, []).append(path)
-                self._allocated.setdefault(req, {})[flat.data_ptr()] = (path, nbytes)
+                self._allocated.setdefault(req, {})[flat.data_ptr()] = (path, nbytes, registered)
+                if registered:
+                    self._pinned.setdefault(req, []).append(flat)
             if first and loop is not None:
                 ttl = max(deadline - time.monotonic(), MIN_TTL)
                 loop.call_soon_threadsafe(loop.call_later, ttl, self.free, req)
@@ -161,22 +191,36 @@ class Segments:
         notebook has not taken them."""
         with self._lock:
             allocated = self._allocated.pop(req, {})
+            pinned = self._pinned.pop(req, [])
+        try:
+            return self._pack(values, req, token, deadline, allocated, pinned)
+        finally:  # the device's copies are done (the reply waited for them): unregister
+            if pinned:
+                self.pinning.release(pinned)
+
+    def _pack(self, values: Any, req: str, token: Token | None, deadline: float,
+              allocated: dict[int, tuple[str, int, bool]], pinned: list[torch.Tensor]) -> Any:
         if not same_host(token):
             return values
         made: list[str] = []
         used: set[str] = set()
-        sizes = [n for _, n in allocated.values()]  # what this request took: made again
+        sizes = [n for _, n, _ in allocated.values()]  # what this request took: made again
 
         def place(array: np.ndarray) -> Any:
             owned = allocated.get(array.__array_interface__["data"][0])
             if owned is not None and owned[1] == array.nbytes and array.flags.c_contiguous \
                     and owned[0] not in used:
                 used.add(owned[0])
+                if owned[2]:
+                    with self._lock:
+                        self._counts["pinned"] += 1
                 return Shared(owned[0], array.dtype.str, tuple(array.shape))  # already there
             pooled = self._pool.take(array.nbytes) if DIRECT and array.nbytes >= THRESHOLD \
                 and not array.dtype.hasobject else None
             if pooled is not None:  # a copy into pages already mapped
                 made.append(pooled[0])
+                if pooled[2]:  # registered: unregistered with the request's others
+                    pinned.append(pooled[1])
                 sizes.append(array.nbytes)
                 pooled[1].numpy()[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
                 return Shared(pooled[0], array.dtype.str, tuple(array.shape))
@@ -194,7 +238,7 @@ class Segments:
         except BaseException:
             _unlink(made)
             raise
-        unused = [path for path, _ in allocated.values() if path not in used]
+        unused = [path for path, _, _ in allocated.values() if path not in used]
         if unused:  # filled, but not handed over as a whole: no one will map them
             self.free(req, unused)
         if made:
@@ -210,17 +254,22 @@ class Segments:
 
     def free(self, req: str, only: list[str] | None = None) -> None:
         """Unlink what was handed over for ``req`` (``only`` those) and the notebook did not
-        take."""
+        take; without ``only`` (the request failed, was aborted or passed its deadline), also
+        unregister the registered segments it took (after the device's copies into them)."""
+        pinned: list[torch.Tensor] = []
         with self._lock:
             paths = self._by_request.pop(req, [])
             if only is None:
                 self._allocated.pop(req, None)
+                pinned = self._pinned.pop(req, [])
             else:
                 keep = [p for p in paths if p not in only]
                 if keep:
                     self._by_request[req] = keep
                 paths = [p for p in paths if p in only]
         _unlink(paths)
+        if pinned:
+            self.pinning.release(pinned)
 
     def pooled(self) -> int:
         """Bytes of segments made ahead of time and ready to take."""
@@ -229,6 +278,15 @@ class Segments:
     def held(self) -> int:
         """Segments handed over and not yet freed here (the notebook may have taken them)."""
         return sum(os.path.exists(p) for ps in self._by_request.values() for p in ps)
+
+    def counts(self) -> dict[str, int]:
+        """What the registered segments did (:mod:`.pinned_segments`): saves handed over in
+        one (``pinned``), saves that found none ready (``unpinned``: a pinned copy), and the
+        registrations (:meth:`~.pinned_segments.Pinning.counts`); empty on a stage without."""
+        if self.pinning is None:
+            return {}
+        with self._lock:
+            return {**self._counts, **self.pinning.counts()}
 
 
 def unpack(values: Any) -> Any:
@@ -358,34 +416,48 @@ class _Pool:
 
     :meth:`take` hands one over (it is the caller's from then on); :meth:`refill` makes
     segments of the given sizes on a background thread, up to :data:`POOL_BYTES` in all and
-    :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit."""
+    :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit.
 
-    def __init__(self) -> None:
-        self._free: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    With a ``pinning`` (a GPU stage), that thread also registers each segment with CUDA
+    (:mod:`.pinned_segments`); a segment that fails to register stays, unregistered, for
+    copies made on the host. The pinning holds each registered mapping until it is
+    unregistered (at the latest when the pinning goes)."""
+
+    def __init__(self, pinning: Pinning | None = None) -> None:
+        # by size: (path, flat uint8 tensor over its mapping, registered)
+        self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self._filling = False
+        self._pinning = pinning
         weakref.finalize(self, _unlink_pooled, self._free)
 
     def ready_bytes(self) -> int:
         with self._lock:
             return self._bytes
 
-    def take(self, nbytes: int) -> tuple[str, torch.Tensor] | None:
+    def take(self, nbytes: int, pinned: bool | None = None,
+             ) -> tuple[str, torch.Tensor, bool] | None:
+        """A segment of ``nbytes``: ``(path, flat, registered)``, or ``None``; ``pinned``:
+        only a registered one (``True``), only another (``False``), or either (``None``)."""
         with self._lock:
-            ready = self._free.get(nbytes)
-            if not ready:
+            ready = self._free.get(nbytes, [])
+            at = next((i for i in range(len(ready) - 1, -1, -1)
+                       if pinned is None or ready[i][2] == pinned), None)
+            if at is None:
                 return None
             self._bytes -= nbytes
-            pooled, flat = ready.pop()
+            pooled, flat, registered = ready.pop(at)
         path, fd = _create()  # a fresh name, as any segment's: the pool's name is gone
         os.close(fd)
         try:
             os.replace(pooled, path)
         except OSError:  # swept away meanwhile: a fresh segment instead
             _unlink([pooled, path])
+            if registered:
+                self._pinning.release([flat])
             return None
-        return path, flat
+        return path, flat, registered
 
     def refill(self, sizes: list[int]) -> None:
         if not sizes or POOL_BYTES <= 0 or not DIRECT:
@@ -406,8 +478,11 @@ class _Pool:
                     if self._bytes + nbytes > budget:
                         return
                 path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
+                # registering locks the pages: here, off any request's path
+                registered = self._pinning is not None and pinned_segments.ACTIVE \
+                    and self._pinning.register(flat)
                 with self._lock:
-                    self._free.setdefault(nbytes, []).append((path, flat))
+                    self._free.setdefault(nbytes, []).append((path, flat, registered))
                     self._bytes += nbytes
         except OSError:  # /dev/shm full: no pool, segments are made when needed
             pass
@@ -416,6 +491,7 @@ class _Pool:
                 self._filling = False
 
 
-def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
-    _unlink([path for ready in free.values() for path, _ in ready])
+def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]]) -> None:
+    # a registered segment's mapping is held by its pinning until unregistered
+    _unlink([path for ready in free.values() for path, _, _ in ready])
     free.clear()
