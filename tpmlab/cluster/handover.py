@@ -282,11 +282,13 @@ class Segments:
     def counts(self) -> dict[str, int]:
         """What the registered segments did (:mod:`.pinned_segments`): saves handed over in
         one (``pinned``), saves that found none ready (``unpinned``: a pinned copy), and the
-        registrations (:meth:`~.pinned_segments.Pinning.counts`); empty on a stage without."""
+        registrations (:meth:`~.pinned_segments.Pinning.counts`: ``held`` counts those in the
+        pool, ``pooled``, and those requests hold); empty on a stage without."""
         if self.pinning is None:
             return {}
         with self._lock:
-            return {**self._counts, **self.pinning.counts()}
+            counts = dict(self._counts)
+        return {**counts, **self.pinning.counts(), "pooled": self._pool.registered()}
 
 
 def unpack(values: Any) -> Any:
@@ -435,6 +437,11 @@ class _Pool:
     def ready_bytes(self) -> int:
         with self._lock:
             return self._bytes
+
+    def registered(self) -> int:
+        """Segments ready here that are registered with CUDA."""
+        with self._lock:
+            return sum(r for ready in self._free.values() for _, _, r in ready)
 
     def take(self, nbytes: int, pinned: bool | None = None,
              ) -> tuple[str, torch.Tensor, bool] | None:
