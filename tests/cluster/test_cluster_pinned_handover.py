@@ -26,7 +26,13 @@ from tpmlab.runtime.runner import host_copy
 
 from . import fake_pinning
 from .conftest import deploy
-from .test_cluster_handover import PROMPTS, _clean_within, _pool_threads_finish, _segments, _trace_all
+from .test_cluster_handover import (
+    PROMPTS,
+    _clean_within,
+    _pool_threads_finish,
+    _segments,
+    _trace_all,
+)
 
 cloudpickle.register_pickle_by_value(fake_pinning)  # workers need not import the tests
 
