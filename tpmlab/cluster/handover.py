@@ -10,15 +10,21 @@ as numpy frames (:mod:`.wire`).
 
 The save's own copy is the hand-over: a CPU stage's runner copies each large saved value
 straight into a new segment (:meth:`Segments.allocator`), so nothing is copied again on
-the way to the notebook. A value that did not start in a segment of its own (a GPU
-stage's pinned copy, a part of a larger value) is written into one when the reply is
-packed, one copy.
+the way to the notebook. A GPU stage's runner copies it from the device, without blocking
+the stream, straight into a segment of the pool that is registered with CUDA (page-locked,
+:mod:`.pinned_segments`), where one of its size is ready; the reply waits for the stream as
+before, so a segment is handed over only once its copy is done. A value that did not start
+in a segment of its own (a GPU stage's pinned copy, made where no registered segment was
+ready or registration is off; a part of a larger value) is written into one when the reply
+is packed, one more copy.
 
 New memory is what costs here (a copy into pages never touched runs at ≈ 1 GB/s on a VM,
 into pages already mapped at ≈ 10): each stage keeps a small pool of segments made ahead
 of time, off the request's path, with their pages allocated and mapped (:class:`_Pool`),
 of the sizes its last request handed over. A save of such a size takes one and is copied
-into it at memory speed; the pool is refilled in the background after each hand-over.
+into it at memory speed; the pool is refilled in the background after each hand-over. On a
+GPU stage that background thread also registers each segment with CUDA, so a request never
+waits for a registration.
 
 Every segment is freed on every path:
 
@@ -30,6 +36,9 @@ Every segment is freed on every path:
   of the stage's event loop, and whatever is left (its pool too) when its worker exits;
 * the worker was killed before its exit handlers ran: the next stage made on the host
   unlinks the pooled segments of processes that are gone (:func:`sweep_dead`).
+
+A registered segment is unregistered exactly once on each of these paths, by the stage,
+before the stage's own mapping of it goes (:class:`~.pinned_segments.Pinning`).
 """
 
 from __future__ import annotations
