@@ -134,6 +134,7 @@ def main() -> None:
             client.run(_ways, direct[c[0]], pin[c[0]])
             if args.compare_pin:  # the pools hold segments of this way's kind, filled
                 if c[0] != last_way:
+                    _settle(shared, args.model)
                     trace(models[c[0]], ids, args.save, False)
                 last_way = c[0]
                 _settle(shared, args.model)

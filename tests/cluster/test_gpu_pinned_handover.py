@@ -85,7 +85,8 @@ def test_registered_segments_give_exactly_the_pinned_copy_numbers(gpu_lab):
         got["off"] = _saves(model, ids)
         got["off again"] = _saves(model, ids)  # the baseline: the GPU repeats itself
         client.run(_active, True)
-        _saves(model, ids)  # the pool made unregistered segments while off: registered now
+        _settled(lab)  # the pool filled while off: unregistered segments
+        _saves(model, ids)  # takes them; the pool makes registered ones now
         before = _settled(lab)
         got["on"] = _saves(model, ids)
         after = _settled(lab)

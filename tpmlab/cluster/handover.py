@@ -440,6 +440,7 @@ class _Pool:
         self._bytes = 0
         self._lock = threading.Lock()
         self._filling = False
+        self._wanted: list[int] = []  # sizes asked for while a fill ran
         self._pinning = pinning
         weakref.finalize(self, _unlink_pooled, self._free)
 
@@ -476,35 +477,48 @@ class _Pool:
         return path, flat, registered
 
     def refill(self, sizes: list[int]) -> None:
+        """Make segments of ``sizes`` in the background; while a fill runs, the latest
+        sizes asked for are made after it (a request that came while the pool was filling,
+        or registering, still finds its segments ready next time)."""
         if not sizes or POOL_BYTES <= 0 or not DIRECT:
             return
         with self._lock:
+            self._wanted = list(sizes)
             if self._filling:
                 return
             self._filling = True
-        threading.Thread(target=self._fill, args=(sizes,), daemon=True,
-                         name="tpmlab-handover-pool").start()
+        threading.Thread(target=self._fill, daemon=True, name="tpmlab-handover-pool").start()
 
-    def _fill(self, sizes: list[int]) -> None:
+    def _fill(self) -> None:
+        done = False
         try:
-            st = os.statvfs(SHM)
-            budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
-            for nbytes in sizes:
+            while True:
                 with self._lock:
-                    if self._bytes + nbytes > budget:
+                    sizes, self._wanted = self._wanted, []
+                    if not sizes:  # nothing asked for meanwhile: the next refill starts anew
+                        self._filling = False
+                        done = True
                         return
-                path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
-                # registering locks the pages: here, off any request's path
-                registered = self._pinning is not None and pinned_segments.ACTIVE \
-                    and self._pinning.register(flat)
-                with self._lock:
-                    self._free.setdefault(nbytes, []).append((path, flat, registered))
-                    self._bytes += nbytes
+                st = os.statvfs(SHM)
+                budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
+                for nbytes in sizes:
+                    with self._lock:
+                        if self._bytes + nbytes > budget:
+                            break
+                    path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
+                    # registering locks the pages: here, off any request's path
+                    registered = self._pinning is not None and pinned_segments.ACTIVE \
+                        and self._pinning.register(flat)
+                    with self._lock:
+                        self._free.setdefault(nbytes, []).append((path, flat, registered))
+                        self._bytes += nbytes
         except OSError:  # /dev/shm full: no pool, segments are made when needed
             pass
         finally:
-            with self._lock:
-                self._filling = False
+            if not done:
+                with self._lock:
+                    self._filling = False
+                    self._wanted = []
 
 
 def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]]) -> None:
