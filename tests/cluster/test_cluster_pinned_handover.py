@@ -352,3 +352,27 @@ def test_an_interrupted_client_and_a_missed_deadline_unregister(staged, backend,
     counts = _stages_settled(backend)
     assert all(c["held"] == c["pooled"] for c in counts), counts
     _reports_clean(backend)
+
+
+@pytest.mark.slow
+def test_undeploying_unregisters_the_pools(staged, lab, backend):
+    """Last in this module: stages deployed anew, used, then undeployed: every registration
+    they made is undone as they go (their pools, and anything a request held). A stage's
+    segments live until its last request's deadline (the notebook may still map them), so
+    these requests have a short one."""
+    model = deploy(lab, MODEL, 2)  # new stages: each with a new stand-in, the last made
+    for _ in range(2):
+        with model.trace(PROMPTS, timeout=3):
+            for layer in model.layers:
+                layer.output.save()
+    assert all(c["pinned"] > 0 and c["pooled"] > 0 for c in _stages_settled(backend))
+    lab.undeploy(MODEL)
+    deadline = time.monotonic() + 15
+    while True:
+        newest = [ss[-1] for ss in backend.client.run(fake_pinning.report).values() if ss]
+        if all(not s["open"] for s in newest) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(newest) == 2 and all(s["registered"] > 0 for s in newest), newest
+    assert all(s["registered"] == s["unregistered"] for s in newest), newest
+    _reports_clean(backend)

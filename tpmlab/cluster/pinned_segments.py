@@ -19,7 +19,9 @@ one and keeps the pages). A segment a request took is unregistered exactly once,
 background thread, after the device's copies into it are done (:meth:`Pinning.release`):
 when its reply was packed (after the stream synchronization that precedes every reply), or
 when the request is aborted, fails or passes its deadline (:meth:`.handover.Segments.free`);
-the pool's segments and any left are unregistered when the stage goes or its worker exits.
+the pool's segments and any left are unregistered when the stage's segments go (with the
+stage, once the deadline of its last request has passed: until then the notebook may map
+what it handed over) or its worker exits.
 
 An error registering or unregistering costs only that segment: it is not used for a direct
 copy (registering) or is let go (unregistering), logged once; no request fails for it.
