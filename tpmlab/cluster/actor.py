@@ -60,6 +60,7 @@ from ..runtime import request
 from ..runtime.backward import held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
+from ..runtime.footprints import Footprints
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
@@ -180,6 +181,7 @@ class StageActor:
             self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
         self.load = meter.figures  # what loading this stage cost its worker process
         self.frozen = weight_storages(self.stage.model)  # not autograd's memory
+        self.footprints = Footprints()  # what the stage's ops keep for a backward, by shape
         self.backprops = registry()  # requests' gradient state here (memory() reports it)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
@@ -358,7 +360,7 @@ class StageActor:
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
                             owned=self.owned, limits=limits, frozen=self.frozen,
-                            host_alloc=alloc)
+                            host_alloc=alloc, footprints=self.footprints)
         if runner.gradients is not None:
             if deadline:  # the backward stops past the request's deadline
                 runner.gradients.deadline = deadline
