@@ -57,7 +57,7 @@ from ..ir.schedule import Schedule
 from ..ir.session import MAX_TRACES, check_session, decode_session, imports_of
 from ..ir.validate import Limits
 from ..runtime import request
-from ..runtime.backward import held, registry, weight_storages
+from ..runtime.backward import forget_frames, held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
 from ..runtime.footprints import Footprints
@@ -410,8 +410,12 @@ class StageActor:
                 st.extra["out"] = out
         except StopForward:  # the last event the plan needs ran here: later stages do nothing
             stopped = True
-        except torch.OutOfMemoryError as e:
-            raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
+        except BaseException as e:
+            if grads is not None:  # a kept traceback must not keep the request's graph
+                forget_frames(e)
+            if isinstance(e, torch.OutOfMemoryError):
+                raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
+            raise
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
         saved = runner.saved_elsewhere + runner.saved_bytes

@@ -114,24 +114,20 @@ class Backprop:
         this request's shape before, well under the limit (:meth:`Footprints.usable`): then
         that figure counts for them and only the plan's nodes run under the hooks
         (:meth:`counting`). A forward counted in full records its figure for later requests.
-        A failure lets go of its frames' locals, which would hold the graph."""
+        The caller lets go of a failure's frames (:func:`forget_frames`)."""
         key = None if self.footprints is None else shape_key(self.runner.plan)
         self.measured = None if key is None else self.footprints.usable(key, self.max_bytes)
-        try:
-            if self.measured is not None:
-                self.autograd_bytes += self.measured
-                with torch.enable_grad(), self._parameter_leaves():
-                    yield
-            else:
-                with torch.enable_grad(), \
-                        torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
-                        self._parameter_leaves():
-                    yield
-                if key is not None:
-                    self.footprints.record(key, self.model_bytes)
-        except BaseException as e:
-            drop_locals(e)
-            raise
+        if self.measured is not None:
+            self.autograd_bytes += self.measured
+            with torch.enable_grad(), self._parameter_leaves():
+                yield
+        else:
+            with torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
+                    self._parameter_leaves():
+                yield
+            if key is not None:
+                self.footprints.record(key, self.model_bytes)
 
     @contextlib.contextmanager
     def counting(self, event: int) -> Iterator[None]:
@@ -271,7 +267,7 @@ class Backprop:
             self.seconds = max(0.0, time.perf_counter() - start - nodes)  # nodes are timed apart
         except BaseException as e:
             tensors = grads = []
-            drop_locals(e)
+            forget_frames(e)
             raise
         finally:
             for h in self._handles:
@@ -373,16 +369,20 @@ class Backprop:
         return out
 
 
-def drop_locals(error: BaseException) -> None:
-    """Let go of the locals of the frames ``error`` passed through below the one handling
-    it (the model's activations, autograd's roots): a traceback kept for the user (a
-    notebook keeps the last one) would otherwise keep the request's graph alive. Its causes
-    and contexts too (a failing op's own error holds the values it was given)."""
+def forget_frames(error: BaseException) -> None:
+    """Drop the frames ``error`` passed through (the model's, autograd's, the plan's nodes'),
+    and its causes' and contexts': their locals and closures hold the request's graph, and a
+    traceback kept for the user (a notebook keeps the last one) would keep it alive. Call it
+    where the failure is handled, then ``raise``: the traceback starts again there. The
+    dropped frames' text stays in the error's ``engine_traceback``."""
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)
+        if e.__traceback__ is not None:
+            with contextlib.suppress(Exception):  # only the text: never fail the failure
+                e.engine_traceback = "".join(traceback.format_tb(e.__traceback__))
+            e.__traceback__ = None
         e = e.__cause__ or e.__context__
 
 
@@ -425,8 +425,12 @@ def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: Pl
         kwargs = {**kwargs, "inputs_embeds": grads.input_leaf(kwargs["inputs_embeds"])}
     runner.begin_step(0)
     start = time.perf_counter()
-    with grads.forward(), runner.hooks():
-        model(**kwargs, use_cache=False)
+    try:
+        with grads.forward(), runner.hooks():
+            model(**kwargs, use_cache=False)
+    except BaseException as e:
+        forget_frames(e)
+        raise
     grads.forward_seconds = time.perf_counter() - start
     grads.backward([(runner.env.get(grads.g.loss), None)])
     runner.check_complete(1)

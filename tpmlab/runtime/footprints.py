@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+from ..ir.args import TensorRef, rebuild
 from ..ir.plan import Plan
 
 #: a measured figure stands for a request only while MARGIN x figure <= the request's limit
@@ -31,14 +32,27 @@ MARGIN = 2
 
 def shape_key(plan: Plan) -> tuple[Any, ...]:
     """What the model's saved tensors depend on in ``plan``: everything but its tensors'
-    values (and the user's source lines). Remembered on the plan object (a repeated plan's
-    bytes give the same object: :class:`~tpmlab.runtime.plan_cache.PlanCache`)."""
+    values, their names (the codec names them by content) and the user's source lines.
+    Remembered on the plan object (a repeated plan's bytes give the same object:
+    :class:`~tpmlab.runtime.plan_cache.PlanCache`)."""
     key = plan.__dict__.get("_shape_key")
     if key is None:
-        nodes = tuple((n.id, n.op, repr(n.args), repr(n.kwargs), n.path, n.io, n.invoke,
+        order: dict[str, int] = {}  # each tensor by where it is first used
+
+        def canonical(leaf: Any) -> Any:
+            if isinstance(leaf, TensorRef):
+                return ("tensor", order.setdefault(leaf.name, len(order)))
+            return leaf
+
+        invokes = tuple((inv.kind, tuple(order.setdefault(n, len(order)) for n in inv.tensors))
+                        for inv in plan.invokes)
+        nodes = tuple((n.id, n.op, repr(rebuild(n.args, canonical)),
+                       repr(rebuild(n.kwargs, canonical)), n.path, n.io, n.invoke,
                        n.steps.start, n.steps.stop) for n in plan.nodes)
-        tensors = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in plan.tensors.items())
-        invokes = tuple((inv.kind, tuple(inv.tensors)) for inv in plan.invokes)
+        for name in sorted(plan.tensors):  # any the plan does not use, after those it does
+            order.setdefault(name, len(order))
+        tensors = tuple(sorted((order[name], tuple(t.shape), str(t.dtype))
+                               for name, t in plan.tensors.items()))
         key = (plan.model, plan.model_version, plan.mode, invokes, nodes, tensors)
         plan.__dict__["_shape_key"] = key
     return key
