@@ -25,6 +25,7 @@ from typing import Any
 
 from ..ir.args import TensorRef, rebuild
 from ..ir.plan import Plan
+from .plan_cache import derived
 
 #: a measured figure stands for a request only while MARGIN x figure <= the request's limit
 MARGIN = 2
@@ -33,9 +34,10 @@ MARGIN = 2
 def shape_key(plan: Plan) -> tuple[Any, ...]:
     """What the model's saved tensors depend on in ``plan``: everything but its tensors'
     values, their names (the codec names them by content) and the user's source lines.
-    Remembered on the plan object (a repeated plan's bytes give the same object:
-    :class:`~tpmlab.runtime.plan_cache.PlanCache`)."""
-    key = plan.__dict__.get("_shape_key")
+    Computed once for a plan and the copies :class:`~tpmlab.runtime.plan_cache.PlanCache`
+    hands out for its bytes (:func:`~tpmlab.runtime.plan_cache.derived`)."""
+    memo = derived(plan)
+    key = memo.get("shape_key")
     if key is None:
         order: dict[str, int] = {}  # each tensor by where it is first used
 
@@ -53,8 +55,8 @@ def shape_key(plan: Plan) -> tuple[Any, ...]:
             order.setdefault(name, len(order))
         tensors = tuple(sorted((order[name], tuple(t.shape), str(t.dtype))
                                for name, t in plan.tensors.items()))
-        key = (plan.model, plan.model_version, plan.mode, invokes, nodes, tensors)
-        plan.__dict__["_shape_key"] = key
+        key = memo["shape_key"] = (plan.model, plan.model_version, plan.mode, invokes, nodes,
+                                   tensors)
     return key
 
 
