@@ -129,16 +129,16 @@ class Backprop:
             if key is not None:
                 self.footprints.record(key, self.model_bytes)
 
-    @contextlib.contextmanager
-    def counting(self, event: int) -> Iterator[None]:
+    def counting(self, event: int) -> contextlib.AbstractContextManager[None]:
         """Around the plan's nodes at ``event`` in the forward: what they save is theirs, and
         counted tensor by tensor even where the model's own ops run without the hooks."""
         if self._node_events is None:
             self._node_events = {e for e, nodes in self.runner.schedule.by_event.items()
                                  if any(n.op != POINT for n in nodes)}
-        if event not in self._node_events:
-            yield
-            return
+        return self._counting() if event in self._node_events else _NOTHING
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[None]:
         self._in_nodes = True
         try:
             if self.measured is None:
@@ -367,6 +367,9 @@ class Backprop:
                     r in self.g.phase and sched.anchor[r] < first_event for r in readers):
                 out[node_id] = env[node_id]
         return out
+
+
+_NOTHING = contextlib.nullcontext()  # an event with points only: nothing of the plan's to count
 
 
 def forget_frames(error: BaseException) -> None:
