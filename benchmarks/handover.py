@@ -3,7 +3,14 @@ memory (:mod:`tpmlab.cluster.handover`, the default) against Dask's comms (TLS, 
 embedded cluster speaks), on the same deployment, requests alternating. ``shared memory,
 copy + write`` is the hand-over as it was before saves were copied straight into segments
 (``handover.DIRECT = False`` on the workers for those requests: each large save cloned,
-then written into a new segment).
+then written into a new segment). With ``--compare-pin``, ``shared memory, pinned copy``
+is a GPU stage's hand-over without segments registered with CUDA
+(:mod:`tpmlab.cluster.pinned_segments`, ``ACTIVE = False`` on the workers for those
+requests: each save copied into fresh pinned memory, then into a segment when the reply is
+packed), against ``shared memory`` (the device copies each save straight into a registered
+segment); each request then starts with the stages' pools filled for its way (an untimed
+request after each switch, and a wait for the pools' background threads before each
+request), and the stages' registration counts are printed at the end.
 
 A trace saving a large value (``--save logits``: the last stage's logits
 ``[batch, pos, vocab]``; ``--save layers``: every layer's output, from every stage) is timed
@@ -15,6 +22,8 @@ plain copy of as many bytes into fresh memory in this process.
     python -m benchmarks.handover                                   # tiny-llama, CPU
     python -m benchmarks.handover --device cuda --model llama-3-8b-shape \\
         --save layers --shape 8x512 --dtype bfloat16                  # 2 workers, 1 GPU
+    python -m benchmarks.handover --device cuda --model llama-3-8b-shape \
+        --save layers --shape 8x512 --dtype bfloat16 --compare-pin     # registered or not
 """
 
 from __future__ import annotations
@@ -37,10 +46,25 @@ def start(device: str) -> Any:
     return start_local_cluster(n_workers=2)
 
 
-def _direct(flag: bool) -> None:
-    from tpmlab.cluster import handover
+def _ways(direct: bool, pin: bool) -> None:
+    from tpmlab.cluster import handover, pinned_segments
 
-    handover.DIRECT = flag
+    handover.DIRECT = direct
+    pinned_segments.ACTIVE = pin
+
+
+def _settle(lab: Any, model: str, seconds: float = 30.0) -> list[dict[str, int]]:
+    """Wait for the stages' pools to be filled (the same registration counts twice in a row,
+    no request holding a registered segment); the counts."""
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        counts = [m.get("handover", {}) for m in lab.backend.memory(model)]
+        if counts == last and all(c.get("held", 0) == c.get("pooled", 0) for c in counts):
+            break
+        last = counts
+        time.sleep(0.2)
+    return counts
 
 
 def trace(model: Any, ids: torch.Tensor, save: str, touch: bool) -> int:
@@ -74,6 +98,8 @@ def main() -> None:
     parser.add_argument("--shape", default="8x170", help="batch x tokens")
     parser.add_argument("--save", default="logits", choices=("logits", "layers"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compare-pin", action="store_true",
+                        help="add a row with segments registered with CUDA switched off")
     args = parser.parse_args()
     from distributed import Client
 
@@ -85,10 +111,13 @@ def main() -> None:
     shared = Lab(DaskBackend(client=client, handover=True))
     labs = {"shared memory": shared, "shared memory, copy + write": shared,
             "dask comms": Lab(DaskBackend(client=client, handover=False))}
+    if args.compare_pin:
+        labs = {"shared memory": shared, "shared memory, pinned copy": shared, **labs}
     models = {}
     for name, lab in labs.items():  # the others attach to the first's deployment
         models[name] = lab.model(args.model, stages=args.stages, dtype=args.dtype)
     direct = {way: way != "shared memory, copy + write" for way in labs}
+    pin = {way: way != "shared memory, pinned copy" for way in labs}
     rows, pos = (int(x) for x in args.shape.split("x"))
     vocab = models["shared memory"].info.vocab_size
     ids = torch.randint(0, vocab, (rows, pos), generator=torch.Generator().manual_seed(0))
@@ -97,11 +126,18 @@ def main() -> None:
     times: dict[tuple[str, str, bool], list[float]] = {c: [] for c in cases}
     nbytes = 0
     for c in cases:  # warm-up
-        client.run(_direct, direct[c[0]])
+        client.run(_ways, direct[c[0]], pin[c[0]])
         trace(models[c[0]], ids, c[1], c[2])
+    last_way = None
     for r in range(args.repeats):
         for c in cases if r % 2 == 0 else cases[::-1]:
-            client.run(_direct, direct[c[0]])
+            client.run(_ways, direct[c[0]], pin[c[0]])
+            if args.compare_pin:  # the pools hold segments of this way's kind, filled
+                if c[0] != last_way:
+                    _settle(shared, args.model)
+                    trace(models[c[0]], ids, args.save, False)
+                last_way = c[0]
+                _settle(shared, args.model)
             t = time.perf_counter()
             n = trace(models[c[0]], ids, c[1], c[2])
             times[c].append(time.perf_counter() - t)
@@ -124,6 +160,9 @@ def main() -> None:
               f"{_rate(nbytes, big - base):>7s}{touched * 1e3:7.1f} ms"
               f"{_rate(nbytes, touched - base):>7s}")
     print(f"plain copy in this process: {nbytes / statistics.median(copies) / 1e9:.2f} GB/s")
+    if args.compare_pin:
+        for k, counts in enumerate(_settle(shared, args.model)):
+            print(f"stage {k} registered segments: {counts or 'none (not a GPU stage)'}")
     for lab in {id(lab): lab for lab in labs.values()}.values():
         lab.close()
     client.close()

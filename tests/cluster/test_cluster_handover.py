@@ -197,6 +197,38 @@ def test_segments_made_ahead_of_time_take_the_next_request_of_the_same_sizes():
     assert not _segments({os.getpid()}, pool=True) and not _segments({os.getpid()})
 
 
+def test_sizes_asked_for_while_the_pool_fills_are_made_after(monkeypatch):
+    """A request handed over while the pool was still filling (or registering) finds its
+    sizes ready next time: the fill running makes them after its own."""
+    import threading
+
+    gate = threading.Event()
+    new_segment = handover._new_segment
+
+    def slow(nbytes, **kwargs):
+        gate.wait(10)
+        return new_segment(nbytes, **kwargs)
+
+    monkeypatch.setattr(handover, "_new_segment", slow)
+    segments = handover.Segments()
+    segments._pool.refill([2 << 20])
+    segments._pool.refill([3 << 20, 4 << 20])  # while the first fill waits
+    gate.set()
+    deadline = time.monotonic() + 10
+    while segments.pooled() < (9 << 20) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert segments.pooled() == 9 << 20
+    for nbytes in (2 << 20, 3 << 20, 4 << 20):
+        path, flat, registered = segments._pool.take(nbytes)
+        assert flat.numel() == nbytes and not registered
+        os.unlink(path)
+    del segments
+    import gc
+
+    gc.collect()
+    assert not _segments({os.getpid()}, pool=True)
+
+
 def test_pooled_segments_of_a_killed_worker_are_swept():
     import subprocess
     import sys

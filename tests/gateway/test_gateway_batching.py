@@ -105,3 +105,25 @@ def test_a_bad_plan_in_a_batch_fails_only_itself(engine_backend, cost_model, tmp
     assert rs[0].status_code == 200 and rs[2].status_code == 200
     assert rs[1].status_code in (400, 422), rs[1].text
     assert gw.ledger.charges("intervene-user") == []
+
+
+def test_the_batch_budget_bounds_what_shares_a_pass(engine_backend, cost_model, tmp_path,
+                                                    lab_model):
+    """``max_batch_cells`` (rows x the longest row) and ``min_batch_fill`` are the same
+    :class:`~tpmlab.ir.merge.MergeBudget` the in-process pass queue applies: a budget no pair
+    fits in keeps every request alone, however long the window."""
+    traces = _traces(lab_model)[:4]
+    gw = make_gateway(engine_backend, f"sqlite:///{tmp_path / 'b.db'}", cost_model,
+                      batch_window=0.5, max_concurrent_per_user=16, max_batch_cells=1)
+    s = serve(gw)
+    try:
+        def send(i):
+            with s.client("intervene") as c:
+                return c.post(f"/v1/models/{MODEL}/run", content=traces[i][0])
+
+        with cf.ThreadPoolExecutor(len(traces)) as pool:
+            rs = list(pool.map(send, range(len(traces))))
+    finally:
+        s.server.stop()
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+    assert [int(r.headers["x-tpmlab-batch-size"]) for r in rs] == [1] * len(rs)

@@ -27,3 +27,16 @@ def test_without_flags_the_config_keeps_its_defaults():
     assert config.max_read_values == default.max_read_values
     assert not config.learn_costs  # a pinned cost model is not learned
     assert config_from_args(build_parser().parse_args(["gateway"])).learn_costs
+
+
+def test_batch_budget_flags_reach_the_config():
+    args = build_parser().parse_args(["gateway", "--max-batch-requests", "4",
+                                      "--max-batch-rows", "9", "--max-batch-cells", "4096",
+                                      "--min-batch-fill", "0.6"])
+    config = config_from_args(args)
+    assert (config.max_batch_requests, config.max_batch_rows, config.max_batch_cells,
+            config.min_batch_fill) == (4, 9, 4096, 0.6)
+    default, plain = GatewayConfig(), config_from_args(build_parser().parse_args(["gateway"]))
+    assert (plain.max_batch_requests, plain.max_batch_rows, plain.max_batch_cells,
+            plain.min_batch_fill) == (default.max_batch_requests, default.max_batch_rows,
+                                      default.max_batch_cells, default.min_batch_fill)

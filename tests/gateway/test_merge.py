@@ -95,3 +95,19 @@ def test_a_merged_pass_stops_early_only_if_every_plan_stops():
     from tpmlab.ir.codec import decode_plan
 
     assert decode_plan(encode_plan(stop)).stop and not decode_plan(encode_plan(full)).stop
+
+
+def test_merge_budget_bounds_requests_rows_cells_and_fill():
+    from tpmlab.ir.merge import MergeBudget
+
+    group = MergeBudget(max_requests=3, max_rows=4, max_cells=40, min_fill=0.6).group([10])
+    assert group.add([8])  # 2 rows x 10 = 20 cells, 18 real
+    assert not group.add([2, 2])  # 4 rows x 10 = 40 cells, 22 real: fill 0.55 < 0.6 ...
+    assert (group.requests, group.rows, group.real) == (2, 2, 18)  # ... refused left it as is
+    assert group.add([10])  # 3 requests, 3 rows, 30 cells
+    assert not group.add([1])  # a 4th request
+    tall = MergeBudget(max_rows=2, max_cells=None, min_fill=0.0).group([5])
+    assert tall.add([500]) and not tall.add([1])  # rows, and no cell bound
+    sparse = MergeBudget(max_cells=None, min_fill=0.75).group([100])
+    assert not sparse.add([1])  # 101 real tokens of 200 cells
+    assert sparse.add([90])

@@ -66,7 +66,7 @@ from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
 from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
-from . import cuda_ipc
+from . import cuda_ipc, pinned_segments
 from .backward import stage_backward
 from .handover import Segments, Token
 from .partition import StageSpan
@@ -191,10 +191,12 @@ class StageActor:
         self.slots: dict[str, _Slot] = {}
         self.ended: dict[str, float] = {}  # aborted request ids -> when to forget them
         self.kept: dict[str, dict[int, Any]] = {}  # stage 0: a session trace's kept values
-        self.segments = Segments()  # saves handed over in shared memory, until taken
         self.plans = PlanCache()  # decoded, validated plans by their bytes: a repeat skips both
         self._meta: dict[str, torch.nn.Module] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
+        # saves handed over in shared memory, until taken; on a GPU, copied from the device
+        # into segments registered with CUDA (unregistered after the stage's thread's work)
+        self.segments = Segments(pinned_segments.for_device(self.device, self._pool.submit))
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
         self.passes = 0  # forward passes (steps) this stage ran its layers for
         self._tok: Any = None  # the tokenizer, once a request needs it
@@ -270,7 +272,9 @@ class StageActor:
         cost (:class:`~tpmlab.runtime.load_meter.LoadMeter`: ``load_seconds``, ``read_bytes``,
         ``disk_read_bytes``, ``rss_before``, ``resident_growth``, ``load_host_peak``,
         ``load_cuda_peak``); ``ipc_held``: device buffers handed to a neighbour and not yet
-        acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``passes``: forward steps this stage ran its layers for (a
+        acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``handover``:
+        what the segments registered with CUDA did (:meth:`~.handover.Segments.counts`;
+        empty on a stage without); ``passes``: forward steps this stage ran its layers for (a
         pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
@@ -279,6 +283,7 @@ class StageActor:
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
                "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
                "ipc_held": self.ipc_next.held() + self.ipc_prev.held(), "ipc": await self.ipc(),
+               "handover": self.segments.counts(),
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
@@ -354,9 +359,10 @@ class StageActor:
                      generate: bool, limits: Limits, *, req: str = "",
                      handover: Token | None = None, deadline: float = 0.0,
                      owner: str | None = None) -> _Request:
-        # on a CPU stage, large saves are copied straight into shared memory the client maps
+        # large saves are copied straight into shared memory the client maps: on a GPU stage,
+        # into segments registered with CUDA, where one is ready
         alloc = self.segments.allocator(req, handover, deadline) \
-            if self.device.type == "cpu" else None
+            if self.device.type == "cpu" or self.segments.pinning is not None else None
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
                             owned=self.owned, limits=limits, frozen=self.frozen,

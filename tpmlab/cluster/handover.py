@@ -10,15 +10,21 @@ as numpy frames (:mod:`.wire`).
 
 The save's own copy is the hand-over: a CPU stage's runner copies each large saved value
 straight into a new segment (:meth:`Segments.allocator`), so nothing is copied again on
-the way to the notebook. A value that did not start in a segment of its own (a GPU
-stage's pinned copy, a part of a larger value) is written into one when the reply is
-packed, one copy.
+the way to the notebook. A GPU stage's runner copies it from the device, without blocking
+the stream, straight into a segment of the pool that is registered with CUDA (page-locked,
+:mod:`.pinned_segments`), where one of its size is ready; the reply waits for the stream as
+before, so a segment is handed over only once its copy is done. A value that did not start
+in a segment of its own (a GPU stage's pinned copy, made where no registered segment was
+ready or registration is off; a part of a larger value) is written into one when the reply
+is packed, one more copy.
 
 New memory is what costs here (a copy into pages never touched runs at ≈ 1 GB/s on a VM,
 into pages already mapped at ≈ 10): each stage keeps a small pool of segments made ahead
 of time, off the request's path, with their pages allocated and mapped (:class:`_Pool`),
 of the sizes its last request handed over. A save of such a size takes one and is copied
-into it at memory speed; the pool is refilled in the background after each hand-over.
+into it at memory speed; the pool is refilled in the background after each hand-over. On a
+GPU stage that background thread also registers each segment with CUDA, so a request never
+waits for a registration.
 
 Every segment is freed on every path:
 
@@ -30,6 +36,9 @@ Every segment is freed on every path:
   of the stage's event loop, and whatever is left (its pool too) when its worker exits;
 * the worker was killed before its exit handlers ran: the next stage made on the host
   unlinks the pooled segments of processes that are gone (:func:`sweep_dead`).
+
+A registered segment is unregistered exactly once on each of these paths, by the stage,
+before the stage's own mapping of it goes (:class:`~.pinned_segments.Pinning`).
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
+from . import pinned_segments
+from .pinned_segments import Pinning
 from .wire import _Typed, _Viewed
 
 SHM = Path("/dev/shm")
@@ -107,14 +118,24 @@ def same_host(token: Token | None) -> bool:
 
 
 class Segments:
-    """The segments one stage handed over, by request, until the notebook took them."""
+    """The segments one stage handed over, by request, until the notebook took them.
 
-    def __init__(self) -> None:
+    ``pinning``: a GPU stage's registration of segments with CUDA
+    (:mod:`.pinned_segments`): its pool registers the segments it makes, and its runner
+    copies saves from the device into them (:meth:`allocator`)."""
+
+    def __init__(self, pinning: Pinning | None = None) -> None:
         self._by_request: dict[str, list[str]] = {}
-        # segments a runner allocated and filled, by request: {address: (path, nbytes)}
-        self._allocated: dict[str, dict[int, tuple[str, int]]] = {}
+        # segments a runner allocated and filled, by request: {address: (path, nbytes,
+        # registered)}
+        self._allocated: dict[str, dict[int, tuple[str, int, bool]]] = {}
+        # registered segments each request took, until released (unregistered)
+        self._pinned: dict[str, list[torch.Tensor]] = {}
         self._lock = threading.Lock()  # the stage's thread allocates, its event loop packs
-        self._pool = _Pool()
+        self.pinning = pinning
+        self._pool = _Pool(pinning)
+        # saves handed over in registered segments; saves that found none ready (a pinned copy)
+        self._counts = {"pinned": 0, "unpinned": 0}
         weakref.finalize(self, _unlink_all, self._by_request)  # also runs at exit
         sweep_dead()
 
@@ -127,8 +148,16 @@ class Segments:
         without copying it again. Call it on the event loop; ``alloc`` runs on any thread.
         Each segment is this request's from the moment it exists: freed by :meth:`free`, at
         the request's deadline (monotonic seconds; at least :data:`MIN_TTL` from the first
-        segment) if the notebook has not taken it, or at exit."""
+        segment) if the notebook has not taken it, or at exit.
+
+        On a stage with a :attr:`pinning` (a GPU stage), ``alloc`` gives only a segment made
+        ahead of time and registered with CUDA, which the device copies into (``None`` when
+        none of the size is ready: the runner makes a pinned copy, as without registration);
+        each is unregistered when the request's reply is packed or the request is freed."""
         if not same_host(token) or not DIRECT:
+            return None
+        pinned = self.pinning is not None
+        if pinned and not pinned_segments.ACTIVE:
             return None
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -139,14 +168,24 @@ class Segments:
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes < THRESHOLD:
                 return None
-            try:
-                path, flat = self._pool.take(nbytes) or _new_segment(nbytes)
-            except OSError:  # /dev/shm full or gone: an ordinary copy, handed over inline
-                return None
+            if pinned:  # never registered here: only what the pool registered ahead of time
+                taken = self._pool.take(nbytes, pinned=True)
+                if taken is None:
+                    with self._lock:
+                        self._counts["unpinned"] += 1
+                    return None
+            else:
+                try:
+                    taken = self._pool.take(nbytes) or (*_new_segment(nbytes), False)
+                except OSError:  # /dev/shm full or gone: an ordinary copy, handed over inline
+                    return None
+            path, flat, registered = taken
             with self._lock:
                 first = req not in self._by_request
                 self._by_request.setdefault(req, []).append(path)
-                self._allocated.setdefault(req, {})[flat.data_ptr()] = (path, nbytes)
+                self._allocated.setdefault(req, {})[flat.data_ptr()] = (path, nbytes, registered)
+                if registered:
+                    self._pinned.setdefault(req, []).append(flat)
             if first and loop is not None:
                 ttl = max(deadline - time.monotonic(), MIN_TTL)
                 loop.call_soon_threadsafe(loop.call_later, ttl, self.free, req)
@@ -161,22 +200,36 @@ class Segments:
         notebook has not taken them."""
         with self._lock:
             allocated = self._allocated.pop(req, {})
+            pinned = self._pinned.pop(req, [])
+        try:
+            return self._pack(values, req, token, deadline, allocated, pinned)
+        finally:  # the device's copies are done (the reply waited for them): unregister
+            if pinned:
+                self.pinning.release(pinned)
+
+    def _pack(self, values: Any, req: str, token: Token | None, deadline: float,
+              allocated: dict[int, tuple[str, int, bool]], pinned: list[torch.Tensor]) -> Any:
         if not same_host(token):
             return values
         made: list[str] = []
         used: set[str] = set()
-        sizes = [n for _, n in allocated.values()]  # what this request took: made again
+        sizes = [n for _, n, _ in allocated.values()]  # what this request took: made again
 
         def place(array: np.ndarray) -> Any:
             owned = allocated.get(array.__array_interface__["data"][0])
             if owned is not None and owned[1] == array.nbytes and array.flags.c_contiguous \
                     and owned[0] not in used:
                 used.add(owned[0])
+                if owned[2]:
+                    with self._lock:
+                        self._counts["pinned"] += 1
                 return Shared(owned[0], array.dtype.str, tuple(array.shape))  # already there
             pooled = self._pool.take(array.nbytes) if DIRECT and array.nbytes >= THRESHOLD \
                 and not array.dtype.hasobject else None
             if pooled is not None:  # a copy into pages already mapped
                 made.append(pooled[0])
+                if pooled[2]:  # registered: unregistered with the request's others
+                    pinned.append(pooled[1])
                 sizes.append(array.nbytes)
                 pooled[1].numpy()[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
                 return Shared(pooled[0], array.dtype.str, tuple(array.shape))
@@ -194,7 +247,7 @@ class Segments:
         except BaseException:
             _unlink(made)
             raise
-        unused = [path for path, _ in allocated.values() if path not in used]
+        unused = [path for path, _, _ in allocated.values() if path not in used]
         if unused:  # filled, but not handed over as a whole: no one will map them
             self.free(req, unused)
         if made:
@@ -210,17 +263,22 @@ class Segments:
 
     def free(self, req: str, only: list[str] | None = None) -> None:
         """Unlink what was handed over for ``req`` (``only`` those) and the notebook did not
-        take."""
+        take; without ``only`` (the request failed, was aborted or passed its deadline), also
+        unregister the registered segments it took (after the device's copies into them)."""
+        pinned: list[torch.Tensor] = []
         with self._lock:
             paths = self._by_request.pop(req, [])
             if only is None:
                 self._allocated.pop(req, None)
+                pinned = self._pinned.pop(req, [])
             else:
                 keep = [p for p in paths if p not in only]
                 if keep:
                     self._by_request[req] = keep
                 paths = [p for p in paths if p in only]
         _unlink(paths)
+        if pinned:
+            self.pinning.release(pinned)
 
     def pooled(self) -> int:
         """Bytes of segments made ahead of time and ready to take."""
@@ -229,6 +287,17 @@ class Segments:
     def held(self) -> int:
         """Segments handed over and not yet freed here (the notebook may have taken them)."""
         return sum(os.path.exists(p) for ps in self._by_request.values() for p in ps)
+
+    def counts(self) -> dict[str, int]:
+        """What the registered segments did (:mod:`.pinned_segments`): saves handed over in
+        one (``pinned``), saves that found none ready (``unpinned``: a pinned copy), and the
+        registrations (:meth:`~.pinned_segments.Pinning.counts`: ``held`` counts those in the
+        pool, ``pooled``, and those requests hold); empty on a stage without."""
+        if self.pinning is None:
+            return {}
+        with self._lock:
+            counts = dict(self._counts)
+        return {**counts, **self.pinning.counts(), "pooled": self._pool.registered()}
 
 
 def unpack(values: Any) -> Any:
@@ -358,64 +427,101 @@ class _Pool:
 
     :meth:`take` hands one over (it is the caller's from then on); :meth:`refill` makes
     segments of the given sizes on a background thread, up to :data:`POOL_BYTES` in all and
-    :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit."""
+    :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit.
 
-    def __init__(self) -> None:
-        self._free: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    With a ``pinning`` (a GPU stage), that thread also registers each segment with CUDA
+    (:mod:`.pinned_segments`); a segment that fails to register stays, unregistered, for
+    copies made on the host. The pinning holds each registered mapping until it is
+    unregistered (at the latest when the pinning goes)."""
+
+    def __init__(self, pinning: Pinning | None = None) -> None:
+        # by size: (path, flat uint8 tensor over its mapping, registered)
+        self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
         self._filling = False
+        self._wanted: list[int] = []  # sizes asked for while a fill ran
+        self._pinning = pinning
         weakref.finalize(self, _unlink_pooled, self._free)
 
     def ready_bytes(self) -> int:
         with self._lock:
             return self._bytes
 
-    def take(self, nbytes: int) -> tuple[str, torch.Tensor] | None:
+    def registered(self) -> int:
+        """Segments ready here that are registered with CUDA."""
         with self._lock:
-            ready = self._free.get(nbytes)
-            if not ready:
+            return sum(r for ready in self._free.values() for _, _, r in ready)
+
+    def take(self, nbytes: int, pinned: bool | None = None,
+             ) -> tuple[str, torch.Tensor, bool] | None:
+        """A segment of ``nbytes``: ``(path, flat, registered)``, or ``None``; ``pinned``:
+        only a registered one (``True``), only another (``False``), or either (``None``)."""
+        with self._lock:
+            ready = self._free.get(nbytes, [])
+            at = next((i for i in range(len(ready) - 1, -1, -1)
+                       if pinned is None or ready[i][2] == pinned), None)
+            if at is None:
                 return None
             self._bytes -= nbytes
-            pooled, flat = ready.pop()
+            pooled, flat, registered = ready.pop(at)
         path, fd = _create()  # a fresh name, as any segment's: the pool's name is gone
         os.close(fd)
         try:
             os.replace(pooled, path)
         except OSError:  # swept away meanwhile: a fresh segment instead
             _unlink([pooled, path])
+            if registered:
+                self._pinning.release([flat])
             return None
-        return path, flat
+        return path, flat, registered
 
     def refill(self, sizes: list[int]) -> None:
+        """Make segments of ``sizes`` in the background; while a fill runs, the latest
+        sizes asked for are made after it (a request that came while the pool was filling,
+        or registering, still finds its segments ready next time)."""
         if not sizes or POOL_BYTES <= 0 or not DIRECT:
             return
         with self._lock:
+            self._wanted = list(sizes)
             if self._filling:
                 return
             self._filling = True
-        threading.Thread(target=self._fill, args=(sizes,), daemon=True,
-                         name="tpmlab-handover-pool").start()
+        threading.Thread(target=self._fill, daemon=True, name="tpmlab-handover-pool").start()
 
-    def _fill(self, sizes: list[int]) -> None:
+    def _fill(self) -> None:
+        done = False
         try:
-            st = os.statvfs(SHM)
-            budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
-            for nbytes in sizes:
+            while True:
                 with self._lock:
-                    if self._bytes + nbytes > budget:
+                    sizes, self._wanted = self._wanted, []
+                    if not sizes:  # nothing asked for meanwhile: the next refill starts anew
+                        self._filling = False
+                        done = True
                         return
-                path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
-                with self._lock:
-                    self._free.setdefault(nbytes, []).append((path, flat))
-                    self._bytes += nbytes
+                st = os.statvfs(SHM)
+                budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
+                for nbytes in sizes:
+                    with self._lock:
+                        if self._bytes + nbytes > budget:
+                            break
+                    path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
+                    # registering locks the pages: here, off any request's path
+                    registered = self._pinning is not None and pinned_segments.ACTIVE \
+                        and self._pinning.register(flat)
+                    with self._lock:
+                        self._free.setdefault(nbytes, []).append((path, flat, registered))
+                        self._bytes += nbytes
         except OSError:  # /dev/shm full: no pool, segments are made when needed
             pass
         finally:
-            with self._lock:
-                self._filling = False
+            if not done:
+                with self._lock:
+                    self._filling = False
+                    self._wanted = []
 
 
-def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
-    _unlink([path for ready in free.values() for path, _ in ready])
+def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]]) -> None:
+    # a registered segment's mapping is held by its pinning until unregistered
+    _unlink([path for ready in free.values() for path, _, _ in ready])
     free.clear()

@@ -56,6 +56,15 @@ def register(subparsers: Any) -> None:
                    help="service units JupyterHub users get on first sight")
     p.add_argument("--batch-window-ms", type=float, default=10.0)
     p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--max-batch-requests", type=int, default=32,
+                   help="requests merged into one forward pass, at most (default 32)")
+    p.add_argument("--max-batch-rows", type=int, default=64,
+                   help="prompt rows of one merged pass, at most (default 64)")
+    p.add_argument("--max-batch-cells", type=int, default=None,
+                   help="rows x the longest row of one merged pass, at most (default: no bound)")
+    p.add_argument("--min-batch-fill", type=float, default=0.0,
+                   help="real tokens / (rows x the longest row) a merged pass keeps, at least "
+                        "(default 0: any padding)")
     p.add_argument("--max-concurrent", type=int, default=8, help="requests in flight per user")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
     p.add_argument("--cost-model", default=None, metavar="SECONDS,SECONDS_PER_TOKEN",
@@ -150,6 +159,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         costs = {m: CostModel(fixed, per_token) for m in models}
     return GatewayConfig(models=models, batching=not args.no_batching,
                          batch_window=args.batch_window_ms / 1000.0,
+                         max_batch_requests=args.max_batch_requests,
+                         max_batch_rows=args.max_batch_rows,
+                         max_batch_cells=args.max_batch_cells,
+                         min_batch_fill=args.min_batch_fill,
                          max_concurrent_per_user=args.max_concurrent,
                          request_timeout=args.timeout, cost_models=costs,
                          learn_costs=not (args.cost_model or args.no_cost_learning),

@@ -46,7 +46,7 @@ from ..errors import (
     WeightsChangedError,
 )
 from ..ir.codec import decode_plan, encode_plan, encode_result
-from ..ir.merge import can_merge, merge_key, merge_plans, split_values
+from ..ir.merge import MergeBudget, can_merge, merge_key, merge_plans, row_lengths, split_values
 from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
 from ..ir.session import encode_session_result
@@ -104,6 +104,10 @@ class GatewayConfig:
     batch_window: float = 0.010
     max_batch_requests: int = 32
     max_batch_rows: int = 64
+    # rows x the longest row of a merged pass, and real tokens / that: see MergeBudget.
+    # Unbounded by default: a GPU pass of many padded rows costs about what one row does.
+    max_batch_cells: int | None = None
+    min_batch_fill: float = 0.0
     max_concurrent_per_user: int = 8
     max_session_traces: int = 16  # traces in one session request (sessions.py)
     max_session_invokes: int = 256  # invokes over all the traces of one session
@@ -413,6 +417,11 @@ class Gateway:
         except asyncio.TimeoutError:
             return None
 
+    def _batch_budget(self) -> MergeBudget:
+        cfg = self.config
+        return MergeBudget(cfg.max_batch_requests, cfg.max_batch_rows, cfg.max_batch_cells,
+                           cfg.min_batch_fill)
+
     async def _worker(self, model: str) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
@@ -422,7 +431,8 @@ class Gateway:
                 continue
             batch = [first]
             if first.mergeable:
-                key, rows = merge_key(first.plan), plan_rows(first.plan)
+                key = merge_key(first.plan)
+                taken = self._batch_budget().group(row_lengths(first.plan))
                 skipped = []
                 deadline = first.created + cfg.batch_window
                 while len(batch) < cfg.max_batch_requests:
@@ -432,9 +442,8 @@ class Gateway:
                     if item.state != "queued":
                         continue
                     if (item.mergeable and merge_key(item.plan) == key
-                            and rows + plan_rows(item.plan) <= cfg.max_batch_rows):
+                            and taken.add(row_lengths(item.plan))):
                         batch.append(item)
-                        rows += plan_rows(item.plan)
                     else:
                         skipped.append(item)
                         if len(skipped) > 4 * cfg.max_batch_requests:

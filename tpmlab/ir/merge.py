@@ -18,6 +18,8 @@ Only ``"trace"`` plans merge (a generation decides its length per batch), all of
 same input kind (token ids or ``inputs_embeds``), and only plans whose every module
 point names its invoke: a point with ``invoke=None`` reads the whole batch, which
 would include other plans' rows. :func:`can_merge` says whether a plan qualifies.
+How far one pass may grow is a :class:`MergeBudget`, the one rule both the in-process
+pass queue (:mod:`tpmlab.runtime.shared_passes`) and the gateway's batches apply.
 
 Everything here is a pure function of its arguments.
 """
@@ -55,6 +57,50 @@ def can_merge(plan: Plan) -> bool:
         if node.op in (BACKWARD, GRAD):  # a backward runs alone: its gradients are its own
             return False
     return True
+
+
+@dataclass(frozen=True)
+class MergeBudget:
+    """How far one shared forward pass may grow: requests, rows, padded cells (rows x the
+    longest row: what bounds the pass's activation memory) and fill (real tokens / padded
+    cells: what bounds the padding computed for nothing). ``None`` / 0: no bound."""
+
+    max_requests: int = 32
+    max_rows: int = 64
+    max_cells: int | None = 16_384
+    min_fill: float = 0.75
+
+    def group(self, lengths: list[int]) -> MergeGroup:
+        """A pass that starts with one request whose rows have these lengths."""
+        return MergeGroup(self, lengths)
+
+
+class MergeGroup:
+    """The requests a pass has taken so far, against its :class:`MergeBudget`."""
+
+    def __init__(self, budget: MergeBudget, lengths: list[int]) -> None:
+        self.budget = budget
+        self.requests = 1
+        self.rows, self.longest, self.real = len(lengths), max(lengths, default=0), sum(lengths)
+
+    def add(self, lengths: list[int]) -> bool:
+        """Take a request with rows of these lengths if the budget allows (else nothing
+        changes): whether it was taken."""
+        b = self.budget
+        rows, longest = self.rows + len(lengths), max(self.longest, *lengths, 0)
+        real = self.real + sum(lengths)
+        if self.requests + 1 > b.max_requests or rows > b.max_rows \
+                or (b.max_cells is not None and rows * longest > b.max_cells) \
+                or real < b.min_fill * rows * longest:
+            return False
+        self.requests += 1
+        self.rows, self.longest, self.real = rows, longest, real
+        return True
+
+
+def row_lengths(plan: Plan) -> list[int]:
+    """The length of each row of ``plan``'s batch (its invokes' prompts, in order)."""
+    return [int(plan.tensors[t].shape[0]) for inv in plan.invokes for t in inv.tensors]
 
 
 def merge_key(plan: Plan) -> tuple[str, str, str]:

@@ -106,8 +106,9 @@ def _is_data(value: Any) -> bool:
     return all(v is None or isinstance(v, (torch.Tensor, *SCALARS)) for v in leaves(value))
 
 
-#: where a CPU stage puts a save's copy: an empty tensor of that shape and dtype, or
-#: ``None`` for ordinary memory (:meth:`tpmlab.cluster.handover.Segments.allocator`)
+#: where a stage puts a save's copy: an empty tensor of that shape and dtype, or ``None``
+#: for ordinary memory (a CPU stage) or a pinned copy (a GPU stage)
+#: (:meth:`tpmlab.cluster.handover.Segments.allocator`)
 HostAlloc = Callable[[tuple[int, ...], torch.dtype], "torch.Tensor | None"]
 
 
@@ -115,12 +116,16 @@ def host_copy(value: Any, pinned: bool, alloc: HostAlloc | None = None) -> Any:
     """A copy of a saved value that later writes cannot change.
 
     On a GPU the copy goes to pinned host memory without blocking the stream
-    (call :func:`torch.cuda.synchronize` before reading it); on the CPU it is a clone,
-    into memory from ``alloc`` where it gives some (shared memory the notebook maps).
+    (call :func:`torch.cuda.synchronize` before reading it): into memory from ``alloc``
+    where it gives some (a shared-memory segment registered with CUDA, which the notebook
+    maps), else a new pinned tensor. On the CPU it is a clone, into memory from ``alloc``
+    where it gives some (shared memory the notebook maps).
     """
     if isinstance(value, torch.Tensor):
         if value.device.type == "cuda":
-            out = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
+            out = alloc(tuple(value.shape), value.dtype) if alloc is not None else None
+            if out is None:
+                out = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
             out.copy_(value, non_blocking=pinned)
             return out
         out = alloc(tuple(value.shape), value.dtype) if alloc is not None else None
@@ -245,7 +250,7 @@ class PlanRunner:
         self.kept: dict[int, Any] = {}
         self.step = 0
         self.pinned = pinned and device.type == "cuda"
-        self.host_alloc = host_alloc  # where saves' copies go on a CPU stage (None: a clone)
+        self.host_alloc = host_alloc  # where saves' copies go (None: a clone, a pinned copy)
         self._fired: set[int] = set()
         self._suspended = 0
         self._ran: set[tuple[int, int]] = set()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelUndeployedError, TpmlabError
-from ..ir.merge import can_merge, merge_key, merge_plans, split_values
+from ..ir.merge import MergeBudget, can_merge, merge_key, merge_plans, row_lengths, split_values
 from ..ir.plan import Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
@@ -71,6 +71,10 @@ class BatchPolicy:
     # tensors, the same arithmetic per row).
     adaptive: bool = True
     probe_every: int = 16
+
+    @property
+    def budget(self) -> MergeBudget:
+        return MergeBudget(self.max_requests, self.max_rows, self.max_cells, self.min_fill)
 
 
 @dataclass(eq=False)
@@ -248,7 +252,7 @@ class PassQueue:
             return False
         item.plan, item.limits, item.blob = plan, limits, b""
         item.key = merge_key(plan) if can_merge(plan) else None
-        item.lengths = [int(plan.tensors[t].shape[0]) for inv in plan.invokes for t in inv.tensors]
+        item.lengths = row_lengths(plan)
         return True
 
     def _take(self) -> list[_Queued]:
@@ -257,19 +261,14 @@ class PassQueue:
         group = [first]
         if first.key is None or not self._merging_pays():
             return group
-        p = self.policy
-        rows, longest, real = len(first.lengths), max(first.lengths), sum(first.lengths)
+        budget = self.policy.budget
+        taken = budget.group(first.lengths)
         kept: deque[_Queued] = deque()
         for item in self._ready:
-            if item.key == first.key and len(group) < p.max_requests:
-                r = rows + len(item.lengths)
-                n = max(longest, *item.lengths)
-                t = real + sum(item.lengths)
-                if r <= p.max_rows and r * n <= p.max_cells and t >= p.min_fill * r * n:
-                    group.append(item)
-                    rows, longest, real = r, n, t
-                    continue
-            kept.append(item)
+            if item.key == first.key and taken.add(item.lengths):
+                group.append(item)
+            else:
+                kept.append(item)
         self._ready = kept
         return group
 
