@@ -307,7 +307,8 @@ class Backprop:
 
     def alive_bytes(self) -> int:
         """Bytes of what autograd kept for this request that are still in memory (0 once the
-        graph is gone: the proof that :meth:`release` freed it)."""
+        graph is gone: the proof that :meth:`release` freed it). Where the model ran without
+        the hooks, its tracked points' values stand for its saved tensors (:meth:`_witness`)."""
         return sum(n for ref, n, _ in self._kept if not ref.expired())
 
     def value(self, node: Node) -> torch.Tensor:
