@@ -349,6 +349,12 @@ def tpmlab_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, ne
 
     out["generate"] = timed(generate, max(2, repeats // 3), warmup=1)
     out["generated tokens"] = counts[-1]
+    if backend is not None and hasattr(backend, "phases"):
+        # each decode step's phases (medians over a request's steps, then over requests)
+        phases = median_phases(backend, generate, max(2, repeats // 3))
+        out["phases: generate step"] = {k: v for k, v in phases.items() if k.startswith("step ")}
+        print(f"phases of a generation's decode step (median ms): "
+              f"{out['phases: generate step']}", flush=True)
     if big is not None:
         out["big trace save all"] = timed(lambda: trace_saving(big), max(3, repeats // 2), warmup=1)
         out["big saved bytes"] = trace_saving(big)

@@ -9,10 +9,16 @@ Requests queued while a pass runs share the next forward pass
 (``--threads K``) pipeline across the stages, against one request at a time.
 ``--stage-threads T`` sets each stage's torch threads (default: the machine's cores, what
 one request at a time wants; ``cores / S`` gives each stage its own cores).
+With ``--device cuda`` the stages run on ``cluster_gpu.py``'s workers: one per GPU, each
+advertising ``GPU=1``, sharing the GPUs when there are fewer than stages (two workers on one
+GPU, hidden states through CUDA IPC); on the CPU, on the embedded cluster.
+``--dtype``: the weights' dtype (e.g. ``bfloat16``; default: the model's).
 
     python -m benchmarks.concurrency --threads 8
     python -m benchmarks.concurrency --model tiny-llama --shape 8x256 --stages 2 --threads 8
     python -m benchmarks.concurrency --device cuda --model llama-3-8b-shape --shape 1x128
+    python -m benchmarks.concurrency --device cuda --model llama-3-8b-shape --dtype bfloat16 \
+        --shape 1x128 --stages 2 --threads 8
 """
 
 from __future__ import annotations
@@ -36,21 +42,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", type=int, default=0, help="0: in process")
     parser.add_argument("--stage-threads", type=int, default=None)
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the model's)")
     args = parser.parse_args()
     import tpmlab
     from tpmlab.ir.codec import encode_plan
 
+    gpu = args.device.startswith("cuda")
+    dtype = {"dtype": args.dtype} if args.dtype else {}
+    cluster = client = None
+    t0 = time.perf_counter()
     if args.stages:
         from tpmlab.cluster import DaskBackend
         from tpmlab.lab import Lab
 
-        lab = Lab(DaskBackend(n_workers=args.stages, threads=args.stage_threads))
-        model = lab.model(args.model, stages=args.stages)
-        where = f"{args.stages} stages ({args.stage_threads or 'all'} torch threads each)"
+        if gpu:
+            # the embedded cluster given a worker count starts plain CPU workers: the stages
+            # would land there (an 8B model in float32 on the CPU, minutes before a line)
+            from distributed import Client
+
+            from benchmarks.cluster_gpu import start_gpu_cluster
+
+            cluster = start_gpu_cluster(args.stages)
+            client = Client(cluster)
+            lab = Lab(DaskBackend(client=client, timeout=600))
+        else:
+            lab = Lab(DaskBackend(n_workers=args.stages, threads=args.stage_threads))
+        model = lab.model(args.model, stages=args.stages, **dtype)
+        devices = model.info.extra.get("stage_devices")
+        where = (f"{args.stages} stages on {devices}" if gpu else
+                 f"{args.stages} stages ({args.stage_threads or 'all'} torch threads each)")
     else:
-        lab = tpmlab.connect("local", device=args.device)
+        lab = tpmlab.connect("local", device=args.device,
+                             **({"dtype": getattr(torch, args.dtype)} if args.dtype else {}))
         model = lab.model(args.model)
         where = "in process"
+    print(f"{args.model} deployed {where} in {time.perf_counter() - t0:.1f} s", flush=True)
     rows, pos = (int(x) for x in args.shape.split("x"))
     gen = torch.Generator().manual_seed(0)
     blobs = []
@@ -66,7 +92,7 @@ def main() -> None:
         return backend.run_values(args.model, blobs[i])
 
     def sync() -> None:
-        if torch.cuda.is_available():
+        if gpu and not args.stages:  # stages answer once their work is done
             torch.cuda.synchronize()
 
     def throughput(threads: int) -> float:
@@ -98,6 +124,9 @@ def main() -> None:
     if passes:
         print(f"{args.threads} threads: {requests / passes:.1f} requests per forward pass")
     lab.close()
+    if client is not None:
+        client.close()
+        cluster.close()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ temperature/top-k/top-p and a seed, repetition penalty, end-of-sequence and stop
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tpmlab.errors import SchemaError
+from tpmlab.ir.plan import GenerateOptions
+from tpmlab.runtime.decoding import Decoding, next_step_inputs, next_tokens
 
 from ..decoding_cases import CASES, check_decoding
 from .helpers import hf_model
@@ -41,3 +44,37 @@ def test_bad_decoding_options_are_refused(local_lab, options, message):
     with pytest.raises(SchemaError, match=message):
         with model.generate("Hello", max_new_tokens=2, **options):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_tokens_skip_the_float32_copy_with_the_same_result(dtype):
+    """Greedy decoding without a repetition penalty takes the argmax of the logits as they
+    are: float32 holds these dtypes exactly, so it is the float32 copy's argmax, ties (the
+    first index) and all."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=g).to(dtype)
+    logits[1, 7] = logits[1, 200] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2] = 0.0  # all equal
+    got = next_tokens(GenerateOptions(max_new_tokens=1), None, logits, 3)
+    want = logits.to(torch.float32, copy=True).argmax(-1)
+    assert torch.equal(got, want) and got[1] == 7 and got[2] == 0
+
+
+def test_float64_logits_still_become_float32_scores():
+    """float64 logits are rounded to float32 scores as before (two values may round to one,
+    and the first index of the float32 maximum is the token)."""
+    logits = torch.tensor([[1.0, 1.0 + 1e-12, 0.5]], dtype=torch.float64)
+    assert next_tokens(GenerateOptions(max_new_tokens=1), None, logits, 0).tolist() == [0]
+
+
+def test_next_step_inputs_extend_mask_and_positions_by_one():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    positions = torch.tensor([[0, 0, 1], [0, 1, 2]])
+    m, p = next_step_inputs(mask, positions)
+    assert m.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and m.dtype == mask.dtype
+    assert p.tolist() == [[2], [3]]
+    decoding = Decoding(GenerateOptions(max_new_tokens=3), torch.ones(2, 3, dtype=torch.long),
+                        mask, positions, eos=[], pad_id=0)
+    decoding.advance(torch.tensor([5, 6]))
+    feed = next(iter(decoding))
+    assert torch.equal(feed.attention_mask, m) and torch.equal(feed.position_ids, p)

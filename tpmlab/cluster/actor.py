@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import os
 import resource
+import statistics
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +60,7 @@ from ..ir.validate import Limits
 from ..runtime import request
 from ..runtime.backward import forget_frames, held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
-from ..runtime.decoding import Decoding, eos_ids, needs_history, next_tokens
+from ..runtime.decoding import Decoding, eos_ids, needs_history, next_step_inputs, next_tokens
 from ..runtime.footprints import Footprints
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
@@ -84,6 +85,12 @@ class _Request:
     layout: BatchLayout
     generate: bool
     cache: Any = None
+    # while generating: the last step's attention mask and position ids on the stage's device
+    # (a decode step's message carries neither: :meth:`StageActor._step_inputs`), and on the
+    # last stage the sequences so far where choosing a token reads them
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     # parts of this step's phases measured inside them (seconds), added to its timings:
     # the hidden state's copy to host, the backward's parts (:func:`.backward.stage_backward`)
@@ -387,8 +394,7 @@ class StageActor:
         runner.env.update(from_wire(msg["carry"], self.device))
         # the request's saves so far, over all stages, include this stage's earlier steps
         runner.saved_elsewhere = msg.get("saved", 0) - runner.saved_bytes
-        mask = msg["attention_mask"].to(self.device)
-        pos = msg["position_ids"].to(self.device)
+        mask, pos = self._step_inputs(st, msg)
         grads = runner.gradients  # None: forward only, under inference_mode as ever
         stopped = runner.stops_before(step)
         self.weights.ready()
@@ -430,8 +436,13 @@ class StageActor:
         if self.span.is_last:
             reply: dict[str, Any] = {"saved": saved}
             if st.generate:
-                reply["tokens"] = next_tokens(st.plan.generate, msg.get("ids"),
-                                              out.logits[:, -1, :], step).cpu()
+                # a list of ints: the driver rebuilds the tensor; cheaper to send than a tensor.
+                # On a GPU, reading them waits for the stage's queued work: "tokens" is that wait
+                # and the choice, a part of "forward" (the rest: queueing the layers)
+                start = time.perf_counter()
+                reply["tokens"] = next_tokens(st.plan.generate, self._history(st, msg),
+                                              out.logits[:, -1, :], step).tolist()
+                st.times["tokens"] = time.perf_counter() - start
             return reply
         last_event = self.owned.stop - 1
         start = time.perf_counter()  # on a GPU: waits for the stage's forward, then copies
@@ -439,6 +450,34 @@ class StageActor:
         st.times["forward out"] = time.perf_counter() - start
         return {**_passed_on(msg), "hidden": hidden_out,
                 "carry": to_wire(runner.carry_out(last_event)), "saved": saved}
+
+    def _step_inputs(self, st: _Request, msg: dict[str, Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's attention mask and position ids on this stage's device: the message's
+        (a request's first step), else (a decode step) the last step's extended by one
+        position (:func:`~tpmlab.runtime.decoding.next_step_inputs`, the driver's rule), so
+        they do not travel with every token."""
+        if "attention_mask" in msg:
+            mask = msg["attention_mask"].to(self.device)
+            pos = msg["position_ids"].to(self.device)
+        elif st.mask is None:
+            raise ExecutionError(f"stage {self.span.index}: step {msg['step']} came without "
+                                 "its attention mask and no earlier step left one")
+        else:
+            mask, pos = next_step_inputs(st.mask, st.positions)
+        if st.generate:
+            st.mask, st.positions = mask, pos
+        return mask, pos
+
+    def _history(self, st: _Request, msg: dict[str, Any]) -> torch.Tensor | None:
+        """The last stage: the sequences so far ``[rows, length]`` where choosing a token
+        reads them (:func:`~tpmlab.runtime.decoding.needs_history`), kept here: a step's
+        message carries the whole prompt at step 0, then only the tokens the driver
+        appended since."""
+        new = msg.get("ids")
+        if new is not None:
+            st.ids = new if st.ids is None or msg["step"] == 0 else torch.cat([st.ids, new], -1)
+        return st.ids
 
     def _received(self, value: Any, req: str) -> Any:
         """A value from a neighbour on this stage's device (the copy out of a device buffer
@@ -553,6 +592,12 @@ class StageActor:
                 except BaseException as e:  # noqa: BLE001 - raised by the awaiting coroutine
                     sent.set_exception(e)
 
+            # a trace's last step and a backward have work left in the stage's thread after the
+            # hidden state is on its way (saves, the backward): the thread sends it; a decode
+            # step has none, and is sent from here once the thread is done (one wake-up of the
+            # event loop per step instead of two)
+            send_early = bool(msg.get("final")) or st.runner.gradients is not None
+
             def work() -> tuple[dict[str, Any], Any, float, float, Any]:
                 # one hop to the stage's thread: the layers, then (once the hidden state is on
                 # its way to the next stage) this stage's saves; on the last stage of a
@@ -563,7 +608,8 @@ class StageActor:
                     t_fwd = time.perf_counter() - t
                     if sent is not None:
                         out["timeout"] = deadline - time.monotonic()
-                        loop.call_soon_threadsafe(send, out, context=context)
+                        if send_early:
+                            loop.call_soon_threadsafe(send, out, context=context)
                     backward = st.runner.gradients is not None and msg.get("final")
                     if backward and sent is None:
                         self.ipc_in.settle(req)  # the hidden state's copy is done
@@ -577,6 +623,8 @@ class StageActor:
 
             out, output, t_fwd, t_saves, done = await self._compute(work)
             t2 = time.perf_counter()
+            if sent is not None and not send_early:
+                send(out)
             t_back, back = 0.0, None
             if done is not None:  # the last stage ran its backward in the same hop
                 back, t_back = done
@@ -772,7 +820,7 @@ class StageActor:
             for t in timings[:1]:
                 t.pop("arrived"), t.pop("left")
         else:
-            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            generated, output, per_step = await self._generate(plan, base, kwargs, layout, left)
             if generated is not None:
                 values[request.GENERATED] = generated
             timings = []
@@ -786,6 +834,8 @@ class StageActor:
                   "batch+state": t_batch - t_validate}
         for k, t in enumerate(timings):
             phases.update({f"stage{k} {name}": v for name, v in t.items()})
+        if generate:
+            phases.update({f"step {name}": v for name, v in per_step.items()})
         return {"values": to_wire(values), "saves": output["saves"], "meta": meta,
                 "phases": {k: round(v * 1e3, 3) for k, v in phases.items()}}
 
@@ -850,7 +900,7 @@ class StageActor:
                                      "inputs_embeds": kwargs.get("inputs_embeds")})
             output = reply["output"]
         else:
-            generated, output = await self._generate(plan, base, kwargs, layout, left)
+            generated, output, _ = await self._generate(plan, base, kwargs, layout, left)
             if generated is not None:
                 values[request.GENERATED] = generated
         meta = request.result_meta(plan, model=self.spec["model"], info=self.info, started=start,
@@ -871,13 +921,14 @@ class StageActor:
 
     async def _generate(self, plan: Plan, base: dict[str, Any], kwargs: dict[str, Any],
                         layout: BatchLayout, left: Any
-                        ) -> tuple[list[torch.Tensor] | None, StageOutput]:
+                        ) -> tuple[list[torch.Tensor] | None, StageOutput, dict[str, float]]:
         """The decoding loop (:class:`~tpmlab.runtime.decoding.Decoding`) over the pipeline:
         each step goes down the chain, each stage's KV cache stays on its worker, and the
         last stage picks the next tokens from its logits. Each row's tokens (``None`` where
         the plan's ``tracer.stop()`` ended the generation: the step it was reached in came
         back without tokens, later stages did no work in it and no later step ran) and
-        stage 0's output."""
+        stage 0's output, and the median of each phase over the decode steps (seconds:
+        :func:`_step_timings`)."""
         opts = plan.generate
         eos = eos_ids(opts, self.stage.model.generation_config)
         decoding = Decoding(opts, kwargs.get("input_ids"), kwargs["attention_mask"],
@@ -885,23 +936,34 @@ class StageActor:
                             tokenizer=self._tokenizer() if opts.stop else None)
         history = needs_history(opts)  # the last stage reads the sequences so far
         saved = 0
+        steps: list[dict[str, float]] = []  # each decode step's timings (seconds)
         for feed in decoding:
-            msg = {**base, "step": feed.step, "final": False, "timeout": left(), "saved": saved,
-                   "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
-                   "input_ids": feed.input_ids,
-                   "inputs_embeds": kwargs.get("inputs_embeds") if feed.step == 0 else None}
-            if history:
-                msg["ids"] = decoding.ids
+            t0 = time.perf_counter()
+            if feed.step == 0:
+                msg = {**base, "step": 0, "final": False, "timeout": left(), "saved": saved,
+                       "attention_mask": feed.attention_mask, "position_ids": feed.position_ids,
+                       "input_ids": feed.input_ids, "inputs_embeds": kwargs.get("inputs_embeds")}
+            else:  # each stage extends its own mask and positions (_step_inputs)
+                msg = {"req": base["req"], "step": feed.step, "final": False,
+                       "timeout": left(), "saved": saved, "carry": {},
+                       "input_ids": feed.input_ids}
+            if history:  # the prompt, then the tokens appended since (_history)
+                msg["ids"] = decoding.ids if feed.step == 0 else decoding.ids[:, -1:]
+            t1 = time.perf_counter()
             reply = await self.step(msg)
+            t2 = time.perf_counter()
             saved = reply["saved"]
             if "tokens" in reply:
-                decoding.advance(reply["tokens"])
+                decoding.advance(torch.tensor(reply["tokens"], dtype=torch.long))
             else:  # a stopped pass (tracer.stop()): no later step runs
                 decoding.halt()
+            if feed.step:  # the prompt pass is not a decode step
+                steps.append(_step_timings(reply["timings"], t0, t1, t2))
         output = await self.finish(base["req"], decoding.steps_run, left())
+        timings = _medians(steps)
         if decoding.halted:
-            return None, output
-        return decoding.outputs([n for ls in layout.lengths for n in ls]), output
+            return None, output, timings
+        return decoding.outputs([n for ls in layout.lengths for n in ls]), output, timings
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -916,6 +978,26 @@ _STAGE_OWN = ("hidden", "carry", "input_ids", "inputs_embeds")
 def _passed_on(msg: dict[str, Any]) -> dict[str, Any]:
     """The fields of a stage's message that travel on unchanged to the next stage."""
     return {k: v for k, v in msg.items() if k not in _STAGE_OWN}
+
+
+def _step_timings(timings: list[dict[str, float]], t0: float, t1: float, t2: float
+                  ) -> dict[str, float]:
+    """One decode step's timings (seconds): ``message`` (stage 0 building it), ``step`` (its
+    trip down the chain and back), each stage's own (``stage{k} ...``: see
+    :meth:`StageActor.step`) and ``driver`` (picking up the reply: the tokens' bookkeeping)."""
+    out = {"message": t1 - t0, "step": t2 - t1, "driver": time.perf_counter() - t2}
+    for k, t in enumerate(timings):
+        out.update({f"stage{k} {name}": v for name, v in t.items()
+                    if name not in ("arrived", "left")})
+    return out
+
+
+def _medians(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each key's median over ``steps`` (a key missing in a step counts as 0)."""
+    if not steps:
+        return {}
+    keys = list(dict.fromkeys(k for s in steps for k in s))
+    return {k: statistics.median(s.get(k, 0.0) for s in steps) for k in keys}
 
 
 def _release(st: _Request) -> None:

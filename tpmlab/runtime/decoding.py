@@ -61,6 +61,10 @@ class Feed:
     position_ids: torch.Tensor
 
 
+#: logits dtypes whose values float32 holds exactly (so the order of the scores is theirs)
+_EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def needs_history(options: GenerateOptions) -> bool:
     """Whether choosing a token reads the sequence so far (a repetition penalty does)."""
     return options.repetition_penalty is not None and options.repetition_penalty != 1.0
@@ -73,6 +77,12 @@ def next_tokens(options: GenerateOptions, ids: torch.Tensor | None, logits: torc
     ``ids`` ``[rows, length]``: the sequences so far (:attr:`Decoding.ids`); read only where
     :func:`needs_history`. Runs where the logits are (a pipeline's last stage), so the
     sampler's random state is that device's."""
+    if (not options.do_sample and not needs_history(options)
+            and logits.dtype in _EXACT_IN_FLOAT32):
+        # greedy on scores no processor changes: float32 holds these logits exactly, so their
+        # argmax is that of the float32 scores (the same maximum, the first index of it)
+        # without a copy of the whole vocabulary each step
+        return logits.argmax(-1)
     from transformers import (
         RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
@@ -96,6 +106,18 @@ def next_tokens(options: GenerateOptions, ids: torch.Tensor | None, logits: torc
     if options.top_p is not None and options.top_p < 1.0:
         scores = TopPLogitsWarper(options.top_p)(None, scores)
     return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
+
+
+def next_step_inputs(attention_mask: torch.Tensor, position_ids: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask ``[rows, past + pos + 1]`` and position ids ``[rows, 1]`` of the
+    step after one whose were ``attention_mask`` ``[rows, past + pos]`` and ``position_ids``
+    ``[rows, pos]``: one more position, attended by every row (a finished row's pad token too,
+    as in Hugging Face's ``generate``). The driver's :class:`Decoding` and each pipeline stage
+    (which keeps its own, so a step's message need not carry them) both use this."""
+    ones = torch.ones(attention_mask.shape[0], 1, dtype=attention_mask.dtype,
+                      device=attention_mask.device)
+    return torch.cat([attention_mask, ones], dim=1), position_ids[:, -1:] + 1
 
 
 def eos_ids(options: GenerateOptions, generation_config: Any) -> list[int]:
@@ -159,11 +181,8 @@ class Decoding:
         if self.step >= self.options.max_new_tokens or int(self.unfinished.max()) == 0:
             self._feed = None
             return False
-        mask = last.attention_mask
-        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype,
-                                           device=mask.device)], dim=1)
-        self._feed = Feed(self.step, tokens[:, None].to(mask.device), mask,
-                          last.position_ids[:, -1:] + 1)
+        mask, positions = next_step_inputs(last.attention_mask, last.position_ids)
+        self._feed = Feed(self.step, tokens[:, None].to(mask.device), mask, positions)
         return True
 
     def halt(self) -> None:
