@@ -277,6 +277,12 @@ def main() -> None:
     print(f"  tpmlab in process           {ours * 1e3:9.1f} ms  {ours / plain:5.2f}x  (target <= 1.2x)")
     print("    where it goes (median ms): " + ", ".join(
         f"{k} {v:.2f}" for k, v in report["in process breakdown ms"].items()))
+    # after its first request of a shape, a request runs the model without autograd's
+    # saved-tensor hooks, counting the figure measured then (tpmlab/runtime/footprints.py)
+    shapes = len(local.backend.host(args.model).footprints)
+    report["in process shapes measured"] = shapes
+    print(f"    saved-tensor hooks: {'skipped after the first request' if shapes else 'on'}"
+          f" ({shapes} shape(s) measured), autograd kept {meta['autograd_bytes'][0] / 2**20:.1f} MiB")
     if device.type == "cuda":
         print(f"  CUDA peak: plain {report['plain peak bytes'] / 2**20:.0f} MiB, in process "
               f"{report['in process peak bytes'] / 2**20:.0f} MiB")

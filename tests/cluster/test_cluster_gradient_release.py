@@ -79,3 +79,23 @@ def test_a_failure_mid_backward_leaves_nothing_on_any_stage(pair):
     assert _settled(model) == [dict.fromkeys(("requests", "held", "autograd_states",
                                               "autograd_bytes"), 0)] * 2
     _still_serves(model, ref)
+
+
+def test_a_measured_shape_fails_without_the_hooks_and_leaves_nothing(pair):
+    """The second of two requests of one shape runs the stages' models without autograd's
+    saved-tensor hooks (the first measured what they keep: tpmlab.runtime.footprints); its
+    failure and its deadline leave nothing either."""
+    model, ref = pair
+    nothing = [dict.fromkeys(("requests", "held", "autograd_states", "autograd_bytes"), 0)] * 2
+    for _ in range(2):
+        with pytest.raises(ExecutionError):
+            with model.trace(PROMPT):
+                metric(model.output.logits).backward()
+                g = model.layers[0].output.grad.flatten()
+                g[g.abs().argmax() + 10**9].save()  # on the first stage's backward
+        assert _settled(model) == nothing
+    for _ in range(2):
+        with pytest.raises(RequestTimeoutError):
+            slow_backward(model, PROMPT, timeout=2.0)
+        assert _settled(model) == nothing
+    _still_serves(model, ref)

@@ -58,9 +58,10 @@ from ..ir.schedule import Schedule
 from ..ir.session import MAX_TRACES, check_session, decode_session, imports_of
 from ..ir.validate import Limits
 from ..runtime import request
-from ..runtime.backward import held, registry, weight_storages
+from ..runtime.backward import forget_frames, held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_step_inputs, next_tokens
+from ..runtime.footprints import Footprints
 from ..runtime.limits import limits_from_wire, request_limits
 from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
@@ -187,6 +188,7 @@ class StageActor:
             self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
         self.load = meter.figures  # what loading this stage cost its worker process
         self.frozen = weight_storages(self.stage.model)  # not autograd's memory
+        self.footprints = Footprints()  # what the stage's ops keep for a backward, by shape
         self.backprops = registry()  # requests' gradient state here (memory() reports it)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
@@ -371,7 +373,7 @@ class StageActor:
         runner = PlanRunner(plan, self.info, schedule, layout,
                             module_lookup=self.stage.modules.__getitem__, device=self.device,
                             owned=self.owned, limits=limits, frozen=self.frozen,
-                            host_alloc=alloc)
+                            host_alloc=alloc, footprints=self.footprints)
         if runner.gradients is not None:
             if deadline:  # the backward stops past the request's deadline
                 runner.gradients.deadline = deadline
@@ -420,8 +422,12 @@ class StageActor:
                 st.extra["out"] = out
         except StopForward:  # the last event the plan needs ran here: later stages do nothing
             stopped = True
-        except torch.OutOfMemoryError as e:
-            raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
+        except BaseException as e:
+            if grads is not None:  # a kept traceback must not keep the request's graph
+                forget_frames(e)
+            if isinstance(e, torch.OutOfMemoryError):
+                raise ExecutionError(f"out of memory on stage {self.span.index}: {e}") from None
+            raise
         finally:
             self.weights.check()  # a write validation missed: restore, fail this request
         saved = runner.saved_elsewhere + runner.saved_bytes

@@ -58,9 +58,8 @@ def _backward(actor: StageActor, st: _Request, reply: dict[str, Any], g_out: Any
     roots: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
     if runner._owns(runner.schedule.anchor[grads.g.backward]):
         roots.append((runner.env.get(grads.g.loss), None))
-    out = st.extra.get("out")
-    if out is not None and g_out is not None:
-        roots.append((out, g_out))
+    if st.extra.get("out") is not None and g_out is not None:  # no local: a failure's
+        roots.append((st.extra["out"], g_out))  # traceback would hold the graph's end
     actor.weights.ready()
     t_in = time.perf_counter()
     try:

@@ -15,14 +15,20 @@ During the forward (:meth:`Backprop.forward`, under ``torch.enable_grad``):
   :class:`~tpmlab.runtime.weights.WeightGuard` still sees any write); the weights
   themselves never get a ``.grad``, and nothing is ever applied to them;
 * the bytes autograd keeps for the backward (its saved tensors, weights excluded)
-  are counted, and a request past ``Limits.max_autograd_bytes`` fails.
+  are counted, and a request past ``Limits.max_autograd_bytes`` fails. The model's own
+  ops are counted tensor by tensor (``saved_tensors_hooks``) the first time a request of
+  its shape runs; a later one of the same shape, well under its limit, counts the figure
+  measured then and runs the model without the hooks
+  (:class:`~tpmlab.runtime.footprints.Footprints`). The plan's nodes are always counted.
 
 :meth:`Backprop.backward` runs autograd from this runner's roots (the loss, or the
 stage's output with the gradient the next stage sent back), fills with zeros the
 gradients that did not reach a tracked point, then runs the late nodes (gradients of
 parameters and constants). Everything is released with the request: :meth:`Backprop.release`
 drops the graph's ends (the runner's values, the leaves, the tensor hooks) whether the
-request finished, failed or ran past its deadline, and :func:`held` is what an engine
+request finished, failed or ran past its deadline; a failure's traceback lets go of the
+frames' locals (which would hold the graph), and what autograd saved under the hooks is
+dropped even where something still holds the graph. :func:`held` is what an engine
 reports of the gradient state it still holds. A request with a ``deadline`` stops its
 backward at the first tracked point or plan node past it (:class:`RequestTimeoutError`).
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -40,8 +47,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..errors import ExecutionError, LimitError, RequestTimeoutError
 from ..ir.gradients import GradientSchedule
-from ..ir.plan import Node
+from ..ir.plan import POINT, Node
 from .batching import invoke_view
+from .footprints import Footprints, shape_key
 
 if TYPE_CHECKING:
     from .runner import PlanRunner, _Cell
@@ -53,10 +61,13 @@ class Backprop:
     ``frozen``: storage pointers of the weights (never counted as autograd memory).
     ``max_bytes``: the most bytes autograd may keep for this request here.
     ``deadline``: :func:`time.monotonic` past which the backward stops (set by the engine).
+    ``footprints``: the engine's measured bytes of the model's own saved tensors by request
+    shape (``None``: always count them tensor by tensor).
     """
 
     def __init__(self, runner: PlanRunner, grads: GradientSchedule, *,
-                 frozen: frozenset[int] = frozenset(), max_bytes: int | None = None) -> None:
+                 frozen: frozenset[int] = frozenset(), max_bytes: int | None = None,
+                 footprints: Footprints | None = None) -> None:
         # the runner owns this state (runner.gradients); a strong reference back would make
         # a cycle that kept the request's saves (pinned host memory on a GPU) until the
         # garbage collector ran
@@ -71,6 +82,12 @@ class Backprop:
         self.embeds: torch.Tensor | None = None  # the input embeddings' leaf (first stage)
         self.incoming: dict[str, torch.Tensor] = {}  # constants' gradients from later stages
         self.autograd_bytes = 0  # bytes autograd keeps for the backward, weights excluded
+        self.footprints = footprints
+        # the figure the model's own ops were counted at (None: counted tensor by tensor)
+        self.measured: int | None = None
+        self.model_bytes = 0  # of autograd_bytes, what the model's own ops saved (counted)
+        self._in_nodes = False  # the plan's nodes are running (their saves are theirs)
+        self._node_events: set[int] | None = None  # events with nodes that may save tensors
         self.seconds = 0.0  # the backward's own time here, the plan's nodes not included
         self.forward_seconds = 0.0  # the forward's time here, with its nodes (in process)
         self._storages: set[int] = set()
@@ -91,10 +108,46 @@ class Backprop:
     # -- the forward -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def forward(self) -> Iterator[None]:
-        """Around this runner's forward: autograd on, its memory counted, parameters as leaves."""
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
-                self._parameter_leaves():
-            yield
+        """Around this runner's forward: autograd on, its memory counted, parameters as leaves.
+
+        The model's own saved tensors are counted by the hooks unless the engine measured
+        this request's shape before, well under the limit (:meth:`Footprints.usable`): then
+        that figure counts for them and only the plan's nodes run under the hooks
+        (:meth:`counting`). A forward counted in full records its figure for later requests.
+        The caller lets go of a failure's frames (:func:`forget_frames`)."""
+        key = None if self.footprints is None else shape_key(self.runner.plan)
+        self.measured = None if key is None else self.footprints.usable(key, self.max_bytes)
+        if self.measured is not None:
+            self.autograd_bytes += self.measured
+            with torch.enable_grad(), self._parameter_leaves():
+                yield
+        else:
+            with torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack), \
+                    self._parameter_leaves():
+                yield
+            if key is not None:
+                self.footprints.record(key, self.model_bytes)
+
+    def counting(self, event: int) -> contextlib.AbstractContextManager[None]:
+        """Around the plan's nodes at ``event`` in the forward: what they save is theirs, and
+        counted tensor by tensor even where the model's own ops run without the hooks."""
+        if self._node_events is None:
+            self._node_events = {e for e, nodes in self.runner.schedule.by_event.items()
+                                 if any(n.op != POINT for n in nodes)}
+        return self._counting() if event in self._node_events else _NOTHING
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[None]:
+        self._in_nodes = True
+        try:
+            if self.measured is None:
+                yield
+            else:
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack):
+                    yield
+        finally:
+            self._in_nodes = False
 
     def input_leaf(self, embeds: torch.Tensor | None) -> torch.Tensor | None:
         """The input embeddings, as a leaf if their gradient is asked for."""
@@ -123,6 +176,8 @@ class Backprop:
             self._storages.add(ptr)
             nbytes = storage.nbytes()
             self.autograd_bytes += nbytes
+            if not self._in_nodes:
+                self.model_bytes += nbytes
             self._kept.append((StorageWeakRef(storage), nbytes, ptr))
             if self.max_bytes is not None and self.autograd_bytes > self.max_bytes:
                 raise LimitError(f"the backward would keep {self.autograd_bytes:,} bytes on this "
@@ -163,6 +218,17 @@ class Backprop:
         self.like[event] = (v.shape, v.dtype)
         if v.requires_grad:
             self._handles.append(v.register_hook(self._hook(event)))
+            if self.measured is not None:
+                self._witness(v)
+
+    def _witness(self, v: torch.Tensor) -> None:
+        """Without the hooks, the tracked points' values stand for what autograd keeps in
+        :meth:`alive_bytes`: each is an input the next ops saved, alive as long as the graph."""
+        storage = v.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.frozen and ptr not in self._storages:
+            self._storages.add(ptr)
+            self._kept.append((StorageWeakRef(storage), storage.nbytes(), ptr))
 
     def _hook(self, event: int):
         written = event in self.g.written
@@ -181,10 +247,12 @@ class Backprop:
     def backward(self, roots: list[tuple[torch.Tensor | None, torch.Tensor | None]],
                  incoming: dict[str, torch.Tensor] | None = None) -> None:
         """Back-propagate ``roots`` (``(tensor, its gradient or None for the scalar loss)``),
-        then run what waited for gradients that never came (zeros) and the late nodes."""
+        then run what waited for gradients that never came (zeros) and the late nodes.
+        ``roots`` is emptied (a failure's traceback then holds no end of the graph)."""
         self.incoming = dict(incoming or {})
         tensors = [t for t, _ in roots if t is not None and t.requires_grad]
         grads = [g for t, g in roots if t is not None and t.requires_grad]
+        roots.clear()
         start, nodes_before = time.perf_counter(), sum(self.runner.node_seconds.values())
         try:
             if tensors:
@@ -197,6 +265,10 @@ class Backprop:
             self.runner._ran.add((self.g.backward, 0))
             nodes = sum(self.runner.node_seconds.values()) - nodes_before
             self.seconds = max(0.0, time.perf_counter() - start - nodes)  # nodes are timed apart
+        except BaseException as e:
+            tensors = grads = []
+            forget_frames(e)
+            raise
         finally:
             for h in self._handles:
                 h.remove()
@@ -235,7 +307,8 @@ class Backprop:
 
     def alive_bytes(self) -> int:
         """Bytes of what autograd kept for this request that are still in memory (0 once the
-        graph is gone: the proof that :meth:`release` freed it)."""
+        graph is gone: the proof that :meth:`release` freed it). Where the model ran without
+        the hooks, its tracked points' values stand for its saved tensors (:meth:`_witness`)."""
         return sum(n for ref, n, _ in self._kept if not ref.expired())
 
     def value(self, node: Node) -> torch.Tensor:
@@ -297,6 +370,26 @@ class Backprop:
         return out
 
 
+_NOTHING = contextlib.nullcontext()  # an event with points only: nothing of the plan's to count
+
+
+def forget_frames(error: BaseException) -> None:
+    """Drop the frames ``error`` passed through (the model's, autograd's, the plan's nodes'),
+    and its causes' and contexts': their locals and closures hold the request's graph, and a
+    traceback kept for the user (a notebook keeps the last one) would keep it alive. Call it
+    where the failure is handled, then ``raise``: the traceback starts again there. The
+    dropped frames' text stays in the error's ``engine_traceback``."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            with contextlib.suppress(Exception):  # only the text: never fail the failure
+                e.engine_traceback = "".join(traceback.format_tb(e.__traceback__))
+            e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+
+
 def _unpack(slot: list[torch.Tensor]) -> torch.Tensor:
     if not slot:
         raise ExecutionError("the request's backward state was released (it failed or ran "
@@ -336,8 +429,12 @@ def run_with_backward(model: torch.nn.Module, kwargs: dict[str, Any], runner: Pl
         kwargs = {**kwargs, "inputs_embeds": grads.input_leaf(kwargs["inputs_embeds"])}
     runner.begin_step(0)
     start = time.perf_counter()
-    with grads.forward(), runner.hooks():
-        model(**kwargs, use_cache=False)
+    try:
+        with grads.forward(), runner.hooks():
+            model(**kwargs, use_cache=False)
+    except BaseException as e:
+        forget_frames(e)
+        raise
     grads.forward_seconds = time.perf_counter() - start
     grads.backward([(runner.env.get(grads.g.loss), None)])
     runner.check_complete(1)

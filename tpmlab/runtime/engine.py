@@ -27,6 +27,7 @@ from . import request
 from .backward import held, registry, run_with_backward, weight_storages
 from .batching import BatchLayout, build_batch
 from .decoding import Decoding, eos_ids, next_tokens
+from .footprints import Footprints
 from .limits import request_limits
 from .plan_cache import PlanCache
 from .probe import probe_causal_lm
@@ -67,6 +68,7 @@ class ModelHost:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.weights = WeightGuard(model, source, dtype=self.dtype)
         self._backprops = registry()  # requests' gradient state, for autograd_held()
+        self.footprints = Footprints()  # what the model's ops keep for a backward, by shape
         self.plans = PlanCache()  # decoded, validated plans by their bytes: a repeat skips both
 
     def run_blob(self, blob: bytes, *, limits: Limits | None = None,
@@ -145,7 +147,7 @@ class ModelHost:
                                      embed_dtype=self.dtype)
         runner = PlanRunner(plan, self.info, schedule, layout, module_lookup=self._modules.__getitem__,
                             device=self.device, limits=limits, frozen=self._frozen(),
-                            imports=imports)
+                            imports=imports, footprints=self.footprints)
         values: dict[int, Any] = {}
         if runner.gradients is not None:
             self._backprops.add(runner.gradients)

@@ -55,5 +55,18 @@ class PlanCache:
 
 
 def own_tensors(plan: Plan) -> Plan:
-    """``plan`` with copies of its tensors (its nodes, read-only at run time, are shared)."""
-    return dataclasses.replace(plan, tensors={k: v.clone() for k, v in plan.tensors.items()})
+    """``plan`` with copies of its tensors (its nodes, read-only at run time, are shared, and
+    so is what was derived from them and the tensors' shapes: :func:`derived`)."""
+    copy = dataclasses.replace(plan, tensors={k: v.clone() for k, v in plan.tensors.items()})
+    copy.__dict__[_DERIVED] = derived(plan)
+    return copy
+
+
+_DERIVED = "_derived"
+
+
+def derived(plan: Plan) -> dict[str, Any]:
+    """Facts computed from ``plan``'s nodes and its tensors' shapes (not their values),
+    shared by the copies :class:`PlanCache` hands out, so each is computed once for a
+    repeated plan (:func:`~tpmlab.runtime.footprints.shape_key`)."""
+    return plan.__dict__.setdefault(_DERIVED, {})

@@ -48,6 +48,7 @@ from ..ir.validate import Limits, check_plain_operands, new_nbytes, value_nbytes
 from .backward import Backprop
 from .batching import BatchLayout, invoke_view, shared_tensors
 from .bounds import check_bounds
+from .footprints import Footprints
 
 
 class StopForward(Exception):
@@ -216,6 +217,8 @@ class PlanRunner:
     ``owned``: the event indices this runner executes (``None``: all of them).
     ``module_lookup(path)`` returns the live module for a native path.
     ``limits``: the request's limits, enforced while it runs (``None``: none).
+    ``footprints``: the engine's measured autograd bytes by request shape, for a backward
+    (:mod:`tpmlab.runtime.footprints`).
 
     ``node_seconds`` (after the pass): ``{node id: seconds}`` spent running each plan node
     that is not a module point, summed over generation steps, measured with
@@ -233,7 +236,8 @@ class PlanRunner:
                  owned: range | None = None, carry: dict[int, Any] | None = None,
                  pinned: bool = True, limits: Limits | None = None,
                  frozen: frozenset[int] = frozenset(), host_alloc: HostAlloc | None = None,
-                 imports: dict[int, Any] | None = None) -> None:
+                 imports: dict[int, Any] | None = None,
+                 footprints: Footprints | None = None) -> None:
         self.plan, self.info, self.schedule, self.layout = plan, info, schedule, layout
         self.module_lookup = module_lookup
         self.device = device
@@ -269,7 +273,7 @@ class PlanRunner:
         # the backward pass, for a plan that has one (frozen: the weights' storages)
         self.gradients = None if schedule.gradients is None else Backprop(
             self, schedule.gradients, frozen=frozen,
-            max_bytes=limits.max_autograd_bytes if limits else None)
+            max_bytes=limits.max_autograd_bytes if limits else None, footprints=footprints)
         # tracer.stop(): the (step, event) after which nothing is left to run (event START:
         # that step's pass need not run at all); None: every pass runs whole (no stop, a
         # backward)
@@ -337,15 +341,21 @@ class PlanRunner:
         return hook
 
     def _run_event(self, event: int, cell: _Cell) -> None:
-        if self.gradients is not None:
-            self.gradients.before_event(event, cell)
+        grads = self.gradients
+        if grads is None:
+            self._run_nodes_at(event, cell)
+        else:
+            grads.before_event(event, cell)
+            with grads.counting(event):  # what the plan's nodes save for the backward
+                self._run_nodes_at(event, cell)
+            grads.after_event(event, cell)
+        if self.stop_at == (self.step, event):
+            raise StopForward()
+
+    def _run_nodes_at(self, event: int, cell: _Cell) -> None:
         for node in self.schedule.by_event.get(event, []):
             if node.steps.contains(self.step):
                 self._run(node, cell)
-        if self.gradients is not None:
-            self.gradients.after_event(event, cell)
-        if self.stop_at == (self.step, event):
-            raise StopForward()
 
     def stops_before(self, step: int) -> bool:
         """Whether a stopping plan ends before the first event of step ``step``'s pass (no
