@@ -14,13 +14,11 @@ distributed = pytest.importorskip("distributed")
 def cluster():
     from distributed import LocalCluster
 
-    from tpmlab.cluster.warm_start import forked_workers, keep_forking
+    from tpmlab.cluster.warm_start import forked_workers
 
-    with forked_workers() as forked:  # workers forked with torch imported, as the embedded
-        c = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,  # cluster's
+    with forked_workers():  # workers forked with torch imported, as the embedded cluster's
+        c = LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
                          dashboard_address=":0", silence_logs=logging.ERROR)
-    if forked:  # and so are the workers a nanny restarts (test_cluster_faults kills one)
-        keep_forking(c)
     yield c
     c.close()
 

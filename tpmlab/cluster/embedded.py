@@ -28,7 +28,7 @@ from distributed import LocalCluster
 from distributed.security import Security
 
 from .security import new_security
-from .warm_start import WORKER_ENV, forked_workers, keep_forking
+from .warm_start import WORKER_ENV, forked_workers
 
 LOOPBACK = "127.0.0.1"
 
@@ -75,24 +75,17 @@ def start_local_cluster(n_workers: int | None = None, *, security: Security | No
         gpus = torch.cuda.device_count()
     except Exception:  # pragma: no cover - torch is a dependency
         gpus = 0
-    with sigint_blocked(), forked_workers(options["env"], warm_start) as forked:  # see the docstring
-        cluster = _local_cluster(gpus, n_workers, options)
-    if forked:  # a worker the nanny restarts is forked as these were
-        keep_forking(cluster)
-    return cluster
+    with sigint_blocked(), forked_workers(options["env"], warm_start):  # see the module docstring
+        if gpus and n_workers is None:
+            try:
+                from dask_cuda import LocalCUDACluster
 
-
-def _local_cluster(gpus: int, n_workers: int | None, options: dict[str, Any]) -> LocalCluster:
-    if gpus and n_workers is None:
-        try:
-            from dask_cuda import LocalCUDACluster
-
-            return LocalCUDACluster(resources={"GPU": 1}, **options)
-        except ImportError:  # one worker holding every GPU, one stage per GPU
-            return LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                resources={"GPU": gpus}, **options)
-    return LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=1,
-                        processes=True, **options)
+                return LocalCUDACluster(resources={"GPU": 1}, **options)
+            except ImportError:  # one worker holding every GPU, one stage per GPU
+                return LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                    resources={"GPU": gpus}, **options)
+        return LocalCluster(n_workers=n_workers or default_workers(), threads_per_worker=1,
+                            processes=True, **options)
 
 
 def loopback_address(address: str | int | None) -> str | None:

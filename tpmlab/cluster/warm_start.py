@@ -16,11 +16,6 @@ at once as well.
 * The server never imports the main script; each worker does, as a spawned one would
   (multiprocessing prepares every child so), so scripts still need their main guard.
 * Where the forkserver is missing (Windows, macOS's default) workers are spawned as before.
-* A worker a nanny starts again (after a crash or a kill) is forked too, for as long as the
-  cluster lives (:func:`keep_forking`): spawned, it would load torch under Dask's
-  ``OMP_NUM_THREADS=1`` without the workers' environment, and its CPU kernels could round
-  differently from the first request on (the same trace gave other numbers in the 8th
-  digit).
 """
 
 from __future__ import annotations
@@ -28,10 +23,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import threading
-import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 #: imported once by the server, shared by every worker it forks
 PRELOAD = ("distributed", "tpmlab.cluster.worker_preload")
@@ -90,37 +82,6 @@ def forked_workers(env: Mapping[str, str] = WORKER_ENV, enabled: bool = True) ->
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         yield True
-
-
-_METHOD = "distributed.worker.multiprocessing-method"
-_kept = {"clusters": 0, "before": None}
-_kept_lock = threading.Lock()
-
-
-def keep_forking(cluster: object) -> None:
-    """Nannies of this process go on forking workers from the server while ``cluster`` (one
-    started within :func:`forked_workers`, which yielded ``True``) lives: a worker a nanny
-    restarts starts as the first ones did. Dask reads the method from its configuration each
-    time a nanny starts a worker, so it stays set, process-wide, until the last such
-    cluster is gone; then it is what it was before."""
-    import dask
-
-    with _kept_lock:
-        if _kept["clusters"] == 0:
-            _kept["before"] = dask.config.get(_METHOD, None)
-            dask.config.set({_METHOD: "forkserver"})
-        _kept["clusters"] += 1
-    weakref.finalize(cluster, _stop_forking)
-
-
-def _stop_forking() -> None:
-    import dask
-
-    with _kept_lock:
-        _kept["clusters"] -= 1
-        if _kept["clusters"] == 0:
-            before: Any = _kept["before"]
-            dask.config.set({_METHOD: before if before is not None else "spawn"})
 
 
 @contextlib.contextmanager
