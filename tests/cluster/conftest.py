@@ -56,3 +56,26 @@ def deploy(lab, name: str, stages: int):
     """(Re)deploy ``name`` with ``stages`` stages on the shared cluster."""
     lab.undeploy(name)
     return lab.model(name, stages=stages)
+
+
+@pytest.fixture(scope="module")
+def gpu_lab():
+    """Two GPU workers (sharing the GPU where there is one) and a lab on them, for the GPU
+    tests (they skip without CUDA before asking for it)."""
+    import sys
+    from pathlib import Path
+
+    from distributed import Client
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the benchmarks package
+    from benchmarks.cluster_gpu import start_gpu_cluster
+    from tpmlab.cluster import DaskBackend
+    from tpmlab.lab import Lab
+
+    cluster = start_gpu_cluster(2)  # with one GPU, both workers share it
+    client = Client(cluster)
+    lab = Lab(DaskBackend(client=client, timeout=300))
+    yield lab
+    lab.close()
+    client.close()
+    cluster.close()

@@ -23,23 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 NAME = "llama-3-8b-shape"
 
 
-@pytest.fixture(scope="module")
-def gpu_lab():
-    from distributed import Client
-
-    from benchmarks.cluster_gpu import start_gpu_cluster
-    from tpmlab.cluster import DaskBackend
-    from tpmlab.lab import Lab
-
-    cluster = start_gpu_cluster(2)  # with one GPU, both workers share it
-    client = Client(cluster)
-    lab = Lab(DaskBackend(client=client, timeout=300))
-    yield lab
-    lab.close()
-    client.close()
-    cluster.close()
-
-
 def _active(on: bool, dask_worker=None) -> None:
     from tpmlab.cluster import pinned_segments
 
