@@ -57,7 +57,7 @@ from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
 from ..ir.session import MAX_TRACES, check_session, decode_session, imports_of
 from ..ir.validate import Limits
-from ..runtime import request
+from ..runtime import compute_threads, request
 from ..runtime.backward import forget_frames, held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_step_inputs, next_tokens
@@ -172,7 +172,7 @@ class StageActor:
         from ..models import resolve
 
         self.spec = spec
-        torch.set_num_threads(int(spec.get("threads") or os.cpu_count() or 1))
+        threads = compute_threads.settle(int(spec.get("threads") or os.cpu_count() or 1))
         self.device = torch.device(spec["device"])
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -200,7 +200,8 @@ class StageActor:
         self.kept: dict[str, dict[int, Any]] = {}  # stage 0: a session trace's kept values
         self.plans = PlanCache()  # decoded, validated plans by their bytes: a repeat skips both
         self._meta: dict[str, torch.nn.Module] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}",
+                                        initializer=compute_threads.settle, initargs=(threads,))
         # saves handed over in shared memory, until taken; on a GPU, copied from the device
         # into segments registered with CUDA (unregistered after the stage's thread's work)
         self.segments = Segments(pinned_segments.for_device(self.device, self._pool.submit))

@@ -44,7 +44,8 @@ def start_local_cluster(n_workers: int | None = None, *, security: Security | No
     its own thread and uses all cores: torch threads are the stage's ``threads``, default
     the machine's cores, since the stages of a request run one after another; the
     ``OMP_NUM_THREADS=1`` Dask puts in a worker's environment comes after torch loaded in
-    the forkserver, and a stage sets its threads itself; idle stages' OpenMP threads sleep
+    the forkserver, and a stage sets its threads itself, in its compute thread too:
+    :mod:`~tpmlab.runtime.compute_threads`); idle stages' OpenMP threads sleep
     after a short spin, :data:`~.warm_start.WORKER_ENV`),
     speaking TLS under ``security`` (default: :func:`~.security.new_security`, made for
     this cluster; ``cluster.security`` holds it). ``dashboard_address``: ``None`` (default)

@@ -51,6 +51,7 @@ from ..ir.model_info import ModelInfo
 from ..ir.plan import Plan
 from ..ir.session import encode_session_result
 from ..ir.validate import Limits
+from ..runtime import compute_threads
 from ..runtime.backend import Backend
 from ..runtime.limits import merged_limits
 from ..runtime.request import plan_digest
@@ -192,7 +193,8 @@ class Gateway:
         self._pending: dict[str, deque] = {}
         self._workers: dict[str, asyncio.Task] = {}
         self._housekeeping: asyncio.Task | None = None
-        self._engines = {name: ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}")
+        self._engines = {name: ThreadPoolExecutor(1, thread_name_prefix=f"engine-{name}",
+                                                  initializer=compute_threads.settle)
                          for name in self.models}
         self._validators = ThreadPoolExecutor(self.config.validation_threads,
                                               thread_name_prefix="gateway-validate")

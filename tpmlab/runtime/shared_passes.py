@@ -41,7 +41,7 @@ from ..ir.merge import MergeBudget, can_merge, merge_key, merge_plans, row_lengt
 from ..ir.plan import Plan
 from ..ir.schedule import Schedule
 from ..ir.validate import Limits
-from . import request
+from . import compute_threads, request
 from .limits import merged_limits
 
 if TYPE_CHECKING:
@@ -144,6 +144,7 @@ class PassQueue:
                     self._thread.start()
                 self._cond.notify_all()
         if mine:
+            compute_threads.settle_once()  # a new caller thread's first pass as any later one
             self._run_group([item], [])
         return item.future.result()
 
@@ -189,6 +190,7 @@ class PassQueue:
 
     # -- the pass thread ---------------------------------------------------------------------
     def _loop(self) -> None:
+        compute_threads.settle()  # this thread's first pass computes as the caller's do
         while True:
             with self._cond:
                 while self._busy or not (self._incoming or self._ready):
