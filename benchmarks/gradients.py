@@ -24,6 +24,13 @@ Random weights drawn on the device: no download, only torch + transformers.
     python benchmarks/gradients.py --device cuda --model llama-3-8b-shape --dtype bfloat16
     python benchmarks/gradients.py --device cuda --model llama-3-8b-shape --dtype bfloat16 \
         --skip-stages --profile /tmp/gradients-profile
+    python benchmarks/gradients.py --model stand-in --threads 1 --skip-stages --repeats 30
+
+``--model stand-in``: the CPU stand-in for a GPU's launch-bound regime (llama-3-8b-shape at
+1x128 tokens spends ~18 ms of a 72 ms request on the device, the rest launching kernels): a
+random-init Llama of llama-3-8b-shape's 32 layers at a tiny width (hidden 64, vocabulary
+512), written once as a Hugging Face folder (:func:`stand_in_folder`), where every op's
+compute is next to nothing and what shows is the Python around it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,27 @@ from typing import Any
 import torch
 
 GOOD, BAD = 7, 11  # the logit difference's tokens
+
+
+#: the stand-in's config: llama-3-8b-shape's depth, a width at which kernels cost nothing
+STAND_IN = dict(hidden_size=64, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=512, max_position_embeddings=2048,
+                tie_word_embeddings=False)
+
+
+def stand_in_folder(folder: str = "") -> str:
+    """A Hugging Face folder of the stand-in (:data:`STAND_IN`, seeded random weights), made
+    once under the temporary directory; its path."""
+    import os
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "tpmlab-gradients-stand-in")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**STAND_IN)).save_pretrained(folder)
+    return folder
 
 
 def sync() -> None:
@@ -229,7 +257,10 @@ def start_cluster(n: int, device: str) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--model", default="tiny-llama",
+                        help="a model name or folder; 'stand-in': see the module docstring")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in this process (default: torch's own)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=128)
@@ -245,6 +276,10 @@ def main() -> None:
     args = parser.parse_args()
     import tpmlab
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model == "stand-in":
+        args.model = stand_in_folder()
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     local = tpmlab.connect("local", device=args.device, dtype=dtype)

@@ -174,19 +174,31 @@ def _record_type(name: str, fields: tuple[str, ...]) -> type:
 
 # -- plans --------------------------------------------------------------------------------------
 
+_ONE_STEP = Steps()  # a trace's nodes: the field is left out
+
+
 def plan_to_doc(plan: Plan) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = dict(plan.tensors)
     nodes = []
     for n in plan.nodes:
         d: dict[str, Any] = {"id": n.id, "op": n.op}
-        if n.args:
-            d["args"] = encode_value(list(n.args), tensors)
+        args = n.args
+        if args:
+            if len(args) == 1 and type(args[0]) is Ref:  # most nodes: one value (save, grad)
+                d["args"] = [{"$ref": args[0].id}]
+            else:
+                d["args"] = encode_value(list(args), tensors)
         if n.kwargs:
             d["kwargs"] = encode_value(dict(n.kwargs), tensors)["$dict"]
-        for key in ("path", "io", "invoke", "line"):
-            if getattr(n, key) is not None:
-                d[key] = getattr(n, key)
-        if n.steps != Steps():
+        if n.path is not None:
+            d["path"] = n.path
+        if n.io is not None:
+            d["io"] = n.io
+        if n.invoke is not None:
+            d["invoke"] = n.invoke
+        if n.line is not None:
+            d["line"] = n.line
+        if n.steps != _ONE_STEP:
             d["steps"] = [n.steps.start, n.steps.stop]
         nodes.append(d)
     doc = {

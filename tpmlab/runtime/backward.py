@@ -232,6 +232,8 @@ class Backprop:
 
     def _hook(self, event: int):
         written = event in self.g.written
+        nodes = self._owned(self.g.by_event.get(event, []))  # decided once, not per gradient
+        run = self.runner._run
 
         def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if event in self.fired:  # a value used twice in the graph: once is enough
@@ -239,9 +241,18 @@ class Backprop:
             self.check_deadline()
             g = grad.clone() if written else grad
             self.fired[event] = g
-            self._run_nodes(self.g.by_event.get(event, []))
+            for node in nodes:
+                self.check_deadline()
+                run(node, None)
             return g if written else None
         return hook
+
+    def _owned(self, nodes: list[Node]) -> list[Node]:
+        """Of ``nodes``, those this runner runs (anchored at an event it owns)."""
+        runner = self.runner
+        if runner.owned is None:
+            return nodes
+        return [n for n in nodes if runner.schedule.anchor[n.id] in runner.owned]
 
     # -- the backward ------------------------------------------------------------------------------
     def backward(self, roots: list[tuple[torch.Tensor | None, torch.Tensor | None]],
@@ -275,10 +286,10 @@ class Backprop:
             self._handles.clear()
 
     def _run_nodes(self, nodes: list[Node]) -> None:
-        for node in nodes:
-            if self.runner._owns(self.runner.schedule.anchor[node.id]):
-                self.check_deadline()
-                self.runner._run(node, None)
+        run = self.runner._run
+        for node in self._owned(nodes):
+            self.check_deadline()
+            run(node, None)
 
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -319,14 +330,15 @@ class Backprop:
         name = self.g.constants.get(node.id)
         if name is not None:
             return self._constant(name)
-        point = self.runner.plan.node(node.args[0].id)
+        runner = self.runner
+        point = runner.plan.node(node.args[0].id)
         event = self.g.event_of[node.id]
         g = self.fired.get(event)
         if g is None:
             shape, dtype = self.like[event]
-            g = self.fired[event] = torch.zeros(shape, dtype=dtype, device=self.runner.device)
-        return invoke_view(g, self.runner.layout, point.invoke, prompt_pass=True,
-                           template=self.runner._templates.get(point.id))
+            g = self.fired[event] = torch.zeros(shape, dtype=dtype, device=runner.device)
+        return invoke_view(g, runner.layout, point.invoke, prompt_pass=True,
+                           template=runner._templates.get(point.id))
 
     def _constant(self, name: str) -> torch.Tensor:
         layout = self.runner.layout

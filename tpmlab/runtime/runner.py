@@ -49,6 +49,7 @@ from .backward import Backprop
 from .batching import BatchLayout, invoke_view, shared_tensors
 from .bounds import check_bounds
 from .footprints import Footprints
+from .plan_cache import derived
 
 
 class StopForward(Exception):
@@ -364,6 +365,8 @@ class PlanRunner:
 
     # -- nodes ----------------------------------------------------------------------------------
     def _arg(self, value: Any) -> Any:
+        if type(value) is Ref:  # a node's value (what a save or a gradient read takes)
+            return self._leaf(value)
         return rebuild(value, self._leaf, native=True)
 
     def _leaf(self, value: Any) -> Any:
@@ -524,6 +527,8 @@ class PlanRunner:
     # -- after the pass ---------------------------------------------------------------------------
     def check_complete(self, steps_run: int = 1) -> None:
         """Raise if a node this runner owns should have run but its event never happened."""
+        if self._due(steps_run) <= self._ran:  # the common case: one set comparison
+            return
         for node in self.plan.nodes:
             anchor = self.schedule.anchor[node.id]
             if not self._owns(anchor):
@@ -535,6 +540,20 @@ class PlanRunner:
                         f"{node.describe()} never ran at step {step}: {event} did not happen "
                         "in this pass (is the module used with these inputs?)",
                         node=node.id, op=node.op, line=node.line)
+
+    def _due(self, steps_run: int) -> frozenset[tuple[int, int]]:
+        """``(node id, step)`` of every run this runner owes after ``steps_run`` steps;
+        computed once for a plan (and the copies a plan cache hands out of it)."""
+        memo = derived(self.plan)
+        key = ("due", self.owned, steps_run)
+        due = memo.get(key)
+        if due is None:
+            due = memo[key] = frozenset(
+                (node.id, step) for node in self.plan.nodes
+                if self._owns(self.schedule.anchor[node.id])
+                for step in range(node.steps.start,
+                                  min(node.steps.stop or steps_run, steps_run)))
+        return due
 
     def carry_out(self, last_event: int) -> dict[int, Any]:
         """Values made up to ``last_event`` that nodes after it still read (for the next stage)."""

@@ -16,12 +16,15 @@ of the weights is kept), counts the restore and fails the request with
 from __future__ import annotations
 
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import WeightsChangedError
+
+_VERSION = attrgetter("_version")  # a tensor's version counter: every in-place write bumps it
 
 
 class WeightGuard:
@@ -61,7 +64,7 @@ class WeightGuard:
         return [self._names[i] for i in self._moved()]
 
     def _moved(self) -> list[int]:
-        if [t._version for t in self._tensors] == self._versions:  # the cheap common case
+        if list(map(_VERSION, self._tensors)) == self._versions:  # the cheap common case
             return []
         return [i for i, (t, v) in enumerate(zip(self._tensors, self._versions))
                 if t._version != v]

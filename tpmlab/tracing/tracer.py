@@ -17,6 +17,7 @@ import secrets
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,13 +66,25 @@ def _is_ours_absolute(filename: str) -> bool:
     return os.path.normpath(filename).startswith((_PACKAGE_DIR, _TORCH_DIR))
 
 
+#: tpmlab's and torch's code objects met on the way to the user's line: every recorded node
+#: walks the stack through a few of them, each then one look-up (only ours are kept, and
+#: they live as long as their modules; the user's files are decided each time)
+_OUR_CODE: set[CodeType] = set()
+_OUR_CODE_MAX = 4096
+
+
 def _user_line() -> str | None:
     """``file:line: code`` of the first caller outside tpmlab and torch (the user's line)."""
     frame = sys._getframe(2)
     while frame is not None:
-        if not _is_ours(frame.f_code.co_filename):
-            code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-            return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f": {code}" if code else "")
+        code_object = frame.f_code
+        if code_object not in _OUR_CODE:
+            if not _is_ours(code_object.co_filename):
+                code = linecache.getline(code_object.co_filename, frame.f_lineno).strip()
+                return f"{code_object.co_filename}:{frame.f_lineno}" + (f": {code}" if code else "")
+            if len(_OUR_CODE) >= _OUR_CODE_MAX:
+                _OUR_CODE.clear()
+            _OUR_CODE.add(code_object)
         frame = frame.f_back
     return None
 
@@ -321,6 +334,11 @@ class Trace:
         self._points.pop((path, io, self._invoke, self._steps), None)
 
     def _arg(self, value: Any) -> Any:
+        if type(value) in (list, dict) and not value:  # a node without (keyword) arguments
+            return type(value)()
+        if type(value) is list and len(value) == 1 and isinstance(value[0], Proxy) \
+                and owner(value[0]) is self:  # most nodes: one value of this trace
+            return [Ref(node_of(value[0]))]
         return from_native(value, self._leaf)
 
     def _leaf(self, value: Any) -> Any:
