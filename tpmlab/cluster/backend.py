@@ -48,7 +48,7 @@ from ..ir.session import split_session
 from ..ir.validate import Limits
 from ..remote import RemoteValue, RemoteValues
 from ..runtime.limits import limits_to_wire
-from . import cleanup, deployments
+from . import cleanup, deployments, quiet_profiler
 from .actor import StageActor, pad_token_id
 from .deployments import DeploymentRecord
 from .embedded import start_local_cluster
@@ -159,6 +159,7 @@ class DaskBackend:
     def _deploy_new(self, name: str, source: Any, key: str, n_stages: int,
                     dtype: str | torch.dtype | None) -> Deployment:
         cleanup.install(self.client)  # released stages free their memory promptly
+        quiet_profiler.install(self.client)  # no stack sampling beside a stage's thread
         workers = self.workers()
         on_gpu = any(gpu_count(w) for w in workers.values())
         if dtype is None:
