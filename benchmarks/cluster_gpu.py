@@ -492,8 +492,11 @@ def main() -> None:
         hops = ipc_hops(mem)
         print("stage hops (CUDA IPC " + ("off" if args.no_cuda_ipc else "on") + "):\n"
               + "\n".join(hops), flush=True)
-        report.update(hf=hf, tpmlab=tp, memory=mem, params=source.n_params, ipc_hops=hops)
-        lines = table(hf, tp, f"{args.model} ({source.n_params / 1e9:.1f}B params, {args.dtype}), "
+        # random-init sources count their parameters; others: count the meta tree's
+        n_params = getattr(source, "n_params", None) or sum(
+            p.numel() for p in source.meta_model().parameters())
+        report.update(hf=hf, tpmlab=tp, memory=mem, params=n_params, ipc_hops=hops)
+        lines = table(hf, tp, f"{args.model} ({n_params / 1e9:.1f}B params, {args.dtype}), "
                       f"{stages} stages on {args.gpus} {'GPUs' if gpu else 'CPU workers'}",
                       tuple(ids.shape), args.new, tuple(big.shape) if big is not None else None)
         lines.append(f"  (of the 1x{args.tokens} save-all trace, {server_ms:.1f} ms were spent inside "
