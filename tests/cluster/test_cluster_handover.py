@@ -74,6 +74,45 @@ def test_pack_and_unpack_give_the_same_values_through_private_segments():
     got[1][0, 0] = 7.0  # a mapped value is the notebook's own: writable, copy-on-write
 
 
+def test_small_arrays_of_a_reply_share_one_segment():
+    layers = [torch.randn(16, 576) for _ in range(30)]  # 36 KB each, 1.1 MB together
+    values = to_wire({**dict(enumerate(layers)), 30: torch.randn(3, 3),
+                      31: torch.randn(1024, 1024).bfloat16(), 32: [torch.arange(2048)]})
+    segments = handover.Segments()
+    packed = segments.pack(values, "rb", handover.local_token(), deadline=0.0)
+    bundled = [packed[k] for k in range(30)] + [packed[32][0]]
+    assert all(isinstance(v, handover.Shared) for v in bundled)
+    assert len({v.path for v in bundled}) == 1  # one file for all of them
+    assert all(v.offset % handover.ALIGN == 0 for v in bundled)
+    assert isinstance(packed[30], np.ndarray)  # under BUNDLE_MIN: inline
+    assert isinstance(packed[31].data, handover.Shared) and packed[31].data.path != bundled[0].path
+    assert len(_segments({os.getpid()})) == 2
+    got = from_wire(handover.unpack(packed))
+    assert not _segments({os.getpid()})  # unlinked once mapped, the bundle too
+    want = from_wire(values)
+    for k in (*range(32),):
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+    assert torch.equal(got[32][0], want[32][0])
+    got[0][0, 0] = 7.0  # each value is the notebook's own: copy-on-write, and apart
+    assert got[1][0, 0] == want[1][0, 0] and got[0][1, 0] == want[0][1, 0]
+
+
+def test_small_arrays_below_the_bundle_total_travel_inline():
+    values = {k: np.ones(1024, np.float32) for k in range(8)}  # 32 KB together
+    packed = handover.Segments().pack(values, "rs", handover.local_token(), deadline=0.0)
+    assert all(isinstance(v, np.ndarray) for v in packed.values())
+    assert not _segments({os.getpid()})
+
+
+def test_a_bundle_not_taken_is_freed():
+    values = {k: np.ones(16 << 10, np.float32) for k in range(8)}  # 512 KB in a bundle
+    segments = handover.Segments()
+    segments.pack(values, "rf", handover.local_token(), deadline=0.0)
+    assert segments.held() == 1
+    segments.free("rf")
+    assert segments.held() == 0 and not _segments({os.getpid()})
+
+
 def test_segments_not_taken_are_freed_and_other_hosts_get_frames():
     values = {1: np.ones((512, 1024))}
     segments = handover.Segments()
@@ -326,3 +365,44 @@ def test_segments_a_client_never_takes_are_freed_after_the_deadline(staged, monk
         model.layers[0].output.save()  # (the values left unmapped may not unpad)
     assert _segments(pids)  # handed over, and no one took them
     assert not _clean_within(pids, 15)  # the stages' timers freed them
+
+
+@pytest.mark.slow
+def test_small_saves_reach_the_notebook_in_one_bundle_per_stage(lab, backend, ref_lab,
+                                                                monkeypatch):
+    """Every layer's output at a short prompt (a few KB each): one shared-memory file per
+    stage's reply instead of pickled bytes, the same numbers as in process."""
+    from tpmlab.cluster import backend as backend_module
+
+    def bundle_from(settings):  # (THRESHOLD, BUNDLE_TOTAL); the module's fixture lowers the first
+        old = handover.THRESHOLD, handover.BUNDLE_TOTAL
+        handover.THRESHOLD, handover.BUNDLE_TOTAL = settings
+        return old
+
+    seen: list[handover.Shared] = []
+
+    def spying(values):
+        handover._walk(values, None, lambda shared: seen.append(shared))
+        return handover.unpack(values)
+
+    previous = backend.client.run(bundle_from, (1 << 20, 8 << 10))
+    try:
+        model = deploy(lab, MODEL, 2)
+        pids = set(backend.client.run(os.getpid).values())
+        monkeypatch.setattr(backend_module, "unpack", spying)
+        with model.trace(PROMPTS):
+            saved = [model.layers[i].output.save() for i in range(model.adapter.n_layers)]
+        got = [s.value for s in saved]
+        ref = ref_lab.model(MODEL)
+        with ref.trace(PROMPTS):
+            expected = [ref.layers[i].output.save() for i in range(ref.adapter.n_layers)]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b.value, atol=0, rtol=0)
+        by_file: dict[str, int] = {}
+        for shared in seen:
+            by_file[shared.path] = by_file.get(shared.path, 0) + 1
+        assert sorted(by_file.values()) == [2, 2], by_file  # a bundle of 2 layers per stage
+        assert not _clean_within(pids)
+    finally:
+        backend.client.run(bundle_from, next(iter(previous.values())))
+        lab.undeploy(MODEL)

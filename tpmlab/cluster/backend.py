@@ -348,8 +348,10 @@ class DaskBackend:
         """One trace's saved values and metadata: stage 0's answer ``head`` joined with what
         each later stage's ``collect`` (``later``) hands over (saves, node times, and what a
         backward kept there)."""
-        values = from_wire(unpack(head["values"]))
-        values.update(from_wire(unpack(head["saves"])))
+        # one call: a bundle of small arrays (one shared-memory file) may hold both
+        head_values, head_saves = unpack((head["values"], head["saves"]))
+        values = from_wire(head_values)
+        values.update(from_wire(head_saves))
         meta = head["meta"]
         node_seconds = dict(meta["node_seconds"])
         for f in later:

@@ -64,7 +64,13 @@ from .wire import _Typed, _Viewed
 
 SHM = Path("/dev/shm")
 PREFIX = "tpmlab-"
-THRESHOLD = 1 << 20  # bytes: smaller arrays travel inline with the reply
+THRESHOLD = 1 << 20  # bytes: an array of at least this many gets a segment of its own
+#: smaller arrays of a reply, of at least BUNDLE_MIN bytes each, share one segment when
+#: together they reach BUNDLE_TOTAL (a layer's output at a short prompt, saved for every
+#: layer): one file instead of pickled bytes through the comms; smaller ones travel inline
+BUNDLE_MIN = 4 << 10
+BUNDLE_TOTAL = 256 << 10
+ALIGN = 64  # bytes: where each array of a bundle starts
 WRITE_CHUNK = 1 << 30  # bytes per write(2) call (Linux writes at most ~2 GB at once)
 MIN_TTL = 60.0  # seconds a segment may wait for the notebook past the hand-over
 #: bytes of segments a stage makes ahead of time, at most (``TPMLAB_HANDOVER_POOL_BYTES``;
@@ -87,15 +93,16 @@ class Token(TypedDict):
 
 
 class Shared:
-    """An array handed over as a shared-memory file: ``path``, numpy ``dtype``, ``shape``."""
+    """An array handed over as a shared-memory file: ``path``, numpy ``dtype``, ``shape``,
+    starting ``offset`` bytes into the file (a bundle holds several arrays)."""
 
-    __slots__ = ("path", "dtype", "shape")
+    __slots__ = ("path", "dtype", "shape", "offset")
 
-    def __init__(self, path: str, dtype: str, shape: tuple[int, ...]) -> None:
-        self.path, self.dtype, self.shape = path, dtype, shape
+    def __init__(self, path: str, dtype: str, shape: tuple[int, ...], offset: int = 0) -> None:
+        self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
 
     def __reduce__(self):
-        return (Shared, (self.path, self.dtype, self.shape))
+        return (Shared, (self.path, self.dtype, self.shape, self.offset))
 
 
 def local_token() -> Token | None:
@@ -214,6 +221,9 @@ class Segments:
         made: list[str] = []
         used: set[str] = set()
         sizes = [n for _, n, _ in allocated.values()]  # what this request took: made again
+        small: list[np.ndarray] = []
+        _walk(values, lambda a: small.append(a) if _bundled(a) else None)
+        bundle = _Bundle(small, made) if sum(a.nbytes for a in small) >= BUNDLE_TOTAL else None
 
         def place(array: np.ndarray) -> Any:
             owned = allocated.get(array.__array_interface__["data"][0])
@@ -233,6 +243,8 @@ class Segments:
                 sizes.append(array.nbytes)
                 pooled[1].numpy()[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
                 return Shared(pooled[0], array.dtype.str, tuple(array.shape))
+            if bundle is not None and _bundled(array):
+                return bundle.place(array)
             placed = _to_segment(array, made)
             if isinstance(placed, Shared):
                 sizes.append(array.nbytes)
@@ -304,7 +316,8 @@ def unpack(values: Any) -> Any:
     """The notebook's side of :meth:`Segments.pack`: every :class:`Shared` becomes an array
     over its mapped segment (no copy), whose name is removed at once. Segments of values not
     yet reached when an error stops this are freed by the stage."""
-    return _walk(values, None, _from_segment)
+    maps: dict[str, mmap.mmap] = {}  # a bundle's file is mapped once for all its arrays
+    return _walk(values, None, lambda shared: _from_segment(shared, maps))
 
 
 def _walk(value: Any, on_array: Callable[[np.ndarray], Any] | None,
@@ -372,19 +385,60 @@ def _to_segment(array: np.ndarray, made: list[str]) -> Any:
     return Shared(path, array.dtype.str, tuple(array.shape))
 
 
-def _from_segment(shared: Shared) -> np.ndarray:
+def _from_segment(shared: Shared, maps: dict[str, mmap.mmap] | None = None) -> np.ndarray:
     dtype = np.dtype(shared.dtype)
-    nbytes = dtype.itemsize * int(np.prod(shared.shape, dtype=np.int64))
-    fd = os.open(shared.path, os.O_RDONLY)
-    try:
-        os.unlink(shared.path)  # the mapping keeps the memory; the name is not needed again
-        if nbytes == 0:
-            return np.empty(shared.shape, dtype)
-        m = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-    return np.frombuffer(m, dtype=dtype).reshape(shared.shape)
+    count = int(np.prod(shared.shape, dtype=np.int64))
+    m = maps.get(shared.path) if maps is not None else None
+    if m is None:
+        fd = os.open(shared.path, os.O_RDONLY)
+        try:
+            os.unlink(shared.path)  # the mapping keeps the memory; the name is not needed again
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return np.empty(shared.shape, dtype)
+            m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        if maps is not None:
+            maps[shared.path] = m
+    return np.frombuffer(m, dtype=dtype, count=count, offset=shared.offset).reshape(shared.shape)
+
+
+def _bundled(array: np.ndarray) -> bool:
+    """Whether ``array`` travels in its reply's bundle (when the bundle is worth making)."""
+    return BUNDLE_MIN <= array.nbytes < THRESHOLD and not array.dtype.hasobject
+
+
+class _Bundle:
+    """One new segment holding every small array of a reply (:func:`_bundled`), each at
+    an offset aligned to :data:`ALIGN` bytes, written when the first is placed."""
+
+    def __init__(self, arrays: list[np.ndarray], made: list[str]) -> None:
+        self.arrays, self.made = arrays, made
+        self.path: str | None = None
+        self.offsets: dict[int, int] = {}
+
+    def place(self, array: np.ndarray) -> Shared:
+        if self.path is None:
+            self._write()
+        return Shared(self.path, array.dtype.str, tuple(array.shape), self.offsets[id(array)])
+
+    def _write(self) -> None:
+        path, fd = _create()
+        self.made.append(path)  # freed with the request's others if the notebook never maps it
+        try:
+            offset = 0
+            for array in self.arrays:
+                self.offsets[id(array)] = offset
+                view = memoryview(np.ascontiguousarray(array)).cast("B")
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], offset + done)
+                offset += -(-array.nbytes // ALIGN) * ALIGN
+        finally:
+            os.close(fd)
+        self.path = path
 
 
 def sweep_dead() -> int:
