@@ -77,10 +77,11 @@ def test_pack_and_unpack_give_the_same_values_through_private_segments():
 def test_small_arrays_of_a_reply_share_one_segment():
     layers = [torch.randn(16, 576) for _ in range(30)]  # 36 KB each, 1.1 MB together
     values = to_wire({**dict(enumerate(layers)), 30: torch.randn(3, 3),
-                      31: torch.randn(1024, 1024).bfloat16(), 32: [torch.arange(2048)]})
+                      31: torch.randn(1024, 1024).bfloat16(), 32: [torch.arange(2048)],
+                      33: torch.randn(64, 64).bfloat16()})
     segments = handover.Segments()
     packed = segments.pack(values, "rb", handover.local_token(), deadline=0.0)
-    bundled = [packed[k] for k in range(30)] + [packed[32][0]]
+    bundled = [packed[k] for k in range(30)] + [packed[32][0], packed[33].data]
     assert all(isinstance(v, handover.Shared) for v in bundled)
     assert len({v.path for v in bundled}) == 1  # one file for all of them
     assert all(v.offset % handover.ALIGN == 0 for v in bundled)
@@ -93,6 +94,7 @@ def test_small_arrays_of_a_reply_share_one_segment():
     for k in (*range(32),):
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
     assert torch.equal(got[32][0], want[32][0])
+    assert got[33].dtype == torch.bfloat16 and torch.equal(got[33], want[33])
     got[0][0, 0] = 7.0  # each value is the notebook's own: copy-on-write, and apart
     assert got[1][0, 0] == want[1][0, 0] and got[0][1, 0] == want[0][1, 0]
 
