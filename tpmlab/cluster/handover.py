@@ -375,20 +375,26 @@ def _to_segment(array: np.ndarray, made: list[str]) -> Any:
     path, fd = _create()
     made.append(path)
     try:
-        # write(2) fills tmpfs pages faster than faulting them in through a mapping
-        view = memoryview(np.ascontiguousarray(array)).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:done + WRITE_CHUNK])
+        _write_at(fd, array, 0)
     finally:
         os.close(fd)
     return Shared(path, array.dtype.str, tuple(array.shape))
 
 
-def _from_segment(shared: Shared, maps: dict[str, mmap.mmap] | None = None) -> np.ndarray:
+def _write_at(fd: int, array: np.ndarray, offset: int) -> None:
+    """``array``'s bytes into file ``fd`` from ``offset`` (write(2) fills tmpfs pages faster
+    than faulting them in through a mapping)."""
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + WRITE_CHUNK], offset + done)
+
+
+def _from_segment(shared: Shared, maps: dict[str, mmap.mmap]) -> np.ndarray:
+    """The array ``shared`` names, over its file's mapping (``maps``: files mapped so far)."""
     dtype = np.dtype(shared.dtype)
     count = int(np.prod(shared.shape, dtype=np.int64))
-    m = maps.get(shared.path) if maps is not None else None
+    m = maps.get(shared.path)
     if m is None:
         fd = os.open(shared.path, os.O_RDONLY)
         try:
@@ -400,8 +406,7 @@ def _from_segment(shared: Shared, maps: dict[str, mmap.mmap] | None = None) -> n
                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        if maps is not None:
-            maps[shared.path] = m
+        maps[shared.path] = m
     return np.frombuffer(m, dtype=dtype, count=count, offset=shared.offset).reshape(shared.shape)
 
 
@@ -431,10 +436,7 @@ class _Bundle:
             offset = 0
             for array in self.arrays:
                 self.offsets[id(array)] = offset
-                view = memoryview(np.ascontiguousarray(array)).cast("B")
-                done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], offset + done)
+                _write_at(fd, array, offset)
                 offset += -(-array.nbytes // ALIGN) * ALIGN
         finally:
             os.close(fd)
