@@ -233,7 +233,6 @@ class Backprop:
     def _hook(self, event: int):
         written = event in self.g.written
         nodes = self._owned(self.g.by_event.get(event, []))  # decided once, not per gradient
-        run = self.runner._run
 
         def hook(grad: torch.Tensor) -> torch.Tensor | None:
             if event in self.fired:  # a value used twice in the graph: once is enough
@@ -241,9 +240,7 @@ class Backprop:
             self.check_deadline()
             g = grad.clone() if written else grad
             self.fired[event] = g
-            for node in nodes:
-                self.check_deadline()
-                run(node, None)
+            self._run_owned(nodes)
             return g if written else None
         return hook
 
@@ -286,8 +283,11 @@ class Backprop:
             self._handles.clear()
 
     def _run_nodes(self, nodes: list[Node]) -> None:
+        self._run_owned(self._owned(nodes))
+
+    def _run_owned(self, nodes: list[Node]) -> None:
         run = self.runner._run
-        for node in self._owned(nodes):
+        for node in nodes:
             self.check_deadline()
             run(node, None)
 
