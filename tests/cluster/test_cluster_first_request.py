@@ -1,5 +1,7 @@
 """A request computes the same numbers whether it is a stage's first or a later one, and
-whatever started the workers (:mod:`tpmlab.runtime.compute_threads`).
+whatever started the workers (:mod:`tpmlab.runtime.compute_threads`); and a stage's worker
+allocates as a plain process does, whatever malloc thresholds the nanny gave it
+(:mod:`tpmlab.runtime.host_malloc`).
 
 A Dask nanny spawns its worker with ``OMP_NUM_THREADS=1`` (as ``dask worker`` on an HPC
 allocation does, and as a nanny restarting a lost worker does): before a stage's thread
@@ -33,6 +35,8 @@ def spawned_lab():
             Client(cluster) as client:
         envs = client.run(lambda: __import__("os").environ.get("OMP_NUM_THREADS"))
         assert set(envs.values()) == {"1"}, envs  # the condition this test is about
+        trims = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
+        assert set(trims.values()) == {"65536"}, trims  # and the one the malloc test is about
         lab = Lab(DaskBackend(client=client, timeout=180))
         yield lab
         lab.close()
@@ -52,3 +56,32 @@ def test_first_request_on_spawned_stages_equals_later_ones_and_in_process(spawne
     for value in later:
         torch.testing.assert_close(value, first, atol=0, rtol=0)
     torch.testing.assert_close(first, reference, atol=0, rtol=0)
+
+
+def _page_faults() -> int:
+    """Minor page faults while allocating and freeing 2 MiB 200 times, as a forward's
+    activations come and go: ≈ 100,000 with the nanny's fixed thresholds, few without."""
+    import resource
+
+    import numpy as np
+
+    a = np.ones(1 << 18)
+    del a
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(200):
+        a = np.ones(1 << 18)
+        del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_stage_workers_allocate_as_a_plain_process_does(spawned_lab):
+    client = spawned_lab.backend.client
+    bare = client.run(_page_faults)
+    staged = spawned_lab.model("tiny-llama", stages=2)
+    _logits(staged)
+    assert all(m["malloc_relaxed"] for m in spawned_lab.backend.memory("tiny-llama"))
+    holders = [p.worker for p in spawned_lab.backend.deployment("tiny-llama").placements]
+    after = client.run(_page_faults, workers=holders)
+    assert len(after) == 2 and all(n < 2_000 for n in after.values()), after
+    if not all(w in after for w in bare):  # a worker without a stage: still the nanny's
+        assert max(bare.values()) > 50_000, bare

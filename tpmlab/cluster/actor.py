@@ -57,7 +57,7 @@ from ..ir.plan import SAVE, Plan
 from ..ir.schedule import Schedule
 from ..ir.session import MAX_TRACES, check_session, decode_session, imports_of
 from ..ir.validate import Limits
-from ..runtime import compute_threads, request
+from ..runtime import compute_threads, host_malloc, request
 from ..runtime.backward import forget_frames, held, registry, weight_storages
 from ..runtime.batching import BatchLayout, build_batch
 from ..runtime.decoding import Decoding, eos_ids, needs_history, next_step_inputs, next_tokens
@@ -172,6 +172,7 @@ class StageActor:
         from ..models import resolve
 
         self.spec = spec
+        host_malloc.relax()  # a nanny may have fixed malloc's thresholds: forwards fault anew
         threads = compute_threads.settle(int(spec.get("threads") or os.cpu_count() or 1))
         self.device = torch.device(spec["device"])
         if self.device.type == "cuda":
@@ -282,8 +283,10 @@ class StageActor:
         ``load_cuda_peak``); ``ipc_held``: device buffers handed to a neighbour and not yet
         acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``handover``:
         what the segments registered with CUDA did (:meth:`~.handover.Segments.counts`;
-        empty on a stage without); ``passes``: forward steps this stage ran its layers for (a
-        pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
+        empty on a stage without); ``malloc_relaxed``: whether this process set malloc's
+        thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`); ``passes``: forward
+        steps this stage ran its layers for (a pass that a ``tracer.stop()`` ended on an
+        earlier stage is not one)."""
         import psutil
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -291,7 +294,7 @@ class StageActor:
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
                "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
                "ipc_held": self.ipc_next.held() + self.ipc_prev.held(), "ipc": await self.ipc(),
-               "handover": self.segments.counts(),
+               "handover": self.segments.counts(), "malloc_relaxed": host_malloc.relaxed(),
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
