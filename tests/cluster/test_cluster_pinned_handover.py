@@ -376,3 +376,69 @@ def test_undeploying_unregisters_the_pools(staged, lab, backend):
     assert len(newest) == 2 and all(s["registered"] > 0 for s in newest), newest
     assert all(s["registered"] == s["unregistered"] for s in newest), newest
     _reports_clean(backend)
+
+
+class _Driver:
+    """A stand-in for the CUDA driver library's calls :class:`DriverRegistrar` makes,
+    recording them in order; ``fail``: the call that returns an error code."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    def __getattr__(self, name: str):
+        if not name.startswith("cu"):
+            raise AttributeError(name)
+
+        def call(*args):
+            self.calls.append((name, *(getattr(a, "value", a) for a in args)))
+            if name == "cuDevicePrimaryCtxRetain":
+                args[0]._obj.value = 0xC0  # the context's handle, written through the pointer
+            return 700 if name == self.fail else 0
+
+        return call
+
+
+def test_driver_registrar_registers_in_the_devices_primary_context():
+    driver = _Driver()
+    registrar = pinned_segments.DriverRegistrar(torch.device("cuda", 1), driver)
+    registrar.register(0x1000, 1 << 20)
+    registrar.unregister(0x1000)
+    names = [c[0] for c in driver.calls]
+    assert names == ["cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent",
+                     "cuMemHostRegister_v2", "cuCtxSetCurrent", "cuMemHostUnregister"]
+    assert driver.calls[0][2] == 1  # the stage's device
+    assert driver.calls[2][1] == 0xC0 and driver.calls[4][1] == 0xC0  # its primary context
+    assert driver.calls[3][1:] == (0x1000, 1 << 20, registrar.PORTABLE)
+    assert driver.calls[5][1] == 0x1000
+
+
+@pytest.mark.parametrize("fail", ["cuMemHostRegister_v2", "cuMemHostUnregister"])
+def test_driver_registrar_raises_on_an_error_code(fail):
+    registrar = pinned_segments.DriverRegistrar(torch.device("cuda", 0), _Driver(fail))
+    with pytest.raises(RuntimeError, match=f"{fail.removesuffix('_v2')} failed with CUresult 700"):
+        if fail == "cuMemHostUnregister":
+            registrar.unregister(0x2000)
+        else:
+            registrar.register(0x2000, 4096)
+
+
+def test_a_failed_registration_through_the_driver_costs_only_its_segment():
+    pinning = Pinning(pinned_segments.DriverRegistrar(torch.device("cuda", 0),
+                                                      _Driver("cuMemHostRegister_v2")))
+    flat = torch.zeros(4096, dtype=torch.uint8)
+    assert pinning.register(flat) is False
+    assert pinning.counts()["register_failed"] == 1 and pinning.counts()["held"] == 0
+
+
+def test_without_a_driver_library_the_runtime_bindings_register(monkeypatch):
+    monkeypatch.setattr(pinned_segments, "_driver_library", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    registrar = pinned_segments._cuda_registrar(torch.device("cuda", 0))
+    assert type(registrar) is pinned_segments.CudaRegistrar
+    monkeypatch.setattr(pinned_segments, "_driver_library", lambda: _Driver())
+    assert type(pinned_segments._cuda_registrar(torch.device("cuda", 0))) \
+        is pinned_segments.DriverRegistrar
+    monkeypatch.setattr(pinned_segments, "_driver_library", lambda: _Driver("cuDeviceGet"))
+    assert type(pinned_segments._cuda_registrar(torch.device("cuda", 0))) \
+        is pinned_segments.CudaRegistrar  # the driver refused: the runtime's way

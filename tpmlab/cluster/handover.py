@@ -561,10 +561,12 @@ class _Pool:
                     with self._lock:
                         if self._bytes + nbytes > budget:
                             break
-                    path, flat = _new_segment(nbytes, populate=True, kind=POOL_KIND)
-                    # registering locks the pages: here, off any request's path
-                    registered = self._pinning is not None and pinned_segments.ACTIVE \
-                        and self._pinning.register(flat)
+                    pin = self._pinning is not None and pinned_segments.ACTIVE
+                    # registering locks the pages, and maps each as it does: no need to
+                    # populate them first (madvise holds the GIL while it maps)
+                    path, flat = _new_segment(nbytes, populate=not pin, kind=POOL_KIND)
+                    # here, off any request's path
+                    registered = pin and self._pinning.register(flat)
                     with self._lock:
                         self._free.setdefault(nbytes, []).append((path, flat, registered))
                         self._bytes += nbytes
