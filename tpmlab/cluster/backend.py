@@ -133,7 +133,9 @@ class DaskBackend:
         if name in self.deployments:
             return self.deployments[name].info
         from ..models import resolve
+        from ..models.sources import model_dtype
 
+        dtype = model_dtype(dtype) if dtype is not None else None  # a clear error, before a lock
         source = resolve(name)
         key = deployments.deployment_key(name, source.version)
         lock = deployments.deploy_lock(self.client, key)
@@ -157,14 +159,13 @@ class DaskBackend:
         return Deployment(**vars(record), actors=actors, owner=owner)
 
     def _deploy_new(self, name: str, source: Any, key: str, n_stages: int,
-                    dtype: str | torch.dtype | None) -> Deployment:
+                    dtype: torch.dtype | None) -> Deployment:
         cleanup.install(self.client)  # released stages free their memory promptly
         quiet_profiler.install(self.client)  # no stack sampling beside a stage's thread
         workers = self.workers()
         on_gpu = any(gpu_count(w) for w in workers.values())
         if dtype is None:
             dtype = torch.bfloat16 if on_gpu else torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         layer_bytes, first, last = part_bytes(source.meta_model(), source.adapter, dtype)
         try:
             spans = split_layers(layer_bytes, first, last, n_stages)

@@ -64,6 +64,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+#: the dtypes a model's weights and activations may be loaded in, by name
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "float64": torch.float64}
+
+
+def model_dtype(value: str | torch.dtype) -> torch.dtype:
+    """A model's dtype from a torch dtype or its name (``"bfloat16"``, ``"torch.float16"``);
+    ``TypeError`` naming the choices for anything else (an integer dtype, a typo)."""
+    name = value if isinstance(value, str) else str(value)
+    name = name.strip().removeprefix("torch.")
+    if name not in MODEL_DTYPES:
+        raise TypeError(f"a model cannot be loaded in dtype {value!r}; "
+                        f"choose one of {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
+
+
 class ModelSource(ABC):
     """Where a model's config, tokenizer and weights come from.
 

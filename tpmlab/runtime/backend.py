@@ -69,10 +69,14 @@ class LocalBackend:
     ran (``batch_size``); its ``compute_seconds`` are the pass's.
     """
 
-    def __init__(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 limits: Limits = Limits(), batching: BatchPolicy | None = None) -> None:
+    def __init__(self, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, limits: Limits = Limits(),
+                 batching: BatchPolicy | None = None) -> None:
+        from ..models.sources import model_dtype
+
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = model_dtype(dtype) if dtype is not None else \
+            (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.limits = limits
         self.hosts: dict[str, ModelHost] = {}
         self.batching = batching or BatchPolicy()
@@ -82,9 +86,12 @@ class LocalBackend:
     def deploy(self, name: str, **options: Any) -> ModelInfo:
         if name not in self.hosts:
             from ..models import resolve
+            from ..models.sources import model_dtype
 
+            dtype = options.get("dtype")
+            dtype = model_dtype(dtype) if dtype is not None else self.dtype
             source = resolve(name)
-            loaded = source.load(dtype=options.get("dtype", self.dtype), device=self.device)
+            loaded = source.load(dtype=dtype, device=self.device)
             self.hosts[name] = ModelHost(name, loaded.model, loaded.tokenizer, loaded.version,
                                          loaded.adapter.family, source=source,
                                          limits=self.limits, meta_model=source.meta_model())
