@@ -281,6 +281,9 @@ def main() -> None:
     parser.add_argument("--worker-env", default="",
                         help="main: KEY=VALUE,... on top of the workers' environment "
                              "(e.g. GOMP_SPINCOUNT=0, which sleeps at once, as a passive wait)")
+    parser.add_argument("--spawn", action="store_true",
+                        help="main: spawn the workers (as `dask worker` and "
+                             "connect(warm_start=False) do) instead of forking them warm")
     parser.add_argument("--sections", default="main,tls",
                         help="comma-separated: main (stages vs local), tls (TLS vs plain TCP)")
     parser.add_argument("--tls-model", default=None, help="model of the tls section (default: --model)")
@@ -306,7 +309,8 @@ def stages_vs_local(args: argparse.Namespace) -> None:
     local_work = {name: local.workload(name) for name in local.names}
     rows: dict[str, dict[str, tuple[float, float]]] = {}  # stages -> workload -> (local, staged)
     env = dict(kv.split("=", 1) for kv in args.worker_env.split(",") if kv)
-    with start_local_cluster(args.workers, dashboard_address=":0", env=env) as cluster, \
+    with start_local_cluster(args.workers, dashboard_address=":0", env=env,
+                             warm_start=not args.spawn) as cluster, \
             Client(cluster) as client:
         lab = Lab(DaskBackend(client=client, threads=args.stage_threads))
         memory, phases = {}, {}
@@ -332,7 +336,7 @@ def stages_vs_local(args: argparse.Namespace) -> None:
     print(f"\n{args.model}, median of {args.repeats} per trace, local and staged requests "
           f"alternating (ms: local / staged (ratio)); stage torch threads: "
           f"{args.stage_threads or 'all cores'}; worker environment: "
-          f"{args.worker_env or 'the default'}")
+          f"{args.worker_env or 'the default'}{', spawned' if args.spawn else ''}")
     print(f"{'':10}" + "".join(f"{n:>30}" for n in names))
     for key, row in rows.items():
         cells = "".join(f"{row[n][0] * 1e3:>10.1f} /{row[n][1] * 1e3:>8.1f} ({row[n][1] / row[n][0]:4.2f}x)"
