@@ -29,6 +29,7 @@ backward, so a gradient crosses each hop back.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from typing import Any
@@ -217,6 +218,15 @@ def _register_echo(dask_worker: Any) -> None:
     dask_worker.handlers["tpmlab_echo"] = tpmlab_echo
 
 
+async def _straight(client: Any, address: str, key: str, x: Any) -> Any:
+    """An actor's ``echo`` called through the client's connection pool (``DaskBackend._call``)."""
+    from distributed.protocol import to_serialize
+
+    answer = await client.rpc(address).actor_execute(function="echo", actor=key,
+                                                     args=[to_serialize(x)], kwargs={})
+    return answer["result"]
+
+
 def channels(repeats: int, gpu: bool = False) -> None:
     import numpy as np
     from distributed import Client
@@ -237,13 +247,18 @@ def channels(repeats: int, gpu: bool = False) -> None:
         print("\nround trip carrying a value (median / p10 ms)")
         for name, shape in sizes.items():
             x = np.random.rand(*shape).astype(np.float32)
-            rows = {"client -> actor": [], "worker A -> actor on B": [],
-                    "worker A -> rpc handler on B": []}
+            rows = {"client -> actor": [], "client -> actor, straight": [],
+                    "worker A -> actor on B": [], "worker A -> rpc handler on B": []}
             for i in range(repeats + 3):
                 t = time.perf_counter()
                 ra.echo(x).result()
                 if i >= 3:
                     rows["client -> actor"].append((time.perf_counter() - t) * 1e3)
+                t = time.perf_counter()  # as DaskBackend._call makes a request's calls
+                asyncio.run_coroutine_threadsafe(_straight(client, a, ra.key, x),
+                                                 client.loop.asyncio_loop).result()
+                if i >= 3:
+                    rows["client -> actor, straight"].append((time.perf_counter() - t) * 1e3)
             rows["worker A -> actor on B"] = ra.via_actor(x, repeats + 3).result()[3:]
             rows["worker A -> rpc handler on B"] = ra.via_rpc(x, b, repeats + 3).result()[3:]
             for k, v in rows.items():
