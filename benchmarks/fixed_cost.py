@@ -218,20 +218,12 @@ def _register_echo(dask_worker: Any) -> None:
     dask_worker.handlers["tpmlab_echo"] = tpmlab_echo
 
 
-async def _straight(client: Any, address: str, key: str, x: Any) -> Any:
-    """An actor's ``echo`` called through the client's connection pool (``DaskBackend._call``)."""
-    from distributed.protocol import to_serialize
-
-    answer = await client.rpc(address).actor_execute(function="echo", actor=key,
-                                                     args=[to_serialize(x)], kwargs={})
-    return answer["result"]
-
-
 def channels(repeats: int, gpu: bool = False) -> None:
     import numpy as np
     from distributed import Client
 
     from benchmarks.cluster_gpu import start_gpu_cluster
+    from tpmlab.cluster.backend import actor_call
     from tpmlab.cluster.embedded import start_local_cluster
 
     sizes = {"[1, 16, 576] fp32 (37 KB)": (1, 16, 576),
@@ -255,7 +247,7 @@ def channels(repeats: int, gpu: bool = False) -> None:
                 if i >= 3:
                     rows["client -> actor"].append((time.perf_counter() - t) * 1e3)
                 t = time.perf_counter()  # as DaskBackend._call makes a request's calls
-                asyncio.run_coroutine_threadsafe(_straight(client, a, ra.key, x),
+                asyncio.run_coroutine_threadsafe(actor_call(client, a, ra.key, "echo", x),
                                                  client.loop.asyncio_loop).result()
                 if i >= 3:
                     rows["client -> actor, straight"].append((time.perf_counter() - t) * 1e3)

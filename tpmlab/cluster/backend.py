@@ -415,16 +415,9 @@ class DaskBackend:
         status = dep.futures[stage].status
         if status not in ("finished", "pending"):
             raise RuntimeError(f"Worker holding Actor was lost.  Status: {status}")
-        address, key = dep.placements[stage].worker, dep.actors[stage].key
-
-        async def call() -> Any:
-            answer = await self.client.rpc(address).actor_execute(
-                function=method, actor=key, args=[to_serialize(a) for a in args], kwargs={})
-            if answer["status"] != "OK":
-                raise answer["exception"]
-            return answer["result"]
-
-        return asyncio.run_coroutine_threadsafe(call(), self.client.loop.asyncio_loop)
+        call = actor_call(self.client, dep.placements[stage].worker, dep.actors[stage].key,
+                          method, *args)
+        return asyncio.run_coroutine_threadsafe(call, self.client.loop.asyncio_loop)
 
     def _wait(self, dep: Deployment, req: str, future: Any, deadline: float, model: str,
               timeout: float) -> Any:
@@ -560,6 +553,17 @@ class DaskBackend:
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+
+
+async def actor_call(client: Client, address: str, key: str, method: str, *args: Any) -> Any:
+    """``method`` of the actor ``key`` on worker ``address``, called as Dask's actor handle
+    calls it (the worker's ``actor_execute``) through ``client``'s connection pool, on its
+    event loop: the method's answer, or the exception it raised there."""
+    answer = await client.rpc(address).actor_execute(
+        function=method, actor=key, args=[to_serialize(a) for a in args], kwargs={})
+    if answer["status"] != "OK":
+        raise answer["exception"]
+    return answer["result"]
 
 
 def _fetched(value: Any) -> Any:
