@@ -10,7 +10,11 @@ requests: each save copied into fresh pinned memory, then into a segment when th
 packed), against ``shared memory`` (the device copies each save straight into a registered
 segment); each request then starts with the stages' pools filled for its way (an untimed
 request after each switch, and a wait for the pools' background threads before each
-request), and the stages' registration counts are printed at the end.
+request), and the stages' registration counts are printed at the end. With
+``--compare-gaps``, ``shared memory, fill beside compute`` lets the stages' pools make and
+register segments while the stages compute (:mod:`tpmlab.cluster.compute_gaps`,
+``ACTIVE = False``), against ``shared memory`` (only between computations); requests
+follow each other without waiting for the pools, as a notebook's do.
 
 A trace saving a large value (``--save logits``: the last stage's logits
 ``[batch, pos, vocab]``; ``--save layers``: every layer's output, from every stage) is timed
@@ -24,6 +28,8 @@ plain copy of as many bytes into fresh memory in this process.
         --save layers --shape 8x512 --dtype bfloat16                  # 2 workers, 1 GPU
     python -m benchmarks.handover --device cuda --model llama-3-8b-shape \
         --save layers --shape 8x512 --dtype bfloat16 --compare-pin     # registered or not
+    python -m benchmarks.handover --device cuda --model llama-3-8b-shape \
+        --save layers --shape 1x128 --dtype bfloat16 --compare-gaps    # fill between or beside
 """
 
 from __future__ import annotations
@@ -46,11 +52,12 @@ def start(device: str) -> Any:
     return start_local_cluster(n_workers=2)
 
 
-def _ways(direct: bool, pin: bool) -> None:
-    from tpmlab.cluster import handover, pinned_segments
+def _ways(direct: bool, pin: bool, gaps: bool = True) -> None:
+    from tpmlab.cluster import compute_gaps, handover, pinned_segments
 
     handover.DIRECT = direct
     pinned_segments.ACTIVE = pin
+    compute_gaps.ACTIVE = gaps
 
 
 def _settle(lab: Any, model: str, seconds: float = 30.0) -> list[dict[str, int]]:
@@ -100,6 +107,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare-pin", action="store_true",
                         help="add a row with segments registered with CUDA switched off")
+    parser.add_argument("--compare-gaps", action="store_true",
+                        help="add a row with the pool filling beside the stage's computations "
+                             "(tpmlab.cluster.compute_gaps switched off)")
     args = parser.parse_args()
     from distributed import Client
 
@@ -113,11 +123,15 @@ def main() -> None:
             "dask comms": Lab(DaskBackend(client=client, handover=False))}
     if args.compare_pin:
         labs = {"shared memory": shared, "shared memory, pinned copy": shared, **labs}
+    if args.compare_gaps:
+        labs = {"shared memory": shared, "shared memory, fill beside compute": shared, **labs}
     models = {}
     for name, lab in labs.items():  # the others attach to the first's deployment
         models[name] = lab.model(args.model, stages=args.stages, dtype=args.dtype)
     direct = {way: way != "shared memory, copy + write" for way in labs}
     pin = {way: way != "shared memory, pinned copy" for way in labs}
+    gaps = {way: way != "shared memory, fill beside compute" for way in labs}
+    settle = args.compare_pin or args.compare_gaps
     rows, pos = (int(x) for x in args.shape.split("x"))
     vocab = models["shared memory"].info.vocab_size
     ids = torch.randint(0, vocab, (rows, pos), generator=torch.Generator().manual_seed(0))
@@ -126,17 +140,17 @@ def main() -> None:
     times: dict[tuple[str, str, bool], list[float]] = {c: [] for c in cases}
     nbytes = 0
     for c in cases:  # warm-up
-        client.run(_ways, direct[c[0]], pin[c[0]])
+        client.run(_ways, direct[c[0]], pin[c[0]], gaps[c[0]])
         trace(models[c[0]], ids, c[1], c[2])
     last_way = None
     for r in range(args.repeats):
         for c in cases if r % 2 == 0 else cases[::-1]:
-            client.run(_ways, direct[c[0]], pin[c[0]])
+            client.run(_ways, direct[c[0]], pin[c[0]], gaps[c[0]])
+            if settle and c[0] != last_way:  # an untimed request after each switch
+                _settle(shared, args.model)
+                trace(models[c[0]], ids, args.save, False)
+            last_way = c[0]
             if args.compare_pin:  # the pools hold segments of this way's kind, filled
-                if c[0] != last_way:
-                    _settle(shared, args.model)
-                    trace(models[c[0]], ids, args.save, False)
-                last_way = c[0]
                 _settle(shared, args.model)
             t = time.perf_counter()
             n = trace(models[c[0]], ids, c[1], c[2])
@@ -150,17 +164,17 @@ def main() -> None:
         copies.append(time.perf_counter() - t)
     print(f"{args.model} {args.stages} stages on {args.device}, {args.shape}, saving {args.save}: "
           f"{nbytes / 1e6:.0f} MB, median of {args.repeats}")
-    print(f"{'':28s}{'trace, 1 token':>16s}{'with saves':>12s}{'GB/s':>7s}"
+    print(f"{'':36s}{'trace, 1 token':>16s}{'with saves':>12s}{'GB/s':>7s}"
           f"{'+ touch':>10s}{'GB/s':>7s}")
     for way in labs:
         base = statistics.median(times[(way, "token", False)])
         big = statistics.median(times[(way, args.save, False)])
         touched = statistics.median(times[(way, args.save, True)])
-        print(f"{way:28s}{base * 1e3:13.1f} ms{big * 1e3:9.1f} ms"
+        print(f"{way:36s}{base * 1e3:13.1f} ms{big * 1e3:9.1f} ms"
               f"{_rate(nbytes, big - base):>7s}{touched * 1e3:7.1f} ms"
               f"{_rate(nbytes, touched - base):>7s}")
     print(f"plain copy in this process: {nbytes / statistics.median(copies) / 1e9:.2f} GB/s")
-    if args.compare_pin:
+    if settle:
         for k, counts in enumerate(_settle(shared, args.model)):
             print(f"stage {k} registered segments: {counts or 'none (not a GPU stage)'}")
     for lab in {id(lab): lab for lab in labs.values()}.values():

@@ -354,6 +354,29 @@ def test_an_interrupted_client_and_a_missed_deadline_unregister(staged, backend,
     _reports_clean(backend)
 
 
+async def _stage_work_is_computing(dask_worker=None) -> list[tuple[bool, bool]]:
+    """On a worker: for each stage, whether work run through its thread counts as the
+    stage's computation, and whether the stage counts as computing outside it."""
+    from tpmlab.cluster.actor import StageActor
+
+    out = []
+    for actor in dask_worker.state.actors.values():
+        if isinstance(actor, StageActor):
+            inside = await actor._compute(actor.gaps.busy)
+            out.append((inside, actor.gaps.busy()))
+    return out
+
+
+@pytest.mark.slow
+def test_a_stages_work_keeps_its_pool_waiting(staged, backend):
+    """The stage's requests run on its thread as computations, which the pool's fill
+    waits out (:mod:`tpmlab.cluster.compute_gaps`)."""
+    model, _, _ = staged
+    _trace_all(model)
+    found = [r for rows in backend.client.run(_stage_work_is_computing).values() for r in rows]
+    assert found and all(r == (True, False) for r in found), found
+
+
 @pytest.mark.slow
 def test_undeploying_unregisters_the_pools(staged, lab, backend):
     """Last in this module: stages deployed anew, used, then undeployed: every registration
@@ -442,3 +465,4 @@ def test_without_a_driver_library_the_runtime_bindings_register(monkeypatch):
     monkeypatch.setattr(pinned_segments, "_driver_library", lambda: _Driver("cuDeviceGet"))
     assert type(pinned_segments._cuda_registrar(torch.device("cuda", 0))) \
         is pinned_segments.CudaRegistrar  # the driver refused: the runtime's way
+

@@ -69,6 +69,7 @@ from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
 from . import cuda_ipc, pinned_segments
 from .backward import stage_backward
+from .compute_gaps import Gaps
 from .handover import Segments, Token
 from .partition import StageSpan
 from .remote_store import STORE, to_array
@@ -205,7 +206,9 @@ class StageActor:
                                         initializer=compute_threads.settle, initargs=(threads,))
         # saves handed over in shared memory, until taken; on a GPU, copied from the device
         # into segments registered with CUDA (unregistered after the stage's thread's work)
-        self.segments = Segments(pinned_segments.for_device(self.device, self._pool.submit))
+        self.gaps = Gaps()  # the stage thread's computations, which its pool's fill avoids
+        self.segments = Segments(pinned_segments.for_device(self.device, self._pool.submit),
+                                 self.gaps)
         self.pad_id: int | None = None  # from the model's info (:meth:`link`)
         self.passes = 0  # forward passes (steps) this stage ran its layers for
         self._tok: Any = None  # the tokenizer, once a request needs it
@@ -359,7 +362,12 @@ class StageActor:
 
     # -- compute -----------------------------------------------------------------------------------
     async def _compute(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._computing,
+                                                                  fn, *args)
+
+    def _computing(self, fn: Any, *args: Any) -> Any:
+        with self.gaps.computing():  # the pool makes and registers segments between these
+            return fn(*args)
 
     def _meta_modules(self) -> dict[str, torch.nn.Module]:
         if self._meta is None:

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from . import pinned_segments
+from .compute_gaps import Gaps
 from .pinned_segments import Pinning
 from .wire import _Typed, _Viewed
 
@@ -129,9 +130,10 @@ class Segments:
 
     ``pinning``: a GPU stage's registration of segments with CUDA
     (:mod:`.pinned_segments`): its pool registers the segments it makes, and its runner
-    copies saves from the device into them (:meth:`allocator`)."""
+    copies saves from the device into them (:meth:`allocator`). ``gaps``: the stage's
+    computations; its pool makes segments only between them (:mod:`.compute_gaps`)."""
 
-    def __init__(self, pinning: Pinning | None = None) -> None:
+    def __init__(self, pinning: Pinning | None = None, gaps: Gaps | None = None) -> None:
         self._by_request: dict[str, list[str]] = {}
         # segments a runner allocated and filled, by request: {address: (path, nbytes,
         # registered)}
@@ -140,7 +142,7 @@ class Segments:
         self._pinned: dict[str, list[torch.Tensor]] = {}
         self._lock = threading.Lock()  # the stage's thread allocates, its event loop packs
         self.pinning = pinning
-        self._pool = _Pool(pinning)
+        self._pool = _Pool(pinning, gaps)
         # saves handed over in registered segments; saves that found none ready (a pinned copy)
         self._counts = {"pinned": 0, "unpinned": 0}
         weakref.finalize(self, _unlink_all, self._by_request)  # also runs at exit
@@ -488,9 +490,10 @@ class _Pool:
     With a ``pinning`` (a GPU stage), that thread also registers each segment with CUDA
     (:mod:`.pinned_segments`); a segment that fails to register stays, unregistered, for
     copies made on the host. The pinning holds each registered mapping until it is
-    unregistered (at the latest when the pinning goes)."""
+    unregistered (at the latest when the pinning goes). With ``gaps``, each segment is made
+    while the stage does not compute (:mod:`.compute_gaps`)."""
 
-    def __init__(self, pinning: Pinning | None = None) -> None:
+    def __init__(self, pinning: Pinning | None = None, gaps: Gaps | None = None) -> None:
         # by size: (path, flat uint8 tensor over its mapping, registered)
         self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
         self._bytes = 0
@@ -498,6 +501,7 @@ class _Pool:
         self._filling = False
         self._wanted: list[int] = []  # sizes asked for while a fill ran
         self._pinning = pinning
+        self._gaps = gaps  # the stage's computations, which the fill stays out of
         weakref.finalize(self, _unlink_pooled, self._free)
 
     def ready_bytes(self) -> int:
@@ -561,6 +565,8 @@ class _Pool:
                     with self._lock:
                         if self._bytes + nbytes > budget:
                             break
+                    if self._gaps is not None:  # between the stage's computations
+                        self._gaps.wait()
                     pin = self._pinning is not None and pinned_segments.ACTIVE
                     # registering locks the pages, and maps each as it does: no need to
                     # populate them first (madvise holds the GIL while it maps)
