@@ -12,6 +12,11 @@ call (what a stage hop is today) and by Dask's comm ``rpc`` to a handler registe
 worker (the leaner channel a stage could use for the hidden state), and a client -> actor
 round trip; on the same TLS cluster, interleaved.
 
+``link``: the same trace with the direct channels (:mod:`tpmlab.cluster.stage_link`: client
+to each stage, stage to stage) on and off, alternating request by request on one deployment
+(``stage_link.ACTIVE`` in the client and on the workers): the medians of each way's total and hops, and the median of the differences
+between neighbouring requests.
+
 ``--gpu``: the workers are ``cluster_gpu.py``'s (one GPU each, sharing one if there is
 one); channels also hand a bf16 tensor from A's GPU to B's, through host memory (a stage
 hop's ordinary way) and through CUDA IPC. ``--cuda-ipc on|off|both`` (``--no-cuda-ipc``: off): hidden states and gradients
@@ -24,6 +29,7 @@ backward, so a gradient crosses each hop back.
     python benchmarks/fixed_cost.py --gpu --models llama-3-8b-shape --dtype bfloat16 \\
         --tokens 128 --sections trace --workloads trace,grad --cuda-ipc both
     python benchmarks/fixed_cost.py --gpu --sections channels
+    python benchmarks/fixed_cost.py --sections link --models tiny-llama --tokens 16 --repeats 200
 """
 
 from __future__ import annotations
@@ -126,6 +132,64 @@ def traces(models: list[str], tokens: list[int], repeats: int, with_local: bool,
                         print("  hops: " + ", ".join(f"{k} {v:.2f}" for k, v in hops.items()),
                               flush=True)
                 print("\n".join(ipc_hops(lab.backend.memory(m))), flush=True)
+            lab.undeploy(m)
+        lab.close()
+
+
+def _use_link(on: bool, dask_worker: Any = None) -> None:
+    """The stage links on or off in this process (the client's links to the stages) or on a
+    worker (a stage's link to the next)."""
+    from tpmlab.cluster import stage_link
+
+    stage_link.ACTIVE = on
+
+
+def link_ab(models: list[str], tokens: list[int], repeats: int, gpu: bool = False,
+            dtype: str | None = None) -> None:
+    """Each trace with the stage link on, then off, then on...: paired."""
+    from distributed import Client
+
+    from benchmarks.cluster_gpu import start_gpu_cluster
+    from tpmlab.cluster import DaskBackend
+    from tpmlab.cluster.embedded import start_local_cluster
+    from tpmlab.lab import Lab
+
+    kw = {"dtype": dtype} if dtype else {}
+    cluster = start_gpu_cluster(2) if gpu else start_local_cluster(2, dashboard_address=":0")
+    with cluster, Client(cluster) as client:
+        lab = Lab(DaskBackend(client=client, timeout=600))
+        for m in models:
+            model = lab.model(m, stages=2, **kw)
+            for n in tokens:
+                go = trace_fn(model, n)
+                for _ in range(3):
+                    go()
+                rows: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+                try:
+                    for r in range(2 * repeats):
+                        on = r % 2 == 0
+                        client.run(_use_link, on)
+                        _use_link(on)
+                        lab.backend.phases = []
+                        t = time.perf_counter()
+                        go()
+                        total = (time.perf_counter() - t) * 1e3
+                        ph = lab.backend.phases[0]
+                        rows[on].append({"total": total, **hop_times(ph),
+                                         "stage 0 -> 1, one way": ph["stage0 hop out"],
+                                         "stage 1 -> 0, one way": ph["stage0 hop back"]})
+                        lab.backend.phases = None
+                finally:
+                    client.run(_use_link, True)
+                    _use_link(True)
+                print(f"\n{m}, trace {n} tok, stage links on / off, medians of {repeats} "
+                      f"(paired: median of on - off, neighbouring requests)")
+                for k in rows[True][0]:
+                    on_v = [x[k] for x in rows[True]]
+                    off_v = [x[k] for x in rows[False]]
+                    diff = statistics.median(a - b for a, b in zip(on_v, off_v))
+                    print(f"  {k:36s} {statistics.median(on_v):7.2f} / "
+                          f"{statistics.median(off_v):7.2f} ms   paired {diff:+.2f} ms", flush=True)
             lab.undeploy(m)
         lab.close()
 
@@ -296,6 +360,9 @@ def main() -> None:
                workloads=tuple(args.workloads.split(",")))
     if "channels" in sections:
         channels(args.repeats, gpu=args.gpu)
+    if "link" in sections:
+        link_ab(args.models.split(","), [int(t) for t in args.tokens.split(",")], args.repeats,
+                gpu=args.gpu, dtype=args.dtype)
 
 
 if __name__ == "__main__":

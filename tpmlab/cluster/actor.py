@@ -67,7 +67,7 @@ from ..runtime.load_meter import LoadMeter
 from ..runtime.plan_cache import PlanCache
 from ..runtime.runner import PlanRunner, StopForward
 from ..runtime.weights import WeightGuard
-from . import cuda_ipc, pinned_segments
+from . import cuda_ipc, pinned_segments, stage_link
 from .backward import stage_backward
 from .compute_gaps import Gaps
 from .handover import Segments, Token
@@ -109,6 +109,9 @@ class StageOutput(TypedDict):
 
 GRACE = 5.0  # seconds a request's leftovers may outlive its deadline before a sweep drops them
 ENDED_TTL = 120.0  # seconds an aborted request's id is remembered (a late collect returns at once)
+#: what the previous stage and the notebook's client may call through the stage link
+#: (:mod:`.stage_link`); the rest (linking, abort, memory, ...) goes through Dask
+LINK_CALLS = frozenset({"step", "finish", "ipc_ack", "run", "collect", "run_session"})
 
 
 class _Slot:
@@ -194,6 +197,8 @@ class StageActor:
         self.backprops = registry()  # requests' gradient state here (memory() reports it)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
+        self.link_next: stage_link.LinkClient | None = None  # to the next stage, on this host
+        self._link_server: stage_link.LinkServer | None = None  # for the previous stage
         self.info: ModelInfo | None = None
         self.owned: range | None = None
         self.requests: dict[str, _Request] = {}
@@ -234,8 +239,12 @@ class StageActor:
         """Set the next stage's actor (``None`` on the last stage) and the model's info; the
         two stages tell each other where their tensors live (:mod:`.cuda_ipc`)."""
         self.next = next_stage
+        if self.link_next is not None:  # relinked (a stage was replaced): a new channel
+            self.link_next.close()
+            self.link_next = None
         peer = None
         if next_stage is not None:
+            self.link_next = await self._connect_link(next_stage)
             try:
                 peer = await asyncio.wait_for(
                     _await_within(next_stage.ipc_hello(cuda_ipc.identity(self.ipc_id)),
@@ -252,6 +261,30 @@ class StageActor:
         starts = self.info.stage_starts
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
+
+    async def _connect_link(self, next_stage: Any) -> stage_link.LinkClient | None:
+        if not stage_link.enabled():
+            return None
+        try:
+            address = await asyncio.wait_for(_await_within(
+                next_stage.stage_link(), time.monotonic() + 30, "the next stage"), 31)
+        except Exception:  # noqa: BLE001 - an older or unreachable peer: Dask's calls
+            return None
+        return await stage_link.connect_or_none(address)
+
+    async def stage_link(self) -> stage_link.Address:
+        """Where the previous stage may call this one directly (:mod:`.stage_link`)."""
+        if self._link_server is None:
+            self._link_server = await stage_link.LinkServer(self, LINK_CALLS).start()
+        return self._link_server.address()
+
+    def _next_call(self, method: str, *args: Any) -> Any:
+        """Call ``method`` on the next stage: through the stage link where there is one (and
+        it is up), else through Dask; an awaitable of the result. On the event loop."""
+        link = self.link_next
+        if link is not None and link.alive and stage_link.ACTIVE:
+            return link.call(method, *args)
+        return getattr(self.next, method)(*args)
 
     async def ipc_hello(self, prev: cuda_ipc.Identity) -> cuda_ipc.Identity:
         """The previous stage's :class:`~.cuda_ipc.Identity` in, this one's out (at link time)."""
@@ -510,7 +543,7 @@ class StageActor:
         here), without waiting for its answer."""
         if not isinstance(value, cuda_ipc.IpcTensor) or self.next is None:
             return
-        task = asyncio.ensure_future(_quietly(self.next.ipc_ack(req, [value.buffer])))
+        task = asyncio.ensure_future(_quietly(self._next_call("ipc_ack", req, [value.buffer])))
         self._acks.add(task)
         task.add_done_callback(self._acks.discard)
 
@@ -600,7 +633,7 @@ class StageActor:
                 nonlocal sent_at
                 sent_at = time.time()
                 try:
-                    sent.set_result(self.next.step(out))
+                    sent.set_result(self._next_call("step", out))
                 except BaseException as e:  # noqa: BLE001 - raised by the awaiting coroutine
                     sent.set_exception(e)
 
@@ -661,7 +694,7 @@ class StageActor:
                     out = {**out, "timeout": deadline - time.monotonic(),
                            "hidden": to_wire(await self._compute(self.ipc_next.refused,
                                                                  out["hidden"], req))}
-                    reply = await _await_within(self.next.step(out), deadline,
+                    reply = await _await_within(self._next_call("step", out), deadline,
                                                 f"stage {self.span.index + 1}")
                 self.ipc_next.release(req)  # the reply acknowledged the hidden state
                 # one-way times to the next stage and back (wall clocks: exact on one host)
@@ -734,7 +767,7 @@ class StageActor:
         if not self.span.is_first:
             self._hand_over(req, output)
         if self.next is not None:
-            await _await_within(self.next.finish(req, steps_run, timeout), deadline,
+            await _await_within(self._next_call("finish", req, steps_run, timeout), deadline,
                                 f"stage {self.span.index + 1}")
         return output if self.span.is_first else None
 

@@ -52,7 +52,7 @@ from ..ir.session import split_session
 from ..ir.validate import Limits
 from ..remote import RemoteValue, RemoteValues
 from ..runtime.limits import limits_to_wire
-from . import cleanup, deployments, quiet_profiler
+from . import cleanup, deployments, quiet_profiler, stage_link
 from .actor import StageActor, pad_token_id
 from .deployments import DeploymentRecord
 from .embedded import start_local_cluster
@@ -117,6 +117,8 @@ class DaskBackend:
         self.threads = threads
         self.limits = limits
         self.handover = local_token() if handover else None  # who may receive shared memory
+        # direct channels to stages on this host, by actor key (None: none, through Dask)
+        self._links: dict[str, stage_link.LinkClient | None] = {}
         self.deployments: dict[str, Deployment] = {}
         self.phases: list[dict[str, float]] | None = None  # a list: each request's phases (ms)
         self.remote = RemoteValues()  # remote saves handed to the notebook, by model
@@ -415,9 +417,39 @@ class DaskBackend:
         status = dep.futures[stage].status
         if status not in ("finished", "pending"):
             raise RuntimeError(f"Worker holding Actor was lost.  Status: {status}")
-        call = actor_call(self.client, dep.placements[stage].worker, dep.actors[stage].key,
-                          method, *args)
+        worker, key = dep.placements[stage].worker, dep.actors[stage].key
+        link = self._links.get(key)
+        if link is not None and link.alive and stage_link.ACTIVE:
+            call = _over_link(link, method, *args)
+        else:
+            if key not in self._links:  # the first call: a stage on this host gets a link
+                self._links[key] = None  # for the calls after this one
+                asyncio.run_coroutine_threadsafe(self._link_to(worker, key),
+                                                 self.client.loop.asyncio_loop)
+            call = actor_call(self.client, worker, key, method, *args)
         return asyncio.run_coroutine_threadsafe(call, self.client.loop.asyncio_loop)
+
+    async def _link_to(self, worker: str, key: str) -> None:
+        """Connect a direct channel to the stage ``key`` if it shares this host
+        (:mod:`.stage_link`); until then, and if not, its calls go through Dask."""
+        if not stage_link.enabled():
+            return
+        try:
+            address = await asyncio.wait_for(actor_call(self.client, worker, key,
+                                                        "stage_link"), 30)
+        except Exception:  # noqa: BLE001 - an older stage, a lost worker: through Dask
+            return
+        link = await stage_link.connect_or_none(address)
+        if link is not None and key in self._links:
+            self._links[key] = link
+        elif link is not None:  # undeployed meanwhile
+            link.close()
+
+    def _unlink(self, keys: list[str]) -> None:
+        for key in keys:
+            link = self._links.pop(key, None)
+            if link is not None:
+                self.client.loop.add_callback(link.close)
 
     def _wait(self, dep: Deployment, req: str, future: Any, deadline: float, model: str,
               timeout: float) -> Any:
@@ -492,6 +524,7 @@ class DaskBackend:
                 dep.actors[k] = _result(dep.futures[k], SETUP_TIMEOUT, f"re-loading stage {k}")
                 dep.placements[k], dep.specs[k] = place, spec
                 keep.append(place)
+                self._unlink([old.key])
                 old.release()
             dep.info.stage_workers = [s.worker for s in dep.placements]
             dep.info.extra["stage_devices"] = [s.device for s in dep.placements]
@@ -533,6 +566,7 @@ class DaskBackend:
             record = deployments.lookup(self.client, dep.key)
             if record is not None and [f.key for f in record.futures] == [f.key for f in dep.futures]:
                 deployments.unpublish(self.client, dep.key)
+        self._unlink([a.key for a in dep.actors])
         for f in dep.futures:
             f.release()
         dep.actors.clear()
@@ -553,6 +587,10 @@ class DaskBackend:
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+
+
+async def _over_link(link: stage_link.LinkClient, method: str, *args: Any) -> Any:
+    return await link.call(method, *args)
 
 
 async def actor_call(client: Client, address: str, key: str, method: str, *args: Any) -> Any:

@@ -1,0 +1,283 @@
+"""The direct channel between neighbouring stages on one host (:mod:`tpmlab.cluster.
+stage_link`): calls and replies with their arrays intact, concurrent calls answered as each
+ends, errors raised on the caller, only the stage's own user with the link's secret served,
+a broken connection failing its calls as a lost worker does, and on a real cluster the
+stages linked and giving the numbers they give through Dask."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from distributed.comm.core import CommClosedError
+
+from tpmlab.cluster import stage_link
+from tpmlab.cluster.stage_link import LinkClient, LinkServer
+from tpmlab.errors import ExecutionError
+
+from .conftest import deploy
+
+
+class Unpicklable(Exception):
+    def __init__(self, a, b):  # pickling re-creates it with one argument: fails
+        super().__init__(f"{a} {b}")
+
+
+class Target:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def echo(self, value):
+        self.calls.append("echo")
+        return {"value": value, "pid": os.getpid()}
+
+    async def slow(self, seconds, tag):
+        self.calls.append("slow")
+        await asyncio.sleep(seconds)
+        return tag
+
+    async def fail(self, kind):
+        self.calls.append("fail")
+        if kind == "plain":
+            raise ValueError("a plain error")
+        raise Unpicklable(1, 2)
+
+    async def hidden(self):
+        self.calls.append("hidden")
+
+
+CALLS = frozenset({"echo", "slow", "fail"})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _linked(target=None):
+    target = target or Target()
+    server = await LinkServer(target, CALLS).start()
+    client = await LinkClient.connect(server.address())
+    return target, server, client
+
+
+def test_values_arrive_intact_small_and_large():
+    async def go():
+        target, server, client = await _linked()
+        small = np.arange(10, dtype=np.float32)
+        large = np.random.default_rng(0).random((1024, 1024, 3))  # 24 MB: read in place
+        views = torch.arange(12, dtype=torch.int16).numpy()[::2]  # not contiguous: in-band
+        got = await client.call("echo", {"small": small, "large": large, "views": views,
+                                         "nested": [1, "two", (3.0, None)]})
+        client.close()
+        server.close()
+        return got
+
+    got = run(go())
+    value = got["value"]
+    assert got["pid"] == os.getpid()
+    assert value["small"].dtype == np.float32 and np.array_equal(value["small"], np.arange(10))
+    assert np.array_equal(value["large"], np.random.default_rng(0).random((1024, 1024, 3)))
+    assert np.array_equal(value["views"], np.arange(0, 12, 2))
+    assert value["nested"] == [1, "two", (3.0, None)]
+
+
+def test_concurrent_calls_are_answered_as_each_ends():
+    async def go():
+        target, server, client = await _linked()
+        order = []
+        slow = client.call("slow", 0.3, "slow")
+        fast = client.call("slow", 0.0, "fast")
+        for done in asyncio.as_completed([slow, fast]):
+            order.append(await done)
+        client.close()
+        server.close()
+        return order
+
+    assert run(go()) == ["fast", "slow"]
+
+
+def test_errors_are_raised_on_the_caller():
+    async def go():
+        target, server, client = await _linked()
+        out = []
+        for call in (client.call("fail", "plain"), client.call("fail", "odd"),
+                     client.call("hidden"), client.call("nope")):
+            try:
+                await call
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
+        still = await client.call("echo", 1)  # the connection carries on
+        client.close()
+        server.close()
+        return out, still, target.calls
+
+    errors, still, calls = run(go())
+    assert type(errors[0]) is ValueError and str(errors[0]) == "a plain error"
+    assert isinstance(errors[1], ExecutionError) and "Unpicklable: 1 2" in str(errors[1])
+    assert isinstance(errors[2], ExecutionError) and "no call 'hidden'" in str(errors[2])
+    assert isinstance(errors[3], ExecutionError) and "no call 'nope'" in str(errors[3])
+    assert still["value"] == 1 and calls == ["fail", "fail", "echo"]  # never "hidden"
+
+
+def test_a_connection_without_the_secret_is_dropped_unread():
+    async def go():
+        target, server, _ = await _linked()
+        wrong = {**server.address(), "secret": b"x" * 32}
+        client = await LinkClient.connect(wrong)
+        call = client.call("echo", 1)
+        with pytest.raises(CommClosedError):
+            await asyncio.wait_for(call, 10)
+        alive = client.alive
+        server.close()
+        return target.calls, alive
+
+    calls, alive = run(go())
+    assert calls == [] and not alive
+
+
+_OTHER_USER = """
+import socket, struct, sys, pickle
+path, secret = sys.argv[1].encode("latin-1").decode("unicode_escape"), bytes.fromhex(sys.argv[2])
+import os
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+head = pickle.dumps(("echo", (1,)), protocol=5)
+s.sendall(secret + struct.pack("<BQQI", 1, 1, len(head), 0) + head)
+s.settimeout(10)
+try:
+    print("answered" if s.recv(1) else "dropped")
+except ConnectionResetError:
+    print("dropped")
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_another_user_is_refused_even_with_the_secret():
+    async def go():
+        target, server, _ = await _linked()
+        address = server.address()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _OTHER_USER, address["path"].encode("unicode_escape").decode(),
+            address["secret"].hex(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        server.close()
+        return target.calls, out.decode().strip(), err.decode()
+
+    calls, out, err = run(go())
+    assert out == "dropped", err
+    assert calls == []
+
+
+def test_a_broken_connection_fails_its_calls_and_the_client_stops():
+    async def go():
+        target, server, client = await _linked()
+        waiting = client.call("slow", 30, "never")
+        await asyncio.sleep(0.1)
+        server.close()  # the next stage's worker went away
+        with pytest.raises(CommClosedError):
+            await asyncio.wait_for(waiting, 10)
+        alive = client.alive
+        late = client.call("echo", 1)
+        with pytest.raises(CommClosedError):
+            await late
+        return alive
+
+    assert run(go()) is False
+
+
+def test_the_server_closes_with_its_stage():
+    async def go():
+        target = Target()
+        server = await LinkServer(target, CALLS).start()
+        address = server.address()
+        del target
+        gc.collect()
+        with pytest.raises(OSError):
+            await LinkClient.connect(address)
+
+    run(go())
+
+
+def test_no_link_to_another_host_or_when_switched_off(monkeypatch):
+    async def go():
+        target, server, _ = await _linked()
+        other = {**server.address(), "token": {"boot": "another", "shm": [0, 0],
+                                               "uid": os.getuid()}}
+        got = await stage_link.connect_or_none(other), await stage_link.connect_or_none(None)
+        server.close()
+        return got
+
+    assert run(go()) == (None, None)
+    monkeypatch.setenv(stage_link.ENV, "0")
+    assert not stage_link.enabled()
+
+
+def test_the_socket_is_abstract():
+    async def go():
+        target, server, client = await _linked()
+        path = server.address()["path"]
+        client.close()
+        server.close()
+        return path
+
+    path = run(go())
+    assert path.startswith("\0")  # nothing on disk to leave behind
+    probe = socket.socket(socket.AF_UNIX)
+    with pytest.raises(OSError):
+        probe.connect(path)  # closed with the server
+    probe.close()
+
+
+# -- on a real cluster ----------------------------------------------------------------------------
+def _links(dask_worker=None):
+    from tpmlab.cluster.actor import StageActor
+
+    return [(a.span.index, a.link_next is not None and a.link_next.alive)
+            for a in dask_worker.state.actors.values() if isinstance(a, StageActor)]
+
+
+def _use_link(on, dask_worker=None):
+    from tpmlab.cluster import stage_link
+
+    stage_link.ACTIVE = on
+
+
+@pytest.mark.slow
+def test_stages_on_one_host_are_linked_and_give_the_same_numbers(lab, backend, ref_lab):
+    model = deploy(lab, "tiny-llama", 2)
+    ref = ref_lab.model("tiny-llama")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    links = sorted(r for rows in backend.client.run(_links).values() for r in rows)
+    assert links == [(0, True), (1, False)]  # the last stage has no next
+
+    def trace(m):
+        with m.trace(ids):
+            hidden = m.layers[1].output[0].save()
+            logits = m.unembed.output.save()
+        return hidden.value, logits.value
+
+    def generate(m):
+        with m.generate(ids, max_new_tokens=5) as gen:
+            pass
+        return gen.generated_ids[0]
+
+    try:
+        through_link = trace(model), generate(model)
+        backend.client.run(_use_link, False)
+        through_dask = trace(model), generate(model)
+    finally:
+        backend.client.run(_use_link, True)
+    for a, b in zip(through_link[0], through_dask[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(through_link[1], through_dask[1])
+    for a, c in zip(through_link[0], trace(ref)):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert torch.equal(through_link[1], generate(ref))
