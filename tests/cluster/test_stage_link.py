@@ -150,11 +150,11 @@ os.setgid(65534); os.setuid(65534)
 s = socket.socket(socket.AF_UNIX)
 s.connect(path)
 head = pickle.dumps(("echo", (1,)), protocol=5)
-s.sendall(secret + struct.pack("<BQQI", 1, 1, len(head), 0) + head)
 s.settimeout(10)
-try:
+try:  # the server may drop it before the call is even written
+    s.sendall(secret + struct.pack("<BQQI", 1, 1, len(head), 0) + head)
     print("answered" if s.recv(1) else "dropped")
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     print("dropped")
 """
 

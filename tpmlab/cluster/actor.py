@@ -503,8 +503,8 @@ class StageActor:
         position (:func:`~tpmlab.runtime.decoding.next_step_inputs`, the driver's rule), so
         they do not travel with every token."""
         if "attention_mask" in msg:
-            mask = msg["attention_mask"].to(self.device)
-            pos = msg["position_ids"].to(self.device)
+            mask = from_wire(msg["attention_mask"], self.device)
+            pos = from_wire(msg["position_ids"], self.device)
         elif st.mask is None:
             raise ExecutionError(f"stage {self.span.index}: step {msg['step']} came without "
                                  "its attention mask and no earlier step left one")
@@ -519,7 +519,7 @@ class StageActor:
         reads them (:func:`~tpmlab.runtime.decoding.needs_history`), kept here: a step's
         message carries the whole prompt at step 0, then only the tokens the driver
         appended since."""
-        new = msg.get("ids")
+        new = from_wire(msg.get("ids"))
         if new is not None:
             st.ids = new if st.ids is None or msg["step"] == 0 else torch.cat([st.ids, new], -1)
         return st.ids
@@ -1021,8 +1021,12 @@ _STAGE_OWN = ("hidden", "carry", "input_ids", "inputs_embeds")
 
 
 def _passed_on(msg: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a stage's message that travel on unchanged to the next stage."""
-    return {k: v for k, v in msg.items() if k not in _STAGE_OWN}
+    """The fields of a stage's message that travel on unchanged to the next stage, tensors
+    (a first step's mask and positions, a prompt's ids) as numpy arrays: pickling a torch
+    tensor took ≈ 0.35 ms each, the whole first step's message 0.8 ms against 0.07 ms for a
+    decode step's."""
+    return {k: to_wire(v) if isinstance(v, torch.Tensor) else v
+            for k, v in msg.items() if k not in _STAGE_OWN}
 
 
 def _step_timings(timings: list[dict[str, float]], t0: float, t1: float, t2: float
