@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -269,15 +270,27 @@ def test_stages_on_one_host_are_linked_and_give_the_same_numbers(lab, backend, r
             pass
         return gen.generated_ids[0]
 
+    through_link = trace(model), generate(model)
+    # the notebook's client linked to both stages after its first call to each
+    keys = [a.key for a in backend.deployment("tiny-llama").actors]
+    deadline = time.monotonic() + 30
+    while not all(backend._links.get(k) is not None and backend._links[k].alive
+                  for k in keys):
+        assert time.monotonic() < deadline, backend._links
+        time.sleep(0.05)
     try:
         through_link = trace(model), generate(model)
         backend.client.run(_use_link, False)
+        _use_link(False)
         through_dask = trace(model), generate(model)
     finally:
         backend.client.run(_use_link, True)
+        _use_link(True)
     for a, b in zip(through_link[0], through_dask[0]):
         assert torch.equal(a, b)
     assert torch.equal(through_link[1], through_dask[1])
     for a, c in zip(through_link[0], trace(ref)):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     assert torch.equal(through_link[1], generate(ref))
+    lab.undeploy("tiny-llama")
+    assert not any(k in backend._links for k in keys)  # its links closed with it

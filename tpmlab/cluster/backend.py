@@ -33,6 +33,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,7 @@ class DaskBackend:
         self.handover = local_token() if handover else None  # who may receive shared memory
         # direct channels to stages on this host, by actor key (None: none, through Dask)
         self._links: dict[str, stage_link.LinkClient | None] = {}
+        self._links_lock = threading.Lock()  # a gateway's request threads call at once
         self.deployments: dict[str, Deployment] = {}
         self.phases: list[dict[str, float]] | None = None  # a list: each request's phases (ms)
         self.remote = RemoteValues()  # remote saves handed to the notebook, by model
@@ -422,8 +424,11 @@ class DaskBackend:
         if link is not None and link.alive and stage_link.ACTIVE:
             call = _over_link(link, method, *args)
         else:
-            if key not in self._links:  # the first call: a stage on this host gets a link
-                self._links[key] = None  # for the calls after this one
+            with self._links_lock:  # the first call: a stage on this host gets a link
+                first = key not in self._links
+                if first:
+                    self._links[key] = None  # for the calls after this one
+            if first:
                 asyncio.run_coroutine_threadsafe(self._link_to(worker, key),
                                                  self.client.loop.asyncio_loop)
             call = actor_call(self.client, worker, key, method, *args)

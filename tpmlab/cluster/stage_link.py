@@ -216,6 +216,10 @@ class _ServerSide(_Framed):
             log.warning("tpmlab stage link: refused a connection from user %s", uid)
             transport.abort()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._server.forget(self)
+
     def _preamble(self) -> Generator[int, bytes | bytearray, None]:
         secret = yield _SECRET_BYTES
         if not hmac.compare_digest(bytes(secret), self._server.secret):
@@ -278,6 +282,9 @@ class LinkServer:
         conn = _ServerSide(self)
         self._connections.add(conn)
         return conn
+
+    def forget(self, conn: _ServerSide) -> None:
+        self._connections.discard(conn)
 
     def address(self) -> Address:
         return {"path": self.path, "secret": self.secret, "token": local_token()}
