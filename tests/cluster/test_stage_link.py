@@ -109,7 +109,7 @@ def test_errors_are_raised_on_the_caller():
         target, server, client = await _linked()
         out = []
         for call in (client.call("fail", "plain"), client.call("fail", "odd"),
-                     client.call("hidden"), client.call("nope")):
+                     client.call("hidden"), client.call("nope"), client.call("echo", 1, 2)):
             try:
                 await call
             except Exception as e:  # noqa: BLE001
@@ -124,6 +124,7 @@ def test_errors_are_raised_on_the_caller():
     assert isinstance(errors[1], ExecutionError) and "Unpicklable: 1 2" in str(errors[1])
     assert isinstance(errors[2], ExecutionError) and "no call 'hidden'" in str(errors[2])
     assert isinstance(errors[3], ExecutionError) and "no call 'nope'" in str(errors[3])
+    assert type(errors[4]) is TypeError  # arguments that do not fit: that call's error only
     assert still["value"] == 1 and calls == ["fail", "fail", "echo"]  # never "hidden"
 
 

@@ -294,7 +294,11 @@ class LinkServer:
         if method not in self._methods or target is None:
             conn.send(_ERROR, call_id, ExecutionError(f"the stage link has no call {method!r}"))
             return
-        coro = getattr(target, method)(*args)
+        try:
+            coro = getattr(target, method)(*args)
+        except Exception as e:  # noqa: BLE001 - a call that does not fit: its error, not the link's
+            conn.send(_ERROR, call_id, _error_for_wire(e))
+            return
         task = asyncio.get_running_loop().create_task(coro, context=self._context.copy())
         task.add_done_callback(lambda t: self._answer(conn, call_id, t))
 
