@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -202,6 +203,21 @@ def test_the_server_closes_with_its_stage():
         address = server.address()
         del target
         gc.collect()
+        with pytest.raises(OSError):
+            await LinkClient.connect(address)
+
+    run(go())
+
+
+def test_a_stage_collected_on_another_thread_closes_its_server_on_the_loop():
+    async def go():
+        held = [Target()]
+        server = await LinkServer(held[0], CALLS).start()
+        address = server.address()
+        worker = threading.Thread(target=lambda: (held.clear(), gc.collect()))
+        worker.start()
+        worker.join(10)
+        await asyncio.sleep(0.1)  # the close was handed to this loop
         with pytest.raises(OSError):
             await LinkClient.connect(address)
 

@@ -267,6 +267,7 @@ class LinkServer:
         self.secret = secrets.token_bytes(_SECRET_BYTES)
         self.path = f"\0tpmlab-stage-link-{uuid.uuid4().hex}"
         self._server: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_ServerSide] = set()
         # the calls run as the Dask worker's own actor calls do: in a copy of the context of
         # the call that started the server (Dask finds its worker through a context variable)
@@ -274,8 +275,8 @@ class LinkServer:
         weakref.finalize(target, self.close)
 
     async def start(self) -> LinkServer:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self._accept, path=self.path)
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_unix_server(self._accept, path=self.path)
         return self
 
     def _accept(self) -> _ServerSide:
@@ -318,6 +319,21 @@ class LinkServer:
             conn.send(_ERROR, call_id, ExecutionError(f"the reply could not be sent: {e}"))
 
     def close(self) -> None:
+        """Stop listening and drop the connections; from any thread (the stage may be
+        collected on one that is not its event loop's)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            try:
+                self._loop.call_soon_threadsafe(self._close_now)
+            except RuntimeError:  # the loop is closed: nothing listens any more
+                pass
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
