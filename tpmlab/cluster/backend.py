@@ -414,8 +414,10 @@ class DaskBackend:
         client's event loop; the answer (or the stage's exception) comes back in a plain
         future the caller's thread waits on. Dask's handle waits through two more hand-offs
         between the loop and the caller's thread: a bare round trip took 1.19 ms through it
-        against 0.62 ms this way (2-core CPU, TLS). ``RuntimeError`` at once if the stage's
-        worker is known lost, as from the handle."""
+        against 0.62 ms this way (2-core CPU, TLS). A stage on this host is called over its
+        stage link (:mod:`.stage_link`) from the call after its first one on: 0.74 against
+        1.91 ms for a tiny trace's round trip to stage 0 beyond the stage's work.
+        ``RuntimeError`` at once if the stage's worker is known lost, as from the handle."""
         status = dep.futures[stage].status
         if status not in ("finished", "pending"):
             raise RuntimeError(f"Worker holding Actor was lost.  Status: {status}")
