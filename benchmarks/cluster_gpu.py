@@ -94,7 +94,8 @@ def ipc_hops(memory: list[dict[str, Any]]) -> list[str]:
     lines = []
     for k in range(len(memory) - 1):
         fwd, bwd = memory[k]["ipc"]["next"], memory[k + 1]["ipc"]["prev"]
-        lines.append(f"  hop stage {k} -> {k + 1}, hidden states: {say(fwd)}; "
+        link = "stage link" if memory[k].get("linked") else "Dask"
+        lines.append(f"  hop stage {k} -> {k + 1} ({link}), hidden states: {say(fwd)}; "
                      f"gradients back: {say(bwd)}")
     return lines
 

@@ -275,6 +275,7 @@ def test_stages_on_one_host_are_linked_and_give_the_same_numbers(lab, backend, r
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     links = sorted(r for rows in backend.client.run(_links).values() for r in rows)
     assert links == [(0, True), (1, False)]  # the last stage has no next
+    assert [m["linked"] for m in backend.memory("tiny-llama")] == [True, False]
 
     def trace(m):
         with m.trace(ids):

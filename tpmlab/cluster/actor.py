@@ -320,9 +320,10 @@ class StageActor:
         acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``handover``:
         what the segments registered with CUDA did (:meth:`~.handover.Segments.counts`;
         empty on a stage without); ``malloc_relaxed``: whether this process set malloc's
-        thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`); ``passes``: forward
-        steps this stage ran its layers for (a pass that a ``tracer.stop()`` ended on an
-        earlier stage is not one)."""
+        thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`); ``linked``: whether
+        this stage calls the next one over a stage link (:mod:`.stage_link`) now;
+        ``passes``: forward steps this stage ran its layers for (a pass that a
+        ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -331,6 +332,7 @@ class StageActor:
                "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
                "ipc_held": self.ipc_next.held() + self.ipc_prev.held(), "ipc": await self.ipc(),
                "handover": self.segments.counts(), "malloc_relaxed": host_malloc.relaxed(),
+               "linked": self.link_next is not None and self.link_next.alive,
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
