@@ -244,7 +244,7 @@ class StageActor:
             self.link_next = None
         peer = None
         if next_stage is not None:
-            self.link_next = await self._connect_link(next_stage)
+            self.link_next = await stage_link.link_to(next_stage.stage_link)
             try:
                 peer = await asyncio.wait_for(
                     _await_within(next_stage.ipc_hello(cuda_ipc.identity(self.ipc_id)),
@@ -261,16 +261,6 @@ class StageActor:
         starts = self.info.stage_starts
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
-
-    async def _connect_link(self, next_stage: Any) -> stage_link.LinkClient | None:
-        if not stage_link.enabled():
-            return None
-        try:
-            address = await asyncio.wait_for(_await_within(
-                next_stage.stage_link(), time.monotonic() + 30, "the next stage"), 31)
-        except Exception:  # noqa: BLE001 - an older or unreachable peer: Dask's calls
-            return None
-        return await stage_link.connect_or_none(address)
 
     async def stage_link(self) -> stage_link.Address:
         """Where the previous stage may call this one directly (:mod:`.stage_link`)."""

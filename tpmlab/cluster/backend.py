@@ -439,14 +439,8 @@ class DaskBackend:
     async def _link_to(self, worker: str, key: str) -> None:
         """Connect a direct channel to the stage ``key`` if it shares this host
         (:mod:`.stage_link`); until then, and if not, its calls go through Dask."""
-        if not stage_link.enabled():
-            return
-        try:
-            address = await asyncio.wait_for(actor_call(self.client, worker, key,
-                                                        "stage_link"), 30)
-        except Exception:  # noqa: BLE001 - an older stage, a lost worker: through Dask
-            return
-        link = await stage_link.connect_or_none(address)
+        link = await stage_link.link_to(
+            lambda: actor_call(self.client, worker, key, "stage_link"))
         if link is not None and key in self._links:
             self._links[key] = link
         elif link is not None:  # undeployed meanwhile

@@ -40,7 +40,7 @@ import socket
 import struct
 import uuid
 import weakref
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import cloudpickle
@@ -378,6 +378,24 @@ class LinkClient:
 
     def close(self) -> None:
         self._transport.close()
+
+
+async def link_to(address_of: Callable[[], Awaitable[Address]],
+                  timeout: float = 30.0) -> LinkClient | None:
+    """A client to the stage whose address ``address_of()`` asks for (through Dask), if
+    links are on in this process (:func:`enabled`) and the stage shares this host, else
+    ``None``; an older or unreachable stage is ``None`` too, never an error."""
+    if not enabled():
+        return None
+    try:
+        address = await asyncio.wait_for(_awaited(address_of()), timeout)
+    except Exception:  # noqa: BLE001 - its calls go through Dask
+        return None
+    return await connect_or_none(address)
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable  # a Dask actor handle's call is awaitable, not a coroutine
 
 
 async def connect_or_none(address: Address | None) -> LinkClient | None:
