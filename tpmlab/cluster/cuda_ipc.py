@@ -48,6 +48,7 @@ from typing import Any, Protocol, TypedDict
 import torch
 
 from .handover import Token, local_token, same_host
+from .switches import switched_on
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ OPENED_MAX = 64  # opened buffers a receiver keeps, at most (least recently used
 
 def enabled() -> bool:
     """Whether this process's stages may use CUDA IPC (``TPMLAB_CUDA_IPC`` is not ``0``)."""
-    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
+    return switched_on(ENV)
 
 
 class Identity(TypedDict):

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -45,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
+
+from .switches import switched_on
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ ACTIVE = True
 def enabled() -> bool:
     """Whether stages made in this process may register segments (``TPMLAB_HANDOVER_PIN``
     is not ``0``)."""
-    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
+    return switched_on(ENV)
 
 
 class Registrar(Protocol):

@@ -48,6 +48,7 @@ from distributed.comm.core import CommClosedError
 
 from ..errors import ExecutionError
 from .handover import local_token, same_host
+from .switches import switched_on
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ ACTIVE = True
 
 def enabled() -> bool:
     """Whether stages made in this process link to their next stage directly."""
-    return os.environ.get(ENV, "1").strip() not in ("0", "false", "no", "off")
+    return switched_on(ENV)
 
 _CALL, _REPLY, _ERROR = 1, 2, 3
 _PREFIX = struct.Struct("<BQQI")
