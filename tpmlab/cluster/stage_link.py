@@ -62,6 +62,7 @@ def enabled() -> bool:
     """Whether stages made in this process link to their next stage directly."""
     return switched_on(ENV)
 
+
 _CALL, _REPLY, _ERROR = 1, 2, 3
 _PREFIX = struct.Struct("<BQQI")
 _SECRET_BYTES = 32
@@ -98,9 +99,8 @@ class _Framed(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._scratch = bytearray(_SCRATCH)
         self._start = self._end = 0  # unparsed bytes: _scratch[_start:_end]
-        self._direct: memoryview | None = None  # a large element being read in place
+        self._direct: bytearray | None = None  # a large element being read in place
         self._direct_at = 0
-        self._direct_owner: bytearray | None = None
         self._parser = self._frames()
         self._want = next(self._parser)
         self.closed = False
@@ -124,7 +124,7 @@ class _Framed(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._direct is not None:
-            return self._direct[self._direct_at:]
+            return memoryview(self._direct)[self._direct_at:]
         if self._end == len(self._scratch):  # full: move what is left to the front
             left = self._end - self._start
             self._scratch[:left] = self._scratch[self._start:self._end]
@@ -138,7 +138,7 @@ class _Framed(asyncio.BufferedProtocol):
             self._direct_at += nbytes
             if self._direct_at < len(self._direct):
                 return
-            element, self._direct, self._direct_owner = self._direct_owner, None, None
+            element, self._direct = self._direct, None
             if not self._feed(element):
                 return
         else:
@@ -160,8 +160,7 @@ class _Framed(asyncio.BufferedProtocol):
                 element[:take] = self._scratch[self._start:self._start + take]
                 self._start += take
                 if take < want:
-                    self._direct, self._direct_at = memoryview(element), take
-                    self._direct_owner = element
+                    self._direct, self._direct_at = element, take
                     return
             if self._start == self._end:
                 self._start = self._end = 0
