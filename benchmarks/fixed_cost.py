@@ -14,8 +14,8 @@ round trip; on the same TLS cluster, interleaved.
 
 ``link``: the same trace with the direct channels (:mod:`tpmlab.cluster.stage_link`: client
 to each stage, stage to stage) on and off, alternating request by request on one deployment
-(``stage_link.ACTIVE`` in the client and on the workers): the medians of each way's total and hops, and the median of the differences
-between neighbouring requests.
+(``stage_link.ACTIVE`` in the client and on the workers): the medians of each way's total
+and hops, and the median of the differences between neighbouring requests.
 
 ``--gpu``: the workers are ``cluster_gpu.py``'s (one GPU each, sharing one if there is
 one); channels also hand a bf16 tensor from A's GPU to B's, through host memory (a stage
