@@ -1,6 +1,9 @@
 """Saved values reaching the notebook from pipeline stages on this host: through shared
-memory (:mod:`tpmlab.cluster.handover`, the default) against Dask's comms (TLS, as the
-embedded cluster speaks), on the same deployment, requests alternating. ``shared memory,
+memory (:mod:`tpmlab.cluster.handover`, the default) against the values framed in the
+replies: over the stage link (:mod:`tpmlab.cluster.stage_link`, the notebook's channel to
+stages on its host when shared memory is off) and through Dask's comms (TLS, as the
+embedded cluster speaks; the links switched off in the notebook and on the workers: what
+stages on another host use), on the same deployment, requests alternating. ``shared memory,
 copy + write`` is the hand-over as it was before saves were copied straight into segments
 (``handover.DIRECT = False`` on the workers for those requests: each large save cloned,
 then written into a new segment). With ``--compare-pin``, ``shared memory, pinned copy``
@@ -52,12 +55,13 @@ def start(device: str) -> Any:
     return start_local_cluster(n_workers=2)
 
 
-def _ways(direct: bool, pin: bool, gaps: bool = True) -> None:
-    from tpmlab.cluster import compute_gaps, handover, pinned_segments
+def _ways(direct: bool, pin: bool, gaps: bool = True, link: bool = True) -> None:
+    from tpmlab.cluster import compute_gaps, handover, pinned_segments, stage_link
 
     handover.DIRECT = direct
     pinned_segments.ACTIVE = pin
     compute_gaps.ACTIVE = gaps
+    stage_link.ACTIVE = link
 
 
 def _settle(lab: Any, model: str, seconds: float = 30.0) -> list[dict[str, int]]:
@@ -119,8 +123,9 @@ def main() -> None:
     cluster = start(args.device)
     client = Client(cluster)
     shared = Lab(DaskBackend(client=client, handover=True))
+    framed = Lab(DaskBackend(client=client, handover=False))
     labs = {"shared memory": shared, "shared memory, copy + write": shared,
-            "dask comms": Lab(DaskBackend(client=client, handover=False))}
+            "stage link": framed, "dask comms": framed}
     if args.compare_pin:
         labs = {"shared memory": shared, "shared memory, pinned copy": shared, **labs}
     if args.compare_gaps:
@@ -131,6 +136,7 @@ def main() -> None:
     direct = {way: way != "shared memory, copy + write" for way in labs}
     pin = {way: way != "shared memory, pinned copy" for way in labs}
     gaps = {way: way != "shared memory, fill beside compute" for way in labs}
+    link = {way: way != "dask comms" for way in labs}
     settle = args.compare_pin or args.compare_gaps
     rows, pos = (int(x) for x in args.shape.split("x"))
     vocab = models["shared memory"].info.vocab_size
@@ -139,13 +145,17 @@ def main() -> None:
              (("token", False), (args.save, False), (args.save, True))]
     times: dict[tuple[str, str, bool], list[float]] = {c: [] for c in cases}
     nbytes = 0
+    def switch(way: str) -> None:  # on the workers and here (the client's links)
+        client.run(_ways, direct[way], pin[way], gaps[way], link[way])
+        _ways(direct[way], pin[way], gaps[way], link[way])
+
     for c in cases:  # warm-up
-        client.run(_ways, direct[c[0]], pin[c[0]], gaps[c[0]])
+        switch(c[0])
         trace(models[c[0]], ids, c[1], c[2])
     last_way = None
     for r in range(args.repeats):
         for c in cases if r % 2 == 0 else cases[::-1]:
-            client.run(_ways, direct[c[0]], pin[c[0]], gaps[c[0]])
+            switch(c[0])
             if settle and c[0] != last_way:  # an untimed request after each switch
                 _settle(shared, args.model)
                 trace(models[c[0]], ids, args.save, False)

@@ -86,6 +86,7 @@ def test_values_arrive_intact_small_and_large():
     assert got["pid"] == os.getpid()
     assert value["small"].dtype == np.float32 and np.array_equal(value["small"], np.arange(10))
     assert np.array_equal(value["large"], np.random.default_rng(0).random((1024, 1024, 3)))
+    assert value["large"].flags.writeable  # read into memory of its own, as a numpy user expects
     assert np.array_equal(value["views"], np.arange(0, 12, 2))
     assert value["nested"] == [1, "two", (3.0, None)]
 
@@ -103,6 +104,95 @@ def test_concurrent_calls_are_answered_as_each_ends():
         return order
 
     assert run(go()) == ["fast", "slow"]
+
+
+def test_large_and_small_replies_in_flight_together_arrive_whole():
+    """A large reply leaves in pieces while the socket takes them; the frames of the calls
+    answered meanwhile queue behind it instead of cutting into it."""
+    async def go():
+        target, server, client = await _linked()
+        rng = np.random.default_rng(1)
+        large = [rng.random(3 * 2**20 + k) for k in range(3)]  # 24 MB each, odd sizes
+        calls = [client.call("echo", v) for v in large]
+        calls += [client.call("echo", k) for k in range(20)]
+        calls += [client.call("echo", large[0][:5000])]  # small arrays: in the read buffer
+        got = await asyncio.gather(*calls)
+        client.close()
+        server.close()
+        return large, [g["value"] for g in got]
+
+    large, got = run(go())
+    for sent, back in zip(large, got[:3]):
+        assert np.array_equal(sent, back)
+    assert got[3:23] == list(range(20))
+    assert np.array_equal(got[23], large[0][:5000])
+
+
+class _Transport(asyncio.Transport):
+    """A transport whose socket takes ``takes`` bytes per write and buffers the rest."""
+
+    def __init__(self, protocol, takes):
+        super().__init__()
+        self.protocol, self.takes = protocol, takes
+        self.writes: list[tuple[int, bool]] = []  # (bytes handed over, paused at the time)
+        self.buffered = 0
+        self.high = None
+        self.data = bytearray()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.high = (high, low)
+
+    def is_closing(self):
+        return False
+
+    def write(self, data):
+        self.writes.append((memoryview(data).nbytes, self.protocol._paused))
+        self.data += data
+        self.buffered += max(0, memoryview(data).nbytes - self.takes)
+        if self.buffered > self.high[0]:
+            self.protocol.pause_writing()
+
+    def drain(self):
+        self.buffered = 0
+        self.protocol.resume_writing()
+
+
+class _Reader(stage_link._Framed):
+    """The frame parser alone: what it reads, as (kind, call id, object)."""
+
+    def __init__(self):
+        super().__init__()
+        self.got = []
+
+    def received(self, kind, call_id, obj):
+        self.got.append((kind, call_id, obj))
+
+
+def test_a_large_value_goes_to_the_socket_a_piece_at_a_time():
+    """The transport is handed at most a socket buffer's worth at once, and nothing while it
+    still holds bytes: it never copies a large value into a buffer of its own."""
+    protocol = stage_link._ClientSide()
+    transport = _Transport(protocol, takes=100_000)
+    protocol.connection_made(transport)
+    assert transport.high == (0, 0)
+    value = np.arange(2**20, dtype=np.float64)  # 8 MiB
+    protocol.send(stage_link._CALL, 7, ("echo", (value,)))
+    while protocol._paused:
+        transport.drain()
+    sizes = [n for n, _ in transport.writes]
+    assert max(sizes) <= stage_link._CHUNK and sum(sizes) > value.nbytes
+    assert not any(paused for _, paused in transport.writes)
+    reader = _Reader()
+    data = memoryview(transport.data)
+    while data.nbytes:
+        buf = reader.get_buffer(-1)
+        n = min(buf.nbytes, data.nbytes, 70_000)
+        buf[:n] = data[:n]
+        data = data[n:]
+        reader.buffer_updated(n)
+    (kind, call_id, (method, (back,))), = reader.got
+    assert (kind, call_id, method) == (stage_link._CALL, 7, "echo")
+    assert np.array_equal(back, value)
 
 
 def test_errors_are_raised_on_the_caller():
