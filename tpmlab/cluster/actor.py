@@ -187,11 +187,19 @@ class StageActor:
         self.source = resolve(spec["model"])
         if spec.get("version"):  # the client's digest: this stage reads its own tensors only
             self.source.assume_version(spec["version"])
-        with LoadMeter(self.device) as meter:
-            self.stage = StageModel(self.source, self.span, device=self.device, dtype=self.dtype)
-            self.events, self.shapes = self.stage.probe()
-            self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
-        self.load = meter.figures  # what loading this stage cost its worker process
+        # the stage's thread: every op of the stage runs there, its loading included. OpenMP
+        # keeps a team of threads for each thread that ever ran a parallel op, and once a
+        # process holds more such threads than it has cores, libgomp stops spinning between
+        # parallel regions: a forward's threads sleep and wake at every op (a 2-stage CPU
+        # trace took 1.3x the in-process one while the Dask thread that loaded the stage kept
+        # a team of its own; benchmarks/README.md, "CPU stages").
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}",
+                                        initializer=compute_threads.settle, initargs=(threads,))
+        try:
+            self._pool.submit(self._load).result()
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
         self.frozen = weight_storages(self.stage.model)  # not autograd's memory
         self.footprints = Footprints()  # what the stage's ops keep for a backward, by shape
         self.backprops = registry()  # requests' gradient state here (memory() reports it)
@@ -207,8 +215,6 @@ class StageActor:
         self.kept: dict[str, dict[int, Any]] = {}  # stage 0: a session trace's kept values
         self.plans = PlanCache()  # decoded, validated plans by their bytes: a repeat skips both
         self._meta: dict[str, torch.nn.Module] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"tpmlab-stage{self.span.index}",
-                                        initializer=compute_threads.settle, initargs=(threads,))
         # saves handed over in shared memory, until taken; on a GPU, copied from the device
         # into segments registered with CUDA (unregistered after the stage's thread's work)
         self.gaps = Gaps()  # the stage thread's computations, which its pool's fill avoids
@@ -227,6 +233,16 @@ class StageActor:
         self.ipc_prev = cuda_ipc.Sender(f"{self.ipc_id}<")
         self.ipc_in = cuda_ipc.Receiver()
         self._acks: set[asyncio.Task] = set()  # acknowledgements on their way
+
+    def _load(self) -> None:
+        """Load this stage's layers (on the stage's thread: :meth:`__init__`)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # per thread
+        with LoadMeter(self.device) as meter:
+            self.stage = StageModel(self.source, self.span, device=self.device, dtype=self.dtype)
+            self.events, self.shapes = self.stage.probe()
+            self.weights = WeightGuard(self.stage.model, self.source, dtype=self.dtype)
+        self.load = meter.figures  # what loading this stage cost its worker process
 
     # -- set-up ------------------------------------------------------------------------------------
     async def describe(self) -> dict[str, Any]:

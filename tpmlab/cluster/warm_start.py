@@ -35,7 +35,10 @@ PRELOAD = ("distributed", "tpmlab.cluster.worker_preload")
 #: sleeps). A passive policy (``OMP_WAIT_POLICY=PASSIVE``: sleep at once) costs a wake-up
 #: at every parallel region of a forward: 1.3-1.4x the stage's forward on this 2-core CPU.
 #: A short spin keeps a forward's threads awake between its ops and lets them sleep
-#: within about a millisecond of its end (benchmarks/README.md, CPU stages).
+#: within about a millisecond of its end (benchmarks/README.md, CPU stages). libgomp
+#: spins at all only while the process holds no more of its threads than cores (else 100
+#: spins, whatever this says): so a stage runs every op, its loading included, on one
+#: thread (:class:`~.actor.StageActor`).
 WORKER_ENV = {"GOMP_SPINCOUNT": "20000"}
 #: variables read when torch's libraries load, so fixed in a running server
 LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "MKL_", "GOMP_")
