@@ -184,7 +184,7 @@ def main() -> None:
               f"{_rate(nbytes, big - base):>7s}{touched * 1e3:7.1f} ms"
               f"{_rate(nbytes, touched - base):>7s}")
     print(f"plain copy in this process: {nbytes / statistics.median(copies) / 1e9:.2f} GB/s")
-    if settle:
+    if settle or args.device == "cuda":  # saves into registered segments, and those that missed
         for k, counts in enumerate(_settle(shared, args.model)):
             print(f"stage {k} registered segments: {counts or 'none (not a GPU stage)'}")
     for lab in {id(lab): lab for lab in labs.values()}.values():
