@@ -26,9 +26,9 @@ import asyncio
 import socket
 import ssl
 import statistics
-import tempfile
 import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -86,7 +86,7 @@ async def framed(value: np.ndarray, kind: str, security: Any, repeats: int) -> l
     loop = asyncio.get_running_loop()
     server_ctx, client_ctx = _contexts(security)
     if kind == "unix":
-        path = tempfile.mktemp(prefix="tpmlab-bulk-")  # noqa: S306 - a socket, made at once
+        path = f"\0tpmlab-bulk-{uuid.uuid4().hex}"  # abstract, as the link's: no file left
         server = await loop.create_unix_server(Answer, path=path)
         transport, protocol = await loop.create_unix_connection(stage_link._ClientSide, path)
     else:

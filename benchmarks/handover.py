@@ -145,6 +145,7 @@ def main() -> None:
              (("token", False), (args.save, False), (args.save, True))]
     times: dict[tuple[str, str, bool], list[float]] = {c: [] for c in cases}
     nbytes = 0
+
     def switch(way: str) -> None:  # on the workers and here (the client's links)
         client.run(_ways, direct[way], pin[way], gaps[way], link[way])
         _ways(direct[way], pin[way], gaps[way], link[way])
