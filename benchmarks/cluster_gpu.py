@@ -288,10 +288,11 @@ def hf_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, new: i
 # -- tpmlab --------------------------------------------------------------------------------------
 
 
-def median_phases(backend: Any, run: Any, repeats: int) -> dict[str, float]:
+def median_phases(backend: Any, run: Any, repeats: int,
+                  runs: list[dict[str, float]] | None = None) -> dict[str, float]:
     """Each phase's median (ms) over ``repeats`` runs, from ``DaskBackend.phases``: where a
     request's fixed cost goes (the hops are what is left of ``client wait run`` and of
-    ``stage0 wait`` beyond the far end's own work)."""
+    ``stage0 wait`` beyond the far end's own work). ``runs``: each run's phases go there."""
     backend.phases = []
     try:
         for _ in range(repeats):
@@ -299,8 +300,50 @@ def median_phases(backend: Any, run: Any, repeats: int) -> dict[str, float]:
         recorded = backend.phases
     finally:
         backend.phases = None
+    if runs is not None:
+        runs.extend(recorded)
     keys = sorted({k for p in recorded for k in p})
     return {k: round(statistics.median(p.get(k, 0.0) for p in recorded), 3) for k in keys}
+
+
+def print_profile(fn: Any, times: int, order: str, backend: Any = None) -> None:
+    """Where the client's time goes in ``times`` calls of ``fn`` (cProfile, ``order``); with
+    ``backend``, each call's wall time against its ``run_values``."""
+    import cProfile
+    import io
+    import pstats
+
+    inner: list[float] = []
+    if backend is not None:
+        run_values = backend.run_values
+
+        def timed_run_values(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return run_values(*args, **kwargs)
+            finally:
+                inner.append(time.perf_counter() - t)
+
+        backend.run_values = timed_run_values
+    prof = cProfile.Profile()
+    walls = []
+    try:
+        for _ in range(times):
+            t = time.perf_counter()
+            prof.enable()
+            fn()
+            sync()
+            prof.disable()
+            walls.append(time.perf_counter() - t)
+    finally:
+        if backend is not None:
+            del backend.run_values
+    if inner:
+        print("  each call / its run_values (ms): " + ", ".join(
+            f"{w * 1e3:.0f}/{r * 1e3:.0f}" for w, r in zip(walls, inner)), flush=True)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats(order).print_stats("tpmlab|torch|numpy|cluster_gpu", 25)
+    print(buf.getvalue()[-5000:], flush=True)
 
 
 def tpmlab_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, new: int,
@@ -330,17 +373,7 @@ def tpmlab_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, ne
             print(f"phases of a {name} (median ms): {phases}", flush=True)
     out["trace save all, in stage 0's run"] = statistics.median(server[-repeats:])
     if profile:  # where the client's time goes in one such trace
-        import cProfile
-        import io
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        trace_saving(row)
-        prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(18)
-        print(buf.getvalue()[-4000:], flush=True)
+        print_profile(lambda: trace_saving(row), 1, "cumulative")
     counts = []
 
     def generate():
@@ -359,6 +392,19 @@ def tpmlab_workloads(model: Any, ids: torch.Tensor, big: torch.Tensor | None, ne
     if big is not None:
         out["big trace save all"] = timed(lambda: trace_saving(big), max(3, repeats // 2), warmup=1)
         out["big saved bytes"] = trace_saving(big)
+        if backend is not None and hasattr(backend, "phases"):
+            runs: list[dict[str, float]] = []
+            phases = median_phases(backend, lambda: trace_saving(big), max(3, repeats // 4), runs)
+            out["phases: big trace save all"] = phases
+            print(f"phases of a {'x'.join(map(str, big.shape))} trace save all (median ms): "
+                  f"{phases}", flush=True)
+            # each request's own (a median of each phase can hide requests that alternate)
+            print("  each: client wait run + collect / stage0 pack / stage1 saves (ms): "
+                  + ", ".join(f"{r.get('client wait run', 0) + r.get('client collect', 0):.0f}"
+                              f"/{r.get('stage0 pack', 0):.0f}/{r.get('stage1 saves', 0):.0f}"
+                              for r in runs), flush=True)
+        if profile:  # the client's own time in three such traces
+            print_profile(lambda: trace_saving(big), 3, "tottime", backend)
     return out
 
 
@@ -491,6 +537,8 @@ def main() -> None:
         server_ms = tp["trace save all, in stage 0's run"] * 1e3
         mem = lab.backend.memory(args.model)
         hops = ipc_hops(mem)
+        print("hand-over segments registered with CUDA, per stage: "
+              f"{[m.get('handover') for m in mem]}", flush=True)
         print("stage hops (CUDA IPC " + ("off" if args.no_cuda_ipc else "on") + "):\n"
               + "\n".join(hops), flush=True)
         # random-init sources count their parameters; others: count the meta tree's
