@@ -347,6 +347,45 @@ def test_a_request_failing_after_its_saves_leaves_no_segments(staged, backend):
 
 
 @pytest.mark.slow
+def test_stage0_packs_its_saves_while_later_stages_compute_and_frees_them_on_failure(
+        staged, backend):
+    """Stage 0 puts a trace's saves in shared memory before the last stage has answered (its
+    phases name the pack); when the last stage then fails, those segments are freed with the
+    request at once, not left to their timers (set back to a minute here)."""
+    from tests.plan_strategies import recording
+    from tpmlab.errors import LimitError
+    from tpmlab.ir.codec import encode_plan
+    from tpmlab.ir.validate import Limits
+
+    model, _, pids = staged
+    last = model.adapter.n_layers - 1
+    with recording(model, model.trace(PROMPTS)) as tr:
+        first = model.layers[0].output.save()
+        model.layers[last].output.save()
+    blob = encode_plan(tr.plan())
+    backend.phases = []
+    try:
+        values, _ = backend.run_values(MODEL, blob)
+        phases = backend.phases[-1]
+    finally:
+        backend.phases = None
+    assert phases["stage0 pack"] >= 0  # packed in stage 0's step, before stage 1's reply
+    assert not _clean_within(pids)  # taken by the client
+    per_stage = values[first._node].numel() * values[first._node].element_size()
+
+    def ttl(seconds):
+        handover.MIN_TTL = seconds
+
+    backend.client.run(ttl, 60.0)
+    try:
+        with pytest.raises(LimitError):  # the last stage crosses the limit after stage 0 saved
+            backend.run_values(MODEL, blob, limits=Limits(max_saved_bytes=int(per_stage * 1.5)))
+        assert not _clean_within(pids)
+    finally:
+        backend.client.run(ttl, 2.0)
+
+
+@pytest.mark.slow
 def test_an_interrupted_client_leaves_no_segments(staged, backend, monkeypatch):
     model, _, pids = staged
 

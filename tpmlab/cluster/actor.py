@@ -433,7 +433,8 @@ class StageActor:
             self.backprops.add(runner.gradients)
         return _Request(plan=plan, runner=runner, layout=layout, generate=generate,
                         cache=self.stage.new_cache() if generate else None,
-                        extra={"req": req, "owner": owner or "", "limits": limits})
+                        extra={"req": req, "owner": owner or "", "limits": limits,
+                               "handover": handover, "deadline": deadline})
 
     def _forward(self, st: _Request, msg: dict[str, Any]) -> dict[str, Any]:
         """One step of this stage (runs in the stage's thread). Returns the message for the
@@ -628,6 +629,7 @@ class StageActor:
         t0, arrived = time.perf_counter(), time.time()
         deadline = time.monotonic() + msg["timeout"]
         st = None
+        packing: asyncio.Future | None = None
         try:
             st = await self._state(msg, deadline)
             t1 = time.perf_counter()
@@ -676,6 +678,11 @@ class StageActor:
 
             out, output, t_fwd, t_saves, done = await self._compute(work)
             t2 = time.perf_counter()
+            if output is not None and self.span.is_first and sent is not None:
+                # stage 0's saves go into shared memory while the later stages compute, off
+                # the request's path (a GPU stage's saves that found no registered segment
+                # ready are copied into one here)
+                packing = loop.run_in_executor(None, self._pack_early, st, req, output, loop)
             if sent is not None and not send_early:
                 send(out)
             t_back, back = 0.0, None
@@ -746,6 +753,8 @@ class StageActor:
                                         "thread": t_hop, "wait": t3 - t2, "backward": t_back,
                                         **parts, **hops, "arrived": arrived})
             if output is not None and self.span.is_first:
+                if packing is not None:
+                    output, reply["timings"][0]["pack"] = await packing
                 reply["output"] = output
             if st.runner.kept:  # values a session's later trace reads go up the chain
                 reply["kept"] = {**reply.get("kept", {}), **to_wire(st.runner.kept)}
@@ -758,11 +767,21 @@ class StageActor:
             return {"ipc_refused": True}
         except BaseException as e:
             traceback.clear_frames(e.__traceback__)  # its frames' tensors (a graph) go now
+            if packing is not None:  # what it put in shared memory is freed with the request
+                await asyncio.wait([packing])
             self._drop(req, e if isinstance(e, Exception) else ExecutionError("cancelled"), st)
             self.ipc_prev.release(req)  # a gradient handed back that no one will take
             raise
         finally:
             self.ipc_next.release(req)  # answered or failed: the hidden state's buffer is free
+
+    def _pack_early(self, st: _Request, req: str, output: StageOutput,
+                    loop: asyncio.AbstractEventLoop) -> tuple[StageOutput, float]:
+        """Stage 0's saves of a trace (``output``) packed for the client (:meth:`run` packs
+        what is left: a generation's tokens); how long that took (seconds)."""
+        t = time.perf_counter()
+        packed = self.segments.pack(output, req, st.extra["handover"], st.extra["deadline"], loop)
+        return packed, time.perf_counter() - t
 
     async def finish(self, req: str, steps_run: int, timeout: float) -> StageOutput | None:
         """End a generation: check every node ran, set this stage's output aside for the

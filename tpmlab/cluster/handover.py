@@ -202,22 +202,25 @@ class Segments:
 
         return alloc
 
-    def pack(self, values: Any, req: str, token: Token | None, deadline: float) -> Any:
+    def pack(self, values: Any, req: str, token: Token | None, deadline: float,
+             loop: asyncio.AbstractEventLoop | None = None) -> Any:
         """``values`` (wire form) with every array of at least :data:`THRESHOLD` bytes put in
         shared memory, if the notebook holding ``token`` shares this host; else unchanged.
         The segments are freed at the request's deadline (monotonic seconds) if the
-        notebook has not taken them."""
+        notebook has not taken them, on a timer of ``loop`` (default: the running one; give
+        the stage's loop when packing on another thread)."""
         with self._lock:
             allocated = self._allocated.pop(req, {})
             pinned = self._pinned.pop(req, [])
         try:
-            return self._pack(values, req, token, deadline, allocated, pinned)
+            return self._pack(values, req, token, deadline, allocated, pinned, loop)
         finally:  # the device's copies are done (the reply waited for them): unregister
             if pinned:
                 self.pinning.release(pinned)
 
     def _pack(self, values: Any, req: str, token: Token | None, deadline: float,
-              allocated: dict[int, tuple[str, int, bool]], pinned: list[torch.Tensor]) -> Any:
+              allocated: dict[int, tuple[str, int, bool]], pinned: list[torch.Tensor],
+              loop: asyncio.AbstractEventLoop | None) -> Any:
         if not same_host(token):
             return values
         made: list[str] = []
@@ -268,10 +271,13 @@ class Segments:
             with self._lock:
                 self._by_request.setdefault(req, []).extend(made)
             ttl = max(deadline - time.monotonic(), MIN_TTL)
-            try:
-                asyncio.get_running_loop().call_later(ttl, self.free, req, made)
-            except RuntimeError:  # no event loop (used outside a stage): freed by free()/exit
-                pass
+            if loop is not None:
+                loop.call_soon_threadsafe(loop.call_later, ttl, self.free, req, made)
+            else:
+                try:
+                    asyncio.get_running_loop().call_later(ttl, self.free, req, made)
+                except RuntimeError:  # no event loop (used outside a stage): freed by
+                    pass  # free() or at exit
         self._pool.refill(sizes)  # for the next request: segments of these sizes, ready
         return out
 
