@@ -17,7 +17,11 @@ request), and the stages' registration counts are printed at the end. With
 ``--compare-gaps``, ``shared memory, fill beside compute`` lets the stages' pools make and
 register segments while the stages compute (:mod:`tpmlab.cluster.compute_gaps`,
 ``ACTIVE = False``), against ``shared memory`` (only between computations); requests
-follow each other without waiting for the pools, as a notebook's do.
+follow each other without waiting for the pools, as a notebook's do. With
+``--compare-unmap``, ``shared memory, unmapped in place`` has the notebook unmap each
+segment on the thread that lets its last value go (``handover.UNMAP_APART = False``: the
+next trace's thread, freeing the pages), against ``shared memory`` (a thread of its own).
+Each trace lets its values go before it returns, so that cost falls inside its time.
 
 A trace saving a large value (``--save logits``: the last stage's logits
 ``[batch, pos, vocab]``; ``--save layers``: every layer's output, from every stage) is timed
@@ -55,10 +59,12 @@ def start(device: str) -> Any:
     return start_local_cluster(n_workers=2)
 
 
-def _ways(direct: bool, pin: bool, gaps: bool = True, link: bool = True) -> None:
+def _ways(direct: bool, pin: bool, gaps: bool = True, link: bool = True,
+          apart: bool = True) -> None:
     from tpmlab.cluster import compute_gaps, handover, pinned_segments, stage_link
 
     handover.DIRECT = direct
+    handover.UNMAP_APART = apart
     pinned_segments.ACTIVE = pin
     compute_gaps.ACTIVE = gaps
     stage_link.ACTIVE = link
@@ -111,6 +117,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare-pin", action="store_true",
                         help="add a row with segments registered with CUDA switched off")
+    parser.add_argument("--compare-unmap", action="store_true",
+                        help="add a row where the notebook unmaps each value's segment on "
+                             "the thread that lets it go (handover.UNMAP_APART switched off)")
     parser.add_argument("--compare-gaps", action="store_true",
                         help="add a row with the pool filling beside the stage's computations "
                              "(tpmlab.cluster.compute_gaps switched off)")
@@ -130,6 +139,8 @@ def main() -> None:
         labs = {"shared memory": shared, "shared memory, pinned copy": shared, **labs}
     if args.compare_gaps:
         labs = {"shared memory": shared, "shared memory, fill beside compute": shared, **labs}
+    if args.compare_unmap:
+        labs = {"shared memory": shared, "shared memory, unmapped in place": shared, **labs}
     models = {}
     for name, lab in labs.items():  # the others attach to the first's deployment
         models[name] = lab.model(args.model, stages=args.stages, dtype=args.dtype)
@@ -137,6 +148,7 @@ def main() -> None:
     pin = {way: way != "shared memory, pinned copy" for way in labs}
     gaps = {way: way != "shared memory, fill beside compute" for way in labs}
     link = {way: way != "dask comms" for way in labs}
+    apart = {way: way != "shared memory, unmapped in place" for way in labs}
     settle = args.compare_pin or args.compare_gaps
     rows, pos = (int(x) for x in args.shape.split("x"))
     vocab = models["shared memory"].info.vocab_size
@@ -147,8 +159,8 @@ def main() -> None:
     nbytes = 0
 
     def switch(way: str) -> None:  # on the workers and here (the client's links)
-        client.run(_ways, direct[way], pin[way], gaps[way], link[way])
-        _ways(direct[way], pin[way], gaps[way], link[way])
+        client.run(_ways, direct[way], pin[way], gaps[way], link[way], apart[way])
+        _ways(direct[way], pin[way], gaps[way], link[way], apart[way])
 
     for c in cases:  # warm-up
         switch(c[0])

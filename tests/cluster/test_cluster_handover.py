@@ -4,8 +4,10 @@ same numbers, segments private to the user, and /dev/shm clean on every path."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +74,46 @@ def test_pack_and_unpack_give_the_same_values_through_private_segments():
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
     assert torch.equal(got[4][0], want[4][0])
     got[1][0, 0] = 7.0  # a mapped value is the notebook's own: writable, copy-on-write
+
+
+def _mapped(paths: list[str]) -> set[str]:
+    """Which of ``paths`` this process maps now (/proc/self/maps names unlinked files too)."""
+    maps = Path("/proc/self/maps").read_text()
+    return {p for p in paths if p in maps}
+
+
+def test_a_mapping_stays_while_any_view_of_it_lives_and_then_goes_off_the_thread(monkeypatch):
+    """The notebook's mapping of a segment lives as long as the last array or tensor over it
+    (a slice, a reinterpreting view, a tensor of either), whichever is dropped last; then
+    it is handed to the unmapping thread, once per mapping, and unmapped there."""
+    handed: list[str] = []
+    put = handover._UNMAPPER.put
+    monkeypatch.setattr(handover._UNMAPPER, "put",
+                        lambda m: (handed.append(threading.current_thread().name), put(m)))
+    value = torch.randn(512, 1024)
+    segments = handover.Segments()
+    packed = segments.pack(to_wire({1: value, 2: [value[:256], value[256:]]}), "r",
+                           handover.local_token(), deadline=0.0)
+    paths = [packed[1].path, packed[2][0].path, packed[2][1].path]
+    got = from_wire(handover.unpack(packed))
+    assert _mapped(paths) == set(paths)
+    kept = got[1][100:102].view(torch.int32)  # a view of a slice of a tensor over the segment
+    half = got[2][1].numpy()[3:]  # a numpy view of the other
+    del got
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _mapped(paths) != {paths[0], paths[2]} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _mapped(paths) == {paths[0], paths[2]}  # the untouched one went, the viewed stay
+    assert torch.equal(kept.view(torch.float32), value[100:102])
+    assert np.array_equal(half, value[259:].numpy())
+    del kept, half
+    deadline = time.monotonic() + 10
+    while _mapped(paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _mapped(paths)
+    assert handed == ["MainThread"] * 3  # each mapping handed over once, by whoever let go
+    assert any(t.name == "tpmlab-unmap" for t in threading.enumerate())
 
 
 def test_small_arrays_of_a_reply_share_one_segment():

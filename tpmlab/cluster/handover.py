@@ -4,9 +4,11 @@ When the notebook's process and a stage's worker share a host (the same kernel, 
 ``/dev/shm`` mount, the same user), each large array among a stage's saves lives in a
 file of its own in ``/dev/shm`` (mode 0600) and only its name, dtype and shape travel
 with the reply. The notebook maps the file (copy-on-write: a plan's or the user's writes
-never reach the file) and removes its name at once, so the memory lives exactly as long
-as the tensor over it. Other hosts, other users and small arrays travel inline as before,
-as numpy frames (:mod:`.wire`).
+never reach the file) and removes its name at once, so the memory lives as long as the
+tensor over it: once the last array or tensor over a mapping is gone, a thread of the
+notebook's process unmaps it (freeing a gigabyte's pages takes 0.1-0.2 s, which the
+notebook's own thread no longer waits for). Other hosts, other users and small arrays
+travel inline as before, as numpy frames (:mod:`.wire`).
 
 The save's own copy is the hand-over: a CPU stage's runner copies each large saved value
 straight into a new segment (:meth:`Segments.allocator`), so nothing is copied again on
@@ -47,6 +49,7 @@ import asyncio
 import math
 import mmap
 import os
+import queue
 import threading
 import time
 import uuid
@@ -81,6 +84,10 @@ POOL_SHARE = 0.25
 #: saves copied straight into segments, and segments made ahead of time (False: each large
 #: save copied into ordinary memory, then written into a new segment when packed)
 DIRECT = True
+#: the notebook's mappings are unmapped on a thread of their own while True (False: by the
+#: thread that lets the last array over one go, as before). Switched in the notebook to
+#: compare the two ways (``benchmarks/handover.py --compare-unmap``).
+UNMAP_APART = True
 POOL_KIND = "pool-"  # in the names of segments made ahead of time, until taken
 MADV_POPULATE_WRITE = 23  # Linux 5.14: allocate and map a range's pages now, errors returned
 
@@ -324,7 +331,7 @@ def unpack(values: Any) -> Any:
     """The notebook's side of :meth:`Segments.pack`: every :class:`Shared` becomes an array
     over its mapped segment (no copy), whose name is removed at once. Segments of values not
     yet reached when an error stops this are freed by the stage."""
-    maps: dict[str, mmap.mmap] = {}  # a bundle's file is mapped once for all its arrays
+    maps: dict[str, np.ndarray] = {}  # a bundle's file is mapped once for all its arrays
     return _walk(values, None, lambda shared: _from_segment(shared, maps))
 
 
@@ -398,12 +405,13 @@ def _write_at(fd: int, array: np.ndarray, offset: int) -> None:
         done += os.pwrite(fd, view[done:done + WRITE_CHUNK], offset + done)
 
 
-def _from_segment(shared: Shared, maps: dict[str, mmap.mmap]) -> np.ndarray:
-    """The array ``shared`` names, over its file's mapping (``maps``: files mapped so far)."""
+def _from_segment(shared: Shared, maps: dict[str, np.ndarray]) -> np.ndarray:
+    """The array ``shared`` names, over its file's mapping (``maps``: the files mapped so far,
+    each as one flat byte array over its whole mapping)."""
     dtype = np.dtype(shared.dtype)
-    count = int(np.prod(shared.shape, dtype=np.int64))
-    m = maps.get(shared.path)
-    if m is None:
+    nbytes = int(np.prod(shared.shape, dtype=np.int64)) * dtype.itemsize
+    flat = maps.get(shared.path)
+    if flat is None:
         fd = os.open(shared.path, os.O_RDONLY)
         try:
             os.unlink(shared.path)  # the mapping keeps the memory; the name is not needed again
@@ -414,8 +422,58 @@ def _from_segment(shared: Shared, maps: dict[str, mmap.mmap]) -> np.ndarray:
                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        maps[shared.path] = m
-    return np.frombuffer(m, dtype=dtype, count=count, offset=shared.offset).reshape(shared.shape)
+        flat = maps[shared.path] = np.frombuffer(m, dtype=np.uint8)
+        # the buffer numpy took from the mapping lives exactly as long as the last array or
+        # tensor over it (each one's base chain ends there): then the mapping is closed on
+        # a thread of its own. Unmapping frees the segment's pages, 135 ms for a 1 GB trace's
+        # saves on an H200 host, 200 ms for 1 GB here: time the notebook's thread spent at
+        # the next trace, when the last one's values were let go.
+        if isinstance(flat.base, memoryview):  # (numpy's own; never the mapping itself)
+            weakref.finalize(flat.base, _unmap_later, m).atexit = False
+    start = shared.offset
+    return flat[start:start + nbytes].view(dtype).reshape(shared.shape)
+
+
+class _Unmapper:
+    """Closes mappings handed to it (:meth:`put`) on a daemon thread of its own, started on
+    first use (and again in a forked child, where the parent's thread does not run)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[mmap.mmap] | None = None
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def put(self, m: mmap.mmap) -> None:
+        with self._lock:
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(self._queue,), daemon=True,
+                                 name="tpmlab-unmap").start()
+            self._queue.put(m)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._queue = None
+
+    @staticmethod
+    def _run(q: queue.SimpleQueue[mmap.mmap]) -> None:
+        while True:
+            m = q.get()
+            try:
+                m.close()  # munmap lets the GIL go meanwhile
+            except BufferError:  # still exported (cannot happen once its arrays are gone):
+                pass  # unmapped with its last user instead
+            del m
+
+
+_UNMAPPER = _Unmapper()
+
+
+def _unmap_later(m: mmap.mmap) -> None:
+    if UNMAP_APART:
+        _UNMAPPER.put(m)
+    else:
+        m.close()
 
 
 def _bundled(array: np.ndarray) -> bool:
