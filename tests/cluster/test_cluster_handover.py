@@ -312,6 +312,46 @@ def test_sizes_asked_for_while_the_pool_fills_are_made_after(monkeypatch):
     assert not _segments({os.getpid()}, pool=True)
 
 
+def test_the_pool_makes_segments_on_several_threads_within_its_budget(monkeypatch):
+    """With several fill threads the pool makes segments at once (two are being made at the
+    same moment here), never more than its budget, and a segment that fails to be made
+    (/dev/shm full) leaves the others and the pool's count right."""
+    monkeypatch.setattr(handover, "FILL_THREADS", 3)
+    monkeypatch.setattr(handover, "POOL_BYTES", 10 << 20)
+    inside, most, lock = [0], [0], threading.Lock()
+    both = threading.Barrier(2, timeout=10)
+    new_segment = handover._new_segment
+
+    def counted(nbytes, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            if nbytes == 3 << 20:
+                both.wait()  # the two 3 MiB segments meet: made at the same time
+            if nbytes == 1 << 20:
+                raise OSError(28, "No space left on device")
+            return new_segment(nbytes, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(handover, "_new_segment", counted)
+    segments = handover.Segments()
+    # 3 + 3 + 1 + 2 MiB fit the 10 MiB budget, the last 4 MiB does not
+    segments._pool.refill([3 << 20, 3 << 20, 1 << 20, 2 << 20, 4 << 20])
+    for thread in threading.enumerate():
+        if thread.name == "tpmlab-handover-pool":
+            thread.join(timeout=30)
+    assert most[0] >= 2
+    assert segments.pooled() == 8 << 20 and segments._pool._making == 0
+    assert sorted(p.stat().st_size for p in _segments({os.getpid()}, pool=True)) == \
+        [2 << 20, 3 << 20, 3 << 20]
+    del segments
+    gc.collect()
+    assert not _segments({os.getpid()}, pool=True)
+
+
 def test_pooled_segments_of_a_killed_worker_are_swept():
     import subprocess
     import sys

@@ -55,6 +55,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -81,6 +82,9 @@ MIN_TTL = 60.0  # seconds a segment may wait for the notebook past the hand-over
 #: 0: none), and never more than this fraction of /dev/shm's free space
 POOL_BYTES = int(os.environ.get("TPMLAB_HANDOVER_POOL_BYTES", 512 << 20))
 POOL_SHARE = 0.25
+#: segments the pool makes at once: the kernel allocates and zeroes a new segment's pages
+#: at 2-10 GB/s per core, and a stage's last request may have handed over a gigabyte
+FILL_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 #: saves copied straight into segments, and segments made ahead of time (False: each large
 #: save copied into ordinary memory, then written into a new segment when packed)
 DIRECT = True
@@ -561,6 +565,7 @@ class _Pool:
         # by size: (path, flat uint8 tensor over its mapping, registered)
         self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
         self._bytes = 0
+        self._making = 0  # bytes of segments a fill is making now
         self._lock = threading.Lock()
         self._filling = False
         self._wanted: list[int] = []  # sizes asked for while a fill ran
@@ -625,21 +630,21 @@ class _Pool:
                         return
                 st = os.statvfs(SHM)
                 budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
-                for nbytes in sizes:
-                    with self._lock:
-                        if self._bytes + nbytes > budget:
+                chosen = []
+                with self._lock:  # what fits, counted from now on
+                    for nbytes in sizes:
+                        if self._bytes + self._making + nbytes > budget:
                             break
-                    if self._gaps is not None:  # between the stage's computations
-                        self._gaps.wait()
-                    pin = self._pinning is not None and pinned_segments.ACTIVE
-                    # registering locks the pages, and maps each as it does: no need to
-                    # populate them first (madvise holds the GIL while it maps)
-                    path, flat = _new_segment(nbytes, populate=not pin, kind=POOL_KIND)
-                    # here, off any request's path
-                    registered = pin and self._pinning.register(flat)
-                    with self._lock:
-                        self._free.setdefault(nbytes, []).append((path, flat, registered))
-                        self._bytes += nbytes
+                        self._making += nbytes
+                        chosen.append(nbytes)
+                if FILL_THREADS > 1 and len(chosen) > 1:
+                    with ThreadPoolExecutor(FILL_THREADS,
+                                            thread_name_prefix="tpmlab-handover-fill") as threads:
+                        for made in [threads.submit(self._make, n) for n in chosen]:
+                            made.result()
+                else:
+                    for nbytes in chosen:
+                        self._make(nbytes)
         except OSError:  # /dev/shm full: no pool, segments are made when needed
             pass
         finally:
@@ -647,6 +652,24 @@ class _Pool:
                 with self._lock:
                     self._filling = False
                     self._wanted = []
+
+    def _make(self, nbytes: int) -> None:
+        """One segment of ``nbytes`` into the pool (counted among those being made)."""
+        try:
+            if self._gaps is not None:  # between the stage's computations
+                self._gaps.wait()
+            pin = self._pinning is not None and pinned_segments.ACTIVE
+            # registering locks the pages, and maps each as it does: no need to populate
+            # them first (madvise holds the GIL while it maps)
+            path, flat = _new_segment(nbytes, populate=not pin, kind=POOL_KIND)
+            # here, off any request's path
+            registered = pin and self._pinning.register(flat)
+            with self._lock:
+                self._free.setdefault(nbytes, []).append((path, flat, registered))
+                self._bytes += nbytes
+        finally:
+            with self._lock:
+                self._making -= nbytes
 
 
 def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]]) -> None:
