@@ -565,7 +565,6 @@ class _Pool:
         # by size: (path, flat uint8 tensor over its mapping, registered)
         self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
         self._bytes = 0
-        self._making = 0  # bytes of segments a fill is making now
         self._lock = threading.Lock()
         self._filling = False
         self._wanted: list[int] = []  # sizes asked for while a fill ran
@@ -630,13 +629,12 @@ class _Pool:
                         return
                 st = os.statvfs(SHM)
                 budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
-                chosen = []
-                with self._lock:  # what fits, counted from now on
-                    for nbytes in sizes:
-                        if self._bytes + self._making + nbytes > budget:
-                            break
-                        self._making += nbytes
-                        chosen.append(nbytes)
+                chosen, planned = [], self.ready_bytes()  # one fill runs at a time
+                for nbytes in sizes:
+                    if planned + nbytes > budget:
+                        break
+                    planned += nbytes
+                    chosen.append(nbytes)
                 if FILL_THREADS > 1 and len(chosen) > 1:
                     with ThreadPoolExecutor(FILL_THREADS,
                                             thread_name_prefix="tpmlab-handover-fill") as threads:
@@ -654,22 +652,17 @@ class _Pool:
                     self._wanted = []
 
     def _make(self, nbytes: int) -> None:
-        """One segment of ``nbytes`` into the pool (counted among those being made)."""
-        try:
-            if self._gaps is not None:  # between the stage's computations
-                self._gaps.wait()
-            pin = self._pinning is not None and pinned_segments.ACTIVE
-            # registering locks the pages, and maps each as it does: no need to populate
-            # them first (madvise holds the GIL while it maps)
-            path, flat = _new_segment(nbytes, populate=not pin, kind=POOL_KIND)
-            # here, off any request's path
-            registered = pin and self._pinning.register(flat)
-            with self._lock:
-                self._free.setdefault(nbytes, []).append((path, flat, registered))
-                self._bytes += nbytes
-        finally:
-            with self._lock:
-                self._making -= nbytes
+        """One segment of ``nbytes`` into the pool."""
+        if self._gaps is not None:  # between the stage's computations
+            self._gaps.wait()
+        pin = self._pinning is not None and pinned_segments.ACTIVE
+        # registering locks the pages, and maps each as it does: no need to populate them
+        # first (madvise holds the GIL while it maps)
+        path, flat = _new_segment(nbytes, populate=not pin, kind=POOL_KIND)
+        registered = pin and self._pinning.register(flat)  # here, off any request's path
+        with self._lock:
+            self._free.setdefault(nbytes, []).append((path, flat, registered))
+            self._bytes += nbytes
 
 
 def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]]) -> None:
