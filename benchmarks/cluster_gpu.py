@@ -539,6 +539,8 @@ def main() -> None:
         hops = ipc_hops(mem)
         print("hand-over segments registered with CUDA, per stage: "
               f"{[m.get('handover') for m in mem]}", flush=True)
+        print("hand-over pools (segments made, given back, dropped, lent now), per stage: "
+              f"{[m.get('recycling') for m in mem]}", flush=True)
         print("stage hops (CUDA IPC " + ("off" if args.no_cuda_ipc else "on") + "):\n"
               + "\n".join(hops), flush=True)
         # random-init sources count their parameters; others: count the meta tree's

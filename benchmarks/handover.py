@@ -21,6 +21,10 @@ follow each other without waiting for the pools, as a notebook's do. With
 ``--compare-unmap``, ``shared memory, unmapped in place`` has the notebook unmap each
 segment on the thread that lets its last value go (``handover.UNMAP_APART = False``: the
 next trace's thread, freeing the pages), against ``shared memory`` (a thread of its own).
+With ``--compare-recycle``, ``shared memory, made anew`` has the stages make new segments
+for every request (``handover.RECYCLE = False`` on the workers), against ``shared memory``
+(the segments the notebook unmapped come back to their stage's pool); the stages' pool
+counts (segments made, given back, dropped) are printed at the end.
 Each trace lets its values go before it returns, so that cost falls inside its time.
 
 A trace saving a large value (``--save logits``: the last stage's logits
@@ -37,6 +41,7 @@ plain copy of as many bytes into fresh memory in this process.
         --save layers --shape 8x512 --dtype bfloat16 --compare-pin     # registered or not
     python -m benchmarks.handover --device cuda --model llama-3-8b-shape \
         --save layers --shape 1x128 --dtype bfloat16 --compare-gaps    # fill between or beside
+    python -m benchmarks.handover --compare-recycle                  # given back or made anew
 """
 
 from __future__ import annotations
@@ -60,11 +65,12 @@ def start(device: str) -> Any:
 
 
 def _ways(direct: bool, pin: bool, gaps: bool = True, link: bool = True,
-          apart: bool = True) -> None:
+          apart: bool = True, recycle: bool = True) -> None:
     from tpmlab.cluster import compute_gaps, handover, pinned_segments, stage_link
 
     handover.DIRECT = direct
     handover.UNMAP_APART = apart
+    handover.RECYCLE = recycle
     pinned_segments.ACTIVE = pin
     compute_gaps.ACTIVE = gaps
     stage_link.ACTIVE = link
@@ -77,7 +83,8 @@ def _settle(lab: Any, model: str, seconds: float = 30.0) -> list[dict[str, int]]
     last = None
     while time.monotonic() < deadline:
         counts = [m.get("handover", {}) for m in lab.backend.memory(model)]
-        if counts == last and all(c.get("held", 0) == c.get("pooled", 0) for c in counts):
+        if counts == last and all(c.get("held", 0) == c.get("pooled", 0) + c.get("lent", 0)
+                                  for c in counts):
             break
         last = counts
         time.sleep(0.2)
@@ -123,6 +130,9 @@ def main() -> None:
     parser.add_argument("--compare-gaps", action="store_true",
                         help="add a row with the pool filling beside the stage's computations "
                              "(tpmlab.cluster.compute_gaps switched off)")
+    parser.add_argument("--compare-recycle", action="store_true",
+                        help="add a row where the stages make new segments for every request "
+                             "(handover.RECYCLE switched off)")
     args = parser.parse_args()
     from distributed import Client
 
@@ -141,6 +151,8 @@ def main() -> None:
         labs = {"shared memory": shared, "shared memory, fill beside compute": shared, **labs}
     if args.compare_unmap:
         labs = {"shared memory": shared, "shared memory, unmapped in place": shared, **labs}
+    if args.compare_recycle:
+        labs = {"shared memory": shared, "shared memory, made anew": shared, **labs}
     models = {}
     for name, lab in labs.items():  # the others attach to the first's deployment
         models[name] = lab.model(args.model, stages=args.stages, dtype=args.dtype)
@@ -149,6 +161,7 @@ def main() -> None:
     gaps = {way: way != "shared memory, fill beside compute" for way in labs}
     link = {way: way != "dask comms" for way in labs}
     apart = {way: way != "shared memory, unmapped in place" for way in labs}
+    recycle = {way: way != "shared memory, made anew" for way in labs}
     settle = args.compare_pin or args.compare_gaps
     rows, pos = (int(x) for x in args.shape.split("x"))
     vocab = models["shared memory"].info.vocab_size
@@ -159,8 +172,8 @@ def main() -> None:
     nbytes = 0
 
     def switch(way: str) -> None:  # on the workers and here (the client's links)
-        client.run(_ways, direct[way], pin[way], gaps[way], link[way], apart[way])
-        _ways(direct[way], pin[way], gaps[way], link[way], apart[way])
+        client.run(_ways, direct[way], pin[way], gaps[way], link[way], apart[way], recycle[way])
+        _ways(direct[way], pin[way], gaps[way], link[way], apart[way], recycle[way])
 
     for c in cases:  # warm-up
         switch(c[0])
@@ -200,6 +213,8 @@ def main() -> None:
     if settle or args.device == "cuda":  # saves into registered segments, and those that missed
         for k, counts in enumerate(_settle(shared, args.model)):
             print(f"stage {k} registered segments: {counts or 'none (not a GPU stage)'}")
+    for k, m in enumerate(shared.backend.memory(args.model)):
+        print(f"stage {k} pool: {m['recycling']}")
     for lab in {id(lab): lab for lab in labs.values()}.values():
         lab.close()
     client.close()

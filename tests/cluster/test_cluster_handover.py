@@ -257,12 +257,15 @@ def test_segments_made_ahead_of_time_take_the_next_request_of_the_same_sizes():
     deadline = time.monotonic() + 10
     while segments.pooled() < 2 << 20 and time.monotonic() < deadline:
         time.sleep(0.02)  # refilled on a background thread
-    (pooled,) = _segments({os.getpid()}, pool=True)
-    assert stat.S_IMODE(pooled.stat().st_mode) == 0o600 and pooled.stat().st_size == 2 << 20
+    # the one made ahead of time, and the one lent to r10 (its pool name kept for its return)
+    pooled = _segments({os.getpid()}, pool=True)
+    assert len(pooled) == 2 and segments.recycling()["lent"] == 1
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 and p.stat().st_size == 2 << 20
+               for p in pooled)
     assert torch.equal(from_wire(handover.unpack(packed))[1], torch.ones(512, 1024))
     alloc = segments.allocator("r11", handover.local_token(), deadline=0.0)
-    again = alloc((1024, 512), torch.float32)  # the same size: the pooled segment, renamed
-    assert not _segments({os.getpid()}, pool=True)
+    again = alloc((1024, 512), torch.float32)  # the same size: the pooled segment, lent
+    assert segments.pooled() == 0 and segments.recycling()["lent"] == 2
     (taken,) = _segments({os.getpid()})
     again.fill_(2.0)
     packed = segments.pack(to_wire({1: again}), "r11", handover.local_token(), deadline=0.0)
@@ -302,8 +305,8 @@ def test_sizes_asked_for_while_the_pool_fills_are_made_after(monkeypatch):
         time.sleep(0.02)
     assert segments.pooled() == 9 << 20
     for nbytes in (2 << 20, 3 << 20, 4 << 20):
-        path, flat, registered = segments._pool.take(nbytes)
-        assert flat.numel() == nbytes and not registered
+        path, flat, registered, lent = segments._pool.take(nbytes)
+        assert flat.numel() == nbytes and not registered and not lent
         os.unlink(path)
     del segments
     import gc
@@ -347,7 +350,8 @@ def test_the_pool_makes_segments_on_several_threads_within_its_budget(monkeypatc
     assert segments.pooled() == 8 << 20
     assert sorted(p.stat().st_size for p in _segments({os.getpid()}, pool=True)) == \
         [2 << 20, 3 << 20, 3 << 20]
-    segments._pool.refill([2 << 20])  # the failed 1 MiB holds no budget: 8 + 2 fit in 10
+    # one 2 MiB is ready, one is made: the failed 1 MiB holds no budget, 8 + 2 fit in 10
+    segments._pool.refill([2 << 20, 2 << 20])
     for thread in threading.enumerate():
         if thread.name == "tpmlab-handover-pool":
             thread.join(timeout=30)
@@ -355,6 +359,118 @@ def test_the_pool_makes_segments_on_several_threads_within_its_budget(monkeypatc
     del segments
     gc.collect()
     assert not _segments({os.getpid()}, pool=True)
+
+
+def _hand_over(segments: handover.Segments, req: str, value: torch.Tensor,
+               names: list[str]) -> torch.Tensor:
+    """One request's save of ``value`` through ``segments``, as the notebook gets it, its
+    segment given back into ``names`` once unmapped."""
+    alloc = segments.allocator(req, handover.local_token(), deadline=0.0)
+    saved = alloc(tuple(value.shape), value.dtype).copy_(value)
+    packed = segments.pack(to_wire({1: saved}), req, handover.local_token(), deadline=0.0)
+    return from_wire(handover.unpack(packed, names.extend))[1]
+
+
+def _given_back(names: list[str], n: int, seconds: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while len(names) < n and time.monotonic() < deadline:
+        time.sleep(0.02)  # unmapped on the notebook's unmapping thread, then given back
+    return list(names)
+
+
+def test_segments_the_notebook_unmapped_come_back_to_their_stage():
+    """A request's segment goes back into its stage's pool once the notebook has unmapped
+    it: later requests of the size take it (the same mapping on the stage, no new memory),
+    and each gets its own numbers."""
+    segments = handover.Segments()
+    addresses = set()
+    for k in range(6):
+        names: list[str] = []
+        value = torch.full((512, 1024), float(k))
+        got = _hand_over(segments, f"r{k}", value, names)
+        assert torch.equal(got, value)
+        addresses.add(segments.recycling()["lent"])
+        del got
+        (name,) = _given_back(names, 1)
+        assert segments.take_back(names) == 1
+        assert not Path(name).exists()  # the name handed over is gone; the pool keeps its own
+    counts = segments.recycling()
+    # the first request's segment and one the pool made before any came back: no more
+    assert counts["made"] <= 2 and counts["returned"] == 6 and counts["lent"] == 0
+    assert segments.take_back(names) == 0  # given back twice: the second is ignored
+    del segments
+    gc.collect()
+    assert not _segments({os.getpid()}, pool=True) and not _segments({os.getpid()})
+
+
+def test_a_value_the_notebook_keeps_is_never_written_by_later_requests():
+    segments = handover.Segments()
+    kept_names: list[str] = []
+    kept = _hand_over(segments, "kept", torch.full((512, 1024), -1.0), kept_names)
+    for k in range(4):  # later requests of the same size, each given back
+        names: list[str] = []
+        got = _hand_over(segments, f"r{k}", torch.full((512, 1024), float(k)), names)
+        assert torch.equal(got, torch.full((512, 1024), float(k)))
+        del got
+        segments.take_back(_given_back(names, 1))
+    assert torch.equal(kept, torch.full((512, 1024), -1.0))
+    assert not kept_names and segments.recycling()["lent"] == 1  # still the notebook's
+    segments.take_back([str(p) for p in _segments({os.getpid()}, pool=True)])  # not those
+    assert torch.equal(kept, torch.full((512, 1024), -1.0))
+    del kept
+    segments.take_back(_given_back(kept_names, 1))
+    assert segments.recycling()["lent"] == 0
+
+
+def test_a_mapping_that_lived_through_a_fork_is_never_given_back():
+    """A child forked while the notebook mapped a segment maps it too: the stage must never
+    write into it again, so the parent does not give it back when it lets go."""
+    segments = handover.Segments()
+    names: list[str] = []
+    got = _hand_over(segments, "r", torch.ones(512, 1024), names)
+    (handed,) = {line.split()[5] for line in Path("/proc/self/maps").read_text().splitlines()
+                 if f"{handover.PREFIX}{os.getpid()}-" in line and handover.POOL_KIND not in line}
+    pid = os.fork()
+    if pid == 0:  # the child exits at once, without running the parent's cleanup
+        os._exit(0)
+    os.waitpid(pid, 0)
+    del got
+    deadline = time.monotonic() + 10
+    while _mapped([handed]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _mapped([handed])  # unmapped
+    time.sleep(0.2)
+    assert names == [] and segments.recycling()["lent"] == 1  # never given back
+    later: list[str] = []
+    again = _hand_over(segments, "r2", torch.ones(512, 1024), later)  # mapped after the fork
+    del again
+    assert len(_given_back(later, 1)) == 1
+
+
+def test_take_back_ignores_names_not_lent_or_still_being_packed():
+    segments = handover.Segments()
+    alloc = segments.allocator("packing", handover.local_token(), deadline=0.0)
+    alloc((512, 1024), torch.float32)  # lent to a request whose reply is not packed yet
+    (name,) = [str(p) for p in _segments({os.getpid()})]
+    assert segments.take_back([name, "/dev/shm/tpmlab-1-0", "../../etc/passwd", ""]) == 0
+    assert segments.recycling()["lent"] == 1 and os.path.exists(name)
+    segments.free("packing")  # the request failed: its name unlinked, its segment dropped
+    counts = segments.recycling()
+    assert counts["lent"] == 0 and counts["dropped"] == 1
+    assert not _segments({os.getpid()}) and not _segments({os.getpid()}, pool=True)
+
+
+def test_the_oldest_lent_segments_are_dropped_past_the_lent_budget(monkeypatch):
+    """A notebook that keeps what it gets (or went away): the stage stops lending the oldest
+    once more than LENT_BYTES are out (their pool names go; the notebook's values stay)."""
+    monkeypatch.setattr(handover, "LENT_BYTES", 5 << 20)
+    segments = handover.Segments()
+    kept = [_hand_over(segments, f"r{k}", torch.full((512, 1024), float(k)), [])
+            for k in range(4)]
+    counts = segments.recycling()
+    assert counts["lent"] == 2 and counts["lent_bytes"] == 4 << 20 and counts["dropped"] == 2
+    for k, value in enumerate(kept):
+        assert torch.equal(value, torch.full((512, 1024), float(k)))
 
 
 def test_pooled_segments_of_a_killed_worker_are_swept():
@@ -407,6 +523,33 @@ def test_saves_through_shared_memory_equal_the_local_executor(staged):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not _segments(pids)
+
+
+@pytest.mark.slow
+def test_traces_give_their_segments_back_and_never_touch_a_kept_value(staged, backend):
+    """Each trace's segments go back to their stages once the notebook lets its values go;
+    a trace whose values the notebook keeps is never written by the traces after it."""
+    model, ref, pids = staged
+    before = [m["recycling"] for m in backend.memory(MODEL)]
+    kept = _trace_all(model)
+    for prompts in (["A quick brown fox"], PROMPTS, ["Hello", "world", "again"]):
+        with model.trace(prompts):
+            saved = [model.layers[i].output.save() for i in range(model.adapter.n_layers)]
+        assert all(torch.isfinite(s.value).all() for s in saved)
+        del saved
+        gc.collect()
+    for a, b in zip(kept, _trace_all(ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    deadline = time.monotonic() + 10
+    while True:  # the take_back calls are not waited for
+        after = [m["recycling"] for m in backend.memory(MODEL)]
+        if all(a["returned"] > b["returned"] for a, b in zip(after, before)) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(a["returned"] > b["returned"] for a, b in zip(after, before)), (before, after)
+    del kept
+    assert not _clean_within(pids)
 
 
 @pytest.mark.slow
@@ -476,7 +619,7 @@ def test_stage0_packs_its_saves_while_later_stages_compute_and_frees_them_on_fai
 def test_an_interrupted_client_leaves_no_segments(staged, backend, monkeypatch):
     model, _, pids = staged
 
-    def interrupted(values):
+    def interrupted(values, give_back=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("tpmlab.cluster.backend.unpack", interrupted)
@@ -509,9 +652,9 @@ def test_small_saves_reach_the_notebook_in_one_bundle_per_stage(lab, backend, re
 
     seen: list[handover.Shared] = []
 
-    def spying(values):
+    def spying(values, give_back=None):
         handover._walk(values, None, lambda shared: seen.append(shared))
-        return handover.unpack(values)
+        return handover.unpack(values, give_back)
 
     previous = backend.client.run(bundle_from, (1 << 20, 8 << 10))
     try:

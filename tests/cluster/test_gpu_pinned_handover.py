@@ -47,7 +47,7 @@ def _settled(lab, seconds: float = 60.0) -> list[dict[str, int]]:
     last = None
     while time.monotonic() < deadline:
         counts = _counts(lab)
-        if counts == last and all(c["held"] == c["pooled"] for c in counts):
+        if counts == last and all(c["held"] == c["pooled"] + c["lent"] for c in counts):
             return counts
         last = counts
         time.sleep(0.5)

@@ -70,7 +70,7 @@ from ..runtime.weights import WeightGuard
 from . import cuda_ipc, pinned_segments, stage_link
 from .backward import stage_backward
 from .compute_gaps import Gaps
-from .handover import Segments, Token
+from .handover import TAKE_BACK_MAX, Segments, Token
 from .partition import StageSpan
 from .remote_store import STORE, to_array
 from .stage import StageModel
@@ -111,7 +111,8 @@ GRACE = 5.0  # seconds a request's leftovers may outlive its deadline before a s
 ENDED_TTL = 120.0  # seconds an aborted request's id is remembered (a late collect returns at once)
 #: what the previous stage and the notebook's client may call through the stage link
 #: (:mod:`.stage_link`); the rest (linking, abort, memory, ...) goes through Dask
-LINK_CALLS = frozenset({"step", "finish", "ipc_ack", "run", "collect", "run_session"})
+LINK_CALLS = frozenset({"step", "finish", "ipc_ack", "run", "collect", "run_session",
+                        "take_back"})
 
 
 class _Slot:
@@ -325,7 +326,8 @@ class StageActor:
         ``load_cuda_peak``); ``ipc_held``: device buffers handed to a neighbour and not yet
         acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``handover``:
         what the segments registered with CUDA did (:meth:`~.handover.Segments.counts`;
-        empty on a stage without); ``malloc_relaxed``: whether this process set malloc's
+        empty on a stage without); ``recycling``: what its hand-over pool made, lent and
+        had back (:meth:`~.handover.Segments.recycling`); ``malloc_relaxed``: whether this process set malloc's
         thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`); ``linked``: whether
         this stage calls the next one over a stage link (:mod:`.stage_link`) now;
         ``passes``: forward steps this stage ran its layers for (a pass that a
@@ -337,13 +339,24 @@ class StageActor:
                "stage_bytes": self.stage.nbytes, "requests": len(self.requests),
                "held": len(self.slots), "kept": len(self.kept), "passes": self.passes,
                "ipc_held": self.ipc_next.held() + self.ipc_prev.held(), "ipc": await self.ipc(),
-               "handover": self.segments.counts(), "malloc_relaxed": host_malloc.relaxed(),
+               "handover": self.segments.counts(), "recycling": self.segments.recycling(),
+               "malloc_relaxed": host_malloc.relaxed(),
                "linked": self.link_next is not None and self.link_next.alive,
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_allocated"] = torch.cuda.memory_allocated(self.device)
         return out
+
+    async def take_back(self, names: list[str]) -> int:
+        """Hand-over segments the notebook has unmapped, by the names it got them under,
+        back into this stage's pool (:meth:`.handover.Segments.take_back`); how many came
+        back. Names this stage did not lend are ignored."""
+        if not isinstance(names, list) or len(names) > TAKE_BACK_MAX \
+                or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"take_back wants a list of at most {TAKE_BACK_MAX} "
+                            "segment names")
+        return self.segments.take_back(names)
 
     async def weight_restores(self) -> int:
         """Requests that wrote into this stage's weights (each failed, the weights restored)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import threading
 import time
@@ -359,14 +360,16 @@ class DaskBackend:
         each later stage's ``collect`` (``later``) hands over (saves, node times, and what a
         backward kept there)."""
         # one call: a bundle of small arrays (one shared-memory file) may hold both
-        head_values, head_saves = unpack((head["values"], head["saves"]))
+        head_values, head_saves = unpack((head["values"], head["saves"]),
+                                         functools.partial(self._give_back, dep, 0))
         values = from_wire(head_values)
         values.update(from_wire(head_saves))
         meta = head["meta"]
         node_seconds = dict(meta["node_seconds"])
-        for f in later:
+        for stage, f in enumerate(later, start=1):
             output = self._wait(dep, req, f, deadline, model, timeout)
-            values.update(from_wire(unpack(output["saves"])))
+            values.update(from_wire(unpack(output["saves"],
+                                           functools.partial(self._give_back, dep, stage))))
             if "autograd_bytes" in meta:
                 meta["autograd_bytes"].append(output.get("autograd_bytes", 0))
                 meta["backward_seconds"] += output.get("backward_seconds", 0.0)
@@ -374,6 +377,18 @@ class DaskBackend:
                 node_seconds[node] = node_seconds.get(node, 0.0) + seconds
         meta["node_seconds"] = node_seconds
         return {k: self._remote_values(model, v) for k, v in values.items()}, meta
+
+    def _give_back(self, dep: Deployment, stage: int, names: list[str]) -> None:
+        """Tell stage ``stage`` that this process unmapped the hand-over segments ``names``
+        (on the unmapping thread, :func:`.handover.unpack`): back into its pool. Not
+        waited for; a stage gone or undeployed meanwhile has nothing to take back."""
+        if dep is not self.deployments.get(dep.info.name):
+            return
+        try:
+            future = self._call(dep, stage, "take_back", names)
+        except Exception:  # noqa: BLE001 - the stage's worker is lost, or the client closed
+            return
+        future.add_done_callback(_quiet)
 
     def _remote_values(self, model: str, value: Any) -> Any:
         """A remote save's handle (or list of them, per generation step) as a
@@ -603,6 +618,12 @@ async def actor_call(client: Client, address: str, key: str, method: str, *args:
     if answer["status"] != "OK":
         raise answer["exception"]
     return answer["result"]
+
+
+def _quiet(future: concurrent.futures.Future) -> None:
+    """Retrieve a call's outcome nobody waits for (a failure is not worth a warning)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _fetched(value: Any) -> Any:

@@ -28,6 +28,16 @@ into it at memory speed; the pool is refilled in the background after each hand-
 GPU stage that background thread also registers each segment with CUDA, so a request never
 waits for a registration.
 
+Segments come back: a stage keeps each segment it lends (its pool's name for the file, its
+mapping and its registration) until the notebook has unmapped it; the notebook then names
+it in a ``take_back`` call and it goes back into the pool, its pages mapped and registered,
+instead of a gigabyte of new memory for the next request and a gigabyte freed in the
+notebook. The notebook gives back only what it unmapped itself: a mapping that lived
+through a fork of its process (the child may still map it) is never given back. A stage
+drops what it lent when the request fails, when its name was never taken, and the oldest
+once more than :data:`LENT_BYTES` are out; the pool's refill counts what a notebook that
+gives back is about to return (:meth:`_Pool.refill`).
+
 Every segment is freed on every path:
 
 * handed over: the notebook unlinks it as soon as it is mapped;
@@ -92,6 +102,14 @@ DIRECT = True
 #: thread that lets the last array over one go, as before). Switched in the notebook to
 #: compare the two ways (``benchmarks/handover.py --compare-unmap``).
 UNMAP_APART = True
+#: segments the notebook has unmapped go back to their stage's pool (False, or
+#: ``TPMLAB_HANDOVER_RECYCLE=0`` in the workers' environment: each request's made anew)
+RECYCLE = os.environ.get("TPMLAB_HANDOVER_RECYCLE", "1") != "0"
+#: bytes a stage may have lent out and not had back before it drops the oldest (a notebook
+#: that keeps its values, or went away without giving them back)
+LENT_BYTES = int(os.environ.get("TPMLAB_HANDOVER_LENT_BYTES", 4 * POOL_BYTES))
+#: the most segment names one ``take_back`` call may carry
+TAKE_BACK_MAX = 4096
 POOL_KIND = "pool-"  # in the names of segments made ahead of time, until taken
 MADV_POPULATE_WRITE = 23  # Linux 5.14: allocate and map a range's pages now, errors returned
 
@@ -189,22 +207,22 @@ class Segments:
             if nbytes < THRESHOLD:
                 return None
             if pinned:  # never registered here: only what the pool registered ahead of time
-                taken = self._pool.take(nbytes, pinned=True)
+                taken = self._pool.take(nbytes, pinned=True, req=req)
                 if taken is None:
                     with self._lock:
                         self._counts["unpinned"] += 1
                     return None
             else:
                 try:
-                    taken = self._pool.take(nbytes) or (*_new_segment(nbytes), False)
+                    taken = self._pool.take(nbytes, req=req) or self._pool.fresh(nbytes, req)
                 except OSError:  # /dev/shm full or gone: an ordinary copy, handed over inline
                     return None
-            path, flat, registered = taken
+            path, flat, registered, lent = taken
             with self._lock:
                 first = req not in self._by_request
                 self._by_request.setdefault(req, []).append(path)
                 self._allocated.setdefault(req, {})[flat.data_ptr()] = (path, nbytes, registered)
-                if registered:
+                if registered and not lent:  # a lent one stays registered, for its return
                     self._pinned.setdefault(req, []).append(flat)
             if first and loop is not None:
                 ttl = max(deadline - time.monotonic(), MIN_TTL)
@@ -250,12 +268,12 @@ class Segments:
                     with self._lock:
                         self._counts["pinned"] += 1
                 return Shared(owned[0], array.dtype.str, tuple(array.shape))  # already there
-            pooled = self._pool.take(array.nbytes) if DIRECT and array.nbytes >= THRESHOLD \
-                and not array.dtype.hasobject else None
+            pooled = self._pool.take(array.nbytes, req=req) if DIRECT \
+                and array.nbytes >= THRESHOLD and not array.dtype.hasobject else None
             if pooled is not None:  # a copy into pages already mapped
                 made.append(pooled[0])
-                if pooled[2]:  # registered: unregistered with the request's others
-                    pinned.append(pooled[1])
+                if pooled[2] and not pooled[3]:  # registered, not lent: unregistered with
+                    pinned.append(pooled[1])  # the request's others
                 sizes.append(array.nbytes)
                 pooled[1].numpy()[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
                 return Shared(pooled[0], array.dtype.str, tuple(array.shape))
@@ -274,9 +292,11 @@ class Segments:
             return values
         except BaseException:
             _unlink(made)
+            self._pool.drop(made)
             raise
         unused = [path for path, _, _ in allocated.values() if path not in used]
-        if unused:  # filled, but not handed over as a whole: no one will map them
+        if unused:  # filled, but not handed over as a whole: no one will map them, so those
+            self._pool.reclaim(unused)  # lent go back to the pool at once
             self.free(req, unused)
         if made:
             with self._lock:
@@ -289,13 +309,17 @@ class Segments:
                     asyncio.get_running_loop().call_later(ttl, self.free, req, made)
                 except RuntimeError:  # no event loop (used outside a stage): freed by
                     pass  # free() or at exit
+        self._pool.handed(req)  # what it lent may come back from now on
         self._pool.refill(sizes)  # for the next request: segments of these sizes, ready
         return out
 
     def free(self, req: str, only: list[str] | None = None) -> None:
         """Unlink what was handed over for ``req`` (``only`` those) and the notebook did not
         take; without ``only`` (the request failed, was aborted or passed its deadline), also
-        unregister the registered segments it took (after the device's copies into them)."""
+        unregister the registered segments it took (after the device's copies into them).
+        A lent segment whose name is unlinked here is dropped, not given back to the pool
+        (the notebook may have been opening it); without ``only``, so is every one the
+        request took before its reply was packed."""
         pinned: list[torch.Tensor] = []
         with self._lock:
             paths = self._by_request.pop(req, [])
@@ -307,9 +331,21 @@ class Segments:
                 if keep:
                     self._by_request[req] = keep
                 paths = [p for p in paths if p in only]
-        _unlink(paths)
+        untaken = _unlink(paths)
+        self._pool.drop(untaken, None if only is not None else req)
         if pinned:
             self.pinning.release(pinned)
+
+    def take_back(self, paths: list[str]) -> int:
+        """Segments the notebook has unmapped (by the names they were handed over under)
+        back into the pool; how many. Names not lent here, or not yet handed over, are
+        ignored."""
+        return self._pool.take_back(paths)
+
+    def recycling(self) -> dict[str, int]:
+        """What the pool did: segments it ``made`` (new memory), had ``returned`` by the
+        notebook, ``dropped`` unreturned, and has ``lent`` out now (``lent_bytes``)."""
+        return self._pool.recycling()
 
     def pooled(self) -> int:
         """Bytes of segments made ahead of time and ready to take."""
@@ -323,20 +359,29 @@ class Segments:
         """What the registered segments did (:mod:`.pinned_segments`): saves handed over in
         one (``pinned``), saves that found none ready (``unpinned``: a pinned copy), and the
         registrations (:meth:`~.pinned_segments.Pinning.counts`: ``held`` counts those in the
-        pool, ``pooled``, and those requests hold); empty on a stage without."""
+        pool, ``pooled``, those lent out until the notebook gives them back, ``lent``, and
+        those requests in flight hold); empty on a stage without."""
         if self.pinning is None:
             return {}
         with self._lock:
             counts = dict(self._counts)
-        return {**counts, **self.pinning.counts(), "pooled": self._pool.registered()}
+        return {**counts, **self.pinning.counts(), "pooled": self._pool.registered(),
+                "lent": self._pool.registered(lent=True)}
 
 
-def unpack(values: Any) -> Any:
+GiveBack = Callable[[list[str]], None]
+
+
+def unpack(values: Any, give_back: GiveBack | None = None) -> Any:
     """The notebook's side of :meth:`Segments.pack`: every :class:`Shared` becomes an array
     over its mapped segment (no copy), whose name is removed at once. Segments of values not
-    yet reached when an error stops this are freed by the stage."""
+    yet reached when an error stops this are freed by the stage.
+
+    ``give_back(names)``: called, on the unmapping thread, with the names of segments this
+    process has unmapped (after the last array over each went), for their stage's
+    :meth:`Segments.take_back`; never for a mapping that lived through a fork."""
     maps: dict[str, np.ndarray] = {}  # a bundle's file is mapped once for all its arrays
-    return _walk(values, None, lambda shared: _from_segment(shared, maps))
+    return _walk(values, None, lambda shared: _from_segment(shared, maps, give_back))
 
 
 def _walk(value: Any, on_array: Callable[[np.ndarray], Any] | None,
@@ -409,7 +454,8 @@ def _write_at(fd: int, array: np.ndarray, offset: int) -> None:
         done += os.pwrite(fd, view[done:done + WRITE_CHUNK], offset + done)
 
 
-def _from_segment(shared: Shared, maps: dict[str, np.ndarray]) -> np.ndarray:
+def _from_segment(shared: Shared, maps: dict[str, np.ndarray],
+                  give_back: GiveBack | None = None) -> np.ndarray:
     """The array ``shared`` names, over its file's mapping (``maps``: the files mapped so far,
     each as one flat byte array over its whole mapping)."""
     dtype = np.dtype(shared.dtype)
@@ -433,51 +479,90 @@ def _from_segment(shared: Shared, maps: dict[str, np.ndarray]) -> np.ndarray:
         # saves on an H200 host, 200 ms for 1 GB here: time the notebook's thread spent at
         # the next trace, when the last one's values were let go.
         if isinstance(flat.base, memoryview):  # (numpy's own; never the mapping itself)
-            weakref.finalize(flat.base, _unmap_later, m).atexit = False
+            back = (give_back, shared.path, _FORKS[0]) if give_back is not None else None
+            weakref.finalize(flat.base, _unmap_later, m, back).atexit = False
     start = shared.offset
     return flat[start:start + nbytes].view(dtype).reshape(shared.shape)
 
 
+_FORKS = [0]  # forks of this process so far: a mapping made before one is never given back
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_parent=_forked, after_in_child=_forked)
+
+# what the unmapping thread is handed: a mapping, and where to give its segment back
+# (``give_back``, the segment's name, forks when it was mapped), if anywhere
+_Unmap = tuple[mmap.mmap, tuple[GiveBack, str, int] | None]
+
+
 class _Unmapper:
     """Closes mappings handed to it (:meth:`put`) on a daemon thread of its own, started on
-    first use (and again in a forked child, where the parent's thread does not run)."""
+    first use (and again in a forked child, where the parent's thread does not run); gives
+    back what it unmapped once nothing more waits, in one call per ``give_back``."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[mmap.mmap] | None = None
+        self._queue: queue.SimpleQueue[_Unmap] | None = None
         self._lock = threading.Lock()
         os.register_at_fork(after_in_child=self._forget)
 
-    def put(self, m: mmap.mmap) -> None:
+    def put(self, item: _Unmap) -> None:
         with self._lock:
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
                 threading.Thread(target=self._run, args=(self._queue,), daemon=True,
                                  name="tpmlab-unmap").start()
-            self._queue.put(m)
+            self._queue.put(item)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
         self._queue = None
 
     @staticmethod
-    def _run(q: queue.SimpleQueue[mmap.mmap]) -> None:
+    def _run(q: queue.SimpleQueue[_Unmap]) -> None:
+        pending: dict[GiveBack, list[str]] = {}
         while True:
-            m = q.get()
-            try:
-                m.close()  # munmap lets the GIL go meanwhile
-            except BufferError:  # still exported (cannot happen once its arrays are gone):
-                pass  # unmapped with its last user instead
-            del m
+            m, back = q.get()
+            _close(m, back, pending)
+            del m, back
+            if pending and q.empty():
+                _give_back(pending)
 
 
 _UNMAPPER = _Unmapper()
 
 
-def _unmap_later(m: mmap.mmap) -> None:
+def _unmap_later(m: mmap.mmap, back: tuple[GiveBack, str, int] | None = None) -> None:
     if UNMAP_APART:
-        _UNMAPPER.put(m)
+        _UNMAPPER.put((m, back))
     else:
-        m.close()
+        pending: dict[GiveBack, list[str]] = {}
+        _close(m, back, pending)
+        _give_back(pending)
+
+
+def _close(m: mmap.mmap, back: tuple[GiveBack, str, int] | None,
+           pending: dict[GiveBack, list[str]]) -> None:
+    """Unmap ``m``; if that worked and no fork happened since it was mapped, note its
+    segment's name in ``pending`` for its ``give_back``."""
+    try:
+        m.close()  # munmap lets the GIL go meanwhile
+    except BufferError:  # still exported (cannot happen once its arrays are gone):
+        return  # unmapped with its last user instead, and never given back
+    if back is not None and back[2] == _FORKS[0]:
+        pending.setdefault(back[0], []).append(back[1])
+
+
+def _give_back(pending: dict[GiveBack, list[str]]) -> None:
+    for give_back, names in pending.items():
+        try:
+            give_back(names)
+        except Exception:  # noqa: BLE001 - the stage is gone: nothing to give back to
+            pass
+    pending.clear()
 
 
 def _bundled(array: np.ndarray) -> bool:
@@ -534,12 +619,16 @@ def sweep_dead() -> int:
     return removed
 
 
-def _unlink(paths: list[str]) -> None:
+def _unlink(paths: list[str]) -> list[str]:
+    """Unlink ``paths``; those that were still there (the rest the notebook took)."""
+    gone = []
     for p in paths:
         try:
             os.unlink(p)
+            gone.append(p)
         except FileNotFoundError:  # the notebook took it
             pass
+    return gone
 
 
 def _unlink_all(by_request: dict[str, list[str]]) -> None:
@@ -548,12 +637,29 @@ def _unlink_all(by_request: dict[str, list[str]]) -> None:
     by_request.clear()
 
 
+class _Lent:
+    """A segment of the pool handed over under another name, until it comes back."""
+
+    __slots__ = ("pooled", "flat", "registered", "nbytes", "req", "round")
+
+    def __init__(self, pooled: str, flat: torch.Tensor, registered: bool, nbytes: int,
+                 req: str) -> None:
+        self.pooled, self.flat, self.registered = pooled, flat, registered
+        self.nbytes, self.req = nbytes, req
+        self.round: int | None = None  # the hand-over it went out with (None: still packing)
+
+
 class _Pool:
     """Segments made ahead of time by one stage, by size, their pages allocated and mapped.
 
     :meth:`take` hands one over (it is the caller's from then on); :meth:`refill` makes
     segments of the given sizes on a background thread, up to :data:`POOL_BYTES` in all and
     :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit.
+
+    A segment taken for a request (``req``) is lent: a new name for it is linked beside
+    the pool's, which the pool keeps with its mapping (and registration) until the notebook
+    gives it back (:meth:`take_back`, back into the pool) or the stage drops it
+    (:meth:`drop`, the oldest once more than :data:`LENT_BYTES` are out).
 
     With a ``pinning`` (a GPU stage), that thread also registers each segment with CUDA
     (:mod:`.pinned_segments`); a segment that fails to register stays, unregistered, for
@@ -565,26 +671,38 @@ class _Pool:
         # by size: (path, flat uint8 tensor over its mapping, registered)
         self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
         self._bytes = 0
+        self._lent: dict[str, _Lent] = {}  # by the name handed over, oldest first
+        self._lent_bytes = 0
+        self._round = 0  # hand-overs that lent segments so far (replies packed)
+        self._back_round: int | None = None  # the latest a returned segment went out with
+        self._counts = {"made": 0, "returned": 0, "dropped": 0}
         self._lock = threading.Lock()
         self._filling = False
         self._wanted: list[int] = []  # sizes asked for while a fill ran
         self._pinning = pinning
         self._gaps = gaps  # the stage's computations, which the fill stays out of
-        weakref.finalize(self, _unlink_pooled, self._free)
+        weakref.finalize(self, _unlink_pooled, self._free, self._lent)
 
     def ready_bytes(self) -> int:
         with self._lock:
             return self._bytes
 
-    def registered(self) -> int:
-        """Segments ready here that are registered with CUDA."""
+    def registered(self, lent: bool = False) -> int:
+        """Segments ready here (``lent``: lent out) that are registered with CUDA."""
         with self._lock:
+            if lent:
+                return sum(entry.registered for entry in self._lent.values())
             return sum(r for ready in self._free.values() for _, _, r in ready)
 
-    def take(self, nbytes: int, pinned: bool | None = None,
-             ) -> tuple[str, torch.Tensor, bool] | None:
-        """A segment of ``nbytes``: ``(path, flat, registered)``, or ``None``; ``pinned``:
-        only a registered one (``True``), only another (``False``), or either (``None``)."""
+    def recycling(self) -> dict[str, int]:
+        with self._lock:
+            return {**self._counts, "lent": len(self._lent), "lent_bytes": self._lent_bytes}
+
+    def take(self, nbytes: int, pinned: bool | None = None, req: str | None = None,
+             ) -> tuple[str, torch.Tensor, bool, bool] | None:
+        """A segment of ``nbytes``: ``(path, flat, registered, lent)``, or ``None``;
+        ``pinned``: only a registered one (``True``), only another (``False``), or either
+        (``None``). With ``req`` (and :data:`RECYCLE`), it is lent to that request."""
         with self._lock:
             ready = self._free.get(nbytes, [])
             at = next((i for i in range(len(ready) - 1, -1, -1)
@@ -593,6 +711,8 @@ class _Pool:
                 return None
             self._bytes -= nbytes
             pooled, flat, registered = ready.pop(at)
+        if RECYCLE and req is not None:
+            return self._lend(pooled, flat, registered, nbytes, req)
         path, fd = _create()  # a fresh name, as any segment's: the pool's name is gone
         os.close(fd)
         try:
@@ -602,12 +722,120 @@ class _Pool:
             if registered:
                 self._pinning.release([flat])
             return None
-        return path, flat, registered
+        return path, flat, registered, False
+
+    def fresh(self, nbytes: int, req: str) -> tuple[str, torch.Tensor, bool, bool]:
+        """A new segment of ``nbytes`` for request ``req`` (none was ready): lent, so that
+        it too comes back into the pool (:data:`RECYCLE`; else only handed over)."""
+        if not RECYCLE:
+            return (*_new_segment(nbytes), False, False)
+        pooled, flat = _new_segment(nbytes, kind=POOL_KIND)
+        with self._lock:
+            self._counts["made"] += 1
+        lent = self._lend(pooled, flat, False, nbytes, req)
+        if lent is None:
+            raise OSError(f"segment {pooled} went away as it was made")
+        return lent
+
+    def _lend(self, pooled: str, flat: torch.Tensor, registered: bool, nbytes: int, req: str,
+              ) -> tuple[str, torch.Tensor, bool, bool] | None:
+        path = str(SHM / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            os.link(pooled, path)  # the notebook unlinks this name; the pool keeps its own
+        except OSError:  # swept away meanwhile: a fresh segment instead
+            self._discard([_Lent(pooled, flat, registered, nbytes, req)], count=False)
+            return None
+        dropped = []
+        with self._lock:
+            # the oldest handed over make room (never one whose request is still packing:
+            # the device may be copying into it)
+            for name in list(self._lent):
+                if self._lent_bytes + nbytes <= LENT_BYTES:
+                    break
+                if self._lent[name].round is not None:
+                    dropped.append(self._lent.pop(name))
+                    self._lent_bytes -= dropped[-1].nbytes
+            self._lent[path] = _Lent(pooled, flat, registered, nbytes, req)
+            self._lent_bytes += nbytes
+        self._discard(dropped)
+        return path, flat, registered, True
+
+    def handed(self, req: str) -> None:
+        """Request ``req``'s reply is packed: what it was lent may be given back now."""
+        with self._lock:
+            lent = [entry for entry in self._lent.values()
+                    if entry.req == req and entry.round is None]
+            for entry in lent:
+                entry.round = self._round
+            self._round += bool(lent)
+
+    def take_back(self, paths: list[str]) -> int:
+        """Lent segments the notebook has unmapped, by the names they were handed over
+        under, back into the pool (within its budget; the rest dropped); how many."""
+        back, dropped = 0, []
+        with self._lock:
+            for path in paths:
+                lent = self._lent.get(path)
+                if lent is None or lent.round is None:  # not lent here, or not handed over
+                    continue
+                del self._lent[path]
+                self._lent_bytes -= lent.nbytes
+                if self._bytes + lent.nbytes > POOL_BYTES:
+                    dropped.append(lent)
+                    continue
+                self._free.setdefault(lent.nbytes, []).append(
+                    (lent.pooled, lent.flat, lent.registered))
+                self._bytes += lent.nbytes
+                self._back_round = max(self._back_round or 0, lent.round)
+                back += 1
+            self._counts["returned"] += back
+        self._discard(dropped, count=False)
+        return back
+
+    def reclaim(self, paths: list[str]) -> None:
+        """Lent segments of a request being packed that it did not hand over (no one else
+        ever had their names): back into the pool at once, their lent names unlinked."""
+        with self._lock:
+            taken = [(p, self._lent.pop(p)) for p in paths
+                     if p in self._lent and self._lent[p].round is None]
+            for _, lent in taken:
+                self._lent_bytes -= lent.nbytes
+                self._free.setdefault(lent.nbytes, []).append(
+                    (lent.pooled, lent.flat, lent.registered))
+                self._bytes += lent.nbytes
+        _unlink([path for path, _ in taken])
+
+    def drop(self, paths: list[str], req: str | None = None) -> None:
+        """Stop lending ``paths`` and, with ``req``, whatever that request took before its
+        reply was packed: their pool names unlinked, unregistered, their mappings let go."""
+        with self._lock:
+            names = [p for p in paths if p in self._lent]
+            if req is not None:
+                names += [p for p, lent in self._lent.items()
+                          if lent.req == req and lent.round is None and p not in names]
+            dropped = [self._lent.pop(p) for p in names]
+            self._lent_bytes -= sum(lent.nbytes for lent in dropped)
+        self._discard(dropped)
+
+    def _discard(self, dropped: list[_Lent], count: bool = True) -> None:
+        if not dropped:
+            return
+        if count:
+            with self._lock:
+                self._counts["dropped"] += len(dropped)
+        _unlink([lent.pooled for lent in dropped])
+        pinned = [lent.flat for lent in dropped if lent.registered]
+        if pinned:
+            self._pinning.release(pinned)
 
     def refill(self, sizes: list[int]) -> None:
         """Make segments of ``sizes`` in the background; while a fill runs, the latest
         sizes asked for are made after it (a request that came while the pool was filling,
-        or registering, still finds its segments ready next time)."""
+        or registering, still finds its segments ready next time).
+
+        A notebook that gives segments back (one lent by one of the last three hand-overs
+        came back) is counted on to return those lent by the last two and by requests
+        still packing: only what they and the ready segments lack is made."""
         if not sizes or POOL_BYTES <= 0 or not DIRECT:
             return
         with self._lock:
@@ -616,6 +844,22 @@ class _Pool:
                 return
             self._filling = True
         threading.Thread(target=self._fill, daemon=True, name="tpmlab-handover-pool").start()
+
+    def _lacking(self, sizes: list[int]) -> list[int]:
+        """Of ``sizes``, those neither ready nor about to come back."""
+        with self._lock:
+            have = {n: len(ready) for n, ready in self._free.items()}
+            if RECYCLE and self._back_round is not None and self._back_round >= self._round - 3:
+                for lent in self._lent.values():
+                    if lent.round is None or lent.round >= self._round - 2:
+                        have[lent.nbytes] = have.get(lent.nbytes, 0) + 1
+        lacking = []
+        for nbytes in sizes:
+            if have.get(nbytes, 0) > 0:
+                have[nbytes] -= 1
+            else:
+                lacking.append(nbytes)
+        return lacking
 
     def _fill(self) -> None:
         done = False
@@ -630,7 +874,7 @@ class _Pool:
                 st = os.statvfs(SHM)
                 budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
                 chosen, planned = [], self.ready_bytes()  # one fill runs at a time
-                for nbytes in sizes:
+                for nbytes in self._lacking(sizes):
                     if planned + nbytes > budget:
                         break
                     planned += nbytes
@@ -663,9 +907,14 @@ class _Pool:
         with self._lock:
             self._free.setdefault(nbytes, []).append((path, flat, registered))
             self._bytes += nbytes
+            self._counts["made"] += 1
 
 
-def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]]) -> None:
-    # a registered segment's mapping is held by its pinning until unregistered
+def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]],
+                   lent: dict[str, _Lent]) -> None:
+    # a registered segment's mapping is held by its pinning until unregistered; a lent
+    # one's pages stay while the notebook maps them
     _unlink([path for ready in free.values() for path, _, _ in ready])
+    _unlink([entry.pooled for entry in lent.values()])
     free.clear()
+    lent.clear()
