@@ -422,6 +422,35 @@ def test_a_value_the_notebook_keeps_is_never_written_by_later_requests():
     assert segments.recycling()["lent"] == 0
 
 
+def _fills_done() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "tpmlab-handover-pool":
+            thread.join(timeout=30)
+
+
+def test_the_pool_counts_on_returns_only_while_the_notebook_gives_back():
+    """While the notebook gives segments back, the pool makes none for them; once it keeps
+    its values, the pool fills again after at most one request that found none ready."""
+    segments = handover.Segments()
+    for k in range(4):  # given back: no new memory after the first requests
+        names: list[str] = []
+        got = _hand_over(segments, f"r{k}", torch.full((512, 1024), float(k)), names)
+        del got
+        segments.take_back(_given_back(names, 1))
+        _fills_done()
+    made = segments.recycling()["made"]
+    assert made <= 2
+    kept, ready = [], []
+    for k in range(5):  # now kept
+        ready.append(segments.pooled())
+        kept.append(_hand_over(segments, f"k{k}", torch.full((512, 1024), -float(k)), []))
+        _fills_done()
+    assert ready[0] >= 2 << 20, ready  # given back
+    assert ready.count(0) <= 1 and ready[-1] >= 2 << 20, ready
+    for k, value in enumerate(kept):
+        assert torch.equal(value, torch.full((512, 1024), -float(k)))
+
+
 def test_a_mapping_that_lived_through_a_fork_is_never_given_back():
     """A child forked while the notebook mapped a segment maps it too: the stage must never
     write into it again, so the parent does not give it back when it lets go."""
