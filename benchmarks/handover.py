@@ -22,7 +22,7 @@ follow each other without waiting for the pools, as a notebook's do. With
 segment on the thread that lets its last value go (``handover.UNMAP_APART = False``: the
 next trace's thread, freeing the pages), against ``shared memory`` (a thread of its own).
 With ``--compare-recycle``, ``shared memory, made anew`` has the stages make new segments
-for every request (``handover.RECYCLE = False`` on the workers), against ``shared memory``
+for every request (``segment_pool.RECYCLE = False`` on the workers), against ``shared memory``
 (the segments the notebook unmapped come back to their stage's pool); the stages' pool
 counts (segments made, given back, dropped) are printed at the end.
 Each trace lets its values go before it returns, so that cost falls inside its time.
@@ -66,11 +66,11 @@ def start(device: str) -> Any:
 
 def _ways(direct: bool, pin: bool, gaps: bool = True, link: bool = True,
           apart: bool = True, recycle: bool = True) -> None:
-    from tpmlab.cluster import compute_gaps, handover, pinned_segments, stage_link
+    from tpmlab.cluster import compute_gaps, handover, pinned_segments, segment_pool, stage_link
 
     handover.DIRECT = direct
     handover.UNMAP_APART = apart
-    handover.RECYCLE = recycle
+    segment_pool.RECYCLE = recycle
     pinned_segments.ACTIVE = pin
     compute_gaps.ACTIVE = gaps
     stage_link.ACTIVE = link
@@ -132,7 +132,7 @@ def main() -> None:
                              "(tpmlab.cluster.compute_gaps switched off)")
     parser.add_argument("--compare-recycle", action="store_true",
                         help="add a row where the stages make new segments for every request "
-                             "(handover.RECYCLE switched off)")
+                             "(segment_pool.RECYCLE switched off)")
     args = parser.parse_args()
     from distributed import Client
 

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from tpmlab.cluster import handover
+from tpmlab.cluster import segment_pool
 from tpmlab.cluster.pinned_segments import CudaRegistrar
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         "into existing pinned memory")}
     ready = [torch.empty(shape, dtype=dtype, pin_memory=cuda) for _ in values]
     for _ in range(args.repeats):
-        segments = [handover._new_segment(nbytes, populate=True) for _ in values]
+        segments = [segment_pool.new_segment(nbytes, populate=True) for _ in values]
         t = time.perf_counter()
         for _, flat in segments:
             registrar.register(flat.data_ptr(), nbytes)
@@ -100,7 +100,7 @@ def main() -> None:
             out.copy_(v, non_blocking=cuda)
         _sync(device)
         times["into existing pinned memory"].append(time.perf_counter() - t)
-        handover._unlink([path for path, _ in segments])
+        segment_pool.unlink([path for path, _ in segments])
         del segments, copies
 
     print(f"{args.count} x {shape} {args.dtype} on {device} ({total / 1e6:.0f} MB), "

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpmlab.cluster import handover
+from tpmlab.cluster import handover, segment_pool
 from tpmlab.cluster.wire import from_wire, to_wire
 
 from .conftest import deploy
@@ -26,8 +26,8 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "Hello"]
 
 def _segments(pids=None, pool: bool = False) -> list[Path]:
     """Segments (handed over, or with ``pool`` those of the stages' pools) of ``pids``."""
-    found = sorted(p for p in handover.SHM.glob(f"{handover.PREFIX}*")
-                   if (handover.POOL_KIND in p.name) == pool)
+    found = sorted(p for p in segment_pool.SHM.glob(f"{segment_pool.PREFIX}*")
+                   if (segment_pool.POOL_KIND in p.name) == pool)
     if pids is None:
         return found
     return [p for p in found if int(p.name.split("-")[1]) in pids]
@@ -243,7 +243,7 @@ def test_segments_allocated_for_a_failed_request_are_freed(monkeypatch):
     def full(nbytes, **kwargs):  # a pool refill still running finds it full too
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(handover, "_new_segment", full)
+    monkeypatch.setattr(segment_pool, "new_segment", full)
     alloc = segments.allocator("r9", handover.local_token(), deadline=0.0)
     assert alloc((512, 1024), torch.float32) is None  # /dev/shm full: an ordinary copy
 
@@ -289,13 +289,13 @@ def test_sizes_asked_for_while_the_pool_fills_are_made_after(monkeypatch):
     import threading
 
     gate = threading.Event()
-    new_segment = handover._new_segment
+    new_segment = segment_pool.new_segment
 
     def slow(nbytes, **kwargs):
         gate.wait(10)
         return new_segment(nbytes, **kwargs)
 
-    monkeypatch.setattr(handover, "_new_segment", slow)
+    monkeypatch.setattr(segment_pool, "new_segment", slow)
     segments = handover.Segments()
     segments._pool.refill([2 << 20])
     segments._pool.refill([3 << 20, 4 << 20])  # while the first fill waits
@@ -319,11 +319,11 @@ def test_the_pool_makes_segments_on_several_threads_within_its_budget(monkeypatc
     """With several fill threads the pool makes segments at once (two are being made at the
     same moment here), never more than its budget, and a segment that fails to be made
     (/dev/shm full) leaves the others and the pool's count right."""
-    monkeypatch.setattr(handover, "FILL_THREADS", 3)
-    monkeypatch.setattr(handover, "POOL_BYTES", 10 << 20)
+    monkeypatch.setattr(segment_pool, "FILL_THREADS", 3)
+    monkeypatch.setattr(segment_pool, "POOL_BYTES", 10 << 20)
     inside, most, lock = [0], [0], threading.Lock()
     both = threading.Barrier(2, timeout=10)
-    new_segment = handover._new_segment
+    new_segment = segment_pool.new_segment
 
     def counted(nbytes, **kwargs):
         with lock:
@@ -339,7 +339,7 @@ def test_the_pool_makes_segments_on_several_threads_within_its_budget(monkeypatc
             with lock:
                 inside[0] -= 1
 
-    monkeypatch.setattr(handover, "_new_segment", counted)
+    monkeypatch.setattr(segment_pool, "new_segment", counted)
     segments = handover.Segments()
     # 3 + 3 + 1 + 2 MiB fit the 10 MiB budget, the last 4 MiB does not
     segments._pool.refill([3 << 20, 3 << 20, 1 << 20, 2 << 20, 4 << 20])
@@ -458,7 +458,7 @@ def test_a_mapping_that_lived_through_a_fork_is_never_given_back():
     names: list[str] = []
     got = _hand_over(segments, "r", torch.ones(512, 1024), names)
     (handed,) = {line.split()[5] for line in Path("/proc/self/maps").read_text().splitlines()
-                 if f"{handover.PREFIX}{os.getpid()}-" in line and handover.POOL_KIND not in line}
+                 if f"{segment_pool.PREFIX}{os.getpid()}-" in line and segment_pool.POOL_KIND not in line}
     pid = os.fork()
     if pid == 0:  # the child exits at once, without running the parent's cleanup
         os._exit(0)
@@ -492,7 +492,7 @@ def test_take_back_ignores_names_not_lent_or_still_being_packed():
 def test_the_oldest_lent_segments_are_dropped_past_the_lent_budget(monkeypatch):
     """A notebook that keeps what it gets (or went away): the stage stops lending the oldest
     once more than LENT_BYTES are out (their pool names go; the notebook's values stay)."""
-    monkeypatch.setattr(handover, "LENT_BYTES", 5 << 20)
+    monkeypatch.setattr(segment_pool, "LENT_BYTES", 5 << 20)
     segments = handover.Segments()
     kept = [_hand_over(segments, f"r{k}", torch.full((512, 1024), float(k)), [])
             for k in range(4)]
@@ -508,8 +508,8 @@ def test_pooled_segments_of_a_killed_worker_are_swept():
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    left = handover.SHM / f"{handover.PREFIX}{gone}-{handover.POOL_KIND}{'0' * 32}"
-    handed = handover.SHM / f"{handover.PREFIX}{gone}-{'1' * 32}"
+    left = segment_pool.SHM / f"{segment_pool.PREFIX}{gone}-{segment_pool.POOL_KIND}{'0' * 32}"
+    handed = segment_pool.SHM / f"{segment_pool.PREFIX}{gone}-{'1' * 32}"
     for p in (left, handed):
         p.touch(mode=0o600)
     try:
@@ -578,6 +578,39 @@ def test_traces_give_their_segments_back_and_never_touch_a_kept_value(staged, ba
         time.sleep(0.1)
     assert all(a["returned"] > b["returned"] for a, b in zip(after, before)), (before, after)
     del kept
+    assert not _clean_within(pids)
+
+
+@pytest.mark.slow
+def test_threads_sharing_recycled_segments_each_get_their_own_numbers(staged, backend):
+    """Requests in flight together from several threads, each letting its values go before
+    its next: the segments they give back are taken by the others' requests, and every
+    request still gets exactly its own saves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, ref, pids = staged
+    prompts = [["The Eiffel Tower is in"], ["Hello world", "A second row here"],
+               ["Numbers: 1 2 3 4 5 6 7"], ["Paris"]]
+
+    def saves(m, p):
+        with m.trace(p):
+            out = [m.layers[i].output.save() for i in range(m.adapter.n_layers)]
+        return [o.value.clone() for o in out]  # a copy: the mapped values go at once
+
+    want = [saves(ref, p) for p in prompts]
+
+    def worker(k: int) -> int:
+        bad = 0
+        for _ in range(3):
+            got = saves(model, prompts[k])
+            bad += sum(not torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+                       for a, b in zip(got, want[k]))
+        return bad
+
+    before = sum(m["recycling"]["returned"] for m in backend.memory(MODEL))
+    with ThreadPoolExecutor(4) as threads:
+        assert list(threads.map(worker, range(4))) == [0, 0, 0, 0]
+    assert sum(m["recycling"]["returned"] for m in backend.memory(MODEL)) > before
     assert not _clean_within(pids)
 
 

@@ -19,7 +19,7 @@ import cloudpickle
 import pytest
 import torch
 
-from tpmlab.cluster import handover, pinned_segments
+from tpmlab.cluster import handover, pinned_segments, segment_pool
 from tpmlab.cluster.pinned_segments import Pinning
 from tpmlab.cluster.wire import from_wire, to_wire
 from tpmlab.runtime.runner import host_copy
@@ -190,7 +190,7 @@ def test_a_failed_registration_falls_back_to_the_pinned_copy(pinned):
 
 
 def test_a_failed_unregistration_never_fails_the_request(pinned, monkeypatch):
-    monkeypatch.setattr(handover, "RECYCLE", False)  # unregistered as the reply is packed
+    monkeypatch.setattr(segment_pool, "RECYCLE", False)  # unregistered as the reply is packed
     segments, registrar = pinned
     _filled_pool(segments)
     registrar.fail_unregister = True

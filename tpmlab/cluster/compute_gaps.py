@@ -1,6 +1,6 @@
 """Background work on a stage waits for a gap between the stage's computations.
 
-A stage's hand-over pool (:class:`~.handover._Pool`) makes and registers the segments the
+A stage's hand-over pool (:class:`~.segment_pool.SegmentPool`) makes and registers the segments the
 next request's saves go into on a thread of its own. Registering a segment with CUDA takes
 the driver's locks, which every kernel launch of the stage's thread needs too: on one H200
 (llama-3-8b-shape, bf16, 1x128, every layer's output saved) stage 0's forward took

@@ -22,8 +22,8 @@ is packed, one more copy.
 
 New memory is what costs here (a copy into pages never touched runs at ≈ 1 GB/s on a VM,
 into pages already mapped at ≈ 10): each stage keeps a small pool of segments made ahead
-of time, off the request's path, with their pages allocated and mapped (:class:`_Pool`),
-of the sizes its last request handed over. A save of such a size takes one and is copied
+of time, off the request's path, with their pages allocated and mapped, of the sizes its
+last request handed over (:class:`~.segment_pool.SegmentPool`). A save of such a size takes one and is copied
 into it at memory speed; the pool is refilled in the background after each hand-over. On a
 GPU stage that background thread also registers each segment with CUDA, so a request never
 waits for a registration.
@@ -35,8 +35,8 @@ instead of a gigabyte of new memory for the next request and a gigabyte freed in
 notebook. The notebook gives back only what it unmapped itself: a mapping that lived
 through a fork of its process (the child may still map it) is never given back. A stage
 drops what it lent when the request fails, when its name was never taken, and the oldest
-once more than :data:`LENT_BYTES` are out; the pool's refill counts what a notebook that
-gives back is about to return (:meth:`_Pool.refill`).
+once more than :data:`~.segment_pool.LENT_BYTES` are out; the pool's refill counts what a
+notebook that gives back is about to return (:meth:`~.segment_pool.SegmentPool.refill`).
 
 Every segment is freed on every path:
 
@@ -47,7 +47,7 @@ Every segment is freed on every path:
   deadline has passed (at least :data:`MIN_TTL` seconds after the hand-over), on a timer
   of the stage's event loop, and whatever is left (its pool too) when its worker exits;
 * the worker was killed before its exit handlers ran: the next stage made on the host
-  unlinks the pooled segments of processes that are gone (:func:`sweep_dead`).
+  unlinks the pooled segments of processes that are gone (:func:`~.segment_pool.sweep_dead`).
 
 A registered segment is unregistered exactly once on each of these paths, by the stage,
 before the stage's own mapping of it goes (:class:`~.pinned_segments.Pinning`).
@@ -62,10 +62,8 @@ import os
 import queue
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -75,10 +73,9 @@ import torch
 from . import pinned_segments
 from .compute_gaps import Gaps
 from .pinned_segments import Pinning
+from .segment_pool import SHM, SegmentPool, create_file, sweep_dead, unlink
 from .wire import _Typed, _Viewed
 
-SHM = Path("/dev/shm")
-PREFIX = "tpmlab-"
 THRESHOLD = 1 << 20  # bytes: an array of at least this many gets a segment of its own
 #: smaller arrays of a reply, of at least BUNDLE_MIN bytes each, share one segment when
 #: together they reach BUNDLE_TOTAL (a layer's output at a short prompt, saved for every
@@ -88,13 +85,6 @@ BUNDLE_TOTAL = 256 << 10
 ALIGN = 64  # bytes: where each array of a bundle starts
 WRITE_CHUNK = 1 << 30  # bytes per write(2) call (Linux writes at most ~2 GB at once)
 MIN_TTL = 60.0  # seconds a segment may wait for the notebook past the hand-over
-#: bytes of segments a stage makes ahead of time, at most (``TPMLAB_HANDOVER_POOL_BYTES``;
-#: 0: none), and never more than this fraction of /dev/shm's free space
-POOL_BYTES = int(os.environ.get("TPMLAB_HANDOVER_POOL_BYTES", 512 << 20))
-POOL_SHARE = 0.25
-#: segments the pool makes at once: the kernel allocates and zeroes a new segment's pages
-#: at 2-10 GB/s per core, and a stage's last request may have handed over a gigabyte
-FILL_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 #: saves copied straight into segments, and segments made ahead of time (False: each large
 #: save copied into ordinary memory, then written into a new segment when packed)
 DIRECT = True
@@ -102,16 +92,8 @@ DIRECT = True
 #: thread that lets the last array over one go, as before). Switched in the notebook to
 #: compare the two ways (``benchmarks/handover.py --compare-unmap``).
 UNMAP_APART = True
-#: segments the notebook has unmapped go back to their stage's pool (False, or
-#: ``TPMLAB_HANDOVER_RECYCLE=0`` in the workers' environment: each request's made anew)
-RECYCLE = os.environ.get("TPMLAB_HANDOVER_RECYCLE", "1") != "0"
-#: bytes a stage may have lent out and not had back before it drops the oldest (a notebook
-#: that keeps its values, or went away without giving them back)
-LENT_BYTES = int(os.environ.get("TPMLAB_HANDOVER_LENT_BYTES", 4 * POOL_BYTES))
 #: the most segment names one ``take_back`` call may carry
 TAKE_BACK_MAX = 4096
-POOL_KIND = "pool-"  # in the names of segments made ahead of time, until taken
-MADV_POPULATE_WRITE = 23  # Linux 5.14: allocate and map a range's pages now, errors returned
 
 
 class Token(TypedDict):
@@ -171,7 +153,7 @@ class Segments:
         self._pinned: dict[str, list[torch.Tensor]] = {}
         self._lock = threading.Lock()  # the stage's thread allocates, its event loop packs
         self.pinning = pinning
-        self._pool = _Pool(pinning, gaps)
+        self._pool = SegmentPool(pinning, gaps)
         # saves handed over in registered segments; saves that found none ready (a pinned copy)
         self._counts = {"pinned": 0, "unpinned": 0}
         weakref.finalize(self, _unlink_all, self._by_request)  # also runs at exit
@@ -287,11 +269,11 @@ class Segments:
         try:
             out = _walk(values, place)
         except OSError:  # /dev/shm full or gone: the values travel inline instead
-            _unlink(made)
+            unlink(made)
             self.free(req)
             return values
         except BaseException:
-            _unlink(made)
+            unlink(made)
             self._pool.drop(made)
             raise
         unused = [path for path, _, _ in allocated.values() if path not in used]
@@ -310,7 +292,8 @@ class Segments:
                 except RuntimeError:  # no event loop (used outside a stage): freed by
                     pass  # free() or at exit
         self._pool.handed(req)  # what it lent may come back from now on
-        self._pool.refill(sizes)  # for the next request: segments of these sizes, ready
+        if DIRECT:  # for the next request: segments of these sizes, ready
+            self._pool.refill(sizes)
         return out
 
     def free(self, req: str, only: list[str] | None = None) -> None:
@@ -331,7 +314,7 @@ class Segments:
                 if keep:
                     self._by_request[req] = keep
                 paths = [p for p in paths if p in only]
-        untaken = _unlink(paths)
+        untaken = unlink(paths)
         self._pool.drop(untaken, None if only is not None else req)
         if pinned:
             self.pinning.release(pinned)
@@ -403,40 +386,10 @@ def _walk(value: Any, on_array: Callable[[np.ndarray], Any] | None,
     return value
 
 
-def _create(kind: str = "") -> tuple[str, int]:
-    """A new segment's path (unguessable) and an open descriptor; the file is 0600 and new.
-    ``kind`` ``"pool-"`` names a segment of the pool, not handed over yet."""
-    path = str(SHM / f"{PREFIX}{os.getpid()}-{kind}{uuid.uuid4().hex}")
-    return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-
-
-def _new_segment(nbytes: int, populate: bool = False, kind: str = "") -> tuple[str, torch.Tensor]:
-    """A new segment of ``nbytes`` and a flat uint8 tensor over it (shared mapping: what is
-    written into the tensor is in the file). The mapping lives as long as the tensor.
-    ``populate``: map every page now, so that writes into it run at memory speed."""
-    path, fd = _create(kind)
-    try:
-        # allocated now, in the kernel: a full /dev/shm fails here (OSError), not later
-        # with SIGBUS on a write through the mapping
-        os.posix_fallocate(fd, 0, nbytes)
-        m = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        if populate:
-            try:
-                m.madvise(MADV_POPULATE_WRITE)
-            except OSError:  # an older kernel: touch each page instead
-                np.frombuffer(m, dtype=np.uint8)[::mmap.PAGESIZE] = 0
-    except BaseException:
-        os.close(fd)
-        _unlink([path])
-        raise
-    os.close(fd)
-    return path, torch.from_numpy(np.frombuffer(m, dtype=np.uint8))  # holds the map
-
-
 def _to_segment(array: np.ndarray, made: list[str]) -> Any:
     if array.nbytes < THRESHOLD or array.dtype.hasobject:
         return array
-    path, fd = _create()
+    path, fd = create_file()
     made.append(path)
     try:
         _write_at(fd, array, 0)
@@ -585,7 +538,7 @@ class _Bundle:
         return Shared(self.path, array.dtype.str, tuple(array.shape), self.offsets[id(array)])
 
     def _write(self) -> None:
-        path, fd = _create()
+        path, fd = create_file()
         self.made.append(path)  # freed with the request's others if the notebook never maps it
         try:
             offset = 0
@@ -598,323 +551,9 @@ class _Bundle:
         self.path = path
 
 
-def sweep_dead() -> int:
-    """Unlink the pooled segments of this user's processes that are gone (a worker killed
-    before its exit handlers ran); returns how many. Segments handed over are left to their
-    timers and the notebook: a process in another PID namespace may look gone from here,
-    and losing a pooled segment costs it only a fresh one (:meth:`_Pool.take`)."""
-    removed = 0
-    uid = os.getuid()
-    for path in SHM.glob(f"{PREFIX}*-{POOL_KIND}*"):
-        try:
-            pid = int(path.name.removeprefix(PREFIX).split("-", 1)[0])
-            if path.stat().st_uid != uid or pid == os.getpid():
-                continue
-            os.kill(pid, 0)
-        except ProcessLookupError:  # gone: no one will take its segments
-            _unlink([str(path)])
-            removed += 1
-        except (ValueError, OSError):  # not ours to judge (a name of another form, a
-            continue  # process of another user), or already gone
-    return removed
-
-
-def _unlink(paths: list[str]) -> list[str]:
-    """Unlink ``paths``; those that were still there (the rest the notebook took)."""
-    gone = []
-    for p in paths:
-        try:
-            os.unlink(p)
-            gone.append(p)
-        except FileNotFoundError:  # the notebook took it
-            pass
-    return gone
-
-
 def _unlink_all(by_request: dict[str, list[str]]) -> None:
     for paths in by_request.values():
-        _unlink(paths)
+        unlink(paths)
     by_request.clear()
 
 
-class _Lent:
-    """A segment of the pool handed over under another name, until it comes back."""
-
-    __slots__ = ("pooled", "flat", "registered", "nbytes", "req", "round")
-
-    def __init__(self, pooled: str, flat: torch.Tensor, registered: bool, nbytes: int,
-                 req: str) -> None:
-        self.pooled, self.flat, self.registered = pooled, flat, registered
-        self.nbytes, self.req = nbytes, req
-        self.round: int | None = None  # the hand-over it went out with (None: still packing)
-
-
-class _Pool:
-    """Segments made ahead of time by one stage, by size, their pages allocated and mapped.
-
-    :meth:`take` hands one over (it is the caller's from then on); :meth:`refill` makes
-    segments of the given sizes on a background thread, up to :data:`POOL_BYTES` in all and
-    :data:`POOL_SHARE` of the free space of /dev/shm. What is left is unlinked at exit.
-
-    A segment taken for a request (``req``) is lent: a new name for it is linked beside
-    the pool's, which the pool keeps with its mapping (and registration) until the notebook
-    gives it back (:meth:`take_back`, back into the pool) or the stage drops it
-    (:meth:`drop`, the oldest once more than :data:`LENT_BYTES` are out).
-
-    With a ``pinning`` (a GPU stage), that thread also registers each segment with CUDA
-    (:mod:`.pinned_segments`); a segment that fails to register stays, unregistered, for
-    copies made on the host. The pinning holds each registered mapping until it is
-    unregistered (at the latest when the pinning goes). With ``gaps``, each segment is made
-    while the stage does not compute (:mod:`.compute_gaps`)."""
-
-    def __init__(self, pinning: Pinning | None = None, gaps: Gaps | None = None) -> None:
-        # by size: (path, flat uint8 tensor over its mapping, registered)
-        self._free: dict[int, list[tuple[str, torch.Tensor, bool]]] = {}
-        self._bytes = 0
-        self._lent: dict[str, _Lent] = {}  # by the name handed over, oldest first
-        self._lent_bytes = 0
-        self._round = 0  # hand-overs that lent segments so far (replies packed)
-        self._back_round: int | None = None  # the latest a returned segment went out with
-        self._counts = {"made": 0, "returned": 0, "dropped": 0}
-        self._lock = threading.Lock()
-        self._filling = False
-        self._wanted: list[int] = []  # sizes asked for while a fill ran
-        self._pinning = pinning
-        self._gaps = gaps  # the stage's computations, which the fill stays out of
-        weakref.finalize(self, _unlink_pooled, self._free, self._lent)
-
-    def ready_bytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-    def registered(self, lent: bool = False) -> int:
-        """Segments ready here (``lent``: lent out) that are registered with CUDA."""
-        with self._lock:
-            if lent:
-                return sum(entry.registered for entry in self._lent.values())
-            return sum(r for ready in self._free.values() for _, _, r in ready)
-
-    def recycling(self) -> dict[str, int]:
-        with self._lock:
-            return {**self._counts, "lent": len(self._lent), "lent_bytes": self._lent_bytes}
-
-    def take(self, nbytes: int, pinned: bool | None = None, req: str | None = None,
-             ) -> tuple[str, torch.Tensor, bool, bool] | None:
-        """A segment of ``nbytes``: ``(path, flat, registered, lent)``, or ``None``;
-        ``pinned``: only a registered one (``True``), only another (``False``), or either
-        (``None``). With ``req`` (and :data:`RECYCLE`), it is lent to that request."""
-        with self._lock:
-            ready = self._free.get(nbytes, [])
-            at = next((i for i in range(len(ready) - 1, -1, -1)
-                       if pinned is None or ready[i][2] == pinned), None)
-            if at is None:
-                return None
-            self._bytes -= nbytes
-            pooled, flat, registered = ready.pop(at)
-        if RECYCLE and req is not None:
-            return self._lend(pooled, flat, registered, nbytes, req)
-        path, fd = _create()  # a fresh name, as any segment's: the pool's name is gone
-        os.close(fd)
-        try:
-            os.replace(pooled, path)
-        except OSError:  # swept away meanwhile: a fresh segment instead
-            _unlink([pooled, path])
-            if registered:
-                self._pinning.release([flat])
-            return None
-        return path, flat, registered, False
-
-    def fresh(self, nbytes: int, req: str) -> tuple[str, torch.Tensor, bool, bool]:
-        """A new segment of ``nbytes`` for request ``req`` (none was ready): lent, so that
-        it too comes back into the pool (:data:`RECYCLE`; else only handed over)."""
-        if not RECYCLE:
-            return (*_new_segment(nbytes), False, False)
-        pooled, flat = _new_segment(nbytes, kind=POOL_KIND)
-        with self._lock:
-            self._counts["made"] += 1
-        lent = self._lend(pooled, flat, False, nbytes, req)
-        if lent is None:
-            raise OSError(f"segment {pooled} went away as it was made")
-        return lent
-
-    def _lend(self, pooled: str, flat: torch.Tensor, registered: bool, nbytes: int, req: str,
-              ) -> tuple[str, torch.Tensor, bool, bool] | None:
-        path = str(SHM / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
-        try:
-            os.link(pooled, path)  # the notebook unlinks this name; the pool keeps its own
-        except OSError:  # swept away meanwhile: a fresh segment instead
-            self._discard([_Lent(pooled, flat, registered, nbytes, req)], count=False)
-            return None
-        dropped = []
-        with self._lock:
-            # the oldest handed over make room (never one whose request is still packing:
-            # the device may be copying into it)
-            for name in list(self._lent):
-                if self._lent_bytes + nbytes <= LENT_BYTES:
-                    break
-                if self._lent[name].round is not None:
-                    dropped.append(self._lent.pop(name))
-                    self._lent_bytes -= dropped[-1].nbytes
-            self._lent[path] = _Lent(pooled, flat, registered, nbytes, req)
-            self._lent_bytes += nbytes
-        self._discard(dropped)
-        return path, flat, registered, True
-
-    def handed(self, req: str) -> None:
-        """Request ``req``'s reply is packed: what it was lent may be given back now."""
-        with self._lock:
-            lent = [entry for entry in self._lent.values()
-                    if entry.req == req and entry.round is None]
-            for entry in lent:
-                entry.round = self._round
-            self._round += bool(lent)
-
-    def take_back(self, paths: list[str]) -> int:
-        """Lent segments the notebook has unmapped, by the names they were handed over
-        under, back into the pool (within its budget; the rest dropped); how many."""
-        back, dropped = 0, []
-        with self._lock:
-            for path in paths:
-                lent = self._lent.get(path)
-                if lent is None or lent.round is None:  # not lent here, or not handed over
-                    continue
-                del self._lent[path]
-                self._lent_bytes -= lent.nbytes
-                if self._bytes + lent.nbytes > POOL_BYTES:
-                    dropped.append(lent)
-                    continue
-                self._free.setdefault(lent.nbytes, []).append(
-                    (lent.pooled, lent.flat, lent.registered))
-                self._bytes += lent.nbytes
-                self._back_round = max(self._back_round or 0, lent.round)
-                back += 1
-            self._counts["returned"] += back
-        self._discard(dropped, count=False)
-        return back
-
-    def reclaim(self, paths: list[str]) -> None:
-        """Lent segments of a request being packed that it did not hand over (no one else
-        ever had their names): back into the pool at once, their lent names unlinked."""
-        with self._lock:
-            taken = [(p, self._lent.pop(p)) for p in paths
-                     if p in self._lent and self._lent[p].round is None]
-            for _, lent in taken:
-                self._lent_bytes -= lent.nbytes
-                self._free.setdefault(lent.nbytes, []).append(
-                    (lent.pooled, lent.flat, lent.registered))
-                self._bytes += lent.nbytes
-        _unlink([path for path, _ in taken])
-
-    def drop(self, paths: list[str], req: str | None = None) -> None:
-        """Stop lending ``paths`` and, with ``req``, whatever that request took before its
-        reply was packed: their pool names unlinked, unregistered, their mappings let go."""
-        with self._lock:
-            names = [p for p in paths if p in self._lent]
-            if req is not None:
-                names += [p for p, lent in self._lent.items()
-                          if lent.req == req and lent.round is None and p not in names]
-            dropped = [self._lent.pop(p) for p in names]
-            self._lent_bytes -= sum(lent.nbytes for lent in dropped)
-        self._discard(dropped)
-
-    def _discard(self, dropped: list[_Lent], count: bool = True) -> None:
-        if not dropped:
-            return
-        if count:
-            with self._lock:
-                self._counts["dropped"] += len(dropped)
-        _unlink([lent.pooled for lent in dropped])
-        pinned = [lent.flat for lent in dropped if lent.registered]
-        if pinned:
-            self._pinning.release(pinned)
-
-    def refill(self, sizes: list[int]) -> None:
-        """Make segments of ``sizes`` in the background; while a fill runs, the latest
-        sizes asked for are made after it (a request that came while the pool was filling,
-        or registering, still finds its segments ready next time).
-
-        A notebook that gives segments back (one lent by one of the last three hand-overs
-        came back) is counted on to return those lent by the last two and by requests
-        still packing: only what they and the ready segments lack is made."""
-        if not sizes or POOL_BYTES <= 0 or not DIRECT:
-            return
-        with self._lock:
-            self._wanted = list(sizes)
-            if self._filling:
-                return
-            self._filling = True
-        threading.Thread(target=self._fill, daemon=True, name="tpmlab-handover-pool").start()
-
-    def _lacking(self, sizes: list[int]) -> list[int]:
-        """Of ``sizes``, those neither ready nor about to come back."""
-        with self._lock:
-            have = {n: len(ready) for n, ready in self._free.items()}
-            if RECYCLE and self._back_round is not None and self._back_round >= self._round - 3:
-                for lent in self._lent.values():
-                    if lent.round is None or lent.round >= self._round - 2:
-                        have[lent.nbytes] = have.get(lent.nbytes, 0) + 1
-        lacking = []
-        for nbytes in sizes:
-            if have.get(nbytes, 0) > 0:
-                have[nbytes] -= 1
-            else:
-                lacking.append(nbytes)
-        return lacking
-
-    def _fill(self) -> None:
-        done = False
-        try:
-            while True:
-                with self._lock:
-                    sizes, self._wanted = self._wanted, []
-                    if not sizes:  # nothing asked for meanwhile: the next refill starts anew
-                        self._filling = False
-                        done = True
-                        return
-                st = os.statvfs(SHM)
-                budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
-                chosen, planned = [], self.ready_bytes()  # one fill runs at a time
-                for nbytes in self._lacking(sizes):
-                    if planned + nbytes > budget:
-                        break
-                    planned += nbytes
-                    chosen.append(nbytes)
-                if FILL_THREADS > 1 and len(chosen) > 1:
-                    with ThreadPoolExecutor(FILL_THREADS,
-                                            thread_name_prefix="tpmlab-handover-fill") as threads:
-                        for made in [threads.submit(self._make, n) for n in chosen]:
-                            made.result()
-                else:
-                    for nbytes in chosen:
-                        self._make(nbytes)
-        except OSError:  # /dev/shm full: no pool, segments are made when needed
-            pass
-        finally:
-            if not done:
-                with self._lock:
-                    self._filling = False
-                    self._wanted = []
-
-    def _make(self, nbytes: int) -> None:
-        """One segment of ``nbytes`` into the pool."""
-        if self._gaps is not None:  # between the stage's computations
-            self._gaps.wait()
-        pin = self._pinning is not None and pinned_segments.ACTIVE
-        # registering locks the pages, and maps each as it does: no need to populate them
-        # first (madvise holds the GIL while it maps)
-        path, flat = _new_segment(nbytes, populate=not pin, kind=POOL_KIND)
-        registered = pin and self._pinning.register(flat)  # here, off any request's path
-        with self._lock:
-            self._free.setdefault(nbytes, []).append((path, flat, registered))
-            self._bytes += nbytes
-            self._counts["made"] += 1
-
-
-def _unlink_pooled(free: dict[int, list[tuple[str, torch.Tensor, bool]]],
-                   lent: dict[str, _Lent]) -> None:
-    # a registered segment's mapping is held by its pinning until unregistered; a lent
-    # one's pages stay while the notebook maps them
-    _unlink([path for ready in free.values() for path, _, _ in ready])
-    _unlink([entry.pooled for entry in lent.values()])
-    free.clear()
-    lent.clear()
