@@ -327,11 +327,11 @@ class StageActor:
         acknowledged, ``ipc``: what the device hand-overs did (:meth:`ipc`); ``handover``:
         what the segments registered with CUDA did (:meth:`~.handover.Segments.counts`;
         empty on a stage without); ``recycling``: what its hand-over pool made, lent and
-        had back (:meth:`~.handover.Segments.recycling`); ``malloc_relaxed``: whether this process set malloc's
-        thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`); ``linked``: whether
-        this stage calls the next one over a stage link (:mod:`.stage_link`) now;
-        ``passes``: forward steps this stage ran its layers for (a pass that a
-        ``tracer.stop()`` ended on an earlier stage is not one)."""
+        had back (:meth:`~.handover.Segments.recycling`); ``malloc_relaxed``: whether this
+        process set malloc's thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`);
+        ``linked``: whether this stage calls the next one over a stage link
+        (:mod:`.stage_link`) now; ``passes``: forward steps this stage ran its layers for
+        (a pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

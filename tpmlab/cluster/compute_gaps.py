@@ -1,8 +1,9 @@
 """Background work on a stage waits for a gap between the stage's computations.
 
-A stage's hand-over pool (:class:`~.segment_pool.SegmentPool`) makes and registers the segments the
-next request's saves go into on a thread of its own. Registering a segment with CUDA takes
-the driver's locks, which every kernel launch of the stage's thread needs too: on one H200
+A stage's hand-over pool (:class:`~.segment_pool.SegmentPool`) makes and registers the
+segments the next request's saves go into on a thread of its own. Registering a segment
+with CUDA takes the driver's locks, which every kernel launch of the stage's thread needs
+too: on one H200
 (llama-3-8b-shape, bf16, 1x128, every layer's output saved) stage 0's forward took
 23-30 ms with the pool refilling beside it against 13 ms without saves, its thread busy
 (CPU time 28 of 33 ms) and its launches 13.4 instead of 8.2 µs each. The stage is idle

@@ -23,10 +23,10 @@ is packed, one more copy.
 New memory is what costs here (a copy into pages never touched runs at ≈ 1 GB/s on a VM,
 into pages already mapped at ≈ 10): each stage keeps a small pool of segments made ahead
 of time, off the request's path, with their pages allocated and mapped, of the sizes its
-last request handed over (:class:`~.segment_pool.SegmentPool`). A save of such a size takes one and is copied
-into it at memory speed; the pool is refilled in the background after each hand-over. On a
-GPU stage that background thread also registers each segment with CUDA, so a request never
-waits for a registration.
+last request handed over (:class:`~.segment_pool.SegmentPool`). A save of such a size
+takes one and is copied into it at memory speed; the pool is refilled in the background
+after each hand-over. On a GPU stage that background thread also registers each segment
+with CUDA, so a request never waits for a registration.
 
 Segments come back: a stage keeps each segment it lends (its pool's name for the file, its
 mapping and its registration) until the notebook has unmapped it; the notebook then names

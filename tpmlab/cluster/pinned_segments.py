@@ -8,8 +8,8 @@ a large save goes into such a segment and the reply names it: one copy, where ot
 pinned copy is made and the hand-over copies it again into a segment.
 
 Registering costs time in proportion to the bytes (the driver locks the pages one by one),
-so a request never waits for it: the stage's pool (:class:`~.segment_pool.SegmentPool`) registers the
-segments it makes ahead of time, on its background thread. A save with no registered
+so a request never waits for it: the stage's pool (:class:`~.segment_pool.SegmentPool`)
+registers the segments it makes ahead of time, on its background thread. A save with no registered
 segment of its size ready takes the path it takes without registration (a pinned copy,
 copied into a segment when the reply is packed).
 

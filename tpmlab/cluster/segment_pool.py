@@ -44,10 +44,16 @@ POOL_KIND = "pool-"  # in the names of segments made ahead of time, until taken
 MADV_POPULATE_WRITE = 23  # Linux 5.14: allocate and map a range's pages now, errors returned
 
 
+def _new_name(kind: str = "") -> str:
+    """An unguessable path for a segment of this process (``kind`` :data:`POOL_KIND`: the
+    pool's own name for one)."""
+    return str(SHM / f"{PREFIX}{os.getpid()}-{kind}{uuid.uuid4().hex}")
+
+
 def create_file(kind: str = "") -> tuple[str, int]:
     """A new segment's path (unguessable) and an open descriptor; the file is 0600 and new.
     ``kind`` ``"pool-"`` names a segment of the pool, not handed over yet."""
-    path = str(SHM / f"{PREFIX}{os.getpid()}-{kind}{uuid.uuid4().hex}")
+    path = _new_name(kind)
     return path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
 
@@ -209,7 +215,7 @@ class SegmentPool:
 
     def _lend(self, pooled: str, flat: torch.Tensor, registered: bool, nbytes: int, req: str,
               ) -> tuple[str, torch.Tensor, bool, bool] | None:
-        path = str(SHM / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+        path = _new_name()
         try:
             os.link(pooled, path)  # the notebook unlinks this name; the pool keeps its own
         except OSError:  # swept away meanwhile: a fresh segment instead
@@ -219,12 +225,13 @@ class SegmentPool:
         with self._lock:
             # the oldest handed over make room (never one whose request is still packing:
             # the device may be copying into it)
-            for name in list(self._lent):
+            over = [name for name in self._lent if self._lent[name].round is not None] \
+                if self._lent_bytes + nbytes > LENT_BYTES else []
+            for name in over:
                 if self._lent_bytes + nbytes <= LENT_BYTES:
                     break
-                if self._lent[name].round is not None:
-                    dropped.append(self._lent.pop(name))
-                    self._lent_bytes -= dropped[-1].nbytes
+                dropped.append(self._lent.pop(name))
+                self._lent_bytes -= dropped[-1].nbytes
             self._lent[path] = Lent(pooled, flat, registered, nbytes, req)
             self._lent_bytes += nbytes
         self._discard(dropped)
@@ -253,9 +260,7 @@ class SegmentPool:
                 if self._bytes + lent.nbytes > POOL_BYTES:
                     dropped.append(lent)
                     continue
-                self._free.setdefault(lent.nbytes, []).append(
-                    (lent.pooled, lent.flat, lent.registered))
-                self._bytes += lent.nbytes
+                self._ready(lent.pooled, lent.flat, lent.registered, lent.nbytes)
                 self._back_round = max(self._back_round or 0, lent.round)
                 back += 1
             self._counts["returned"] += back
@@ -270,9 +275,7 @@ class SegmentPool:
                      if p in self._lent and self._lent[p].round is None]
             for _, lent in taken:
                 self._lent_bytes -= lent.nbytes
-                self._free.setdefault(lent.nbytes, []).append(
-                    (lent.pooled, lent.flat, lent.registered))
-                self._bytes += lent.nbytes
+                self._ready(lent.pooled, lent.flat, lent.registered, lent.nbytes)
         unlink([path for path, _ in taken])
 
     def drop(self, paths: list[str], req: str | None = None) -> None:
@@ -286,6 +289,11 @@ class SegmentPool:
             dropped = [self._lent.pop(p) for p in names]
             self._lent_bytes -= sum(lent.nbytes for lent in dropped)
         self._discard(dropped)
+
+    def _ready(self, pooled: str, flat: torch.Tensor, registered: bool, nbytes: int) -> None:
+        """Put a segment among those ready to take (under the lock)."""
+        self._free.setdefault(nbytes, []).append((pooled, flat, registered))
+        self._bytes += nbytes
 
     def _discard(self, dropped: list[Lent], count: bool = True) -> None:
         if not dropped:
@@ -375,8 +383,7 @@ class SegmentPool:
         path, flat = new_segment(nbytes, populate=not pin, kind=POOL_KIND)
         registered = pin and self._pinning.register(flat)  # here, off any request's path
         with self._lock:
-            self._free.setdefault(nbytes, []).append((path, flat, registered))
-            self._bytes += nbytes
+            self._ready(path, flat, registered, nbytes)
             self._counts["made"] += 1
 
 
