@@ -362,11 +362,14 @@ def test_the_pool_makes_segments_on_several_threads_within_its_budget(monkeypatc
 
 
 def _hand_over(segments: handover.Segments, req: str, value: torch.Tensor,
-               names: list[str]) -> torch.Tensor:
+               names: list[str], addresses: set[int] | None = None) -> torch.Tensor:
     """One request's save of ``value`` through ``segments``, as the notebook gets it, its
-    segment given back into ``names`` once unmapped."""
+    segment given back into ``names`` once unmapped (``addresses``: where the stage's copy
+    went, added)."""
     alloc = segments.allocator(req, handover.local_token(), deadline=0.0)
     saved = alloc(tuple(value.shape), value.dtype).copy_(value)
+    if addresses is not None:
+        addresses.add(saved.data_ptr())
     packed = segments.pack(to_wire({1: saved}), req, handover.local_token(), deadline=0.0)
     return from_wire(handover.unpack(packed, names.extend))[1]
 
@@ -383,13 +386,12 @@ def test_segments_the_notebook_unmapped_come_back_to_their_stage():
     it: later requests of the size take it (the same mapping on the stage, no new memory),
     and each gets its own numbers."""
     segments = handover.Segments()
-    addresses = set()
+    addresses: set[int] = set()
     for k in range(6):
         names: list[str] = []
         value = torch.full((512, 1024), float(k))
-        got = _hand_over(segments, f"r{k}", value, names)
+        got = _hand_over(segments, f"r{k}", value, names, addresses)
         assert torch.equal(got, value)
-        addresses.add(segments.recycling()["lent"])
         del got
         (name,) = _given_back(names, 1)
         assert segments.take_back(names) == 1
@@ -397,6 +399,7 @@ def test_segments_the_notebook_unmapped_come_back_to_their_stage():
     counts = segments.recycling()
     # the first request's segment and one the pool made before any came back: no more
     assert counts["made"] <= 2 and counts["returned"] == 6 and counts["lent"] == 0
+    assert len(addresses) <= counts["made"]  # the stage copied into those mappings only
     assert segments.take_back(names) == 0  # given back twice: the second is ignored
     del segments
     gc.collect()
