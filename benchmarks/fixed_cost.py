@@ -15,7 +15,9 @@ round trip; on the same TLS cluster, interleaved.
 ``link``: the same trace with the direct channels (:mod:`tpmlab.cluster.stage_link`: client
 to each stage, stage to stage) on and off, alternating request by request on one deployment
 (``stage_link.ACTIVE`` in the client and on the workers): the medians of each way's total
-and hops, and the median of the differences between neighbouring requests.
+and hops, and the median of the differences between neighbouring requests. With
+``TPMLAB_STAGE_LINK=network`` in the environment the links run over TCP (TLS), as between
+hosts; the kinds of links in use are printed.
 
 ``--gpu``: the workers are ``cluster_gpu.py``'s (one GPU each, sharing one if there is
 one); channels also hand a bf16 tensor from A's GPU to B's, through host memory (a stage
@@ -182,8 +184,12 @@ def link_ab(models: list[str], tokens: list[int], repeats: int, gpu: bool = Fals
                 finally:
                     client.run(_use_link, True)
                     _use_link(True)
+                kinds = [getattr(lab.backend._links.get(a.key), "kind", None)
+                         for a in lab.backend.deployment(m).actors]
+                between = [s["link"] for s in lab.backend.memory(m)][:-1]
                 print(f"\n{m}, trace {n} tok, stage links on / off, medians of {repeats} "
-                      f"(paired: median of on - off, neighbouring requests)")
+                      f"(paired: median of on - off, neighbouring requests); the client's "
+                      f"links {kinds}, the stages' {between}")
                 for k in rows[True][0]:
                     on_v = [x[k] for x in rows[True]]
                     off_v = [x[k] for x in rows[False]]

@@ -24,7 +24,12 @@ next trace's thread, freeing the pages), against ``shared memory`` (a thread of 
 With ``--compare-recycle``, ``shared memory, made anew`` has the stages make new segments
 for every request (``segment_pool.RECYCLE = False`` on the workers), against ``shared memory``
 (the segments the notebook unmapped come back to their stage's pool); the stages' pool
-counts (segments made, given back, dropped) are printed at the end.
+counts (segments made, given back, dropped) are printed at the end. With
+``--compare-network``, ``network link`` has the notebook reach each stage over the channel
+stages on another host get (:mod:`tpmlab.cluster.stage_link` over TCP, TLS on the
+embedded cluster; ``--tcp``: a plain-TCP cluster instead; a notebook's backend linked with
+``network`` on), against ``stage link`` (its Unix
+socket) and ``dask comms`` (what such a notebook had before).
 Each trace lets its values go before it returns, so that cost falls inside its time.
 
 A trace saving a large value (``--save logits``: the last stage's logits
@@ -42,6 +47,7 @@ plain copy of as many bytes into fresh memory in this process.
     python -m benchmarks.handover --device cuda --model llama-3-8b-shape \
         --save layers --shape 1x128 --dtype bfloat16 --compare-gaps    # fill between or beside
     python -m benchmarks.handover --compare-recycle                  # given back or made anew
+    python -m benchmarks.handover --compare-network [--tcp]          # as from another host
 """
 
 from __future__ import annotations
@@ -55,9 +61,22 @@ import numpy as np
 import torch
 
 
-def start(device: str) -> Any:
+def start(device: str, tcp: bool = False) -> Any:
     from tpmlab.cluster.embedded import start_local_cluster
 
+    if tcp:  # a cluster of one's own without TLS (as dask-jobqueue starts by default)
+        import logging
+
+        from distributed import LocalCluster
+
+        from tpmlab.cluster.warm_start import forked_workers
+
+        env = {"CUDA_VISIBLE_DEVICES": "0"} if device == "cuda" else {}
+        with forked_workers():
+            return LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                host="127.0.0.1", dashboard_address=":0", env=env,
+                                silence_logs=logging.ERROR,
+                                resources={"GPU": 1} if device == "cuda" else None)
     if device == "cuda":  # two workers sharing GPU 0, one stage each
         return start_local_cluster(n_workers=2, resources={"GPU": 1},
                                    env={"CUDA_VISIBLE_DEVICES": "0"})
@@ -89,6 +108,22 @@ def _settle(lab: Any, model: str, seconds: float = 30.0) -> list[dict[str, int]]
         last = counts
         time.sleep(0.2)
     return counts
+
+
+def _linked(name: str, labs: dict[str, Any]) -> None:
+    """Wait until every backend holds its links (they come up after its first call to each
+    stage); print how each reaches its stages."""
+    deadline = time.monotonic() + 30
+    backends = {id(lab.backend): lab.backend for lab in labs.values()}.values()
+    while time.monotonic() < deadline:
+        links = [b._links.get(a.key) for b in backends for a in b.deployment(name).actors]
+        if all(link is not None for link in links):
+            break
+        time.sleep(0.1)
+    for way, lab in labs.items():
+        kinds = [getattr(lab.backend._links.get(a.key), "kind", None)
+                 for a in lab.backend.deployment(name).actors]
+        print(f"{way}: the notebook's links {kinds}")
 
 
 def trace(model: Any, ids: torch.Tensor, save: str, touch: bool) -> int:
@@ -133,18 +168,27 @@ def main() -> None:
     parser.add_argument("--compare-recycle", action="store_true",
                         help="add a row where the stages make new segments for every request "
                              "(segment_pool.RECYCLE switched off)")
+    parser.add_argument("--tcp", action="store_true",
+                        help="a plain-TCP cluster instead of the embedded (TLS) one")
+    parser.add_argument("--compare-network", action="store_true",
+                        help="add a row where the notebook's links to the stages run over "
+                             "TCP (TLS here), as to stages on another host")
     args = parser.parse_args()
     from distributed import Client
 
     from tpmlab.cluster import DaskBackend
     from tpmlab.lab import Lab
 
-    cluster = start(args.device)
+    cluster = start(args.device, args.tcp)
     client = Client(cluster)
     shared = Lab(DaskBackend(client=client, handover=True))
     framed = Lab(DaskBackend(client=client, handover=False))
     labs = {"shared memory": shared, "shared memory, copy + write": shared,
             "stage link": framed, "dask comms": framed}
+    if args.compare_network:
+        remote = DaskBackend(client=client, handover=False)
+        remote._link_network = True
+        labs = {**labs, "network link": Lab(remote)}
     if args.compare_pin:
         labs = {"shared memory": shared, "shared memory, pinned copy": shared, **labs}
     if args.compare_gaps:
@@ -178,6 +222,8 @@ def main() -> None:
     for c in cases:  # warm-up
         switch(c[0])
         trace(models[c[0]], ids, c[1], c[2])
+    if args.compare_network:
+        _linked(args.model, labs)
     last_way = None
     for r in range(args.repeats):
         for c in cases if r % 2 == 0 else cases[::-1]:

@@ -5,6 +5,7 @@ credentials folder is private and found by address."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -200,6 +201,62 @@ def test_a_two_stage_trace_over_tls_equals_the_local_executor(secure_cluster, re
         for a, b in zip(*values):
             torch.testing.assert_close(a.value, b.value, atol=1e-5, rtol=1e-5)
     finally:
+        lab.close()
+
+
+def _set_link_env(value, dask_worker=None):
+    from tpmlab.cluster import stage_link
+
+    if value is None:
+        os.environ.pop(stage_link.ENV, None)
+    else:
+        os.environ[stage_link.ENV] = value
+
+
+@pytest.mark.slow
+def test_stages_on_other_hosts_link_over_tls_with_the_clusters_certificates(
+        secure_cluster, ref_lab, monkeypatch):
+    """Stages (and the notebook) that reach each other over the network use the cluster's
+    TLS credentials on a channel of their own, on the workers' (loopback) interface, and
+    give the local executor's numbers."""
+    import torch
+
+    from tpmlab.cluster import DaskBackend, stage_link
+    from tpmlab.cluster.backend import actor_call
+    from tpmlab.lab import Lab
+
+    _, client = secure_cluster
+    monkeypatch.setenv(stage_link.ENV, "network")  # as if each were on a host of its own
+    client.run(_set_link_env, "network")
+    backend = DaskBackend(client=client, timeout=120)
+    lab = Lab(backend)
+    try:
+        sharded = lab.model("tiny-llama", stages=2)
+        local = ref_lab.model("tiny-llama")
+        assert [m["link"] for m in backend.memory("tiny-llama")] == ["tls", None]
+
+        def trace(m):
+            with m.trace("The Eiffel Tower is in"):
+                saved = [m.layers[0].output.save(), m.output.logits.save()]
+            return [s.value for s in saved]
+
+        trace(sharded)  # the notebook links to each stage after its first call
+        dep = backend.deployment("tiny-llama")
+        keys = [a.key for a in dep.actors]
+        deadline = time.monotonic() + 30
+        while not all(backend._links.get(k) is not None for k in keys):
+            assert time.monotonic() < deadline, backend._links
+            time.sleep(0.05)
+        assert [backend._links[k].kind for k in keys] == ["tls", "tls"]
+        for a, b in zip(trace(sharded), trace(local)):
+            torch.testing.assert_close(a[0] if isinstance(a, tuple) else a,
+                                       b[0] if isinstance(b, tuple) else b, atol=1e-5, rtol=1e-5)
+        address = asyncio.run_coroutine_threadsafe(
+            actor_call(client, dep.placements[1].worker, keys[1], "stage_link", None, True),
+            client.loop.asyncio_loop).result(30)
+        assert address["network"]["host"] == "127.0.0.1" and address["network"]["tls"]
+    finally:
+        client.run(_set_link_env, None)
         lab.close()
 
 

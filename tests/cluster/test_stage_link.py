@@ -344,6 +344,182 @@ def test_the_socket_is_abstract():
     probe.close()
 
 
+# -- between hosts: TCP, TLS with the cluster's certificates ------------------------------------
+def _tls_pair():
+    """A cluster's credentials: its worker-side listening context and a client-side one."""
+    from distributed.security import Security
+
+    sec = Security.temporary()
+    return sec, sec.get_listen_args("worker")["ssl_context"]
+
+
+async def _network_linked(server_context=None, client_context=None, target=None):
+    target = target or Target()
+    server = await LinkServer(target, CALLS).start()
+    await server.listen_network("127.0.0.1", server_context)
+    client = await LinkClient.connect_network(server.address(), client_context)
+    return target, server, client
+
+
+def _large():
+    return np.random.default_rng(1).random((1024, 1024, 3))  # 24 MB: read in place
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_over_the_network_values_arrive_intact(tls):
+    sec, listen = _tls_pair() if tls else (None, None)
+    connect = sec.get_connection_args("client")["ssl_context"] if tls else None
+
+    async def go():
+        target, server, client = await _network_linked(listen, connect)
+        address = server.address()
+        small = client.call("echo", np.arange(5))
+        big = client.call("echo", {"large": _large(), "tag": "big"})
+        got = await asyncio.wait_for(asyncio.gather(small, big), 60)
+        kind = client.kind
+        client.close()
+        server.close()
+        return address, got, kind
+
+    address, (small, big), kind = run(go())
+    assert address["network"] == {"host": "127.0.0.1", "port": address["network"]["port"],
+                                  "tls": tls}
+    assert kind == ("tls" if tls else "tcp")
+    assert np.array_equal(small["value"], np.arange(5))
+    assert np.array_equal(big["value"]["large"], _large()) and big["value"]["tag"] == "big"
+
+
+def test_the_network_listener_starts_once_and_closes_with_the_server():
+    async def go():
+        target, server, client = await _network_linked()
+        first = server.address()
+        await server.listen_network("127.0.0.1", None)  # a second peer on another host
+        again = server.address()
+        client.close()
+        server.close()
+        await asyncio.sleep(0.05)
+        with pytest.raises(OSError):
+            await LinkClient.connect_network(first, None)
+        return first, again
+
+    first, again = run(go())
+    assert first == again
+
+
+def _refused(server_context, client_context) -> list[str]:
+    """The calls ``target`` served for a client with ``client_context`` (the link's secret
+    known): none, whether the handshake or the first call fails."""
+    async def go():
+        target = Target()
+        server = await LinkServer(target, CALLS).start()
+        await server.listen_network("127.0.0.1", server_context)
+        address = server.address()
+        address["network"]["tls"] = client_context is not None  # the peer tries its way
+        try:
+            client = await LinkClient.connect_network(address, client_context)
+        except (OSError, asyncio.TimeoutError):  # refused in the handshake
+            server.close()
+            return target.calls
+        with pytest.raises((CommClosedError, OSError)):
+            await asyncio.wait_for(client.call("echo", 1), 10)
+        assert not client.alive
+        server.close()
+        return target.calls
+
+    return run(go())
+
+
+def test_another_clusters_certificate_is_refused_even_with_the_secret():
+    _, listen = _tls_pair()
+    other, _ = _tls_pair()  # a certificate of another CA
+    assert _refused(listen, other.get_connection_args("client")["ssl_context"]) == []
+
+
+def test_a_peer_without_a_certificate_is_refused_even_with_the_secret():
+    import ssl
+
+    sec, listen = _tls_pair()
+    bare = ssl.create_default_context(cadata=sec.tls_ca_file)  # trusts the server, no cert
+    bare.check_hostname = False
+    assert _refused(listen, bare) == []
+
+
+def test_plain_tcp_to_a_tls_listener_is_refused():
+    _, listen = _tls_pair()
+    assert _refused(listen, None) == []
+
+
+def test_over_tcp_a_connection_without_the_secret_is_dropped_unread():
+    async def go():
+        target, server, _ = await _network_linked()
+        wrong = {**server.address(), "secret": b"x" * 32}
+        client = await LinkClient.connect_network(wrong, None)
+        with pytest.raises(CommClosedError):
+            await asyncio.wait_for(client.call("echo", 1), 10)
+        server.close()
+        return target.calls
+
+    assert run(go()) == []
+
+
+def test_a_silent_peer_is_dropped(monkeypatch):
+    """Anyone on the network may connect: one that never proves itself is let go."""
+    monkeypatch.setattr(stage_link, "NETWORK_TIMEOUT", 0.3)
+
+    async def go():
+        target, server, _ = await _network_linked()
+        net = server.address()["network"]
+        reader, writer = await asyncio.open_connection(net["host"], net["port"])
+        got = await asyncio.wait_for(reader.read(1), 10)  # EOF once dropped
+        writer.close()
+        server.close()
+        return got
+
+    assert run(go()) == b""
+
+
+def test_connect_or_none_picks_the_channel(monkeypatch):
+    sec, listen = _tls_pair()
+
+    async def go():
+        target, server, _ = await _network_linked(listen, sec.get_connection_args(
+            "client")["ssl_context"])
+        address = server.address()
+        other_host = {**address, "token": {"boot": "another", "shm": [0, 0],
+                                           "uid": os.getuid()}}
+        kinds = {}
+        for name, addr, security in (("here", address, sec), ("there", other_host, sec),
+                                     ("there, no credentials", other_host, None)):
+            link = await stage_link.connect_or_none(addr, security, "client")
+            kinds[name] = link and link.kind
+            if link:
+                link.close()
+        monkeypatch.setenv(stage_link.ENV, "network")
+        link = await stage_link.connect_or_none(address, sec, "client")
+        kinds["here, asked for the network"] = link and link.kind
+        link.close()
+        server.close()
+        return kinds
+
+    assert run(go()) == {"here": "unix", "there": "tls", "there, no credentials": None,
+                         "here, asked for the network": "tls"}
+
+
+def test_where_a_stage_listens_for_other_hosts():
+    from distributed.security import Security
+
+    sec = Security.temporary()
+    assert stage_link.network_endpoint("tcp://10.1.2.3:4000", None) == ("10.1.2.3", None)
+    host, context = stage_link.network_endpoint("tls://127.0.0.1:4000", sec)
+    assert host == "127.0.0.1" and context is not None
+    assert stage_link.network_endpoint("tls://127.0.0.1:4000", None) is None
+    assert stage_link.network_endpoint("inproc://10.0.0.1/123/4", None) is None
+    assert stage_link.network_endpoint(None, None) is None
+    assert stage_link.wants_network(stage_link.local_token(), False) is False
+    assert stage_link.wants_network(stage_link.local_token(), True) is True
+    assert stage_link.wants_network(None, False) is True
+
+
 # -- on a real cluster ----------------------------------------------------------------------------
 def _links(dask_worker=None):
     from tpmlab.cluster.actor import StageActor
@@ -402,3 +578,42 @@ def test_stages_on_one_host_are_linked_and_give_the_same_numbers(lab, backend, r
     assert torch.equal(through_link[1], generate(ref))
     lab.undeploy("tiny-llama")
     assert not any(k in backend._links for k in keys)  # its links closed with it
+
+
+def _set_link_env(value, dask_worker=None):
+    if value is None:
+        os.environ.pop(stage_link.ENV, None)
+    else:
+        os.environ[stage_link.ENV] = value
+
+
+@pytest.mark.slow
+def test_stages_on_other_hosts_link_over_tcp_and_give_the_same_numbers(
+        lab, backend, ref_lab, monkeypatch):
+    """On a plain-TCP cluster, stages that reach each other over the network (switched to
+    it here: one machine) link over TCP and give the local executor's numbers."""
+    monkeypatch.setenv(stage_link.ENV, "network")
+    backend.client.run(_set_link_env, "network")
+    try:
+        model = deploy(lab, "tiny-llama", 2)
+        assert [m["link"] for m in backend.memory("tiny-llama")] == ["tcp", None]
+        ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+
+        def trace(m):
+            with m.trace(ids):
+                hidden = m.layers[1].output[0].save()
+                logits = m.unembed.output.save()
+            return hidden.value, logits.value
+
+        trace(model)
+        keys = [a.key for a in backend.deployment("tiny-llama").actors]
+        deadline = time.monotonic() + 30
+        while not all(backend._links.get(k) is not None for k in keys):
+            assert time.monotonic() < deadline, backend._links
+            time.sleep(0.05)
+        assert [backend._links[k].kind for k in keys] == ["tcp", "tcp"]
+        for a, c in zip(trace(model), trace(ref_lab.model("tiny-llama"))):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    finally:
+        backend.client.run(_set_link_env, None)
+        lab.undeploy("tiny-llama")

@@ -206,7 +206,7 @@ class StageActor:
         self.backprops = registry()  # requests' gradient state here (memory() reports it)
         self.limits = Limits(**spec.get("limits", {}))
         self.next: Any = None  # the next stage's Actor handle
-        self.link_next: stage_link.LinkClient | None = None  # to the next stage, on this host
+        self.link_next: stage_link.LinkClient | None = None  # to the next stage, direct
         self._link_server: stage_link.LinkServer | None = None  # for the previous stage
         self.info: ModelInfo | None = None
         self.owned: range | None = None
@@ -261,7 +261,7 @@ class StageActor:
             self.link_next = None
         peer = None
         if next_stage is not None:
-            self.link_next = await stage_link.link_to(next_stage.stage_link)
+            self.link_next = await stage_link.link_to(next_stage.stage_link, _worker_security())
             try:
                 peer = await asyncio.wait_for(
                     _await_within(next_stage.ipc_hello(cuda_ipc.identity(self.ipc_id)),
@@ -279,10 +279,17 @@ class StageActor:
         stop = starts[k + 1] if k + 1 < len(starts) else len(self.info.events)
         self.owned = range(START if k == 0 else starts[k], stop)
 
-    async def stage_link(self) -> stage_link.Address:
-        """Where the previous stage may call this one directly (:mod:`.stage_link`)."""
+    async def stage_link(self, token: Token | None = None, network: bool = False
+                         ) -> stage_link.Address:
+        """Where the previous stage (or the notebook) may call this one directly
+        (:mod:`.stage_link`): a Unix socket, and TCP too (TLS on a TLS cluster) for a caller
+        whose ``token`` says it runs on another host or that asks for the ``network``."""
         if self._link_server is None:
             self._link_server = await stage_link.LinkServer(self, LINK_CALLS).start()
+        if stage_link.wants_network(token, bool(network)):
+            endpoint = stage_link.network_endpoint(self.address, _worker_security())
+            if endpoint is not None:
+                await self._link_server.listen_network(*endpoint)
         return self._link_server.address()
 
     def _next_call(self, method: str, *args: Any) -> Any:
@@ -330,7 +337,8 @@ class StageActor:
         had back (:meth:`~.handover.Segments.recycling`); ``malloc_relaxed``: whether this
         process set malloc's thresholds for forwards (:mod:`~tpmlab.runtime.host_malloc`);
         ``linked``: whether this stage calls the next one over a stage link
-        (:mod:`.stage_link`) now; ``passes``: forward steps this stage ran its layers for
+        (:mod:`.stage_link`) now, ``link`` over which (``"unix"``, ``"tcp"``, ``"tls"``;
+        ``None``: through Dask); ``passes``: forward steps this stage ran its layers for
         (a pass that a ``tracer.stop()`` ended on an earlier stage is not one)."""
         import psutil
 
@@ -342,6 +350,8 @@ class StageActor:
                "handover": self.segments.counts(), "recycling": self.segments.recycling(),
                "malloc_relaxed": host_malloc.relaxed(),
                "linked": self.link_next is not None and self.link_next.alive,
+               "link": self.link_next.kind if self.link_next is not None
+               and self.link_next.alive else None,
                **self.load, **held(self.backprops)}
         if self.device.type == "cuda":
             out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
@@ -1101,6 +1111,17 @@ def _worker_address() -> str | None:
         from distributed import get_worker
 
         return get_worker().address
+    except (ImportError, ValueError):
+        return None
+
+
+def _worker_security() -> Any:
+    """The cluster's credentials as the Dask worker this runs on holds them (``None``
+    outside one)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().security
     except (ImportError, ValueError):
         return None
 

@@ -122,6 +122,9 @@ class DaskBackend:
         # direct channels to stages on this host, by actor key (None: none, through Dask)
         self._links: dict[str, stage_link.LinkClient | None] = {}
         self._links_lock = threading.Lock()  # a gateway's request threads call at once
+        # over TCP even to stages on this host (None: as TPMLAB_STAGE_LINK says), to measure
+        # the channel that stages on other hosts get (benchmarks/handover.py)
+        self._link_network: bool | None = None
         self.deployments: dict[str, Deployment] = {}
         self.phases: list[dict[str, float]] | None = None  # a list: each request's phases (ms)
         self.remote = RemoteValues()  # remote saves handed to the notebook, by model
@@ -452,10 +455,13 @@ class DaskBackend:
         return asyncio.run_coroutine_threadsafe(call, self.client.loop.asyncio_loop)
 
     async def _link_to(self, worker: str, key: str) -> None:
-        """Connect a direct channel to the stage ``key`` if it shares this host
-        (:mod:`.stage_link`); until then, and if not, its calls go through Dask."""
+        """Connect a direct channel to the stage ``key`` (:mod:`.stage_link`: a Unix socket
+        on this host, TCP or TLS to another); until then, and if none, its calls go through
+        Dask."""
         link = await stage_link.link_to(
-            lambda: actor_call(self.client, worker, key, "stage_link"))
+            lambda token, network: actor_call(self.client, worker, key, "stage_link", token,
+                                              network),
+            self.client.security, role="client", network=self._link_network)
         if link is not None and key in self._links:
             self._links[key] = link
         elif link is not None:  # undeployed meanwhile

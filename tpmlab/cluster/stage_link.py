@@ -1,4 +1,4 @@
-"""A direct channel from a stage to the next one when both run on one host.
+"""A direct channel from a stage to the next one (and from the notebook to each stage).
 
 A stage hands each step to the next stage with a call. Through Dask (an actor call: the
 worker's connection pool, its RPC layer, TLS and msgpack framing, the receiving worker's
@@ -8,16 +8,25 @@ exchange the same message over a Unix socket of their own take ≈ 0.1 ms
 (``benchmarks/fixed_cost.py --sections channels``). So neighbouring stages on one host
 (what :func:`~.handover.same_host` says: one boot, one ``/dev/shm``, one user) talk over
 such a socket: the receiving stage listens (:class:`LinkServer`), the sending one connects
-when the deployment links them (:class:`LinkClient`); everything else, and stages on other
-hosts, keep Dask's actor calls.
+when the deployment links them (:class:`LinkClient`); the rest (linking, abort, memory...)
+keeps Dask's actor calls.
 
-Who may connect: the socket lives in Linux's abstract namespace (no file to leave behind,
-no path-length limit), so the server checks the connecting process's user
-(``SO_PEERCRED``) and then a 32-byte secret it handed to the sending stage through the
-cluster's own (TLS) connection at link time, before it reads anything else; a peer that
-fails either is dropped unread. Messages are pickled (protocol 5: numpy arrays travel as
-raw frames beside the pickle and are read straight into their own memory), as Dask's
-actor calls pickle them.
+Between hosts the same frames travel over TCP (:meth:`LinkServer.listen_network`), on the
+interface the stage's Dask worker listens on, with the cluster's TLS credentials where the
+cluster has them (mutual certificate checks against the cluster's CA, as Dask's own comm
+does). Dask's TLS comm reads a large value one TLS record per Python call and its TCP comm
+copies it through its own frames; the link reads each array straight into its own memory
+(``benchmarks/bulk_rate.py``). A stage listens on TCP only once a peer on another host (or
+one that asks for it: ``TPMLAB_STAGE_LINK=network``, to measure and test the network
+channel on one machine) asks where to call it.
+
+Who may connect: the Unix socket lives in Linux's abstract namespace (no file to leave
+behind, no path-length limit), so the server checks the connecting process's user
+(``SO_PEERCRED``); over TCP the cluster's certificate (TLS) stands in for it. Then a
+32-byte secret the server handed to the caller through the cluster's own connection at
+link time, before anything else is read; a peer that fails either is dropped unread.
+Messages are pickled (protocol 5: numpy arrays travel as raw frames beside the pickle and
+are read straight into their own memory), as Dask's actor calls pickle them.
 
 A frame: kind (1 byte: call, reply, error), call id (8), pickle length (8), number of raw
 buffers (4), each buffer's length (8 each), the pickle, the buffers. Calls on one
@@ -37,6 +46,7 @@ import os
 import pickle
 import secrets
 import socket
+import ssl
 import struct
 import uuid
 import weakref
@@ -46,15 +56,19 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
+from distributed.comm.addressing import get_address_host, parse_address
 from distributed.comm.core import CommClosedError
+from distributed.security import Security
 
 from ..errors import ExecutionError
-from .handover import local_token, same_host
+from .handover import Token, local_token, same_host
 from .switches import switched_on
 
 log = logging.getLogger(__name__)
 
-ENV = "TPMLAB_STAGE_LINK"  #: "0" in a worker's environment: stages made there link through Dask
+#: "0" in a worker's environment: stages made there link through Dask; "network": over TCP
+#: (TLS on a TLS cluster) even to a stage on the same host, as to one on another
+ENV = "TPMLAB_STAGE_LINK"
 #: calls go through a link while True (False: through Dask, as without one). Switched on the
 #: workers to compare the two ways (``benchmarks/fixed_cost.py --compare-link``).
 ACTIVE = True
@@ -63,6 +77,12 @@ ACTIVE = True
 def enabled() -> bool:
     """Whether stages made in this process link to their next stage directly."""
     return switched_on(ENV)
+
+
+def network_only() -> bool:
+    """Whether this process links over the network even to a peer on its host (``ENV`` is
+    ``network``): what stages on two hosts do, on one machine."""
+    return os.environ.get(ENV, "").strip().lower() == "network"
 
 
 _CALL, _REPLY, _ERROR = 1, 2, 3
@@ -77,7 +97,12 @@ _SCRATCH = 4 * _SMALL
 #: as long again as the socket's own copy); handed over a socket buffer's worth at a time,
 #: and only once the transport's buffer is empty, a value goes from its memory to the socket
 _CHUNK = 256 * 1024
-Address = dict[str, Any]  #: ``{"path", "secret", "token"}``, from :meth:`LinkServer.address`
+#: how long a connection over the network may take (TLS handshake included) before the
+#: calls go through Dask: a host that drops packets would otherwise hold up linking
+NETWORK_TIMEOUT = 5.0
+#: ``{"path", "secret", "token"}`` and, once listening on TCP, ``"network": {"host", "port",
+#: "tls"}``: from :meth:`LinkServer.address`
+Address = dict[str, Any]
 
 
 def _dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
@@ -237,12 +262,20 @@ class _Framed(asyncio.BufferedProtocol):
 class _ServerSide(_Framed):
     """One connection from the previous stage: check who it is, then serve its calls."""
 
-    def __init__(self, server: LinkServer) -> None:
+    def __init__(self, server: LinkServer, network: bool = False) -> None:
         super().__init__()
         self._server = server
+        self._network = network
+        self._unproven: asyncio.TimerHandle | None = None  # drops a silent peer (network)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._network:  # no peer's user over TCP: the cluster's certificate (TLS, checked
+            # in the handshake, before this) and the secret stand for it; a peer that does not
+            # send the secret in time is dropped (anyone on the network may connect)
+            self._unproven = asyncio.get_running_loop().call_later(
+                NETWORK_TIMEOUT, transport.abort)
+            return
         sock = transport.get_extra_info("socket")
         try:
             _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -255,12 +288,16 @@ class _ServerSide(_Framed):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._unproven is not None:
+            self._unproven.cancel()
         self._server.forget(self)
 
     def _preamble(self) -> Generator[int, bytes | np.ndarray, None]:
         secret = yield _SECRET_BYTES
         if not hmac.compare_digest(bytes(secret), self._server.secret):
             raise PermissionError("a connection without the link's secret")
+        if self._unproven is not None:
+            self._unproven.cancel()
 
     def received(self, kind: int, call_id: int, obj: Any) -> None:
         if kind != _CALL:
@@ -304,6 +341,8 @@ class LinkServer:
         self.secret = secrets.token_bytes(_SECRET_BYTES)
         self.path = f"\0tpmlab-stage-link-{uuid.uuid4().hex}"
         self._server: asyncio.AbstractServer | None = None
+        self._network: asyncio.AbstractServer | None = None  # TCP, once a peer needs it
+        self._network_address: dict[str, Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_ServerSide] = set()
         # the calls run as the Dask worker's own actor calls do: in a copy of the context of
@@ -316,8 +355,21 @@ class LinkServer:
         self._server = await self._loop.create_unix_server(self._accept, path=self.path)
         return self
 
-    def _accept(self) -> _ServerSide:
-        conn = _ServerSide(self)
+    async def listen_network(self, host: str, ssl_context: ssl.SSLContext | None) -> None:
+        """Listen on TCP on ``host`` too (an ephemeral port), for peers on other hosts; with
+        ``ssl_context`` (the cluster's server-side TLS context, which asks the caller for a
+        certificate of the cluster's CA) over TLS. Once; later calls keep the first."""
+        if self._network is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._network = await self._loop.create_server(
+            lambda: self._accept(network=True), host, 0, ssl=ssl_context,
+            ssl_handshake_timeout=NETWORK_TIMEOUT if ssl_context is not None else None)
+        port = self._network.sockets[0].getsockname()[1]
+        self._network_address = {"host": host, "port": port, "tls": ssl_context is not None}
+
+    def _accept(self, network: bool = False) -> _ServerSide:
+        conn = _ServerSide(self, network)
         self._connections.add(conn)
         return conn
 
@@ -325,7 +377,10 @@ class LinkServer:
         self._connections.discard(conn)
 
     def address(self) -> Address:
-        return {"path": self.path, "secret": self.secret, "token": local_token()}
+        address: Address = {"path": self.path, "secret": self.secret, "token": local_token()}
+        if self._network_address is not None:
+            address["network"] = dict(self._network_address)
+        return address
 
     def serve(self, conn: _ServerSide, call_id: int, method: str, args: tuple) -> None:
         target = self._target()
@@ -371,9 +426,10 @@ class LinkServer:
         self._close_now()
 
     def _close_now(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        for server in (self._server, self._network):
+            if server is not None:
+                server.close()
+        self._server = self._network = None
         for conn in list(self._connections):
             if conn.transport is not None:
                 conn.transport.close()
@@ -383,18 +439,44 @@ class LinkServer:
 class LinkClient:
     """The previous stage's end: calls on the next stage, each an awaitable future."""
 
-    def __init__(self, transport: asyncio.Transport, protocol: _ClientSide) -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: _ClientSide,
+                 network: bool = False) -> None:
         self._transport = transport
         self._protocol = protocol
         self._ids = 0
+        #: ``"unix"``, ``"tcp"`` or ``"tls"``: how this link reaches its stage
+        self.kind = "unix" if not network else (
+            "tls" if transport.get_extra_info("sslcontext") is not None else "tcp")
 
     @classmethod
     async def connect(cls, address: Address, timeout: float = 10.0) -> LinkClient:
+        """Connect over the Unix socket (the server's host)."""
         loop = asyncio.get_running_loop()
         transport, protocol = await asyncio.wait_for(
             loop.create_unix_connection(_ClientSide, path=address["path"]), timeout)
         transport.write(address["secret"])
         return cls(transport, protocol)
+
+    @classmethod
+    async def connect_network(cls, address: Address, ssl_context: ssl.SSLContext | None,
+                              timeout: float = NETWORK_TIMEOUT) -> LinkClient:
+        """Connect over TCP (:meth:`LinkServer.listen_network`); over TLS with
+        ``ssl_context`` (the cluster's client-side context: it presents this side's
+        certificate and checks the server's against the cluster's CA) where the server
+        listens with TLS. ``ValueError`` where the two do not match: a TLS server and no
+        context, or a server without TLS where this side has TLS credentials."""
+        net = address["network"]
+        if bool(net["tls"]) != (ssl_context is not None):
+            raise ValueError("the stage listens " + ("with" if net["tls"] else "without")
+                             + " TLS and this side has " + ("no " if ssl_context is None else "")
+                             + "TLS credentials")
+        loop = asyncio.get_running_loop()
+        transport, protocol = await asyncio.wait_for(loop.create_connection(
+            _ClientSide, net["host"], int(net["port"]), ssl=ssl_context,
+            ssl_handshake_timeout=timeout if ssl_context is not None else None), timeout)
+        transport.write(address["secret"])
+        return cls(transport, protocol, network=True)
+
 
     @property
     def alive(self) -> bool:
@@ -417,31 +499,73 @@ class LinkClient:
         self._transport.close()
 
 
-async def link_to(address_of: Callable[[], Awaitable[Address]],
-                  timeout: float = 30.0) -> LinkClient | None:
-    """A client to the stage whose address ``address_of()`` asks for (through Dask), if
-    links are on in this process (:func:`enabled`) and the stage shares this host, else
-    ``None``; an older or unreachable stage is ``None`` too, never an error."""
+async def link_to(address_of: Callable[[Token | None, bool], Awaitable[Address]],
+                  security: Security | None = None, role: str = "worker",
+                  timeout: float = 30.0, network: bool | None = None) -> LinkClient | None:
+    """A client to the stage whose address ``address_of(token, network)`` asks for (through
+    Dask: this process's :func:`~.handover.local_token`, and whether it wants the network
+    channel even on one host), if links are on in this process (:func:`enabled`); over the
+    Unix socket to a stage on this host, else over TCP, with TLS where the cluster has it
+    (``security``: the cluster's credentials as this process holds them, for Dask ``role``
+    ``"worker"`` or ``"client"``; ``network``: over TCP even on one host, default
+    :func:`network_only`). An older or unreachable stage is ``None``, never an error: its
+    calls go through Dask."""
     if not enabled():
         return None
+    network = network_only() if network is None else network
     try:
-        address = await asyncio.wait_for(_awaited(address_of()), timeout)
+        address = await asyncio.wait_for(_awaited(address_of(local_token(), network)), timeout)
     except Exception:  # noqa: BLE001 - its calls go through Dask
         return None
-    return await connect_or_none(address)
+    return await connect_or_none(address, security, role, network)
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable  # a Dask actor handle's call is awaitable, not a coroutine
 
 
-async def connect_or_none(address: Address | None) -> LinkClient | None:
-    """A client to ``address`` if the next stage offered one and shares this host, else
-    ``None`` (the calls then go through Dask); a failure to connect is logged, not raised."""
-    if not address or not same_host(address.get("token")):
+async def connect_or_none(address: Address | None, security: Security | None = None,
+                          role: str = "worker", network: bool | None = None
+                          ) -> LinkClient | None:
+    """A client to ``address``: over its Unix socket if the stage shares this host (and
+    ``network`` does not ask for TCP), else over TCP if the stage listens there
+    (:func:`link_to` says what the arguments are); else ``None`` (the calls then go through
+    Dask). A failure to connect is logged, not raised."""
+    if not address:
         return None
+    network = network_only() if network is None else network
     try:
-        return await LinkClient.connect(address)
-    except (OSError, asyncio.TimeoutError) as e:  # another network namespace, say
+        if same_host(address.get("token")) and not network:
+            return await LinkClient.connect(address)
+        if address.get("network"):
+            context = security.get_connection_args(role)["ssl_context"] if security else None
+            return await LinkClient.connect_network(address, context)
+    except (OSError, ValueError, asyncio.TimeoutError) as e:  # another network namespace,
+        # a firewall, credentials that do not match
         log.info("tpmlab stage link: not connected (%s); calls go through Dask", e)
+    return None
+
+
+def network_endpoint(address: str | None, security: Security | None
+                     ) -> tuple[str, ssl.SSLContext | None] | None:
+    """Where a stage whose Dask worker listens at ``address`` (with the cluster's
+    ``security``) listens for peers on other hosts: the worker's host, with the cluster's
+    server-side TLS context on a TLS cluster; ``None`` for a worker without a TCP host (an
+    in-process cluster)."""
+    if not address:
         return None
+    scheme, _ = parse_address(address)
+    if scheme not in ("tcp", "tls", "ucx"):
+        return None
+    context = None
+    if scheme == "tls":
+        if security is None:
+            return None
+        context = security.get_listen_args("worker")["ssl_context"]
+    return get_address_host(address), context
+
+
+def wants_network(token: Token | None, network: bool) -> bool:
+    """Whether a peer with ``token`` (asking for the network channel or not) needs this
+    stage to listen on TCP: it asks for it, or it is on another host."""
+    return network or not same_host(token)
