@@ -52,6 +52,33 @@ def ref_lab():
     lab.close()
 
 
+def set_link_env(value, dask_worker=None):
+    """``TPMLAB_STAGE_LINK`` set to ``value`` (``None``: unset) in this process, or on each
+    worker through ``client.run``; read when a link is made."""
+    import os
+
+    from tpmlab.cluster import stage_link
+
+    if value is None:
+        os.environ.pop(stage_link.ENV, None)
+    else:
+        os.environ[stage_link.ENV] = value
+
+
+def notebook_links(backend, name: str, seconds: float = 30.0) -> list:
+    """The backend's links to each stage of ``name``, once all are up (the notebook links
+    to a stage after its first call to it)."""
+    import time
+
+    keys = [a.key for a in backend.deployment(name).actors]
+    deadline = time.monotonic() + seconds
+    while not all(backend._links.get(k) is not None and backend._links[k].alive
+                  for k in keys):
+        assert time.monotonic() < deadline, backend._links
+        time.sleep(0.05)
+    return [backend._links[k] for k in keys]
+
+
 def deploy(lab, name: str, stages: int):
     """(Re)deploy ``name`` with ``stages`` stages on the shared cluster."""
     lab.undeploy(name)

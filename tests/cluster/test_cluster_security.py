@@ -32,6 +32,8 @@ from tpmlab.cluster.security import (
     write_credentials,
 )
 
+from .conftest import notebook_links, set_link_env
+
 # What another local user would try, run in a process with a clean environment: plain TCP
 # to the TLS port, TLS without a certificate, TLS with a self-made certificate of another CA,
 # a Dask client with no credentials and one with its own temporary CA; each succeeding
@@ -204,15 +206,6 @@ def test_a_two_stage_trace_over_tls_equals_the_local_executor(secure_cluster, re
         lab.close()
 
 
-def _set_link_env(value, dask_worker=None):
-    from tpmlab.cluster import stage_link
-
-    if value is None:
-        os.environ.pop(stage_link.ENV, None)
-    else:
-        os.environ[stage_link.ENV] = value
-
-
 @pytest.mark.slow
 def test_stages_on_other_hosts_link_over_tls_with_the_clusters_certificates(
         secure_cluster, ref_lab, monkeypatch):
@@ -227,7 +220,7 @@ def test_stages_on_other_hosts_link_over_tls_with_the_clusters_certificates(
 
     _, client = secure_cluster
     monkeypatch.setenv(stage_link.ENV, "network")  # as if each were on a host of its own
-    client.run(_set_link_env, "network")
+    client.run(set_link_env, "network")
     backend = DaskBackend(client=client, timeout=120)
     lab = Lab(backend)
     try:
@@ -243,11 +236,7 @@ def test_stages_on_other_hosts_link_over_tls_with_the_clusters_certificates(
         trace(sharded)  # the notebook links to each stage after its first call
         dep = backend.deployment("tiny-llama")
         keys = [a.key for a in dep.actors]
-        deadline = time.monotonic() + 30
-        while not all(backend._links.get(k) is not None for k in keys):
-            assert time.monotonic() < deadline, backend._links
-            time.sleep(0.05)
-        assert [backend._links[k].kind for k in keys] == ["tls", "tls"]
+        assert [link.kind for link in notebook_links(backend, "tiny-llama")] == ["tls", "tls"]
         for a, b in zip(trace(sharded), trace(local)):
             torch.testing.assert_close(a[0] if isinstance(a, tuple) else a,
                                        b[0] if isinstance(b, tuple) else b, atol=1e-5, rtol=1e-5)
@@ -256,7 +245,7 @@ def test_stages_on_other_hosts_link_over_tls_with_the_clusters_certificates(
             client.loop.asyncio_loop).result(30)
         assert address["network"]["host"] == "127.0.0.1" and address["network"]["tls"]
     finally:
-        client.run(_set_link_env, None)
+        client.run(set_link_env, None)
         lab.close()
 
 

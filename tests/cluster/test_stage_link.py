@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from tpmlab.cluster import stage_link
 from tpmlab.cluster.stage_link import LinkClient, LinkServer
 from tpmlab.errors import ExecutionError
 
-from .conftest import deploy
+from .conftest import deploy, notebook_links, set_link_env
 
 
 class Unpicklable(Exception):
@@ -557,11 +556,7 @@ def test_stages_on_one_host_are_linked_and_give_the_same_numbers(lab, backend, r
     through_link = trace(model), generate(model)
     # the notebook's client linked to both stages after its first call to each
     keys = [a.key for a in backend.deployment("tiny-llama").actors]
-    deadline = time.monotonic() + 30
-    while not all(backend._links.get(k) is not None and backend._links[k].alive
-                  for k in keys):
-        assert time.monotonic() < deadline, backend._links
-        time.sleep(0.05)
+    notebook_links(backend, "tiny-llama")
     try:
         through_link = trace(model), generate(model)
         backend.client.run(_use_link, False)
@@ -580,20 +575,13 @@ def test_stages_on_one_host_are_linked_and_give_the_same_numbers(lab, backend, r
     assert not any(k in backend._links for k in keys)  # its links closed with it
 
 
-def _set_link_env(value, dask_worker=None):
-    if value is None:
-        os.environ.pop(stage_link.ENV, None)
-    else:
-        os.environ[stage_link.ENV] = value
-
-
 @pytest.mark.slow
 def test_stages_on_other_hosts_link_over_tcp_and_give_the_same_numbers(
         lab, backend, ref_lab, monkeypatch):
     """On a plain-TCP cluster, stages that reach each other over the network (switched to
     it here: one machine) link over TCP and give the local executor's numbers."""
     monkeypatch.setenv(stage_link.ENV, "network")
-    backend.client.run(_set_link_env, "network")
+    backend.client.run(set_link_env, "network")
     try:
         model = deploy(lab, "tiny-llama", 2)
         assert [m["link"] for m in backend.memory("tiny-llama")] == ["tcp", None]
@@ -606,14 +594,9 @@ def test_stages_on_other_hosts_link_over_tcp_and_give_the_same_numbers(
             return hidden.value, logits.value
 
         trace(model)
-        keys = [a.key for a in backend.deployment("tiny-llama").actors]
-        deadline = time.monotonic() + 30
-        while not all(backend._links.get(k) is not None for k in keys):
-            assert time.monotonic() < deadline, backend._links
-            time.sleep(0.05)
-        assert [backend._links[k].kind for k in keys] == ["tcp", "tcp"]
+        assert [link.kind for link in notebook_links(backend, "tiny-llama")] == ["tcp", "tcp"]
         for a, c in zip(trace(model), trace(ref_lab.model("tiny-llama"))):
             torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
     finally:
-        backend.client.run(_set_link_env, None)
+        backend.client.run(set_link_env, None)
         lab.undeploy("tiny-llama")

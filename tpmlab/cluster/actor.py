@@ -226,7 +226,10 @@ class StageActor:
         self._tok: Any = None  # the tokenizer, once a request needs it
         # remote saves (:mod:`.remote_store`) are accounted under this stage's own name
         self.store_name = f"{spec['model']} stage {self.span.index} ({os.urandom(3).hex()})"
-        self.address = _worker_address()
+        worker = _worker()
+        self.address = worker.address if worker is not None else None
+        # the cluster's credentials as this worker holds them: its links' TLS contexts
+        self.security = worker.security if worker is not None else None
         # hidden states to the next stage and gradients to the previous one in device memory,
         # where both stages can open it (:mod:`.cuda_ipc`)
         self.ipc_id = os.urandom(4).hex()
@@ -261,7 +264,7 @@ class StageActor:
             self.link_next = None
         peer = None
         if next_stage is not None:
-            self.link_next = await stage_link.link_to(next_stage.stage_link, _worker_security())
+            self.link_next = await stage_link.link_to(next_stage.stage_link, self.security)
             try:
                 peer = await asyncio.wait_for(
                     _await_within(next_stage.ipc_hello(cuda_ipc.identity(self.ipc_id)),
@@ -287,7 +290,7 @@ class StageActor:
         if self._link_server is None:
             self._link_server = await stage_link.LinkServer(self, LINK_CALLS).start()
         if stage_link.wants_network(token, bool(network)):
-            endpoint = stage_link.network_endpoint(self.address, _worker_security())
+            endpoint = stage_link.network_endpoint(self.address, self.security)
             if endpoint is not None:
                 await self._link_server.listen_network(*endpoint)
         return self._link_server.address()
@@ -1105,23 +1108,12 @@ def _release(st: _Request) -> None:
     st.extra.clear()
 
 
-def _worker_address() -> str | None:
-    """The address of the Dask worker this runs on (``None`` outside one)."""
+def _worker() -> Any:
+    """The Dask worker this runs on (``None`` outside one)."""
     try:
         from distributed import get_worker
 
-        return get_worker().address
-    except (ImportError, ValueError):
-        return None
-
-
-def _worker_security() -> Any:
-    """The cluster's credentials as the Dask worker this runs on holds them (``None``
-    outside one)."""
-    try:
-        from distributed import get_worker
-
-        return get_worker().security
+        return get_worker()
     except (ImportError, ValueError):
         return None
 

@@ -477,7 +477,6 @@ class LinkClient:
         transport.write(address["secret"])
         return cls(transport, protocol, network=True)
 
-
     @property
     def alive(self) -> bool:
         return not self._protocol.closed and not self._transport.is_closing()
