@@ -151,6 +151,9 @@ class SegmentPool:
         self._lent_bytes = 0
         self._round = 0  # hand-overs that lent segments so far (replies packed)
         self._back_round: int | None = None  # the latest a returned segment went out with
+        # sizes requests found none of ready since the last fill: made on top of what the
+        # fill counts on coming back (returns come later than counted on, or not at all)
+        self._missed: list[int] = []
         self._counts = {"made": 0, "returned": 0, "dropped": 0}
         self._lock = threading.Lock()
         self._filling = False
@@ -184,6 +187,8 @@ class SegmentPool:
             at = next((i for i in range(len(ready) - 1, -1, -1)
                        if pinned is None or ready[i][2] == pinned), None)
             if at is None:
+                if req is not None:
+                    self._missed.append(nbytes)
                 return None
             self._bytes -= nbytes
             pooled, flat, registered = ready.pop(at)
@@ -313,7 +318,11 @@ class SegmentPool:
 
         A notebook that gives segments back (one lent by one of the last three hand-overs
         came back) is counted on to return those lent by the last two and by requests
-        still packing: only what they and the ready segments lack is made."""
+        still packing: only what they and the ready segments lack is made, and one more
+        segment for each that a request found none of ready since the last fill. So once the
+        notebook keeps its values, at most one request finds none ready before the pool
+        makes them again, and a notebook whose returns come late gets the segments its
+        lag needs."""
         if not sizes or POOL_BYTES <= 0:
             return
         with self._lock:
@@ -324,20 +333,24 @@ class SegmentPool:
         threading.Thread(target=self._fill, daemon=True, name="tpmlab-handover-pool").start()
 
     def _lacking(self, sizes: list[int]) -> list[int]:
-        """Of ``sizes``, those neither ready nor about to come back."""
+        """Of ``sizes``, those neither ready nor about to come back, and those requests found
+        none of ready since the last fill (when counting on returns)."""
         with self._lock:
             have = {n: len(ready) for n, ready in self._free.items()}
+            missed, self._missed = self._missed, []
             if RECYCLE and self._back_round is not None and self._back_round >= self._round - 3:
                 for lent in self._lent.values():
                     if lent.round is None or lent.round >= self._round - 2:
                         have[lent.nbytes] = have.get(lent.nbytes, 0) + 1
+            else:  # counting on nothing: what is lacking is made anyway
+                missed = []
         lacking = []
         for nbytes in sizes:
             if have.get(nbytes, 0) > 0:
                 have[nbytes] -= 1
             else:
                 lacking.append(nbytes)
-        return lacking
+        return lacking + missed
 
     def _fill(self) -> None:
         done = False
