@@ -462,6 +462,36 @@ def test_the_pool_counts_on_returns_only_while_the_notebook_gives_back(stock):
         kept.clear()
 
 
+def test_segments_given_back_while_the_pool_fills_take_the_place_of_those_it_would_make(
+        monkeypatch):
+    """The pool's budget holds when the notebook's returns arrive while a fill is on its way
+    (waiting for the stage's computation to end): the fill makes only what still fits."""
+    monkeypatch.setattr(segment_pool, "POOL_BYTES", 4 << 20)
+    gate = threading.Event()
+
+    class Computing:  # a stage computing until the gate opens
+        def wait(self) -> None:
+            gate.wait(30)
+
+    pool = segment_pool.SegmentPool(gaps=Computing())
+    lent = [pool.fresh(2 << 20, "r")[0] for _ in range(2)]
+    pool.handed("r")
+    try:
+        pool.refill([2 << 20, 2 << 20])  # the fill counts on nothing coming back: makes two
+        time.sleep(0.1)
+        assert pool.take_back(lent) == 2  # ... but both come back first
+        gate.set()
+        _fills_done()
+        assert pool.ready_bytes() == 4 << 20
+        assert pool.recycling()["made"] == 2  # the two lent ones, nothing more
+    finally:
+        gate.set()
+        for path in lent:
+            Path(path).unlink(missing_ok=True)
+        del pool
+        gc.collect()
+
+
 def test_a_notebook_whose_returns_come_a_request_late_finds_its_segments_ready():
     """Returns that reach the stage only after the next request was packed: the pool makes
     what that lag needs (one request finds none ready), then every request finds its segment

@@ -157,6 +157,7 @@ class SegmentPool:
         self._counts = {"made": 0, "returned": 0, "dropped": 0}
         self._lock = threading.Lock()
         self._filling = False
+        self._making = 0  # bytes of segments being made now
         self._wanted: list[int] = []  # sizes asked for while a fill ran
         self._pinning = pinning
         self._gaps = gaps  # the stage's computations, which the fill stays out of
@@ -373,11 +374,11 @@ class SegmentPool:
                 if FILL_THREADS > 1 and len(chosen) > 1:
                     with ThreadPoolExecutor(FILL_THREADS,
                                             thread_name_prefix="tpmlab-handover-fill") as threads:
-                        for made in [threads.submit(self._make, n) for n in chosen]:
+                        for made in [threads.submit(self._make, n, budget) for n in chosen]:
                             made.result()
                 else:
                     for nbytes in chosen:
-                        self._make(nbytes)
+                        self._make(nbytes, budget)
         except OSError:  # /dev/shm full: no pool, segments are made when needed
             pass
         finally:
@@ -386,10 +387,23 @@ class SegmentPool:
                     self._filling = False
                     self._wanted = []
 
-    def _make(self, nbytes: int) -> None:
-        """One segment of ``nbytes`` into the pool."""
+    def _make(self, nbytes: int, budget: int) -> bool:
+        """One segment of ``nbytes`` into the pool, unless segments given back meanwhile
+        (or made beside it) leave no room for it in ``budget`` bytes; whether it was made."""
         if self._gaps is not None:  # between the stage's computations
             self._gaps.wait()
+        with self._lock:  # returns that came while the fill waited take its place
+            if self._bytes + self._making + nbytes > budget:
+                return False
+            self._making += nbytes
+        try:
+            self._make_now(nbytes)
+        finally:
+            with self._lock:
+                self._making -= nbytes
+        return True
+
+    def _make_now(self, nbytes: int) -> None:
         pin = self._pinning is not None and pinned_segments.ACTIVE
         # registering locks the pages, and maps each as it does: no need to populate them
         # first (madvise holds the GIL while it maps)
