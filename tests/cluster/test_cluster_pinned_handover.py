@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from .conftest import deploy
 from .test_cluster_handover import (
     PROMPTS,
     _clean_within,
+    _fills_done,
     _pool_threads_finish,
     _segments,
     _trace_all,
@@ -222,6 +224,29 @@ def test_the_pool_and_what_requests_hold_are_unregistered_when_the_stage_goes():
     del held
     gc.collect()
     assert not _segments({os.getpid()}) and not _segments({os.getpid()}, pool=True)
+
+
+def test_segments_made_while_registration_was_off_are_registered_in_place(
+        pinned, monkeypatch):
+    """Registration switched on with the pool full of segments made (or given back) while
+    it was off: the pool registers those rather than leave them crowding out registered
+    ones, and makes no new memory for it."""
+    segments, registrar = pinned
+    monkeypatch.setattr(segment_pool, "POOL_BYTES", 4 << 20)
+    nbytes = math.prod(SHAPE) * 4
+    monkeypatch.setattr(pinned_segments, "ACTIVE", False)
+    segments._pool.refill([nbytes, nbytes])
+    _fills_done()
+    assert segments.pooled() == 4 << 20 and segments.counts()["pooled"] == 0
+    monkeypatch.setattr(pinned_segments, "ACTIVE", True)
+    segments._pool.refill([nbytes, nbytes])  # what a request of two such saves asks for
+    _fills_done()
+    counts = segments.counts()
+    assert counts["pooled"] == 2 and registrar.summary()["registered"] == 2
+    assert segments.pooled() == 4 << 20 and segments.recycling()["made"] == 2
+    alloc = segments.allocator("r", TOKEN, deadline=0.0)
+    assert alloc(SHAPE, torch.float32) is not None  # a save goes straight into one
+    segments.free("r")
 
 
 def test_unregistering_waits_for_the_stage_thread():

@@ -21,6 +21,7 @@ pytestmark = [
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 NAME = "llama-3-8b-shape"
+POOL_BYTES, FILL_THREADS = 512 << 20, 4  # the workers' defaults on a 16-core host
 
 
 def _active(on: bool, dask_worker=None) -> None:
@@ -71,8 +72,10 @@ def test_registered_segments_give_exactly_the_pinned_copy_numbers(gpu_lab):
         _settled(lab)  # the pool filled while off: unregistered segments
         _saves(model, ids)  # takes them; the pool makes registered ones now
         before = _settled(lab)
+        pools = [m["recycling"] for m in lab.backend.memory(NAME)]
         got["on"] = _saves(model, ids)
         after = _settled(lab)
+        pools += [m["recycling"] for m in lab.backend.memory(NAME)]
     finally:
         client.run(_active, True)
         lab.undeploy(NAME)
@@ -90,3 +93,5 @@ def test_registered_segments_give_exactly_the_pinned_copy_numbers(gpu_lab):
         assert b["pooled"] > 0 and a["unpinned"] == b["unpinned"]
         assert a["register_failed"] == a["unregister_failed"] == 0
         assert a["registered"] - a["unregistered"] == a["held"]
+    for pool in pools:  # kept to its budget while segments came back during its fills
+        assert pool["ready_bytes"] <= POOL_BYTES + FILL_THREADS * (32 << 20), pool

@@ -327,7 +327,8 @@ class Segments:
 
     def recycling(self) -> dict[str, int]:
         """What the pool did: segments it ``made`` (new memory), had ``returned`` by the
-        notebook, ``dropped`` unreturned, and has ``lent`` out now (``lent_bytes``)."""
+        notebook, ``dropped`` unreturned, and has ``lent`` out now (``lent_bytes``) and ready
+        (``ready_bytes``)."""
         return self._pool.recycling()
 
     def pooled(self) -> int:

@@ -176,7 +176,8 @@ class SegmentPool:
 
     def recycling(self) -> dict[str, int]:
         with self._lock:
-            return {**self._counts, "lent": len(self._lent), "lent_bytes": self._lent_bytes}
+            return {**self._counts, "lent": len(self._lent), "lent_bytes": self._lent_bytes,
+                    "ready_bytes": self._bytes}
 
     def take(self, nbytes: int, pinned: bool | None = None, req: str | None = None,
              ) -> tuple[str, torch.Tensor, bool, bool] | None:
@@ -336,12 +337,15 @@ class SegmentPool:
     def _lacking(self, sizes: list[int]) -> list[int]:
         """Of ``sizes``, those neither ready nor about to come back, and those requests found
         none of ready since the last fill (when counting on returns)."""
+        # on a GPU stage, requests take only registered segments: only those count
+        pin = self._pinning is not None and pinned_segments.ACTIVE
         with self._lock:
-            have = {n: len(ready) for n, ready in self._free.items()}
+            have = {n: sum(r or not pin for _, _, r in ready) for n, ready in self._free.items()}
             missed, self._missed = self._missed, []
             if RECYCLE and self._back_round is not None and self._back_round >= self._round - 3:
                 for lent in self._lent.values():
-                    if lent.round is None or lent.round >= self._round - 2:
+                    if (lent.round is None or lent.round >= self._round - 2) \
+                            and (lent.registered or not pin):
                         have[lent.nbytes] = have.get(lent.nbytes, 0) + 1
             else:  # counting on nothing: what is lacking is made anyway
                 missed = []
@@ -365,12 +369,7 @@ class SegmentPool:
                         return
                 st = os.statvfs(SHM)
                 budget = min(POOL_BYTES, int(st.f_bavail * st.f_frsize * POOL_SHARE))
-                chosen, planned = [], self.ready_bytes()  # one fill runs at a time
-                for nbytes in self._lacking(sizes):
-                    if planned + nbytes > budget:
-                        break
-                    planned += nbytes
-                    chosen.append(nbytes)
+                chosen = self._lacking(sizes)  # each made only while it fits (_make)
                 if FILL_THREADS > 1 and len(chosen) > 1:
                     with ThreadPoolExecutor(FILL_THREADS,
                                             thread_name_prefix="tpmlab-handover-fill") as threads:
@@ -388,23 +387,50 @@ class SegmentPool:
                     self._wanted = []
 
     def _make(self, nbytes: int, budget: int) -> bool:
-        """One segment of ``nbytes`` into the pool, unless segments given back meanwhile
-        (or made beside it) leave no room for it in ``budget`` bytes; whether it was made."""
+        """One segment of ``nbytes`` into the pool (on a GPU stage, registered: one of the
+        ready ones that is not, or a new one), unless segments given back meanwhile (or made
+        beside it) leave no room for a new one in ``budget`` bytes; whether it was."""
+        pin = self._pinning is not None and pinned_segments.ACTIVE
+        with self._lock:  # no wait for a gap for what would not fit
+            if self._bytes + self._making + nbytes > budget and not (
+                    pin and any(not r for _, _, r in self._free.get(nbytes, []))):
+                return False
         if self._gaps is not None:  # between the stage's computations
             self._gaps.wait()
-        with self._lock:  # returns that came while the fill waited take its place
-            if self._bytes + self._making + nbytes > budget:
+        with self._lock:
+            # on a GPU stage, a ready segment that is not registered (made while registration
+            # was off, or given back so) is registered rather than a new one made
+            plain = self._pop_unregistered(nbytes) if pin else None
+            # returns that came while the fill waited take the place of a new one
+            if plain is None and self._bytes + self._making + nbytes > budget:
                 return False
             self._making += nbytes
         try:
-            self._make_now(nbytes)
+            if plain is not None:
+                registered = False
+                try:
+                    registered = self._pinning.register(plain[1])
+                finally:  # back among the ready, registered or not
+                    with self._lock:
+                        self._ready(*plain, registered, nbytes)
+            else:
+                self._make_now(nbytes, pin)
         finally:
             with self._lock:
                 self._making -= nbytes
         return True
 
-    def _make_now(self, nbytes: int) -> None:
-        pin = self._pinning is not None and pinned_segments.ACTIVE
+    def _pop_unregistered(self, nbytes: int) -> tuple[str, torch.Tensor] | None:
+        """A ready segment of ``nbytes`` that is not registered, taken out (under the lock)."""
+        ready = self._free.get(nbytes, [])
+        at = next((i for i, (_, _, r) in enumerate(ready) if not r), None)
+        if at is None:
+            return None
+        path, flat, _ = ready.pop(at)
+        self._bytes -= nbytes
+        return path, flat
+
+    def _make_now(self, nbytes: int, pin: bool) -> None:
         # registering locks the pages, and maps each as it does: no need to populate them
         # first (madvise holds the GIL while it maps)
         path, flat = new_segment(nbytes, populate=not pin, kind=POOL_KIND)
