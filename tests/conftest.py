@@ -7,6 +7,11 @@ import warnings
 
 import pytest
 
+from tpmlab.openmp_wait import prefer_short_spin
+
+# as in a notebook: OpenMP's short spin, read when torch loads (a test module may import torch
+# before tpmlab); on a busy machine it keeps the in-process engine's forwards from crawling
+prefer_short_spin()
 os.environ.setdefault("TPMLAB_HOME", os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                                   ".tpmlab-home"))
 warnings.filterwarnings("ignore", module="nnsight")

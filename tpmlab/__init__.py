@@ -11,9 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._version import __version__
-from .errors import ExecutionError, PlanError, TpmlabError
-from .lab import Lab, connect
+from .openmp_wait import prefer_short_spin
+
+prefer_short_spin()  # before anything below loads torch
+
+from ._version import __version__  # noqa: E402
+from .errors import ExecutionError, PlanError, TpmlabError  # noqa: E402
+from .lab import Lab, connect  # noqa: E402
 
 __all__ = ["Lab", "connect", "PlanError", "ExecutionError", "TpmlabError", "__version__"]
 

@@ -25,6 +25,8 @@ import multiprocessing
 import os
 from collections.abc import Iterator, Mapping
 
+from tpmlab.openmp_wait import SHORT_SPIN
+
 #: imported once by the server, shared by every worker it forks
 PRELOAD = ("distributed", "tpmlab.cluster.worker_preload")
 
@@ -39,7 +41,7 @@ PRELOAD = ("distributed", "tpmlab.cluster.worker_preload")
 #: spins at all only while the process holds no more of its threads than cores (else 100
 #: spins, whatever this says): so a stage runs every op, its loading included, on one
 #: thread (:class:`~.actor.StageActor`).
-WORKER_ENV = {"GOMP_SPINCOUNT": "20000"}
+WORKER_ENV = dict(SHORT_SPIN)
 #: variables read when torch's libraries load, so fixed in a running server
 LOAD_TIME_PREFIXES = ("OMP_", "KMP_", "MKL_", "GOMP_")
 _server_env: dict[str, str] | None = None  # those the running server was started with
