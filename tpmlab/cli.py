@@ -244,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         print(demo(args.prompt, args.model, args.top_k, args.address))
         return 0
     if args.command == "prepare":
-        print(prepare())
+        try:
+            print(prepare())
+        except (ModelNotFoundError, OSError) as e:  # no weights package, a home not writable
+            print(f"tpmlab prepare: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "lab":
         return lab_command(args)

